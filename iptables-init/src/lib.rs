@@ -1,0 +1,216 @@
+//! `outrider init`: the pod's init container. Builds the iptables rule set that sends inbound TCP to
+//! the proxy's inbound listener and the app's outbound TCP to its outbound listener, applies it in
+//! one `iptables-restore --noflush` transaction per address family, verifies it, and exits.
+//!
+//! Modules: [`ports`] (the shared port contract), [`cidr`] and [`config`] (flags parsed into
+//! validated types), [`rules`] (the rule set as data and its rendering: pure), [`state`] (parsing
+//! `iptables-save`), [`backend`] (choosing and running the iptables binaries).
+//!
+//! Exit codes: 0 success, 1 runtime failure (missing binary, kernel feature, verification), 2 bad
+//! flags. On failure nothing stays half-applied: each family is one transaction, and if a later
+//! family (IPv6) or the verification fails, the families already applied are cleaned up again.
+//!
+//! `--dry-run` runs no program and reads no state: it prints the input a fresh namespace would
+//! get (for `--ipv6 auto` both IPv4 and IPv6, so the output is the same on every machine);
+//! `--dry-run --cleanup` prints the removal of a complete rule set.
+
+pub mod backend;
+pub mod cidr;
+pub mod config;
+pub mod ports;
+pub mod rules;
+pub mod state;
+
+use std::process::ExitCode;
+
+use crate::backend::{Backend, Failure};
+use crate::cidr::Family;
+use crate::config::{Action, Config, Ipv6Mode};
+use crate::rules::RuleSet;
+use crate::state::NatState;
+
+pub use crate::config::InitArgs;
+
+/// Runs `outrider init` and returns the process exit code (0 ok, 1 runtime failure, 2 bad usage).
+pub fn main(args: InitArgs) -> ExitCode {
+    let config = match Config::from_args(&args) {
+        Ok(config) => config,
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("outrider init: error: {e}");
+            }
+            eprintln!("outrider init: see `outrider init --help`");
+            return ExitCode::from(2);
+        }
+    };
+    if config.dry_run {
+        print!("{}", dry_run(&config));
+        return ExitCode::SUCCESS;
+    }
+    match run(&config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("outrider init: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The families a dry run prints: IPv4, plus IPv6 unless `--ipv6 off`.
+pub fn dry_run_families(config: &Config) -> Vec<Family> {
+    match config.ipv6 {
+        Ipv6Mode::Off => vec![Family::V4],
+        Ipv6Mode::On | Ipv6Mode::Auto => vec![Family::V4, Family::V6],
+    }
+}
+
+/// What `--dry-run` prints: the exact `iptables-restore --noflush` input per family for a
+/// namespace without outrider rules (or, with `--cleanup`, the removal of a full rule set),
+/// each family introduced by `#` comment lines, which iptables-restore ignores.
+pub fn dry_run(config: &Config) -> String {
+    let mut out = String::new();
+    for family in dry_run_families(config) {
+        let restore = match family {
+            Family::V4 => "iptables-restore",
+            Family::V6 => "ip6tables-restore",
+        };
+        let rules = RuleSet::new(config, family);
+        let (what, input) = match config.action {
+            Action::Apply => (
+                "capture rules for a namespace without outrider rules",
+                rules::apply_input(&rules, &NatState::default()),
+            ),
+            Action::Cleanup => (
+                "removal of a complete outrider rule set",
+                rules::cleanup_input(&rules::applied_state(&rules)).unwrap_or_default(),
+            ),
+        };
+        out.push_str(&format!(
+            "# outrider init --dry-run: {family} {what}\n# input for `{restore} --noflush` (nft or legacy)\n"
+        ));
+        out.push_str(&input);
+    }
+    out
+}
+
+/// Whether this network namespace has IPv6: `/proc/net/if_inet6` lists at least one address.
+pub fn has_ipv6() -> bool {
+    std::fs::read_to_string("/proc/net/if_inet6")
+        .map(|s| !s.trim().is_empty())
+        .unwrap_or(false)
+}
+
+fn live_families(config: &Config) -> Vec<Family> {
+    match config.ipv6 {
+        Ipv6Mode::Off => vec![Family::V4],
+        Ipv6Mode::On => vec![Family::V4, Family::V6],
+        Ipv6Mode::Auto => {
+            if has_ipv6() {
+                eprintln!("outrider init: --ipv6 auto: IPv6 addresses present, programming IPv4 and IPv6");
+                vec![Family::V4, Family::V6]
+            } else {
+                eprintln!("outrider init: --ipv6 auto: no IPv6 address (/proc/net/if_inet6 empty), IPv4 only");
+                if config.exclude_outbound_cidrs.iter().chain(&config.include_outbound_cidrs).any(|c| c.family() == Family::V6) {
+                    eprintln!("outrider init: note: IPv6 ranges in the flags are ignored");
+                }
+                vec![Family::V4]
+            }
+        }
+    }
+}
+
+fn run(config: &Config) -> Result<(), Failure> {
+    let choice = backend::choose(config.backend);
+    eprintln!(
+        "outrider init: using the {} backend ({})",
+        choice.backend.name(),
+        choice.reason
+    );
+    let families = live_families(config);
+    backend::preflight(choice.backend, &families)?;
+    match config.action {
+        Action::Apply => apply(config, choice.backend, &families),
+        Action::Cleanup => {
+            let mut failures = Vec::new();
+            for &family in &families {
+                match cleanup(choice.backend, family) {
+                    Ok((0, 0)) => eprintln!("outrider init: {family}: no outrider rules to remove"),
+                    Ok((rules, chains)) => eprintln!(
+                        "outrider init: {family}: removed {rules} outrider rules and {chains} chains"
+                    ),
+                    Err(e) => failures.push(e.0),
+                }
+            }
+            if failures.is_empty() {
+                Ok(())
+            } else {
+                Err(Failure(failures.join("; ")))
+            }
+        }
+    }
+}
+
+fn apply(config: &Config, backend: Backend, families: &[Family]) -> Result<(), Failure> {
+    let mut applied = Vec::new();
+    for &family in families {
+        if let Err(e) = apply_family(config, backend, family) {
+            // The failed family's transaction is not committed, but verification may have found it
+            // half right: clean it and every family applied before it.
+            let mut message = format!("{family}: {e}");
+            applied.push(family);
+            for &done in applied.iter().rev() {
+                match cleanup(backend, done) {
+                    Ok(_) => message.push_str(&format!("; rolled back the {done} rules")),
+                    Err(r) => message.push_str(&format!("; rolling back {done} FAILED too: {r}")),
+                }
+            }
+            return Err(Failure(message));
+        }
+        applied.push(family);
+    }
+    Ok(())
+}
+
+fn apply_family(config: &Config, backend: Backend, family: Family) -> Result<(), Failure> {
+    let rules = RuleSet::new(config, family);
+    let before = NatState::parse(&backend::save_nat(backend, family)?);
+    let input = rules::apply_input(&rules, &before);
+    backend::restore(backend, family, &input)?;
+    let after = NatState::parse(&backend::save_nat(backend, family)?);
+    rules::verify(&rules, &after).map_err(|problems| {
+        Failure(format!(
+            "verification failed, {} read back differs from what was applied:\n  {}",
+            backend.save_bin(family),
+            problems.join("\n  ")
+        ))
+    })?;
+    eprintln!(
+        "outrider init: {family}: applied and verified {} rules",
+        rules.rules.len() + rules.jumps.len()
+    );
+    Ok(())
+}
+
+/// Removes every outrider rule and chain of `family`; returns how many rules and chains.
+fn cleanup(backend: Backend, family: Family) -> Result<(usize, usize), Failure> {
+    let before = NatState::parse(&backend::save_nat(backend, family)?);
+    let Some(input) = rules::cleanup_input(&before) else {
+        return Ok((0, 0));
+    };
+    let owned = |chain: &str| rules::OWN_CHAINS.contains(&chain);
+    let removed_rules = before
+        .rules
+        .iter()
+        .filter(|r| owned(&r.chain) || r.target().is_some_and(owned))
+        .count();
+    let removed_chains = before.chains.iter().filter(|c| owned(c)).count();
+    backend::restore(backend, family, &input)?;
+    let after = NatState::parse(&backend::save_nat(backend, family)?);
+    if !rules::is_clean(&after) {
+        return Err(Failure(format!(
+            "{family}: cleanup ran but {} still shows outrider rules",
+            backend.save_bin(family)
+        )));
+    }
+    Ok((removed_rules, removed_chains))
+}

@@ -1,0 +1,134 @@
+//! The admin server (default 127.0.0.1:15020), for probes, operators and Prometheus:
+//!
+//! | path | method | what |
+//! | --- | --- | --- |
+//! | `/live` | GET | 200 while the process serves |
+//! | `/ready` | GET | 200 once every listener is bound; 503 before, and while draining |
+//! | `/metrics` | GET | Prometheus text format |
+//! | `/config` | GET | the effective configuration, JSON, secrets redacted |
+//! | `/log-level` | GET, PUT | read or replace the log filter (loopback peers only) |
+//! | `/shutdown` | POST | start a graceful shutdown (loopback peers only) |
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus::{Encoder, Registry, TextEncoder};
+use tokio::net::TcpListener;
+
+use crate::log::LogHandle;
+use crate::proxy::ShutdownHandle;
+
+/// What the admin endpoints read and act on.
+pub struct AdminState {
+    /// The proxy's metric registry.
+    pub registry: Registry,
+    /// Ready flag: listeners bound and not draining.
+    pub ready: Arc<AtomicBool>,
+    /// `/config` body.
+    pub config_json: String,
+    /// Log filter control, if this process installed the logger.
+    pub log: Option<Arc<LogHandle>>,
+    /// Starts a graceful shutdown.
+    pub shutdown: ShutdownHandle,
+}
+
+/// Serves the admin API on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    loop {
+        let (socket, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(req, peer, &state).await) }
+            });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(TokioTimer::new()).header_read_timeout(std::time::Duration::from_secs(10));
+            if let Err(e) = builder.serve_connection(TokioIo::new(socket), svc).await {
+                tracing::debug!(error = %e, "admin connection failed");
+            }
+        });
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut rsp = Response::new(Full::new(body.into()));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    rsp
+}
+
+async fn route(req: Request<Incoming>, peer: SocketAddr, state: &AdminState) -> Response<Full<Bytes>> {
+    let local_only = |peer: SocketAddr| peer.ip().is_loopback() || peer.ip().to_canonical().is_loopback();
+    match (req.method().clone(), req.uri().path()) {
+        (Method::GET, "/live") => text(StatusCode::OK, "live\n"),
+        (Method::GET, "/ready") => {
+            if state.ready.load(Ordering::Acquire) {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+        }
+        (Method::GET, "/metrics") => {
+            let mut buf = Vec::with_capacity(16 * 1024);
+            match TextEncoder::new().encode(&state.registry.gather(), &mut buf) {
+                Ok(()) => {
+                    let mut rsp = text(StatusCode::OK, buf);
+                    rsp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+                    rsp
+                }
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode metrics: {e}\n")),
+            }
+        }
+        (Method::GET, "/config") => {
+            let mut rsp = text(StatusCode::OK, state.config_json.clone());
+            rsp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+            rsp
+        }
+        (_, "/log-level" | "/shutdown") if !local_only(peer) => {
+            text(StatusCode::FORBIDDEN, "only loopback peers may use this endpoint\n")
+        }
+        (Method::GET, "/log-level") => match &state.log {
+            Some(log) => text(StatusCode::OK, format!("{}\n", log.current())),
+            None => text(StatusCode::NOT_FOUND, "this process does not own its logger\n"),
+        },
+        (Method::PUT, "/log-level") => {
+            let Some(log) = &state.log else {
+                return text(StatusCode::NOT_FOUND, "this process does not own its logger\n");
+            };
+            let body = match Limited::new(req.into_body(), 4096).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return text(StatusCode::BAD_REQUEST, format!("cannot read the body: {e}\n")),
+            };
+            let Ok(spec) = std::str::from_utf8(&body) else {
+                return text(StatusCode::BAD_REQUEST, "the filter is not UTF-8\n");
+            };
+            match log.set(spec) {
+                Ok(()) => text(StatusCode::OK, format!("{}\n", spec.trim())),
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            }
+        }
+        (Method::POST, "/shutdown") => {
+            state.shutdown.trigger("admin /shutdown");
+            text(StatusCode::OK, "shutting down\n")
+        }
+        (_, "/live" | "/ready" | "/metrics" | "/config" | "/log-level" | "/shutdown") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found; try /live /ready /metrics /config /log-level /shutdown\n"),
+    }
+}

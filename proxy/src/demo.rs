@@ -1,0 +1,269 @@
+//! `outrider demo`: the whole data path on loopback, without root.
+//!
+//! ```text
+//! load (HTTP/1.1 + h2c) → client-side proxy → server-side proxy → payments-api (built-in app)
+//! ```
+//!
+//! Both proxies run in local mode (`--forward`) in this process; the load runs for `--duration`
+//! (or until Ctrl-C), then the demo prints a summary and stops everything it started.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+
+use crate::config::{parse_duration, Config, ForwardSpec, LogFormat};
+use crate::metrics::Direction;
+use crate::orig_dst::SoOriginalDst;
+use crate::proxy::Proxy;
+
+/// Flags of `outrider demo`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// How long to drive traffic (at most 1h).
+    #[arg(long, env = "OUTRIDER_DURATION", value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Concurrent client connections (half HTTP/1.1, half h2c).
+    #[arg(long, env = "OUTRIDER_CONNECTIONS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub connections: u16,
+}
+
+/// A keep-alive client connection, HTTP/1.1 or h2c prior knowledge.
+pub enum ClientConn {
+    /// HTTP/1.1.
+    Http1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    /// HTTP/2 over cleartext.
+    Http2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+}
+
+impl ClientConn {
+    /// Connects to `addr`, speaking HTTP/2 when `h2`.
+    pub async fn connect(addr: SocketAddr, h2: bool) -> anyhow::Result<Self> {
+        let stream = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+        stream.set_nodelay(true)?;
+        let io = TokioIo::new(stream);
+        if h2 {
+            let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+            tokio::spawn(conn);
+            Ok(ClientConn::Http2(send))
+        } else {
+            let (send, conn) = hyper::client::conn::http1::handshake(io).await?;
+            tokio::spawn(conn.with_upgrades());
+            Ok(ClientConn::Http1(send))
+        }
+    }
+
+    /// Sends `GET path` with `host` as the authority.
+    pub async fn get(&mut self, host: &str, path: &str) -> anyhow::Result<Response<Incoming>> {
+        match self {
+            ClientConn::Http1(send) => {
+                send.ready().await?;
+                let req = Request::get(path).header(http::header::HOST, host).body(Empty::new())?;
+                Ok(send.send_request(req).await?)
+            }
+            ClientConn::Http2(send) => {
+                send.ready().await?;
+                let req = Request::get(format!("http://{host}{path}")).version(http::Version::HTTP_2).body(Empty::new())?;
+                Ok(send.send_request(req).await?)
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    latencies: Vec<Duration>,
+    statuses: BTreeMap<u16, u64>,
+    errors: u64,
+    http1: u64,
+    http2: u64,
+}
+
+/// Runs the demo and prints its summary.
+pub fn main(args: DemoArgs) -> ExitCode {
+    let spec = std::env::var("OUTRIDER_LOG").unwrap_or_else(|_| "warn".into());
+    let _ = crate::log::init_with(LogFormat::Plain, &spec);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("outrider demo: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("outrider demo: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn local(listen: SocketAddr, upstream: SocketAddr) -> Config {
+    Config::local(vec![ForwardSpec { listen, upstream }])
+}
+
+async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let duration = args.duration.min(Duration::from_secs(3600));
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let app = TcpListener::bind(any).await.context("bind the demo app")?;
+    let app_addr = app.local_addr()?;
+    let app_task = tokio::spawn(crate::demo_app::serve(app, "payments-api-0".into()));
+
+    let server = Proxy::bind(local(any, app_addr), Arc::new(SoOriginalDst), None).await?;
+    let server_addr = server.listener_addrs(Direction::Forward)[0];
+    let client = Proxy::bind(local(any, server_addr), Arc::new(SoOriginalDst), None).await?;
+    let client_addr = client.listener_addrs(Direction::Forward)[0];
+    let (server_admin, client_admin) = (server.admin_addr(), client.admin_addr());
+    let (server_registry, client_registry) = (server.registry(), client.registry());
+    let (server_stop, client_stop) = (server.shutdown_handle(), client.shutdown_handle());
+    let server_task = tokio::spawn(server.run());
+    let client_task = tokio::spawn(client.run());
+
+    println!("outrider demo: load → client-side proxy → server-side proxy → payments-api, for {duration:?}");
+    println!("  payments-api        {app_addr}");
+    println!("  server-side proxy   {server_addr}  metrics: curl http://{server_admin}/metrics");
+    println!("  client-side proxy   {client_addr}  metrics: curl http://{client_admin}/metrics");
+    println!("  (the addresses live while the demo runs; Ctrl-C ends it early)");
+
+    let deadline = Instant::now() + duration;
+    let mut workers = Vec::new();
+    for i in 0..args.connections {
+        let h2 = i % 2 == 1;
+        workers.push(tokio::spawn(drive(client_addr, h2, deadline)));
+    }
+    let all = async {
+        let mut tally = Tally::default();
+        for w in workers {
+            if let Ok(t) = w.await {
+                tally.latencies.extend(t.latencies);
+                for (s, n) in t.statuses {
+                    *tally.statuses.entry(s).or_default() += n;
+                }
+                tally.errors += t.errors;
+                tally.http1 += t.http1;
+                tally.http2 += t.http2;
+            }
+        }
+        tally
+    };
+    let started = Instant::now();
+    let tally = tokio::select! {
+        t = all => t,
+        _ = tokio::signal::ctrl_c() => {
+            println!("interrupted");
+            Tally::default()
+        }
+    };
+    let elapsed = started.elapsed();
+    print_summary(&tally, elapsed, &client_registry, &server_registry);
+
+    server_stop.trigger("demo finished");
+    client_stop.trigger("demo finished");
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = client_task.await;
+        let _ = server_task.await;
+    })
+    .await;
+    app_task.abort();
+    if tally.errors > 0 || tally.latencies.is_empty() {
+        anyhow::bail!("{} requests failed, {} succeeded", tally.errors, tally.latencies.len());
+    }
+    Ok(())
+}
+
+/// One client connection sending requests back to back until `deadline` (at most 1M requests).
+async fn drive(addr: SocketAddr, h2: bool, deadline: Instant) -> Tally {
+    let mut tally = Tally::default();
+    let mut conn = None;
+    for n in 0..1_000_000u32 {
+        if Instant::now() >= deadline {
+            break;
+        }
+        if conn.is_none() {
+            match ClientConn::connect(addr, h2).await {
+                Ok(c) => conn = Some(c),
+                Err(_) => {
+                    tally.errors += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            }
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        let start = Instant::now();
+        let path = format!("/payments/{}", n % 100);
+        match c.get("payments.demo", &path).await {
+            Ok(rsp) => {
+                let status = rsp.status();
+                let ok = rsp.into_body().collect().await.is_ok();
+                tally.latencies.push(start.elapsed());
+                *tally.statuses.entry(status.as_u16()).or_default() += 1;
+                if h2 { tally.http2 += 1 } else { tally.http1 += 1 }
+                if !ok || status != StatusCode::OK {
+                    tally.errors += 1;
+                }
+            }
+            Err(_) => {
+                tally.errors += 1;
+                conn = None;
+            }
+        }
+    }
+    tally
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Sums a counter family's samples whose labels include `label=value`.
+pub fn counter_sum(registry: &prometheus::Registry, family: &str, label: &str, value: &str) -> u64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == family)
+        .flat_map(|f| f.get_metric().iter())
+        .filter(|m| m.get_label().iter().any(|l| l.name() == label && l.value() == value))
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
+}
+
+fn print_summary(t: &Tally, elapsed: Duration, client: &prometheus::Registry, server: &prometheus::Registry) {
+    let mut lat = t.latencies.clone();
+    lat.sort_unstable();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let total = lat.len() as u64;
+    let rps = total as f64 / elapsed.as_secs_f64().max(0.001);
+    println!();
+    println!("requests   {total} in {:.1} s ({rps:.0} req/s): HTTP/1.1 {}, HTTP/2 {}", elapsed.as_secs_f64(), t.http1, t.http2);
+    let statuses: Vec<String> = t.statuses.iter().map(|(s, n)| format!("{s}: {n}")).collect();
+    println!("statuses   {}", if statuses.is_empty() { "none".into() } else { statuses.join(", ") });
+    println!("errors     {}", t.errors);
+    println!(
+        "latency    p50 {:.2} ms   p90 {:.2} ms   p99 {:.2} ms   max {:.2} ms   (client → 2 proxies → app)",
+        ms(percentile(&lat, 0.50)),
+        ms(percentile(&lat, 0.90)),
+        ms(percentile(&lat, 0.99)),
+        ms(percentile(&lat, 1.0))
+    );
+    println!(
+        "proxies    client-side counted {} requests, server-side {} (outrider_requests_total)",
+        counter_sum(client, "outrider_requests_total", "direction", "forward"),
+        counter_sum(server, "outrider_requests_total", "direction", "forward"),
+    );
+}

@@ -1,0 +1,240 @@
+//! Accept loops and the per-connection pipeline shared by inbound, outbound and local-mode
+//! listeners:
+//!
+//! ```text
+//! accept (bounded by max_connections) → target → loop check → detection → HTTP or opaque TCP
+//! ```
+//!
+//! Targets: inbound forwards to `127.0.0.1:<original port>` (the app in the pod); outbound
+//! forwards to the original destination (until discovery lands); local mode forwards to its fixed
+//! upstream. A target that is the proxy itself is refused (counted; logged once per listener).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower::ServiceBuilder;
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::detect::{self, Outcome, Protocol};
+use crate::drain;
+use crate::errors::Reason;
+use crate::http::forward::{Forward, Upstreams};
+use crate::http::{self as proxy_http, ServerConfig};
+use crate::io::{Activity, MeteredIo, PrefixedIo};
+use crate::layers::metrics::RequestMetricsLayer;
+use crate::layers::rescue::RescueLayer;
+use crate::metrics::{Direction, DirectionMetrics};
+use crate::orig_dst::OrigDst;
+use crate::tcp;
+
+/// How a listener finds where a connection goes.
+#[derive(Debug, Clone, Copy)]
+pub enum Target {
+    /// Inbound: the app on loopback, at the original destination's port.
+    Inbound,
+    /// Outbound: the original destination.
+    Outbound,
+    /// Local mode: a fixed upstream.
+    Fixed(SocketAddr),
+}
+
+/// Everything a listener's connections share.
+pub struct ListenerCtx {
+    /// Traffic direction (metrics and logs).
+    pub direction: Direction,
+    /// How targets are found.
+    pub target: Target,
+    /// This direction's metric handles.
+    pub metrics: Arc<DirectionMetrics>,
+    /// Upstream clients, shared by all listeners.
+    pub upstreams: Arc<Upstreams>,
+    /// The original-destination lookup.
+    pub orig_dst: Arc<dyn OrigDst>,
+    /// Detection, limits and timeouts.
+    pub config: Arc<Config>,
+    /// HTTP server limits.
+    pub server: ServerConfig,
+    /// The proxy's own ports (never a target).
+    pub own_ports: Vec<u16>,
+    loop_logged: AtomicBool,
+}
+
+impl ListenerCtx {
+    /// A context for one listener.
+    pub fn new(
+        direction: Direction,
+        target: Target,
+        metrics: Arc<DirectionMetrics>,
+        upstreams: Arc<Upstreams>,
+        orig_dst: Arc<dyn OrigDst>,
+        config: Arc<Config>,
+    ) -> Self {
+        let server = ServerConfig {
+            max_header_bytes: config.max_header_bytes,
+            header_read_timeout: config.header_read_timeout,
+            idle_timeout: config.http_idle_timeout,
+        };
+        let own_ports = config.own_ports();
+        Self { direction, target, metrics, upstreams, orig_dst, config, server, own_ports, loop_logged: AtomicBool::new(false) }
+    }
+
+    /// Where `socket` should be forwarded, or why not.
+    fn target_of(&self, socket: &TcpStream) -> Result<SocketAddr, Reason> {
+        match self.target {
+            Target::Fixed(upstream) => Ok(upstream),
+            Target::Inbound => {
+                let orig = self.orig_dst.orig_dst(socket).map_err(|e| {
+                    tracing::warn!(error = %e, "cannot read the original destination");
+                    Reason::NoOrigDst
+                })?;
+                if self.own_ports.contains(&orig.port()) {
+                    return Err(Reason::Loop);
+                }
+                let app: IpAddr = if orig.is_ipv4() { Ipv4Addr::LOCALHOST.into() } else { Ipv6Addr::LOCALHOST.into() };
+                Ok(SocketAddr::new(app, orig.port()))
+            }
+            Target::Outbound => {
+                let orig = self.orig_dst.orig_dst(socket).map_err(|e| {
+                    tracing::warn!(error = %e, "cannot read the original destination");
+                    Reason::NoOrigDst
+                })?;
+                let local = socket.local_addr().ok();
+                let is_self = Some(orig) == local
+                    || ((orig.ip().is_loopback() || orig.ip().is_unspecified()) && self.own_ports.contains(&orig.port()));
+                if is_self {
+                    return Err(Reason::Loop);
+                }
+                Ok(orig)
+            }
+        }
+    }
+
+    fn refuse_loop(&self, peer: SocketAddr) {
+        self.metrics.loop_refused.inc();
+        if !self.loop_logged.swap(true, Ordering::Relaxed) {
+            tracing::warn!(direction = self.direction.as_str(), %peer,
+                "refusing a connection whose target is the proxy itself (logged once per listener; see outrider_loop_refused_total)");
+        }
+    }
+}
+
+/// Accepts connections until the drain starts. At most `max_connections` are open at once; past
+/// that the loop waits for one to close before accepting again (the kernel backlog holds the rest).
+pub async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerCtx>, mut drain: drain::Watch) {
+    let limit = Arc::new(Semaphore::new(ctx.config.max_connections));
+    loop {
+        let permit = tokio::select! {
+            permit = limit.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            () = drain.signaled() => break,
+        };
+        let accepted = tokio::select! {
+            res = listener.accept() => res,
+            () = drain.signaled() => break,
+        };
+        match accepted {
+            Ok((socket, peer)) => {
+                let ctx = ctx.clone();
+                let watch = drain.clone();
+                tokio::spawn(handle(ctx, socket, peer, watch, permit));
+            }
+            Err(e) => {
+                // Out of file descriptors and similar: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tracing::debug!(direction = ctx.direction.as_str(), "listener closed for drain");
+}
+
+/// Keeps the open-connections gauge and close counter right however the connection ends.
+struct OpenConn(Arc<DirectionMetrics>);
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.tcp_open_now.dec();
+        self.0.tcp_close.inc();
+    }
+}
+
+async fn handle(
+    ctx: Arc<ListenerCtx>,
+    socket: TcpStream,
+    peer: SocketAddr,
+    drain: drain::Watch,
+    _permit: OwnedSemaphorePermit,
+) {
+    let m = ctx.metrics.clone();
+    m.tcp_open.inc();
+    m.tcp_open_now.inc();
+    let _open = OpenConn(m.clone());
+    let _ = socket.set_nodelay(true);
+
+    let target = match ctx.target_of(&socket) {
+        Ok(target) => target,
+        Err(Reason::Loop) => return ctx.refuse_loop(peer),
+        Err(reason) => return m.error(reason),
+    };
+    let span = tracing::info_span!("conn", direction = ctx.direction.as_str(), %peer, target = %target);
+    serve(ctx, socket, target, drain).instrument(span).await
+}
+
+async fn serve(ctx: Arc<ListenerCtx>, socket: TcpStream, target: SocketAddr, drain: drain::Watch) {
+    let m = &ctx.metrics;
+    let activity = Activity::new();
+    let mut io = MeteredIo::new(socket, m.tcp_received.clone(), m.tcp_sent.clone(), activity.clone());
+
+    let (outcome, prefix) = if ctx.config.opaque_ports.contains(&target.port()) {
+        (Outcome::Skipped, bytes::Bytes::new())
+    } else {
+        match detect::detect(&mut io, ctx.config.detect_timeout, ctx.config.detect_max_bytes).await {
+            Ok(detected) => detected,
+            Err(e) => {
+                tracing::debug!(error = %e, "connection failed during detection");
+                return;
+            }
+        }
+    };
+    m.detected(outcome);
+    tracing::debug!(protocol = outcome.as_str(), "detected");
+    let io = PrefixedIo::new(prefix, io);
+
+    match outcome.protocol() {
+        proto @ (Protocol::Http1 | Protocol::Http2) => {
+            let client = ctx.upstreams.client(target, proto);
+            let forward = match Forward::new(client, target, drain.clone()) {
+                Ok(f) => f,
+                Err(e) => return tracing::debug!(error = %e, "cannot forward"),
+            };
+            let in_flight = Arc::new(AtomicUsize::new(0));
+            let stack = ServiceBuilder::new()
+                .layer(RequestMetricsLayer::new(m.clone(), in_flight.clone()))
+                .layer(RescueLayer::new(m.clone()))
+                .service(forward);
+            if let Err(e) = proxy_http::serve(io, proto, stack, &ctx.server, drain, activity, in_flight).await {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+        }
+        Protocol::Tls | Protocol::Opaque => {
+            // The drain watch stays alive until the copy ends: opaque streams cannot be asked to
+            // close, so a drain waits for them up to the grace deadline.
+            let _drain = drain;
+            let (connect_timeout, idle) = (ctx.config.connect_timeout, ctx.config.tcp_idle_timeout);
+            match tcp::forward(io, target, connect_timeout, idle, activity).await {
+                Ok((tx, rx)) => tracing::debug!(tx, rx, "TCP connection closed"),
+                Err(e) => {
+                    m.error(e.reason);
+                    tracing::debug!(error = %e, "TCP forwarding failed");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! Proxy metrics, registered on a [`prometheus::Registry`] passed in at construction (no globals).
+//!
+//! Every label value is bounded: direction, protocol, status class, detection outcome, error
+//! reason. Handles for each label combination are resolved once, at construction, so the request
+//! path only does atomic increments (no label lookups, no `format!`).
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+
+use crate::detect::Outcome;
+use crate::errors::Reason;
+
+/// Which way traffic flows through the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Arriving at the pod, towards the app.
+    Inbound,
+    /// From the app, towards other services.
+    Outbound,
+    /// Local mode: a fixed listener and upstream.
+    Forward,
+}
+
+impl Direction {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+            Direction::Forward => "forward",
+        }
+    }
+}
+
+/// Latency buckets in seconds: 250 µs to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Status classes, indexed by `status / 100 - 1`.
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// All metric families; one per proxy.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// Inbound handles.
+    pub inbound: DirectionMetrics,
+    /// Outbound handles.
+    pub outbound: DirectionMetrics,
+    /// Local-mode handles.
+    pub forward: DirectionMetrics,
+}
+
+/// Pre-resolved handles for one direction.
+#[derive(Debug, Clone)]
+pub struct DirectionMetrics {
+    /// HTTP requests received, by protocol (index 0: HTTP/1, 1: HTTP/2).
+    pub requests: [IntCounter; 2],
+    /// HTTP responses sent, by status class.
+    pub responses: [IntCounter; 5],
+    /// Time from request received to response headers sent.
+    pub latency: Histogram,
+    /// TCP connections accepted.
+    pub tcp_open: IntCounter,
+    /// TCP connections closed.
+    pub tcp_close: IntCounter,
+    /// Connections open now.
+    pub tcp_open_now: IntGauge,
+    /// Bytes received from the downstream peer.
+    pub tcp_received: IntCounter,
+    /// Bytes sent to the downstream peer.
+    pub tcp_sent: IntCounter,
+    /// Detection outcomes, indexed like [`Outcome::ALL`].
+    pub detect: [IntCounter; 6],
+    /// Connections refused because they would loop back into the proxy.
+    pub loop_refused: IntCounter,
+    /// Locally generated errors, indexed like [`Reason::ALL`].
+    pub errors: Vec<IntCounter>,
+}
+
+impl Metrics {
+    /// Registers every family on `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let requests = counter_vec(registry, "outrider_requests_total", "HTTP requests received", &["direction", "protocol"])?;
+        let responses = counter_vec(registry, "outrider_responses_total", "HTTP responses sent", &["direction", "status_class"])?;
+        let latency = HistogramVec::new(
+            HistogramOpts::new("outrider_request_duration_seconds", "Time from request received to response headers sent")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            &["direction"],
+        )?;
+        registry.register(Box::new(latency.clone()))?;
+        let tcp_open = counter_vec(registry, "outrider_tcp_open_total", "TCP connections accepted", &["direction"])?;
+        let tcp_close = counter_vec(registry, "outrider_tcp_close_total", "TCP connections closed", &["direction"])?;
+        let open_now = IntGaugeVec::new(
+            Opts::new("outrider_tcp_open_connections", "TCP connections open now"),
+            &["direction"],
+        )?;
+        registry.register(Box::new(open_now.clone()))?;
+        let received = counter_vec(registry, "outrider_tcp_received_bytes_total", "Bytes received from the downstream peer", &["direction"])?;
+        let sent = counter_vec(registry, "outrider_tcp_sent_bytes_total", "Bytes sent to the downstream peer", &["direction"])?;
+        let detect = counter_vec(registry, "outrider_detect_total", "Protocol detection outcomes (timeout: the client sent nothing in time)", &["direction", "outcome"])?;
+        let loops = counter_vec(registry, "outrider_loop_refused_total", "Connections refused because their target is the proxy itself", &["direction"])?;
+        let errors = counter_vec(registry, "outrider_errors_total", "Locally generated error responses and failed connections", &["direction", "reason"])?;
+
+        let per = |d: Direction| {
+            let d = d.as_str();
+            DirectionMetrics {
+                requests: [
+                    requests.with_label_values(&[d, "http1"]),
+                    requests.with_label_values(&[d, "http2"]),
+                ],
+                responses: CLASSES.map(|c| responses.with_label_values(&[d, c])),
+                latency: latency.with_label_values(&[d]),
+                tcp_open: tcp_open.with_label_values(&[d]),
+                tcp_close: tcp_close.with_label_values(&[d]),
+                tcp_open_now: open_now.with_label_values(&[d]),
+                tcp_received: received.with_label_values(&[d]),
+                tcp_sent: sent.with_label_values(&[d]),
+                detect: Outcome::ALL.map(|o| detect.with_label_values(&[d, o.as_str()])),
+                loop_refused: loops.with_label_values(&[d]),
+                errors: Reason::ALL.iter().map(|r| errors.with_label_values(&[d, r.as_str()])).collect(),
+            }
+        };
+        Ok(Metrics {
+            inbound: per(Direction::Inbound),
+            outbound: per(Direction::Outbound),
+            forward: per(Direction::Forward),
+        })
+    }
+
+    /// The handles of one direction.
+    pub fn direction(&self, d: Direction) -> &DirectionMetrics {
+        match d {
+            Direction::Inbound => &self.inbound,
+            Direction::Outbound => &self.outbound,
+            Direction::Forward => &self.forward,
+        }
+    }
+}
+
+impl DirectionMetrics {
+    /// Counts a response by status class.
+    pub fn response(&self, status: http::StatusCode) {
+        let i = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
+        self.responses[i].inc();
+    }
+
+    /// Counts a detection outcome.
+    pub fn detected(&self, outcome: Outcome) {
+        if let Some(i) = Outcome::ALL.iter().position(|o| *o == outcome) {
+            self.detect[i].inc();
+        }
+    }
+
+    /// Counts a locally generated error.
+    pub fn error(&self, reason: Reason) {
+        if let Some(c) = self.errors.get(reason as usize) {
+            c.inc();
+        }
+    }
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+    let v = IntCounterVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(v.clone()))?;
+    Ok(v)
+}

@@ -1,0 +1,1 @@
+//! In-process tests of the whole proxy: real sockets on loopback, an injected original destination.

@@ -1,0 +1,51 @@
+//! `outrider`: one binary for the whole mesh. Each subcommand is one component:
+//! `init` (traffic capture), `proxy` (the sidecar), `demo` (everything on loopback).
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Outrider: a service-mesh sidecar.
+#[derive(Debug, Parser)]
+#[command(name = "outrider", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Program iptables in the pod's network namespace so its TCP goes through the proxy, then exit.
+    Init(outrider_iptables_init::InitArgs),
+    /// Run the sidecar proxy (or, with --forward, a local proxy in front of a service).
+    Proxy(Box<outrider_proxy::ProxyArgs>),
+    /// Run the whole data path on loopback (no root): load → proxy → proxy → app, then a summary.
+    Demo(outrider_proxy::demo::DemoArgs),
+    /// Run only the demo's built-in app (HTTP/1.1 + h2c, upgrade echo); used by the tests.
+    #[command(hide = true)]
+    DemoApp {
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Instance name in every answer.
+        #[arg(long, default_value = "payments-api-0")]
+        instance: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // clap uses 0 for --help/--version and 2 for usage errors, as DESIGN.md wants.
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+    };
+    match cli.command {
+        Command::Init(args) => outrider_iptables_init::main(args),
+        Command::Proxy(args) => outrider_proxy::main(*args),
+        Command::Demo(args) => outrider_proxy::demo::main(args),
+        Command::DemoApp { listen, instance } => outrider_proxy::demo_app::main(listen, instance),
+    }
+}

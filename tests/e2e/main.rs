@@ -1,0 +1,8 @@
+//! End-to-end tests: the real `outrider` binary, real kernels (network namespaces made by the tests
+//! themselves), real clients. One test binary, one link step.
+//!
+//! Tests that need root or an external binary fail loudly under CI=true and print a loud SKIPPED
+//! line otherwise: see `support::require`.
+
+mod capture;
+mod support;

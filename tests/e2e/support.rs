@@ -1,0 +1,365 @@
+//! Shared helpers: namespaces, child processes, skip policy.
+//!
+//! - Skip policy: [`require_root`] and [`require_bin`] return `false` (the test returns early) after
+//!   printing a loud `SKIPPED <test>: needs ...` line; under `CI=true` they panic instead, so CI
+//!   never passes by skipping.
+//! - [`Netns`]: a network namespace made by the test (`outrider-<pid>-<n>`, unique per process and
+//!   call, so tests run in parallel threads), deleted on drop. [`veth`] links two of them.
+//! - [`ChildGuard`]: a child process killed (by pid) and reaped on drop, whose stdout lines can be
+//!   awaited with a timeout (the readiness signal: no sleeps as synchronization).
+//! - [`run`]: a command with a bounded run time. Every wait here has a timeout.
+#![allow(dead_code)] // each test module uses a different subset
+
+use std::io::{BufRead as _, BufReader, Read as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a helper command (`ip`, `iptables-save`, a client) may run before the test fails.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A number unique within this test process.
+pub fn unique() -> u32 {
+    COUNTER.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Whether we run under CI (`CI=true`), where a skipped test is a failure.
+pub fn is_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// The running test's name (libtest names each test's thread after the test).
+pub fn test_name() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("<unnamed test>")
+        .to_owned()
+}
+
+fn skip(test: &str, why: &str) -> bool {
+    assert!(!is_ci(), "{test}: {why}, and CI=true forbids skipping");
+    eprintln!("\n**********\nSKIPPED {test}: {why}\n**********\n");
+    false
+}
+
+/// The effective uid of this process (from `/proc/self/status`).
+pub fn euid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// `true` when running as root; else skips `test` (panics under CI).
+pub fn require_root(test: &str) -> bool {
+    euid() == Some(0) || skip(test, "needs root")
+}
+
+/// `true` when `bin` is in PATH; else skips the running test (panics under CI).
+pub fn require_bin(bin: &str) -> bool {
+    which(bin).is_some() || skip(&test_name(), &format!("needs `{bin}` in PATH"))
+}
+
+/// Finds an executable in PATH.
+pub fn which(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
+}
+
+/// A child process that is killed (SIGKILL, by pid) and reaped when dropped.
+pub struct ChildGuard {
+    child: Child,
+    label: String,
+    lines: Option<mpsc::Receiver<String>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl ChildGuard {
+    /// Spawns `cmd` with stdout and stderr captured; stdout is readable line by line with
+    /// [`ChildGuard::expect_line`].
+    pub fn spawn(cmd: &mut Command, label: impl Into<String>) -> ChildGuard {
+        let label = label.into();
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{label}: cannot spawn {cmd:?}: {e}"));
+        let lines = child.stdout.take().map(|out| {
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            rx
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        if let Some(mut err) = child.stderr.take() {
+            let sink = Arc::clone(&stderr);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = err.read(&mut buf) {
+                    if let Ok(mut s) = sink.lock() {
+                        s.push_str(&String::from_utf8_lossy(&buf[..n]));
+                    }
+                }
+            });
+        }
+        ChildGuard { child, label, lines, stderr }
+    }
+
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the child wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// The next stdout line, waiting at most `timeout`; panics (with the child's stderr) if none.
+    pub fn expect_line(&mut self, timeout: Duration) -> String {
+        let got = self.lines.as_ref().map(|rx| rx.recv_timeout(timeout));
+        match got {
+            Some(Ok(line)) => line,
+            _ => panic!(
+                "{}: no stdout line within {timeout:?} (exited: {:?}); stderr:\n{}",
+                self.label,
+                self.child.try_wait().ok().flatten(),
+                self.stderr()
+            ),
+        }
+    }
+
+    /// Waits for a stdout line containing `needle`, at most `timeout` in all.
+    pub fn expect_line_containing(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.expect_line(left);
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    /// Waits at most `timeout` for the child to exit.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            // Polling a child's exit: std has no wait-with-timeout; the deadline bounds it.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `cmd` to completion with captured output; panics if it runs longer than `timeout`
+/// (after killing it).
+pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
+    let label = format!("{cmd:?}");
+    let mut guard = ChildGuard::spawn(cmd, label.clone());
+    let Some(status) = guard.wait_timeout(timeout) else {
+        panic!("{label} did not finish within {timeout:?}; stderr:\n{}", guard.stderr());
+    };
+    let mut stdout = Vec::new();
+    if let Some(rx) = guard.lines.take() {
+        // The writer closed its end when the process exited; drain with a bound.
+        while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
+            stdout.extend_from_slice(line.as_bytes());
+            stdout.push(b'\n');
+        }
+    }
+    // Give the stderr reader a bounded moment to reach EOF.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Arc::strong_count(&guard.stderr) > 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Output {
+        status,
+        stdout,
+        stderr: guard.stderr().into_bytes(),
+    }
+}
+
+/// Runs `cmd` with [`COMMAND_TIMEOUT`].
+pub fn run(cmd: &mut Command) -> Output {
+    run_with_timeout(cmd, COMMAND_TIMEOUT)
+}
+
+/// Runs `cmd` and panics unless it exits 0; returns its stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The `ip` binary (iproute2).
+fn ip() -> PathBuf {
+    which("ip").unwrap_or_else(|| PathBuf::from("/usr/sbin/ip"))
+}
+
+/// A network namespace owned by the test: created with loopback up, deleted on drop.
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates `outrider-<pid>-<n>` and brings its loopback up.
+    pub fn new() -> Netns {
+        let name = format!("outrider-{}-{}", std::process::id(), unique());
+        run_ok(Command::new(ip()).args(["netns", "add", &name]));
+        let ns = Netns { name };
+        ns.exec_ok(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// The namespace's name (for `ip netns exec NAME` / `ip -n NAME`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A command that runs `program` inside the namespace (`ip netns exec NAME program`).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new(ip());
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+
+    /// Runs `args` inside the namespace with [`COMMAND_TIMEOUT`].
+    pub fn exec(&self, args: &[&str]) -> Output {
+        let (program, rest) = args.split_first().expect("a program");
+        run(self.command(program).args(rest))
+    }
+
+    /// Runs `args` inside the namespace, panics unless it exits 0, returns stdout.
+    pub fn exec_ok(&self, args: &[&str]) -> String {
+        let (program, rest) = args.split_first().expect("a program");
+        run_ok(self.command(program).args(rest))
+    }
+
+    /// Starts `args` inside the namespace as a guarded background process.
+    pub fn spawn(&self, args: &[&str]) -> ChildGuard {
+        let (program, rest) = args.split_first().expect("a program");
+        ChildGuard::spawn(
+            self.command(program).args(rest),
+            format!("[{}] {}", self.name, args.join(" ")),
+        )
+    }
+}
+
+impl Default for Netns {
+    fn default() -> Self {
+        Netns::new()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let out = run(Command::new(ip()).args(["netns", "del", &self.name]));
+        if !out.status.success() {
+            eprintln!(
+                "warning: ip netns del {}: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+/// A veth pair between two namespaces: `a_if` lives in the first, `b_if` in the second. Deleted
+/// with the namespaces.
+#[derive(Debug, Clone)]
+pub struct Veth {
+    /// Interface name in the first namespace.
+    pub a_if: String,
+    /// Interface name in the second namespace.
+    pub b_if: String,
+}
+
+/// Links `a` and `b` with a veth pair, assigns the addresses (`198.18.0.1/24`, `2001:db8::1/64`;
+/// IPv6 without duplicate address detection, so usable at once) and brings both ends up.
+pub fn veth(a: &Netns, a_addrs: &[&str], b: &Netns, b_addrs: &[&str]) -> Veth {
+    let n = unique();
+    let v = Veth {
+        a_if: format!("vor{n}a"),
+        b_if: format!("vor{n}b"),
+    };
+    run_ok(Command::new(ip()).args([
+        "-n", a.name(), "link", "add", &v.a_if, "type", "veth", "peer", "name", &v.b_if, "netns",
+        b.name(),
+    ]));
+    for (ns, ifname, addrs) in [(a, &v.a_if, a_addrs), (b, &v.b_if, b_addrs)] {
+        for addr in addrs {
+            let mut args = vec!["-n", ns.name(), "addr", "add", addr, "dev", ifname];
+            if addr.contains(':') {
+                args.push("nodad");
+            }
+            run_ok(Command::new(ip()).args(&args));
+        }
+        run_ok(Command::new(ip()).args(["-n", ns.name(), "link", "set", ifname, "up"]));
+    }
+    v
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    /// Creates `$TMPDIR/outrider-e2e-<pid>-<n>`.
+    pub fn new() -> TempDir {
+        let path = std::env::temp_dir().join(format!("outrider-e2e-{}-{}", std::process::id(), unique()));
+        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        TempDir { path }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Default for TempDir {
+    fn default() -> Self {
+        TempDir::new()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
