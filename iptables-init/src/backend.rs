@@ -100,8 +100,8 @@ pub fn choose(mode: BackendMode) -> Choice {
                         return Choice {
                             backend: Backend::Legacy,
                             reason: format!(
-                                "auto: {bin} shows existing rules, so this host uses legacy iptables"
-                            ),
+                            "auto: {bin} shows existing rules, so this host uses legacy iptables"
+                        ),
                         }
                     }
                     Ok(_) => looked.push(format!("{bin} shows no rules")),
@@ -172,7 +172,11 @@ fn run(bin: &str, args: &[&str], stdin: Option<&str>) -> Result<String, String> 
     }
     let mut child = Command::new(bin)
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -265,7 +269,10 @@ mod tests {
     fn binary_names() {
         assert_eq!(Backend::Nft.restore_bin(Family::V4), "iptables-nft-restore");
         assert_eq!(Backend::Nft.save_bin(Family::V6), "ip6tables-nft-save");
-        assert_eq!(Backend::Legacy.restore_bin(Family::V6), "ip6tables-legacy-restore");
+        assert_eq!(
+            Backend::Legacy.restore_bin(Family::V6),
+            "ip6tables-legacy-restore"
+        );
         assert_eq!(Backend::Legacy.save_bin(Family::V4), "iptables-legacy-save");
     }
 
@@ -276,16 +283,26 @@ mod tests {
             .starts_with("the kernel has no IPv4 `nat` table for iptables-legacy-restore: load the iptable_nat"));
         assert!(t("iptables-restore v1.8.9 (legacy): Couldn't load match `owner':No such file or directory\nError occurred at line: 9")
             .starts_with("the `owner` match is unavailable"));
-        assert!(t("iptables-restore: Couldn't load target `REDIRECT':No such file or directory")
-            .starts_with("the `REDIRECT` target is unavailable"));
-        assert!(t("iptables-restore v1.8.9 (legacy): iptables-restore: unable to initialize table 'nat'")
-            .starts_with("the kernel has no IPv4 `nat` table"));
-        assert!(t("Could not fetch rule set generation id: Permission denied (you must be root)")
-            .starts_with("permission denied"));
+        assert!(
+            t("iptables-restore: Couldn't load target `REDIRECT':No such file or directory")
+                .starts_with("the `REDIRECT` target is unavailable")
+        );
+        assert!(t(
+            "iptables-restore v1.8.9 (legacy): iptables-restore: unable to initialize table 'nat'"
+        )
+        .starts_with("the kernel has no IPv4 `nat` table"));
+        assert!(
+            t("Could not fetch rule set generation id: Permission denied (you must be root)")
+                .starts_with("permission denied")
+        );
         let other = t("line 3 failed\nsomething odd");
         assert_eq!(other, "iptables-legacy-restore failed for IPv4 (iptables-legacy-restore said: line 3 failed | something odd)");
-        assert!(translate("ip6tables-nft-restore", Family::V6, "ip6tables-nft-restore: not found in PATH")
-            .0
-            .starts_with("ip6tables-nft-restore not found in PATH; install the `iptables` package"));
+        assert!(translate(
+            "ip6tables-nft-restore",
+            Family::V6,
+            "ip6tables-nft-restore: not found in PATH"
+        )
+        .0
+        .starts_with("ip6tables-nft-restore not found in PATH; install the `iptables` package"));
     }
 }

@@ -231,7 +231,11 @@ mod tests {
     #[test]
     fn rejects_bad_values_with_reasons() {
         let err = |s: &str| s.parse::<Cidr>().unwrap_err().to_string();
-        assert!(err("10.0.0.0/33").contains("too long"), "{}", err("10.0.0.0/33"));
+        assert!(
+            err("10.0.0.0/33").contains("too long"),
+            "{}",
+            err("10.0.0.0/33")
+        );
         assert!(err("10.0.0.0/300").contains("too long"));
         assert!(err("::/129").contains("too long"));
         assert!(err("1.2.3").contains("not an IPv4 or IPv6 address"));
@@ -258,9 +262,17 @@ mod tests {
 
     #[test]
     fn sorts_by_family_then_address() {
-        let mut v = vec![c("2001:db8::/32"), c("10.0.0.0/16"), c("10.0.0.0/8"), c("9.0.0.0/8")];
+        let mut v = [
+            c("2001:db8::/32"),
+            c("10.0.0.0/16"),
+            c("10.0.0.0/8"),
+            c("9.0.0.0/8"),
+        ];
         v.sort();
         let s: Vec<String> = v.iter().map(|c| c.to_string()).collect();
-        assert_eq!(s, ["9.0.0.0/8", "10.0.0.0/8", "10.0.0.0/16", "2001:db8::/32"]);
+        assert_eq!(
+            s,
+            ["9.0.0.0/8", "10.0.0.0/8", "10.0.0.0/16", "2001:db8::/32"]
+        );
     }
 }

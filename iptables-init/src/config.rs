@@ -42,22 +42,42 @@ pub struct InitArgs {
     pub admin_port: Port,
 
     /// Inbound destination ports that bypass the proxy (comma-separated).
-    #[arg(long, env = "OUTRIDER_EXCLUDE_INBOUND_PORTS", value_name = "PORT,...", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "OUTRIDER_EXCLUDE_INBOUND_PORTS",
+        value_name = "PORT,...",
+        value_delimiter = ','
+    )]
     pub exclude_inbound_ports: Vec<Port>,
 
     /// Outbound destination ports that bypass the proxy (comma-separated).
-    #[arg(long, env = "OUTRIDER_EXCLUDE_OUTBOUND_PORTS", value_name = "PORT,...", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "OUTRIDER_EXCLUDE_OUTBOUND_PORTS",
+        value_name = "PORT,...",
+        value_delimiter = ','
+    )]
     pub exclude_outbound_ports: Vec<Port>,
 
     /// Outbound destination networks that bypass the proxy (comma-separated, IPv4 and IPv6).
-    #[arg(long, env = "OUTRIDER_EXCLUDE_OUTBOUND_CIDRS", value_name = "CIDR,...", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "OUTRIDER_EXCLUDE_OUTBOUND_CIDRS",
+        value_name = "CIDR,...",
+        value_delimiter = ','
+    )]
     pub exclude_outbound_cidrs: Vec<Cidr>,
 
     /// Capture outbound traffic only to these networks (comma-separated); default: all.
-    #[arg(long, env = "OUTRIDER_INCLUDE_OUTBOUND_CIDRS", value_name = "CIDR,...", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "OUTRIDER_INCLUDE_OUTBOUND_CIDRS",
+        value_name = "CIDR,...",
+        value_delimiter = ','
+    )]
     pub include_outbound_cidrs: Vec<Cidr>,
 
-    /// Program IPv6 too: auto = when the namespace has IPv6 addresses (/proc/net/if_inet6).
+    /// Program IPv6 too: auto = when the namespace has a global IPv6 address.
     #[arg(long, env = "OUTRIDER_IPV6", value_enum, default_value_t = Ipv6Mode::Auto)]
     pub ipv6: Ipv6Mode,
 
@@ -107,9 +127,9 @@ impl FromStr for Port {
 /// Whether to program IPv6 (`--ipv6`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Ipv6Mode {
-    /// When applying: IPv6 when the namespace has an IPv6 address (`/proc/net/if_inet6` is not
-    /// empty). In a dry run: always print both families, so the output does not depend on the
-    /// machine.
+    /// When applying: IPv6 too when the namespace has a global IPv6 address (in
+    /// `/proc/net/if_inet6`). In a dry run: always print both families, so the output does not
+    /// depend on the machine.
     Auto,
     /// Always program IPv6 too (fails if ip6tables cannot).
     On,
@@ -187,7 +207,8 @@ impl Config {
     /// Validates the flags as a whole; returns every problem found, not just the first.
     pub fn from_args(args: &InitArgs) -> Result<Config, Vec<ConfigError>> {
         let mut errors = Vec::new();
-        let mut err = |flag: &'static str, message: String| errors.push(ConfigError { flag, message });
+        let mut err =
+            |flag: &'static str, message: String| errors.push(ConfigError { flag, message });
 
         if args.inbound_port == args.outbound_port {
             err(
@@ -198,7 +219,10 @@ impl Config {
                 ),
             );
         }
-        for (flag, port) in [("--inbound-port", args.inbound_port), ("--outbound-port", args.outbound_port)] {
+        for (flag, port) in [
+            ("--inbound-port", args.inbound_port),
+            ("--outbound-port", args.outbound_port),
+        ] {
             if port == args.admin_port {
                 err(
                     flag,
@@ -237,8 +261,12 @@ impl Config {
         }
 
         let own = [args.inbound_port, args.outbound_port, args.admin_port];
-        let mut exclude_inbound_ports: Vec<Port> =
-            args.exclude_inbound_ports.iter().copied().filter(|p| !own.contains(p)).collect();
+        let mut exclude_inbound_ports: Vec<Port> = args
+            .exclude_inbound_ports
+            .iter()
+            .copied()
+            .filter(|p| !own.contains(p))
+            .collect();
         exclude_inbound_ports.sort();
         exclude_inbound_ports.dedup();
         let mut exclude_outbound_ports = args.exclude_outbound_ports.clone();
@@ -253,7 +281,11 @@ impl Config {
 
         Ok(Config {
             dry_run: args.dry_run,
-            action: if args.cleanup { Action::Cleanup } else { Action::Apply },
+            action: if args.cleanup {
+                Action::Cleanup
+            } else {
+                Action::Apply
+            },
             proxy_uid: args.proxy_uid,
             inbound_port: args.inbound_port,
             outbound_port: args.outbound_port,
@@ -302,9 +334,15 @@ mod tests {
             (&["--inbound-port", "0"][..], "--inbound-port"),
             (&["--inbound-port", "70000"], "out of range"),
             (&["--outbound-port", "abc"], "not a port number"),
-            (&["--exclude-inbound-ports", "22,0"], "--exclude-inbound-ports"),
+            (
+                &["--exclude-inbound-ports", "22,0"],
+                "--exclude-inbound-ports",
+            ),
             (&["--exclude-outbound-cidrs", "10.0.0.0/33"], "too long"),
-            (&["--include-outbound-cidrs", "1.2.3"], "not an IPv4 or IPv6 address"),
+            (
+                &["--include-outbound-cidrs", "1.2.3"],
+                "not an IPv4 or IPv6 address",
+            ),
             (&["--proxy-uid=-1"], "--proxy-uid"),
             (&["--proxy-uid", "4294967296"], "--proxy-uid"),
             (&["--ipv6", "maybe"], "--ipv6"),
@@ -357,7 +395,11 @@ mod tests {
         let p = |v: &[Port]| v.iter().map(|p| p.get()).collect::<Vec<_>>();
         assert_eq!(p(&cfg.exclude_inbound_ports), [22, 9090]);
         assert_eq!(p(&cfg.exclude_outbound_ports), [80, 443]);
-        let c: Vec<String> = cfg.exclude_outbound_cidrs.iter().map(|c| c.to_string()).collect();
+        let c: Vec<String> = cfg
+            .exclude_outbound_cidrs
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
         assert_eq!(c, ["10.0.0.0/8", "2001:db8::/32"]);
     }
 

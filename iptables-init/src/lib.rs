@@ -93,11 +93,18 @@ pub fn dry_run(config: &Config) -> String {
     out
 }
 
-/// Whether this network namespace has IPv6: `/proc/net/if_inet6` lists at least one address.
+/// Whether this network namespace has IPv6 connectivity: `/proc/net/if_inet6` lists an address
+/// of global scope. Loopback (`::1`) and link-local (`fe80::`) addresses exist wherever the kernel
+/// has IPv6 enabled, even in IPv4-only pods, so they do not count.
 pub fn has_ipv6() -> bool {
-    std::fs::read_to_string("/proc/net/if_inet6")
-        .map(|s| !s.trim().is_empty())
-        .unwrap_or(false)
+    std::fs::read_to_string("/proc/net/if_inet6").is_ok_and(|text| lists_global_ipv6(&text))
+}
+
+/// Whether `/proc/net/if_inet6` text lists a global-scope address (scope field `00`).
+pub fn lists_global_ipv6(if_inet6: &str) -> bool {
+    if_inet6
+        .lines()
+        .any(|line| line.split_whitespace().nth(3) == Some("00"))
 }
 
 fn live_families(config: &Config) -> Vec<Family> {
@@ -106,11 +113,18 @@ fn live_families(config: &Config) -> Vec<Family> {
         Ipv6Mode::On => vec![Family::V4, Family::V6],
         Ipv6Mode::Auto => {
             if has_ipv6() {
-                eprintln!("outrider init: --ipv6 auto: IPv6 addresses present, programming IPv4 and IPv6");
+                eprintln!(
+                    "outrider init: --ipv6 auto: global IPv6 address present, programming IPv4 and IPv6"
+                );
                 vec![Family::V4, Family::V6]
             } else {
-                eprintln!("outrider init: --ipv6 auto: no IPv6 address (/proc/net/if_inet6 empty), IPv4 only");
-                if config.exclude_outbound_cidrs.iter().chain(&config.include_outbound_cidrs).any(|c| c.family() == Family::V6) {
+                eprintln!("outrider init: --ipv6 auto: no global IPv6 address in /proc/net/if_inet6, IPv4 only");
+                if config
+                    .exclude_outbound_cidrs
+                    .iter()
+                    .chain(&config.include_outbound_cidrs)
+                    .any(|c| c.family() == Family::V6)
+                {
                     eprintln!("outrider init: note: IPv6 ranges in the flags are ignored");
                 }
                 vec![Family::V4]
@@ -134,11 +148,18 @@ fn run(config: &Config) -> Result<(), Failure> {
             let mut failures = Vec::new();
             for &family in &families {
                 match cleanup(choice.backend, family) {
-                    Ok((0, 0)) => eprintln!("outrider init: {family}: no outrider rules to remove"),
-                    Ok((rules, chains)) => eprintln!(
-                        "outrider init: {family}: removed {rules} outrider rules and {chains} chains"
-                    ),
+                    Ok(removed) => report_cleanup(family, removed),
                     Err(e) => failures.push(e.0),
+                }
+            }
+            // With --ipv6 auto and no IPv6 address now, IPv6 rules from an earlier run may still
+            // exist: remove them too when ip6tables works, without failing when it does not.
+            if config.ipv6 == Ipv6Mode::Auto && !families.contains(&Family::V6) {
+                let v6 = backend::preflight(choice.backend, &[Family::V6])
+                    .and_then(|()| cleanup(choice.backend, Family::V6));
+                match v6 {
+                    Ok(removed) => report_cleanup(Family::V6, removed),
+                    Err(e) => eprintln!("outrider init: note: IPv6 cleanup skipped: {e}"),
                 }
             }
             if failures.is_empty() {
@@ -147,6 +168,14 @@ fn run(config: &Config) -> Result<(), Failure> {
                 Err(Failure(failures.join("; ")))
             }
         }
+    }
+}
+
+fn report_cleanup(family: Family, (rules, chains): (usize, usize)) {
+    if rules == 0 && chains == 0 {
+        eprintln!("outrider init: {family}: no outrider rules to remove");
+    } else {
+        eprintln!("outrider init: {family}: removed {rules} outrider rules and {chains} chains");
     }
 }
 
@@ -213,4 +242,19 @@ fn cleanup(backend: Backend, family: Family) -> Result<(usize, usize), Failure> 
         )));
     }
     Ok((removed_rules, removed_chains))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_auto_detection_counts_only_global_addresses() {
+        let lo = "00000000000000000000000000000001 01 80 10 80       lo\n";
+        let link = "fe800000000000000000000000000001 02 40 20 80     eth0\n";
+        let global = "20010db8000000000000000000000001 02 40 00 80     eth0\n";
+        assert!(!lists_global_ipv6(""));
+        assert!(!lists_global_ipv6(&format!("{lo}{link}")));
+        assert!(lists_global_ipv6(&format!("{lo}{link}{global}")));
+    }
 }

@@ -42,7 +42,12 @@ pub const OUTPUT_CHAIN: &str = "OUTRIDER_OUTPUT";
 /// Our chain that redirects outbound TCP to the proxy's outbound port.
 pub const REDIRECT_CHAIN: &str = "OUTRIDER_REDIRECT";
 /// Every chain `outrider init` owns, in declaration order. Cleanup deletes exactly these.
-pub const OWN_CHAINS: [&str; 4] = [INBOUND_CHAIN, IN_REDIRECT_CHAIN, OUTPUT_CHAIN, REDIRECT_CHAIN];
+pub const OWN_CHAINS: [&str; 4] = [
+    INBOUND_CHAIN,
+    IN_REDIRECT_CHAIN,
+    OUTPUT_CHAIN,
+    REDIRECT_CHAIN,
+];
 
 /// What a matching packet does.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,7 +114,9 @@ impl Rule {
     /// The rule after `-A CHAIN `, in `iptables-save`'s canonical option order.
     pub fn spec(&self) -> String {
         let mut s = String::new();
-        if let Some(d) = &self.destination {
+        // A /0 network matches every address: iptables-save prints no `-d` for it, so neither
+        // do we (the rule then reads back identically).
+        if let Some(d) = self.destination.filter(|d| d.prefix() > 0) {
             let _ = write!(s, "-d {d} ");
         }
         if let Some(o) = self.out_interface {
@@ -169,18 +176,31 @@ impl RuleSet {
             ("outbound", config.outbound_port),
         ] {
             inbound.push(
-                Rule::new(INBOUND_CHAIN, format!("inbound: skip proxy {what} port {port}"), Target::Return)
-                    .dport(port),
+                Rule::new(
+                    INBOUND_CHAIN,
+                    format!("inbound: skip proxy {what} port {port}"),
+                    Target::Return,
+                )
+                .dport(port),
             );
         }
         for &port in &config.exclude_inbound_ports {
             inbound.push(
-                Rule::new(INBOUND_CHAIN, format!("inbound: skip excluded port {port}"), Target::Return)
-                    .dport(port),
+                Rule::new(
+                    INBOUND_CHAIN,
+                    format!("inbound: skip excluded port {port}"),
+                    Target::Return,
+                )
+                .dport(port),
             );
         }
         inbound.push(
-            Rule::new(INBOUND_CHAIN, "inbound: capture other TCP", Target::Jump(IN_REDIRECT_CHAIN)).tcp(),
+            Rule::new(
+                INBOUND_CHAIN,
+                "inbound: capture other TCP",
+                Target::Jump(IN_REDIRECT_CHAIN),
+            )
+            .tcp(),
         );
 
         let in_redirect = vec![Rule::new(
@@ -198,23 +218,43 @@ impl RuleSet {
         );
         uid.uid_owner = Some(config.proxy_uid);
         output.push(uid);
-        let mut lo = Rule::new(OUTPUT_CHAIN, "outbound: skip loopback interface", Target::Return);
+        let mut lo = Rule::new(
+            OUTPUT_CHAIN,
+            "outbound: skip loopback interface",
+            Target::Return,
+        );
         lo.out_interface = Some("lo");
         output.push(lo);
         output.push(
-            Rule::new(OUTPUT_CHAIN, "outbound: skip loopback destination", Target::Return)
-                .destination(Cidr::loopback(family)),
+            Rule::new(
+                OUTPUT_CHAIN,
+                "outbound: skip loopback destination",
+                Target::Return,
+            )
+            .destination(Cidr::loopback(family)),
         );
         for &port in &config.exclude_outbound_ports {
             output.push(
-                Rule::new(OUTPUT_CHAIN, format!("outbound: skip excluded port {port}"), Target::Return)
-                    .dport(port),
+                Rule::new(
+                    OUTPUT_CHAIN,
+                    format!("outbound: skip excluded port {port}"),
+                    Target::Return,
+                )
+                .dport(port),
             );
         }
-        for &cidr in config.exclude_outbound_cidrs.iter().filter(|c| c.family() == family) {
+        for &cidr in config
+            .exclude_outbound_cidrs
+            .iter()
+            .filter(|c| c.family() == family)
+        {
             output.push(
-                Rule::new(OUTPUT_CHAIN, format!("outbound: skip excluded range {cidr}"), Target::Return)
-                    .destination(cidr),
+                Rule::new(
+                    OUTPUT_CHAIN,
+                    format!("outbound: skip excluded range {cidr}"),
+                    Target::Return,
+                )
+                .destination(cidr),
             );
         }
         if config.include_outbound_cidrs.is_empty() {
@@ -224,7 +264,11 @@ impl RuleSet {
                 Target::Jump(REDIRECT_CHAIN),
             ));
         } else {
-            for &cidr in config.include_outbound_cidrs.iter().filter(|c| c.family() == family) {
+            for &cidr in config
+                .include_outbound_cidrs
+                .iter()
+                .filter(|c| c.family() == family)
+            {
                 output.push(
                     Rule::new(
                         OUTPUT_CHAIN,
@@ -247,7 +291,11 @@ impl RuleSet {
         rules.extend(in_redirect);
         rules.extend(output);
         rules.extend(redirect);
-        RuleSet { family, rules, jumps: jump_rules() }
+        RuleSet {
+            family,
+            rules,
+            jumps: jump_rules(),
+        }
     }
 
     /// The rules of our chain `chain`, in order.
@@ -309,9 +357,7 @@ pub fn apply_input(rules: &RuleSet, state: &NatState) -> String {
     }
     for jump in &rules.jumps {
         let key = jump.key();
-        let present = state
-            .chain_rules(jump.chain)
-            .any(|r| r.key == key);
+        let present = state.chain_rules(jump.chain).any(|r| r.key == key);
         if !present {
             let _ = writeln!(out, "{}", jump.append_line());
         }
@@ -383,7 +429,10 @@ pub fn verify(rules: &RuleSet, state: &NatState) -> Result<(), Vec<String>> {
             for rule in rules.chain_rules(chain) {
                 let n = have.iter().filter(|h| h.key == rule.key()).count();
                 if n != 1 {
-                    problems.push(format!("expected once, found {n} times: {}", rule.append_line()));
+                    problems.push(format!(
+                        "expected once, found {n} times: {}",
+                        rule.append_line()
+                    ));
                 }
             }
             for h in &have {
@@ -398,9 +447,15 @@ pub fn verify(rules: &RuleSet, state: &NatState) -> Result<(), Vec<String>> {
     }
     for jump in &rules.jumps {
         let key = jump.key();
-        let n = state.chain_rules(jump.chain).filter(|r| r.key == key).count();
+        let n = state
+            .chain_rules(jump.chain)
+            .filter(|r| r.key == key)
+            .count();
         if n != 1 {
-            problems.push(format!("expected once, found {n} times: {}", jump.append_line()));
+            problems.push(format!(
+                "expected once, found {n} times: {}",
+                jump.append_line()
+            ));
         }
     }
     if problems.is_empty() {
@@ -460,14 +515,24 @@ mod tests {
         let extra = NatState::parse("*nat\n-A OUTRIDER_REDIRECT -p udp -j RETURN\nCOMMIT\n");
         state.rules.extend(extra.rules);
         let errs = verify(&rs, &state).unwrap_err();
-        assert!(errs.iter().any(|e| e.contains("found 2 times: -A PREROUTING")), "{errs:#?}");
-        assert!(errs.iter().any(|e| e.contains("unexpected rule: -A OUTRIDER_REDIRECT -p udp")), "{errs:#?}");
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("found 2 times: -A PREROUTING")),
+            "{errs:#?}"
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("unexpected rule: -A OUTRIDER_REDIRECT -p udp")),
+            "{errs:#?}"
+        );
     }
 
     #[test]
     fn cleanup_of_nothing_is_nothing() {
         assert_eq!(cleanup_input(&NatState::default()), None);
-        let foreign = NatState::parse("*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -p udp -j RETURN\nCOMMIT\n");
+        let foreign = NatState::parse(
+            "*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -p udp -j RETURN\nCOMMIT\n",
+        );
         assert_eq!(cleanup_input(&foreign), None);
         assert!(is_clean(&foreign));
     }
@@ -475,10 +540,19 @@ mod tests {
     #[test]
     fn other_family_ranges_are_left_out() {
         let mut cfg = config();
-        cfg.exclude_outbound_cidrs = vec!["10.0.0.0/8".parse().unwrap(), "2001:db8::/32".parse().unwrap()];
+        cfg.exclude_outbound_cidrs = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "2001:db8::/32".parse().unwrap(),
+        ];
         let v4 = RuleSet::new(&cfg, Family::V4);
         let v6 = RuleSet::new(&cfg, Family::V6);
-        let text = |rs: &RuleSet| rs.rules.iter().map(Rule::append_line).collect::<Vec<_>>().join("\n");
+        let text = |rs: &RuleSet| {
+            rs.rules
+                .iter()
+                .map(Rule::append_line)
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
         assert!(text(&v4).contains("10.0.0.0/8") && !text(&v4).contains("2001:db8"));
         assert!(text(&v6).contains("2001:db8::/32") && !text(&v6).contains("10.0.0.0"));
         assert!(text(&v6).contains("-d ::1/128"));

@@ -212,10 +212,18 @@ COMMIT
 
     #[test]
     fn keys_ignore_option_order_but_not_values_or_negation() {
-        let a = RuleKey::parse(r#"-p tcp -m owner --uid-owner 1337 -m comment --comment "x y" -j RETURN"#);
-        let b = RuleKey::parse(r#"-p tcp -m comment --comment "x y" -m owner --uid-owner 1337 -j RETURN"#);
-        let c = RuleKey::parse(r#"-p tcp -m comment --comment "x y" -m owner --uid-owner 1338 -j RETURN"#);
-        let d = RuleKey::parse(r#"! -p tcp -m comment --comment "x y" -m owner --uid-owner 1337 -j RETURN"#);
+        let a = RuleKey::parse(
+            r#"-p tcp -m owner --uid-owner 1337 -m comment --comment "x y" -j RETURN"#,
+        );
+        let b = RuleKey::parse(
+            r#"-p tcp -m comment --comment "x y" -m owner --uid-owner 1337 -j RETURN"#,
+        );
+        let c = RuleKey::parse(
+            r#"-p tcp -m comment --comment "x y" -m owner --uid-owner 1338 -j RETURN"#,
+        );
+        let d = RuleKey::parse(
+            r#"! -p tcp -m comment --comment "x y" -m owner --uid-owner 1337 -j RETURN"#,
+        );
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert_ne!(a, d);
@@ -225,8 +233,12 @@ COMMIT
     #[test]
     fn detects_a_used_iptables() {
         assert!(!shows_rules(""));
-        assert!(!shows_rules("*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [5:300]\nCOMMIT\n"));
-        assert!(shows_rules("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j ACCEPT\nCOMMIT\n"));
+        assert!(!shows_rules(
+            "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [5:300]\nCOMMIT\n"
+        ));
+        assert!(shows_rules(
+            "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j ACCEPT\nCOMMIT\n"
+        ));
         assert!(shows_rules("*filter\n:MY_CHAIN - [0:0]\nCOMMIT\n"));
         assert!(shows_rules("*filter\n:FORWARD DROP [0:0]\nCOMMIT\n"));
     }

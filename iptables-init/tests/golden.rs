@@ -32,7 +32,7 @@ fn check(name: &str, actual: &str) {
         .join("testdata")
         .join(format!("{name}.rules"));
     if std::env::var("OUTRIDER_BLESS").is_ok_and(|v| v == "1") {
-        std::fs::write(&path, actual).unwrap();
+        std::fs::write(&path, actual).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         return;
     }
     let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
@@ -53,7 +53,11 @@ fn check(name: &str, actual: &str) {
 fn flags(name: &str, argv: &[&str]) {
     let cfg = config(argv);
     let first = dry_run(&cfg);
-    assert_eq!(first, dry_run(&cfg), "{name}: rendering is not deterministic");
+    assert_eq!(
+        first,
+        dry_run(&cfg),
+        "{name}: rendering is not deterministic"
+    );
     check(name, &first);
 }
 
@@ -67,7 +71,9 @@ fn applied_with_foreign_rules() -> String {
     for chain in rules::OWN_CHAINS {
         text.push_str(&format!(":{chain} - [0:0]\n"));
     }
-    text.push_str("-A PREROUTING -p udp -m udp --dport 53 -m comment --comment \"user rule\" -j RETURN\n");
+    text.push_str(
+        "-A PREROUTING -p udp -m udp --dport 53 -m comment --comment \"user rule\" -j RETURN\n",
+    );
     for rule in rs.jumps.iter().chain(&rs.rules) {
         text.push_str(&rule.append_line());
         text.push('\n');
@@ -101,57 +107,104 @@ fn custom_uid() {
 fn custom_ports() {
     flags(
         "custom_ports",
-        &["--inbound-port", "4143", "--outbound-port", "4140", "--admin-port", "4191", "--ipv6", "off"],
+        &[
+            "--inbound-port",
+            "4143",
+            "--outbound-port",
+            "4140",
+            "--admin-port",
+            "4191",
+            "--ipv6",
+            "off",
+        ],
     );
 }
 
 #[test]
 fn exclude_inbound_ports() {
-    flags("exclude_inbound_ports", &["--exclude-inbound-ports", "8081,22", "--ipv6", "off"]);
+    flags(
+        "exclude_inbound_ports",
+        &["--exclude-inbound-ports", "8081,22", "--ipv6", "off"],
+    );
 }
 
 #[test]
 fn exclude_inbound_own_ports_are_not_repeated() {
     flags(
         "exclude_inbound_own_ports",
-        &["--exclude-inbound-ports", "15020,15006,9090,15001", "--ipv6", "off"],
+        &[
+            "--exclude-inbound-ports",
+            "15020,15006,9090,15001",
+            "--ipv6",
+            "off",
+        ],
     );
 }
 
 #[test]
 fn exclude_outbound_ports() {
-    flags("exclude_outbound_ports", &["--exclude-outbound-ports", "5432,443", "--ipv6", "off"]);
+    flags(
+        "exclude_outbound_ports",
+        &["--exclude-outbound-ports", "5432,443", "--ipv6", "off"],
+    );
 }
 
 #[test]
 fn exclude_outbound_cidrs_v4() {
     flags(
         "exclude_outbound_cidrs_v4",
-        &["--exclude-outbound-cidrs", "169.254.169.254/32,10.96.0.0/12", "--ipv6", "off"],
+        &[
+            "--exclude-outbound-cidrs",
+            "169.254.169.254/32,10.96.0.0/12",
+            "--ipv6",
+            "off",
+        ],
     );
 }
 
 #[test]
 fn exclude_outbound_cidrs_dual_stack() {
-    flags("exclude_outbound_cidrs_dual", &["--exclude-outbound-cidrs", "fd00::/8,10.0.0.0/8,2001:db8::/32"]);
+    flags(
+        "exclude_outbound_cidrs_dual",
+        &[
+            "--exclude-outbound-cidrs",
+            "fd00::/8,10.0.0.0/8,2001:db8::/32",
+        ],
+    );
 }
 
 #[test]
 fn include_outbound_cidrs() {
     flags(
         "include_outbound_cidrs",
-        &["--include-outbound-cidrs", "172.16.0.0/12,10.0.0.0/8", "--ipv6", "off"],
+        &[
+            "--include-outbound-cidrs",
+            "172.16.0.0/12,10.0.0.0/8",
+            "--ipv6",
+            "off",
+        ],
     );
 }
 
 #[test]
 fn include_v4_only_on_dual_stack_captures_no_v6() {
-    flags("include_v4_only_dual", &["--include-outbound-cidrs", "10.0.0.0/8"]);
+    flags(
+        "include_v4_only_dual",
+        &["--include-outbound-cidrs", "10.0.0.0/8"],
+    );
 }
 
 #[test]
 fn include_dual_stack() {
-    flags("include_dual", &["--include-outbound-cidrs", "2001:db8:1::/48,10.0.0.0/8", "--ipv6", "on"]);
+    flags(
+        "include_dual",
+        &[
+            "--include-outbound-cidrs",
+            "2001:db8:1::/48,10.0.0.0/8",
+            "--ipv6",
+            "on",
+        ],
+    );
 }
 
 #[test]
@@ -172,8 +225,19 @@ fn include_and_exclude() {
 }
 
 #[test]
+fn include_everything_renders_no_destination_match() {
+    flags(
+        "include_all",
+        &["--include-outbound-cidrs", "0.0.0.0/0,::/0"],
+    );
+}
+
+#[test]
 fn host_cidrs() {
-    flags("host_cidrs", &["--exclude-outbound-cidrs", "198.18.0.3,2001:db8::3"]);
+    flags(
+        "host_cidrs",
+        &["--exclude-outbound-cidrs", "198.18.0.3,2001:db8::3"],
+    );
 }
 
 #[test]
@@ -183,7 +247,12 @@ fn many_ports() {
     let (inbound, outbound) = (inbound.join(","), outbound.join(","));
     flags(
         "many_ports",
-        &["--exclude-inbound-ports", &inbound, "--exclude-outbound-ports", &outbound],
+        &[
+            "--exclude-inbound-ports",
+            &inbound,
+            "--exclude-outbound-ports",
+            &outbound,
+        ],
     );
 }
 
@@ -242,7 +311,10 @@ fn rerun_repairs_duplicate_and_stale_jumps() {
         -A OUTPUT -p tcp -m comment --comment \"outrider: old outbound jump\" -j OUTRIDER_OUTPUT\n\
         -A OUTRIDER_INBOUND -p tcp -j RETURN\nCOMMIT\n";
     let rs = RuleSet::new(&config(&["--exclude-inbound-ports", "22"]), Family::V4);
-    check("rerun_repair", &rules::apply_input(&rs, &NatState::parse(save)));
+    check(
+        "rerun_repair",
+        &rules::apply_input(&rs, &NatState::parse(save)),
+    );
 }
 
 #[test]
@@ -274,8 +346,18 @@ fn cleanup_of_nothing_renders_nothing() {
 
 #[test]
 fn flag_order_does_not_matter() {
-    let a = config(&["--exclude-inbound-ports", "1,2,3", "--exclude-outbound-cidrs", "10.0.0.0/8,::1/128"]);
-    let b = config(&["--exclude-outbound-cidrs", "::1/128,10.0.0.0/8", "--exclude-inbound-ports", "3,2,1,2"]);
+    let a = config(&[
+        "--exclude-inbound-ports",
+        "1,2,3",
+        "--exclude-outbound-cidrs",
+        "10.0.0.0/8,::1/128",
+    ]);
+    let b = config(&[
+        "--exclude-outbound-cidrs",
+        "::1/128,10.0.0.0/8",
+        "--exclude-inbound-ports",
+        "3,2,1,2",
+    ]);
     assert_eq!(dry_run(&a), dry_run(&b));
 }
 
@@ -283,8 +365,18 @@ fn flag_order_does_not_matter() {
 fn every_rendered_rule_verifies_against_its_own_applied_state() {
     for argv in [
         &[][..],
-        &["--include-outbound-cidrs", "10.0.0.0/8", "--exclude-outbound-ports", "1,2"],
-        &["--exclude-outbound-cidrs", "2001:db8::/32", "--proxy-uid", "0"],
+        &[
+            "--include-outbound-cidrs",
+            "10.0.0.0/8",
+            "--exclude-outbound-ports",
+            "1,2",
+        ],
+        &[
+            "--exclude-outbound-cidrs",
+            "2001:db8::/32",
+            "--proxy-uid",
+            "0",
+        ],
     ] {
         for family in [Family::V4, Family::V6] {
             let rs = RuleSet::new(&config(argv), family);

@@ -57,7 +57,9 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
                 async move { Ok::<_, Infallible>(route(req, peer, &state).await) }
             });
             let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.timer(TokioTimer::new()).header_read_timeout(std::time::Duration::from_secs(10));
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10));
             if let Err(e) = builder.serve_connection(TokioIo::new(socket), svc).await {
                 tracing::debug!(error = %e, "admin connection failed");
             }
@@ -68,12 +70,20 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut rsp = Response::new(Full::new(body.into()));
     *rsp.status_mut() = status;
-    rsp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     rsp
 }
 
-async fn route(req: Request<Incoming>, peer: SocketAddr, state: &AdminState) -> Response<Full<Bytes>> {
-    let local_only = |peer: SocketAddr| peer.ip().is_loopback() || peer.ip().to_canonical().is_loopback();
+async fn route(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    state: &AdminState,
+) -> Response<Full<Bytes>> {
+    let local_only =
+        |peer: SocketAddr| peer.ip().is_loopback() || peer.ip().to_canonical().is_loopback();
     match (req.method().clone(), req.uri().path()) {
         (Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (Method::GET, "/ready") => {
@@ -88,31 +98,54 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, state: &AdminState) -> 
             match TextEncoder::new().encode(&state.registry.gather(), &mut buf) {
                 Ok(()) => {
                     let mut rsp = text(StatusCode::OK, buf);
-                    rsp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+                    rsp.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        header::HeaderValue::from_static(
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        ),
+                    );
                     rsp
                 }
-                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode metrics: {e}\n")),
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("cannot encode metrics: {e}\n"),
+                ),
             }
         }
         (Method::GET, "/config") => {
             let mut rsp = text(StatusCode::OK, state.config_json.clone());
-            rsp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+            rsp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
             rsp
         }
-        (_, "/log-level" | "/shutdown") if !local_only(peer) => {
-            text(StatusCode::FORBIDDEN, "only loopback peers may use this endpoint\n")
-        }
+        (_, "/log-level" | "/shutdown") if !local_only(peer) => text(
+            StatusCode::FORBIDDEN,
+            "only loopback peers may use this endpoint\n",
+        ),
         (Method::GET, "/log-level") => match &state.log {
             Some(log) => text(StatusCode::OK, format!("{}\n", log.current())),
-            None => text(StatusCode::NOT_FOUND, "this process does not own its logger\n"),
+            None => text(
+                StatusCode::NOT_FOUND,
+                "this process does not own its logger\n",
+            ),
         },
         (Method::PUT, "/log-level") => {
             let Some(log) = &state.log else {
-                return text(StatusCode::NOT_FOUND, "this process does not own its logger\n");
+                return text(
+                    StatusCode::NOT_FOUND,
+                    "this process does not own its logger\n",
+                );
             };
             let body = match Limited::new(req.into_body(), 4096).collect().await {
                 Ok(b) => b.to_bytes(),
-                Err(e) => return text(StatusCode::BAD_REQUEST, format!("cannot read the body: {e}\n")),
+                Err(e) => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        format!("cannot read the body: {e}\n"),
+                    )
+                }
             };
             let Ok(spec) = std::str::from_utf8(&body) else {
                 return text(StatusCode::BAD_REQUEST, "the filter is not UTF-8\n");
@@ -129,6 +162,9 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, state: &AdminState) -> 
         (_, "/live" | "/ready" | "/metrics" | "/config" | "/log-level" | "/shutdown") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
-        _ => text(StatusCode::NOT_FOUND, "not found; try /live /ready /metrics /config /log-level /shutdown\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /live /ready /metrics /config /log-level /shutdown\n",
+        ),
     }
 }

@@ -31,7 +31,12 @@ pub struct ProxyArgs {
     #[arg(long, env = "OUTRIDER_OUTBOUND", value_name = "ADDR")]
     pub outbound: Option<SocketAddr>,
     /// Admin server (/live, /ready, /metrics, /config, /log-level, /shutdown).
-    #[arg(long, env = "OUTRIDER_ADMIN", value_name = "ADDR", default_value = "127.0.0.1:15020")]
+    #[arg(
+        long,
+        env = "OUTRIDER_ADMIN",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:15020"
+    )]
     pub admin: SocketAddr,
     /// Local mode: a fixed listener and upstream, e.g. 127.0.0.1:8080=127.0.0.1:3000. Repeatable.
     #[arg(long = "forward", env = "OUTRIDER_FORWARD", value_name = "LISTEN=UPSTREAM",
@@ -149,18 +154,21 @@ impl Config {
     /// Validates the flags and fills in mode-dependent defaults.
     pub fn from_args(args: ProxyArgs) -> Result<Self, ConfigError> {
         let local_mode = !args.forwards.is_empty();
-        let inbound = args.inbound.or((!local_mode).then(|| {
-            SocketAddr::from(([0, 0, 0, 0], ports::INBOUND))
-        }));
-        let outbound = args.outbound.or((!local_mode).then(|| {
-            SocketAddr::from(([127, 0, 0, 1], ports::OUTBOUND))
-        }));
+        let inbound = args
+            .inbound
+            .or((!local_mode).then(|| SocketAddr::from(([0, 0, 0, 0], ports::INBOUND))));
+        let outbound = args
+            .outbound
+            .or((!local_mode).then(|| SocketAddr::from(([127, 0, 0, 1], ports::OUTBOUND))));
         let config = Config {
             inbound,
             outbound,
             admin: args.admin,
             forwards: args.forwards,
-            workers: args.workers.map(usize::from).unwrap_or_else(default_workers),
+            workers: args
+                .workers
+                .map(usize::from)
+                .unwrap_or_else(default_workers),
             log_format: args.log_format,
             detect_timeout: args.detect_timeout,
             detect_max_bytes: 8 * 1024,
@@ -198,7 +206,10 @@ impl Config {
             if f.listen == f.upstream {
                 return Err(ConfigError {
                     flag: "--forward",
-                    reason: format!("{}={}: the upstream is the listener itself", f.listen, f.upstream),
+                    reason: format!(
+                        "{}={}: the upstream is the listener itself",
+                        f.listen, f.upstream
+                    ),
                 });
             }
         }
@@ -217,7 +228,12 @@ impl Config {
 
     /// The ports of the proxy's own listeners: traffic to them is never forwarded (loop prevention).
     pub fn own_ports(&self) -> Vec<u16> {
-        let mut own = vec![ports::INBOUND, ports::OUTBOUND, ports::ADMIN, self.admin.port()];
+        let mut own = vec![
+            ports::INBOUND,
+            ports::OUTBOUND,
+            ports::ADMIN,
+            self.admin.port(),
+        ];
         own.extend(self.inbound.map(|a| a.port()));
         own.extend(self.outbound.map(|a| a.port()));
         own.retain(|p| *p != 0);
@@ -291,8 +307,9 @@ pub fn parse_forward(s: &str) -> Result<ForwardSpec, String> {
         .trim()
         .parse()
         .map_err(|_| format!("listen address `{listen}` is not IP:PORT: {usage}"))?;
-    let upstream = resolve(upstream.trim())
-        .ok_or_else(|| format!("upstream `{upstream}` is not HOST:PORT or cannot be resolved: {usage}"))?;
+    let upstream = resolve(upstream.trim()).ok_or_else(|| {
+        format!("upstream `{upstream}` is not HOST:PORT or cannot be resolved: {usage}")
+    })?;
     if upstream.port() == 0 {
         return Err(format!("upstream `{upstream}` has port 0"));
     }
@@ -327,7 +344,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n.saturating_mul(60)),
         "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => return Err(format!("invalid duration `{s}`: unit must be ms, s, m or h")),
+        _ => {
+            return Err(format!(
+                "invalid duration `{s}`: unit must be ms, s, m or h"
+            ))
+        }
     };
     Ok(d)
 }
@@ -404,11 +425,20 @@ mod tests {
         let f = parse_forward("127.0.0.1:8080=127.0.0.1:3000").unwrap();
         assert_eq!(f.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(f.upstream, "127.0.0.1:3000".parse().unwrap());
-        assert!(parse_forward("localhost:1=localhost:2").is_err(), "listen must be an IP");
+        assert!(
+            parse_forward("localhost:1=localhost:2").is_err(),
+            "listen must be an IP"
+        );
         assert!(parse_forward("127.0.0.1:1=localhost:2").is_ok());
-        assert!(parse_forward("127.0.0.1:8080").unwrap_err().contains("no `=`"));
-        assert!(parse_forward("127.0.0.1:8080=nope").unwrap_err().contains("upstream"));
-        assert!(parse_forward("127.0.0.1:8080=127.0.0.1:0").unwrap_err().contains("port 0"));
+        assert!(parse_forward("127.0.0.1:8080")
+            .unwrap_err()
+            .contains("no `=`"));
+        assert!(parse_forward("127.0.0.1:8080=nope")
+            .unwrap_err()
+            .contains("upstream"));
+        assert!(parse_forward("127.0.0.1:8080=127.0.0.1:0")
+            .unwrap_err()
+            .contains("port 0"));
     }
 
     #[test]

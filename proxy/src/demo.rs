@@ -49,11 +49,14 @@ pub enum ClientConn {
 impl ClientConn {
     /// Connects to `addr`, speaking HTTP/2 when `h2`.
     pub async fn connect(addr: SocketAddr, h2: bool) -> anyhow::Result<Self> {
-        let stream = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+        let stream = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connect {addr}"))?;
         stream.set_nodelay(true)?;
         let io = TokioIo::new(stream);
         if h2 {
-            let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+            let (send, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
             tokio::spawn(conn);
             Ok(ClientConn::Http2(send))
         } else {
@@ -68,12 +71,16 @@ impl ClientConn {
         match self {
             ClientConn::Http1(send) => {
                 send.ready().await?;
-                let req = Request::get(path).header(http::header::HOST, host).body(Empty::new())?;
+                let req = Request::get(path)
+                    .header(http::header::HOST, host)
+                    .body(Empty::new())?;
                 Ok(send.send_request(req).await?)
             }
             ClientConn::Http2(send) => {
                 send.ready().await?;
-                let req = Request::get(format!("http://{host}{path}")).version(http::Version::HTTP_2).body(Empty::new())?;
+                let req = Request::get(format!("http://{host}{path}"))
+                    .version(http::Version::HTTP_2)
+                    .body(Empty::new())?;
                 Ok(send.send_request(req).await?)
             }
         }
@@ -93,7 +100,10 @@ struct Tally {
 pub fn main(args: DemoArgs) -> ExitCode {
     let spec = std::env::var("OUTRIDER_LOG").unwrap_or_else(|_| "warn".into());
     let _ = crate::log::init_with(LogFormat::Plain, &spec);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("outrider demo: cannot start the runtime: {e}");
@@ -177,7 +187,11 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
     .await;
     app_task.abort();
     if tally.errors > 0 || tally.latencies.is_empty() {
-        anyhow::bail!("{} requests failed, {} succeeded", tally.errors, tally.latencies.len());
+        anyhow::bail!(
+            "{} requests failed, {} succeeded",
+            tally.errors,
+            tally.latencies.len()
+        );
     }
     Ok(())
 }
@@ -209,7 +223,11 @@ async fn drive(addr: SocketAddr, h2: bool, deadline: Instant) -> Tally {
                 let ok = rsp.into_body().collect().await.is_ok();
                 tally.latencies.push(start.elapsed());
                 *tally.statuses.entry(status.as_u16()).or_default() += 1;
-                if h2 { tally.http2 += 1 } else { tally.http1 += 1 }
+                if h2 {
+                    tally.http2 += 1
+                } else {
+                    tally.http1 += 1
+                }
                 if !ok || status != StatusCode::OK {
                     tally.errors += 1;
                 }
@@ -238,21 +256,46 @@ pub fn counter_sum(registry: &prometheus::Registry, family: &str, label: &str, v
         .iter()
         .filter(|f| f.name() == family)
         .flat_map(|f| f.get_metric().iter())
-        .filter(|m| m.get_label().iter().any(|l| l.name() == label && l.value() == value))
+        .filter(|m| {
+            m.get_label()
+                .iter()
+                .any(|l| l.name() == label && l.value() == value)
+        })
         .map(|m| m.get_counter().get_value() as u64)
         .sum()
 }
 
-fn print_summary(t: &Tally, elapsed: Duration, client: &prometheus::Registry, server: &prometheus::Registry) {
+fn print_summary(
+    t: &Tally,
+    elapsed: Duration,
+    client: &prometheus::Registry,
+    server: &prometheus::Registry,
+) {
     let mut lat = t.latencies.clone();
     lat.sort_unstable();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let total = lat.len() as u64;
     let rps = total as f64 / elapsed.as_secs_f64().max(0.001);
     println!();
-    println!("requests   {total} in {:.1} s ({rps:.0} req/s): HTTP/1.1 {}, HTTP/2 {}", elapsed.as_secs_f64(), t.http1, t.http2);
-    let statuses: Vec<String> = t.statuses.iter().map(|(s, n)| format!("{s}: {n}")).collect();
-    println!("statuses   {}", if statuses.is_empty() { "none".into() } else { statuses.join(", ") });
+    println!(
+        "requests   {total} in {:.1} s ({rps:.0} req/s): HTTP/1.1 {}, HTTP/2 {}",
+        elapsed.as_secs_f64(),
+        t.http1,
+        t.http2
+    );
+    let statuses: Vec<String> = t
+        .statuses
+        .iter()
+        .map(|(s, n)| format!("{s}: {n}"))
+        .collect();
+    println!(
+        "statuses   {}",
+        if statuses.is_empty() {
+            "none".into()
+        } else {
+            statuses.join(", ")
+        }
+    );
     println!("errors     {}", t.errors);
     println!(
         "latency    p50 {:.2} ms   p90 {:.2} ms   p99 {:.2} ms   max {:.2} ms   (client → 2 proxies → app)",

@@ -26,7 +26,9 @@ use tokio::net::TcpListener;
 type Body = BoxBody<Bytes, hyper::Error>;
 
 fn full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into()).map_err(|never: Infallible| match never {}).boxed()
+    Full::new(b.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
 }
 
 /// Serves the demo app on `listener` forever; `instance` names this copy in every answer.
@@ -42,14 +44,23 @@ pub async fn serve(listener: TcpListener, instance: String) {
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| handle(req, instance.clone()));
             let builder = auto::Builder::new(TokioExecutor::new());
-            let _ = builder.serve_connection_with_upgrades(TokioIo::new(socket), svc).await;
+            let _ = builder
+                .serve_connection_with_upgrades(TokioIo::new(socket), svc)
+                .await;
         });
     }
 }
 
-async fn handle(mut req: Request<Incoming>, instance: Arc<str>) -> Result<Response<Body>, Infallible> {
+async fn handle(
+    mut req: Request<Incoming>,
+    instance: Arc<str>,
+) -> Result<Response<Body>, Infallible> {
     if req.headers().contains_key(header::UPGRADE) {
-        let protocol = req.headers().get(header::UPGRADE).cloned().unwrap_or(HeaderValue::from_static("echo"));
+        let protocol = req
+            .headers()
+            .get(header::UPGRADE)
+            .cloned()
+            .unwrap_or(HeaderValue::from_static("echo"));
         let on_upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
             if let Ok(upgraded) = on_upgrade.await {
@@ -60,7 +71,8 @@ async fn handle(mut req: Request<Incoming>, instance: Arc<str>) -> Result<Respon
         let mut rsp = Response::new(full(Bytes::new()));
         *rsp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         rsp.headers_mut().insert(header::UPGRADE, protocol);
-        rsp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        rsp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         return Ok(rsp);
     }
     let path = req.uri().path().to_string();
@@ -78,7 +90,11 @@ async fn handle(mut req: Request<Incoming>, instance: Arc<str>) -> Result<Respon
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     if let Some(code) = path.strip_prefix("/status/") {
-        let status = code.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::BAD_REQUEST);
+        let status = code
+            .parse::<u16>()
+            .ok()
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .unwrap_or(StatusCode::BAD_REQUEST);
         let mut rsp = Response::new(full(format!("status {}\n", status.as_u16())));
         *rsp.status_mut() = status;
         return Ok(rsp);
@@ -100,14 +116,24 @@ async fn handle(mut req: Request<Incoming>, instance: Arc<str>) -> Result<Respon
     } else {
         Response::new(full(body))
     };
-    rsp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    rsp.headers_mut().insert("x-instance", HeaderValue::from_str(&instance).unwrap_or(HeaderValue::from_static("demo")));
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    rsp.headers_mut().insert(
+        "x-instance",
+        HeaderValue::from_str(&instance).unwrap_or(HeaderValue::from_static("demo")),
+    );
     Ok(rsp)
 }
 
 /// Runs the app alone on `listen` until SIGTERM or Ctrl-C (`outrider demo-app`).
 pub fn main(listen: std::net::SocketAddr, instance: String) -> std::process::ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("outrider demo-app: {e}");

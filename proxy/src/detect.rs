@@ -98,7 +98,11 @@ fn classify_http1(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
     // method = token, then SP.
     let Some(sp) = buf.iter().take(MAX_METHOD + 1).position(|b| *b == b' ') else {
         let undecided = buf.len() <= MAX_METHOD && buf.iter().all(|b| is_method_char(*b));
-        return if undecided { None } else { Some(Protocol::Opaque) };
+        return if undecided {
+            None
+        } else {
+            Some(Protocol::Opaque)
+        };
     };
     let method = &buf[..sp];
     if method.is_empty() || !method.iter().all(|b| is_method_char(*b)) {
@@ -108,7 +112,11 @@ fn classify_http1(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
         // A well-known method and a request line longer than we read: HTTP/1 it is, hyper judges
         // the rest. An unknown method needs its whole request line.
         if buf.len() >= max_bytes {
-            return Some(if METHODS.contains(&method) { Protocol::Http1 } else { Protocol::Opaque });
+            return Some(if METHODS.contains(&method) {
+                Protocol::Http1
+            } else {
+                Protocol::Opaque
+            });
         }
         return None;
     };
@@ -168,16 +176,34 @@ mod tests {
 
     #[test]
     fn classifies_captured_openings() {
-        assert_eq!(classify(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", MAX), Some(Protocol::Http1));
-        assert_eq!(classify(b"POST /a?b=c HTTP/1.0\r\n", MAX), Some(Protocol::Http1));
-        assert_eq!(classify(b"M-SEARCH * HTTP/1.1\r\n", MAX), Some(Protocol::Http1));
+        assert_eq!(
+            classify(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", MAX),
+            Some(Protocol::Http1)
+        );
+        assert_eq!(
+            classify(b"POST /a?b=c HTTP/1.0\r\n", MAX),
+            Some(Protocol::Http1)
+        );
+        assert_eq!(
+            classify(b"M-SEARCH * HTTP/1.1\r\n", MAX),
+            Some(Protocol::Http1)
+        );
         assert_eq!(classify(H2_PREFACE, MAX), Some(Protocol::Http2));
         // A TLS 1.2 ClientHello record header as sent by curl/rustls.
-        assert_eq!(classify(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01], MAX), Some(Protocol::Tls));
+        assert_eq!(
+            classify(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01], MAX),
+            Some(Protocol::Tls)
+        );
         // Redis RESP, MySQL-ish binary, SSH banner, garbage.
-        assert_eq!(classify(b"*1\r\n$4\r\nPING\r\n", MAX), Some(Protocol::Opaque));
+        assert_eq!(
+            classify(b"*1\r\n$4\r\nPING\r\n", MAX),
+            Some(Protocol::Opaque)
+        );
         assert_eq!(classify(&[0x00, 0x01, 0xff], MAX), Some(Protocol::Opaque));
-        assert_eq!(classify(b"SSH-2.0-OpenSSH\r\n", MAX), Some(Protocol::Opaque));
+        assert_eq!(
+            classify(b"SSH-2.0-OpenSSH\r\n", MAX),
+            Some(Protocol::Opaque)
+        );
         assert_eq!(classify(b"GET / SPDY/3\r\n", MAX), Some(Protocol::Opaque));
         assert_eq!(classify(&[0x16, 0x09, 0x09], MAX), Some(Protocol::Opaque));
     }
@@ -199,7 +225,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn silent_client_times_out_with_nothing_read() {
         let (_client, mut server) = tokio::io::duplex(64);
-        let (outcome, bytes) = detect(&mut server, Duration::from_secs(1), MAX).await.unwrap();
+        let (outcome, bytes) = detect(&mut server, Duration::from_secs(1), MAX)
+            .await
+            .unwrap();
         assert_eq!(outcome, Outcome::Timeout);
         assert!(bytes.is_empty());
     }
@@ -213,7 +241,9 @@ mod tests {
             client.write_all(b"TP/1.1\r\n").await.unwrap();
             client
         });
-        let (outcome, bytes) = detect(&mut server, Duration::from_secs(1), MAX).await.unwrap();
+        let (outcome, bytes) = detect(&mut server, Duration::from_secs(1), MAX)
+            .await
+            .unwrap();
         assert_eq!(outcome, Outcome::Detected(Protocol::Http1));
         assert_eq!(&bytes[..], b"GET /x HTTP/1.1\r\n");
         drop(writer.await.unwrap());
@@ -224,7 +254,9 @@ mod tests {
         let (mut client, mut server) = tokio::io::duplex(64);
         client.write_all(b"GET /par").await.unwrap();
         client.shutdown().await.unwrap();
-        let (outcome, bytes) = detect(&mut server, Duration::from_secs(1), MAX).await.unwrap();
+        let (outcome, bytes) = detect(&mut server, Duration::from_secs(1), MAX)
+            .await
+            .unwrap();
         assert_eq!(outcome, Outcome::Detected(Protocol::Opaque));
         assert_eq!(&bytes[..], b"GET /par");
     }
@@ -233,7 +265,9 @@ mod tests {
     async fn reads_no_more_than_the_bound() {
         let (mut client, mut server) = tokio::io::duplex(1 << 16);
         client.write_all(&[b'G'; 100]).await.unwrap();
-        let (outcome, bytes) = detect(&mut server, Duration::from_secs(1), 16).await.unwrap();
+        let (outcome, bytes) = detect(&mut server, Duration::from_secs(1), 16)
+            .await
+            .unwrap();
         assert_eq!(outcome, Outcome::Detected(Protocol::Opaque));
         assert!(bytes.len() <= 25, "read {} bytes", bytes.len());
     }

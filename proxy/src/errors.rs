@@ -45,7 +45,9 @@ impl Reason {
     /// The status the client sees.
     pub fn status(self) -> StatusCode {
         match self {
-            Reason::ConnectFailed | Reason::UpstreamFailed | Reason::NoOrigDst => StatusCode::BAD_GATEWAY,
+            Reason::ConnectFailed | Reason::UpstreamFailed | Reason::NoOrigDst => {
+                StatusCode::BAD_GATEWAY
+            }
             Reason::BadRequest => StatusCode::BAD_REQUEST,
             Reason::Loop => StatusCode::LOOP_DETECTED,
         }
@@ -65,8 +67,14 @@ pub struct ProxyError {
 
 impl ProxyError {
     /// Wraps `source` with a reason.
-    pub fn new(reason: Reason, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
-        Self { reason, source: source.into() }
+    pub fn new(
+        reason: Reason,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self {
+            reason,
+            source: source.into(),
+        }
     }
 }
 
@@ -81,7 +89,11 @@ pub fn error_response(reason: Reason) -> Response<RspBody> {
     let body = Full::new(Bytes::from(format!("outrider: {}\n", reason.as_str())));
     let mut rsp = Response::new(Either::Right(body));
     *rsp.status_mut() = reason.status();
-    rsp.headers_mut().insert(ERROR_HEADER, HeaderValue::from_static(reason.as_str()));
-    rsp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    rsp.headers_mut()
+        .insert(ERROR_HEADER, HeaderValue::from_static(reason.as_str()));
+    rsp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain"),
+    );
     rsp
 }

@@ -58,7 +58,11 @@ impl<T: AsyncRead> AsyncRead for PrefixedIo<T> {
 }
 
 impl<T: AsyncWrite> AsyncWrite for PrefixedIo<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.project().io.poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -95,7 +99,10 @@ impl Default for Activity {
 impl Activity {
     /// A clock that starts now.
     pub fn new() -> Self {
-        Self { start: Instant::now(), last_ms: Arc::new(AtomicU64::new(0)) }
+        Self {
+            start: Instant::now(),
+            last_ms: Arc::new(AtomicU64::new(0)),
+        }
     }
 
     /// Records activity now.
@@ -138,7 +145,12 @@ pin_project! {
 impl<T> MeteredIo<T> {
     /// Wraps `io`.
     pub fn new(io: T, received: IntCounter, sent: IntCounter, activity: Activity) -> Self {
-        Self { io, received, sent, activity }
+        Self {
+            io,
+            received,
+            sent,
+            activity,
+        }
     }
 
     /// The wrapped IO.
@@ -166,7 +178,11 @@ impl<T: AsyncRead> AsyncRead for MeteredIo<T> {
 }
 
 impl<T: AsyncWrite> AsyncWrite for MeteredIo<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let res = this.io.poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = res {
@@ -223,7 +239,9 @@ mod tests {
         let t = Instant::now();
         let idle = activity.idle(Duration::from_secs(5), || busy.load(Ordering::Relaxed));
         tokio::pin!(idle);
-        assert!(tokio::time::timeout(Duration::from_secs(10), &mut idle).await.is_err());
+        assert!(tokio::time::timeout(Duration::from_secs(10), &mut idle)
+            .await
+            .is_err());
         busy.store(false, Ordering::Relaxed);
         idle.await;
         assert!(t.elapsed() >= Duration::from_secs(10));

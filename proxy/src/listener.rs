@@ -80,7 +80,17 @@ impl ListenerCtx {
             idle_timeout: config.http_idle_timeout,
         };
         let own_ports = config.own_ports();
-        Self { direction, target, metrics, upstreams, orig_dst, config, server, own_ports, loop_logged: AtomicBool::new(false) }
+        Self {
+            direction,
+            target,
+            metrics,
+            upstreams,
+            orig_dst,
+            config,
+            server,
+            own_ports,
+            loop_logged: AtomicBool::new(false),
+        }
     }
 
     /// Where `socket` should be forwarded, or why not.
@@ -95,7 +105,11 @@ impl ListenerCtx {
                 if self.own_ports.contains(&orig.port()) {
                     return Err(Reason::Loop);
                 }
-                let app: IpAddr = if orig.is_ipv4() { Ipv4Addr::LOCALHOST.into() } else { Ipv6Addr::LOCALHOST.into() };
+                let app: IpAddr = if orig.is_ipv4() {
+                    Ipv4Addr::LOCALHOST.into()
+                } else {
+                    Ipv6Addr::LOCALHOST.into()
+                };
                 Ok(SocketAddr::new(app, orig.port()))
             }
             Target::Outbound => {
@@ -105,7 +119,8 @@ impl ListenerCtx {
                 })?;
                 let local = socket.local_addr().ok();
                 let is_self = Some(orig) == local
-                    || ((orig.ip().is_loopback() || orig.ip().is_unspecified()) && self.own_ports.contains(&orig.port()));
+                    || ((orig.ip().is_loopback() || orig.ip().is_unspecified())
+                        && self.own_ports.contains(&orig.port()));
                 if is_self {
                     return Err(Reason::Loop);
                 }
@@ -152,7 +167,10 @@ pub async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerCtx>, mut drain
             }
         }
     }
-    tracing::debug!(direction = ctx.direction.as_str(), "listener closed for drain");
+    tracing::debug!(
+        direction = ctx.direction.as_str(),
+        "listener closed for drain"
+    );
 }
 
 /// Keeps the open-connections gauge and close counter right however the connection ends.
@@ -183,19 +201,31 @@ async fn handle(
         Err(Reason::Loop) => return ctx.refuse_loop(peer),
         Err(reason) => return m.error(reason),
     };
-    let span = tracing::info_span!("conn", direction = ctx.direction.as_str(), %peer, target = %target);
+    let span =
+        tracing::info_span!("conn", direction = ctx.direction.as_str(), %peer, target = %target);
     serve(ctx, socket, target, drain).instrument(span).await
 }
 
 async fn serve(ctx: Arc<ListenerCtx>, socket: TcpStream, target: SocketAddr, drain: drain::Watch) {
     let m = &ctx.metrics;
     let activity = Activity::new();
-    let mut io = MeteredIo::new(socket, m.tcp_received.clone(), m.tcp_sent.clone(), activity.clone());
+    let mut io = MeteredIo::new(
+        socket,
+        m.tcp_received.clone(),
+        m.tcp_sent.clone(),
+        activity.clone(),
+    );
 
     let (outcome, prefix) = if ctx.config.opaque_ports.contains(&target.port()) {
         (Outcome::Skipped, bytes::Bytes::new())
     } else {
-        match detect::detect(&mut io, ctx.config.detect_timeout, ctx.config.detect_max_bytes).await {
+        match detect::detect(
+            &mut io,
+            ctx.config.detect_timeout,
+            ctx.config.detect_max_bytes,
+        )
+        .await
+        {
             Ok(detected) => detected,
             Err(e) => {
                 tracing::debug!(error = %e, "connection failed during detection");
@@ -219,7 +249,9 @@ async fn serve(ctx: Arc<ListenerCtx>, socket: TcpStream, target: SocketAddr, dra
                 .layer(RequestMetricsLayer::new(m.clone(), in_flight.clone()))
                 .layer(RescueLayer::new(m.clone()))
                 .service(forward);
-            if let Err(e) = proxy_http::serve(io, proto, stack, &ctx.server, drain, activity, in_flight).await {
+            if let Err(e) =
+                proxy_http::serve(io, proto, stack, &ctx.server, drain, activity, in_flight).await
+            {
                 tracing::debug!(error = %e, "HTTP connection ended with an error");
             }
         }

@@ -19,7 +19,9 @@ pub struct LogHandle {
 
 impl std::fmt::Debug for LogHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LogHandle").field("current", &self.current()).finish()
+        f.debug_struct("LogHandle")
+            .field("current", &self.current())
+            .finish()
     }
 }
 
@@ -33,17 +35,26 @@ pub fn init(format: LogFormat) -> Result<LogHandle, String> {
 pub fn init_with(format: LogFormat, spec: &str) -> Result<LogHandle, String> {
     let filter = EnvFilter::try_new(spec).map_err(|e| format!("OUTRIDER_LOG `{spec}`: {e}"))?;
     let (filter, reload) = reload::Layer::new(filter);
-    let plain = (format == LogFormat::Plain)
-        .then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false));
-    let json = (format == LogFormat::Json)
-        .then(|| tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr));
+    let plain = (format == LogFormat::Plain).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_target(false)
+    });
+    let json = (format == LogFormat::Json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+    });
     tracing_subscriber::registry()
         .with(filter)
         .with(plain)
         .with(json)
         .try_init()
         .map_err(|e| format!("cannot install the logger: {e}"))?;
-    Ok(LogHandle { reload, current: Mutex::new(spec.to_string()) })
+    Ok(LogHandle {
+        reload,
+        current: Mutex::new(spec.to_string()),
+    })
 }
 
 impl LogHandle {
@@ -57,8 +68,11 @@ impl LogHandle {
 
     /// Replaces the filter; a spec that does not parse leaves the old one in force.
     pub fn set(&self, spec: &str) -> Result<(), String> {
-        let filter = EnvFilter::try_new(spec.trim()).map_err(|e| format!("invalid log filter `{}`: {e}", spec.trim()))?;
-        self.reload.reload(filter).map_err(|e| format!("cannot change the log filter: {e}"))?;
+        let filter = EnvFilter::try_new(spec.trim())
+            .map_err(|e| format!("invalid log filter `{}`: {e}", spec.trim()))?;
+        self.reload
+            .reload(filter)
+            .map_err(|e| format!("cannot change the log filter: {e}"))?;
         match self.current.lock() {
             Ok(mut s) => *s = spec.trim().to_string(),
             Err(p) => *p.into_inner() = spec.trim().to_string(),

@@ -83,26 +83,74 @@ pub struct DirectionMetrics {
 impl Metrics {
     /// Registers every family on `registry`.
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let requests = counter_vec(registry, "outrider_requests_total", "HTTP requests received", &["direction", "protocol"])?;
-        let responses = counter_vec(registry, "outrider_responses_total", "HTTP responses sent", &["direction", "status_class"])?;
+        let requests = counter_vec(
+            registry,
+            "outrider_requests_total",
+            "HTTP requests received",
+            &["direction", "protocol"],
+        )?;
+        let responses = counter_vec(
+            registry,
+            "outrider_responses_total",
+            "HTTP responses sent",
+            &["direction", "status_class"],
+        )?;
         let latency = HistogramVec::new(
-            HistogramOpts::new("outrider_request_duration_seconds", "Time from request received to response headers sent")
-                .buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "outrider_request_duration_seconds",
+                "Time from request received to response headers sent",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
             &["direction"],
         )?;
         registry.register(Box::new(latency.clone()))?;
-        let tcp_open = counter_vec(registry, "outrider_tcp_open_total", "TCP connections accepted", &["direction"])?;
-        let tcp_close = counter_vec(registry, "outrider_tcp_close_total", "TCP connections closed", &["direction"])?;
+        let tcp_open = counter_vec(
+            registry,
+            "outrider_tcp_open_total",
+            "TCP connections accepted",
+            &["direction"],
+        )?;
+        let tcp_close = counter_vec(
+            registry,
+            "outrider_tcp_close_total",
+            "TCP connections closed",
+            &["direction"],
+        )?;
         let open_now = IntGaugeVec::new(
             Opts::new("outrider_tcp_open_connections", "TCP connections open now"),
             &["direction"],
         )?;
         registry.register(Box::new(open_now.clone()))?;
-        let received = counter_vec(registry, "outrider_tcp_received_bytes_total", "Bytes received from the downstream peer", &["direction"])?;
-        let sent = counter_vec(registry, "outrider_tcp_sent_bytes_total", "Bytes sent to the downstream peer", &["direction"])?;
-        let detect = counter_vec(registry, "outrider_detect_total", "Protocol detection outcomes (timeout: the client sent nothing in time)", &["direction", "outcome"])?;
-        let loops = counter_vec(registry, "outrider_loop_refused_total", "Connections refused because their target is the proxy itself", &["direction"])?;
-        let errors = counter_vec(registry, "outrider_errors_total", "Locally generated error responses and failed connections", &["direction", "reason"])?;
+        let received = counter_vec(
+            registry,
+            "outrider_tcp_received_bytes_total",
+            "Bytes received from the downstream peer",
+            &["direction"],
+        )?;
+        let sent = counter_vec(
+            registry,
+            "outrider_tcp_sent_bytes_total",
+            "Bytes sent to the downstream peer",
+            &["direction"],
+        )?;
+        let detect = counter_vec(
+            registry,
+            "outrider_detect_total",
+            "Protocol detection outcomes (timeout: the client sent nothing in time)",
+            &["direction", "outcome"],
+        )?;
+        let loops = counter_vec(
+            registry,
+            "outrider_loop_refused_total",
+            "Connections refused because their target is the proxy itself",
+            &["direction"],
+        )?;
+        let errors = counter_vec(
+            registry,
+            "outrider_errors_total",
+            "Locally generated error responses and failed connections",
+            &["direction", "reason"],
+        )?;
 
         let per = |d: Direction| {
             let d = d.as_str();
@@ -120,7 +168,10 @@ impl Metrics {
                 tcp_sent: sent.with_label_values(&[d]),
                 detect: Outcome::ALL.map(|o| detect.with_label_values(&[d, o.as_str()])),
                 loop_refused: loops.with_label_values(&[d]),
-                errors: Reason::ALL.iter().map(|r| errors.with_label_values(&[d, r.as_str()])).collect(),
+                errors: Reason::ALL
+                    .iter()
+                    .map(|r| errors.with_label_values(&[d, r.as_str()]))
+                    .collect(),
             }
         };
         Ok(Metrics {
@@ -162,7 +213,12 @@ impl DirectionMetrics {
     }
 }
 
-fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+fn counter_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
     let v = IntCounterVec::new(Opts::new(name, help), labels)?;
     registry.register(Box::new(v.clone()))?;
     Ok(v)

@@ -31,7 +31,10 @@ impl OrigDst for SoOriginalDst {
             SocketAddr::V6(_) => sock.original_dst_ipv6()?,
         };
         addr.as_socket().ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidData, "SO_ORIGINAL_DST is not an IP address")
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "SO_ORIGINAL_DST is not an IP address",
+            )
         })
     }
 }

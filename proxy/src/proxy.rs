@@ -80,7 +80,11 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 
 impl Proxy {
     /// Binds the admin server and every configured listener.
-    pub async fn bind(config: Config, orig_dst: Arc<dyn OrigDst>, log: Option<LogHandle>) -> anyhow::Result<Self> {
+    pub async fn bind(
+        config: Config,
+        orig_dst: Arc<dyn OrigDst>,
+        log: Option<LogHandle>,
+    ) -> anyhow::Result<Self> {
         let config = Arc::new(config);
         let registry = Registry::new();
         let metrics = Metrics::register(&registry).context("cannot register metrics")?;
@@ -99,10 +103,16 @@ impl Proxy {
         };
         let mut listeners = Vec::new();
         if let Some(addr) = config.inbound {
-            listeners.push((bind(addr, "inbound").await?, ctx(Direction::Inbound, Target::Inbound)));
+            listeners.push((
+                bind(addr, "inbound").await?,
+                ctx(Direction::Inbound, Target::Inbound),
+            ));
         }
         if let Some(addr) = config.outbound {
-            listeners.push((bind(addr, "outbound").await?, ctx(Direction::Outbound, Target::Outbound)));
+            listeners.push((
+                bind(addr, "outbound").await?,
+                ctx(Direction::Outbound, Target::Outbound),
+            ));
         }
         for f in &config.forwards {
             let listener = bind(f.listen, "forward").await?;
@@ -147,7 +157,16 @@ impl Proxy {
 
     /// Serves until shutdown is triggered, then drains (see the module docs) and returns.
     pub async fn run(self) -> anyhow::Result<()> {
-        let Proxy { config, registry, admin, listeners, log, shutdown, mut shutdown_rx, ready } = self;
+        let Proxy {
+            config,
+            registry,
+            admin,
+            listeners,
+            log,
+            shutdown,
+            mut shutdown_rx,
+            ready,
+        } = self;
         let (inbound_drain, inbound_watch) = drain::channel();
         let (outbound_drain, outbound_watch) = drain::channel();
         let mut has_outbound = false;

@@ -17,7 +17,12 @@ use crate::io::Activity;
 pub async fn connect(target: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(target))
         .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connect to {target} timed out")))??;
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect to {target} timed out"),
+            )
+        })??;
     stream.set_nodelay(true)?;
     Ok(stream)
 }

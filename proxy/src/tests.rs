@@ -1,1 +1,526 @@
-//! In-process tests of the whole proxy: real sockets on loopback, an injected original destination.
+//! In-process tests of the whole proxy: real sockets on loopback, real hyper clients, and an
+//! injected original destination (so no root and no iptables are needed).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, ForwardSpec};
+use crate::demo::{counter_sum, ClientConn};
+use crate::metrics::Direction;
+use crate::orig_dst::{FixedOrigDst, OrigDst, SoOriginalDst};
+use crate::proxy::{Proxy, ShutdownHandle};
+
+const LOOPBACK_ANY: &str = "127.0.0.1:0";
+
+async fn start_app() -> SocketAddr {
+    let l = TcpListener::bind(LOOPBACK_ANY).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(crate::demo_app::serve(l, "test-app".into()));
+    addr
+}
+
+/// A TCP server; with `banner` it speaks first. Then it echoes until the client closes its side,
+/// and closes its own.
+async fn start_echo(banner: Option<&'static [u8]>) -> SocketAddr {
+    let l = TcpListener::bind(LOOPBACK_ANY).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                if let Some(b) = banner {
+                    s.write_all(b).await.unwrap();
+                }
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A loopback port with nothing listening.
+async fn closed_port() -> SocketAddr {
+    let l = TcpListener::bind(LOOPBACK_ANY).await.unwrap();
+    l.local_addr().unwrap()
+}
+
+struct Running {
+    admin: SocketAddr,
+    forward: Vec<SocketAddr>,
+    inbound: Option<SocketAddr>,
+    outbound: Option<SocketAddr>,
+    registry: prometheus::Registry,
+    stop: ShutdownHandle,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+async fn start(config: Config, orig_dst: Arc<dyn OrigDst>) -> Running {
+    let proxy = Proxy::bind(config, orig_dst, None).await.unwrap();
+    let running = Running {
+        admin: proxy.admin_addr(),
+        forward: proxy.listener_addrs(Direction::Forward),
+        inbound: proxy.listener_addrs(Direction::Inbound).first().copied(),
+        outbound: proxy.listener_addrs(Direction::Outbound).first().copied(),
+        registry: proxy.registry(),
+        stop: proxy.shutdown_handle(),
+        task: tokio::spawn(proxy.run()),
+    };
+    wait_ready(running.admin).await;
+    running
+}
+
+async fn wait_ready(admin: SocketAddr) {
+    for _ in 0..100 {
+        if let Ok(rsp) = raw(admin, b"GET /ready HTTP/1.1\r\nHost: a\r\n\r\n").await {
+            if rsp.starts_with("HTTP/1.1 200") {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("proxy never became ready");
+}
+
+async fn start_forward(upstream: SocketAddr, tweak: impl FnOnce(&mut Config)) -> Running {
+    let mut config = Config::local(vec![ForwardSpec {
+        listen: LOOPBACK_ANY.parse().unwrap(),
+        upstream,
+    }]);
+    tweak(&mut config);
+    start(config, Arc::new(SoOriginalDst)).await
+}
+
+/// Writes `req`, half-closes, and reads everything the peer sends (bounded to 5 s).
+async fn raw(addr: SocketAddr, req: &[u8]) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(req).await?;
+    s.shutdown().await?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no EOF in 5 s"))??;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// EOF or a reset (the proxy closed with our bytes unread), and no bytes.
+fn closed_without_answer(rsp: std::io::Result<String>) -> bool {
+    match rsp {
+        Ok(s) => s.is_empty(),
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
+}
+
+fn count(r: &Running, family: &str, label: &str, value: &str) -> u64 {
+    counter_sum(&r.registry, family, label, value)
+}
+
+#[tokio::test]
+async fn http1_is_forwarded_and_counted() {
+    let app = start_app().await;
+    let p = start_forward(app, |_| {}).await;
+    let mut c = ClientConn::connect(p.forward[0], false).await.unwrap();
+    for _ in 0..3 {
+        let rsp = c.get("payments.test", "/pay").await.unwrap();
+        assert_eq!(rsp.status(), StatusCode::OK);
+        let body = rsp.into_body().collect().await.unwrap().to_bytes();
+        assert!(
+            String::from_utf8_lossy(&body).contains("\"protocol\":\"HTTP/1.1\""),
+            "{body:?}"
+        );
+    }
+    assert_eq!(count(&p, "outrider_requests_total", "protocol", "http1"), 3);
+    assert_eq!(
+        count(&p, "outrider_responses_total", "status_class", "2xx"),
+        3
+    );
+    assert_eq!(
+        count(&p, "outrider_detect_total", "outcome", "http1"),
+        1,
+        "one connection, detected once"
+    );
+    assert_eq!(
+        count(&p, "outrider_tcp_open_total", "direction", "forward"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn http2_keeps_authority_and_trailers() {
+    let app = start_app().await;
+    let p = start_forward(app, |_| {}).await;
+    let mut c = ClientConn::connect(p.forward[0], true).await.unwrap();
+    let rsp = c.get("payments.test", "/trailers").await.unwrap();
+    assert_eq!(rsp.status(), StatusCode::OK);
+    assert_eq!(rsp.version(), http::Version::HTTP_2);
+    let collected = rsp.into_body().collect().await.unwrap();
+    let trailers = collected
+        .trailers()
+        .cloned()
+        .expect("trailers survive the proxy");
+    assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+    assert!(String::from_utf8_lossy(&collected.to_bytes()).contains("HTTP/2.0"));
+    assert_eq!(count(&p, "outrider_requests_total", "protocol", "http2"), 1);
+    assert_eq!(count(&p, "outrider_detect_total", "outcome", "http2"), 1);
+}
+
+#[tokio::test]
+async fn request_body_is_streamed_through() {
+    let app = start_app().await;
+    let p = start_forward(app, |_| {}).await;
+    let rsp = raw(p.forward[0], b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\nConnection: close\r\n\r\nhello proxy")
+        .await
+        .unwrap();
+    assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+    assert!(rsp.ends_with("hello proxy"), "{rsp}");
+}
+
+#[tokio::test]
+async fn oversized_header_gets_431() {
+    let app = start_app().await;
+    let p = start_forward(app, |_| {}).await;
+    let mut req = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+    req.extend(std::iter::repeat_n(b'a', 70 * 1024));
+    req.extend(b"\r\n\r\n");
+    let rsp = raw(p.forward[0], &req).await.unwrap();
+    assert!(rsp.starts_with("HTTP/1.1 431"), "{rsp}");
+}
+
+#[tokio::test]
+async fn garbage_is_forwarded_as_opaque_bytes() {
+    let echo = start_echo(None).await;
+    let p = start_forward(echo, |_| {}).await;
+    let garbage: Vec<u8> = (0..=255u8).rev().cycle().take(3000).collect();
+    let mut s = TcpStream::connect(p.forward[0]).await.unwrap();
+    s.write_all(&garbage).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, garbage);
+    assert_eq!(count(&p, "outrider_detect_total", "outcome", "opaque"), 1);
+    assert!(
+        count(
+            &p,
+            "outrider_tcp_received_bytes_total",
+            "direction",
+            "forward"
+        ) >= 3000
+    );
+}
+
+#[tokio::test]
+async fn half_closed_client_gets_its_answer() {
+    let echo = start_echo(None).await;
+    let p = start_forward(echo, |_| {}).await;
+    let rsp = raw(p.forward[0], b"GET /par").await.unwrap();
+    assert_eq!(rsp, "GET /par");
+}
+
+#[tokio::test]
+async fn silent_client_times_out_into_opaque_and_server_speaks_first() {
+    let banner = start_echo(Some(b"220 payments-smtp ready\r\n")).await;
+    let p = start_forward(banner, |c| c.detect_timeout = Duration::from_millis(200)).await;
+    let mut s = TcpStream::connect(p.forward[0]).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf[..n], b"220 payments-smtp ready\r\n");
+    assert!(
+        started.elapsed() >= Duration::from_millis(150),
+        "detection waited"
+    );
+    assert_eq!(count(&p, "outrider_detect_total", "outcome", "timeout"), 1);
+}
+
+#[tokio::test]
+async fn opaque_ports_skip_detection() {
+    let banner = start_echo(Some(b"+OK\r\n")).await;
+    let p = start_forward(banner, |c| {
+        c.detect_timeout = Duration::from_secs(30);
+        c.opaque_ports = vec![banner.port()];
+    })
+    .await;
+    let mut s = TcpStream::connect(p.forward[0]).await.unwrap();
+    let mut buf = [0u8; 8];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("no detection delay")
+        .unwrap();
+    assert_eq!(&buf[..n], b"+OK\r\n");
+    assert_eq!(count(&p, "outrider_detect_total", "outcome", "skipped"), 1);
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_a_502_with_a_reason() {
+    let p = start_forward(closed_port().await, |_| {}).await;
+    let mut c = ClientConn::connect(p.forward[0], false).await.unwrap();
+    let rsp = c.get("x", "/").await.unwrap();
+    assert_eq!(rsp.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        rsp.headers().get("outrider-error").unwrap(),
+        "connect-failed"
+    );
+    assert_eq!(
+        count(&p, "outrider_errors_total", "reason", "connect-failed"),
+        1
+    );
+    assert_eq!(
+        count(&p, "outrider_responses_total", "status_class", "5xx"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn inbound_goes_to_the_app_on_loopback_at_the_original_port() {
+    let app = start_app().await;
+    let mut config = Config::local(vec![]);
+    config.inbound = Some(LOOPBACK_ANY.parse().unwrap());
+    // The pod's address with the app's port, as iptables would have left it.
+    let orig = SocketAddr::from(([198, 18, 0, 9], app.port()));
+    let p = start(config, Arc::new(FixedOrigDst(orig))).await;
+    let mut c = ClientConn::connect(p.inbound.unwrap(), false)
+        .await
+        .unwrap();
+    let rsp = c.get("payments", "/").await.unwrap();
+    assert_eq!(rsp.status(), StatusCode::OK);
+    assert_eq!(
+        count(&p, "outrider_requests_total", "direction", "inbound"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn targets_that_are_the_proxy_itself_are_refused() {
+    let mut config = Config::local(vec![]);
+    config.inbound = Some(LOOPBACK_ANY.parse().unwrap());
+    let own = SocketAddr::from(([198, 18, 0, 9], outrider_iptables_init::ports::ADMIN));
+    let p = start(config, Arc::new(FixedOrigDst(own))).await;
+    for _ in 0..3 {
+        let rsp = raw(p.inbound.unwrap(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(closed_without_answer(rsp), "closed without an answer");
+    }
+    assert_eq!(
+        count(&p, "outrider_loop_refused_total", "direction", "inbound"),
+        3
+    );
+
+    let mut config = Config::local(vec![]);
+    config.outbound = Some(LOOPBACK_ANY.parse().unwrap());
+    let own = SocketAddr::from(([127, 0, 0, 1], outrider_iptables_init::ports::OUTBOUND));
+    let p = start(config, Arc::new(FixedOrigDst(own))).await;
+    assert!(closed_without_answer(
+        raw(p.outbound.unwrap(), b"GET / HTTP/1.1\r\n\r\n").await
+    ));
+    assert_eq!(
+        count(&p, "outrider_loop_refused_total", "direction", "outbound"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn upgrade_becomes_a_byte_stream() {
+    let app = start_app().await;
+    let p = start_forward(app, |_| {}).await;
+    let mut s = TcpStream::connect(p.forward[0]).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    for msg in [&b"ping"[..], b"\x81\x05hello"] {
+        s.write_all(msg).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, msg);
+    }
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_wait() {
+    let app = start_app().await;
+    let p = start_forward(app, |c| c.max_connections = 1).await;
+    let mut first = ClientConn::connect(p.forward[0], false).await.unwrap();
+    assert_eq!(first.get("x", "/").await.unwrap().status(), StatusCode::OK);
+    let mut second = ClientConn::connect(p.forward[0], false).await.unwrap();
+    let waiting = tokio::spawn(async move { second.get("x", "/").await.map(|r| r.status()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the second connection is not served while the first is open"
+    );
+    drop(first);
+    let status = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn slow_headers_and_idle_connections_are_closed() {
+    let app = start_app().await;
+    let p = start_forward(app, |c| {
+        c.header_read_timeout = Duration::from_millis(300);
+        c.http_idle_timeout = Duration::from_millis(300);
+    })
+    .await;
+    // A client that starts a request and never finishes its headers.
+    let mut slow = TcpStream::connect(p.forward[0]).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf))
+        .await
+        .expect("closed")
+        .ok();
+    // A keep-alive connection left idle after one request.
+    let mut idle = TcpStream::connect(p.forward[0]).await.unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut buf))
+        .await
+        .expect("closed")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"));
+    assert_eq!(
+        count(&p, "outrider_tcp_close_total", "direction", "forward"),
+        2
+    );
+}
+
+#[tokio::test]
+async fn drain_finishes_in_flight_and_keeps_outbound_for_the_window() {
+    let app = start_app().await;
+    let mut config = Config::local(vec![ForwardSpec {
+        listen: LOOPBACK_ANY.parse().unwrap(),
+        upstream: app,
+    }]);
+    config.outbound = Some(LOOPBACK_ANY.parse().unwrap());
+    config.drain_window = Duration::from_millis(800);
+    let p = start(config, Arc::new(FixedOrigDst(app))).await;
+
+    let mut inflight = ClientConn::connect(p.forward[0], false).await.unwrap();
+    let slow = tokio::spawn(async move {
+        let rsp = inflight.get("x", "/slow?ms=600").await.unwrap();
+        (rsp.status(), rsp.headers().get("connection").cloned())
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut outbound = ClientConn::connect(p.outbound.unwrap(), false)
+        .await
+        .unwrap();
+    p.stop.trigger("test");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // Not ready any more; inbound-side listeners closed at once.
+    assert!(raw(p.admin, b"GET /ready HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap()
+        .starts_with("HTTP/1.1 503"));
+    assert!(
+        TcpStream::connect(p.forward[0]).await.is_err(),
+        "forward listener closed"
+    );
+    // Outbound keeps serving during the window, on old and new connections.
+    assert_eq!(
+        outbound.get("x", "/").await.unwrap().status(),
+        StatusCode::OK
+    );
+    let mut fresh = ClientConn::connect(p.outbound.unwrap(), false)
+        .await
+        .unwrap();
+    assert_eq!(fresh.get("x", "/").await.unwrap().status(), StatusCode::OK);
+    drop((outbound, fresh));
+
+    let (status, connection) = slow.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "the in-flight request completed");
+    assert_eq!(
+        connection.unwrap(),
+        "close",
+        "HTTP/1 clients are told to close"
+    );
+    tokio::time::timeout(Duration::from_secs(5), p.task)
+        .await
+        .expect("drained in time")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn admin_endpoints() {
+    let app = start_app().await;
+    let p = start_forward(app, |_| {}).await;
+    let live = raw(p.admin, b"GET /live HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(live.starts_with("HTTP/1.1 200"), "{live}");
+    let metrics = raw(p.admin, b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    for family in [
+        "outrider_requests_total",
+        "outrider_tcp_open_connections",
+        "outrider_request_duration_seconds_bucket",
+    ] {
+        assert!(metrics.contains(family), "{family} missing");
+    }
+    let config = raw(p.admin, b"GET /config HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let json = config.split("\r\n\r\n").nth(1).unwrap();
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(v["mode"], "local");
+    assert_eq!(v["forwards"][0], format!("127.0.0.1:0={app}"));
+    let nope = raw(p.admin, b"GET /nope HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(nope.starts_with("HTTP/1.1 404"));
+    let wrong = raw(p.admin, b"DELETE /metrics HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(wrong.starts_with("HTTP/1.1 405"));
+    let bye = raw(
+        p.admin,
+        b"POST /shutdown HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert!(bye.starts_with("HTTP/1.1 200"), "{bye}");
+    tokio::time::timeout(Duration::from_secs(5), p.task)
+        .await
+        .expect("shut down")
+        .unwrap()
+        .unwrap();
+}

@@ -67,9 +67,11 @@ pub fn require_bin(bin: &str) -> bool {
 pub fn which(name: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt as _;
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| {
-        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    })
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
 }
 
 /// A child process that is killed (SIGKILL, by pid) and reaped when dropped.
@@ -115,7 +117,12 @@ impl ChildGuard {
                 }
             });
         }
-        ChildGuard { child, label, lines, stderr }
+        ChildGuard {
+            child,
+            label,
+            lines,
+            stderr,
+        }
     }
 
     /// The child's pid.
@@ -185,7 +192,10 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
     let label = format!("{cmd:?}");
     let mut guard = ChildGuard::spawn(cmd, label.clone());
     let Some(status) = guard.wait_timeout(timeout) else {
-        panic!("{label} did not finish within {timeout:?}; stderr:\n{}", guard.stderr());
+        panic!(
+            "{label} did not finish within {timeout:?}; stderr:\n{}",
+            guard.stderr()
+        );
     };
     let mut stdout = Vec::new();
     if let Some(rx) = guard.lines.take() {
@@ -230,6 +240,13 @@ fn ip() -> PathBuf {
     which("ip").unwrap_or_else(|| PathBuf::from("/usr/sbin/ip"))
 }
 
+fn split_program<'a>(args: &'a [&'a str]) -> (&'a str, &'a [&'a str]) {
+    match args.split_first() {
+        Some((program, rest)) => (program, rest),
+        None => panic!("a command needs a program"),
+    }
+}
+
 /// A network namespace owned by the test: created with loopback up, deleted on drop.
 pub struct Netns {
     name: String,
@@ -259,19 +276,19 @@ impl Netns {
 
     /// Runs `args` inside the namespace with [`COMMAND_TIMEOUT`].
     pub fn exec(&self, args: &[&str]) -> Output {
-        let (program, rest) = args.split_first().expect("a program");
+        let (program, rest) = split_program(args);
         run(self.command(program).args(rest))
     }
 
     /// Runs `args` inside the namespace, panics unless it exits 0, returns stdout.
     pub fn exec_ok(&self, args: &[&str]) -> String {
-        let (program, rest) = args.split_first().expect("a program");
+        let (program, rest) = split_program(args);
         run_ok(self.command(program).args(rest))
     }
 
     /// Starts `args` inside the namespace as a guarded background process.
     pub fn spawn(&self, args: &[&str]) -> ChildGuard {
-        let (program, rest) = args.split_first().expect("a program");
+        let (program, rest) = split_program(args);
         ChildGuard::spawn(
             self.command(program).args(rest),
             format!("[{}] {}", self.name, args.join(" ")),
@@ -317,7 +334,17 @@ pub fn veth(a: &Netns, a_addrs: &[&str], b: &Netns, b_addrs: &[&str]) -> Veth {
         b_if: format!("vor{n}b"),
     };
     run_ok(Command::new(ip()).args([
-        "-n", a.name(), "link", "add", &v.a_if, "type", "veth", "peer", "name", &v.b_if, "netns",
+        "-n",
+        a.name(),
+        "link",
+        "add",
+        &v.a_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &v.b_if,
+        "netns",
         b.name(),
     ]));
     for (ns, ifname, addrs) in [(a, &v.a_if, a_addrs), (b, &v.b_if, b_addrs)] {
@@ -341,7 +368,8 @@ pub struct TempDir {
 impl TempDir {
     /// Creates `$TMPDIR/outrider-e2e-<pid>-<n>`.
     pub fn new() -> TempDir {
-        let path = std::env::temp_dir().join(format!("outrider-e2e-{}-{}", std::process::id(), unique()));
+        let path =
+            std::env::temp_dir().join(format!("outrider-e2e-{}-{}", std::process::id(), unique()));
         std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         TempDir { path }
     }

@@ -48,7 +48,10 @@ pub struct Upstreams {
 impl Upstreams {
     /// An empty table whose clients use `connect_timeout`.
     pub fn new(connect_timeout: Duration) -> Self {
-        Self { clients: Mutex::new(HashMap::new()), connect_timeout }
+        Self {
+            clients: Mutex::new(HashMap::new()),
+            connect_timeout,
+        }
     }
 
     /// The client for `target` speaking `protocol` (HTTP/2 when `Protocol::Http2`). Called once
@@ -65,7 +68,10 @@ impl Upstreams {
         clients
             .entry((target, h2))
             .or_insert_with(|| {
-                let connector = Connector { target, timeout: self.connect_timeout };
+                let connector = Connector {
+                    target,
+                    timeout: self.connect_timeout,
+                };
                 Client::builder(TokioExecutor::new())
                     .pool_timer(TokioTimer::new())
                     .timer(TokioTimer::new())
@@ -113,10 +119,20 @@ struct Inner {
 
 impl Forward {
     /// Forwards to `target` over `client`. Upgraded (WebSocket) streams hold `drain` until closed.
-    pub fn new(client: HttpClient, target: SocketAddr, drain: drain::Watch) -> Result<Self, ProxyError> {
+    pub fn new(
+        client: HttpClient,
+        target: SocketAddr,
+        drain: drain::Watch,
+    ) -> Result<Self, ProxyError> {
         let authority = Authority::try_from(target.to_string())
             .map_err(|e| ProxyError::new(Reason::BadRequest, e))?;
-        Ok(Self { inner: Arc::new(Inner { client, authority, drain }) })
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                authority,
+                drain,
+            }),
+        })
     }
 }
 
@@ -137,7 +153,11 @@ impl tower::Service<Request<Incoming>> for Forward {
             strip_hop_by_hop(req.headers_mut(), upgrade.is_some());
             set_upstream_uri(&mut req, &inner.authority)?;
             let mut rsp = inner.client.request(req).await.map_err(|e| {
-                let reason = if e.is_connect() { Reason::ConnectFailed } else { Reason::UpstreamFailed };
+                let reason = if e.is_connect() {
+                    Reason::ConnectFailed
+                } else {
+                    Reason::UpstreamFailed
+                };
                 ProxyError::new(reason, e)
             })?;
             match upgrade {

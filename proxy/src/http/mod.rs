@@ -51,15 +51,20 @@ pub async fn serve<I, S>(
 ) -> Result<(), hyper::Error>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: tower::Service<http::Request<Incoming>, Response = http::Response<RspBody>, Error = std::convert::Infallible>
-        + Clone
+    S: tower::Service<
+            http::Request<Incoming>,
+            Response = http::Response<RspBody>,
+            Error = std::convert::Infallible,
+        > + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,
 {
     let io = TokioIo::new(io);
     let svc = TowerToHyperService::new(svc);
-    let idle = activity.idle(config.idle_timeout, move || in_flight.load(Ordering::Relaxed) > 0);
+    let idle = activity.idle(config.idle_timeout, move || {
+        in_flight.load(Ordering::Relaxed) > 0
+    });
     if protocol == Protocol::Http2 {
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         builder
@@ -72,6 +77,8 @@ where
         builder
             .timer(TokioTimer::new())
             .header_read_timeout(config.header_read_timeout)
+            // A client may send its request and shut down its write side while it waits.
+            .half_close(true)
             .max_buf_size(config.max_header_bytes.max(8192) as usize);
         let conn = builder.serve_connection(io, svc).with_upgrades();
         drive(conn, |c| c.graceful_shutdown(), &mut drain, idle).await

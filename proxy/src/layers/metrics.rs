@@ -33,7 +33,11 @@ impl RequestMetricsLayer {
 impl<S> tower::Layer<S> for RequestMetricsLayer {
     type Service = RequestMetrics<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        RequestMetrics { inner, metrics: self.metrics.clone(), in_flight: self.in_flight.clone() }
+        RequestMetrics {
+            inner,
+            metrics: self.metrics.clone(),
+            in_flight: self.in_flight.clone(),
+        }
     }
 }
 
@@ -104,7 +108,9 @@ where
         if let Ok(rsp) = &res {
             this.metrics.response(rsp.status());
         }
-        this.metrics.latency.observe(this.start.elapsed().as_secs_f64());
+        this.metrics
+            .latency
+            .observe(this.start.elapsed().as_secs_f64());
         Poll::Ready(res)
     }
 }

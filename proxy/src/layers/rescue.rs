@@ -33,7 +33,10 @@ impl RescueLayer {
 impl<S> tower::Layer<S> for RescueLayer {
     type Service = Rescue<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Rescue { inner, metrics: self.metrics.clone() }
+        Rescue {
+            inner,
+            metrics: self.metrics.clone(),
+        }
     }
 }
 
@@ -61,13 +64,18 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        ResponseFuture { inner: self.inner.call(req), metrics: self.metrics.clone() }
+        ResponseFuture {
+            inner: self.inner.call(req),
+            metrics: self.metrics.clone(),
+        }
     }
 }
 
 /// The reason an error is answered with.
 pub fn reason_of(error: &BoxError) -> Reason {
-    error.downcast_ref::<ProxyError>().map_or(Reason::UpstreamFailed, |e| e.reason)
+    error
+        .downcast_ref::<ProxyError>()
+        .map_or(Reason::UpstreamFailed, |e| e.reason)
 }
 
 pin_project! {
