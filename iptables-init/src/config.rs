@@ -14,15 +14,16 @@ use crate::cidr::{Cidr, Family};
 use crate::ports;
 
 /// Flags of `outrider init` (DESIGN.md section 8). Every flag also reads `OUTRIDER_<FLAG>`; a flag
-/// given on the command line wins over the variable.
+/// given on the command line wins over the variable. The switches accept `true/false`, `1/0`,
+/// `yes/no`, `on/off` in their variables.
 #[derive(Debug, Clone, clap::Args)]
 pub struct InitArgs {
     /// Print the iptables-restore input instead of applying it (needs no root and no iptables).
-    #[arg(long, env = "OUTRIDER_DRY_RUN")]
+    #[arg(long, env = "OUTRIDER_DRY_RUN", value_parser = clap::builder::BoolishValueParser::new())]
     pub dry_run: bool,
 
     /// Remove the rules `outrider init` added (and nothing else) instead of adding them.
-    #[arg(long, env = "OUTRIDER_CLEANUP")]
+    #[arg(long, env = "OUTRIDER_CLEANUP", value_parser = clap::builder::BoolishValueParser::new())]
     pub cleanup: bool,
 
     /// The uid the proxy runs as; its traffic is never captured.

@@ -10,9 +10,20 @@
 //! flags. On failure nothing stays half-applied: each family is one transaction, and if a later
 //! family (IPv6) or the verification fails, the families already applied are cleaned up again.
 //!
+//! A run: choose the backend (`--backend auto`: legacy only when `iptables-legacy-save` shows
+//! rules, else nft; one stderr line says which and why), choose the families (`--ipv6 auto`: IPv6
+//! too when the namespace has a global IPv6 address), check every binary is installed, then per
+//! family: read `<save> -t nat`, render the restore input from it (see [`rules`] for how that
+//! makes a re-run idempotent), apply it, read the table back and verify it: our chains must hold
+//! exactly our rules in order and each jump must be there exactly once, rules compared in a
+//! normal form that ignores the option order `iptables-save` prints ([`state::RuleKey`]).
+//! `--cleanup` deletes the jumps into our chains, then flushes and deletes our chains, and
+//! nothing else; cleaning a clean namespace succeeds.
+//!
 //! `--dry-run` runs no program and reads no state: it prints the input a fresh namespace would
-//! get (for `--ipv6 auto` both IPv4 and IPv6, so the output is the same on every machine);
-//! `--dry-run --cleanup` prints the removal of a complete rule set.
+//! get (for `--ipv6 auto` both IPv4 and IPv6, so the output is the same on every machine; the
+//! backend is not probed, the input is the same for both); `--dry-run --cleanup` prints the
+//! removal of a complete rule set.
 
 pub mod backend;
 pub mod cidr;

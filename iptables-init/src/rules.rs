@@ -307,14 +307,8 @@ impl RuleSet {
 /// The jump rules from the built-in chains into ours. They do not depend on the config.
 pub fn jump_rules() -> Vec<Rule> {
     vec![
-        Rule {
-            chain: "PREROUTING",
-            ..Rule::new("PREROUTING", "inbound capture", Target::Jump(INBOUND_CHAIN)).tcp()
-        },
-        Rule {
-            chain: "OUTPUT",
-            ..Rule::new("OUTPUT", "outbound capture", Target::Jump(OUTPUT_CHAIN)).tcp()
-        },
+        Rule::new("PREROUTING", "inbound capture", Target::Jump(INBOUND_CHAIN)).tcp(),
+        Rule::new("OUTPUT", "outbound capture", Target::Jump(OUTPUT_CHAIN)).tcp(),
     ]
 }
 

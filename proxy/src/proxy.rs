@@ -171,8 +171,9 @@ impl Proxy {
         let (outbound_drain, outbound_watch) = drain::channel();
         let mut has_outbound = false;
         for (listener, ctx) in listeners {
-            let addr = listener.local_addr().ok();
-            tracing::info!(direction = ctx.direction.as_str(), addr = ?addr, "listening");
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(direction = ctx.direction.as_str(), %addr, "listening");
+            }
             let watch = if ctx.direction == Direction::Outbound {
                 has_outbound = true;
                 outbound_watch.clone()
@@ -183,7 +184,9 @@ impl Proxy {
         }
         drop((inbound_watch, outbound_watch));
 
-        let admin_addr = admin.local_addr().ok();
+        let admin_addr = admin
+            .local_addr()
+            .map_or_else(|_| config.admin.to_string(), |a| a.to_string());
         let state = Arc::new(AdminState {
             registry,
             ready: ready.clone(),
@@ -193,7 +196,7 @@ impl Proxy {
         });
         let admin_task = tokio::spawn(admin::serve(admin, state));
         ready.store(true, Ordering::Release);
-        tracing::info!(admin = ?admin_addr, "proxy ready");
+        tracing::info!(admin = %admin_addr, "proxy ready");
 
         let _ = shutdown_rx.wait_for(|stop| *stop).await;
         let deadline = tokio::time::Instant::now() + config.shutdown_grace;

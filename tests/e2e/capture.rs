@@ -270,8 +270,7 @@ fn full_state(ns: &Netns, backend: Backend) -> String {
 }
 
 fn capture_scenario(backend: Backend) {
-    let test = format!("capture_{}", backend.name());
-    if !requirements(&test, Some(backend)) {
+    if !requirements(&support::test_name(), Some(backend)) {
         return;
     }
     let t = Topology::new(true);
@@ -374,7 +373,7 @@ fn capture_legacy() {
 }
 
 fn exclusions_scenario(backend: Backend) {
-    if !requirements(&format!("exclusions_{}", backend.name()), Some(backend)) {
+    if !requirements(&support::test_name(), Some(backend)) {
         return;
     }
     let t = Topology::new(true);
@@ -430,7 +429,7 @@ fn exclusions_legacy() {
 }
 
 fn include_scenario(backend: Backend) {
-    if !requirements(&format!("include_{}", backend.name()), Some(backend)) {
+    if !requirements(&support::test_name(), Some(backend)) {
         return;
     }
     let t = Topology::new(true);
@@ -480,10 +479,7 @@ fn include_cidrs_legacy() {
 }
 
 fn idempotent_cleanup_scenario(backend: Backend) {
-    if !requirements(
-        &format!("idempotent_and_cleanup_{}", backend.name()),
-        Some(backend),
-    ) {
+    if !requirements(&support::test_name(), Some(backend)) {
         return;
     }
     let t = Topology::new(false);
@@ -557,7 +553,7 @@ fn idempotent_and_cleanup_legacy() {
 
 #[test]
 fn auto_backend_picks_legacy_when_legacy_holds_rules() {
-    if !requirements("auto_backend_picks_legacy_when_legacy_holds_rules", None) {
+    if !requirements(&support::test_name(), None) {
         return;
     }
     let t = Topology::new(false);
@@ -593,7 +589,7 @@ fn auto_backend_picks_legacy_when_legacy_holds_rules() {
 
 #[test]
 fn auto_backend_picks_nft_in_a_clean_namespace() {
-    if !requirements("auto_backend_picks_nft_in_a_clean_namespace", None) {
+    if !requirements(&support::test_name(), None) {
         return;
     }
     let t = Topology::new(false);
@@ -615,7 +611,7 @@ fn auto_backend_picks_nft_in_a_clean_namespace() {
 
 #[test]
 fn ipv6_auto_needs_a_global_address() {
-    if !requirements("ipv6_auto_needs_a_global_address", Some(Backend::Nft)) {
+    if !requirements(&support::test_name(), Some(Backend::Nft)) {
         return;
     }
     // Only loopback: ::1 is listed in /proc/net/if_inet6, but it is no reason to program IPv6.
@@ -654,10 +650,7 @@ fn ipv6_auto_needs_a_global_address() {
 
 #[test]
 fn missing_iptables_binary_is_named_and_nothing_is_applied() {
-    if !requirements(
-        "missing_iptables_binary_is_named_and_nothing_is_applied",
-        Some(Backend::Nft),
-    ) {
+    if !requirements(&support::test_name(), Some(Backend::Nft)) {
         return;
     }
     let t = Topology::new(false);
@@ -676,31 +669,45 @@ fn missing_iptables_binary_is_named_and_nothing_is_applied() {
     assert!(!nat.contains("OUTRIDER"), "{nat}");
 }
 
-/// A PATH where the IPv4 tools are real and `ip6tables-nft-restore` fails like a kernel without
-/// the REDIRECT target would: IPv4 gets applied first, then must be rolled back.
-#[test]
-fn ipv6_failure_rolls_back_ipv4() {
-    if !requirements("ipv6_failure_rolls_back_ipv4", Some(Backend::Nft)) {
-        return;
-    }
-    use std::os::unix::fs::PermissionsExt as _;
-    let t = Topology::new(false);
+/// A PATH holding the real nft tools, except `broken`, which prints `stderr` and fails.
+fn path_with_broken_tool(broken: &str, stderr: &str) -> TempDir {
     let dir = TempDir::new();
     for tool in [
         "iptables-nft-restore",
         "iptables-nft-save",
+        "ip6tables-nft-restore",
         "ip6tables-nft-save",
     ] {
-        let real = support::which(tool).expect("checked by requirements");
-        std::os::unix::fs::symlink(real, dir.path().join(tool)).unwrap();
+        let target = dir.path().join(tool);
+        if tool == broken {
+            // Builtins only (PATH has nothing else); stdin is drained like the real tool does.
+            let quoted = stderr.replace('\'', "'\\''");
+            let script = format!(
+                "#!/bin/sh\nwhile read -r _; do :; done\nprintf '%s\\n' '{quoted}' >&2\nexit 2\n"
+            );
+            // Written by a child process: if this (multi-threaded) process held the file open for
+            // writing while another thread forks, exec'ing it could fail with ETXTBSY.
+            support::run_ok(Command::new("sh").args([
+                "-c",
+                "printf '%s' \"$2\" > \"$1\" && chmod 755 \"$1\"",
+                "sh",
+                &target.display().to_string(),
+                &script,
+            ]));
+        } else {
+            let real = support::which(tool)
+                .unwrap_or_else(|| panic!("{tool} not in PATH (checked by requirements)"));
+            std::os::unix::fs::symlink(&real, &target)
+                .unwrap_or_else(|e| panic!("symlink {}: {e}", target.display()));
+        }
     }
-    let fake = dir.path().join("ip6tables-nft-restore");
-    std::fs::write(
-        &fake,
-        "#!/bin/sh\necho \"ip6tables-restore v1.8.9 (nf_tables): Couldn't load target \\`REDIRECT':No such file or directory\" >&2\nexit 2\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+/// Runs `outrider init --backend nft ARGS` in the pod with a PATH where `broken` fails with
+/// `stderr`; asserts exit 1, every `needles` in the message, and an unchanged ruleset.
+fn init_with_broken_tool(broken: &str, stderr: &str, args: &[&str], needles: &[&str]) {
+    let t = Topology::new(false);
     // Make both nat tables exist first, so "unchanged" can be compared exactly.
     for ipt in ["iptables-nft", "ip6tables-nft"] {
         t.pod.exec_ok(&[
@@ -708,23 +715,69 @@ fn ipv6_failure_rolls_back_ipv4() {
         ]);
     }
     let before = full_state(&t.pod, Backend::Nft);
-
+    let dir = path_with_broken_tool(broken, stderr);
     let mut cmd = t.pod.command(OUTRIDER);
-    cmd.args(["init", "--backend", "nft", "--ipv6", "on"])
+    cmd.args(["init", "--backend", "nft"])
+        .args(args)
         .env("PATH", dir.path());
     let out = support::run(&mut cmd);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("IPv4: applied and verified"), "{stderr}");
-    assert!(
-        stderr.contains("IPv6: the `REDIRECT` target is unavailable"),
-        "{stderr}"
-    );
-    assert!(stderr.contains("rolled back the IPv4 rules"), "{stderr}");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    for needle in needles {
+        assert!(text.contains(needle), "expected {needle:?} in:\n{text}");
+    }
     assert_eq!(
         full_state(&t.pod, Backend::Nft),
         before,
-        "IPv4 rules were left behind"
+        "rules were left behind:\n{text}"
+    );
+}
+
+/// IPv4 is applied first; when IPv6 then fails (a kernel without the REDIRECT target for IPv6),
+/// the IPv4 rules must be rolled back.
+#[test]
+fn ipv6_failure_rolls_back_ipv4() {
+    if !requirements(&support::test_name(), Some(Backend::Nft)) {
+        return;
+    }
+    init_with_broken_tool(
+        "ip6tables-nft-restore",
+        "ip6tables-restore v1.8.9 (nf_tables): Couldn't load target `REDIRECT':No such file or directory",
+        &["--ipv6", "on"],
+        &[
+            "IPv4: applied and verified",
+            "IPv6: the `REDIRECT` target is unavailable: load the xt_REDIRECT",
+            "rolled back the IPv4 rules",
+        ],
+    );
+}
+
+#[test]
+fn missing_kernel_pieces_are_named() {
+    if !requirements(&support::test_name(), Some(Backend::Nft)) {
+        return;
+    }
+    init_with_broken_tool(
+        "iptables-nft-restore",
+        "iptables-restore v1.8.9 (nf_tables): can't initialize iptables table `nat': Table does not exist (do you need to insmod?)",
+        &["--ipv6", "off"],
+        &["IPv4: the kernel has no IPv4 `nat` table for iptables-nft-restore: load the iptable_nat"],
+    );
+    init_with_broken_tool(
+        "iptables-nft-restore",
+        "iptables-restore v1.8.9 (nf_tables): Couldn't load match `owner':No such file or directory",
+        &["--ipv6", "on"],
+        &["IPv4: the `owner` match is unavailable: load the xt_owner kernel module"],
+    );
+    init_with_broken_tool(
+        "ip6tables-nft-save",
+        "ip6tables-save v1.8.9 (nf_tables): can't initialize ip6tables table `nat'",
+        &["--ipv6", "on"],
+        &[
+            "IPv6: the kernel has no IPv6 `nat` table",
+            "ip6table_nat",
+            "rolled back the IPv4 rules",
+        ],
     );
 }
 

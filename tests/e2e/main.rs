@@ -5,4 +5,5 @@
 //! line otherwise: see `support::require`.
 
 mod capture;
+mod dataplane;
 mod support;

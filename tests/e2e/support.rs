@@ -10,7 +10,7 @@
 //! - [`run`]: a command with a bounded run time. Every wait here has a timeout.
 #![allow(dead_code)] // each test module uses a different subset
 
-use std::io::{BufRead as _, BufReader, Read as _};
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -42,7 +42,12 @@ pub fn test_name() -> String {
 
 fn skip(test: &str, why: &str) -> bool {
     assert!(!is_ci(), "{test}: {why}, and CI=true forbids skipping");
-    eprintln!("\n**********\nSKIPPED {test}: {why}\n**********\n");
+    // Straight to the process's stderr: libtest captures `eprintln!` of passing tests, and a
+    // skip must be seen.
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n**********\nSKIPPED {test}: {why}\n**********"
+    );
     false
 }
 

@@ -23,6 +23,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+use tracing::Instrument;
 
 use crate::detect::Protocol;
 use crate::drain;
@@ -147,7 +148,10 @@ impl tower::Service<Request<Incoming>> for Forward {
 
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
         let inner = self.inner.clone();
-        Box::pin(async move {
+        // Method and version only: paths and header values may carry secrets.
+        let span =
+            tracing::debug_span!("request", method = %req.method(), version = ?req.version());
+        let fut = async move {
             let upgrade = (req.version() <= http::Version::HTTP_11 && is_upgrade(req.headers()))
                 .then(|| hyper::upgrade::on(&mut req));
             strip_hop_by_hop(req.headers_mut(), upgrade.is_some());
@@ -168,7 +172,8 @@ impl tower::Service<Request<Incoming>> for Forward {
                 _ => strip_hop_by_hop(rsp.headers_mut(), false),
             }
             Ok(rsp.map(Either::Left))
-        })
+        };
+        Box::pin(fut.instrument(span))
     }
 }
 

@@ -1,0 +1,597 @@
+//! The data plane end to end: the real `outrider` binary, real clients (curl, h2load, python
+//! sockets), and, for the two-pod tests, real kernels: two network namespaces joined by a veth
+//! pair, each captured by `outrider init` and served by `outrider proxy` running as uid 1337.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::support::{self, ChildGuard, Netns};
+
+const OUTRIDER: &str = env!("CARGO_BIN_EXE_outrider");
+const POD_A: &str = "198.18.0.1";
+const POD_B: &str = "198.18.0.2";
+
+/// A TCP server: optional banner first (server speaks first), then echo until the client closes.
+const PY_SERVER: &str = r#"
+import socket, sys, threading
+port = int(sys.argv[1]); banner = sys.argv[2].encode() if len(sys.argv) > 2 else b""
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", port)); s.listen(16)
+print("ready", flush=True)
+def serve(c):
+    if banner: c.sendall(banner)
+    while True:
+        d = c.recv(65536)
+        if not d: break
+        c.sendall(d)
+    c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// Connects, optionally sends a line, prints the first line received and the seconds it took.
+const PY_CLIENT: &str = r#"
+import socket, sys, time
+t = time.monotonic()
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+if len(sys.argv) > 3: c.sendall(sys.argv[3].encode() + b"\n")
+data = b""
+while b"\n" not in data:
+    d = c.recv(4096)
+    if not d: break
+    data += d
+print(data.decode(errors="replace").strip())
+print("%.3f" % (time.monotonic() - t))
+"#;
+
+/// An HTTP/1.1 upgrade (WebSocket handshake), then bytes echoed over the upgraded stream.
+const PY_UPGRADE: &str = r#"
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+c.sendall(b"GET /chat HTTP/1.1\r\nHost: payments\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+          b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+head = b""
+while b"\r\n\r\n" not in head:
+    d = c.recv(1)
+    if not d: break
+    head += d
+print(head.split(b"\r\n")[0].decode())
+c.sendall(b"hello-ws")
+got = b""
+while len(got) < 8:
+    d = c.recv(64)
+    if not d: break
+    got += d
+print(got.decode())
+"#;
+
+fn python() -> String {
+    support::which("python3").map_or_else(|| "python3".to_owned(), |p| p.display().to_string())
+}
+
+fn requirements(test: &str, bins: &[&str]) -> bool {
+    support::require_root(test) && bins.iter().all(|b| support::require_bin(b))
+}
+
+/// One pod: a namespace captured by `outrider init`, its proxy (uid 1337) and its apps.
+struct Pod {
+    ns: Netns,
+    proxy: Option<ChildGuard>,
+    apps: Vec<ChildGuard>,
+}
+
+impl Pod {
+    fn new(ns: Netns, proxy_args: &[&str]) -> Pod {
+        let init = ns.exec(&[OUTRIDER, "init"]);
+        assert!(
+            init.status.success(),
+            "outrider init failed: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        let mut pod = Pod {
+            ns,
+            proxy: None,
+            apps: Vec::new(),
+        };
+        pod.start_proxy(proxy_args);
+        pod.apps.push(pod.ns.spawn(&[
+            OUTRIDER,
+            "demo-app",
+            "--listen",
+            "0.0.0.0:8080",
+            "--instance",
+            "app",
+        ]));
+        pod
+    }
+
+    fn start_proxy(&mut self, extra: &[&str]) {
+        let mut args = vec![
+            "setpriv",
+            "--reuid",
+            "1337",
+            "--regid",
+            "1337",
+            "--clear-groups",
+            OUTRIDER,
+            "proxy",
+            "--detect-timeout",
+            "500ms",
+        ];
+        args.extend_from_slice(extra);
+        let mut cmd = self.ns.command(args[0]);
+        cmd.args(&args[1..]).env("OUTRIDER_LOG", "info");
+        self.proxy = Some(ChildGuard::spawn(
+            &mut cmd,
+            format!("[{}] proxy", self.ns.name()),
+        ));
+        self.wait_ready();
+    }
+
+    /// Polls `/ready` (bounded: 100 tries, 50 ms apart) until the proxy answers 200.
+    fn wait_ready(&self) {
+        for _ in 0..100 {
+            if self
+                .curl(&["-sf", "http://127.0.0.1:15020/ready"])
+                .status
+                .success()
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let stderr = self.proxy.as_ref().map(|p| p.stderr()).unwrap_or_default();
+        panic!(
+            "[{}] proxy never became ready; stderr:\n{stderr}",
+            self.ns.name()
+        );
+    }
+
+    fn curl(&self, args: &[&str]) -> std::process::Output {
+        let mut all = vec!["curl", "--max-time", "10"];
+        all.extend_from_slice(args);
+        self.ns.exec(&all)
+    }
+
+    fn curl_ok(&self, args: &[&str]) -> String {
+        let out = self.curl(args);
+        assert!(
+            out.status.success(),
+            "curl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn serve_py(&mut self, port: &str, banner: Option<&str>) {
+        let mut args = vec![OUTRIDER_PY.as_str(), "-c", PY_SERVER, port];
+        args.extend(banner);
+        let mut app = self.ns.spawn(&args);
+        app.expect_line_containing("ready", Duration::from_secs(10));
+        self.apps.push(app);
+    }
+
+    fn py(&self, script: &str, args: &[&str]) -> Vec<String> {
+        let mut all = vec![OUTRIDER_PY.as_str(), "-c", script];
+        all.extend_from_slice(args);
+        let out = self.ns.exec(&all);
+        assert!(
+            out.status.success(),
+            "python client {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn metrics(&self) -> String {
+        self.curl_ok(&["-s", "http://127.0.0.1:15020/metrics"])
+    }
+
+    fn proxy_pid(&self) -> u32 {
+        self.proxy.as_ref().map_or(0, ChildGuard::pid)
+    }
+}
+
+static OUTRIDER_PY: std::sync::LazyLock<String> = std::sync::LazyLock::new(python);
+
+/// Two pods joined by a veth pair: A (198.18.0.1) is the client, B (198.18.0.2) the server.
+fn two_pods(proxy_args: &[&str]) -> (Pod, Pod) {
+    let (a, b) = (Netns::new(), Netns::new());
+    support::veth(&a, &[&format!("{POD_A}/24")], &b, &[&format!("{POD_B}/24")]);
+    (Pod::new(a, proxy_args), Pod::new(b, proxy_args))
+}
+
+/// The value of the sample of `family` whose labels include every `k="v"` in `labels`.
+fn sample(metrics: &str, family: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(&format!("{family}{{")) || l.starts_with(&format!("{family} ")))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn promtool_check(metrics: &str) {
+    let dir = support::TempDir::new();
+    let file = dir.path().join("metrics.txt");
+    std::fs::write(&file, metrics).unwrap();
+    let out = support::run(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("promtool check metrics < {}", file.display())),
+    );
+    assert!(
+        out.status.success(),
+        "promtool rejected /metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn two_pods_carry_http1_h2c_upgrade_and_opaque_tcp() {
+    if !requirements(
+        "two_pods_carry_http1_h2c_upgrade_and_opaque_tcp",
+        &["ip", "curl", "h2load", "python3", "setpriv", "promtool"],
+    ) {
+        return;
+    }
+    let (a, mut b) = two_pods(&[]);
+    b.serve_py("6379", None); // an opaque-listed port: no detection
+    b.serve_py("2525", Some("220 payments-smtp ready\n")); // server speaks first, not listed
+
+    // HTTP/1.1 with curl, through A's outbound and B's inbound proxy.
+    let body = a.curl_ok(&["-s", &format!("http://{POD_B}:8080/hello")]);
+    assert!(
+        body.contains("\"protocol\":\"HTTP/1.1\"") && body.contains("\"path\":\"/hello\""),
+        "{body}"
+    );
+    // h2c with prior knowledge: curl once, then a bounded h2load burst.
+    let body = a.curl_ok(&[
+        "-s",
+        "--http2-prior-knowledge",
+        &format!("http://{POD_B}:8080/h2"),
+    ]);
+    assert!(body.contains("HTTP/2.0"), "{body}");
+    let h2load = String::from_utf8_lossy(
+        &a.ns
+            .exec(&[
+                "h2load",
+                "-n",
+                "200",
+                "-c",
+                "4",
+                "-m",
+                "4",
+                &format!("http://{POD_B}:8080/"),
+            ])
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        h2load.contains("200 succeeded, 0 failed, 0 errored"),
+        "{h2load}"
+    );
+    // WebSocket-style upgrade, then an echoed byte stream.
+    let ws = a.py(PY_UPGRADE, &[POD_B, "8080"]);
+    assert_eq!(ws[0], "HTTP/1.1 101 Switching Protocols");
+    assert_eq!(ws[1], "hello-ws");
+    // Plain TCP echo on an opaque-listed port.
+    let echo = a.py(PY_CLIENT, &[POD_B, "6379", "PING"]);
+    assert_eq!(echo[0], "PING");
+    // Server-speaks-first on an unlisted port: each proxy waits out its detection timeout (500 ms).
+    let banner = a.py(PY_CLIENT, &[POD_B, "2525"]);
+    assert_eq!(banner[0], "220 payments-smtp ready");
+    let delay: f64 = banner[1].parse().unwrap();
+    assert!(
+        delay < 3.0,
+        "server-speaks-first delay is bounded: {delay} s"
+    );
+
+    // Both proxies saw the traffic, each in its own direction.
+    let (ma, mb) = (a.metrics(), b.metrics());
+    // A accepted 9 connections (curl 2, h2load 4, upgrade, echo, banner); B fewer, because A's
+    // proxy reuses its pooled upstream connections for HTTP.
+    for (m, dir, pod, conns) in [(&ma, "outbound", "A", 9.0), (&mb, "inbound", "B", 4.0)] {
+        let h1 = sample(
+            m,
+            "outrider_requests_total",
+            &[("direction", dir), ("protocol", "http1")],
+        );
+        let h2 = sample(
+            m,
+            "outrider_requests_total",
+            &[("direction", dir), ("protocol", "http2")],
+        );
+        assert_eq!(
+            h1, 2.0,
+            "pod {pod} {dir} HTTP/1 requests (curl + upgrade)\n{m}"
+        );
+        assert_eq!(h2, 201.0, "pod {pod} {dir} HTTP/2 requests (curl + h2load)");
+        assert_eq!(
+            sample(
+                m,
+                "outrider_responses_total",
+                &[("direction", dir), ("status_class", "2xx")]
+            ),
+            202.0,
+            "pod {pod}: 2xx (the 101 is 1xx)"
+        );
+        assert_eq!(
+            sample(
+                m,
+                "outrider_responses_total",
+                &[("direction", dir), ("status_class", "1xx")]
+            ),
+            1.0
+        );
+        assert_eq!(
+            sample(
+                m,
+                "outrider_detect_total",
+                &[("direction", dir), ("outcome", "skipped")]
+            ),
+            1.0,
+            "pod {pod}: port 6379"
+        );
+        assert_eq!(
+            sample(
+                m,
+                "outrider_detect_total",
+                &[("direction", dir), ("outcome", "timeout")]
+            ),
+            1.0,
+            "pod {pod}: port 2525"
+        );
+        let opened = sample(m, "outrider_tcp_open_total", &[("direction", dir)]);
+        assert!(opened >= conns, "pod {pod}: {opened} connections");
+        assert!(
+            sample(
+                m,
+                "outrider_tcp_received_bytes_total",
+                &[("direction", dir)]
+            ) > 1000.0
+        );
+        assert_eq!(
+            sample(
+                m,
+                "outrider_requests_total",
+                &[(
+                    "direction",
+                    if dir == "inbound" {
+                        "outbound"
+                    } else {
+                        "inbound"
+                    }
+                )]
+            ),
+            0.0,
+            "pod {pod}: nothing in the other direction"
+        );
+        promtool_check(m);
+    }
+}
+
+#[test]
+fn sigterm_drains_inbound_and_keeps_outbound_for_the_window() {
+    if !requirements(
+        "sigterm_drains_inbound_and_keeps_outbound_for_the_window",
+        &["ip", "curl", "setpriv", "kill"],
+    ) {
+        return;
+    }
+    let (a, mut b) = two_pods(&["--drain-window", "3s", "--shutdown-grace", "15s"]);
+    let before = sample(
+        &b.metrics(),
+        "outrider_requests_total",
+        &[("direction", "inbound")],
+    );
+    // A request that is in flight at B's proxy when it gets SIGTERM.
+    let mut slow = a.ns.spawn(&[
+        "curl",
+        "-s",
+        "--max-time",
+        "10",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}\n",
+        &format!("http://{POD_B}:8080/slow?ms=1500"),
+    ]);
+    let seen = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        sample(
+            &b.metrics(),
+            "outrider_requests_total",
+            &[("direction", "inbound")],
+        ) > before
+    });
+    assert!(seen, "the slow request reached B's proxy");
+    let term = Instant::now();
+    support::run_ok(Command::new("kill").args(["-TERM", &b.proxy_pid().to_string()]));
+
+    // During the drain window: B is not ready, and B's app can still call out.
+    let ready = b.curl(&[
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "http://127.0.0.1:15020/ready",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&ready.stdout).trim(), "503");
+    let out = b.curl_ok(&["-s", &format!("http://{POD_A}:8080/during-drain")]);
+    assert!(out.contains("during-drain"), "{out}");
+    // The in-flight request completes.
+    assert_eq!(slow.expect_line(Duration::from_secs(10)), "200");
+    // The proxy exits 0 after the window, well before the grace deadline.
+    let proxy = b.proxy.as_mut().unwrap();
+    let status = proxy
+        .wait_timeout(Duration::from_secs(12))
+        .expect("proxy exited");
+    assert!(
+        status.success(),
+        "exit status {status}; stderr:\n{}",
+        proxy.stderr()
+    );
+    let took = term.elapsed();
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(12),
+        "drain took {took:?}"
+    );
+    assert!(proxy.stderr().contains("drained"), "{}", proxy.stderr());
+}
+
+#[test]
+fn local_mode_binary_serves_admin_and_metrics_without_root() {
+    if !(support::require_bin("curl") && support::require_bin("promtool")) {
+        return;
+    }
+    let port = free_port();
+    let app = support::ChildGuard::spawn(
+        Command::new(OUTRIDER).args(["demo-app", "--listen", &format!("127.0.0.1:{port}")]),
+        "demo-app",
+    );
+    let (listen, admin) = (free_port(), free_port());
+    let mut proxy = support::ChildGuard::spawn(
+        Command::new(OUTRIDER)
+            .args([
+                "proxy",
+                "--forward",
+                &format!("127.0.0.1:{listen}=localhost:{port}"),
+            ])
+            .env("OUTRIDER_ADMIN", format!("127.0.0.1:{admin}"))
+            .env("OUTRIDER_LOG_FORMAT", "json"),
+        "proxy",
+    );
+    let curl = |args: &[&str]| {
+        let mut all = vec!["--max-time", "5", "-s"];
+        all.extend_from_slice(args);
+        support::run(Command::new("curl").args(&all))
+    };
+    let ready = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        curl(&["-f", &format!("http://127.0.0.1:{admin}/ready")])
+            .status
+            .success()
+            && curl(&["-f", &format!("http://127.0.0.1:{port}/")])
+                .status
+                .success()
+    });
+    assert!(ready, "proxy never ready: {}", proxy.stderr());
+    let body =
+        String::from_utf8_lossy(&curl(&[&format!("http://127.0.0.1:{listen}/laptop")]).stdout)
+            .into_owned();
+    assert!(body.contains("/laptop"), "{body}");
+    let level = curl(&[
+        "-X",
+        "PUT",
+        "--data",
+        "outrider_proxy=debug",
+        &format!("http://127.0.0.1:{admin}/log-level"),
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&level.stdout).trim(),
+        "outrider_proxy=debug"
+    );
+    let bad = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-X",
+        "PUT",
+        "--data",
+        "x[",
+        &format!("http://127.0.0.1:{admin}/log-level"),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&bad.stdout).trim(), "400");
+    let metrics =
+        String::from_utf8_lossy(&curl(&[&format!("http://127.0.0.1:{admin}/metrics")]).stdout)
+            .into_owned();
+    assert_eq!(
+        sample(
+            &metrics,
+            "outrider_requests_total",
+            &[("direction", "forward"), ("protocol", "http1")]
+        ),
+        1.0,
+        "{metrics}"
+    );
+    promtool_check(&metrics);
+    let config =
+        String::from_utf8_lossy(&curl(&[&format!("http://127.0.0.1:{admin}/config")]).stdout)
+            .into_owned();
+    assert!(config.contains("\"mode\": \"local\""), "{config}");
+    // Shutdown through the admin API; logs were JSON lines.
+    assert!(curl(&[
+        "-f",
+        "-X",
+        "POST",
+        &format!("http://127.0.0.1:{admin}/shutdown")
+    ])
+    .status
+    .success());
+    let status = proxy
+        .wait_timeout(Duration::from_secs(10))
+        .expect("proxy exited after /shutdown");
+    assert!(status.success());
+    assert!(
+        proxy.stderr().lines().all(|l| l.starts_with('{')),
+        "{}",
+        proxy.stderr()
+    );
+    drop(app);
+}
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap()
+}
+
+#[test]
+fn bad_proxy_flags_exit_2_with_the_reason() {
+    for (args, needle) in [
+        (&["--forward", "127.0.0.1:8080"][..], "has no `=`"),
+        (
+            &["--forward", "127.0.0.1:8080=nowhere.invalid:x"][..],
+            "upstream",
+        ),
+        (&["--detect-timeout", "5x"][..], "invalid duration"),
+        (&["--workers", "0"][..], "--workers"),
+        (
+            &["--admin", "127.0.0.1:15020", "--inbound", "127.0.0.1:15020"][..],
+            "already used by --admin",
+        ),
+    ] {
+        let out = support::run(Command::new(OUTRIDER).arg("proxy").args(args));
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn demo_runs_and_reports() {
+    let out = support::run_ok(Command::new(OUTRIDER).args(["demo", "--duration", "1s"]));
+    assert!(out.contains("errors     0"), "{out}");
+    assert!(out.contains("statuses   200: "), "{out}");
+    let counted = out
+        .lines()
+        .find(|l| l.starts_with("proxies"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(!counted.contains("counted 0 "), "{out}");
+}
