@@ -4,6 +4,9 @@
 //! Tests that need root or an external binary fail loudly under CI=true and print a loud SKIPPED
 //! line otherwise: see `support::require`.
 
+// Test code: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod capture;
 mod dataplane;
 mod support;
