@@ -73,8 +73,9 @@ pub struct ProxyArgs {
     #[arg(long, env = "OUTRIDER_TCP_IDLE_TIMEOUT", value_name = "DUR", default_value = "1h",
           value_parser = parse_duration)]
     pub tcp_idle_timeout: Duration,
-    /// Timeout for connecting to an upstream.
-    #[arg(long, env = "OUTRIDER_CONNECT_TIMEOUT", value_name = "DUR", default_value = "1s",
+    /// Timeout for connecting to an upstream; longer than TCP's 1 s initial SYN retransmission, so
+    /// one lost SYN does not fail the connection.
+    #[arg(long, env = "OUTRIDER_CONNECT_TIMEOUT", value_name = "DUR", default_value = "3s",
           value_parser = parse_duration)]
     pub connect_timeout: Duration,
     /// Open connections per listener; beyond it the listener stops accepting until one closes.
@@ -283,7 +284,7 @@ impl Config {
             header_read_timeout: Duration::from_secs(10),
             http_idle_timeout: Duration::from_secs(300),
             tcp_idle_timeout: Duration::from_secs(3600),
-            connect_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(3),
             max_connections: 10_000,
             drain_window: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(10),

@@ -264,7 +264,7 @@ async fn serve(ctx: Arc<ListenerCtx>, socket: TcpStream, target: SocketAddr, dra
                 Ok((tx, rx)) => tracing::debug!(tx, rx, "TCP connection closed"),
                 Err(e) => {
                     m.error(e.reason);
-                    tracing::debug!(error = %e, "TCP forwarding failed");
+                    tracing::debug!(error = %crate::errors::Chain(&e), "TCP forwarding failed");
                 }
             }
         }

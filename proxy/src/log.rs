@@ -31,9 +31,34 @@ pub fn init(format: LogFormat) -> Result<LogHandle, String> {
     init_with(format, &spec)
 }
 
+/// The filter directives for `spec`: the HTTP libraries' trace output can include header values,
+/// so they stay at `info` unless `spec` names them explicitly.
+fn directives(spec: &str) -> String {
+    let spec = spec.trim();
+    let mut full = spec.to_string();
+    for lib in ["h2", "hyper", "hyper_util"] {
+        if !spec
+            .split(',')
+            .any(|d| d.trim().starts_with(&format!("{lib}=")))
+        {
+            if !full.is_empty() {
+                full.push(',');
+            }
+            full.push_str(lib);
+            full.push_str("=info");
+        }
+    }
+    full
+}
+
+fn filter(spec: &str) -> Result<EnvFilter, String> {
+    EnvFilter::try_new(directives(spec))
+        .map_err(|e| format!("invalid log filter `{}`: {e}", spec.trim()))
+}
+
 /// Installs the global subscriber with `spec` as the filter.
 pub fn init_with(format: LogFormat, spec: &str) -> Result<LogHandle, String> {
-    let filter = EnvFilter::try_new(spec).map_err(|e| format!("OUTRIDER_LOG `{spec}`: {e}"))?;
+    let filter = filter(spec).map_err(|e| format!("OUTRIDER_LOG: {e}"))?;
     let (filter, reload) = reload::Layer::new(filter);
     let plain = (format == LogFormat::Plain).then(|| {
         tracing_subscriber::fmt::layer()
@@ -68,8 +93,7 @@ impl LogHandle {
 
     /// Replaces the filter; a spec that does not parse leaves the old one in force.
     pub fn set(&self, spec: &str) -> Result<(), String> {
-        let filter = EnvFilter::try_new(spec.trim())
-            .map_err(|e| format!("invalid log filter `{}`: {e}", spec.trim()))?;
+        let filter = filter(spec)?;
         self.reload
             .reload(filter)
             .map_err(|e| format!("cannot change the log filter: {e}"))?;
@@ -79,5 +103,24 @@ impl LogHandle {
         }
         tracing::info!(filter = spec.trim(), "log filter changed");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_libraries_stay_at_info_unless_named() {
+        assert_eq!(
+            directives("trace"),
+            "trace,h2=info,hyper=info,hyper_util=info"
+        );
+        assert_eq!(
+            directives("debug,h2=trace"),
+            "debug,h2=trace,hyper=info,hyper_util=info"
+        );
+        assert!(filter("x[").is_err());
+        assert!(filter("outrider_proxy=debug").is_ok());
     }
 }

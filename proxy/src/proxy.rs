@@ -6,7 +6,7 @@
 //! 2. The outbound listener keeps serving the app for `drain_window`, then drains the same way.
 //! 3. At `shutdown_grace` after the start, whatever is still open is dropped and the process exits.
 
-use std::net::SocketAddr;
+use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -78,6 +78,30 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot bind the {what} listener on {addr}"))
 }
 
+/// The IPv6 counterpart of an IPv4 wildcard or loopback listener address.
+fn ipv6_twin(addr: SocketAddr) -> Option<SocketAddr> {
+    match addr {
+        SocketAddr::V4(v4) if v4.ip().is_unspecified() && v4.port() != 0 => {
+            Some(SocketAddr::from((Ipv6Addr::UNSPECIFIED, v4.port())))
+        }
+        SocketAddr::V4(v4) if v4.ip().is_loopback() && v4.port() != 0 => {
+            Some(SocketAddr::from((Ipv6Addr::LOCALHOST, v4.port())))
+        }
+        _ => None,
+    }
+}
+
+/// Binds an IPv6-only listener, so it can share its port with the IPv4 one.
+fn bind_v6_only(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+    socket.set_only_v6(true)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
 impl Proxy {
     /// Binds the admin server and every configured listener.
     pub async fn bind(
@@ -102,17 +126,23 @@ impl Proxy {
             ))
         };
         let mut listeners = Vec::new();
-        if let Some(addr) = config.inbound {
-            listeners.push((
-                bind(addr, "inbound").await?,
-                ctx(Direction::Inbound, Target::Inbound),
-            ));
-        }
-        if let Some(addr) = config.outbound {
-            listeners.push((
-                bind(addr, "outbound").await?,
-                ctx(Direction::Outbound, Target::Outbound),
-            ));
+        for (addr, direction, target) in [
+            (config.inbound, Direction::Inbound, Target::Inbound),
+            (config.outbound, Direction::Outbound, Target::Outbound),
+        ] {
+            let Some(addr) = addr else { continue };
+            let ctx = ctx(direction, target);
+            listeners.push((bind(addr, direction.as_str()).await?, ctx.clone()));
+            // ip6tables redirects IPv6 traffic to the IPv6 twin of the listener: [::]:15006 for
+            // inbound, [::1]:15001 for outbound. Bound when the namespace has IPv6.
+            if let Some(twin) = ipv6_twin(addr) {
+                match bind_v6_only(twin) {
+                    Ok(l) => listeners.push((l, ctx)),
+                    Err(e) => {
+                        tracing::info!(%twin, error = %e, "no IPv6 listener (IPv6 unavailable?)")
+                    }
+                }
+            }
         }
         for f in &config.forwards {
             let listener = bind(f.listen, "forward").await?;
@@ -136,7 +166,8 @@ impl Proxy {
         self.admin.local_addr().unwrap_or(self.config.admin)
     }
 
-    /// Bound addresses of the listeners of `direction`, in configuration order.
+    /// Bound addresses of the listeners of `direction`, in configuration order (an IPv6 twin
+    /// follows its IPv4 listener).
     pub fn listener_addrs(&self, direction: Direction) -> Vec<SocketAddr> {
         self.listeners
             .iter()

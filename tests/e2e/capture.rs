@@ -111,14 +111,6 @@ impl Backend {
     }
 }
 
-fn python() -> String {
-    if std::path::Path::new("/usr/bin/python3").exists() {
-        "/usr/bin/python3".to_owned()
-    } else {
-        support::which("python3").map_or_else(|| "python3".to_owned(), |p| p.display().to_string())
-    }
-}
-
 /// The common requirements of the namespace tests; `false` means skip.
 fn requirements(test: &str, backend: Option<Backend>) -> bool {
     if !support::require_root(test)
@@ -178,7 +170,7 @@ impl Topology {
 }
 
 fn server(ns: &Netns, label: &str, ports: &str) -> ChildGuard {
-    let mut child = ns.spawn(&[&python(), "-c", SERVER_PY, label, ports]);
+    let mut child = ns.spawn(&[&support::python(), "-c", SERVER_PY, label, ports]);
     let line = child.expect_line(READY_TIMEOUT);
     assert_eq!(
         line,
@@ -191,7 +183,14 @@ fn server(ns: &Netns, label: &str, ports: &str) -> ChildGuard {
 
 /// Connects from `ns` as `uid` ("-1" = root) to host:port; returns the client's one-line verdict.
 fn connect(ns: &Netns, host: &str, port: u16, uid: &str) -> String {
-    let out = ns.exec(&[&python(), "-c", CLIENT_PY, host, &port.to_string(), uid]);
+    let out = ns.exec(&[
+        &support::python(),
+        "-c",
+        CLIENT_PY,
+        host,
+        &port.to_string(),
+        uid,
+    ]);
     let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     assert!(
         out.status.success(),

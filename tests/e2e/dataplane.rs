@@ -10,6 +10,8 @@ use crate::support::{self, ChildGuard, Netns};
 const OUTRIDER: &str = env!("CARGO_BIN_EXE_outrider");
 const POD_A: &str = "198.18.0.1";
 const POD_B: &str = "198.18.0.2";
+const POD_A6: &str = "2001:db8::1";
+const POD_B6: &str = "2001:db8::2";
 
 /// A TCP server: optional banner first (server speaks first), then echo until the client closes.
 const PY_SERVER: &str = r#"
@@ -66,10 +68,6 @@ while len(got) < 8:
 print(got.decode())
 "#;
 
-fn python() -> String {
-    support::which("python3").map_or_else(|| "python3".to_owned(), |p| p.display().to_string())
-}
-
 fn requirements(test: &str, bins: &[&str]) -> bool {
     support::require_root(test) && bins.iter().all(|b| support::require_bin(b))
 }
@@ -99,7 +97,7 @@ impl Pod {
             OUTRIDER,
             "demo-app",
             "--listen",
-            "0.0.0.0:8080",
+            "[::]:8080",
             "--instance",
             "app",
         ]));
@@ -196,12 +194,17 @@ impl Pod {
     }
 }
 
-static OUTRIDER_PY: std::sync::LazyLock<String> = std::sync::LazyLock::new(python);
+static OUTRIDER_PY: std::sync::LazyLock<String> = std::sync::LazyLock::new(support::python);
 
 /// Two pods joined by a veth pair: A (198.18.0.1) is the client, B (198.18.0.2) the server.
 fn two_pods(proxy_args: &[&str]) -> (Pod, Pod) {
     let (a, b) = (Netns::new(), Netns::new());
-    support::veth(&a, &[&format!("{POD_A}/24")], &b, &[&format!("{POD_B}/24")]);
+    support::veth(
+        &a,
+        &[&format!("{POD_A}/24"), &format!("{POD_A6}/64")],
+        &b,
+        &[&format!("{POD_B}/24"), &format!("{POD_B6}/64")],
+    );
     (Pod::new(a, proxy_args), Pod::new(b, proxy_args))
 }
 
@@ -255,6 +258,9 @@ fn two_pods_carry_http1_h2c_upgrade_and_opaque_tcp() {
         body.contains("\"protocol\":\"HTTP/1.1\"") && body.contains("\"path\":\"/hello\""),
         "{body}"
     );
+    // The same over IPv6: ip6tables redirects to the proxies' IPv6 listeners.
+    let body = a.curl_ok(&["-s", "-g", &format!("http://[{POD_B6}]:8080/v6")]);
+    assert!(body.contains("\"path\":\"/v6\""), "{body}");
     // h2c with prior knowledge: curl once, then a bounded h2load burst.
     let body = a.curl_ok(&[
         "-s",
@@ -299,59 +305,35 @@ fn two_pods_carry_http1_h2c_upgrade_and_opaque_tcp() {
 
     // Both proxies saw the traffic, each in its own direction.
     let (ma, mb) = (a.metrics(), b.metrics());
-    // A accepted 9 connections (curl 2, h2load 4, upgrade, echo, banner); B fewer, because A's
+    // A accepted 10 connections (curl 3, h2load 4, upgrade, echo, banner); B fewer, because A's
     // proxy reuses its pooled upstream connections for HTTP.
-    for (m, dir, pod, conns) in [(&ma, "outbound", "A", 9.0), (&mb, "inbound", "B", 4.0)] {
-        let h1 = sample(
-            m,
-            "outrider_requests_total",
-            &[("direction", dir), ("protocol", "http1")],
-        );
-        let h2 = sample(
-            m,
-            "outrider_requests_total",
-            &[("direction", dir), ("protocol", "http2")],
-        );
-        assert_eq!(
-            h1, 2.0,
-            "pod {pod} {dir} HTTP/1 requests (curl + upgrade)\n{m}"
-        );
-        assert_eq!(h2, 201.0, "pod {pod} {dir} HTTP/2 requests (curl + h2load)");
-        assert_eq!(
-            sample(
-                m,
-                "outrider_responses_total",
-                &[("direction", dir), ("status_class", "2xx")]
-            ),
-            202.0,
-            "pod {pod}: 2xx (the 101 is 1xx)"
-        );
-        assert_eq!(
-            sample(
-                m,
-                "outrider_responses_total",
-                &[("direction", dir), ("status_class", "1xx")]
-            ),
-            1.0
-        );
-        assert_eq!(
-            sample(
-                m,
-                "outrider_detect_total",
-                &[("direction", dir), ("outcome", "skipped")]
-            ),
-            1.0,
-            "pod {pod}: port 6379"
-        );
-        assert_eq!(
-            sample(
-                m,
-                "outrider_detect_total",
-                &[("direction", dir), ("outcome", "timeout")]
-            ),
-            1.0,
-            "pod {pod}: port 2525"
-        );
+    for (m, dir, pod, conns) in [(&ma, "outbound", "A", 10.0), (&mb, "inbound", "B", 4.0)] {
+        let other = if dir == "inbound" {
+            "outbound"
+        } else {
+            "inbound"
+        };
+        let at =
+            |family: &str, label: (&str, &str)| sample(m, family, &[("direction", dir), label]);
+        let expect = [
+            // curl over IPv4 and IPv6, plus the upgrade request.
+            ("outrider_requests_total", ("protocol", "http1"), 3.0),
+            // curl, plus the h2load burst.
+            ("outrider_requests_total", ("protocol", "http2"), 201.0),
+            ("outrider_responses_total", ("status_class", "2xx"), 203.0),
+            // The 101 of the upgrade.
+            ("outrider_responses_total", ("status_class", "1xx"), 1.0),
+            // Port 6379 is in the opaque list; port 2525 waited out detection.
+            ("outrider_detect_total", ("outcome", "skipped"), 1.0),
+            ("outrider_detect_total", ("outcome", "timeout"), 1.0),
+        ];
+        for (family, label, want) in expect {
+            assert_eq!(
+                at(family, label),
+                want,
+                "pod {pod} {dir} {family} {label:?}\n{m}"
+            );
+        }
         let opened = sample(m, "outrider_tcp_open_total", &[("direction", dir)]);
         assert!(opened >= conns, "pod {pod}: {opened} connections");
         assert!(
@@ -361,22 +343,8 @@ fn two_pods_carry_http1_h2c_upgrade_and_opaque_tcp() {
                 &[("direction", dir)]
             ) > 1000.0
         );
-        assert_eq!(
-            sample(
-                m,
-                "outrider_requests_total",
-                &[(
-                    "direction",
-                    if dir == "inbound" {
-                        "outbound"
-                    } else {
-                        "inbound"
-                    }
-                )]
-            ),
-            0.0,
-            "pod {pod}: nothing in the other direction"
-        );
+        let wrong_way = sample(m, "outrider_requests_total", &[("direction", other)]);
+        assert_eq!(wrong_way, 0.0, "pod {pod}: nothing counted {other}");
         promtool_check(m);
     }
 }

@@ -240,6 +240,15 @@ pub fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The system python3 (`/usr/bin/python3` first: a pyenv shim under /root cannot run as uid 1337).
+pub fn python() -> String {
+    if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3".to_owned()
+    } else {
+        which("python3").map_or_else(|| "python3".to_owned(), |p| p.display().to_string())
+    }
+}
+
 /// The `ip` binary (iproute2).
 fn ip() -> PathBuf {
     which("ip").unwrap_or_else(|| PathBuf::from("/usr/sbin/ip"))
@@ -264,6 +273,9 @@ impl Netns {
         run_ok(Command::new(ip()).args(["netns", "add", &name]));
         let ns = Netns { name };
         ns.exec_ok(&["ip", "link", "set", "lo", "up"]);
+        // Interfaces made later skip IPv6 duplicate address detection, link-local included, so
+        // IPv6 neighbours answer at once instead of after a second of "tentative".
+        ns.exec_ok(&["sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0"]);
         ns
     }
 

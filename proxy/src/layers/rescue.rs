@@ -13,7 +13,7 @@ use std::task::{ready, Context, Poll};
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 
-use crate::errors::{error_response, ProxyError, Reason, RspBody};
+use crate::errors::{error_response, Chain, ProxyError, Reason, RspBody};
 use crate::http::forward::BoxError;
 use crate::metrics::DirectionMetrics;
 
@@ -101,7 +101,7 @@ where
             Err(error) => {
                 let reason = reason_of(&error);
                 this.metrics.error(reason);
-                tracing::debug!(reason = reason.as_str(), %error, "request failed");
+                tracing::debug!(reason = reason.as_str(), error = %Chain(error.as_ref()), "request failed");
                 Poll::Ready(Ok(error_response(reason)))
             }
         }
