@@ -21,6 +21,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// Which HTTP version the proxy speaks to upstreams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UpstreamHttp {
+    /// The client's own version (transparent; right for sidecars).
+    Same,
+    /// Always HTTP/1.1 (an upstream that only speaks HTTP/1.1 behind h2c clients).
+    Http1,
+    /// Always HTTP/2 prior knowledge (an h2c-only upstream behind HTTP/1.1 clients).
+    Http2,
+}
+
 /// Flags of `outrider proxy` (DESIGN.md section 8).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProxyArgs {
@@ -57,6 +68,14 @@ pub struct ProxyArgs {
     #[arg(long, env = "OUTRIDER_OPAQUE_PORTS", value_name = "P,...", value_delimiter = ',',
           default_values_t = DEFAULT_OPAQUE_PORTS.to_vec(), value_parser = parse_port)]
     pub opaque_ports: Vec<u16>,
+    /// HTTP version towards upstreams: `same` as the client, or always `http1` / `http2`.
+    #[arg(
+        long,
+        env = "OUTRIDER_UPSTREAM_HTTP",
+        value_enum,
+        default_value = "same"
+    )]
+    pub upstream_http: UpstreamHttp,
     /// Largest HTTP request header block accepted (bytes); larger requests get 431.
     #[arg(long, env = "OUTRIDER_MAX_HEADER_BYTES", default_value_t = 64 * 1024,
           value_parser = clap::value_parser!(u32).range(8192..=16 * 1024 * 1024))]
@@ -123,6 +142,8 @@ pub struct Config {
     pub detect_max_bytes: usize,
     /// Ports that skip detection.
     pub opaque_ports: Vec<u16>,
+    /// HTTP version towards upstreams.
+    pub upstream_http: UpstreamHttp,
     /// Largest request header block, bytes.
     pub max_header_bytes: u32,
     /// HTTP/1 header read timeout.
@@ -174,6 +195,7 @@ impl Config {
             detect_timeout: args.detect_timeout,
             detect_max_bytes: 8 * 1024,
             opaque_ports: args.opaque_ports,
+            upstream_http: args.upstream_http,
             max_header_bytes: args.max_header_bytes,
             header_read_timeout: args.header_read_timeout,
             http_idle_timeout: args.http_idle_timeout,
@@ -257,6 +279,7 @@ impl Config {
             "detect_timeout": fmt_duration(self.detect_timeout),
             "detect_max_bytes": self.detect_max_bytes,
             "opaque_ports": self.opaque_ports,
+            "upstream_http": format!("{:?}", self.upstream_http).to_lowercase(),
             "max_header_bytes": self.max_header_bytes,
             "header_read_timeout": fmt_duration(self.header_read_timeout),
             "http_idle_timeout": fmt_duration(self.http_idle_timeout),
@@ -280,6 +303,7 @@ impl Config {
             detect_timeout: Duration::from_secs(1),
             detect_max_bytes: 8 * 1024,
             opaque_ports: DEFAULT_OPAQUE_PORTS.to_vec(),
+            upstream_http: UpstreamHttp::Same,
             max_header_bytes: 64 * 1024,
             header_read_timeout: Duration::from_secs(10),
             http_idle_timeout: Duration::from_secs(300),

@@ -19,7 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::ServiceBuilder;
 use tracing::Instrument;
 
-use crate::config::Config;
+use crate::config::{Config, UpstreamHttp};
 use crate::detect::{self, Outcome, Protocol};
 use crate::drain;
 use crate::errors::Reason;
@@ -239,8 +239,13 @@ async fn serve(ctx: Arc<ListenerCtx>, socket: TcpStream, target: SocketAddr, dra
 
     match outcome.protocol() {
         proto @ (Protocol::Http1 | Protocol::Http2) => {
-            let client = ctx.upstreams.client(target, proto);
-            let forward = match Forward::new(client, target, drain.clone()) {
+            let upstream = match ctx.config.upstream_http {
+                UpstreamHttp::Same => proto,
+                UpstreamHttp::Http1 => Protocol::Http1,
+                UpstreamHttp::Http2 => Protocol::Http2,
+            };
+            let client = ctx.upstreams.client(target, upstream);
+            let forward = match Forward::new(client, upstream, target, drain.clone()) {
                 Ok(f) => f,
                 Err(e) => return tracing::debug!(error = %e, "cannot forward"),
             };

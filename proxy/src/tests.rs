@@ -524,3 +524,22 @@ async fn admin_endpoints() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test]
+async fn upstream_http_version_can_be_forced() {
+    use crate::config::UpstreamHttp;
+    let app = start_app().await;
+    for (client_h2, upstream, expect) in [
+        (true, UpstreamHttp::Http1, "HTTP/1.1"),
+        (false, UpstreamHttp::Http2, "HTTP/2.0"),
+        (true, UpstreamHttp::Same, "HTTP/2.0"),
+    ] {
+        let p = start_forward(app, |c| c.upstream_http = upstream).await;
+        let mut c = ClientConn::connect(p.forward[0], client_h2).await.unwrap();
+        let rsp = c.get("payments.test", "/v").await.unwrap();
+        assert_eq!(rsp.status(), StatusCode::OK, "{upstream:?}");
+        let body = rsp.into_body().collect().await.unwrap().to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        assert!(body.contains(expect), "{upstream:?}: {body}");
+    }
+}

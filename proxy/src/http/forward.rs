@@ -114,6 +114,8 @@ pub struct Forward {
 
 struct Inner {
     client: HttpClient,
+    /// The HTTP version spoken upstream.
+    version: http::Version,
     authority: Authority,
     drain: drain::Watch,
 }
@@ -122,14 +124,21 @@ impl Forward {
     /// Forwards to `target` over `client`. Upgraded (WebSocket) streams hold `drain` until closed.
     pub fn new(
         client: HttpClient,
+        upstream: Protocol,
         target: SocketAddr,
         drain: drain::Watch,
     ) -> Result<Self, ProxyError> {
         let authority = Authority::try_from(target.to_string())
             .map_err(|e| ProxyError::new(Reason::BadRequest, e))?;
+        let version = if upstream == Protocol::Http2 {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
+                version,
                 authority,
                 drain,
             }),
@@ -156,6 +165,16 @@ impl tower::Service<Request<Incoming>> for Forward {
                 .then(|| hyper::upgrade::on(&mut req));
             strip_hop_by_hop(req.headers_mut(), upgrade.is_some());
             set_upstream_uri(&mut req, &inner.authority)?;
+            if req.version() != inner.version && upgrade.is_none() {
+                // Version translation (`--upstream-http`): the URI carries the authority, so
+                // HTTP/1 gets its Host header from it and HTTP/2 its :authority.
+                if inner.version == http::Version::HTTP_2 {
+                    if let Some(host) = req.headers_mut().remove(http::header::HOST) {
+                        set_authority(&mut req, &host)?;
+                    }
+                }
+                *req.version_mut() = inner.version;
+            }
             let mut rsp = inner.client.request(req).await.map_err(|e| {
                 let reason = if e.is_connect() {
                     Reason::ConnectFailed
@@ -192,6 +211,16 @@ fn set_upstream_uri(req: &mut Request<Incoming>, upstream: &Authority) -> Result
     if parts.path_and_query.is_none() {
         parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
     }
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|e| ProxyError::new(Reason::BadRequest, e))?;
+    Ok(())
+}
+
+/// Replaces the request URI's authority with a `Host` header value.
+fn set_authority(req: &mut Request<Incoming>, host: &http::HeaderValue) -> Result<(), ProxyError> {
+    let authority =
+        Authority::try_from(host.as_bytes()).map_err(|e| ProxyError::new(Reason::BadRequest, e))?;
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    parts.authority = Some(authority);
     *req.uri_mut() = Uri::from_parts(parts).map_err(|e| ProxyError::new(Reason::BadRequest, e))?;
     Ok(())
 }
