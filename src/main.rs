@@ -1,5 +1,6 @@
 //! `outrider`: one binary for the whole mesh. Each subcommand is one component:
-//! `init` (traffic capture), `proxy` (the sidecar), `demo` (everything on loopback).
+//! `init` (traffic capture), `proxy` (the sidecar), `control` (the control plane), `demo`
+//! (everything on loopback).
 
 use std::process::ExitCode;
 
@@ -19,6 +20,8 @@ enum Command {
     Init(outrider_iptables_init::InitArgs),
     /// Run the sidecar proxy (or, with --forward, a local proxy in front of a service).
     Proxy(Box<outrider_proxy::ProxyArgs>),
+    /// Run the control plane: serve the mesh config (YAML) to proxies over the watch API.
+    Control(outrider_control::ControlArgs),
     /// Run the whole data path on loopback (no root): load → proxy → proxy → app, then a summary.
     Demo(outrider_proxy::demo::DemoArgs),
     /// Run only the demo's built-in app (HTTP/1.1 + h2c, upgrade echo); used by the tests.
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Init(args) => outrider_iptables_init::main(args),
         Command::Proxy(args) => outrider_proxy::main(*args),
+        Command::Control(args) => outrider_control::main(args),
         Command::Demo(args) => outrider_proxy::demo::main(args),
         Command::DemoApp { listen, instance } => outrider_proxy::demo_app::main(listen, instance),
     }

@@ -1,3 +1,14 @@
-//! The Outrider control plane. It lands with the control-plane issue (#5): config store, watch API,
-//! certificate authority, and the API types and client that `outrider-proxy` uses. Until then this
-//! crate only fixes its place in the workspace; it serves nothing.
+//! The Outrider control plane: the mesh config (YAML, validated with key paths), the watch API
+//! server (`outrider control`), and the API types and watch client that `outrider-proxy` uses.
+//! Dependencies point one way: this crate never uses the proxy.
+
+pub mod api;
+pub mod client;
+pub mod duration;
+pub mod mesh;
+pub mod server;
+
+#[cfg(test)]
+mod tests;
+
+pub use server::{main, ControlArgs, ControlPlane};

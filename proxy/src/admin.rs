@@ -3,7 +3,7 @@
 //! | path | method | what |
 //! | --- | --- | --- |
 //! | `/live` | GET | 200 while the process serves |
-//! | `/ready` | GET | 200 once every listener is bound; 503 before, and while draining |
+//! | `/ready` | GET | 200 once every listener is bound and (with `--control`) the first config is in; 503 before, and while draining |
 //! | `/metrics` | GET | Prometheus text format |
 //! | `/config` | GET | the effective configuration, JSON, secrets redacted |
 //! | `/log-level` | GET, PUT | read or replace the log filter (loopback peers only) |
@@ -22,6 +22,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{Encoder, Registry, TextEncoder};
 use tokio::net::TcpListener;
 
+use crate::discovery::Discovery;
 use crate::log::LogHandle;
 use crate::proxy::ShutdownHandle;
 
@@ -31,8 +32,10 @@ pub struct AdminState {
     pub registry: Registry,
     /// Ready flag: listeners bound and not draining.
     pub ready: Arc<AtomicBool>,
-    /// `/config` body.
-    pub config_json: String,
+    /// The static part of `/config`.
+    pub config: serde_json::Value,
+    /// Discovery, when a control plane is configured: gates `/ready`, shown on `/config`.
+    pub discovery: Option<Discovery>,
     /// Log filter control, if this process installed the logger.
     pub log: Option<Arc<LogHandle>>,
     /// Starts a graceful shutdown.
@@ -87,8 +90,17 @@ async fn route(
     match (req.method().clone(), req.uri().path()) {
         (Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (Method::GET, "/ready") => {
-            if state.ready.load(Ordering::Acquire) {
+            let synced = state
+                .discovery
+                .as_ref()
+                .is_none_or(|d| d.status.has_config());
+            if state.ready.load(Ordering::Acquire) && synced {
                 text(StatusCode::OK, "ready\n")
+            } else if !synced {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: no config from the control plane yet\n",
+                )
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
             }
@@ -113,7 +125,18 @@ async fn route(
             }
         }
         (Method::GET, "/config") => {
-            let mut rsp = text(StatusCode::OK, state.config_json.clone());
+            let mut config = state.config.clone();
+            if let (Some(d), Some(obj)) = (&state.discovery, config.as_object_mut()) {
+                obj.insert("control".into(), d.status.to_json());
+                let table = d.table.borrow().clone();
+                let view = table
+                    .view
+                    .as_ref()
+                    .map(|v| serde_json::json!({"outbound": v.outbound, "inbound": v.inbound}));
+                obj.insert("view".into(), view.unwrap_or(serde_json::Value::Null));
+            }
+            let body = serde_json::to_string_pretty(&config).unwrap_or_default();
+            let mut rsp = text(StatusCode::OK, body);
             rsp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static("application/json"),

@@ -53,6 +53,12 @@ pub struct ProxyArgs {
     #[arg(long = "forward", env = "OUTRIDER_FORWARD", value_name = "LISTEN=UPSTREAM",
           value_delimiter = ',', value_parser = parse_forward)]
     pub forwards: Vec<ForwardSpec>,
+    /// The control plane's watch API, e.g. http://127.0.0.1:15012. Needs --workload.
+    #[arg(long, env = "OUTRIDER_CONTROL", value_name = "URL")]
+    pub control: Option<String>,
+    /// This proxy's workload, `namespace/name` (in Kubernetes, from the downward API).
+    #[arg(long, env = "OUTRIDER_WORKLOAD", value_name = "NAMESPACE/NAME")]
+    pub workload: Option<String>,
     /// Worker threads. Default: the CPU quota of this process's cgroup, else the available cores.
     #[arg(long, env = "OUTRIDER_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,
@@ -132,6 +138,10 @@ pub struct Config {
     pub admin: SocketAddr,
     /// Local-mode listeners.
     pub forwards: Vec<ForwardSpec>,
+    /// The control plane's URL.
+    pub control: Option<String>,
+    /// This proxy's workload.
+    pub workload: Option<String>,
     /// Worker threads.
     pub workers: usize,
     /// Log format.
@@ -187,6 +197,8 @@ impl Config {
             outbound,
             admin: args.admin,
             forwards: args.forwards,
+            control: args.control,
+            workload: args.workload,
             workers: args
                 .workers
                 .map(usize::from)
@@ -236,6 +248,32 @@ impl Config {
                 });
             }
         }
+        match (&self.control, &self.workload) {
+            (Some(_), None) => {
+                return Err(ConfigError {
+                    flag: "--workload",
+                    reason: "--control needs --workload NAMESPACE/NAME".into(),
+                })
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError {
+                    flag: "--control",
+                    reason: "--workload needs --control URL".into(),
+                })
+            }
+            (Some(url), Some(workload)) => {
+                outrider_control::client::Watcher::new(url, workload, Duration::from_secs(1))
+                    .map_err(|reason| ConfigError {
+                        flag: if reason.starts_with("--workload") {
+                            "--workload"
+                        } else {
+                            "--control"
+                        },
+                        reason,
+                    })?;
+            }
+            (None, None) => {}
+        }
         if self.drain_window > self.shutdown_grace {
             return Err(ConfigError {
                 flag: "--drain-window",
@@ -276,6 +314,8 @@ impl Config {
             "admin": self.admin.to_string(),
             "forwards": self.forwards.iter().map(|f| format!("{}={}", f.listen, f.upstream)).collect::<Vec<_>>(),
             "workers": self.workers,
+            "control_url": self.control,
+            "workload": self.workload,
             "detect_timeout": fmt_duration(self.detect_timeout),
             "detect_max_bytes": self.detect_max_bytes,
             "opaque_ports": self.opaque_ports,
@@ -298,6 +338,8 @@ impl Config {
             outbound: None,
             admin: SocketAddr::from(([127, 0, 0, 1], 0)),
             forwards,
+            control: None,
+            workload: None,
             workers: 1,
             log_format: LogFormat::Plain,
             detect_timeout: Duration::from_secs(1),
@@ -358,38 +400,12 @@ pub fn parse_port(s: &str) -> Result<u16, String> {
 
 /// Parses a duration such as `250ms`, `1s`, `5m`, `1h` (one number, one unit).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration `{s}`: expected e.g. 250ms, 1s, 5m, 1h"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => {
-            return Err(format!(
-                "invalid duration `{s}`: unit must be ms, s, m or h"
-            ))
-        }
-    };
-    Ok(d)
+    outrider_control::duration::parse(s)
 }
 
 /// Formats a duration the way [`parse_duration`] reads it.
 pub fn fmt_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms % 3_600_000 == 0 && ms > 0 {
-        format!("{}h", ms / 3_600_000)
-    } else if ms % 60_000 == 0 && ms > 0 {
-        format!("{}m", ms / 60_000)
-    } else if ms % 1000 == 0 {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{ms}ms")
-    }
+    outrider_control::duration::format(d)
 }
 
 /// Worker threads from the CPU quota this process really has: cgroup v2 `cpu.max`, then cgroup v1
@@ -438,6 +454,7 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert!(parse_duration("5x").unwrap_err().contains("unit"));
+        assert!(parse_duration("1500ms").is_ok());
         assert!(parse_duration("ms").is_err());
         assert!(parse_duration("").is_err());
         for s in ["250ms", "1s", "5m", "1h", "0s"] {

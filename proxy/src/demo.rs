@@ -1,11 +1,14 @@
 //! `outrider demo`: the whole data path on loopback, without root.
 //!
 //! ```text
-//! load (HTTP/1.1 + h2c) → client-side proxy → server-side proxy → payments-api (built-in app)
+//! load (HTTP/1.1 + h2c) → client-side proxy ─(discovery: 198.18.100.1:80 = 3 endpoints)─→
+//!   server-side proxy (127.0.0.1:18181-18183) → payments-api ×3 (built-in app)
 //! ```
 //!
-//! Both proxies run in local mode (`--forward`) in this process; the load runs for `--duration`
-//! (or until Ctrl-C), then the demo prints a summary and stops everything it started.
+//! The control plane serves its embedded demo mesh; the client-side proxy watches it as workload
+//! `demo/loadgen` and spreads requests over the service's endpoints. Everything runs in this
+//! process; the load runs for `--duration` (or until Ctrl-C), then the demo prints a summary and
+//! stops everything it started.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -26,6 +29,8 @@ use crate::config::{parse_duration, Config, ForwardSpec, LogFormat};
 use crate::metrics::Direction;
 use crate::orig_dst::SoOriginalDst;
 use crate::proxy::Proxy;
+use outrider_control::mesh::{Mesh, DEMO_MESH};
+use outrider_control::ControlPlane;
 
 /// Flags of `outrider demo`.
 #[derive(Debug, Clone, clap::Args)]
@@ -91,9 +96,25 @@ impl ClientConn {
 struct Tally {
     latencies: Vec<Duration>,
     statuses: BTreeMap<u16, u64>,
+    instances: BTreeMap<String, u64>,
     errors: u64,
     http1: u64,
     http2: u64,
+}
+
+impl Tally {
+    fn merge(&mut self, t: Tally) {
+        self.latencies.extend(t.latencies);
+        for (s, n) in t.statuses {
+            *self.statuses.entry(s).or_default() += n;
+        }
+        for (i, n) in t.instances {
+            *self.instances.entry(i).or_default() += n;
+        }
+        self.errors += t.errors;
+        self.http1 += t.http1;
+        self.http2 += t.http2;
+    }
 }
 
 /// Runs the demo and prints its summary.
@@ -123,27 +144,66 @@ fn local(listen: SocketAddr, upstream: SocketAddr) -> Config {
     Config::local(vec![ForwardSpec { listen, upstream }])
 }
 
+/// The endpoint ports of the embedded demo mesh (`control/demo-mesh.yaml`).
+const DEMO_ENDPOINT_PORTS: [u16; 3] = [18181, 18182, 18183];
+/// The virtual address of payments-api in the demo mesh.
+const DEMO_VIP: &str = "198.18.100.1:80";
+
 async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let duration = args.duration.min(Duration::from_secs(3600));
     let any = SocketAddr::from(([127, 0, 0, 1], 0));
-    let app = TcpListener::bind(any).await.context("bind the demo app")?;
-    let app_addr = app.local_addr()?;
-    let app_task = tokio::spawn(crate::demo_app::serve(app, "payments-api-0".into()));
 
-    let server = Proxy::bind(local(any, app_addr), Arc::new(SoOriginalDst), None).await?;
-    let server_addr = server.listener_addrs(Direction::Forward)[0];
-    let client = Proxy::bind(local(any, server_addr), Arc::new(SoOriginalDst), None).await?;
+    // The control plane, on its embedded demo mesh.
+    let mesh =
+        Mesh::parse(DEMO_MESH).map_err(|e| anyhow::anyhow!("embedded demo mesh: {:?}", e))?;
+    let control = ControlPlane::new(mesh)?;
+    let control_listener = TcpListener::bind(any)
+        .await
+        .context("bind the control plane")?;
+    let control_addr = control_listener.local_addr()?;
+    let control_task = tokio::spawn(control.serve(control_listener));
+
+    // Three copies of the app, each behind the server-side proxy at an endpoint of the mesh.
+    let mut apps = Vec::new();
+    let mut forwards = Vec::new();
+    for (i, port) in DEMO_ENDPOINT_PORTS.iter().enumerate() {
+        let app = TcpListener::bind(any).await.context("bind the demo app")?;
+        forwards.push(ForwardSpec {
+            listen: SocketAddr::from(([127, 0, 0, 1], *port)),
+            upstream: app.local_addr()?,
+        });
+        apps.push(tokio::spawn(crate::demo_app::serve(
+            app,
+            format!("payments-api-{i}"),
+        )));
+    }
+    let server = Proxy::bind(Config::local(forwards), Arc::new(SoOriginalDst), None)
+        .await
+        .context("the demo mesh's endpoints are 127.0.0.1:18181-18183; free those ports")?;
+
+    let mut config = local(any, DEMO_VIP.parse()?);
+    config.control = Some(format!("http://{control_addr}"));
+    config.workload = Some("demo/loadgen".into());
+    let client = Proxy::bind(config, Arc::new(SoOriginalDst), None).await?;
     let client_addr = client.listener_addrs(Direction::Forward)[0];
     let (server_admin, client_admin) = (server.admin_addr(), client.admin_addr());
     let (server_registry, client_registry) = (server.registry(), client.registry());
     let (server_stop, client_stop) = (server.shutdown_handle(), client.shutdown_handle());
+    let synced = client.discovery_status();
     let server_task = tokio::spawn(server.run());
     let client_task = tokio::spawn(client.run());
+    // Bounded wait for the first config: 100 checks, 20 ms apart.
+    for _ in 0..100 {
+        if synced.as_ref().is_none_or(|s| s.has_config()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
-    println!("outrider demo: load → client-side proxy → server-side proxy → payments-api, for {duration:?}");
-    println!("  payments-api        {app_addr}");
-    println!("  server-side proxy   {server_addr}  metrics: curl http://{server_admin}/metrics");
-    println!("  client-side proxy   {client_addr}  metrics: curl http://{client_admin}/metrics");
+    println!("outrider demo: load → client-side proxy → server-side proxy → payments-api ×3, for {duration:?}");
+    println!("  control plane       http://{control_addr}  (embedded demo mesh; try curl 'http://{control_addr}/v1/watch?workload=demo/loadgen')");
+    println!("  client-side proxy   {client_addr} → {DEMO_VIP} (payments-api, discovered)  metrics: curl http://{client_admin}/metrics");
+    println!("  server-side proxy   127.0.0.1:18181-18183 → 3 app instances  metrics: curl http://{server_admin}/metrics");
     println!("  (the addresses live while the demo runs; Ctrl-C ends it early)");
 
     let deadline = Instant::now() + duration;
@@ -156,13 +216,7 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let mut tally = Tally::default();
         for w in workers {
             if let Ok(t) = w.await {
-                tally.latencies.extend(t.latencies);
-                for (s, n) in t.statuses {
-                    *tally.statuses.entry(s).or_default() += n;
-                }
-                tally.errors += t.errors;
-                tally.http1 += t.http1;
-                tally.http2 += t.http2;
+                tally.merge(t);
             }
         }
         tally
@@ -185,7 +239,10 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let _ = server_task.await;
     })
     .await;
-    app_task.abort();
+    for app in apps {
+        app.abort();
+    }
+    control_task.abort();
     if tally.errors > 0 || tally.latencies.is_empty() {
         anyhow::bail!(
             "{} requests failed, {} succeeded",
@@ -220,6 +277,13 @@ async fn drive(addr: SocketAddr, h2: bool, deadline: Instant) -> Tally {
         match c.get("payments.demo", &path).await {
             Ok(rsp) => {
                 let status = rsp.status();
+                if let Some(instance) = rsp
+                    .headers()
+                    .get("x-instance")
+                    .and_then(|v| v.to_str().ok())
+                {
+                    *tally.instances.entry(instance.to_string()).or_default() += 1;
+                }
                 let ok = rsp.into_body().collect().await.is_ok();
                 tally.latencies.push(start.elapsed());
                 *tally.statuses.entry(status.as_u16()).or_default() += 1;
@@ -297,6 +361,15 @@ fn print_summary(
         }
     );
     println!("errors     {}", t.errors);
+    let spread: Vec<String> = t
+        .instances
+        .iter()
+        .map(|(i, n)| format!("{i}: {n}"))
+        .collect();
+    println!(
+        "endpoints  {}  (weighted round robin over the control plane's endpoints)",
+        spread.join(", ")
+    );
     println!(
         "latency    p50 {:.2} ms   p90 {:.2} ms   p99 {:.2} ms   max {:.2} ms   (client → 2 proxies → app)",
         ms(percentile(&lat, 0.50)),

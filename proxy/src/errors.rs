@@ -19,16 +19,25 @@ pub enum Reason {
     Loop = 3,
     /// The original destination could not be read.
     NoOrigDst = 4,
+    /// The destination is not a known service and unknown destinations are refused.
+    NoRoute = 5,
+    /// The service has no endpoints.
+    NoEndpoints = 6,
+    /// The route's timeout passed before the response.
+    RequestTimeout = 7,
 }
 
 impl Reason {
     /// Every reason, in discriminant order.
-    pub const ALL: [Reason; 5] = [
+    pub const ALL: [Reason; 8] = [
         Reason::ConnectFailed,
         Reason::UpstreamFailed,
         Reason::BadRequest,
         Reason::Loop,
         Reason::NoOrigDst,
+        Reason::NoRoute,
+        Reason::NoEndpoints,
+        Reason::RequestTimeout,
     ];
 
     /// The `outrider-error` header value and metric label.
@@ -39,15 +48,21 @@ impl Reason {
             Reason::BadRequest => "bad-request",
             Reason::Loop => "loop",
             Reason::NoOrigDst => "no-orig-dst",
+            Reason::NoRoute => "no-route",
+            Reason::NoEndpoints => "no-endpoints",
+            Reason::RequestTimeout => "request-timeout",
         }
     }
 
     /// The status the client sees.
     pub fn status(self) -> StatusCode {
         match self {
-            Reason::ConnectFailed | Reason::UpstreamFailed | Reason::NoOrigDst => {
-                StatusCode::BAD_GATEWAY
-            }
+            Reason::ConnectFailed
+            | Reason::UpstreamFailed
+            | Reason::NoOrigDst
+            | Reason::NoRoute => StatusCode::BAD_GATEWAY,
+            Reason::NoEndpoints => StatusCode::SERVICE_UNAVAILABLE,
+            Reason::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
             Reason::BadRequest => StatusCode::BAD_REQUEST,
             Reason::Loop => StatusCode::LOOP_DETECTED,
         }

@@ -19,6 +19,7 @@ pub mod config;
 pub mod demo;
 pub mod demo_app;
 pub mod detect;
+pub mod discovery;
 pub mod drain;
 pub mod errors;
 pub mod http;

@@ -21,6 +21,7 @@ use tracing::Instrument;
 
 use crate::config::{Config, UpstreamHttp};
 use crate::detect::{self, Outcome, Protocol};
+use crate::discovery::Discovery;
 use crate::drain;
 use crate::errors::Reason;
 use crate::http::forward::{Forward, Upstreams};
@@ -28,9 +29,12 @@ use crate::http::{self as proxy_http, ServerConfig};
 use crate::io::{Activity, MeteredIo, PrefixedIo};
 use crate::layers::metrics::RequestMetricsLayer;
 use crate::layers::rescue::RescueLayer;
+use crate::layers::router::RouterLayer;
+use crate::layers::timeout::RequestTimeoutLayer;
 use crate::metrics::{Direction, DirectionMetrics};
 use crate::orig_dst::OrigDst;
 use crate::tcp;
+use outrider_control::api::{ServiceProtocol, UnknownDestinations};
 
 /// How a listener finds where a connection goes.
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +65,8 @@ pub struct ListenerCtx {
     pub server: ServerConfig,
     /// The proxy's own ports (never a target).
     pub own_ports: Vec<u16>,
+    /// Discovery, for outbound and local-mode listeners when a control plane is configured.
+    pub discovery: Option<Discovery>,
     loop_logged: AtomicBool,
 }
 
@@ -73,6 +79,7 @@ impl ListenerCtx {
         upstreams: Arc<Upstreams>,
         orig_dst: Arc<dyn OrigDst>,
         config: Arc<Config>,
+        discovery: Option<Discovery>,
     ) -> Self {
         let server = ServerConfig {
             max_header_bytes: config.max_header_bytes,
@@ -89,6 +96,7 @@ impl ListenerCtx {
             config,
             server,
             own_ports,
+            discovery: discovery.filter(|_| direction != Direction::Inbound),
             loop_logged: AtomicBool::new(false),
         }
     }
@@ -126,6 +134,21 @@ impl ListenerCtx {
                 }
                 Ok(orig)
             }
+        }
+    }
+
+    /// Where an opaque connection to `dest` goes: an endpoint of the service at `dest` (weighted
+    /// round robin, per connection), or `dest` itself when it is not a service and unknown
+    /// destinations pass through.
+    fn opaque_endpoint(&self, dest: SocketAddr) -> Result<SocketAddr, Reason> {
+        let Some(discovery) = &self.discovery else {
+            return Ok(dest);
+        };
+        let table = discovery.table.borrow().clone();
+        match table.service(&dest) {
+            Some(service) => service.pick().map(|e| e.addr).ok_or(Reason::NoEndpoints),
+            None if table.unknown == UnknownDestinations::Refuse => Err(Reason::NoRoute),
+            None => Ok(dest),
         }
     }
 
@@ -216,7 +239,13 @@ async fn serve(ctx: Arc<ListenerCtx>, socket: TcpStream, target: SocketAddr, dra
         activity.clone(),
     );
 
-    let (outcome, prefix) = if ctx.config.opaque_ports.contains(&target.port()) {
+    let opaque_service = ctx.discovery.as_ref().is_some_and(|d| {
+        d.table
+            .borrow()
+            .service(&target)
+            .is_some_and(|s| s.protocol == ServiceProtocol::Opaque)
+    });
+    let (outcome, prefix) = if opaque_service || ctx.config.opaque_ports.contains(&target.port()) {
         (Outcome::Skipped, bytes::Bytes::new())
     } else {
         match detect::detect(
@@ -250,9 +279,16 @@ async fn serve(ctx: Arc<ListenerCtx>, socket: TcpStream, target: SocketAddr, dra
                 Err(e) => return tracing::debug!(error = %e, "cannot forward"),
             };
             let in_flight = Arc::new(AtomicUsize::new(0));
+            let router = ctx
+                .discovery
+                .as_ref()
+                .map(|d| RouterLayer::new(d.table.clone(), target));
+            let timeout = router.is_some().then_some(RequestTimeoutLayer);
             let stack = ServiceBuilder::new()
                 .layer(RequestMetricsLayer::new(m.clone(), in_flight.clone()))
                 .layer(RescueLayer::new(m.clone()))
+                .option_layer(router)
+                .option_layer(timeout)
                 .service(forward);
             if let Err(e) =
                 proxy_http::serve(io, proto, stack, &ctx.server, drain, activity, in_flight).await
@@ -265,7 +301,14 @@ async fn serve(ctx: Arc<ListenerCtx>, socket: TcpStream, target: SocketAddr, dra
             // close, so a drain waits for them up to the grace deadline.
             let _drain = drain;
             let (connect_timeout, idle) = (ctx.config.connect_timeout, ctx.config.tcp_idle_timeout);
-            match tcp::forward(io, target, connect_timeout, idle, activity).await {
+            let endpoint = match ctx.opaque_endpoint(target) {
+                Ok(endpoint) => endpoint,
+                Err(reason) => {
+                    m.error(reason);
+                    return tracing::debug!(reason = reason.as_str(), "TCP connection refused");
+                }
+            };
+            match tcp::forward(io, endpoint, connect_timeout, idle, activity).await {
                 Ok((tx, rx)) => tracing::debug!(tx, rx, "TCP connection closed"),
                 Err(e) => {
                     m.error(e.reason);

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use crate::admin::{self, AdminState};
 use crate::config::Config;
+use crate::discovery::Discovery;
 use crate::drain;
 use crate::http::forward::Upstreams;
 use crate::listener::{accept_loop, ListenerCtx, Target};
@@ -47,6 +48,7 @@ pub struct Proxy {
     shutdown: ShutdownHandle,
     shutdown_rx: watch::Receiver<bool>,
     ready: Arc<AtomicBool>,
+    discovery: Option<Discovery>,
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
@@ -113,6 +115,15 @@ impl Proxy {
         let registry = Registry::new();
         let metrics = Metrics::register(&registry).context("cannot register metrics")?;
         let upstreams = Arc::new(Upstreams::new(config.connect_timeout));
+        let discovery = match (&config.control, &config.workload) {
+            (Some(url), Some(workload)) => Some(Discovery::spawn(
+                url,
+                workload,
+                upstreams.clone(),
+                &registry,
+            )?),
+            _ => None,
+        };
         let admin = bind(config.admin, "admin").await?;
 
         let ctx = |direction: Direction, target: Target| {
@@ -123,6 +134,7 @@ impl Proxy {
                 upstreams.clone(),
                 orig_dst.clone(),
                 config.clone(),
+                discovery.clone(),
             ))
         };
         let mut listeners = Vec::new();
@@ -155,6 +167,7 @@ impl Proxy {
             admin,
             listeners,
             log: log.map(Arc::new),
+            discovery,
             shutdown: ShutdownHandle(Arc::new(tx)),
             shutdown_rx,
             ready: Arc::new(AtomicBool::new(false)),
@@ -181,6 +194,11 @@ impl Proxy {
         self.registry.clone()
     }
 
+    /// The control-plane sync status, when `--control` is set.
+    pub fn discovery_status(&self) -> Option<Arc<crate::discovery::SyncStatus>> {
+        self.discovery.as_ref().map(|d| d.status.clone())
+    }
+
     /// A handle that starts a graceful shutdown.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         self.shutdown.clone()
@@ -197,6 +215,7 @@ impl Proxy {
             shutdown,
             mut shutdown_rx,
             ready,
+            discovery,
         } = self;
         let (inbound_drain, inbound_watch) = drain::channel();
         let (outbound_drain, outbound_watch) = drain::channel();
@@ -221,7 +240,8 @@ impl Proxy {
         let state = Arc::new(AdminState {
             registry,
             ready: ready.clone(),
-            config_json: serde_json::to_string_pretty(&config.to_json()).unwrap_or_default(),
+            config: config.to_json(),
+            discovery,
             log,
             shutdown,
         });

@@ -8,5 +8,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod capture;
+mod control;
 mod dataplane;
 mod support;

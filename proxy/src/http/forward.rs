@@ -29,11 +29,13 @@ use crate::detect::Protocol;
 use crate::drain;
 use crate::errors::{ProxyError, Reason, RspBody};
 use crate::http::headers::{is_upgrade, strip_hop_by_hop};
+use crate::layers::router::Dispatch;
 
 /// A boxed error, the error type inside the request stack.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-type HttpClient = Client<Connector, Incoming>;
+/// A pooled client for one upstream address.
+pub type HttpClient = Client<Connector, Incoming>;
 
 /// Most upstream addresses with a live client; past it the table is cleared (idle pooled
 /// connections then close on their own). Bounds memory when outbound traffic fans out widely.
@@ -165,17 +167,30 @@ impl tower::Service<Request<Incoming>> for Forward {
                 .then(|| hyper::upgrade::on(&mut req));
             strip_hop_by_hop(req.headers_mut(), upgrade.is_some());
             set_upstream_uri(&mut req, &inner.authority)?;
-            if req.version() != inner.version && upgrade.is_none() {
-                // Version translation (`--upstream-http`): the URI carries the authority, so
-                // HTTP/1 gets its Host header from it and HTTP/2 its :authority.
-                if inner.version == http::Version::HTTP_2 {
+            // The router's choice of endpoint (and version), else this connection's upstream.
+            let dispatch = req.extensions_mut().remove::<Dispatch>();
+            let (client, version) = match &dispatch {
+                Some(d) => {
+                    let h2 = d.h2.unwrap_or(inner.version == http::Version::HTTP_2);
+                    if h2 {
+                        (&d.endpoint.h2, http::Version::HTTP_2)
+                    } else {
+                        (&d.endpoint.h1, http::Version::HTTP_11)
+                    }
+                }
+                None => (&inner.client, inner.version),
+            };
+            if req.version() != version && upgrade.is_none() {
+                // Version translation (`--upstream-http`, a service's protocol): the URI carries
+                // the authority, so HTTP/1 gets its Host header from it and HTTP/2 its :authority.
+                if version == http::Version::HTTP_2 {
                     if let Some(host) = req.headers_mut().remove(http::header::HOST) {
                         set_authority(&mut req, &host)?;
                     }
                 }
-                *req.version_mut() = inner.version;
+                *req.version_mut() = version;
             }
-            let mut rsp = inner.client.request(req).await.map_err(|e| {
+            let mut rsp = client.request(req).await.map_err(|e| {
                 let reason = if e.is_connect() {
                     Reason::ConnectFailed
                 } else {

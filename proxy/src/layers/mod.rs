@@ -3,3 +3,5 @@
 
 pub mod metrics;
 pub mod rescue;
+pub mod router;
+pub mod timeout;

@@ -1,0 +1,611 @@
+//! The mesh config: the control plane's source of truth, a YAML file (see the README for the full
+//! schema and an example). Parsing happens in two steps: serde reads the YAML into loose "raw"
+//! structs (unknown keys are errors), then validation turns them into typed [`Mesh`] values and
+//! collects *every* problem, each with its key path (`services[2].routes[0].timeout: ...`).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+
+use serde::Deserialize;
+
+use crate::api::{
+    Balancer, Breaker, Endpoint, InboundView, OutboundView, RetryPolicy, Route, RouteMatch,
+    ServerPolicy, Service, ServiceProtocol, UnknownDestinations, WatchResponse,
+};
+use crate::duration;
+
+/// The demo mesh, served when `outrider control` runs without `--config`.
+pub const DEMO_MESH: &str = include_str!("../demo-mesh.yaml");
+
+/// One problem in a mesh config, with the key path that holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Where: `services[2].routes[0].timeout`, or `<yaml>` for syntax errors.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// A validated mesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mesh {
+    /// Default policy for unknown outbound destinations.
+    pub unknown_destinations: UnknownDestinations,
+    /// Every service.
+    pub services: Vec<Service>,
+    /// Every workload, by `namespace/name`.
+    pub workloads: BTreeMap<String, Workload>,
+}
+
+/// A workload: what it may call and who may call it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    /// Services it may call (`namespace/name`); `None` means all.
+    pub calls: Option<Vec<String>>,
+    /// Overrides the mesh-wide unknown-destination policy.
+    pub unknown_destinations: Option<UnknownDestinations>,
+    /// Its server policies.
+    pub servers: Vec<ServerPolicy>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMesh {
+    unknown_destinations: Option<String>,
+    #[serde(default)]
+    services: Vec<RawService>,
+    #[serde(default)]
+    workloads: Vec<RawWorkload>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    namespace: Option<String>,
+    #[serde(default)]
+    addresses: Vec<String>,
+    protocol: Option<String>,
+    #[serde(default)]
+    endpoints: Vec<RawEndpoint>,
+    #[serde(default)]
+    routes: Vec<RawRoute>,
+    breaker: Option<RawBreaker>,
+    balancer: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoint {
+    address: String,
+    identity: Option<String>,
+    weight: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: Option<String>,
+    #[serde(rename = "match", default)]
+    matches: RawMatch,
+    timeout: Option<String>,
+    retry: Option<RawRetry>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMatch {
+    path_prefix: Option<String>,
+    path: Option<String>,
+    method: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    attempts: u32,
+    budget: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBreaker {
+    consecutive_failures: u32,
+    open_for: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkload {
+    name: String,
+    calls: Option<Vec<String>>,
+    unknown_destinations: Option<String>,
+    #[serde(default)]
+    servers: Vec<RawServer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    port: u32,
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    plaintext: bool,
+}
+
+/// Collects errors under a growing key path.
+struct Errors(Vec<ConfigError>);
+
+impl Errors {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn check_identity(errors: &mut Errors, path: String, id: &str) {
+    let ok = id
+        .strip_prefix("spiffe://")
+        .and_then(|rest| rest.split_once('/'))
+        .is_some_and(|(domain, path)| {
+            !domain.is_empty() && !path.is_empty() && !id.contains(char::is_whitespace)
+        });
+    if !ok {
+        errors.push(
+            path,
+            format!("invalid identity \"{id}\": expected spiffe://<trust-domain>/<path>"),
+        );
+    }
+}
+
+fn parse_addr(errors: &mut Errors, path: String, s: &str) -> Option<SocketAddr> {
+    match s.trim().parse::<SocketAddr>() {
+        Ok(a) if a.port() != 0 => Some(a),
+        Ok(_) => {
+            errors.push(path, format!("address \"{s}\" has port 0"));
+            None
+        }
+        Err(_) => {
+            errors.push(
+                path,
+                format!("invalid address \"{s}\": expected IP:PORT, e.g. 10.0.0.1:80"),
+            );
+            None
+        }
+    }
+}
+
+fn parse_unknown(
+    errors: &mut Errors,
+    path: &str,
+    s: &Option<String>,
+) -> Option<UnknownDestinations> {
+    match s.as_deref()? {
+        "passthrough" => Some(UnknownDestinations::Passthrough),
+        "refuse" => Some(UnknownDestinations::Refuse),
+        other => {
+            errors.push(
+                path,
+                format!("unknown policy \"{other}\": expected passthrough or refuse"),
+            );
+            None
+        }
+    }
+}
+
+impl Mesh {
+    /// Parses and validates a mesh config; on failure returns every problem found.
+    pub fn parse(yaml: &str) -> Result<Mesh, Vec<ConfigError>> {
+        let de = serde_norway::Deserializer::from_str(yaml);
+        let raw: RawMesh = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." || path.is_empty() {
+                "<yaml>".to_string()
+            } else {
+                path
+            };
+            vec![ConfigError {
+                path,
+                message: e.into_inner().to_string(),
+            }]
+        })?;
+        let mut errors = Errors(Vec::new());
+        let mesh = validate(raw, &mut errors);
+        if errors.0.is_empty() {
+            Ok(mesh)
+        } else {
+            Err(errors.0)
+        }
+    }
+
+    /// The view of `workload` (`namespace/name`) at `version`; `None` if the workload is unknown.
+    pub fn view(&self, workload: &str, version: &str) -> Option<WatchResponse> {
+        let w = self.workloads.get(workload)?;
+        let services = self
+            .services
+            .iter()
+            .filter(|s| w.calls.as_ref().is_none_or(|calls| calls.contains(&s.id())))
+            .cloned()
+            .collect();
+        Some(WatchResponse {
+            version: version.to_string(),
+            workload: workload.to_string(),
+            outbound: OutboundView {
+                unknown_destinations: w.unknown_destinations.unwrap_or(self.unknown_destinations),
+                services,
+            },
+            inbound: InboundView {
+                servers: w.servers.clone(),
+            },
+        })
+    }
+
+    /// A one-line summary for logs and `--check`.
+    pub fn summary(&self) -> String {
+        let endpoints: usize = self.services.iter().map(|s| s.endpoints.len()).sum();
+        let routes: usize = self.services.iter().map(|s| s.routes.len()).sum();
+        format!(
+            "{} services, {} endpoints, {} routes, {} workloads",
+            self.services.len(),
+            endpoints,
+            routes,
+            self.workloads.len()
+        )
+    }
+}
+
+fn validate(raw: RawMesh, errors: &mut Errors) -> Mesh {
+    let unknown_destinations =
+        parse_unknown(errors, "unknown_destinations", &raw.unknown_destinations)
+            .unwrap_or_default();
+    let mut services = Vec::new();
+    let mut ids: HashMap<String, usize> = HashMap::new();
+    let mut vips: HashMap<SocketAddr, String> = HashMap::new();
+    for (i, s) in raw.services.into_iter().enumerate() {
+        let at = format!("services[{i}]");
+        // Known even when invalid, so workloads that call it get no second, misleading error.
+        let id = format!("{}/{}", s.namespace.as_deref().unwrap_or("default"), s.name);
+        if let Some(prev) = ids.insert(id.clone(), i) {
+            errors.push(
+                format!("{at}.name"),
+                format!("duplicate service \"{id}\" (also services[{prev}])"),
+            );
+        }
+        if let Some(svc) = validate_service(errors, &at, s) {
+            for (j, a) in svc.addresses.iter().enumerate() {
+                if let Some(other) = vips.insert(*a, svc.id()) {
+                    errors.push(
+                        format!("{at}.addresses[{j}]"),
+                        format!("{a} is already an address of service \"{other}\""),
+                    );
+                }
+            }
+            services.push(svc);
+        }
+    }
+    let mut workloads = BTreeMap::new();
+    for (i, w) in raw.workloads.into_iter().enumerate() {
+        let at = format!("workloads[{i}]");
+        let Some((ns, name)) = w
+            .name
+            .split_once('/')
+            .filter(|(ns, n)| is_dns_label(ns) && is_dns_label(n))
+        else {
+            errors.push(
+                format!("{at}.name"),
+                format!(
+                    "invalid workload \"{}\": expected namespace/name (lower case, digits, -)",
+                    w.name
+                ),
+            );
+            continue;
+        };
+        let calls = w.calls.map(|calls| {
+            calls
+                .iter()
+                .enumerate()
+                .filter_map(|(j, c)| {
+                    let id = if c.contains('/') {
+                        c.clone()
+                    } else {
+                        format!("{ns}/{c}")
+                    };
+                    if ids.contains_key(&id) {
+                        Some(id)
+                    } else {
+                        errors.push(
+                            format!("{at}.calls[{j}]"),
+                            format!("unknown service \"{c}\""),
+                        );
+                        None
+                    }
+                })
+                .collect()
+        });
+        let unknown = parse_unknown(
+            errors,
+            &format!("{at}.unknown_destinations"),
+            &w.unknown_destinations,
+        );
+        let mut ports = HashSet::new();
+        let mut servers = Vec::new();
+        for (j, srv) in w.servers.into_iter().enumerate() {
+            let sat = format!("{at}.servers[{j}]");
+            let Some(port) = u16::try_from(srv.port).ok().filter(|p| *p != 0) else {
+                errors.push(
+                    format!("{sat}.port"),
+                    format!("invalid port {}: expected 1-65535", srv.port),
+                );
+                continue;
+            };
+            if !ports.insert(port) {
+                errors.push(
+                    format!("{sat}.port"),
+                    format!("port {port} has two policies"),
+                );
+            }
+            for (k, id) in srv.allow.iter().enumerate() {
+                check_identity(errors, format!("{sat}.allow[{k}]"), id);
+            }
+            servers.push(ServerPolicy {
+                port,
+                allow: srv.allow,
+                plaintext: srv.plaintext,
+            });
+        }
+        let id = format!("{ns}/{name}");
+        if workloads.contains_key(&id) {
+            errors.push(format!("{at}.name"), format!("duplicate workload \"{id}\""));
+        }
+        workloads.insert(
+            id,
+            Workload {
+                calls,
+                unknown_destinations: unknown,
+                servers,
+            },
+        );
+    }
+    Mesh {
+        unknown_destinations,
+        services,
+        workloads,
+    }
+}
+
+fn validate_service(errors: &mut Errors, at: &str, s: RawService) -> Option<Service> {
+    let before = errors.0.len();
+    if !is_dns_label(&s.name) {
+        errors.push(
+            format!("{at}.name"),
+            format!(
+                "invalid name \"{}\": lower case letters, digits and -",
+                s.name
+            ),
+        );
+    }
+    let namespace = s.namespace.unwrap_or_else(|| "default".to_string());
+    if !is_dns_label(&namespace) {
+        errors.push(
+            format!("{at}.namespace"),
+            format!("invalid namespace \"{namespace}\": lower case letters, digits and -"),
+        );
+    }
+    if s.addresses.is_empty() {
+        errors.push(
+            format!("{at}.addresses"),
+            "a service needs at least one address (IP:PORT)",
+        );
+    }
+    let addresses: Vec<SocketAddr> = s
+        .addresses
+        .iter()
+        .enumerate()
+        .filter_map(|(j, a)| parse_addr(errors, format!("{at}.addresses[{j}]"), a))
+        .collect();
+    let protocol = match s.protocol.as_deref().unwrap_or("detect") {
+        "detect" => ServiceProtocol::Detect,
+        "http1" => ServiceProtocol::Http1,
+        "http2" => ServiceProtocol::Http2,
+        "grpc" => ServiceProtocol::Grpc,
+        "opaque" => ServiceProtocol::Opaque,
+        other => {
+            errors.push(
+                format!("{at}.protocol"),
+                format!(
+                    "unknown protocol \"{other}\": expected detect, http1, http2, grpc or opaque"
+                ),
+            );
+            ServiceProtocol::Detect
+        }
+    };
+    let mut endpoints = Vec::new();
+    let mut seen = HashSet::new();
+    for (j, e) in s.endpoints.into_iter().enumerate() {
+        let eat = format!("{at}.endpoints[{j}]");
+        let weight = e.weight.unwrap_or(1);
+        if !(1..=1000).contains(&weight) {
+            errors.push(
+                format!("{eat}.weight"),
+                format!("weight {weight} is out of range 1-1000"),
+            );
+        }
+        if let Some(id) = &e.identity {
+            check_identity(errors, format!("{eat}.identity"), id);
+        }
+        if let Some(address) = parse_addr(errors, format!("{eat}.address"), &e.address) {
+            if !seen.insert(address) {
+                errors.push(
+                    format!("{eat}.address"),
+                    format!("duplicate endpoint {address}"),
+                );
+            }
+            endpoints.push(Endpoint {
+                address,
+                identity: e.identity,
+                weight,
+            });
+        }
+    }
+    let mut routes = Vec::new();
+    let mut names = HashSet::new();
+    for (k, r) in s.routes.into_iter().enumerate() {
+        let rat = format!("{at}.routes[{k}]");
+        let name = r.name.unwrap_or_else(|| format!("route-{k}"));
+        if !is_dns_label(&name) {
+            errors.push(
+                format!("{rat}.name"),
+                format!("invalid route name \"{name}\": lower case letters, digits and -"),
+            );
+        } else if !names.insert(name.clone()) {
+            errors.push(
+                format!("{rat}.name"),
+                format!("duplicate route name \"{name}\""),
+            );
+        }
+        let m = r.matches;
+        for (key, value) in [("path_prefix", &m.path_prefix), ("path", &m.path)] {
+            if let Some(p) = value.as_ref().filter(|p| !p.starts_with('/')) {
+                errors.push(
+                    format!("{rat}.match.{key}"),
+                    format!("\"{p}\" must start with /"),
+                );
+            }
+        }
+        if let Some(method) = m
+            .method
+            .as_ref()
+            .filter(|m| m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()))
+        {
+            errors.push(
+                format!("{rat}.match.method"),
+                format!("invalid method \"{method}\": expected e.g. GET"),
+            );
+        }
+        let mut headers = BTreeMap::new();
+        for (h, v) in m.headers {
+            match http::HeaderName::from_bytes(h.as_bytes()) {
+                Ok(name) if name.as_str() == h => {
+                    headers.insert(h, v);
+                }
+                _ => errors.push(
+                    format!("{rat}.match.headers.{h}"),
+                    format!("invalid header name \"{h}\": lower case token expected"),
+                ),
+            }
+        }
+        let timeout_ms = r.timeout.as_ref().and_then(|t| match duration::parse(t) {
+            Ok(d) if !d.is_zero() => Some(d.as_millis() as u64),
+            Ok(_) => {
+                errors.push(format!("{rat}.timeout"), "a timeout must be longer than 0");
+                None
+            }
+            Err(e) => {
+                errors.push(format!("{rat}.timeout"), e);
+                None
+            }
+        });
+        let retry = r.retry.map(|rt| {
+            if rt.attempts > 10 {
+                errors.push(
+                    format!("{rat}.retry.attempts"),
+                    format!("{} attempts is more than 10", rt.attempts),
+                );
+            }
+            let budget = rt.budget.as_deref().unwrap_or("20%");
+            let budget_percent = match budget
+                .strip_suffix('%')
+                .and_then(|n| n.trim().parse::<u32>().ok())
+            {
+                Some(p) if (1..=100).contains(&p) => p,
+                _ => {
+                    errors.push(
+                        format!("{rat}.retry.budget"),
+                        format!("invalid budget \"{budget}\": expected a percentage, e.g. 20%"),
+                    );
+                    20
+                }
+            };
+            RetryPolicy {
+                attempts: rt.attempts,
+                budget_percent,
+            }
+        });
+        routes.push(Route {
+            name,
+            matches: RouteMatch {
+                path_prefix: m.path_prefix,
+                path: m.path,
+                method: m.method,
+                headers,
+            },
+            timeout_ms,
+            retry,
+        });
+    }
+    let breaker = s.breaker.map(|b| {
+        if b.consecutive_failures == 0 {
+            errors.push(
+                format!("{at}.breaker.consecutive_failures"),
+                "must be at least 1",
+            );
+        }
+        let open_ms = match duration::parse(&b.open_for) {
+            Ok(d) if !d.is_zero() => d.as_millis() as u64,
+            Ok(_) => {
+                errors.push(format!("{at}.breaker.open_for"), "must be longer than 0");
+                0
+            }
+            Err(e) => {
+                errors.push(format!("{at}.breaker.open_for"), e);
+                0
+            }
+        };
+        Breaker {
+            consecutive_failures: b.consecutive_failures,
+            open_ms,
+        }
+    });
+    let balancer = match s.balancer.as_deref().unwrap_or("round-robin") {
+        "round-robin" => Balancer::RoundRobin,
+        "p2c-ewma" => Balancer::P2cEwma,
+        other => {
+            errors.push(
+                format!("{at}.balancer"),
+                format!("unknown balancer \"{other}\": expected round-robin or p2c-ewma"),
+            );
+            Balancer::RoundRobin
+        }
+    };
+    (errors.0.len() == before).then_some(Service {
+        name: s.name,
+        namespace,
+        addresses,
+        protocol,
+        endpoints,
+        routes,
+        breaker,
+        balancer,
+    })
+}

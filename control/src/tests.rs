@@ -1,0 +1,249 @@
+//! Mesh config validation: every error path names its key; the README's example round-trips.
+
+use crate::api::{Balancer, ServiceProtocol, UnknownDestinations};
+use crate::mesh::{Mesh, DEMO_MESH};
+
+/// Parses `yaml` expecting failure; returns the `path: message` lines.
+fn errors(yaml: &str) -> Vec<String> {
+    match Mesh::parse(yaml) {
+        Ok(m) => panic!("expected errors, got {m:?}"),
+        Err(e) => e.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+fn has(errors: &[String], needle: &str) -> bool {
+    errors.iter().any(|e| e.contains(needle))
+}
+
+const BASE: &str = "
+services:
+  - name: pay
+    addresses: [198.18.100.1:80]
+    endpoints:
+      - address: 127.0.0.1:9001
+workloads:
+  - name: default/web
+";
+
+#[test]
+fn the_demo_mesh_is_valid() {
+    let mesh = Mesh::parse(DEMO_MESH).unwrap();
+    assert_eq!(mesh.services.len(), 1);
+    let s = &mesh.services[0];
+    assert_eq!(s.id(), "demo/payments-api");
+    assert_eq!(s.protocol, ServiceProtocol::Http1);
+    assert_eq!(s.endpoints.len(), 3);
+    assert_eq!(s.routes[0].timeout_ms, Some(2000));
+    assert_eq!(s.routes[1].retry.as_ref().unwrap().budget_percent, 20);
+    assert_eq!(s.breaker.as_ref().unwrap().open_ms, 10_000);
+    assert_eq!(s.balancer, Balancer::RoundRobin);
+    let view = mesh.view("demo/loadgen", "v1").unwrap();
+    assert_eq!(view.outbound.services.len(), 1);
+    assert_eq!(
+        view.outbound.unknown_destinations,
+        UnknownDestinations::Passthrough
+    );
+    let server = mesh.view("demo/payments-api", "v1").unwrap();
+    assert_eq!(server.inbound.servers[0].port, 8080);
+    assert!(mesh.view("demo/nobody", "v1").is_none());
+}
+
+#[test]
+fn the_readme_example_is_the_demo_mesh_and_round_trips() {
+    let readme = include_str!("../../README.md");
+    let start = readme
+        .find("<!-- mesh-example -->")
+        .expect("README marks its mesh example");
+    let block = &readme[start..];
+    let yaml_start = block.find("```yaml\n").expect("a yaml block") + "```yaml\n".len();
+    let yaml = &block[yaml_start..];
+    let yaml = &yaml[..yaml.find("```").expect("closing fence")];
+    assert_eq!(
+        yaml, DEMO_MESH,
+        "README example and control/demo-mesh.yaml differ"
+    );
+    let mesh = Mesh::parse(yaml).unwrap();
+    // Through the API types and JSON and back.
+    let view = mesh.view("demo/loadgen", "x-1").unwrap();
+    let json = serde_json::to_string(&view).unwrap();
+    let back: crate::api::WatchResponse = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, view);
+}
+
+#[test]
+fn yaml_syntax_and_unknown_keys() {
+    assert!(has(&errors("services: [\n"), "<yaml>") || has(&errors("services: [\n"), "services"));
+    let e = errors("services:\n  - name: a\n    adresses: [1.2.3.4:80]\n");
+    assert!(
+        has(&e, "services[0]") && has(&e, "unknown field `adresses`"),
+        "{e:?}"
+    );
+    let e = errors("colour: blue\n");
+    assert!(has(&e, "unknown field `colour`"), "{e:?}");
+    let e = errors("services:\n  - addresses: []\n");
+    assert!(
+        has(&e, "services[0]") && has(&e, "missing field `name`"),
+        "{e:?}"
+    );
+    let e = errors("services:\n  - name: a\n    endpoints:\n      - address: 1.2.3.4:80\n        weight: heavy\n");
+    assert!(has(&e, "services[0].endpoints[0].weight"), "{e:?}");
+}
+
+#[test]
+fn every_semantic_error_has_its_key_path() {
+    let yaml = "
+unknown_destinations: sometimes
+services:
+  - name: Pay_Api
+    namespace: -bad
+    addresses: [nowhere, 10.0.0.1:0]
+    protocol: smtp
+    endpoints:
+      - address: 127.0.0.1:9001
+        weight: 0
+        identity: alice
+      - address: 127.0.0.1:9001
+    routes:
+      - name: r
+        match: { path_prefix: slow, path: exact, method: get, headers: { X-Bad: v } }
+        timeout: 5x
+        retry: { attempts: 11, budget: lots }
+      - name: r
+        timeout: 0s
+    breaker: { consecutive_failures: 0, open_for: soon }
+    balancer: random
+  - name: ok
+    addresses: []
+workloads:
+  - name: web
+  - name: default/web
+    calls: [missing]
+    unknown_destinations: never
+    servers:
+      - port: 0
+      - port: 8080
+        allow: [bob]
+      - port: 8080
+";
+    let e = errors(yaml);
+    for (path, what) in [
+        ("unknown_destinations", "unknown policy \"sometimes\""),
+        ("services[0].name", "invalid name \"Pay_Api\""),
+        ("services[0].namespace", "invalid namespace \"-bad\""),
+        ("services[0].addresses[0]", "invalid address \"nowhere\""),
+        ("services[0].addresses[1]", "port 0"),
+        ("services[0].protocol", "unknown protocol \"smtp\""),
+        (
+            "services[0].endpoints[0].weight",
+            "weight 0 is out of range",
+        ),
+        (
+            "services[0].endpoints[0].identity",
+            "invalid identity \"alice\"",
+        ),
+        ("services[0].endpoints[1].address", "duplicate endpoint"),
+        (
+            "services[0].routes[0].match.path_prefix",
+            "must start with /",
+        ),
+        ("services[0].routes[0].match.path", "must start with /"),
+        (
+            "services[0].routes[0].match.method",
+            "invalid method \"get\"",
+        ),
+        (
+            "services[0].routes[0].match.headers.X-Bad",
+            "invalid header name",
+        ),
+        ("services[0].routes[0].timeout", "invalid duration \"5x\""),
+        ("services[0].routes[0].retry.attempts", "more than 10"),
+        (
+            "services[0].routes[0].retry.budget",
+            "invalid budget \"lots\"",
+        ),
+        ("services[0].routes[1].name", "duplicate route name"),
+        ("services[0].routes[1].timeout", "longer than 0"),
+        ("services[0].breaker.consecutive_failures", "at least 1"),
+        ("services[0].breaker.open_for", "invalid duration \"soon\""),
+        ("services[0].balancer", "unknown balancer \"random\""),
+        ("services[1].addresses", "at least one address"),
+        ("workloads[0].name", "invalid workload \"web\""),
+        ("workloads[1].calls[0]", "unknown service \"missing\""),
+        (
+            "workloads[1].unknown_destinations",
+            "unknown policy \"never\"",
+        ),
+        ("workloads[1].servers[0].port", "invalid port 0"),
+        (
+            "workloads[1].servers[1].allow[0]",
+            "invalid identity \"bob\"",
+        ),
+        ("workloads[1].servers[2].port", "port 8080 has two policies"),
+    ] {
+        let line = format!("{path}: ");
+        assert!(
+            e.iter().any(|x| x.starts_with(&line) && x.contains(what)),
+            "missing `{path}: ...{what}...` in\n{}",
+            e.join("\n")
+        );
+    }
+}
+
+#[test]
+fn duplicates_across_services_and_workloads() {
+    let yaml = format!("{BASE}  - name: default/web\n");
+    assert!(has(&errors(&yaml), "workloads[1].name: duplicate workload"));
+    let yaml = "
+services:
+  - name: a
+    addresses: [198.18.100.1:80]
+  - name: a
+    addresses: [198.18.100.1:80]
+";
+    let e = errors(yaml);
+    assert!(
+        has(&e, "services[1].name: duplicate service \"default/a\""),
+        "{e:?}"
+    );
+    assert!(
+        has(
+            &e,
+            "services[1].addresses[0]: 198.18.100.1:80 is already an address"
+        ),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn views_filter_by_calls_and_override_the_unknown_policy() {
+    let yaml = "
+unknown_destinations: refuse
+services:
+  - { name: a, addresses: [198.18.100.1:80] }
+  - { name: b, namespace: other, addresses: [198.18.100.2:80] }
+workloads:
+  - { name: default/all }
+  - { name: default/only-b, calls: [other/b], unknown_destinations: passthrough }
+";
+    let mesh = Mesh::parse(yaml).unwrap();
+    let all = mesh.view("default/all", "1").unwrap();
+    assert_eq!(all.outbound.services.len(), 2);
+    assert_eq!(
+        all.outbound.unknown_destinations,
+        UnknownDestinations::Refuse
+    );
+    let only = mesh.view("default/only-b", "1").unwrap();
+    assert_eq!(
+        only.outbound
+            .services
+            .iter()
+            .map(|s| s.id())
+            .collect::<Vec<_>>(),
+        ["other/b"]
+    );
+    assert_eq!(
+        only.outbound.unknown_destinations,
+        UnknownDestinations::Passthrough
+    );
+    assert!(Mesh::parse(BASE).is_ok());
+}

@@ -1,0 +1,380 @@
+//! Discovery: the proxy's copy of what the control plane says about its outbound traffic.
+//!
+//! A background task long-polls the control plane ([`outrider_control::client::Watcher`]) and, for
+//! every new view, builds an [`OutboundTable`] (virtual address → service, with endpoint clients
+//! and compiled routes) and publishes it through a `watch` channel. Connections and requests read
+//! the latest table without locks on the request path; an update never touches open connections,
+//! it only changes where the next request goes.
+//!
+//! If the control plane is unreachable or answers nonsense, the last good table stays in force and
+//! the task retries with jittered exponential backoff (100 ms to 5 s). Sync state is exported as
+//! metrics and on the admin `/config`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use http::request::Parts;
+use outrider_control::api::{RouteMatch, ServiceProtocol, UnknownDestinations, WatchResponse};
+use outrider_control::client::{Backoff, Watcher};
+use prometheus::{IntCounter, IntGauge, Registry};
+use tokio::sync::watch;
+
+use crate::http::forward::{HttpClient, Upstreams};
+
+/// One endpoint, with its pooled clients (shared with every other table that names it).
+#[derive(Debug)]
+pub struct EndpointEntry {
+    /// Where to connect.
+    pub addr: SocketAddr,
+    /// The identity it must present (used by mTLS, later).
+    pub identity: Option<String>,
+    /// HTTP/1 client.
+    pub h1: HttpClient,
+    /// HTTP/2 client.
+    pub h2: HttpClient,
+}
+
+/// A compiled route.
+#[derive(Debug)]
+pub struct RouteEntry {
+    /// Route name.
+    pub name: String,
+    matches: RouteMatch,
+    /// Whole-request timeout.
+    pub timeout: Option<Duration>,
+}
+
+impl RouteEntry {
+    fn matches(&self, req: &Parts) -> bool {
+        let m = &self.matches;
+        let path = req.uri.path();
+        m.path.as_ref().is_none_or(|p| p == path)
+            && m.path_prefix
+                .as_ref()
+                .is_none_or(|p| path.starts_with(p.as_str()))
+            && m.method
+                .as_ref()
+                .is_none_or(|meth| meth == req.method.as_str())
+            && m.headers.iter().all(|(k, v)| {
+                req.headers
+                    .get(k)
+                    .is_some_and(|h| h.as_bytes() == v.as_bytes())
+            })
+    }
+}
+
+/// A service as the data plane uses it.
+#[derive(Debug)]
+pub struct ServiceEntry {
+    /// `namespace/name`.
+    pub id: String,
+    /// Protocol hint.
+    pub protocol: ServiceProtocol,
+    /// Endpoints.
+    pub endpoints: Vec<Arc<EndpointEntry>>,
+    /// Weighted round-robin order: endpoint indexes, each repeated by its weight.
+    schedule: Vec<usize>,
+    next: AtomicUsize,
+    /// Routes, first match wins.
+    pub routes: Vec<RouteEntry>,
+}
+
+impl ServiceEntry {
+    /// The next endpoint in weighted round-robin order; `None` if the service has none.
+    pub fn pick(&self) -> Option<&Arc<EndpointEntry>> {
+        if self.schedule.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.schedule.len();
+        self.endpoints.get(self.schedule[i])
+    }
+
+    /// The first route matching the request.
+    pub fn route(&self, req: &Parts) -> Option<&RouteEntry> {
+        self.routes.iter().find(|r| r.matches(req))
+    }
+}
+
+/// The outbound table: one version of the workload's view, ready for the data plane.
+#[derive(Debug, Default)]
+pub struct OutboundTable {
+    /// The view's version (`None` before the first view).
+    pub version: Option<String>,
+    /// Policy for destinations not in the table.
+    pub unknown: UnknownDestinations,
+    /// Services by virtual address.
+    pub by_addr: HashMap<SocketAddr, Arc<ServiceEntry>>,
+    /// The view itself (for `/config`).
+    pub view: Option<Arc<WatchResponse>>,
+}
+
+impl OutboundTable {
+    /// Compiles `view`; endpoint clients come from `upstreams`, so pools survive updates.
+    pub fn build(view: WatchResponse, upstreams: &Upstreams) -> Self {
+        let mut by_addr = HashMap::new();
+        for svc in &view.outbound.services {
+            let endpoints: Vec<Arc<EndpointEntry>> = svc
+                .endpoints
+                .iter()
+                .map(|e| {
+                    Arc::new(EndpointEntry {
+                        addr: e.address,
+                        identity: e.identity.clone(),
+                        h1: upstreams.client(e.address, crate::detect::Protocol::Http1),
+                        h2: upstreams.client(e.address, crate::detect::Protocol::Http2),
+                    })
+                })
+                .collect();
+            let schedule = svc
+                .endpoints
+                .iter()
+                .enumerate()
+                .flat_map(|(i, e)| std::iter::repeat_n(i, e.weight.clamp(1, 1000) as usize))
+                .collect::<Vec<_>>();
+            // Interleave so that heavy endpoints do not get long runs: order by (k / weight).
+            let schedule = interleave(
+                schedule,
+                &svc.endpoints
+                    .iter()
+                    .map(|e| e.weight.max(1))
+                    .collect::<Vec<_>>(),
+            );
+            let entry = Arc::new(ServiceEntry {
+                id: svc.id(),
+                protocol: svc.protocol,
+                endpoints,
+                schedule,
+                next: AtomicUsize::new(0),
+                routes: svc
+                    .routes
+                    .iter()
+                    .map(|r| RouteEntry {
+                        name: r.name.clone(),
+                        matches: r.matches.clone(),
+                        timeout: r.timeout_ms.map(Duration::from_millis),
+                    })
+                    .collect(),
+            });
+            for addr in &svc.addresses {
+                by_addr.insert(*addr, entry.clone());
+            }
+        }
+        OutboundTable {
+            version: Some(view.version.clone()),
+            unknown: view.outbound.unknown_destinations,
+            by_addr,
+            view: Some(Arc::new(view)),
+        }
+    }
+
+    /// The service at `addr`.
+    pub fn service(&self, addr: &SocketAddr) -> Option<&Arc<ServiceEntry>> {
+        self.by_addr.get(addr)
+    }
+}
+
+/// Orders a weighted schedule smoothly: entry `i` of weight `w` appears at positions spread over
+/// the cycle instead of `w` times in a row.
+fn interleave(schedule: Vec<usize>, weights: &[u32]) -> Vec<usize> {
+    let mut keyed: Vec<(u64, usize)> = Vec::with_capacity(schedule.len());
+    let mut seen = vec![0u64; weights.len()];
+    let lcm_ish: u64 = 1_000_000;
+    for i in schedule {
+        let k = seen[i];
+        seen[i] += 1;
+        keyed.push(((2 * k + 1) * lcm_ish / (2 * u64::from(weights[i])), i));
+    }
+    keyed.sort_unstable();
+    keyed.into_iter().map(|(_, i)| i).collect()
+}
+
+/// Sync state, shared by the sync task, `/ready` and `/config`.
+#[derive(Debug)]
+pub struct SyncStatus {
+    /// `http://host:port` of the control plane.
+    pub url: String,
+    /// The watched workload.
+    pub workload: String,
+    received: AtomicBool,
+    connected: AtomicBool,
+    last_update: Mutex<Option<(SystemTime, String)>>,
+    last_error: Mutex<Option<String>>,
+}
+
+impl SyncStatus {
+    /// Whether a first view has arrived.
+    pub fn has_config(&self) -> bool {
+        self.received.load(Ordering::Acquire)
+    }
+
+    /// The state as JSON, for `/config`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let last = self
+            .last_update
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default();
+        let error = self
+            .last_error
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default();
+        let connected = self.connected.load(Ordering::Relaxed);
+        serde_json::json!({
+            "url": self.url,
+            "workload": self.workload,
+            "state": match (self.has_config(), connected) {
+                (_, true) => "synced",
+                (true, false) => "disconnected (serving the last config)",
+                (false, false) => "waiting for the first config",
+            },
+            "version": last.as_ref().map(|(_, v)| v.clone()),
+            "last_update_age_seconds": last.and_then(|(t, _)| t.elapsed().ok()).map(|d| d.as_secs_f64()),
+            "last_error": error,
+        })
+    }
+}
+
+/// Sync metrics.
+#[derive(Debug, Clone)]
+struct SyncMetrics {
+    connected: IntGauge,
+    updates: IntCounter,
+    errors: IntCounter,
+    last_update: IntGauge,
+}
+
+/// The discovery state a proxy holds: the latest table and the sync status.
+#[derive(Debug, Clone)]
+pub struct Discovery {
+    /// The latest table.
+    pub table: watch::Receiver<Arc<OutboundTable>>,
+    /// Sync status.
+    pub status: Arc<SyncStatus>,
+}
+
+impl Discovery {
+    /// Starts following `workload` on the control plane at `url`; returns at once.
+    pub fn spawn(
+        url: &str,
+        workload: &str,
+        upstreams: Arc<Upstreams>,
+        registry: &Registry,
+    ) -> anyhow::Result<Self> {
+        let watcher =
+            Watcher::new(url, workload, Duration::from_secs(30)).map_err(anyhow::Error::msg)?;
+        let metrics = SyncMetrics {
+            connected: IntGauge::new(
+                "outrider_control_connected",
+                "1 when the last control-plane request succeeded",
+            )?,
+            updates: IntCounter::new(
+                "outrider_control_updates_total",
+                "Config views received and applied",
+            )?,
+            errors: IntCounter::new(
+                "outrider_control_errors_total",
+                "Failed control-plane requests (unreachable, error status, invalid view)",
+            )?,
+            last_update: IntGauge::new(
+                "outrider_control_last_update_timestamp_seconds",
+                "Unix time of the last applied view (age = time() - this)",
+            )?,
+        };
+        registry.register(Box::new(metrics.connected.clone()))?;
+        registry.register(Box::new(metrics.updates.clone()))?;
+        registry.register(Box::new(metrics.errors.clone()))?;
+        registry.register(Box::new(metrics.last_update.clone()))?;
+        let status = Arc::new(SyncStatus {
+            url: url.to_string(),
+            workload: workload.to_string(),
+            received: AtomicBool::new(false),
+            connected: AtomicBool::new(false),
+            last_update: Mutex::new(None),
+            last_error: Mutex::new(None),
+        });
+        let (tx, table) = watch::channel(Arc::new(OutboundTable::default()));
+        tokio::spawn(sync(watcher, tx, status.clone(), upstreams, metrics));
+        Ok(Self { table, status })
+    }
+}
+
+async fn sync(
+    watcher: Watcher,
+    tx: watch::Sender<Arc<OutboundTable>>,
+    status: Arc<SyncStatus>,
+    upstreams: Arc<Upstreams>,
+    metrics: SyncMetrics,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut version: Option<String> = None;
+    let mut failing = false;
+    loop {
+        match watcher.poll(version.as_deref()).await {
+            Ok(update) => {
+                status.connected.store(true, Ordering::Relaxed);
+                metrics.connected.set(1);
+                backoff.reset();
+                if failing {
+                    tracing::info!(
+                        workload = watcher.workload(),
+                        "control plane reachable again"
+                    );
+                    failing = false;
+                }
+                if let Some(view) = update {
+                    let v = view.version.clone();
+                    let services = view.outbound.services.len();
+                    let table = OutboundTable::build(view, &upstreams);
+                    tx.send_replace(Arc::new(table));
+                    version = Some(v.clone());
+                    let now = SystemTime::now();
+                    if let Ok(mut last) = status.last_update.lock() {
+                        *last = Some((now, v.clone()));
+                    }
+                    status.received.store(true, Ordering::Release);
+                    metrics.updates.inc();
+                    let unix = now
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs());
+                    metrics
+                        .last_update
+                        .set(i64::try_from(unix).unwrap_or(i64::MAX));
+                    tracing::info!(version = %v, services, "config applied");
+                }
+            }
+            Err(e) => {
+                status.connected.store(false, Ordering::Relaxed);
+                metrics.connected.set(0);
+                metrics.errors.inc();
+                if let Ok(mut last) = status.last_error.lock() {
+                    *last = Some(e.to_string());
+                }
+                if !failing {
+                    tracing::warn!(error = %e, "control plane request failed; serving the last config and retrying with backoff");
+                    failing = true;
+                } else {
+                    tracing::debug!(error = %e, "control plane still failing");
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weighted_schedule_is_spread() {
+        let s = interleave(vec![0, 0, 0, 1], &[3, 1]);
+        assert_eq!(s.iter().filter(|i| **i == 0).count(), 3);
+        assert_ne!(s, vec![0, 0, 0, 1], "not three in a row then one: {s:?}");
+        let s = interleave(vec![0, 1, 2], &[1, 1, 1]);
+        assert_eq!(s.len(), 3);
+    }
+}
