@@ -543,3 +543,20 @@ async fn upstream_http_version_can_be_forced() {
         assert!(body.contains(expect), "{upstream:?}: {body}");
     }
 }
+
+#[tokio::test]
+async fn idle_opaque_connections_are_closed() {
+    let echo = start_echo(None).await;
+    let p = start_forward(echo, |c| c.tcp_idle_timeout = Duration::from_millis(300)).await;
+    let mut s = TcpStream::connect(p.forward[0]).await.unwrap();
+    s.write_all(b"\x00hello").await.unwrap();
+    let mut buf = [0u8; 6];
+    s.read_exact(&mut buf).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("closed when idle")
+        .unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(250));
+}

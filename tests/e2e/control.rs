@@ -492,3 +492,81 @@ fn the_watch_api_answers_bad_requests_clearly_and_long_polls() {
     assert_eq!(get(addr, "/live").status, 200);
     assert!(cp.wait_timeout(Duration::ZERO).is_none());
 }
+
+#[test]
+fn refused_unknown_destinations_empty_services_and_readiness() {
+    let dir = TempDir::new();
+    let app = free_port();
+    let _app = ChildGuard::spawn(
+        Command::new(OUTRIDER).args(["demo-app", "--listen", &format!("127.0.0.1:{app}")]),
+        "app",
+    );
+    let yaml = format!(
+        "unknown_destinations: refuse\nservices:\n  - name: empty\n    addresses: [{VIP}]\nworkloads:\n  - name: test/client\n"
+    );
+    write_mesh(&dir, &yaml);
+    let (cp_port, admin, to_app, to_vip) = (free_port(), free_port(), free_port(), free_port());
+    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let proxy_cmd = || {
+        let mut cmd = Command::new(OUTRIDER);
+        cmd.args([
+            "proxy",
+            "--forward",
+            &format!("127.0.0.1:{to_app}=127.0.0.1:{app},127.0.0.1:{to_vip}={VIP}"),
+            "--control",
+            &format!("http://127.0.0.1:{cp_port}"),
+            "--workload",
+            "test/client",
+            "--admin",
+            &admin.to_string(),
+        ]);
+        cmd
+    };
+    // No control plane yet: listening, but not ready.
+    let _proxy = ChildGuard::spawn(&mut proxy_cmd(), "proxy");
+    wait_until("admin up", Duration::from_secs(5), || {
+        TcpStream::connect(admin).is_ok()
+    });
+    let ready = get(admin, "/ready");
+    assert_eq!(ready.status, 503);
+    assert!(
+        ready.body.contains("no config from the control plane"),
+        "{}",
+        ready.body
+    );
+
+    let _control = start_control(&dir, cp_port);
+    wait_until(
+        "ready once the first config is in",
+        Duration::from_secs(10),
+        || get(admin, "/ready").status == 200,
+    );
+    let to_app: SocketAddr = format!("127.0.0.1:{to_app}").parse().unwrap();
+    let to_vip: SocketAddr = format!("127.0.0.1:{to_vip}").parse().unwrap();
+    let refused = get(to_app, "/");
+    assert_eq!(refused.status, 502);
+    assert_eq!(refused.header("outrider-error"), Some("no-route"));
+    let empty = get(to_vip, "/");
+    assert_eq!(empty.status, 503);
+    assert_eq!(empty.header("outrider-error"), Some("no-endpoints"));
+    // Opaque traffic to an unknown destination is refused too: closed without an answer.
+    let mut raw = TcpStream::connect(to_app).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    raw.write_all(b"\x00\x01binary").unwrap();
+    let mut buf = [0u8; 16];
+    assert!(matches!(raw.read(&mut buf), Ok(0) | Err(_)), "closed");
+    let metrics = get(admin, "/metrics").body;
+    for reason in ["no-route", "no-endpoints"] {
+        let line = metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("outrider_errors_total")
+                    && l.contains(&format!("reason=\"{reason}\""))
+            })
+            .unwrap_or_default();
+        assert!(
+            line.ends_with(" 1") || line.ends_with(" 2"),
+            "{reason}: {line}"
+        );
+    }
+}
