@@ -6,6 +6,7 @@ pub mod api;
 pub mod client;
 pub mod duration;
 pub mod mesh;
+pub mod runtime;
 pub mod server;
 
 #[cfg(test)]

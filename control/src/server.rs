@@ -8,7 +8,6 @@
 //! Each watch is one long-poll request; a slow or dead watcher holds only its own connection
 //! and task until its wait ends.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,7 +17,6 @@ use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{Encoder, IntCounter, IntGauge, Registry, TextEncoder};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -26,6 +24,7 @@ use tokio::sync::watch;
 use crate::api::WATCH_PATH;
 use crate::duration;
 use crate::mesh::{Mesh, DEMO_MESH};
+use crate::runtime::{block_on, serve_http1, shutdown_signal, text};
 
 /// Longest wait a watcher may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(300);
@@ -173,28 +172,11 @@ impl ControlPlane {
 
     /// Serves the API on `listener` until the task is dropped.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            let (socket, _) = match listener.accept().await {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
+        serve_http1(listener, move |req, _peer| {
             let cp = self.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let cp = cp.clone();
-                    async move { Ok::<_, Infallible>(cp.route(req).await) }
-                });
-                let mut builder = hyper::server::conn::http1::Builder::new();
-                builder
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10));
-                let _ = builder.serve_connection(TokioIo::new(socket), svc).await;
-            });
-        }
+            async move { cp.route(req).await }
+        })
+        .await
     }
 
     async fn route(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -346,16 +328,6 @@ impl WatchQuery {
     }
 }
 
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut rsp = Response::new(Full::new(body.into()));
-    *rsp.status_mut() = status;
-    rsp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    rsp
-}
-
 fn not_modified() -> Response<Full<Bytes>> {
     let mut rsp = Response::new(Full::new(Bytes::new()));
     *rsp.status_mut() = StatusCode::NOT_MODIFIED;
@@ -428,18 +400,7 @@ pub fn main(args: ControlArgs) -> std::process::ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("outrider control: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    runtime.block_on(async move {
+    block_on("outrider control", 1, async move {
         let cp = match ControlPlane::new(mesh) {
             Ok(cp) => cp,
             Err(e) => {
@@ -464,19 +425,6 @@ pub fn main(args: ControlArgs) -> std::process::ExitCode {
         }
         ExitCode::SUCCESS
     })
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        return;
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 #[cfg(test)]

@@ -9,7 +9,6 @@
 //! | `/log-level` | GET, PUT | read or replace the log filter (loopback peers only) |
 //! | `/shutdown` | POST | start a graceful shutdown (loopback peers only) |
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -18,9 +17,10 @@ use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{Encoder, Registry, TextEncoder};
 use tokio::net::TcpListener;
+
+use outrider_control::runtime::{serve_http1, text};
 
 use crate::discovery::Discovery;
 use crate::log::LogHandle;
@@ -44,40 +44,11 @@ pub struct AdminState {
 
 /// Serves the admin API on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
-    loop {
-        let (socket, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    serve_http1(listener, move |req, peer| {
         let state = state.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(route(req, peer, &state).await) }
-            });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10));
-            if let Err(e) = builder.serve_connection(TokioIo::new(socket), svc).await {
-                tracing::debug!(error = %e, "admin connection failed");
-            }
-        });
-    }
-}
-
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut rsp = Response::new(Full::new(body.into()));
-    *rsp.status_mut() = status;
-    rsp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    rsp
+        async move { route(req, peer, &state).await }
+    })
+    .await
 }
 
 async fn route(

@@ -121,23 +121,19 @@ impl Tally {
 pub fn main(args: DemoArgs) -> ExitCode {
     let spec = std::env::var("OUTRIDER_LOG").unwrap_or_else(|_| "warn".into());
     let _ = crate::log::init_with(LogFormat::Plain, &spec);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("outrider demo: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("outrider demo: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    outrider_control::runtime::block_on(
+        "outrider demo",
+        crate::config::default_workers(),
+        async move {
+            match run(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("outrider demo: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        },
+    )
 }
 
 fn local(listen: SocketAddr, upstream: SocketAddr) -> Config {

@@ -129,18 +129,7 @@ async fn handle(
 
 /// Runs the app alone on `listen` until SIGTERM or Ctrl-C (`outrider demo-app`).
 pub fn main(listen: std::net::SocketAddr, instance: String) -> std::process::ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("outrider demo-app: {e}");
-            return std::process::ExitCode::from(1);
-        }
-    };
-    runtime.block_on(async move {
+    outrider_control::runtime::block_on("outrider demo-app", 1, async move {
         let listener = match TcpListener::bind(listen).await {
             Ok(l) => l,
             Err(e) => {
@@ -151,7 +140,7 @@ pub fn main(listen: std::net::SocketAddr, instance: String) -> std::process::Exi
         eprintln!("outrider demo-app: listening on {listen}");
         tokio::select! {
             () = serve(listener, instance) => {}
-            () = crate::proxy::shutdown_signal() => {}
+            () = outrider_control::runtime::shutdown_signal() => {}
         }
         std::process::ExitCode::SUCCESS
     })

@@ -58,19 +58,8 @@ pub fn main(args: ProxyArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.workers)
-        .thread_name("outrider-worker")
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("outrider proxy: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    runtime.block_on(async move {
+    let workers = config.workers;
+    outrider_control::runtime::block_on("outrider proxy", workers, async move {
         let proxy = match Proxy::bind(config, Arc::new(orig_dst::SoOriginalDst), log).await {
             Ok(proxy) => proxy,
             Err(e) => {
@@ -81,7 +70,7 @@ pub fn main(args: ProxyArgs) -> ExitCode {
         };
         let handle = proxy.shutdown_handle();
         tokio::spawn(async move {
-            proxy::shutdown_signal().await;
+            outrider_control::runtime::shutdown_signal().await;
             handle.trigger("signal");
         });
         match proxy.run().await {

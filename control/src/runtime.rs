@@ -1,0 +1,95 @@
+//! Process plumbing shared by every `outrider` subcommand that serves: the tokio runtime, the
+//! shutdown signals, and the small HTTP/1.1 server behind the control API and the proxy's admin
+//! API. It lives here because `control` is the lowest crate that both the control plane and the
+//! proxy use.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+/// Builds a multi-threaded runtime with `workers` threads and runs `main` on it. A runtime that
+/// cannot start is reported as `<who>: ...` with exit code 1.
+pub fn block_on<F>(who: &str, workers: usize, main: F) -> ExitCode
+where
+    F: Future<Output = ExitCode>,
+{
+    match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers.max(1))
+        .thread_name("outrider-worker")
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(main),
+        Err(e) => {
+            eprintln!("{who}: cannot start the runtime: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        return;
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// A plain-text response.
+pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut rsp = Response::new(Full::new(body.into()));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    rsp
+}
+
+/// Serves HTTP/1.1 on `listener` with `handler(request, peer)` until the task is dropped. Headers
+/// must arrive within 10 s; a failed accept is logged and retried after 50 ms.
+pub async fn serve_http1<H, Fut>(listener: TcpListener, handler: H)
+where
+    H: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    loop {
+        let (socket, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let fut = handler(req, peer);
+                async move { Ok::<_, Infallible>(fut.await) }
+            });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10));
+            if let Err(e) = builder.serve_connection(TokioIo::new(socket), svc).await {
+                tracing::debug!(error = %e, "HTTP connection failed");
+            }
+        });
+    }
+}
