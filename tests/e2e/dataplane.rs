@@ -563,3 +563,119 @@ fn demo_runs_and_reports() {
         .to_owned();
     assert!(!counted.contains("counted 0 "), "{out}");
 }
+
+#[test]
+fn sidecar_outbound_follows_discovery() {
+    if !requirements(
+        "sidecar_outbound_follows_discovery",
+        &["ip", "curl", "python3", "setpriv"],
+    ) {
+        return;
+    }
+    let (a, b) = (Netns::new(), Netns::new());
+    let link = support::veth(&a, &[&format!("{POD_A}/24")], &b, &[&format!("{POD_B}/24")]);
+    // The virtual addresses only need a route for connect(); iptables redirects them locally.
+    a.exec_ok(&["ip", "route", "add", "198.18.100.0/24", "dev", &link.a_if]);
+    let dir = support::TempDir::new();
+    let mesh = dir.path().join("mesh.yaml");
+    std::fs::write(
+        &mesh,
+        format!(
+            "services:
+  - name: payments
+    namespace: test
+    addresses: [198.18.100.1:80]
+    protocol: http1
+    endpoints:
+      - address: {POD_B}:8080
+      - address: {POD_B}:8081
+    routes:
+      - name: slow
+        match: {{ path_prefix: /slow }}
+        timeout: 200ms
+  - name: cache
+    namespace: test
+    addresses: [198.18.100.2:7000]
+    protocol: opaque
+    endpoints:
+      - address: {POD_B}:6379
+workloads:
+  - name: test/client
+"
+        ),
+    )
+    .unwrap();
+    // The control plane runs in pod A's namespace, so its proxy reaches it on loopback.
+    let mesh_path = mesh.display().to_string();
+    let _control = a.spawn(&[OUTRIDER, "control", "--config", &mesh_path]);
+    let a = Pod::new(
+        a,
+        &[
+            "--control",
+            "http://127.0.0.1:15012",
+            "--workload",
+            "test/client",
+        ],
+    );
+    let mut b = Pod::new(b, &[]);
+    b.apps.push(b.ns.spawn(&[
+        OUTRIDER,
+        "demo-app",
+        "--listen",
+        "[::]:8081",
+        "--instance",
+        "app2",
+    ]));
+    b.serve_py("6379", None);
+
+    // HTTP to the virtual address: balanced over both endpoints of pod B.
+    let mut instances = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let body = a.curl_ok(&["-s", "http://198.18.100.1/pay"]);
+        let instance = body
+            .split("\"instance\":\"")
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+            .unwrap_or_default()
+            .to_string();
+        instances.insert(instance);
+    }
+    assert_eq!(instances.into_iter().collect::<Vec<_>>(), ["app", "app2"]);
+    // The route's timeout applies.
+    let slow = a.curl(&[
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "http://198.18.100.1/slow?ms=1000",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&slow.stdout).trim(), "504");
+    // An opaque service: bytes go to its endpoint.
+    let echo = a.py(PY_CLIENT, &["198.18.100.2", "7000", "PING"]);
+    assert_eq!(echo[0], "PING");
+    // Anything else passes through to its original destination.
+    assert!(a
+        .curl_ok(&["-s", &format!("http://{POD_B}:8080/direct")])
+        .contains("/direct"));
+
+    let m = a.metrics();
+    assert_eq!(sample(&m, "outrider_control_connected", &[]), 1.0);
+    assert_eq!(
+        sample(
+            &m,
+            "outrider_errors_total",
+            &[("direction", "outbound"), ("reason", "request-timeout")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "outrider_detect_total",
+            &[("direction", "outbound"), ("outcome", "skipped")]
+        ),
+        1.0,
+        "opaque service: no detection"
+    );
+}
