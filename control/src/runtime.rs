@@ -16,18 +16,22 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-/// Builds a multi-threaded runtime with `workers` threads and runs `main` on it. A runtime that
+/// Builds a runtime with `workers` worker threads and runs `main` on it. A runtime that
 /// cannot start is reported as `<who>: ...` with exit code 1.
 pub fn block_on<F>(who: &str, workers: usize, main: F) -> ExitCode
 where
     F: Future<Output = ExitCode>,
 {
-    match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers.max(1))
-        .thread_name("outrider-worker")
-        .enable_all()
-        .build()
-    {
+    // One worker: a current-thread runtime, with no work-stealing machinery or cross-thread
+    // wakeups; the process's own thread is the worker.
+    let mut builder = if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers).thread_name("outrider-worker");
+        b
+    };
+    match builder.enable_all().build() {
         Ok(runtime) => runtime.block_on(main),
         Err(e) => {
             eprintln!("{who}: cannot start the runtime: {e}");

@@ -225,7 +225,7 @@ async fn handle(
         Err(reason) => return m.error(reason),
     };
     let span =
-        tracing::info_span!("conn", direction = ctx.direction.as_str(), %peer, target = %target);
+        tracing::debug_span!("conn", direction = ctx.direction.as_str(), %peer, target = %target);
     serve(ctx, socket, target, drain).instrument(span).await
 }
 
