@@ -3,7 +3,11 @@
 
 use std::time::Duration;
 
-/// Parses `250ms`, `1s`, `5m` or `1h`.
+/// The longest duration accepted: a year. Longer values are mistakes, and adding them to a clock
+/// would overflow.
+pub const MAX: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Parses `250ms`, `1s`, `5m` or `1h` (at most [`MAX`]).
 pub fn parse(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -11,15 +15,21 @@ pub fn parse(s: &str) -> Result<Duration, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("invalid duration \"{s}\": expected e.g. 250ms, 1s, 5m, 1h"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
-        "h" => Ok(Duration::from_secs(n.saturating_mul(3600))),
-        _ => Err(format!(
-            "invalid duration \"{s}\": the unit must be ms, s, m or h"
-        )),
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => {
+            return Err(format!(
+                "invalid duration \"{s}\": the unit must be ms, s, m or h"
+            ))
+        }
+    };
+    if d > MAX {
+        return Err(format!("invalid duration \"{s}\": at most {}", format(MAX)));
     }
+    Ok(d)
 }
 
 /// Formats a duration the way [`parse`] reads it.
@@ -48,6 +58,10 @@ mod tests {
         assert!(parse("ms").is_err());
         assert!(parse("").is_err());
         assert!(parse("-1s").is_err());
+        assert!(parse("18446744073709551615s")
+            .unwrap_err()
+            .contains("at most 8760h"));
+        assert_eq!(parse("8760h"), Ok(MAX));
         for s in ["250ms", "1s", "5m", "1h", "0s", "1500ms"] {
             assert_eq!(format(parse(s).unwrap()), s);
         }

@@ -8,6 +8,7 @@
 //! | `GET /trailers` | 200 with a `grpc-status: 0` trailer (HTTP/2) |
 //! | `POST /echo` | the request body, streamed back |
 //! | `Upgrade: <anything>` | 101, then every byte echoed until the client closes |
+//! | `CONNECT host:port` | 200, then every byte echoed (a tunnel to an echo server) |
 //! | anything else | 200, a JSON line naming the service, instance, protocol and path |
 
 use std::convert::Infallible;
@@ -55,6 +56,16 @@ async fn handle(
     mut req: Request<Incoming>,
     instance: Arc<str>,
 ) -> Result<Response<Body>, Infallible> {
+    if req.method() == http::Method::CONNECT {
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = on_upgrade.await {
+                let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        return Ok(Response::new(full(Bytes::new())));
+    }
     if req.headers().contains_key(header::UPGRADE) {
         let protocol = req
             .headers()

@@ -22,19 +22,17 @@ use outrider_control::client::{Backoff, Watcher};
 use prometheus::{IntCounter, IntGauge, Registry};
 use tokio::sync::watch;
 
-use crate::http::forward::{HttpClient, Upstreams};
+use crate::http::forward::{Upstream, Upstreams};
 
-/// One endpoint, with its pooled clients (shared with every other table that names it).
+/// One endpoint, with its connections (shared with every other table that names it).
 #[derive(Debug)]
 pub struct EndpointEntry {
     /// Where to connect.
     pub addr: SocketAddr,
     /// The identity it must present (used by mTLS, later).
     pub identity: Option<String>,
-    /// HTTP/1 client.
-    pub h1: HttpClient,
-    /// HTTP/2 client.
-    pub h2: HttpClient,
+    /// Its connections (shared with every table that names the same address).
+    pub upstream: Arc<Upstream>,
 }
 
 /// A compiled route.
@@ -123,8 +121,7 @@ impl OutboundTable {
                     Arc::new(EndpointEntry {
                         addr: e.address,
                         identity: e.identity.clone(),
-                        h1: upstreams.client(e.address, crate::detect::Protocol::Http1),
-                        h2: upstreams.client(e.address, crate::detect::Protocol::Http2),
+                        upstream: upstreams.get(e.address),
                     })
                 })
                 .collect();

@@ -24,7 +24,7 @@ use crate::detect::{self, Outcome, Protocol};
 use crate::discovery::Discovery;
 use crate::drain;
 use crate::errors::Reason;
-use crate::http::forward::{Forward, Upstreams};
+use crate::http::forward::{Forward, StreamContext, Upstreams};
 use crate::http::{self as proxy_http, ServerConfig};
 use crate::io::{Activity, MeteredIo, PrefixedIo};
 use crate::layers::metrics::RequestMetricsLayer;
@@ -67,6 +67,8 @@ pub struct ListenerCtx {
     pub own_ports: Vec<u16>,
     /// Discovery, for outbound and local-mode listeners when a control plane is configured.
     pub discovery: Option<Discovery>,
+    /// Open connections allowed (shared by a listener and its IPv6 twin).
+    limit: Arc<Semaphore>,
     loop_logged: AtomicBool,
 }
 
@@ -87,6 +89,7 @@ impl ListenerCtx {
             idle_timeout: config.http_idle_timeout,
         };
         let own_ports = config.own_ports();
+        let limit = Arc::new(Semaphore::new(config.max_connections));
         Self {
             direction,
             target,
@@ -97,6 +100,7 @@ impl ListenerCtx {
             server,
             own_ports,
             discovery: discovery.filter(|_| direction != Direction::Inbound),
+            limit,
             loop_logged: AtomicBool::new(false),
         }
     }
@@ -164,7 +168,7 @@ impl ListenerCtx {
 /// Accepts connections until the drain starts. At most `max_connections` are open at once; past
 /// that the loop waits for one to close before accepting again (the kernel backlog holds the rest).
 pub async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerCtx>, mut drain: drain::Watch) {
-    let limit = Arc::new(Semaphore::new(ctx.config.max_connections));
+    let limit = ctx.limit.clone();
     loop {
         let permit = tokio::select! {
             permit = limit.clone().acquire_owned() => match permit {
@@ -196,13 +200,18 @@ pub async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerCtx>, mut drain
     );
 }
 
-/// Keeps the open-connections gauge and close counter right however the connection ends.
-struct OpenConn(Arc<DirectionMetrics>);
+/// Held for as long as a downstream connection lives, including an upgraded (WebSocket) stream
+/// that outlives its HTTP connection: keeps the connection-limit permit and the open-connections
+/// gauge right, and counts the close when dropped.
+pub struct ConnGuard {
+    metrics: Arc<DirectionMetrics>,
+    _permit: OwnedSemaphorePermit,
+}
 
-impl Drop for OpenConn {
+impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.0.tcp_open_now.dec();
-        self.0.tcp_close.inc();
+        self.metrics.tcp_open_now.dec();
+        self.metrics.tcp_close.inc();
     }
 }
 
@@ -211,12 +220,15 @@ async fn handle(
     socket: TcpStream,
     peer: SocketAddr,
     drain: drain::Watch,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 ) {
     let m = ctx.metrics.clone();
     m.tcp_open.inc();
     m.tcp_open_now.inc();
-    let _open = OpenConn(m.clone());
+    let guard = Arc::new(ConnGuard {
+        metrics: m.clone(),
+        _permit: permit,
+    });
     let _ = socket.set_nodelay(true);
 
     let target = match ctx.target_of(&socket) {
@@ -226,10 +238,18 @@ async fn handle(
     };
     let span =
         tracing::debug_span!("conn", direction = ctx.direction.as_str(), %peer, target = %target);
-    serve(ctx, socket, target, drain).instrument(span).await
+    serve(ctx, socket, target, drain, guard)
+        .instrument(span)
+        .await
 }
 
-async fn serve(ctx: Arc<ListenerCtx>, socket: TcpStream, target: SocketAddr, drain: drain::Watch) {
+async fn serve(
+    ctx: Arc<ListenerCtx>,
+    socket: TcpStream,
+    target: SocketAddr,
+    drain: drain::Watch,
+    guard: Arc<ConnGuard>,
+) {
     let m = &ctx.metrics;
     let activity = Activity::new();
     let mut io = MeteredIo::new(
@@ -273,11 +293,17 @@ async fn serve(ctx: Arc<ListenerCtx>, socket: TcpStream, target: SocketAddr, dra
                 UpstreamHttp::Http1 => Protocol::Http1,
                 UpstreamHttp::Http2 => Protocol::Http2,
             };
-            let client = ctx.upstreams.client(target, upstream);
-            let forward = match Forward::new(client, upstream, target, drain.clone()) {
-                Ok(f) => f,
-                Err(e) => return tracing::debug!(error = %e, "cannot forward"),
+            let stream = StreamContext {
+                drain: drain.clone(),
+                held: guard.clone(),
+                activity: activity.clone(),
+                idle_timeout: ctx.config.tcp_idle_timeout,
             };
+            let forward = Forward::new(
+                ctx.upstreams.get(target),
+                upstream == Protocol::Http2,
+                stream,
+            );
             let in_flight = Arc::new(AtomicUsize::new(0));
             let router = ctx
                 .discovery
@@ -308,6 +334,7 @@ async fn serve(ctx: Arc<ListenerCtx>, socket: TcpStream, target: SocketAddr, dra
                     return tracing::debug!(reason = reason.as_str(), "TCP connection refused");
                 }
             };
+            ctx.upstreams.count_connect();
             match tcp::forward(io, endpoint, connect_timeout, idle, activity).await {
                 Ok((tx, rx)) => tracing::debug!(tx, rx, "TCP connection closed"),
                 Err(e) => {

@@ -51,6 +51,8 @@ pub struct Metrics {
     pub outbound: DirectionMetrics,
     /// Local-mode handles.
     pub forward: DirectionMetrics,
+    /// Upstream connections opened (all directions): low when pools are reused.
+    pub upstream_connects: IntCounter,
 }
 
 /// Pre-resolved handles for one direction.
@@ -174,7 +176,13 @@ impl Metrics {
                     .collect(),
             }
         };
+        let upstream_connects = IntCounter::new(
+            "outrider_upstream_connects_total",
+            "Upstream TCP connections opened (HTTP pools and opaque streams); low when pools are reused",
+        )?;
+        registry.register(Box::new(upstream_connects.clone()))?;
         Ok(Metrics {
+            upstream_connects,
             inbound: per(Direction::Inbound),
             outbound: per(Direction::Outbound),
             forward: per(Direction::Forward),

@@ -91,7 +91,10 @@ impl Proxy {
         let config = Arc::new(config);
         let registry = Registry::new();
         let metrics = Metrics::register(&registry).context("cannot register metrics")?;
-        let upstreams = Arc::new(Upstreams::new(config.connect_timeout));
+        let upstreams = Arc::new(Upstreams::new(
+            config.connect_timeout,
+            metrics.upstream_connects.clone(),
+        ));
         let discovery = match (&config.control, &config.workload) {
             (Some(url), Some(workload)) => Some(Discovery::spawn(
                 url,
@@ -227,7 +230,8 @@ impl Proxy {
         tracing::info!(admin = %admin_addr, "proxy ready");
 
         let _ = shutdown_rx.wait_for(|stop| *stop).await;
-        let deadline = tokio::time::Instant::now() + config.shutdown_grace;
+        let now = tokio::time::Instant::now();
+        let deadline = now.checked_add(config.shutdown_grace).unwrap_or(now);
         ready.store(false, Ordering::Release);
         inbound_drain.start();
         if has_outbound {

@@ -560,3 +560,120 @@ async fn idle_opaque_connections_are_closed() {
         .unwrap();
     assert!(started.elapsed() >= Duration::from_millis(250));
 }
+
+/// Reads a response head (through the blank line) from `s`.
+async fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).to_lowercase()
+}
+
+#[tokio::test]
+async fn a_request_detected_after_the_drain_started_is_still_answered() {
+    let app = start_app().await;
+    let p = start_forward(app, |_| {}).await;
+    let mut s = TcpStream::connect(p.forward[0]).await.unwrap();
+    s.write_all(b"GET /late HT").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    p.stop.trigger("test");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(b"TP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+}
+
+#[tokio::test]
+async fn upgraded_streams_keep_their_connection_slot() {
+    let app = start_app().await;
+    let p = start_forward(app, |c| c.max_connections = 1).await;
+    let mut ws = TcpStream::connect(p.forward[0]).await.unwrap();
+    ws.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert!(read_head(&mut ws).await.starts_with("http/1.1 101"));
+    assert_eq!(
+        count(&p, "outrider_tcp_close_total", "direction", "forward"),
+        0
+    );
+    let gauge = raw(p.admin, b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        gauge.contains("outrider_tcp_open_connections{direction=\"forward\"} 1"),
+        "{gauge}"
+    );
+    let mut second = ClientConn::connect(p.forward[0], false).await.unwrap();
+    let waiting = tokio::spawn(async move { second.get("x", "/").await.map(|r| r.status()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the upgraded stream still holds the only slot"
+    );
+    drop(ws);
+    let status = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn upstream_pools_are_keyed_by_address_not_by_client_authority() {
+    let app = start_app().await;
+    // HTTP/2: six authorities on one client connection share one upstream connection.
+    let p = start_forward(app, |_| {}).await;
+    let mut c = ClientConn::connect(p.forward[0], true).await.unwrap();
+    for i in 0..6 {
+        let rsp = c.get(&format!("host-{i}.test"), "/").await.unwrap();
+        assert_eq!(rsp.status(), StatusCode::OK);
+        let body = rsp.into_body().collect().await.unwrap().to_bytes();
+        assert!(!body.is_empty());
+    }
+    let connects = |r: &Running| {
+        r.registry
+            .gather()
+            .iter()
+            .find(|f| f.name() == "outrider_upstream_connects_total")
+            .map(|f| f.get_metric()[0].get_counter().get_value())
+            .unwrap_or(-1.0)
+    };
+    assert_eq!(connects(&p), 1.0);
+    // HTTP/1.1: six client connections with six Host values, one after another, reuse one.
+    let p = start_forward(app, |_| {}).await;
+    for i in 0..6 {
+        let mut c = ClientConn::connect(p.forward[0], false).await.unwrap();
+        let rsp = c.get(&format!("host-{i}.test"), "/").await.unwrap();
+        rsp.into_body().collect().await.unwrap();
+    }
+    assert_eq!(connects(&p), 1.0);
+}
+
+#[tokio::test]
+async fn connect_tunnels_become_byte_streams() {
+    let app = start_app().await;
+    let p = start_forward(app, |_| {}).await;
+    let mut s = TcpStream::connect(p.forward[0]).await.unwrap();
+    s.write_all(b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    s.write_all(b"tunnelled bytes").await.unwrap();
+    let mut back = [0u8; 15];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&back, b"tunnelled bytes");
+}

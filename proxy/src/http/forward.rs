@@ -1,13 +1,22 @@
-//! The innermost HTTP service: forwards a request to one upstream address over a pooled
-//! hyper-util client and returns its response.
+//! The innermost HTTP service: forwards a request to one upstream address and returns its
+//! response.
 //!
-//! Each upstream address has its own client (one for HTTP/1, one for HTTP/2), shared by every
-//! connection and worker, so idle upstream connections are reused across downstream connections.
-//! The client's connector ignores the URI and always dials the upstream address: the request keeps
-//! its own `Host` / `:authority`, as a transparent proxy must.
+//! The proxy keeps one [`Upstream`] per upstream address, shared by every connection and worker:
+//!
+//! - HTTP/1.1 goes through a hyper-util pooled client whose connector always dials that address.
+//!   Every request's URI authority is set to the address itself, so the pool has exactly one key
+//!   per upstream whatever `Host` clients send (a client cannot make the proxy fan out
+//!   connections); the request keeps its own `Host` header, as a transparent proxy must.
+//! - HTTP/2 goes over one multiplexed connection per address (hyper's `client::conn::http2`),
+//!   re-established when it closes; the request keeps its own `:authority`.
+//!
+//! HTTP/1.1 `Upgrade` (WebSocket) and `CONNECT` tunnels become byte streams once the upstream
+//! agrees (101, or 2xx to `CONNECT`). The spliced stream keeps the downstream connection's guard
+//! (connection limit and gauges) and is closed after the TCP idle timeout without traffic.
 //!
 //! Failures are returned as [`ProxyError`]s (connect vs. upstream) for the rescue layer to answer.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -16,73 +25,214 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::uri::{Authority, Scheme, Uri};
-use http::{Request, Response, StatusCode};
+use http::header::HOST;
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
+use hyper::client::conn::http2;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus::IntCounter;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-use crate::detect::Protocol;
 use crate::drain;
 use crate::errors::{ProxyError, Reason, RspBody};
 use crate::http::headers::{is_upgrade, strip_hop_by_hop};
+use crate::io::Activity;
 use crate::layers::router::Dispatch;
 
 /// A boxed error, the error type inside the request stack.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A pooled client for one upstream address.
-pub type HttpClient = Client<Connector, Incoming>;
+/// Something kept alive for as long as a downstream connection's streams live.
+pub type Held = Arc<dyn Any + Send + Sync>;
 
-/// Most upstream addresses with a live client; past it the table is cleared (idle pooled
-/// connections then close on their own). Bounds memory when outbound traffic fans out widely.
+/// Most upstream addresses kept; past it the table is cleared (connections still in use stay
+/// open until their users drop them). Bounds memory when outbound traffic fans out widely.
 const MAX_UPSTREAMS: usize = 4096;
 
-/// The table of pooled clients, keyed by upstream address and protocol.
+/// How long pooled idle HTTP/1 connections are kept.
+const POOL_IDLE: Duration = Duration::from_secs(90);
+
+/// The table of upstreams, keyed by address.
 #[derive(Debug)]
 pub struct Upstreams {
-    clients: Mutex<HashMap<(SocketAddr, bool), HttpClient>>,
+    by_addr: Mutex<HashMap<SocketAddr, Arc<Upstream>>>,
     connect_timeout: Duration,
+    connects: IntCounter,
 }
 
 impl Upstreams {
-    /// An empty table whose clients use `connect_timeout`.
-    pub fn new(connect_timeout: Duration) -> Self {
+    /// An empty table whose connections use `connect_timeout`; every connection it opens is
+    /// counted in `connects`.
+    pub fn new(connect_timeout: Duration, connects: IntCounter) -> Self {
         Self {
-            clients: Mutex::new(HashMap::new()),
+            by_addr: Mutex::new(HashMap::new()),
             connect_timeout,
+            connects,
         }
     }
 
-    /// The client for `target` speaking `protocol` (HTTP/2 when `Protocol::Http2`). Called once
-    /// per downstream connection, not per request.
-    pub fn client(&self, target: SocketAddr, protocol: Protocol) -> HttpClient {
-        let h2 = protocol == Protocol::Http2;
-        let mut clients = match self.clients.lock() {
+    /// Counts a connection opened outside the pools (an opaque TCP stream).
+    pub fn count_connect(&self) {
+        self.connects.inc();
+    }
+
+    /// The upstream at `addr`. Called once per downstream connection (and per endpoint when a
+    /// discovery update arrives), never per request.
+    pub fn get(&self, addr: SocketAddr) -> Arc<Upstream> {
+        let mut map = match self.by_addr.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if clients.len() >= MAX_UPSTREAMS && !clients.contains_key(&(target, h2)) {
-            clients.clear();
+        if map.len() >= MAX_UPSTREAMS && !map.contains_key(&addr) {
+            map.clear();
         }
-        clients
-            .entry((target, h2))
+        map.entry(addr)
             .or_insert_with(|| {
-                let connector = Connector {
-                    target,
-                    timeout: self.connect_timeout,
-                };
-                Client::builder(TokioExecutor::new())
-                    .pool_timer(TokioTimer::new())
-                    .timer(TokioTimer::new())
-                    .pool_idle_timeout(Duration::from_secs(90))
-                    .http2_only(h2)
-                    .build(connector)
+                Arc::new(Upstream::new(
+                    addr,
+                    self.connect_timeout,
+                    self.connects.clone(),
+                ))
             })
             .clone()
+    }
+}
+
+/// One upstream address: its HTTP/1 pool and its HTTP/2 connection.
+#[derive(Debug)]
+pub struct Upstream {
+    addr: SocketAddr,
+    authority: Authority,
+    h1: Client<Connector, Incoming>,
+    h2: H2Conn,
+}
+
+impl Upstream {
+    fn new(addr: SocketAddr, connect_timeout: Duration, connects: IntCounter) -> Self {
+        let connector = Connector {
+            target: addr,
+            timeout: connect_timeout,
+            connects: connects.clone(),
+        };
+        let h1 = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .build(connector);
+        // `SocketAddr`'s display form is always a valid authority.
+        let authority = Authority::try_from(addr.to_string())
+            .unwrap_or_else(|_| Authority::from_static("upstream"));
+        Self {
+            addr,
+            authority,
+            h1,
+            h2: H2Conn {
+                target: addr,
+                connect_timeout,
+                connects,
+                current: Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+            },
+        }
+    }
+
+    /// The address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    async fn send(
+        &self,
+        req: Request<Incoming>,
+        h2: bool,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        if h2 {
+            return self.h2.send(req).await;
+        }
+        self.h1.request(req).await.map_err(|e| {
+            let reason = if e.is_connect() {
+                Reason::ConnectFailed
+            } else {
+                Reason::UpstreamFailed
+            };
+            ProxyError::new(reason, e)
+        })
+    }
+}
+
+/// One multiplexed HTTP/2 connection, dialled on first use and again after it closes; concurrent
+/// requests that find it missing wait for a single dial.
+struct H2Conn {
+    target: SocketAddr,
+    connect_timeout: Duration,
+    connects: IntCounter,
+    current: Mutex<Option<http2::SendRequest<Incoming>>>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for H2Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2Conn")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl H2Conn {
+    fn open(&self) -> Option<http2::SendRequest<Incoming>> {
+        let current = match self.current.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        current.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+
+    async fn sender(&self) -> Result<http2::SendRequest<Incoming>, ProxyError> {
+        if let Some(s) = self.open() {
+            return Ok(s);
+        }
+        let _dialing = self.connecting.lock().await;
+        if let Some(s) = self.open() {
+            return Ok(s);
+        }
+        self.connects.inc();
+        let stream = crate::tcp::connect(self.target, self.connect_timeout)
+            .await
+            .map_err(|e| ProxyError::new(Reason::ConnectFailed, e))?;
+        let (send, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ProxyError::new(Reason::ConnectFailed, e))?;
+        let target = self.target;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%target, error = %e, "HTTP/2 upstream connection ended");
+            }
+        });
+        match self.current.lock() {
+            Ok(mut guard) => *guard = Some(send.clone()),
+            Err(poisoned) => *poisoned.into_inner() = Some(send.clone()),
+        }
+        Ok(send)
+    }
+
+    async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
+        let mut sender = self.sender().await?;
+        sender
+            .ready()
+            .await
+            .map_err(|e| ProxyError::new(Reason::UpstreamFailed, e))?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| ProxyError::new(Reason::UpstreamFailed, e))
     }
 }
 
@@ -91,6 +241,7 @@ impl Upstreams {
 pub struct Connector {
     target: SocketAddr,
     timeout: Duration,
+    connects: IntCounter,
 }
 
 impl tower::Service<Uri> for Connector {
@@ -104,47 +255,46 @@ impl tower::Service<Uri> for Connector {
 
     fn call(&mut self, _: Uri) -> Self::Future {
         let (target, timeout) = (self.target, self.timeout);
+        self.connects.inc();
         Box::pin(async move { crate::tcp::connect(target, timeout).await.map(TokioIo::new) })
     }
 }
 
-/// Forwards requests to one upstream address.
+/// What an upgraded stream needs from its downstream connection.
+pub struct StreamContext {
+    /// Drains wait for upgraded streams too.
+    pub drain: drain::Watch,
+    /// The downstream connection's guard (connection limit, gauges).
+    pub held: Held,
+    /// The downstream connection's activity clock.
+    pub activity: Activity,
+    /// Idle timeout of an upgraded stream (the TCP idle timeout).
+    pub idle_timeout: Duration,
+}
+
+/// Forwards requests to one upstream (or the endpoint the router chose).
 #[derive(Clone)]
 pub struct Forward {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    client: HttpClient,
-    /// The HTTP version spoken upstream.
-    version: http::Version,
-    authority: Authority,
-    drain: drain::Watch,
+    upstream: Arc<Upstream>,
+    /// Speak HTTP/2 to the default upstream.
+    h2: bool,
+    stream: StreamContext,
 }
 
 impl Forward {
-    /// Forwards to `target` over `client`. Upgraded (WebSocket) streams hold `drain` until closed.
-    pub fn new(
-        client: HttpClient,
-        upstream: Protocol,
-        target: SocketAddr,
-        drain: drain::Watch,
-    ) -> Result<Self, ProxyError> {
-        let authority = Authority::try_from(target.to_string())
-            .map_err(|e| ProxyError::new(Reason::BadRequest, e))?;
-        let version = if upstream == Protocol::Http2 {
-            http::Version::HTTP_2
-        } else {
-            http::Version::HTTP_11
-        };
-        Ok(Self {
+    /// Forwards to `upstream`, speaking HTTP/2 when `h2`, unless the router chose an endpoint.
+    pub fn new(upstream: Arc<Upstream>, h2: bool, stream: StreamContext) -> Self {
+        Self {
             inner: Arc::new(Inner {
-                client,
-                version,
-                authority,
-                drain,
+                upstream,
+                h2,
+                stream,
             }),
-        })
+        }
     }
 }
 
@@ -163,45 +313,26 @@ impl tower::Service<Request<Incoming>> for Forward {
         let span =
             tracing::debug_span!("request", method = %req.method(), version = ?req.version());
         let fut = async move {
-            let upgrade = (req.version() <= http::Version::HTTP_11 && is_upgrade(req.headers()))
-                .then(|| hyper::upgrade::on(&mut req));
-            strip_hop_by_hop(req.headers_mut(), upgrade.is_some());
-            set_upstream_uri(&mut req, &inner.authority)?;
+            let connect = req.method() == Method::CONNECT;
+            let upgrade = (req.version() <= Version::HTTP_11
+                && (connect || is_upgrade(req.headers())))
+            .then(|| hyper::upgrade::on(&mut req));
+            strip_hop_by_hop(req.headers_mut(), upgrade.is_some() && !connect);
             // The router's choice of endpoint (and version), else this connection's upstream.
             let dispatch = req.extensions_mut().remove::<Dispatch>();
-            let (client, version) = match &dispatch {
-                Some(d) => {
-                    let h2 = d.h2.unwrap_or(inner.version == http::Version::HTTP_2);
-                    if h2 {
-                        (&d.endpoint.h2, http::Version::HTTP_2)
-                    } else {
-                        (&d.endpoint.h1, http::Version::HTTP_11)
-                    }
-                }
-                None => (&inner.client, inner.version),
+            let (upstream, h2) = match &dispatch {
+                Some(d) => (&d.endpoint.upstream, d.h2.unwrap_or(inner.h2)),
+                None => (&inner.upstream, inner.h2),
             };
-            if req.version() != version && upgrade.is_none() {
-                // Version translation (`--upstream-http`, a service's protocol): the URI carries
-                // the authority, so HTTP/1 gets its Host header from it and HTTP/2 its :authority.
-                if version == http::Version::HTTP_2 {
-                    if let Some(host) = req.headers_mut().remove(http::header::HOST) {
-                        set_authority(&mut req, &host)?;
-                    }
-                }
-                *req.version_mut() = version;
-            }
-            let mut rsp = client.request(req).await.map_err(|e| {
-                let reason = if e.is_connect() {
-                    Reason::ConnectFailed
-                } else {
-                    Reason::UpstreamFailed
-                };
-                ProxyError::new(reason, e)
-            })?;
+            let h2 = h2 && upgrade.is_none();
+            prepare(&mut req, upstream, h2)?;
+            let mut rsp = upstream.send(req, h2).await?;
+            let switched = rsp.status() == StatusCode::SWITCHING_PROTOCOLS
+                || (connect && rsp.status().is_success());
             match upgrade {
-                Some(downstream) if rsp.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                    let upstream = hyper::upgrade::on(&mut rsp);
-                    tokio::spawn(splice(downstream, upstream, inner.drain.clone()));
+                Some(downstream) if switched => {
+                    let up = hyper::upgrade::on(&mut rsp);
+                    tokio::spawn(splice(downstream, up, inner.clone()));
                 }
                 _ => strip_hop_by_hop(rsp.headers_mut(), false),
             }
@@ -211,50 +342,66 @@ impl tower::Service<Request<Incoming>> for Forward {
     }
 }
 
-/// Gives the request the absolute URI the pooled client needs. HTTP/1 requests arrive in origin
-/// form (`/path`); the client sends them in origin form again with their own `Host` header, so the
-/// authority used here is only the pool key. HTTP/2 requests keep their `:authority`.
-fn set_upstream_uri(req: &mut Request<Incoming>, upstream: &Authority) -> Result<(), ProxyError> {
-    if req.uri().authority().is_some() && req.uri().scheme().is_some() {
-        return Ok(());
-    }
+/// Shapes the request for the upstream connection: HTTP/2 gets an absolute URI with the
+/// request's own authority (`:authority`, else `Host`, else the upstream address); HTTP/1.1 keeps
+/// (or gains) a `Host` header and gets the upstream address as URI authority, which is the pool
+/// key (the client sends origin form, or authority form for `CONNECT`).
+fn prepare(req: &mut Request<Incoming>, upstream: &Upstream, h2: bool) -> Result<(), ProxyError> {
+    let bad = |e: http::Error| ProxyError::new(Reason::BadRequest, e);
     let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    if h2 {
+        if parts.authority.is_none() {
+            let host = req.headers_mut().remove(HOST);
+            let from_host = host.and_then(|h| Authority::try_from(h.as_bytes()).ok());
+            parts.authority = Some(from_host.unwrap_or_else(|| upstream.authority.clone()));
+        } else {
+            req.headers_mut().remove(HOST);
+        }
+        *req.version_mut() = Version::HTTP_2;
+    } else {
+        if !req.headers().contains_key(HOST) {
+            let host = parts.authority.as_ref().unwrap_or(&upstream.authority);
+            if let Ok(v) = HeaderValue::from_str(host.as_str()) {
+                req.headers_mut().insert(HOST, v);
+            }
+        }
+        if req.method() != Method::CONNECT {
+            parts.authority = Some(upstream.authority.clone());
+        }
+        if req.version() != Version::HTTP_10 {
+            *req.version_mut() = Version::HTTP_11;
+        }
+    }
     parts.scheme = Some(Scheme::HTTP);
-    if parts.authority.is_none() {
-        parts.authority = Some(upstream.clone());
-    }
     if parts.path_and_query.is_none() {
-        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
     }
-    *req.uri_mut() = Uri::from_parts(parts).map_err(|e| ProxyError::new(Reason::BadRequest, e))?;
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|e| bad(e.into()))?;
     Ok(())
 }
 
-/// Replaces the request URI's authority with a `Host` header value.
-fn set_authority(req: &mut Request<Incoming>, host: &http::HeaderValue) -> Result<(), ProxyError> {
-    let authority =
-        Authority::try_from(host.as_bytes()).map_err(|e| ProxyError::new(Reason::BadRequest, e))?;
-    let mut parts = std::mem::take(req.uri_mut()).into_parts();
-    parts.authority = Some(authority);
-    *req.uri_mut() = Uri::from_parts(parts).map_err(|e| ProxyError::new(Reason::BadRequest, e))?;
-    Ok(())
-}
-
-/// Joins an upgraded downstream stream to the upgraded upstream one until either side closes.
+/// Joins an upgraded downstream stream to the upgraded upstream one until either side closes or
+/// nothing moves for the idle timeout.
 async fn splice(
     downstream: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
-    _drain: drain::Watch,
+    inner: Arc<Inner>,
 ) {
     let (down, up) = tokio::join!(downstream, upstream);
     match (down, up) {
         (Ok(down), Ok(up)) => {
             let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
-            match tokio::io::copy_bidirectional(&mut down, &mut up).await {
-                Ok((tx, rx)) => tracing::debug!(tx, rx, "upgraded stream closed"),
-                Err(e) => tracing::debug!(error = %e, "upgraded stream failed"),
+            let ctx = &inner.stream;
+            tokio::select! {
+                res = tokio::io::copy_bidirectional(&mut down, &mut up) => match res {
+                    Ok((tx, rx)) => tracing::debug!(tx, rx, "upgraded stream closed"),
+                    Err(e) => tracing::debug!(error = %e, "upgraded stream failed"),
+                },
+                () = ctx.activity.idle(ctx.idle_timeout, || false) => tracing::debug!("closing idle upgraded stream"),
             }
         }
         (Err(e), _) | (_, Err(e)) => tracing::debug!(error = %e, "upgrade failed"),
     }
+    // The drain watch and the connection guard are released here, with `inner`.
+    let _ = (&inner.stream.drain, &inner.stream.held);
 }

@@ -100,6 +100,9 @@ where
     let mut closing = false;
     loop {
         tokio::select! {
+            // The connection first: a drain that is already signalled must not close a
+            // connection hyper has not read yet, or the request detection already read is lost.
+            biased;
             res = &mut conn => return res,
             () = drain.signaled(), if !closing => {
                 tracing::debug!("draining connection");
