@@ -105,7 +105,7 @@ pub struct Route {
     pub name: String,
     /// What requests it matches; every present condition must hold.
     pub matches: RouteMatch,
-    /// Whole-request timeout.
+    /// Timeout until the response headers arrive.
     pub timeout_ms: Option<u64>,
     /// Retry policy.
     pub retry: Option<RetryPolicy>,

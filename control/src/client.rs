@@ -16,6 +16,8 @@ use crate::duration;
 
 /// Largest watch response accepted.
 const MAX_BODY: usize = 16 * 1024 * 1024;
+/// Largest error explanation kept (it is logged and shown on `/config`).
+const MAX_ERROR_BODY: usize = 1024;
 
 /// Why a watch request failed.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +55,12 @@ impl Watcher {
             .map_err(|e| format!("--control `{base}`: {e}"))?;
         if base.scheme_str() != Some("http") || base.authority().is_none() {
             return Err(format!("--control `{base}`: expected http://HOST:PORT"));
+        }
+        if base.authority().is_some_and(|a| a.as_str().contains('@')) {
+            return Err(
+                "--control: credentials in the URL are not supported (they would show on /config)"
+                    .into(),
+            );
         }
         let valid = workload
             .split_once('/')
@@ -101,17 +109,32 @@ impl Watcher {
         let uri: Uri = uri
             .parse()
             .map_err(|e| WatchError::Invalid(format!("{e}")))?;
-        let fut = self.client.get(uri);
-        let rsp = tokio::time::timeout(self.wait + Duration::from_secs(10), fut)
+        // One deadline for the whole exchange, head and body: a peer that stalls mid-body must
+        // not freeze the watch.
+        let exchange = async {
+            let rsp = self
+                .client
+                .get(uri)
+                .await
+                .map_err(|e| WatchError::Unreachable(chain(&e)))?;
+            let status = rsp.status();
+            let limit = if status == StatusCode::OK {
+                MAX_BODY
+            } else {
+                MAX_ERROR_BODY
+            };
+            let body = match Limited::new(rsp.into_body(), limit).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) if status == StatusCode::OK => {
+                    return Err(WatchError::Unreachable(e.to_string()))
+                }
+                Err(_) => Bytes::from_static(b"(long error body cut)"),
+            };
+            Ok((status, body))
+        };
+        let (status, body) = tokio::time::timeout(self.wait + Duration::from_secs(10), exchange)
             .await
-            .map_err(|_| WatchError::Unreachable("no answer in time".into()))?
-            .map_err(|e| WatchError::Unreachable(chain(&e)))?;
-        let status = rsp.status();
-        let body = Limited::new(rsp.into_body(), MAX_BODY)
-            .collect()
-            .await
-            .map_err(|e| WatchError::Unreachable(e.to_string()))?
-            .to_bytes();
+            .map_err(|_| WatchError::Unreachable("no complete answer in time".into()))??;
         match status {
             StatusCode::NOT_MODIFIED => Ok(None),
             StatusCode::OK => {
@@ -215,6 +238,11 @@ mod tests {
     fn bad_urls_and_workloads_are_refused() {
         assert!(Watcher::new("ftp://x:1", "a/b", Duration::from_secs(1)).is_err());
         assert!(Watcher::new("not a url", "a/b", Duration::from_secs(1)).is_err());
+        assert!(
+            Watcher::new("http://u:p@127.0.0.1:1", "a/b", Duration::from_secs(1))
+                .unwrap_err()
+                .contains("credentials")
+        );
         assert!(
             Watcher::new("http://127.0.0.1:15012", "nope", Duration::from_secs(1))
                 .unwrap_err()

@@ -285,6 +285,7 @@ impl WatchQuery {
         let (mut workload, mut version, mut wait) = (None, None, DEFAULT_WAIT);
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = &percent_decode(v).ok_or_else(|| format!("bad escape in \"{v}\""))?;
             match k {
                 "workload" => {
                     let ok = v
@@ -326,6 +327,32 @@ impl WatchQuery {
             wait,
         })
     }
+}
+
+/// Decodes `%XX` escapes (and `+` as space) in a query value; `None` for a broken escape or
+/// bytes that are not UTF-8.
+fn percent_decode(v: &str) -> Option<String> {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 fn not_modified() -> Response<Full<Bytes>> {
@@ -460,5 +487,17 @@ mod tests {
         assert!(WatchQuery::parse("workload=a/b&color=red")
             .unwrap_err()
             .contains("unknown parameter"));
+        assert_eq!(
+            WatchQuery::parse("workload=demo%2Floadgen")
+                .unwrap()
+                .workload,
+            "demo/loadgen"
+        );
+        assert!(WatchQuery::parse("workload=demo%2")
+            .unwrap_err()
+            .contains("bad escape"));
+        assert!(WatchQuery::parse("workload=%ff%fe/x")
+            .unwrap_err()
+            .contains("bad escape"));
     }
 }

@@ -41,7 +41,7 @@ pub struct RouteEntry {
     /// Route name.
     pub name: String,
     matches: RouteMatch,
-    /// Whole-request timeout.
+    /// Timeout until the response headers arrive.
     pub timeout: Option<Duration>,
 }
 
@@ -314,6 +314,9 @@ async fn sync(
             Ok(update) => {
                 status.connected.store(true, Ordering::Relaxed);
                 metrics.connected.set(1);
+                if let Ok(mut last) = status.last_error.lock() {
+                    *last = None;
+                }
                 backoff.reset();
                 if failing {
                     tracing::info!(

@@ -25,11 +25,13 @@ pub enum Reason {
     NoEndpoints = 6,
     /// The route's timeout passed before the response.
     RequestTimeout = 7,
+    /// No config from the control plane yet (outbound with `--control`).
+    NoConfig = 8,
 }
 
 impl Reason {
     /// Every reason, in discriminant order.
-    pub const ALL: [Reason; 8] = [
+    pub const ALL: [Reason; 9] = [
         Reason::ConnectFailed,
         Reason::UpstreamFailed,
         Reason::BadRequest,
@@ -38,6 +40,7 @@ impl Reason {
         Reason::NoRoute,
         Reason::NoEndpoints,
         Reason::RequestTimeout,
+        Reason::NoConfig,
     ];
 
     /// The `outrider-error` header value and metric label.
@@ -51,6 +54,7 @@ impl Reason {
             Reason::NoRoute => "no-route",
             Reason::NoEndpoints => "no-endpoints",
             Reason::RequestTimeout => "request-timeout",
+            Reason::NoConfig => "no-config",
         }
     }
 
@@ -61,7 +65,7 @@ impl Reason {
             | Reason::UpstreamFailed
             | Reason::NoOrigDst
             | Reason::NoRoute => StatusCode::BAD_GATEWAY,
-            Reason::NoEndpoints => StatusCode::SERVICE_UNAVAILABLE,
+            Reason::NoEndpoints | Reason::NoConfig => StatusCode::SERVICE_UNAVAILABLE,
             Reason::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
             Reason::BadRequest => StatusCode::BAD_REQUEST,
             Reason::Loop => StatusCode::LOOP_DETECTED,

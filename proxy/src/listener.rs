@@ -36,6 +36,9 @@ use crate::orig_dst::OrigDst;
 use crate::tcp;
 use outrider_control::api::{ServiceProtocol, UnknownDestinations};
 
+/// How long a new outbound connection waits for the control plane's first view.
+const FIRST_CONFIG_WAIT: Duration = Duration::from_secs(5);
+
 /// How a listener finds where a connection goes.
 #[derive(Debug, Clone, Copy)]
 pub enum Target {
@@ -149,6 +152,9 @@ impl ListenerCtx {
             return Ok(dest);
         };
         let table = discovery.table.borrow().clone();
+        if table.version.is_none() {
+            return Err(Reason::NoConfig);
+        }
         match table.service(&dest) {
             Some(service) => service.pick().map(|e| e.addr).ok_or(Reason::NoEndpoints),
             None if table.unknown == UnknownDestinations::Refuse => Err(Reason::NoRoute),
@@ -259,6 +265,15 @@ async fn serve(
         activity.clone(),
     );
 
+    if let Some(d) = &ctx.discovery {
+        // Before the first view, hold the connection (bounded) rather than bypass the mesh.
+        if d.table.borrow().version.is_none() {
+            let mut table = d.table.clone();
+            let _ =
+                tokio::time::timeout(FIRST_CONFIG_WAIT, table.wait_for(|t| t.version.is_some()))
+                    .await;
+        }
+    }
     let opaque_service = ctx.discovery.as_ref().is_some_and(|d| {
         d.table
             .borrow()

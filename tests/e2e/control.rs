@@ -534,6 +534,10 @@ fn refused_unknown_destinations_empty_services_and_readiness() {
         "{}",
         ready.body
     );
+    // Outbound traffic does not bypass the mesh meanwhile: held (5 s), then 503 no-config.
+    let early = get(format!("127.0.0.1:{to_app}").parse().unwrap(), "/");
+    assert_eq!(early.status, 503);
+    assert_eq!(early.header("outrider-error"), Some("no-config"));
 
     let _control = start_control(&dir, cp_port);
     wait_until(

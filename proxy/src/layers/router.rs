@@ -8,6 +8,9 @@
 //! - an unknown destination passes through to itself, or fails with `no-route` (502) when the
 //!   view says `unknown_destinations: refuse`.
 //!
+//! Until the first view has arrived, requests fail with `no-config` (503) rather than bypass
+//! the mesh (connections first wait up to 5 s for it, see [`crate::listener`]).
+//!
 //! The table is read per request, so an update applies to the next request of every open
 //! connection; in-flight requests keep the endpoint they were given.
 
@@ -90,6 +93,10 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         use futures_util::future::{ready, Either};
         let table = self.table.borrow().clone();
+        if table.version.is_none() {
+            let e = ProxyError::new(Reason::NoConfig, "no config from the control plane yet");
+            return Either::Right(ready(Err(e.into())));
+        }
         let Some(service) = table.service(&self.dest) else {
             if table.unknown == UnknownDestinations::Refuse {
                 let e = ProxyError::new(
