@@ -408,19 +408,47 @@ pub fn fmt_duration(d: Duration) -> String {
     outrider_control::duration::format(d)
 }
 
-/// Worker threads from the CPU quota this process really has: cgroup v2 `cpu.max`, then cgroup v1
-/// `cpu.cfs_quota_us`, capped by the cores the scheduler lets us use.
+/// Worker threads from the CPU quota this process really has: the smallest cgroup v2 `cpu.max`
+/// on the path from its own cgroup (read from `/proc/self/cgroup`) up to the root, else the
+/// cgroup v1 `cpu.cfs_quota_us`, capped by the cores the scheduler lets it use.
 pub fn default_workers() -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let quota = std::fs::read_to_string("/sys/fs/cgroup/cpu.max")
+    let v2 = std::fs::read_to_string("/proc/self/cgroup")
         .ok()
-        .and_then(|s| cpu_quota_v2(&s))
-        .or_else(|| {
-            let q = std::fs::read_to_string("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").ok()?;
-            let p = std::fs::read_to_string("/sys/fs/cgroup/cpu/cpu.cfs_period_us").ok()?;
-            cpu_quota_v1(&q, &p)
+        .and_then(|s| cgroup_v2_path(&s))
+        .and_then(|path| {
+            cgroup_ancestors(&path)
+                .filter_map(|dir| {
+                    std::fs::read_to_string(format!("/sys/fs/cgroup{dir}/cpu.max")).ok()
+                })
+                .filter_map(|s| cpu_quota_v2(&s))
+                .min()
         });
+    let quota = v2.or_else(|| {
+        let q = std::fs::read_to_string("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").ok()?;
+        let p = std::fs::read_to_string("/sys/fs/cgroup/cpu/cpu.cfs_period_us").ok()?;
+        cpu_quota_v1(&q, &p)
+    });
     quota.map_or(cores, |q| q.min(cores)).max(1)
+}
+
+/// The cgroup v2 path of this process from `/proc/self/cgroup` (the `0::/path` line).
+pub fn cgroup_v2_path(proc_self_cgroup: &str) -> Option<String> {
+    proc_self_cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|p| p.trim().to_string())
+}
+
+/// `/a/b/c`, `/a/b`, `/a`, `` (the root): the cgroup and each of its ancestors.
+fn cgroup_ancestors(path: &str) -> impl Iterator<Item = String> + '_ {
+    let path = path.trim_end_matches('/');
+    std::iter::successors(Some(path.to_string()), |p| {
+        (!p.is_empty()).then(|| {
+            p.rsplit_once('/')
+                .map_or(String::new(), |(parent, _)| parent.to_string())
+        })
+    })
 }
 
 /// Cores granted by a cgroup v2 `cpu.max` line (`"max 100000"` is unlimited), rounded up.
@@ -478,6 +506,14 @@ mod tests {
         assert_eq!(cpu_quota_v2("garbage"), None);
         assert_eq!(cpu_quota_v1("-1", "100000"), None);
         assert_eq!(cpu_quota_v1("400000\n", "100000\n"), Some(4));
+        assert_eq!(
+            cgroup_v2_path("0::/kubepods/pod1/c1\n").as_deref(),
+            Some("/kubepods/pod1/c1")
+        );
+        assert_eq!(cgroup_v2_path("12:cpu:/x\n"), None);
+        let up: Vec<String> = cgroup_ancestors("/kubepods/pod1/c1").collect();
+        assert_eq!(up, ["/kubepods/pod1/c1", "/kubepods/pod1", "/kubepods", ""]);
+        assert_eq!(cgroup_ancestors("/").collect::<Vec<_>>(), [""]);
         assert!(default_workers() >= 1);
     }
 

@@ -73,6 +73,7 @@ pub struct ListenerCtx {
     /// Open connections allowed (shared by a listener and its IPv6 twin).
     limit: Arc<Semaphore>,
     loop_logged: AtomicBool,
+    orig_dst_logged: AtomicBool,
 }
 
 impl ListenerCtx {
@@ -105,6 +106,7 @@ impl ListenerCtx {
             discovery: discovery.filter(|_| direction != Direction::Inbound),
             limit,
             loop_logged: AtomicBool::new(false),
+            orig_dst_logged: AtomicBool::new(false),
         }
     }
 
@@ -113,10 +115,10 @@ impl ListenerCtx {
         match self.target {
             Target::Fixed(upstream) => Ok(upstream),
             Target::Inbound => {
-                let orig = self.orig_dst.orig_dst(socket).map_err(|e| {
-                    tracing::warn!(error = %e, "cannot read the original destination");
-                    Reason::NoOrigDst
-                })?;
+                let orig = self
+                    .orig_dst
+                    .orig_dst(socket)
+                    .map_err(|e| self.no_orig_dst(&e))?;
                 if self.own_ports.contains(&orig.port()) {
                     return Err(Reason::Loop);
                 }
@@ -128,10 +130,10 @@ impl ListenerCtx {
                 Ok(SocketAddr::new(app, orig.port()))
             }
             Target::Outbound => {
-                let orig = self.orig_dst.orig_dst(socket).map_err(|e| {
-                    tracing::warn!(error = %e, "cannot read the original destination");
-                    Reason::NoOrigDst
-                })?;
+                let orig = self
+                    .orig_dst
+                    .orig_dst(socket)
+                    .map_err(|e| self.no_orig_dst(&e))?;
                 let local = socket.local_addr().ok();
                 let is_self = Some(orig) == local
                     || ((orig.ip().is_loopback() || orig.ip().is_unspecified())
@@ -160,6 +162,18 @@ impl ListenerCtx {
             None if table.unknown == UnknownDestinations::Refuse => Err(Reason::NoRoute),
             None => Ok(dest),
         }
+    }
+
+    /// Logs (once per listener at warn, then at debug) a connection without original destination:
+    /// traffic that reached the listener without being redirected.
+    fn no_orig_dst(&self, e: &std::io::Error) -> Reason {
+        if !self.orig_dst_logged.swap(true, Ordering::Relaxed) {
+            tracing::warn!(direction = self.direction.as_str(), error = %e,
+                "cannot read the original destination (logged once per listener; see outrider_errors_total{{reason=\"no-orig-dst\"}})");
+        } else {
+            tracing::debug!(error = %e, "cannot read the original destination");
+        }
+        Reason::NoOrigDst
     }
 
     fn refuse_loop(&self, peer: SocketAddr) {
@@ -242,8 +256,7 @@ async fn handle(
         Err(Reason::Loop) => return ctx.refuse_loop(peer),
         Err(reason) => return m.error(reason),
     };
-    let span =
-        tracing::debug_span!("conn", direction = ctx.direction.as_str(), %peer, target = %target);
+    let span = tracing::debug_span!("conn", direction = ctx.direction.as_str(), %peer, target = %target, protocol = tracing::field::Empty);
     serve(ctx, socket, target, drain, guard)
         .instrument(span)
         .await
@@ -298,7 +311,7 @@ async fn serve(
         }
     };
     m.detected(outcome);
-    tracing::debug!(protocol = outcome.as_str(), "detected");
+    tracing::Span::current().record("protocol", outcome.as_str());
     let io = PrefixedIo::new(prefix, io);
 
     match outcome.protocol() {
@@ -334,6 +347,11 @@ async fn serve(
             if let Err(e) =
                 proxy_http::serve(io, proto, stack, &ctx.server, drain, activity, in_flight).await
             {
+                // hyper answered malformed or oversized requests itself (400, 431): count them.
+                if e.is_parse() || e.is_parse_too_large() {
+                    m.responses[3].inc();
+                    m.error(Reason::BadRequest);
+                }
                 tracing::debug!(error = %e, "HTTP connection ended with an error");
             }
         }

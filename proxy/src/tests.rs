@@ -192,6 +192,15 @@ async fn oversized_header_gets_431() {
     req.extend(b"\r\n\r\n");
     let rsp = raw(p.forward[0], &req).await.unwrap();
     assert!(rsp.starts_with("HTTP/1.1 431"), "{rsp}");
+    assert_eq!(
+        count(&p, "outrider_responses_total", "status_class", "4xx"),
+        1,
+        "hyper's own 431 is counted"
+    );
+    assert_eq!(
+        count(&p, "outrider_errors_total", "reason", "bad-request"),
+        1
+    );
 }
 
 #[tokio::test]

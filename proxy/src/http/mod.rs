@@ -69,6 +69,9 @@ where
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
+            // Pings find dead peers; a peer that does not answer within 10 s is dropped.
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(10))
             .max_header_list_size(config.max_header_bytes);
         let conn = builder.serve_connection(io, svc);
         drive(conn, |c| c.graceful_shutdown(), &mut drain, idle).await
