@@ -56,8 +56,10 @@ pub struct Workload {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawMesh {
+    /// Keys the schema does not know, each reported as an error.
+    #[serde(flatten)]
+    unknown: BTreeMap<String, serde_norway::Value>,
     unknown_destinations: Option<String>,
     #[serde(default)]
     services: Vec<RawService>,
@@ -66,9 +68,11 @@ struct RawMesh {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawService {
-    name: String,
+    /// Keys the schema does not know, each reported as an error.
+    #[serde(flatten)]
+    unknown: BTreeMap<String, serde_norway::Value>,
+    name: Option<String>,
     namespace: Option<String>,
     #[serde(default)]
     addresses: Vec<String>,
@@ -82,16 +86,20 @@ struct RawService {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawEndpoint {
-    address: String,
+    /// Keys the schema does not know, each reported as an error.
+    #[serde(flatten)]
+    unknown: BTreeMap<String, serde_norway::Value>,
+    address: Option<String>,
     identity: Option<String>,
     weight: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawRoute {
+    /// Keys the schema does not know, each reported as an error.
+    #[serde(flatten)]
+    unknown: BTreeMap<String, serde_norway::Value>,
     name: Option<String>,
     #[serde(rename = "match", default)]
     matches: RawMatch,
@@ -100,8 +108,10 @@ struct RawRoute {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawMatch {
+    /// Keys the schema does not know, each reported as an error.
+    #[serde(flatten)]
+    unknown: BTreeMap<String, serde_norway::Value>,
     path_prefix: Option<String>,
     path: Option<String>,
     method: Option<String>,
@@ -110,23 +120,29 @@ struct RawMatch {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawRetry {
-    attempts: u32,
+    /// Keys the schema does not know, each reported as an error.
+    #[serde(flatten)]
+    unknown: BTreeMap<String, serde_norway::Value>,
+    attempts: Option<u32>,
     budget: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawBreaker {
-    consecutive_failures: u32,
-    open_for: String,
+    /// Keys the schema does not know, each reported as an error.
+    #[serde(flatten)]
+    unknown: BTreeMap<String, serde_norway::Value>,
+    consecutive_failures: Option<u32>,
+    open_for: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawWorkload {
-    name: String,
+    /// Keys the schema does not know, each reported as an error.
+    #[serde(flatten)]
+    unknown: BTreeMap<String, serde_norway::Value>,
+    name: Option<String>,
     calls: Option<Vec<String>>,
     unknown_destinations: Option<String>,
     #[serde(default)]
@@ -134,9 +150,11 @@ struct RawWorkload {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawServer {
-    port: u32,
+    /// Keys the schema does not know, each reported as an error.
+    #[serde(flatten)]
+    unknown: BTreeMap<String, serde_norway::Value>,
+    port: Option<u32>,
     #[serde(default)]
     allow: Vec<String>,
     #[serde(default)]
@@ -153,6 +171,34 @@ impl Errors {
             message: message.into(),
         });
     }
+}
+
+/// Reports every key of `unknown` as an error under `at`.
+fn unknown_keys(
+    errors: &mut Errors,
+    at: &str,
+    unknown: &BTreeMap<String, serde_norway::Value>,
+    known: &[&str],
+) {
+    for key in unknown.keys() {
+        let path = if at.is_empty() {
+            key.clone()
+        } else {
+            format!("{at}.{key}")
+        };
+        errors.push(
+            path,
+            format!("unknown key; expected one of: {}", known.join(", ")),
+        );
+    }
+}
+
+/// The value of a required key, or an error.
+fn required<T>(errors: &mut Errors, at: &str, key: &str, value: Option<T>) -> Option<T> {
+    if value.is_none() {
+        errors.push(format!("{at}.{key}"), "missing key");
+    }
+    value
 }
 
 fn is_dns_label(s: &str) -> bool {
@@ -225,10 +271,13 @@ impl Mesh {
             } else {
                 path
             };
-            vec![ConfigError {
-                path,
-                message: e.into_inner().to_string(),
-            }]
+            let message = e.into_inner().to_string();
+            // The YAML error may already start with its own location; keep one.
+            let message = message
+                .split_once(": ")
+                .filter(|(loc, _)| !loc.contains(' '))
+                .map_or(message.clone(), |(_, m)| m.to_string());
+            vec![ConfigError { path, message }]
         })?;
         let mut errors = Errors(Vec::new());
         let mesh = validate(raw, &mut errors);
@@ -276,6 +325,12 @@ impl Mesh {
 }
 
 fn validate(raw: RawMesh, errors: &mut Errors) -> Mesh {
+    unknown_keys(
+        errors,
+        "",
+        &raw.unknown,
+        &["unknown_destinations", "services", "workloads"],
+    );
     let unknown_destinations =
         parse_unknown(errors, "unknown_destinations", &raw.unknown_destinations)
             .unwrap_or_default();
@@ -285,7 +340,11 @@ fn validate(raw: RawMesh, errors: &mut Errors) -> Mesh {
     for (i, s) in raw.services.into_iter().enumerate() {
         let at = format!("services[{i}]");
         // Known even when invalid, so workloads that call it get no second, misleading error.
-        let id = format!("{}/{}", s.namespace.as_deref().unwrap_or("default"), s.name);
+        let id = format!(
+            "{}/{}",
+            s.namespace.as_deref().unwrap_or("default"),
+            s.name.as_deref().unwrap_or_default()
+        );
         if let Some(prev) = ids.insert(id.clone(), i) {
             errors.push(
                 format!("{at}.name"),
@@ -307,16 +366,23 @@ fn validate(raw: RawMesh, errors: &mut Errors) -> Mesh {
     let mut workloads = BTreeMap::new();
     for (i, w) in raw.workloads.into_iter().enumerate() {
         let at = format!("workloads[{i}]");
-        let Some((ns, name)) = w
-            .name
+        unknown_keys(
+            errors,
+            &at,
+            &w.unknown,
+            &["name", "calls", "unknown_destinations", "servers"],
+        );
+        let Some(wname) = required(errors, &at, "name", w.name.clone()) else {
+            continue;
+        };
+        let Some((ns, name)) = wname
             .split_once('/')
             .filter(|(ns, n)| is_dns_label(ns) && is_dns_label(n))
         else {
             errors.push(
                 format!("{at}.name"),
                 format!(
-                    "invalid workload \"{}\": expected namespace/name (lower case, digits, -)",
-                    w.name
+                    "invalid workload \"{wname}\": expected namespace/name (lower case, digits, -)"
                 ),
             );
             continue;
@@ -352,10 +418,14 @@ fn validate(raw: RawMesh, errors: &mut Errors) -> Mesh {
         let mut servers = Vec::new();
         for (j, srv) in w.servers.into_iter().enumerate() {
             let sat = format!("{at}.servers[{j}]");
-            let Some(port) = u16::try_from(srv.port).ok().filter(|p| *p != 0) else {
+            unknown_keys(errors, &sat, &srv.unknown, &["port", "allow", "plaintext"]);
+            let Some(raw_port) = required(errors, &sat, "port", srv.port) else {
+                continue;
+            };
+            let Some(port) = u16::try_from(raw_port).ok().filter(|p| *p != 0) else {
                 errors.push(
                     format!("{sat}.port"),
-                    format!("invalid port {}: expected 1-65535", srv.port),
+                    format!("invalid port {raw_port}: expected 1-65535"),
                 );
                 continue;
             };
@@ -396,13 +466,26 @@ fn validate(raw: RawMesh, errors: &mut Errors) -> Mesh {
 
 fn validate_service(errors: &mut Errors, at: &str, s: RawService) -> Option<Service> {
     let before = errors.0.len();
-    if !is_dns_label(&s.name) {
+    unknown_keys(
+        errors,
+        at,
+        &s.unknown,
+        &[
+            "name",
+            "namespace",
+            "addresses",
+            "protocol",
+            "endpoints",
+            "routes",
+            "breaker",
+            "balancer",
+        ],
+    );
+    let name = required(errors, at, "name", s.name).unwrap_or_default();
+    if !name.is_empty() && !is_dns_label(&name) {
         errors.push(
             format!("{at}.name"),
-            format!(
-                "invalid name \"{}\": lower case letters, digits and -",
-                s.name
-            ),
+            format!("invalid name \"{name}\": lower case letters, digits and -"),
         );
     }
     let namespace = s.namespace.unwrap_or_else(|| "default".to_string());
@@ -444,6 +527,7 @@ fn validate_service(errors: &mut Errors, at: &str, s: RawService) -> Option<Serv
     let mut seen = HashSet::new();
     for (j, e) in s.endpoints.into_iter().enumerate() {
         let eat = format!("{at}.endpoints[{j}]");
+        unknown_keys(errors, &eat, &e.unknown, &["address", "identity", "weight"]);
         let weight = e.weight.unwrap_or(1);
         if !(1..=1000).contains(&weight) {
             errors.push(
@@ -454,7 +538,9 @@ fn validate_service(errors: &mut Errors, at: &str, s: RawService) -> Option<Serv
         if let Some(id) = &e.identity {
             check_identity(errors, format!("{eat}.identity"), id);
         }
-        if let Some(address) = parse_addr(errors, format!("{eat}.address"), &e.address) {
+        let address = required(errors, &eat, "address", e.address.as_deref())
+            .and_then(|a| parse_addr(errors, format!("{eat}.address"), a));
+        if let Some(address) = address {
             if !seen.insert(address) {
                 errors.push(
                     format!("{eat}.address"),
@@ -472,6 +558,18 @@ fn validate_service(errors: &mut Errors, at: &str, s: RawService) -> Option<Serv
     let mut names = HashSet::new();
     for (k, r) in s.routes.into_iter().enumerate() {
         let rat = format!("{at}.routes[{k}]");
+        unknown_keys(
+            errors,
+            &rat,
+            &r.unknown,
+            &["name", "match", "timeout", "retry"],
+        );
+        unknown_keys(
+            errors,
+            &format!("{rat}.match"),
+            &r.matches.unknown,
+            &["path_prefix", "path", "method", "headers"],
+        );
         let name = r.name.unwrap_or_else(|| format!("route-{k}"));
         if !is_dns_label(&name) {
             errors.push(
@@ -527,10 +625,13 @@ fn validate_service(errors: &mut Errors, at: &str, s: RawService) -> Option<Serv
             }
         });
         let retry = r.retry.map(|rt| {
-            if rt.attempts > 10 {
+            let rtat = format!("{rat}.retry");
+            unknown_keys(errors, &rtat, &rt.unknown, &["attempts", "budget"]);
+            let attempts = required(errors, &rtat, "attempts", rt.attempts).unwrap_or(0);
+            if attempts > 10 {
                 errors.push(
                     format!("{rat}.retry.attempts"),
-                    format!("{} attempts is more than 10", rt.attempts),
+                    format!("{attempts} attempts is more than 10"),
                 );
             }
             let budget = rt.budget.as_deref().unwrap_or("20%");
@@ -548,7 +649,7 @@ fn validate_service(errors: &mut Errors, at: &str, s: RawService) -> Option<Serv
                 }
             };
             RetryPolicy {
-                attempts: rt.attempts,
+                attempts,
                 budget_percent,
             }
         });
@@ -565,13 +666,25 @@ fn validate_service(errors: &mut Errors, at: &str, s: RawService) -> Option<Serv
         });
     }
     let breaker = s.breaker.map(|b| {
-        if b.consecutive_failures == 0 {
+        let bat = format!("{at}.breaker");
+        unknown_keys(
+            errors,
+            &bat,
+            &b.unknown,
+            &["consecutive_failures", "open_for"],
+        );
+        let consecutive_failures =
+            required(errors, &bat, "consecutive_failures", b.consecutive_failures);
+        let open_for =
+            required(errors, &bat, "open_for", b.open_for).unwrap_or_else(|| "1s".into());
+        let consecutive_failures = consecutive_failures.unwrap_or(1);
+        if consecutive_failures == 0 {
             errors.push(
                 format!("{at}.breaker.consecutive_failures"),
                 "must be at least 1",
             );
         }
-        let open_ms = match duration::parse(&b.open_for) {
+        let open_ms = match duration::parse(&open_for) {
             Ok(d) if !d.is_zero() => d.as_millis() as u64,
             Ok(_) => {
                 errors.push(format!("{at}.breaker.open_for"), "must be longer than 0");
@@ -583,7 +696,7 @@ fn validate_service(errors: &mut Errors, at: &str, s: RawService) -> Option<Serv
             }
         };
         Breaker {
-            consecutive_failures: b.consecutive_failures,
+            consecutive_failures,
             open_ms,
         }
     });
@@ -599,7 +712,7 @@ fn validate_service(errors: &mut Errors, at: &str, s: RawService) -> Option<Serv
         }
     };
     (errors.0.len() == before).then_some(Service {
-        name: s.name,
+        name,
         namespace,
         addresses,
         protocol,
