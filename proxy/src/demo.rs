@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -203,28 +204,28 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("  (the addresses live while the demo runs; Ctrl-C ends it early)");
 
     let deadline = Instant::now() + duration;
+    let stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
     for i in 0..args.connections {
         let h2 = i % 2 == 1;
-        workers.push(tokio::spawn(drive(client_addr, h2, deadline)));
+        workers.push(tokio::spawn(drive(client_addr, h2, deadline, stop.clone())));
     }
-    let all = async {
-        let mut tally = Tally::default();
-        for w in workers {
-            if let Ok(t) = w.await {
-                tally.merge(t);
-            }
-        }
-        tally
-    };
     let started = Instant::now();
-    let tally = tokio::select! {
-        t = all => t,
-        _ = tokio::signal::ctrl_c() => {
-            println!("interrupted");
-            Tally::default()
+    // Ctrl-C stops the load early; the summary still covers what was sent.
+    let interrupt = stop.clone();
+    let watcher = tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            println!("interrupted: stopping the load");
+            interrupt.store(true, Ordering::Relaxed);
         }
-    };
+    });
+    let mut tally = Tally::default();
+    for w in workers {
+        if let Ok(t) = w.await {
+            tally.merge(t);
+        }
+    }
+    watcher.abort();
     let elapsed = started.elapsed();
     print_summary(&tally, elapsed, &client_registry, &server_registry);
 
@@ -249,12 +250,13 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One client connection sending requests back to back until `deadline` (at most 1M requests).
-async fn drive(addr: SocketAddr, h2: bool, deadline: Instant) -> Tally {
+/// One client connection sending requests back to back until `deadline` or `stop` (at most 1M
+/// requests).
+async fn drive(addr: SocketAddr, h2: bool, deadline: Instant, stop: Arc<AtomicBool>) -> Tally {
     let mut tally = Tally::default();
     let mut conn = None;
     for n in 0..1_000_000u32 {
-        if Instant::now() >= deadline {
+        if Instant::now() >= deadline || stop.load(Ordering::Relaxed) {
             break;
         }
         if conn.is_none() {

@@ -686,3 +686,38 @@ async fn connect_tunnels_become_byte_streams() {
         .unwrap();
     assert_eq!(&back, b"tunnelled bytes");
 }
+
+#[tokio::test]
+async fn http2_drain_sends_goaway_and_finishes_in_flight() {
+    let app = start_app().await;
+    let p = start_forward(app, |_| {}).await;
+    let mut c = ClientConn::connect(p.forward[0], true).await.unwrap();
+    let ClientConn::Http2(send) = &c else {
+        unreachable!()
+    };
+    let mut slow = ClientConn::Http2(send.clone());
+    let in_flight = tokio::spawn(async move {
+        let rsp = slow.get("payments.test", "/slow?ms=500").await.unwrap();
+        let status = rsp.status();
+        rsp.into_body().collect().await.unwrap();
+        status
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    p.stop.trigger("test");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // GOAWAY received: the connection takes no new streams.
+    let refused = tokio::time::timeout(Duration::from_secs(5), c.get("payments.test", "/new"))
+        .await
+        .unwrap();
+    assert!(refused.is_err(), "a new stream after GOAWAY is refused");
+    assert_eq!(
+        in_flight.await.unwrap(),
+        StatusCode::OK,
+        "the in-flight stream completes"
+    );
+    tokio::time::timeout(Duration::from_secs(5), p.task)
+        .await
+        .expect("drained")
+        .unwrap()
+        .unwrap();
+}
