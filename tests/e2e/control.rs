@@ -472,9 +472,19 @@ fn the_watch_api_answers_bad_requests_clearly_and_long_polls() {
         ("/v1/watch?workload=nope", 400, "bad workload"),
         ("/v1/watch?workload=demo/nobody", 404, "unknown workload"),
         (
-            "/v1/watch?workload=demo/loadgen&version=%%%",
+            "/v1/watch?workload=demo/loadgen&version=a%20b",
             400,
             "bad version",
+        ),
+        (
+            "/v1/watch?workload=demo/loadgen&version=%%%",
+            400,
+            "bad escape",
+        ),
+        (
+            "/v1/watch?workload=demo%2Floadgen&wait=1ms",
+            200,
+            "\"workload\":\"demo/loadgen\"",
         ),
         ("/v1/watch?workload=demo/loadgen&wait=1d", 400, "bad wait"),
         ("/nope", 404, "not found"),
