@@ -7,7 +7,8 @@
 //! | `GET /status/NNN` | status NNN |
 //! | `GET /trailers` | 200 with a `grpc-status: 0` trailer (HTTP/2) |
 //! | `POST /echo` | the request body, streamed back |
-//! | `Upgrade: <anything>` | 101, then every byte echoed until the client closes |
+//! | `Upgrade: websocket` | a WebSocket (RFC 6455) echo: text and binary messages come back |
+//! | `Upgrade: <anything else>` | 101, then every byte echoed until the client closes |
 //! | `CONNECT host:port` | 200, then every byte echoed (a tunnel to an echo server) |
 //! | anything else | 200, a JSON line naming the service, instance, protocol and path |
 
@@ -72,16 +73,33 @@ async fn handle(
             .get(header::UPGRADE)
             .cloned()
             .unwrap_or(HeaderValue::from_static("echo"));
+        let ws_accept = protocol
+            .as_bytes()
+            .eq_ignore_ascii_case(b"websocket")
+            .then(|| {
+                req.headers()
+                    .get("sec-websocket-key")
+                    .map(|k| websocket::accept(k.as_bytes()))
+            })
+            .flatten();
+        let is_ws = ws_accept.is_some();
         let on_upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
             if let Ok(upgraded) = on_upgrade.await {
                 let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
-                let _ = tokio::io::copy(&mut r, &mut w).await;
+                if is_ws {
+                    let _ = websocket::echo(&mut r, &mut w).await;
+                } else {
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
             }
         });
         let mut rsp = Response::new(full(Bytes::new()));
         *rsp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         rsp.headers_mut().insert(header::UPGRADE, protocol);
+        if let Some(accept) = ws_accept.and_then(|a| HeaderValue::from_str(&a).ok()) {
+            rsp.headers_mut().insert("sec-websocket-accept", accept);
+        }
         rsp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         return Ok(rsp);
@@ -155,4 +173,113 @@ pub fn main(listen: std::net::SocketAddr, instance: String) -> std::process::Exi
         }
         std::process::ExitCode::SUCCESS
     })
+}
+
+/// A minimal RFC 6455 WebSocket echo: enough of the protocol for the demo and the tests to use a
+/// real WebSocket client through the proxies.
+mod websocket {
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+    const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    /// Largest message echoed.
+    const MAX_PAYLOAD: u64 = 1 << 20;
+
+    /// `Sec-WebSocket-Accept` for a client's `Sec-WebSocket-Key`.
+    pub fn accept(key: &[u8]) -> String {
+        let mut sha = sha1_smol::Sha1::new();
+        sha.update(key);
+        sha.update(GUID.as_bytes());
+        base64(&sha.digest().bytes())
+    }
+
+    fn base64(bytes: &[u8]) -> String {
+        const ALPHABET: &[u8; 64] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+        for chunk in bytes.chunks(3) {
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+
+    /// Echoes data frames (unmasking the client's), answers pings, and returns on close.
+    pub async fn echo<R, W>(r: &mut R, w: &mut W) -> std::io::Result<()>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            let mut head = [0u8; 2];
+            r.read_exact(&mut head).await?;
+            let opcode = head[0] & 0x0f;
+            let masked = head[1] & 0x80 != 0;
+            let len = match head[1] & 0x7f {
+                126 => u64::from(r.read_u16().await?),
+                127 => r.read_u64().await?,
+                n => u64::from(n),
+            };
+            if len > MAX_PAYLOAD {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "message too large",
+                ));
+            }
+            let mut mask = [0u8; 4];
+            if masked {
+                r.read_exact(&mut mask).await?;
+            }
+            let mut payload = vec![0u8; len as usize];
+            r.read_exact(&mut payload).await?;
+            if masked {
+                for (i, b) in payload.iter_mut().enumerate() {
+                    *b ^= mask[i % 4];
+                }
+            }
+            let reply = match opcode {
+                0x8 => 0x8,
+                0x9 => 0xA,
+                0x1 | 0x2 => opcode,
+                _ => continue,
+            };
+            let mut frame = vec![0x80 | reply];
+            match payload.len() {
+                n if n < 126 => frame.push(n as u8),
+                n if n <= usize::from(u16::MAX) => {
+                    frame.push(126);
+                    frame.extend_from_slice(&(n as u16).to_be_bytes());
+                }
+                n => {
+                    frame.push(127);
+                    frame.extend_from_slice(&(n as u64).to_be_bytes());
+                }
+            }
+            frame.extend_from_slice(&payload);
+            w.write_all(&frame).await?;
+            if opcode == 0x8 {
+                return w.shutdown().await;
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn accept_matches_rfc_6455_example() {
+            // RFC 6455 section 1.3.
+            assert_eq!(
+                super::accept(b"dGhlIHNhbXBsZSBub25jZQ=="),
+                "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+            );
+        }
+    }
 }

@@ -47,25 +47,47 @@ print(data.decode(errors="replace").strip())
 print("%.3f" % (time.monotonic() - t))
 "#;
 
-/// An HTTP/1.1 upgrade (WebSocket handshake), then bytes echoed over the upgraded stream.
+/// A WebSocket client (RFC 6455): handshake with `Sec-WebSocket-Accept` checked, then a short and
+/// a 300-byte masked text message echoed back, then a clean close.
 const PY_UPGRADE: &str = r#"
-import socket, sys
+import base64, hashlib, os, socket, struct, sys
 c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
-c.sendall(b"GET /chat HTTP/1.1\r\nHost: payments\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-          b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+key = base64.b64encode(os.urandom(16)).decode()
+c.sendall(("GET /chat HTTP/1.1\r\nHost: payments\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+           "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + key + "\r\n\r\n").encode())
 head = b""
 while b"\r\n\r\n" not in head:
     d = c.recv(1)
     if not d: break
     head += d
-print(head.split(b"\r\n")[0].decode())
-c.sendall(b"hello-ws")
-got = b""
-while len(got) < 8:
-    d = c.recv(64)
-    if not d: break
-    got += d
-print(got.decode())
+lines = head.decode().split("\r\n")
+print(lines[0])
+want = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+got = [l.split(":", 1)[1].strip() for l in lines if l.lower().startswith("sec-websocket-accept:")]
+print("accept-ok" if got == [want] else "accept-bad %r" % got)
+def recv_exact(n):
+    b = b""
+    while len(b) < n:
+        d = c.recv(n - len(b))
+        if not d: raise EOFError
+        b += d
+    return b
+def send(op, payload):
+    mask = os.urandom(4)
+    n = len(payload)
+    hdr = bytes([0x80 | op]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack(">H", n))
+    c.sendall(hdr + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+def recv():
+    b0, b1 = recv_exact(2)
+    n = b1 & 0x7f
+    if n == 126: n = struct.unpack(">H", recv_exact(2))[0]
+    return b0 & 0x0f, recv_exact(n)
+for msg in [b"hello-ws", b"x" * 300]:
+    send(1, msg)
+    op, data = recv()
+    print("text %d %s" % (len(data), "ok" if (op, data) == (1, msg) else "bad"))
+send(8, b"")
+print("close %d" % recv()[0])
 "#;
 
 fn requirements(test: &str, bins: &[&str]) -> bool {
@@ -287,10 +309,18 @@ fn two_pods_carry_http1_h2c_upgrade_and_opaque_tcp() {
         h2load.contains("200 succeeded, 0 failed, 0 errored"),
         "{h2load}"
     );
-    // WebSocket-style upgrade, then an echoed byte stream.
+    // A real WebSocket session through both proxies.
     let ws = a.py(PY_UPGRADE, &[POD_B, "8080"]);
-    assert_eq!(ws[0], "HTTP/1.1 101 Switching Protocols");
-    assert_eq!(ws[1], "hello-ws");
+    assert_eq!(
+        ws,
+        [
+            "HTTP/1.1 101 Switching Protocols",
+            "accept-ok",
+            "text 8 ok",
+            "text 300 ok",
+            "close 8"
+        ]
+    );
     // Plain TCP echo on an opaque-listed port.
     let echo = a.py(PY_CLIENT, &[POD_B, "6379", "PING"]);
     assert_eq!(echo[0], "PING");
