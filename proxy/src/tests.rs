@@ -119,6 +119,25 @@ fn closed_without_answer(rsp: std::io::Result<String>) -> bool {
     }
 }
 
+/// With a one-connection limit held by `holder`: a new connection's request waits (300 ms
+/// observed), and is served once `holder` is dropped.
+async fn served_only_after_release<T>(addr: SocketAddr, holder: T, what: &str) {
+    let mut next = ClientConn::connect(addr, false).await.unwrap();
+    let waiting = tokio::spawn(async move { next.get("x", "/").await.map(|r| r.status()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "not served while {what} holds the only slot"
+    );
+    drop(holder);
+    let status = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+}
+
 fn count(r: &Running, family: &str, label: &str, value: &str) -> u64 {
     counter_sum(&r.registry, family, label, value)
 }
@@ -350,16 +369,7 @@ async fn upgrade_becomes_a_byte_stream() {
     )
     .await
     .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut byte))
-            .await
-            .unwrap()
-            .unwrap();
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).to_lowercase();
+    let head = read_head(&mut s).await;
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
     for msg in [&b"ping"[..], b"\x81\x05hello"] {
@@ -379,20 +389,7 @@ async fn connections_beyond_the_limit_wait() {
     let p = start_forward(app, |c| c.max_connections = 1).await;
     let mut first = ClientConn::connect(p.forward[0], false).await.unwrap();
     assert_eq!(first.get("x", "/").await.unwrap().status(), StatusCode::OK);
-    let mut second = ClientConn::connect(p.forward[0], false).await.unwrap();
-    let waiting = tokio::spawn(async move { second.get("x", "/").await.map(|r| r.status()) });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !waiting.is_finished(),
-        "the second connection is not served while the first is open"
-    );
-    drop(first);
-    let status = tokio::time::timeout(Duration::from_secs(5), waiting)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(status, StatusCode::OK);
+    served_only_after_release(p.forward[0], first, "the first connection").await;
 }
 
 #[tokio::test]
@@ -621,20 +618,7 @@ async fn upgraded_streams_keep_their_connection_slot() {
         gauge.contains("outrider_tcp_open_connections{direction=\"forward\"} 1"),
         "{gauge}"
     );
-    let mut second = ClientConn::connect(p.forward[0], false).await.unwrap();
-    let waiting = tokio::spawn(async move { second.get("x", "/").await.map(|r| r.status()) });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !waiting.is_finished(),
-        "the upgraded stream still holds the only slot"
-    );
-    drop(ws);
-    let status = tokio::time::timeout(Duration::from_secs(5), waiting)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(status, StatusCode::OK);
+    served_only_after_release(p.forward[0], ws, "the upgraded stream").await;
 }
 
 #[tokio::test]
