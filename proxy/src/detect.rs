@@ -222,6 +222,43 @@ mod tests {
         assert_eq!(classify(&[b'A'; 40], MAX), Some(Protocol::Opaque));
     }
 
+    #[test]
+    fn arbitrary_bytes_never_panic_and_decide_within_the_bound() {
+        // xorshift64: a fixed, reproducible stream of inputs, biased towards protocol openings.
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let seeds: [&[u8]; 5] = [
+            b"GET ",
+            b"PRI * HTTP/2",
+            &[0x16, 0x03],
+            b"POST /a HTTP/1.",
+            b"",
+        ];
+        for i in 0..20_000 {
+            let mut buf = seeds[i % seeds.len()].to_vec();
+            let extra = (next() % 64) as usize;
+            buf.extend((0..extra).map(|_| {
+                let r = next();
+                if r % 4 == 0 {
+                    b" \r\nHTTP/1.1"[(r >> 8) as usize % 11]
+                } else {
+                    r as u8
+                }
+            }));
+            let bound = 1 + (next() % 80) as usize;
+            let verdict = classify(&buf, bound);
+            if buf.len() >= bound.max(H2_PREFACE.len()).max(MAX_METHOD + 1) && buf.contains(&b'\n')
+            {
+                assert!(verdict.is_some(), "undecided on {buf:?} with bound {bound}");
+            }
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn silent_client_times_out_with_nothing_read() {
         let (_client, mut server) = tokio::io::duplex(64);
