@@ -125,20 +125,8 @@ impl OutboundTable {
                     })
                 })
                 .collect();
-            let schedule = svc
-                .endpoints
-                .iter()
-                .enumerate()
-                .flat_map(|(i, e)| std::iter::repeat_n(i, e.weight.clamp(1, 1000) as usize))
-                .collect::<Vec<_>>();
-            // Interleave so that heavy endpoints do not get long runs: order by (k / weight).
-            let schedule = interleave(
-                schedule,
-                &svc.endpoints
-                    .iter()
-                    .map(|e| e.weight.max(1))
-                    .collect::<Vec<_>>(),
-            );
+            let weights: Vec<u32> = svc.endpoints.iter().map(|e| e.weight).collect();
+            let schedule = weighted_schedule(&weights);
             let entry = Arc::new(ServiceEntry {
                 id: svc.id(),
                 protocol: svc.protocol,
@@ -173,16 +161,32 @@ impl OutboundTable {
     }
 }
 
-/// Orders a weighted schedule smoothly: entry `i` of weight `w` appears at positions spread over
-/// the cycle instead of `w` times in a row.
-fn interleave(schedule: Vec<usize>, weights: &[u32]) -> Vec<usize> {
-    let mut keyed: Vec<(u64, usize)> = Vec::with_capacity(schedule.len());
-    let mut seen = vec![0u64; weights.len()];
-    let lcm_ish: u64 = 1_000_000;
-    for i in schedule {
-        let k = seen[i];
-        seen[i] += 1;
-        keyed.push(((2 * k + 1) * lcm_ish / (2 * u64::from(weights[i])), i));
+/// Longest weighted round-robin cycle kept per service.
+const MAX_SCHEDULE: u64 = 4096;
+
+/// A weighted round-robin cycle of endpoint indexes. Weights are divided by their greatest common
+/// divisor and, if the cycle would still be longer than [`MAX_SCHEDULE`], scaled down (each
+/// endpoint keeps at least one slot), so memory stays bounded whatever the weights. Each index is
+/// spread over the cycle rather than repeated in a row.
+fn weighted_schedule(weights: &[u32]) -> Vec<usize> {
+    fn gcd(a: u64, b: u64) -> u64 {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    let weights: Vec<u64> = weights.iter().map(|w| u64::from((*w).max(1))).collect();
+    let g = weights.iter().copied().fold(0, gcd).max(1);
+    let total: u64 = weights.iter().map(|w| w / g).sum();
+    let scale = total.div_ceil(MAX_SCHEDULE).max(1);
+    let slots: Vec<u64> = weights.iter().map(|w| (w / g / scale).max(1)).collect();
+    let mut keyed: Vec<(u128, usize)> = Vec::new();
+    for (i, n) in slots.iter().enumerate() {
+        for k in 0..*n {
+            // Slot k of n sits at (2k + 1) / 2n of the cycle.
+            keyed.push(((u128::from(2 * k + 1) << 32) / u128::from(2 * n), i));
+        }
     }
     keyed.sort_unstable();
     keyed.into_iter().map(|(_, i)| i).collect()
@@ -370,11 +374,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn weighted_schedule_is_spread() {
-        let s = interleave(vec![0, 0, 0, 1], &[3, 1]);
+    fn weighted_schedule_is_spread_and_bounded() {
+        let s = weighted_schedule(&[3, 1]);
         assert_eq!(s.iter().filter(|i| **i == 0).count(), 3);
         assert_ne!(s, vec![0, 0, 0, 1], "not three in a row then one: {s:?}");
-        let s = interleave(vec![0, 1, 2], &[1, 1, 1]);
-        assert_eq!(s.len(), 3);
+        assert_eq!(weighted_schedule(&[1, 1, 1]).len(), 3);
+        assert_eq!(
+            weighted_schedule(&[500, 1000]),
+            vec![1, 0, 1],
+            "reduced by the gcd"
+        );
+        let big = weighted_schedule(&[1000; 1000]);
+        assert_eq!(big.len(), 1000, "equal weights: one slot each");
+        let mixed: Vec<u32> = (1..=1000).collect();
+        let s = weighted_schedule(&mixed);
+        assert!(
+            s.len() as u64 <= MAX_SCHEDULE + 1000,
+            "bounded: {}",
+            s.len()
+        );
+        assert!(
+            (0..1000).all(|i| s.contains(&i)),
+            "every endpoint keeps a slot"
+        );
     }
 }
