@@ -146,6 +146,14 @@ impl Watcher {
                         view.workload, self.workload
                     )));
                 }
+                // The version goes back into the next URL: it must be what the API promises.
+                let v = &view.version;
+                if v.is_empty()
+                    || v.len() > 64
+                    || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                {
+                    return Err(WatchError::Invalid(format!("malformed version {v:?}")));
+                }
                 Ok(Some(view))
             }
             status => Err(WatchError::Status {

@@ -7,6 +7,7 @@
 //! | `GET /status/NNN` | status NNN |
 //! | `GET /trailers` | 200 with a `grpc-status: 0` trailer (HTTP/2) |
 //! | `POST /echo` | the request body, streamed back |
+//! | `GET /headers` | the request line and headers as the app received them |
 //! | `Upgrade: websocket` | a WebSocket (RFC 6455) echo: text and binary messages come back |
 //! | `Upgrade: <anything else>` | 101, then every byte echoed until the client closes |
 //! | `CONNECT host:port` | 200, then every byte echoed (a tunnel to an echo server) |
@@ -107,6 +108,16 @@ async fn handle(
     let path = req.uri().path().to_string();
     if path == "/echo" {
         return Ok(Response::new(req.into_body().boxed()));
+    }
+    if path == "/headers" {
+        let mut lines = format!("{:?} {}\n", req.version(), req.uri());
+        for (name, value) in req.headers() {
+            lines.push_str(&format!(
+                "{name}: {}\n",
+                String::from_utf8_lossy(value.as_bytes())
+            ));
+        }
+        return Ok(Response::new(full(lines)));
     }
     if path == "/slow" {
         let ms = req
@@ -245,13 +256,15 @@ mod websocket {
                     *b ^= mask[i % 4];
                 }
             }
-            let reply = match opcode {
-                0x8 => 0x8,
-                0x9 => 0xA,
-                0x1 | 0x2 => opcode,
+            // Data frames (text, binary, continuation) come back as they came, fragments
+            // included; ping gets pong; close gets close.
+            let (fin, reply) = match opcode {
+                0x8 => (0x80, 0x8),
+                0x9 => (0x80, 0xA),
+                0x0..=0x2 => (head[0] & 0x80, opcode),
                 _ => continue,
             };
-            let mut frame = vec![0x80 | reply];
+            let mut frame = vec![fin | reply];
             match payload.len() {
                 n if n < 126 => frame.push(n as u8),
                 n if n <= usize::from(u16::MAX) => {

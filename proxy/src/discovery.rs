@@ -74,7 +74,7 @@ pub struct ServiceEntry {
     /// Endpoints.
     pub endpoints: Vec<Arc<EndpointEntry>>,
     /// Weighted round-robin order: endpoint indexes, each repeated by its weight.
-    schedule: Vec<usize>,
+    schedule: Schedule,
     next: AtomicUsize,
     /// Routes, first match wins.
     pub routes: Vec<RouteEntry>,
@@ -83,11 +83,8 @@ pub struct ServiceEntry {
 impl ServiceEntry {
     /// The next endpoint in weighted round-robin order; `None` if the service has none.
     pub fn pick(&self) -> Option<&Arc<EndpointEntry>> {
-        if self.schedule.is_empty() {
-            return None;
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.schedule.len();
-        self.endpoints.get(self.schedule[i])
+        let n = self.next.fetch_add(1, Ordering::Relaxed) as u64;
+        self.endpoints.get(self.schedule.index(n)?)
     }
 
     /// The first route matching the request.
@@ -126,13 +123,14 @@ impl OutboundTable {
                 })
                 .collect();
             let weights: Vec<u32> = svc.endpoints.iter().map(|e| e.weight).collect();
-            let schedule = weighted_schedule(&weights);
+            let schedule = Schedule::new(&weights);
             let entry = Arc::new(ServiceEntry {
                 id: svc.id(),
                 protocol: svc.protocol,
                 endpoints,
                 schedule,
-                next: AtomicUsize::new(0),
+                // A random start, so proxies (and rebuilt tables) do not all begin at endpoint 0.
+                next: AtomicUsize::new(random_start()),
                 routes: svc
                     .routes
                     .iter()
@@ -155,41 +153,95 @@ impl OutboundTable {
         }
     }
 
+    /// The same table (services shared, not rebuilt).
+    fn clone_shallow(t: &OutboundTable) -> OutboundTable {
+        OutboundTable {
+            version: t.version.clone(),
+            unknown: t.unknown,
+            by_addr: t.by_addr.clone(),
+            view: t.view.clone(),
+        }
+    }
+
     /// The service at `addr`.
     pub fn service(&self, addr: &SocketAddr) -> Option<&Arc<ServiceEntry>> {
         self.by_addr.get(addr)
     }
 }
 
-/// Longest weighted round-robin cycle kept per service.
-const MAX_SCHEDULE: u64 = 4096;
+/// Longest weighted round-robin cycle kept per service; beyond it, weighted random.
+const MAX_CYCLE: u64 = 65_536;
 
-/// A weighted round-robin cycle of endpoint indexes. Weights are divided by their greatest common
-/// divisor and, if the cycle would still be longer than [`MAX_SCHEDULE`], scaled down (each
-/// endpoint keeps at least one slot), so memory stays bounded whatever the weights. Each index is
-/// spread over the cycle rather than repeated in a row.
-fn weighted_schedule(weights: &[u32]) -> Vec<usize> {
-    fn gcd(a: u64, b: u64) -> u64 {
-        if b == 0 {
-            a
-        } else {
-            gcd(b, a % b)
+/// How a service's endpoints take turns.
+#[derive(Debug)]
+enum Schedule {
+    /// Exact weighted round robin: endpoint indexes, each spread over the cycle.
+    Cycle(Vec<u32>),
+    /// Weights too large for a cycle: a weighted pick from running weight totals, driven by a
+    /// hash of the request counter (no lock, no shared random state).
+    Weighted(Vec<u64>),
+}
+
+impl Schedule {
+    /// Weights are divided by their greatest common divisor first; the cycle is exact when the
+    /// reduced total fits in [`MAX_CYCLE`] slots, so memory stays bounded whatever the weights.
+    fn new(weights: &[u32]) -> Self {
+        fn gcd(a: u64, b: u64) -> u64 {
+            if b == 0 {
+                a
+            } else {
+                gcd(b, a % b)
+            }
+        }
+        let weights: Vec<u64> = weights.iter().map(|w| u64::from((*w).max(1))).collect();
+        let g = weights.iter().copied().fold(0, gcd).max(1);
+        let reduced: Vec<u64> = weights.iter().map(|w| w / g).collect();
+        if reduced.iter().sum::<u64>() > MAX_CYCLE {
+            let totals = reduced.iter().scan(0u64, |acc, w| {
+                *acc += w;
+                Some(*acc)
+            });
+            return Schedule::Weighted(totals.collect());
+        }
+        let mut keyed: Vec<(u128, u32)> = Vec::new();
+        for (i, n) in reduced.iter().enumerate() {
+            for k in 0..*n {
+                // Slot k of n sits at (2k + 1) / 2n of the cycle.
+                keyed.push(((u128::from(2 * k + 1) << 32) / u128::from(2 * n), i as u32));
+            }
+        }
+        keyed.sort_unstable();
+        Schedule::Cycle(keyed.into_iter().map(|(_, i)| i).collect())
+    }
+
+    /// The endpoint index for the `n`th pick; `None` without endpoints.
+    fn index(&self, n: u64) -> Option<usize> {
+        match self {
+            Schedule::Cycle(cycle) if !cycle.is_empty() => {
+                Some(cycle[(n % cycle.len() as u64) as usize] as usize)
+            }
+            Schedule::Weighted(totals) => {
+                let total = *totals.last()?;
+                let r = splitmix64(n) % total;
+                Some(totals.partition_point(|t| *t <= r))
+            }
+            Schedule::Cycle(_) => None,
         }
     }
-    let weights: Vec<u64> = weights.iter().map(|w| u64::from((*w).max(1))).collect();
-    let g = weights.iter().copied().fold(0, gcd).max(1);
-    let total: u64 = weights.iter().map(|w| w / g).sum();
-    let scale = total.div_ceil(MAX_SCHEDULE).max(1);
-    let slots: Vec<u64> = weights.iter().map(|w| (w / g / scale).max(1)).collect();
-    let mut keyed: Vec<(u128, usize)> = Vec::new();
-    for (i, n) in slots.iter().enumerate() {
-        for k in 0..*n {
-            // Slot k of n sits at (2k + 1) / 2n of the cycle.
-            keyed.push(((u128::from(2 * k + 1) << 32) / u128::from(2 * n), i));
-        }
-    }
-    keyed.sort_unstable();
-    keyed.into_iter().map(|(_, i)| i).collect()
+}
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+fn random_start() -> usize {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    (splitmix64(u64::from(nanos) ^ u64::from(std::process::id())) % 1_000_003) as usize
 }
 
 /// Sync state, shared by the sync task, `/ready` and `/config`.
@@ -332,8 +384,20 @@ async fn sync(
                 if let Some(view) = update {
                     let v = view.version.clone();
                     let services = view.outbound.services.len();
-                    let table = OutboundTable::build(view, &upstreams);
-                    tx.send_replace(Arc::new(table));
+                    let same = tx.borrow().view.as_ref().is_some_and(|old| {
+                        old.outbound == view.outbound && old.inbound == view.inbound
+                    });
+                    if same {
+                        // Only the version moved (another workload's part of the mesh changed):
+                        // keep the table, its balancer positions and its pools.
+                        tx.send_modify(|t| {
+                            let mut table = OutboundTable::clone_shallow(t);
+                            table.version = Some(v.clone());
+                            *t = Arc::new(table);
+                        });
+                    } else {
+                        tx.send_replace(Arc::new(OutboundTable::build(view, &upstreams)));
+                    }
                     version = Some(v.clone());
                     let now = SystemTime::now();
                     if let Ok(mut last) = status.last_update.lock() {
@@ -374,28 +438,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn weighted_schedule_is_spread_and_bounded() {
-        let s = weighted_schedule(&[3, 1]);
+    fn weighted_schedules_are_exact_spread_and_bounded() {
+        let cycle = |w: &[u32]| match Schedule::new(w) {
+            Schedule::Cycle(c) => c,
+            Schedule::Weighted(_) => panic!("expected a cycle"),
+        };
+        let s = cycle(&[3, 1]);
         assert_eq!(s.iter().filter(|i| **i == 0).count(), 3);
         assert_ne!(s, vec![0, 0, 0, 1], "not three in a row then one: {s:?}");
-        assert_eq!(weighted_schedule(&[1, 1, 1]).len(), 3);
+        assert_eq!(cycle(&[500, 1000]), vec![1, 0, 1], "reduced by the gcd");
         assert_eq!(
-            weighted_schedule(&[500, 1000]),
-            vec![1, 0, 1],
-            "reduced by the gcd"
+            cycle(&[1000; 1000]).len(),
+            1000,
+            "equal weights: one slot each"
         );
-        let big = weighted_schedule(&[1000; 1000]);
-        assert_eq!(big.len(), 1000, "equal weights: one slot each");
-        let mixed: Vec<u32> = (1..=1000).collect();
-        let s = weighted_schedule(&mixed);
+        // 5000 endpoints with weights 1-1000: too long for a cycle, weighted picks instead.
+        let weights: Vec<u32> = (0..5000).map(|i| 1 + i % 1000).collect();
+        let schedule = Schedule::new(&weights);
+        assert!(matches!(schedule, Schedule::Weighted(_)));
+        // One heavy endpoint against 4000 light ones gets its share (1000 / 5000 = 20%).
+        let mut skewed = vec![1000u32];
+        skewed.extend(std::iter::repeat_n(1, 4000));
+        let s = Schedule::new(&skewed);
+        let heavy = (0..100_000u64).filter(|n| s.index(*n) == Some(0)).count();
         assert!(
-            s.len() as u64 <= MAX_SCHEDULE + 1000,
-            "bounded: {}",
-            s.len()
+            (18_000..22_000).contains(&heavy),
+            "heavy share {heavy} of 100000"
         );
-        assert!(
-            (0..1000).all(|i| s.contains(&i)),
-            "every endpoint keeps a slot"
-        );
+        assert_eq!(Schedule::new(&[]).index(0), None);
     }
 }

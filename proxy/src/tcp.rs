@@ -24,6 +24,12 @@ pub async fn connect(target: SocketAddr, timeout: Duration) -> io::Result<TcpStr
             )
         })??;
     stream.set_nodelay(true)?;
+    // TCP keepalive finds upstreams that vanished without a FIN (idle pooled connections and
+    // long requests alike): probes after 30 s idle, every 10 s.
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10));
+    socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
     Ok(stream)
 }
 

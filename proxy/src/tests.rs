@@ -705,3 +705,37 @@ async fn http2_drain_sends_goaway_and_finishes_in_flight() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test]
+async fn version_translation_joins_cookies_and_absolute_form_sets_host() {
+    use crate::config::UpstreamHttp;
+    let app = start_app().await;
+    // HTTP/2 client with a split cookie, HTTP/1.1 upstream: one joined cookie field arrives.
+    let p = start_forward(app, |c| c.upstream_http = UpstreamHttp::Http1).await;
+    let c = ClientConn::connect(p.forward[0], true).await.unwrap();
+    let ClientConn::Http2(mut send) = c else {
+        unreachable!()
+    };
+    let req = http::Request::get("http://payments.test/headers")
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let rsp = send.send_request(req).await.unwrap();
+    let body =
+        String::from_utf8_lossy(&rsp.into_body().collect().await.unwrap().to_bytes()).into_owned();
+    assert!(body.starts_with("HTTP/1.1"), "{body}");
+    assert_eq!(body.matches("cookie:").count(), 1, "{body}");
+    assert!(body.contains("cookie: a=1; b=2\n"), "{body}");
+    assert!(body.contains("host: payments.test\n"), "{body}");
+    // Absolute form: the request target's authority wins over a conflicting Host.
+    let p = start_forward(app, |_| {}).await;
+    let rsp = raw(
+        p.forward[0],
+        b"GET http://a.example/headers HTTP/1.1\r\nHost: b.example\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert!(rsp.contains("host: a.example\n"), "{rsp}");
+    assert!(!rsp.contains("b.example"), "{rsp}");
+}

@@ -72,20 +72,24 @@ def recv_exact(n):
         if not d: raise EOFError
         b += d
     return b
-def send(op, payload):
+def send(op, payload, fin=0x80):
     mask = os.urandom(4)
     n = len(payload)
-    hdr = bytes([0x80 | op]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack(">H", n))
+    hdr = bytes([fin | op]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack(">H", n))
     c.sendall(hdr + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
 def recv():
     b0, b1 = recv_exact(2)
     n = b1 & 0x7f
     if n == 126: n = struct.unpack(">H", recv_exact(2))[0]
-    return b0 & 0x0f, recv_exact(n)
+    return b0 & 0x0f, recv_exact(n), b0 & 0x80
 for msg in [b"hello-ws", b"x" * 300]:
     send(1, msg)
-    op, data = recv()
-    print("text %d %s" % (len(data), "ok" if (op, data) == (1, msg) else "bad"))
+    op, data, fin = recv()
+    print("text %d %s" % (len(data), "ok" if (op, data, fin) == (1, msg, 0x80) else "bad"))
+send(1, b"Hel", fin=0)
+send(0, b"lo")
+frames = [recv(), recv()]
+print("fragments %s" % ("ok" if frames == [(1, b"Hel", 0), (0, b"lo", 0x80)] else "bad %r" % frames))
 send(8, b"")
 print("close %d" % recv()[0])
 "#;
@@ -318,6 +322,7 @@ fn two_pods_carry_http1_h2c_upgrade_and_opaque_tcp() {
             "accept-ok",
             "text 8 ok",
             "text 300 ok",
+            "fragments ok",
             "close 8"
         ]
     );

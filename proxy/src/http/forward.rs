@@ -49,8 +49,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Something kept alive for as long as a downstream connection's streams live.
 pub type Held = Arc<dyn Any + Send + Sync>;
 
-/// Most upstream addresses kept; past it the table is cleared (connections still in use stay
-/// open until their users drop them). Bounds memory when outbound traffic fans out widely.
+/// Upstream addresses kept before unused ones are forgotten. Bounds memory when outbound traffic
+/// fans out widely; upstreams still in use are never dropped.
 const MAX_UPSTREAMS: usize = 4096;
 
 /// How long pooled idle HTTP/1 connections are kept.
@@ -88,7 +88,9 @@ impl Upstreams {
             Err(poisoned) => poisoned.into_inner(),
         };
         if map.len() >= MAX_UPSTREAMS && !map.contains_key(&addr) {
-            map.clear();
+            // Forget upstreams nobody holds (no table entry, no open connection); those in use
+            // keep their pools.
+            map.retain(|_, u| Arc::strong_count(u) > 1);
         }
         map.entry(addr)
             .or_insert_with(|| {
@@ -136,6 +138,7 @@ impl Upstream {
                 connects,
                 current: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(()),
+                failed: Mutex::new(None),
             },
         }
     }
@@ -172,6 +175,8 @@ struct H2Conn {
     connects: IntCounter,
     current: Mutex<Option<http2::SendRequest<Incoming>>>,
     connecting: tokio::sync::Mutex<()>,
+    /// The last failed dial: requests that waited for it fail with it instead of dialling again.
+    failed: Mutex<Option<(tokio::time::Instant, String)>>,
 }
 
 impl std::fmt::Debug for H2Conn {
@@ -195,18 +200,39 @@ impl H2Conn {
         if let Some(s) = self.open() {
             return Ok(s);
         }
+        let waiting_since = tokio::time::Instant::now();
         let _dialing = self.connecting.lock().await;
         if let Some(s) = self.open() {
             return Ok(s);
         }
+        // A dial that failed while this request waited fails it too: failures do not queue up
+        // one connect timeout after another.
+        let failed = self.failed.lock().ok().and_then(|f| f.clone());
+        if let Some((_, why)) = failed.filter(|(at, _)| *at >= waiting_since) {
+            return Err(ProxyError::new(Reason::ConnectFailed, why));
+        }
+        match self.dial().await {
+            Ok(send) => Ok(send),
+            Err(e) => {
+                if let Ok(mut f) = self.failed.lock() {
+                    *f = Some((tokio::time::Instant::now(), e.to_string()));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn dial(&self) -> Result<http2::SendRequest<Incoming>, ProxyError> {
         self.connects.inc();
         let stream = crate::tcp::connect(self.target, self.connect_timeout)
             .await
             .map_err(|e| ProxyError::new(Reason::ConnectFailed, e))?;
         let (send, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            // Ping idle connections too: a silently dead peer is found before a request uses it.
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ProxyError::new(Reason::ConnectFailed, e))?;
@@ -223,16 +249,41 @@ impl H2Conn {
         Ok(send)
     }
 
+    /// Drops the current connection when `all`, else only if it is closed.
+    fn forget(&self, all: bool) {
+        if let Ok(mut current) = self.current.lock() {
+            if all || current.as_ref().is_some_and(|c| c.is_closed()) {
+                *current = None;
+            }
+        }
+    }
+
     async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
-        let mut sender = self.sender().await?;
-        sender
-            .ready()
-            .await
-            .map_err(|e| ProxyError::new(Reason::UpstreamFailed, e))?;
-        sender
-            .send_request(req)
-            .await
-            .map_err(|e| ProxyError::new(Reason::UpstreamFailed, e))
+        let mut req = req;
+        // One retry, only for a request the connection handed back unsent (it was going away,
+        // e.g. after the upstream's GOAWAY): resending it cannot duplicate anything.
+        for attempt in 0..2 {
+            let mut sender = self.sender().await?;
+            if sender.ready().await.is_err() {
+                self.forget(false);
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(rsp) => return Ok(rsp),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if attempt == 0 => {
+                        tracing::debug!(error = %e.error(), "HTTP/2 upstream refused the request unsent; redialling");
+                        self.forget(true);
+                        req = unsent;
+                    }
+                    _ => return Err(ProxyError::new(Reason::UpstreamFailed, e.into_error())),
+                },
+            }
+        }
+        Err(ProxyError::new(
+            Reason::UpstreamFailed,
+            "the HTTP/2 upstream connection keeps closing",
+        ))
     }
 }
 
@@ -314,6 +365,15 @@ impl tower::Service<Request<Incoming>> for Forward {
             tracing::debug_span!("request", method = %req.method(), version = ?req.version());
         let fut = async move {
             let connect = req.method() == Method::CONNECT;
+            if connect && req.version() == Version::HTTP_2 {
+                // Extended and classic CONNECT over HTTP/2 are not tunnelled (yet): refuse clearly
+                // instead of answering 200 and resetting the stream.
+                return Err(ProxyError::new(
+                    Reason::BadRequest,
+                    "CONNECT over HTTP/2 is not supported",
+                )
+                .into());
+            }
             let upgrade = (req.version() <= Version::HTTP_11
                 && (connect || is_upgrade(req.headers())))
             .then(|| hyper::upgrade::on(&mut req));
@@ -359,11 +419,19 @@ fn prepare(req: &mut Request<Incoming>, upstream: &Upstream, h2: bool) -> Result
         }
         *req.version_mut() = Version::HTTP_2;
     } else {
-        if !req.headers().contains_key(HOST) {
-            let host = parts.authority.as_ref().unwrap_or(&upstream.authority);
-            if let Ok(v) = HeaderValue::from_str(host.as_str()) {
+        // RFC 9112 3.2.2: the request target's authority (absolute form, or HTTP/2's
+        // :authority) wins over any Host header; without either, the upstream address.
+        if let Some(authority) = &parts.authority {
+            if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
                 req.headers_mut().insert(HOST, v);
             }
+        } else if !req.headers().contains_key(HOST) {
+            if let Ok(v) = HeaderValue::from_str(upstream.authority.as_str()) {
+                req.headers_mut().insert(HOST, v);
+            }
+        }
+        if req.version() == Version::HTTP_2 {
+            join_cookies(req.headers_mut());
         }
         if req.method() != Method::CONNECT {
             parts.authority = Some(upstream.authority.clone());
@@ -378,6 +446,30 @@ fn prepare(req: &mut Request<Incoming>, upstream: &Upstream, h2: bool) -> Result
     }
     *req.uri_mut() = Uri::from_parts(parts).map_err(|e| bad(e.into()))?;
     Ok(())
+}
+
+/// RFC 9113 8.2.3: HTTP/2 may split `cookie` into several fields; HTTP/1.1 needs one, joined
+/// with "; ".
+fn join_cookies(headers: &mut http::HeaderMap) {
+    if headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .nth(1)
+        .is_none()
+    {
+        return;
+    }
+    let joined = {
+        let parts: Vec<&[u8]> = headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        parts.join(&b"; "[..])
+    };
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(http::header::COOKIE, v);
+    }
 }
 
 /// Joins an upgraded downstream stream to the upgraded upstream one until either side closes or
