@@ -38,8 +38,8 @@ pub struct EndpointEntry {
 /// A compiled route.
 #[derive(Debug)]
 pub struct RouteEntry {
-    /// Route name.
-    pub name: String,
+    /// Route name (shared: requests carry it without copying).
+    pub name: Arc<str>,
     matches: RouteMatch,
     /// Timeout until the response headers arrive.
     pub timeout: Option<Duration>,
@@ -135,7 +135,7 @@ impl OutboundTable {
                     .routes
                     .iter()
                     .map(|r| RouteEntry {
-                        name: r.name.clone(),
+                        name: Arc::from(r.name.as_str()),
                         matches: r.matches.clone(),
                         timeout: r.timeout_ms.map(Duration::from_millis),
                     })

@@ -41,7 +41,7 @@ use crate::drain;
 use crate::errors::{ProxyError, Reason, RspBody};
 use crate::http::headers::{is_upgrade, strip_hop_by_hop};
 use crate::io::Activity;
-use crate::layers::router::Dispatch;
+use crate::layers::router::{Dispatch, RouteName};
 
 /// A boxed error, the error type inside the request stack.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -360,9 +360,16 @@ impl tower::Service<Request<Incoming>> for Forward {
 
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
         let inner = self.inner.clone();
-        // Method and version only: paths and header values may carry secrets.
-        let span =
-            tracing::debug_span!("request", method = %req.method(), version = ?req.version());
+        // Method, version, route and endpoint; never the path or header values (secrets).
+        let route = req.extensions().get::<RouteName>().map(|r| r.0.clone());
+        let endpoint = req.extensions().get::<Dispatch>().map(|d| d.endpoint.addr);
+        let span = tracing::debug_span!(
+            "request",
+            method = %req.method(),
+            version = ?req.version(),
+            route = route.as_deref(),
+            endpoint = endpoint.map(tracing::field::display),
+        );
         let fut = async move {
             let connect = req.method() == Method::CONNECT;
             if connect && req.version() == Version::HTTP_2 {

@@ -36,6 +36,10 @@ pub struct Dispatch {
     pub h2: Option<bool>,
 }
 
+/// The name of the request's route (for logs and, later, per-route metrics).
+#[derive(Debug, Clone)]
+pub struct RouteName(pub Arc<str>);
+
 /// The timeout of the request's route.
 #[derive(Debug, Clone, Copy)]
 pub struct RouteTimeout(pub Duration);
@@ -112,6 +116,7 @@ where
             if let Some(t) = route.timeout {
                 parts.extensions.insert(RouteTimeout(t));
             }
+            parts.extensions.insert(RouteName(route.name.clone()));
         }
         let Some(endpoint) = service.pick() else {
             let e = ProxyError::new(
