@@ -739,3 +739,112 @@ async fn version_translation_joins_cookies_and_absolute_form_sets_host() {
     assert!(rsp.contains("host: a.example\n"), "{rsp}");
     assert!(!rsp.contains("b.example"), "{rsp}");
 }
+
+/// An HTTP/2 upstream that answers one request per connection, then says GOAWAY (as a server
+/// that is draining or restarting does) and closes once idle.
+async fn start_goaway_upstream() -> SocketAddr {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let l = TcpListener::bind(LOOPBACK_ANY).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+                let done_tx = std::sync::Mutex::new(Some(done_tx));
+                let svc = hyper::service::service_fn(
+                    move |_req: http::Request<hyper::body::Incoming>| {
+                        if let Some(tx) = done_tx.lock().unwrap().take() {
+                            let _ = tx.send(());
+                        }
+                        async {
+                            // Slow enough that the next request arrives while the GOAWAY is out and
+                            // this stream still keeps the connection open.
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                            ))
+                        }
+                    },
+                );
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = &mut conn => return,
+                    _ = done_rx => conn.as_mut().graceful_shutdown(),
+                }
+                let _ = conn.await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn http2_upstream_goaway_does_not_fail_the_next_request() {
+    use crate::config::UpstreamHttp;
+    let upstream = start_goaway_upstream().await;
+    let p = start_forward(upstream, |c| c.upstream_http = UpstreamHttp::Http2).await;
+    let addr = p.forward[0];
+    // Request A opens the upstream connection, which answers GOAWAY while A is still running;
+    // request B arrives on that going-away connection and must be resent on a new one.
+    let a = tokio::spawn(async move {
+        let mut c = ClientConn::connect(addr, false).await.unwrap();
+        c.get("payments.test", "/a").await.unwrap().status()
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut c = ClientConn::connect(addr, false).await.unwrap();
+    let b = c.get("payments.test", "/b").await.unwrap().status();
+    assert_eq!(b, StatusCode::OK, "the request that met the GOAWAY");
+    assert_eq!(a.await.unwrap(), StatusCode::OK);
+    assert_eq!(
+        count(&p, "outrider_errors_total", "reason", "upstream-failed"),
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_failed_http2_dial_fails_all_its_waiters_at_once() {
+    use crate::config::UpstreamHttp;
+    // A listener that never accepts, its backlog filled: further connects hang (SYNs dropped).
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    socket.listen(0).unwrap();
+    let black_hole = socket.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(black_hole)).await
+        {
+            fillers.push(s);
+        }
+    }
+    let p = start_forward(black_hole, |c| {
+        c.upstream_http = UpstreamHttp::Http2;
+        c.connect_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let requests: Vec<_> = (0..6)
+        .map(|_| {
+            let addr = p.forward[0];
+            tokio::spawn(async move {
+                let mut c = ClientConn::connect(addr, false).await.unwrap();
+                c.get("x", "/").await.unwrap().status()
+            })
+        })
+        .collect();
+    for r in requests {
+        assert_eq!(r.await.unwrap(), StatusCode::BAD_GATEWAY);
+    }
+    // One connect timeout (300 ms) for all six, not six in a row (1.8 s).
+    assert!(
+        started.elapsed() < Duration::from_millis(1200),
+        "took {:?}",
+        started.elapsed()
+    );
+    drop(fillers);
+}
