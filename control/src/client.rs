@@ -13,6 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::api::{WatchResponse, WATCH_PATH};
 use crate::duration;
+use crate::runtime::Chain;
 
 /// Largest watch response accepted.
 const MAX_BODY: usize = 16 * 1024 * 1024;
@@ -116,7 +117,7 @@ impl Watcher {
                 .client
                 .get(uri)
                 .await
-                .map_err(|e| WatchError::Unreachable(chain(&e)))?;
+                .map_err(|e| WatchError::Unreachable(Chain(&e).to_string()))?;
             let status = rsp.status();
             let limit = if status == StatusCode::OK {
                 MAX_BODY
@@ -162,17 +163,6 @@ impl Watcher {
             }),
         }
     }
-}
-
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
 
 /// Exponential backoff with full jitter: each delay is uniform in `[min, cap]`, the cap doubling

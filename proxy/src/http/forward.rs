@@ -361,14 +361,13 @@ impl tower::Service<Request<Incoming>> for Forward {
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
         let inner = self.inner.clone();
         // Method, version, route and endpoint; never the path or header values (secrets).
-        let route = req.extensions().get::<RouteName>().map(|r| r.0.clone());
-        let endpoint = req.extensions().get::<Dispatch>().map(|d| d.endpoint.addr);
+        // Field expressions are evaluated only when the span is enabled: no lookups otherwise.
         let span = tracing::debug_span!(
             "request",
             method = %req.method(),
             version = ?req.version(),
-            route = route.as_deref(),
-            endpoint = endpoint.map(tracing::field::display),
+            route = req.extensions().get::<RouteName>().map(|r| &*r.0),
+            endpoint = req.extensions().get::<Dispatch>().map(|d| tracing::field::display(d.endpoint.addr)),
         );
         let fut = async move {
             let connect = req.method() == Method::CONNECT;
