@@ -5,6 +5,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use outrider::{demo, runtime};
 
 /// Outrider: a service-mesh sidecar.
 #[derive(Debug, Parser)]
@@ -23,7 +24,7 @@ enum Command {
     /// Run the control plane: serve the mesh config (YAML) to proxies over the watch API.
     Control(outrider_control::ControlArgs),
     /// Run the whole data path on loopback (no root): load → proxy → proxy → app, then a summary.
-    Demo(outrider_proxy::demo::DemoArgs),
+    Demo(demo::DemoArgs),
     /// Run only the demo's built-in app (HTTP/1.1 + h2c, upgrade echo); used by the tests.
     #[command(hide = true)]
     DemoApp {
@@ -47,9 +48,36 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Init(args) => outrider_iptables_init::main(args),
-        Command::Proxy(args) => outrider_proxy::main(*args),
+        Command::Proxy(args) => proxy(*args),
         Command::Control(args) => outrider_control::main(args),
-        Command::Demo(args) => outrider_proxy::demo::main(args),
-        Command::DemoApp { listen, instance } => outrider_proxy::demo_app::main(listen, instance),
+        Command::Demo(args) => demo::main(args),
+        Command::DemoApp { listen, instance } => demo::app::main(listen, instance),
     }
+}
+
+/// `outrider proxy`: every flag problem reported at once (exit 2), then the proxy on a runtime
+/// of `--workers` threads until SIGTERM or SIGINT.
+fn proxy(args: outrider_proxy::ProxyArgs) -> ExitCode {
+    let config = match outrider_proxy::Config::from_args(args) {
+        Ok(config) => config,
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("outrider proxy: {e}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    let log = match outrider_proxy::log::init(config.log_format) {
+        Ok(log) => Some(log),
+        Err(e) => {
+            eprintln!("outrider proxy: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let workers = config.workers;
+    runtime::block_on(
+        "outrider proxy",
+        workers,
+        outrider_proxy::run(config, log, runtime::shutdown_signal()),
+    )
 }

@@ -3,14 +3,13 @@
 //! | path | method | what |
 //! | --- | --- | --- |
 //! | `/live` | GET | 200 while the process serves |
-//! | `/ready` | GET | 200 once every listener is bound and (with `--control`) the first config is in; 503 before, and while draining |
+//! | `/ready` | GET | 200 once nothing holds readiness back (listeners bound, with `--control` the first config); 503 naming what is missing, and while draining |
 //! | `/metrics` | GET | Prometheus text format |
 //! | `/config` | GET | the effective configuration, JSON, secrets redacted |
 //! | `/log-level` | GET, PUT | read or replace the log filter (loopback peers only) |
 //! | `/shutdown` | POST | start a graceful shutdown (loopback peers only) |
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -23,18 +22,19 @@ use tokio::net::TcpListener;
 use outrider_control::runtime::{serve_http1, text};
 
 use crate::discovery::Discovery;
+use crate::drain::ShutdownHandle;
 use crate::log::LogHandle;
-use crate::proxy::ShutdownHandle;
+use crate::readiness::Readiness;
 
 /// What the admin endpoints read and act on.
 pub struct AdminState {
     /// The proxy's metric registry.
     pub registry: Registry,
-    /// Ready flag: listeners bound and not draining.
-    pub ready: Arc<AtomicBool>,
+    /// What readiness waits for.
+    pub readiness: Readiness,
     /// The static part of `/config`.
     pub config: serde_json::Value,
-    /// Discovery, when a control plane is configured: gates `/ready`, shown on `/config`.
+    /// Discovery, when a control plane is configured: shown on `/config`.
     pub discovery: Option<Discovery>,
     /// Log filter control, if this process installed the logger.
     pub log: Option<Arc<LogHandle>>,
@@ -60,22 +60,13 @@ async fn route(
         |peer: SocketAddr| peer.ip().is_loopback() || peer.ip().to_canonical().is_loopback();
     match (req.method().clone(), req.uri().path()) {
         (Method::GET, "/live") => text(StatusCode::OK, "live\n"),
-        (Method::GET, "/ready") => {
-            let synced = state
-                .discovery
-                .as_ref()
-                .is_none_or(|d| d.status.has_config());
-            if state.ready.load(Ordering::Acquire) && synced {
-                text(StatusCode::OK, "ready\n")
-            } else if !synced {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready: no config from the control plane yet\n",
-                )
-            } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-            }
-        }
+        (Method::GET, "/ready") => match state.readiness.check() {
+            Ok(()) => text(StatusCode::OK, "ready\n"),
+            Err(missing) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {missing}\n"),
+            ),
+        },
         (Method::GET, "/metrics") => {
             let mut buf = Vec::with_capacity(16 * 1024);
             match TextEncoder::new().encode(&state.registry.gather(), &mut buf) {
@@ -99,10 +90,8 @@ async fn route(
             let mut config = state.config.clone();
             if let (Some(d), Some(obj)) = (&state.discovery, config.as_object_mut()) {
                 obj.insert("control".into(), d.status.to_json());
-                let table = d.table.borrow().clone();
-                let view = table
-                    .view
-                    .as_ref()
+                let view = d
+                    .latest()
                     .map(|v| serde_json::json!({"outbound": v.outbound, "inbound": v.inbound}));
                 obj.insert("view".into(), view.unwrap_or(serde_json::Value::Null));
             }

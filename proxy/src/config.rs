@@ -21,16 +21,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// Which HTTP version the proxy speaks to upstreams.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum UpstreamHttp {
-    /// The client's own version (transparent; right for sidecars).
-    Same,
-    /// Always HTTP/1.1 (an upstream that only speaks HTTP/1.1 behind h2c clients).
-    Http1,
-    /// Always HTTP/2 prior knowledge (an h2c-only upstream behind HTTP/1.1 clients).
-    Http2,
-}
+pub use crate::http::client::UpstreamHttp;
 
 /// Flags of `outrider proxy` (DESIGN.md section 8).
 #[derive(Debug, Clone, clap::Args)]
@@ -59,7 +50,7 @@ pub struct ProxyArgs {
     /// This proxy's workload, `namespace/name` (in Kubernetes, from the downward API).
     #[arg(long, env = "OUTRIDER_WORKLOAD", value_name = "NAMESPACE/NAME")]
     pub workload: Option<String>,
-    /// Worker threads. Default: the CPU quota of this process's cgroup, else the available cores.
+    /// Worker threads. Default: the cores this process may use (its CPU affinity and cgroup quota).
     #[arg(long, env = "OUTRIDER_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,
     /// Log format.
@@ -74,12 +65,14 @@ pub struct ProxyArgs {
     #[arg(long, env = "OUTRIDER_OPAQUE_PORTS", value_name = "P,...", value_delimiter = ',',
           default_values_t = DEFAULT_OPAQUE_PORTS.to_vec(), value_parser = parse_port)]
     pub opaque_ports: Vec<u16>,
-    /// HTTP version towards upstreams: `same` as the client, or always `http1` / `http2`.
+    /// HTTP version towards upstreams: `auto` (the client's, falling back to HTTP/1.1 for an
+    /// upstream that does not speak HTTP/2, except gRPC), `same` (strictly the client's), or always
+    /// `http1` / `http2`.
     #[arg(
         long,
         env = "OUTRIDER_UPSTREAM_HTTP",
         value_enum,
-        default_value = "same"
+        default_value = "auto"
     )]
     pub upstream_http: UpstreamHttp,
     /// Largest HTTP request header block accepted (bytes); larger requests get 431.
@@ -172,6 +165,11 @@ pub struct Config {
     pub shutdown_grace: Duration,
 }
 
+/// Every problem found in the flags, reported at once.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
 /// A configuration value that cannot be used, with the flag that carries it.
 #[derive(Debug, thiserror::Error)]
 #[error("{flag}: {reason}")]
@@ -184,7 +182,7 @@ pub struct ConfigError {
 
 impl Config {
     /// Validates the flags and fills in mode-dependent defaults.
-    pub fn from_args(args: ProxyArgs) -> Result<Self, ConfigError> {
+    pub fn from_args(args: ProxyArgs) -> Result<Self, ConfigErrors> {
         let local_mode = !args.forwards.is_empty();
         let inbound = args
             .inbound
@@ -217,11 +215,18 @@ impl Config {
             drain_window: args.drain_window,
             shutdown_grace: args.shutdown_grace,
         };
-        config.validate()?;
-        Ok(config)
+        let errors = config.validate();
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(errors))
+        }
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// Every problem with the flags (empty when they are usable).
+    fn validate(&self) -> Vec<ConfigError> {
+        let mut errors = Vec::new();
+        let mut error = |flag, reason: String| errors.push(ConfigError { flag, reason });
         let mut listeners: Vec<(&'static str, SocketAddr)> = vec![("--admin", self.admin)];
         listeners.extend(self.inbound.map(|a| ("--inbound", a)));
         listeners.extend(self.outbound.map(|a| ("--outbound", a)));
@@ -231,60 +236,84 @@ impl Config {
                 continue;
             }
             if let Some((other, _)) = listeners[..i].iter().find(|(_, a)| a == addr) {
-                return Err(ConfigError {
-                    flag,
-                    reason: format!("{addr} is already used by {other}"),
-                });
+                error(flag, format!("{addr} is already used by {other}"));
             }
         }
         for f in &self.forwards {
-            if f.listen == f.upstream {
-                return Err(ConfigError {
-                    flag: "--forward",
-                    reason: format!(
-                        "{}={}: the upstream is the listener itself",
-                        f.listen, f.upstream
-                    ),
-                });
+            if let Some(chain) = self.loop_through(f, &listeners) {
+                error("--forward", chain);
             }
         }
         match (&self.control, &self.workload) {
-            (Some(_), None) => {
-                return Err(ConfigError {
-                    flag: "--workload",
-                    reason: "--control needs --workload NAMESPACE/NAME".into(),
-                })
-            }
-            (None, Some(_)) => {
-                return Err(ConfigError {
-                    flag: "--control",
-                    reason: "--workload needs --control URL".into(),
-                })
-            }
+            (Some(_), None) => error(
+                "--workload",
+                "--control needs --workload NAMESPACE/NAME".into(),
+            ),
+            (None, Some(_)) => error("--control", "--workload needs --control URL".into()),
             (Some(url), Some(workload)) => {
-                outrider_control::client::Watcher::new(url, workload, Duration::from_secs(1))
-                    .map_err(|reason| ConfigError {
-                        flag: if reason.starts_with("--workload") {
-                            "--workload"
-                        } else {
-                            "--control"
-                        },
-                        reason,
-                    })?;
+                if let Err(reason) =
+                    outrider_control::client::Watcher::new(url, workload, Duration::from_secs(1))
+                {
+                    let flag = if reason.starts_with("--workload") {
+                        "--workload"
+                    } else {
+                        "--control"
+                    };
+                    let reason = reason
+                        .strip_prefix(flag)
+                        .map(|r| r.trim_start_matches(':').trim_start().to_string())
+                        .unwrap_or(reason);
+                    error(flag, reason);
+                }
             }
             (None, None) => {}
         }
-        if self.drain_window > self.shutdown_grace {
-            return Err(ConfigError {
-                flag: "--drain-window",
-                reason: format!(
+        // The drain window keeps outbound traffic flowing; without an outbound listener there
+        // is nothing to keep.
+        if self.outbound.is_some() && self.drain_window > self.shutdown_grace {
+            error(
+                "--drain-window",
+                format!(
                     "{} is longer than --shutdown-grace {}",
                     fmt_duration(self.drain_window),
                     fmt_duration(self.shutdown_grace)
                 ),
-            });
+            );
         }
-        Ok(())
+        errors
+    }
+
+    /// Why forwarding by `f` would come back into this proxy, if it would: its upstream is one
+    /// of the proxy's own listeners (a wildcard listener matches every local address), directly
+    /// or through other forwards. One request would otherwise multiply until the process runs
+    /// out of file descriptors.
+    fn loop_through(
+        &self,
+        f: &ForwardSpec,
+        listeners: &[(&'static str, SocketAddr)],
+    ) -> Option<String> {
+        let (flag, listen) = listeners
+            .iter()
+            .find(|(_, l)| l.port() != 0 && is_listener_for(*l, f.upstream))?;
+        let mut chain = vec![f.to_string()];
+        if *flag == "--forward" {
+            let mut next = self.forwards.iter().find(|g| g.listen == *listen);
+            while let Some(g) = next {
+                if chain.contains(&g.to_string()) {
+                    break;
+                }
+                chain.push(g.to_string());
+                next = self
+                    .forwards
+                    .iter()
+                    .find(|h| h.listen.port() != 0 && is_listener_for(h.listen, g.upstream));
+            }
+        }
+        Some(format!(
+            "{f}: the upstream {} is this proxy's own {flag} listener {listen}, so requests would loop back into the proxy ({})",
+            f.upstream,
+            chain.join(" → ")
+        ))
     }
 
     /// The ports of the proxy's own listeners: traffic to them is never forwarded (loop prevention).
@@ -345,7 +374,7 @@ impl Config {
             detect_timeout: Duration::from_secs(1),
             detect_max_bytes: 8 * 1024,
             opaque_ports: DEFAULT_OPAQUE_PORTS.to_vec(),
-            upstream_http: UpstreamHttp::Same,
+            upstream_http: UpstreamHttp::Auto,
             max_header_bytes: 64 * 1024,
             header_read_timeout: Duration::from_secs(10),
             http_idle_timeout: Duration::from_secs(300),
@@ -383,6 +412,23 @@ pub fn parse_forward(s: &str) -> Result<ForwardSpec, String> {
     Ok(ForwardSpec { listen, upstream })
 }
 
+/// Whether a listener bound to `listen` receives connections made to `upstream`: the same port,
+/// and the same address, or a wildcard bind and an address of this machine.
+fn is_listener_for(listen: SocketAddr, upstream: SocketAddr) -> bool {
+    if listen.port() != upstream.port() {
+        return false;
+    }
+    if listen.ip() == upstream.ip() {
+        return true;
+    }
+    if !listen.ip().is_unspecified() {
+        return false;
+    }
+    let ip = upstream.ip();
+    // An address of this machine is one a socket can bind to.
+    ip.is_loopback() || ip.is_unspecified() || std::net::UdpSocket::bind((ip, 0)).is_ok()
+}
+
 fn resolve(s: &str) -> Option<SocketAddr> {
     if let Ok(addr) = s.parse() {
         return Some(addr);
@@ -408,69 +454,10 @@ pub fn fmt_duration(d: Duration) -> String {
     outrider_control::duration::format(d)
 }
 
-/// Worker threads from the CPU quota this process really has: the smallest cgroup v2 `cpu.max`
-/// on the path from its own cgroup (read from `/proc/self/cgroup`) up to the root, else the
-/// cgroup v1 `cpu.cfs_quota_us`, capped by the cores the scheduler lets it use.
+/// Worker threads: the cores this process may use. `std::thread::available_parallelism` already
+/// honours the CPU affinity mask and the cgroup v1 and v2 quotas (rounded down, at least 1).
 pub fn default_workers() -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let v2 = std::fs::read_to_string("/proc/self/cgroup")
-        .ok()
-        .and_then(|s| cgroup_v2_path(&s))
-        .and_then(|path| {
-            cgroup_ancestors(&path)
-                .filter_map(|dir| {
-                    std::fs::read_to_string(format!("/sys/fs/cgroup{dir}/cpu.max")).ok()
-                })
-                .filter_map(|s| cpu_quota_v2(&s))
-                .min()
-        });
-    let quota = v2.or_else(|| {
-        let q = std::fs::read_to_string("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").ok()?;
-        let p = std::fs::read_to_string("/sys/fs/cgroup/cpu/cpu.cfs_period_us").ok()?;
-        cpu_quota_v1(&q, &p)
-    });
-    quota.map_or(cores, |q| q.min(cores)).max(1)
-}
-
-/// The cgroup v2 path of this process from `/proc/self/cgroup` (the `0::/path` line).
-pub fn cgroup_v2_path(proc_self_cgroup: &str) -> Option<String> {
-    proc_self_cgroup
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(|p| p.trim().to_string())
-}
-
-/// `/a/b/c`, `/a/b`, `/a`, `` (the root): the cgroup and each of its ancestors.
-fn cgroup_ancestors(path: &str) -> impl Iterator<Item = String> + '_ {
-    let path = path.trim_end_matches('/');
-    std::iter::successors(Some(path.to_string()), |p| {
-        (!p.is_empty()).then(|| {
-            p.rsplit_once('/')
-                .map_or(String::new(), |(parent, _)| parent.to_string())
-        })
-    })
-}
-
-/// Cores granted by a cgroup v2 `cpu.max` line (`"max 100000"` is unlimited), rounded up.
-pub fn cpu_quota_v2(cpu_max: &str) -> Option<usize> {
-    let mut parts = cpu_max.split_whitespace();
-    let quota = parts.next()?;
-    let period: u64 = parts.next()?.parse().ok()?;
-    if quota == "max" || period == 0 {
-        return None;
-    }
-    let quota: u64 = quota.parse().ok()?;
-    Some(quota.div_ceil(period).max(1) as usize)
-}
-
-/// Cores granted by cgroup v1 quota and period (`-1` is unlimited), rounded up.
-pub fn cpu_quota_v1(quota: &str, period: &str) -> Option<usize> {
-    let quota: i64 = quota.trim().parse().ok()?;
-    let period: i64 = period.trim().parse().ok()?;
-    if quota <= 0 || period <= 0 {
-        return None;
-    }
-    Some((quota as u64).div_ceil(period as u64).max(1) as usize)
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 #[cfg(test)]
@@ -499,39 +486,44 @@ mod tests {
     }
 
     #[test]
-    fn cgroup_quotas() {
-        assert_eq!(cpu_quota_v2("max 100000\n"), None);
-        assert_eq!(cpu_quota_v2("150000 100000\n"), Some(2));
-        assert_eq!(cpu_quota_v2("50000 100000"), Some(1));
-        assert_eq!(cpu_quota_v2("garbage"), None);
-        assert_eq!(cpu_quota_v1("-1", "100000"), None);
-        assert_eq!(cpu_quota_v1("400000\n", "100000\n"), Some(4));
-        assert_eq!(
-            cgroup_v2_path("0::/kubepods/pod1/c1\n").as_deref(),
-            Some("/kubepods/pod1/c1")
-        );
-        assert_eq!(cgroup_v2_path("12:cpu:/x\n"), None);
-        let up: Vec<String> = cgroup_ancestors("/kubepods/pod1/c1").collect();
-        assert_eq!(up, ["/kubepods/pod1/c1", "/kubepods/pod1", "/kubepods", ""]);
-        assert_eq!(cgroup_ancestors("/").collect::<Vec<_>>(), [""]);
-        assert!(default_workers() >= 1);
-    }
-
-    #[test]
-    fn validation_names_the_flag() {
-        let mut c = Config::local(vec![ForwardSpec {
-            listen: "127.0.0.1:9000".parse().unwrap(),
-            upstream: "127.0.0.1:9000".parse().unwrap(),
-        }]);
-        assert_eq!(c.validate().unwrap_err().flag, "--forward");
-        c.forwards.clear();
+    fn every_problem_is_reported_with_its_flag() {
+        let spec = |l: &str, u: &str| ForwardSpec {
+            listen: l.parse().unwrap(),
+            upstream: u.parse().unwrap(),
+        };
+        let mut c = Config::local(vec![spec("127.0.0.1:9000", "127.0.0.1:9000")]);
         c.admin = "127.0.0.1:9001".parse().unwrap();
         c.inbound = Some("127.0.0.1:9001".parse().unwrap());
-        let e = c.validate().unwrap_err();
-        assert_eq!(e.flag, "--inbound");
-        assert!(e.to_string().contains("--admin"));
-        c.inbound = None;
+        c.outbound = Some("127.0.0.1:9002".parse().unwrap());
         c.drain_window = Duration::from_secs(60);
-        assert_eq!(c.validate().unwrap_err().flag, "--drain-window");
+        let errors = c.validate();
+        let flags: Vec<&str> = errors.iter().map(|e| e.flag).collect();
+        assert_eq!(
+            flags,
+            ["--inbound", "--forward", "--drain-window"],
+            "{errors:?}"
+        );
+        assert!(errors[0].to_string().contains("--admin"));
+
+        // A cycle between two forwards, and a wildcard listener forwarding to itself.
+        let c = Config::local(vec![
+            spec("127.0.0.1:9010", "127.0.0.1:9011"),
+            spec("127.0.0.1:9011", "127.0.0.1:9010"),
+        ]);
+        let errors = c.validate();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(
+            errors[0]
+                .reason
+                .contains("127.0.0.1:9010=127.0.0.1:9011 → 127.0.0.1:9011=127.0.0.1:9010"),
+            "{}",
+            errors[0]
+        );
+        let c = Config::local(vec![spec("0.0.0.0:9020", "127.0.0.1:9020")]);
+        assert_eq!(c.validate().len(), 1);
+        // The drain window does not matter without an outbound listener.
+        let mut c = Config::local(vec![spec("127.0.0.1:9030", "127.0.0.1:9031")]);
+        c.drain_window = Duration::from_secs(60);
+        assert!(c.validate().is_empty());
     }
 }

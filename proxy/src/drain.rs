@@ -1,8 +1,30 @@
-//! Graceful shutdown signalling. A [`Signal`] tells every [`Watch`] to drain, then waits until all
-//! of them are dropped: each accept loop and each connection holds a `Watch`, so "all dropped"
-//! means "nothing is in flight any more".
+//! Graceful shutdown signalling. A [`ShutdownHandle`] asks the proxy to shut down; a [`Signal`]
+//! tells every [`Watch`] of its group to drain, then waits until all of them are dropped: each
+//! accept loop and each connection holds a `Watch`, so "all dropped" means "nothing is in flight
+//! any more".
+
+use std::sync::Arc;
 
 use tokio::sync::watch;
+
+/// Starts a graceful shutdown of a running proxy; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle(Arc<watch::Sender<bool>>);
+
+impl ShutdownHandle {
+    /// A handle and the receiver that learns when it is triggered.
+    pub fn new() -> (Self, watch::Receiver<bool>) {
+        let (tx, rx) = watch::channel(false);
+        (Self(Arc::new(tx)), rx)
+    }
+
+    /// Starts the shutdown (idempotent). `why` is logged.
+    pub fn trigger(&self, why: &str) {
+        if !self.0.send_replace(true) {
+            tracing::info!(reason = why, "shutdown requested");
+        }
+    }
+}
 
 /// The sending half: starts a drain and waits for it to finish.
 #[derive(Debug)]
@@ -39,11 +61,6 @@ impl Watch {
     /// Resolves once a drain has started (or the signal is gone).
     pub async fn signaled(&mut self) {
         let _ = self.0.wait_for(|draining| *draining).await;
-    }
-
-    /// Whether a drain has started.
-    pub fn is_draining(&self) -> bool {
-        *self.0.borrow()
     }
 }
 

@@ -1,19 +1,35 @@
-//! Errors inside the request path, and the one place per connection ("rescue") that turns them
-//! into HTTP responses. Every locally generated response carries `outrider-error: <reason>` so a
-//! client can tell the proxy's answer from the app's, and every one is counted.
+//! Errors on the request path: leaf errors named as nouns, each with the [`Reason`] it is answered
+//! with, the [`Side`] that caused it and whether the request may be sent again; and the local
+//! response a [`Reason`] becomes.
+//!
+//! Layers fail with a [`BoxError`]; the rescue layer of each direction walks the error's cause
+//! chain ([`reason_of`]), so a leaf wrapped by hyper, hyper-util or tower is still recognised:
+//! a tower timeout or load-shed error, a request body the client broke or aborted, a connect
+//! failure. Every locally generated response carries `outrider-error: <reason>`, and a gRPC
+//! request gets a trailers-only gRPC answer (`grpc-status`, `grpc-message`) instead of a bare HTTP
+//! error.
+
+use std::error::Error as StdError;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 
-/// Why the proxy answered instead of the upstream. The discriminant indexes the metric handles.
+/// A boxed error, the error type inside the request stacks.
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// Why the proxy answered instead of the upstream: the `outrider-error` value and the label of
+/// `outrider_errors_total`. The discriminant indexes the metric handles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
-    /// The upstream refused or did not accept the connection in time.
+    /// The upstream refused the connection or did not accept it in time.
     ConnectFailed = 0,
-    /// The upstream connection broke before a response arrived.
+    /// The upstream connection broke or answered nonsense before a response arrived.
     UpstreamFailed = 1,
-    /// The request could not be forwarded as received (e.g. no usable authority).
+    /// The request is malformed or cannot be forwarded as received.
     BadRequest = 2,
     /// The target is the proxy itself.
     Loop = 3,
@@ -23,15 +39,33 @@ pub enum Reason {
     NoRoute = 5,
     /// The service has no endpoints.
     NoEndpoints = 6,
-    /// The route's timeout passed before the response.
+    /// The route's timeout passed before the response headers.
     RequestTimeout = 7,
-    /// No config from the control plane yet (outbound with `--control`).
+    /// No config from the control plane yet.
     NoConfig = 8,
+    /// The client went away (or stopped its upload) before the exchange finished.
+    ClientAborted = 9,
+    /// The stack could not take the request now (load shed).
+    Overloaded = 10,
+    /// The upstream does not speak the HTTP version the request needs (gRPC to HTTP/1).
+    UpstreamProtocol = 11,
+}
+
+/// Which side a failure is blamed on (for logs, and so that later layers such as a breaker only
+/// count the upstream's own failures).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The downstream client.
+    Client,
+    /// The proxy or the mesh configuration.
+    Proxy,
+    /// The upstream endpoint.
+    Upstream,
 }
 
 impl Reason {
     /// Every reason, in discriminant order.
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 12] = [
         Reason::ConnectFailed,
         Reason::UpstreamFailed,
         Reason::BadRequest,
@@ -41,6 +75,9 @@ impl Reason {
         Reason::NoEndpoints,
         Reason::RequestTimeout,
         Reason::NoConfig,
+        Reason::ClientAborted,
+        Reason::Overloaded,
+        Reason::UpstreamProtocol,
     ];
 
     /// The `outrider-error` header value and metric label.
@@ -55,66 +92,318 @@ impl Reason {
             Reason::NoEndpoints => "no-endpoints",
             Reason::RequestTimeout => "request-timeout",
             Reason::NoConfig => "no-config",
+            Reason::ClientAborted => "client-aborted",
+            Reason::Overloaded => "overloaded",
+            Reason::UpstreamProtocol => "upstream-protocol",
         }
     }
 
-    /// The status the client sees.
+    /// The HTTP status the client sees.
     pub fn status(self) -> StatusCode {
         match self {
             Reason::ConnectFailed
             | Reason::UpstreamFailed
             | Reason::NoOrigDst
-            | Reason::NoRoute => StatusCode::BAD_GATEWAY,
-            Reason::NoEndpoints | Reason::NoConfig => StatusCode::SERVICE_UNAVAILABLE,
+            | Reason::NoRoute
+            | Reason::UpstreamProtocol => StatusCode::BAD_GATEWAY,
+            Reason::NoEndpoints | Reason::NoConfig | Reason::Overloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Reason::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Reason::BadRequest => StatusCode::BAD_REQUEST,
+            Reason::BadRequest | Reason::ClientAborted => StatusCode::BAD_REQUEST,
             Reason::Loop => StatusCode::LOOP_DETECTED,
         }
     }
-}
 
-/// An error on the request path, with the reason that classifies it.
-#[derive(Debug, thiserror::Error)]
-#[error("{}: {source}", reason.as_str())]
-pub struct ProxyError {
-    /// The classification.
-    pub reason: Reason,
-    /// The underlying cause.
-    #[source]
-    pub source: Box<dyn std::error::Error + Send + Sync>,
-}
+    /// The side the failure is blamed on.
+    pub fn side(self) -> Side {
+        match self {
+            Reason::ConnectFailed | Reason::UpstreamFailed | Reason::UpstreamProtocol => {
+                Side::Upstream
+            }
+            Reason::BadRequest | Reason::ClientAborted => Side::Client,
+            Reason::Loop
+            | Reason::NoOrigDst
+            | Reason::NoRoute
+            | Reason::NoEndpoints
+            | Reason::RequestTimeout
+            | Reason::NoConfig
+            | Reason::Overloaded => Side::Proxy,
+        }
+    }
 
-impl ProxyError {
-    /// Wraps `source` with a reason.
-    pub fn new(
-        reason: Reason,
-        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
-    ) -> Self {
-        Self {
-            reason,
-            source: source.into(),
+    /// The gRPC status code a gRPC client gets for this reason.
+    pub fn grpc_status(self) -> u16 {
+        match self {
+            // UNAVAILABLE: the caller may try again.
+            Reason::ConnectFailed
+            | Reason::UpstreamFailed
+            | Reason::NoEndpoints
+            | Reason::NoConfig
+            | Reason::Overloaded
+            | Reason::Loop
+            | Reason::NoOrigDst => 14,
+            Reason::RequestTimeout => 4, // DEADLINE_EXCEEDED
+            Reason::NoRoute => 12,       // UNIMPLEMENTED
+            Reason::ClientAborted => 1,  // CANCELLED
+            Reason::BadRequest | Reason::UpstreamProtocol => 13, // INTERNAL
         }
     }
 }
 
-/// The response body type of the proxy's HTTP server: the upstream's body, or a local one.
-pub type RspBody = Either<hyper::body::Incoming, Full<Bytes>>;
+macro_rules! leaf {
+    ($name:ident, $reason:expr) => {
+        impl Leaf for $name {
+            fn reason(&self) -> Reason {
+                $reason
+            }
+        }
+    };
+}
+
+/// A leaf error: knows its reason.
+trait Leaf {
+    fn reason(&self) -> Reason;
+}
+
+/// The upstream refused the connection (or the dial failed locally). Nothing was sent, so the
+/// request may be sent elsewhere.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot connect to {addr}: {source}")]
+pub struct ConnectError {
+    /// The address dialled.
+    pub addr: SocketAddr,
+    /// What the kernel said.
+    #[source]
+    pub source: std::io::Error,
+}
+leaf!(ConnectError, Reason::ConnectFailed);
+
+/// The upstream did not accept the connection within the connect timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("connecting to {addr} timed out after {}", outrider_control::duration::format(*.after))]
+pub struct ConnectTimeout {
+    /// The address dialled.
+    pub addr: SocketAddr,
+    /// The connect timeout.
+    pub after: Duration,
+}
+leaf!(ConnectTimeout, Reason::ConnectFailed);
+
+/// The upstream connection failed after it was established, before a whole response head.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream {addr} failed")]
+pub struct UpstreamFailed {
+    /// The endpoint.
+    pub addr: SocketAddr,
+    /// What hyper saw.
+    #[source]
+    pub source: BoxError,
+}
+leaf!(UpstreamFailed, Reason::UpstreamFailed);
+
+/// The upstream answered an HTTP/2 connection preface with HTTP/1.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream {addr} does not speak HTTP/2 (it answered the HTTP/2 preface with something else than SETTINGS, e.g. HTTP/1)")]
+pub struct NotHttp2 {
+    /// The endpoint.
+    pub addr: SocketAddr,
+}
+leaf!(NotHttp2, Reason::UpstreamProtocol);
+
+/// The request cannot be forwarded as received.
+#[derive(Debug, thiserror::Error)]
+#[error("bad request: {0}")]
+pub struct BadRequest(pub BoxError);
+leaf!(BadRequest, Reason::BadRequest);
+
+/// Reading the client's request body failed: a malformed body (a bad chunk size) is the
+/// client's fault; an aborted upload is the client going away. Never the upstream's.
+#[derive(Debug, thiserror::Error)]
+#[error("reading the request body failed")]
+pub struct RequestBodyError(#[source] pub hyper::Error);
+impl Leaf for RequestBodyError {
+    fn reason(&self) -> Reason {
+        if self.0.is_incomplete_message() || self.0.is_canceled() {
+            Reason::ClientAborted
+        } else {
+            Reason::BadRequest
+        }
+    }
+}
+
+/// No view from the control plane has arrived yet.
+#[derive(Debug, thiserror::Error)]
+#[error("no config from the control plane yet")]
+pub struct NoConfig;
+leaf!(NoConfig, Reason::NoConfig);
+
+/// The destination is not a known service, and the view refuses unknown destinations.
+#[derive(Debug, thiserror::Error)]
+#[error("{dest} is not a known service address (unknown destinations are refused)")]
+pub struct NoRoute {
+    /// The original destination.
+    pub dest: SocketAddr,
+}
+leaf!(NoRoute, Reason::NoRoute);
+
+/// The service has no endpoints.
+#[derive(Debug, thiserror::Error)]
+#[error("service {service} has no endpoints")]
+pub struct NoEndpoints {
+    /// `namespace/name` of the service.
+    pub service: Arc<str>,
+}
+leaf!(NoEndpoints, Reason::NoEndpoints);
+
+/// The route's timeout passed before the response headers arrived.
+#[derive(Debug, thiserror::Error)]
+#[error("no response within the route timeout of {}", outrider_control::duration::format(*.after))]
+pub struct RouteTimeout {
+    /// The route's timeout.
+    pub after: Duration,
+}
+leaf!(RouteTimeout, Reason::RequestTimeout);
+
+/// The request's target is this proxy itself.
+#[derive(Debug, thiserror::Error)]
+#[error("the target is this proxy itself")]
+pub struct Loop;
+leaf!(Loop, Reason::Loop);
+
+/// Classifies one error of a chain, if it is a known leaf.
+fn leaf_reason(e: &(dyn StdError + 'static)) -> Option<Reason> {
+    macro_rules! try_leaf {
+        ($($t:ty),*) => {
+            $(if let Some(l) = e.downcast_ref::<$t>() { return Some(l.reason()); })*
+        };
+    }
+    try_leaf!(
+        RequestBodyError,
+        ConnectError,
+        ConnectTimeout,
+        NotHttp2,
+        UpstreamFailed,
+        BadRequest,
+        NoConfig,
+        NoRoute,
+        NoEndpoints,
+        RouteTimeout,
+        Loop
+    );
+    if e.is::<tower::timeout::error::Elapsed>() {
+        return Some(Reason::RequestTimeout);
+    }
+    if e.is::<tower::load_shed::error::Overloaded>() {
+        return Some(Reason::Overloaded);
+    }
+    None
+}
+
+/// The reason `error` is answered with: the outermost known leaf in its cause chain. A request
+/// body error anywhere in the chain wins (hyper reports it as a failed exchange, but the client
+/// caused it); an unknown error is an upstream failure.
+pub fn reason_of(error: &(dyn StdError + 'static)) -> Reason {
+    let mut first = None;
+    let mut next: Option<&(dyn StdError + 'static)> = Some(error);
+    while let Some(e) = next {
+        if let Some(b) = e.downcast_ref::<RequestBodyError>() {
+            return b.reason();
+        }
+        if first.is_none() {
+            first = leaf_reason(e);
+        }
+        next = e.source();
+    }
+    first.unwrap_or(Reason::UpstreamFailed)
+}
+
+/// The response body type of the proxy's HTTP servers: the upstream's body, or a local one.
+pub type ResponseBody = Either<hyper::body::Incoming, Full<Bytes>>;
 
 /// The header naming the reason of a locally generated response.
 pub const ERROR_HEADER: &str = "outrider-error";
 
-/// Builds the local response for `reason`.
-pub fn error_response(reason: Reason) -> Response<RspBody> {
-    let body = Full::new(Bytes::from(format!("outrider: {}\n", reason.as_str())));
-    let mut rsp = Response::new(Either::Right(body));
-    *rsp.status_mut() = reason.status();
+/// Whether a request is gRPC (`content-type: application/grpc[+proto|...]`).
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Builds the local response for `reason`: plain text with the reason's status, or for a gRPC
+/// request a trailers-only gRPC response (HTTP 200, `grpc-status`, `grpc-message`).
+pub fn error_response(reason: Reason, grpc: bool) -> Response<ResponseBody> {
+    let text = format!("outrider: {}", reason.as_str());
+    let mut rsp = if grpc {
+        let mut rsp = Response::new(Either::Right(Full::new(Bytes::new())));
+        let h = rsp.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from(reason.grpc_status()));
+        if let Ok(v) = HeaderValue::from_str(&text) {
+            h.insert("grpc-message", v);
+        }
+        rsp
+    } else {
+        let mut rsp = Response::new(Either::Right(Full::new(Bytes::from(text + "\n"))));
+        *rsp.status_mut() = reason.status();
+        rsp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain"),
+        );
+        rsp
+    };
     rsp.headers_mut()
         .insert(ERROR_HEADER, HeaderValue::from_static(reason.as_str()));
-    rsp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain"),
-    );
     rsp
 }
 
 pub use outrider_control::runtime::Chain;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] BoxError);
+
+    #[test]
+    fn the_cause_chain_decides_the_reason() {
+        let timeout: BoxError = Box::new(tower::timeout::error::Elapsed::new());
+        assert_eq!(reason_of(&*timeout), Reason::RequestTimeout);
+        let shed: BoxError = Box::new(tower::load_shed::error::Overloaded::new());
+        assert_eq!(reason_of(&*shed), Reason::Overloaded);
+        // A leaf wrapped by something unknown is still found.
+        let wrapped = Outer(Box::new(NoEndpoints {
+            service: "ns/svc".into(),
+        }));
+        assert_eq!(reason_of(&wrapped), Reason::NoEndpoints);
+        let connect = Outer(Box::new(ConnectTimeout {
+            addr: ([127, 0, 0, 1], 1).into(),
+            after: Duration::from_secs(3),
+        }));
+        assert_eq!(reason_of(&connect), Reason::ConnectFailed);
+        // Unknown errors are the upstream's.
+        let unknown = Outer(Box::new(std::io::Error::other("boom")));
+        assert_eq!(reason_of(&unknown), Reason::UpstreamFailed);
+    }
+
+    #[test]
+    fn grpc_requests_get_trailers_only_grpc_answers() {
+        let rsp = error_response(Reason::NoEndpoints, true);
+        assert_eq!(rsp.status(), StatusCode::OK);
+        assert_eq!(rsp.headers()["grpc-status"], "14");
+        assert_eq!(rsp.headers()[ERROR_HEADER], "no-endpoints");
+        assert_eq!(
+            error_response(Reason::RequestTimeout, true).headers()["grpc-status"],
+            "4"
+        );
+        let plain = error_response(Reason::RequestTimeout, false);
+        assert_eq!(plain.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert!(plain.headers().get("grpc-status").is_none());
+    }
+}

@@ -1,84 +1,66 @@
 //! `outrider proxy`: the sidecar data plane.
 //!
-//! The proxy owns three kinds of listener: *inbound* (traffic arriving at the pod, redirected by
-//! `outrider init` to :15006), *outbound* (the app's own outbound traffic, redirected to :15001) and,
-//! in local mode, *forward* listeners with a fixed upstream (`--forward LISTEN=UPSTREAM`). Every
-//! accepted connection goes through the same pipeline (see [`listener`]):
+//! Two stacks, each assembled in one place: [`inbound`] (traffic arriving at the pod, redirected
+//! by `outrider init` to :15006, forwarded to the app) and [`outbound`] (the app's own outbound
+//! traffic, redirected to :15001, and local mode's `--forward` listeners, which are outbound with
+//! a fixed destination). [`app`] binds the listeners, builds both stacks once, serves the
+//! [`admin`] API and drains on shutdown.
 //!
-//! ```text
-//! accept → target (orig_dst / fixed) → loop check → protocol detection
-//!        → HTTP/1 or HTTP/2 server → request metrics → rescue → forward (pooled hyper client)
-//!        → or opaque TCP (bidirectional copy)
-//! ```
-//!
-//! Resilience layers (route, timeout, retry, balance, breaker) and mTLS slot in between the request
-//! metrics and the forward service as later issues land; see DESIGN.md section 3.
+//! Underneath: [`transport`] (accept, original destination, I/O wrappers, the one connect path),
+//! [`detect`] (protocol detection), [`http`] (server glue and upstream clients), [`layers`]
+//! (direction-agnostic tower layers), [`discovery`] (the control-plane watch), [`errors`],
+//! [`metrics`], [`readiness`], [`drain`], [`config`] and [`log`].
 
 pub mod admin;
+pub mod app;
 pub mod config;
-pub mod demo;
-pub mod demo_app;
 pub mod detect;
 pub mod discovery;
 pub mod drain;
 pub mod errors;
 pub mod http;
-pub mod io;
+pub mod inbound;
 pub mod layers;
-pub mod listener;
 pub mod log;
 pub mod metrics;
-pub mod orig_dst;
-pub mod proxy;
-pub mod tcp;
+pub mod outbound;
+pub mod readiness;
+pub mod transport;
 
-#[cfg(test)]
-mod tests;
-
+pub use app::Proxy;
 pub use config::{Config, ProxyArgs};
-pub use proxy::{Proxy, ShutdownHandle};
+pub use drain::ShutdownHandle;
 
+use std::future::Future;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-/// Runs `outrider proxy` until SIGTERM, SIGINT or `POST /shutdown`, and returns the exit code
-/// (0 after a clean drain, 1 on a runtime failure, 2 on bad configuration).
-pub fn main(args: ProxyArgs) -> ExitCode {
-    let config = match Config::from_args(args) {
-        Ok(config) => config,
+/// Runs `outrider proxy` with `config` until `shutdown` resolves (SIGTERM, SIGINT) or `POST
+/// /shutdown`, and returns the exit code (0 after a clean drain, 1 on a runtime failure).
+pub async fn run(
+    config: Config,
+    log: Option<log::LogHandle>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> ExitCode {
+    let orig_dst = Arc::new(transport::orig_dst::SoOriginalDst);
+    let proxy = match Proxy::bind(config, orig_dst, log, prometheus::Registry::new()).await {
+        Ok(proxy) => proxy,
         Err(e) => {
-            eprintln!("outrider proxy: {e}");
-            return ExitCode::from(2);
+            tracing::error!("{e:#}");
+            eprintln!("outrider proxy: {e:#}");
+            return ExitCode::from(1);
         }
     };
-    let log = match log::init(config.log_format) {
-        Ok(log) => Some(log),
+    let handle = proxy.shutdown_handle();
+    tokio::spawn(async move {
+        shutdown.await;
+        handle.trigger("signal");
+    });
+    match proxy.run().await {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("outrider proxy: {e}");
-            return ExitCode::from(2);
+            tracing::error!("{e:#}");
+            ExitCode::from(1)
         }
-    };
-    let workers = config.workers;
-    outrider_control::runtime::block_on("outrider proxy", workers, async move {
-        let proxy = match Proxy::bind(config, Arc::new(orig_dst::SoOriginalDst), log).await {
-            Ok(proxy) => proxy,
-            Err(e) => {
-                tracing::error!("{e:#}");
-                eprintln!("outrider proxy: {e:#}");
-                return ExitCode::from(1);
-            }
-        };
-        let handle = proxy.shutdown_handle();
-        tokio::spawn(async move {
-            outrider_control::runtime::shutdown_signal().await;
-            handle.trigger("signal");
-        });
-        match proxy.run().await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!("{e:#}");
-                ExitCode::from(1)
-            }
-        }
-    })
+    }
 }

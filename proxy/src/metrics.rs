@@ -19,7 +19,7 @@ pub enum Direction {
     Inbound,
     /// From the app, towards other services.
     Outbound,
-    /// Local mode: a fixed listener and upstream.
+    /// Local mode: the outbound stack behind a `--forward` listener, counted apart.
     Forward,
 }
 
@@ -53,6 +53,10 @@ pub struct Metrics {
     pub forward: DirectionMetrics,
     /// Upstream connections opened (all directions): low when pools are reused.
     pub upstream_connects: IntCounter,
+    /// Outbound per-destination stacks alive now (built once, shared by every connection).
+    pub destinations: IntGauge,
+    /// Outbound per-destination stacks built since start.
+    pub destination_builds: IntCounter,
 }
 
 /// Pre-resolved handles for one direction.
@@ -62,6 +66,8 @@ pub struct DirectionMetrics {
     pub requests: [IntCounter; 2],
     /// HTTP responses sent, by status class.
     pub responses: [IntCounter; 5],
+    /// Requests that ended without a response (the client cancelled them).
+    pub cancelled: IntCounter,
     /// Time from request received to response headers sent.
     pub latency: Histogram,
     /// TCP connections accepted.
@@ -78,6 +84,8 @@ pub struct DirectionMetrics {
     pub detect: [IntCounter; 6],
     /// Connections refused because they would loop back into the proxy.
     pub loop_refused: IntCounter,
+    /// Times a listener stopped accepting because `--max-connections` were open.
+    pub limit_reached: IntCounter,
     /// Locally generated errors, indexed like [`Reason::ALL`].
     pub errors: Vec<IntCounter>,
 }
@@ -94,7 +102,7 @@ impl Metrics {
         let responses = counter_vec(
             registry,
             "outrider_responses_total",
-            "HTTP responses sent",
+            "HTTP responses sent (status_class cancelled: the client gave up before the response)",
             &["direction", "status_class"],
         )?;
         let latency = HistogramVec::new(
@@ -147,6 +155,12 @@ impl Metrics {
             "Connections refused because their target is the proxy itself",
             &["direction"],
         )?;
+        let limit = counter_vec(
+            registry,
+            "outrider_connection_limit_reached_total",
+            "Times a listener stopped accepting because --max-connections connections were open",
+            &["direction"],
+        )?;
         let errors = counter_vec(
             registry,
             "outrider_errors_total",
@@ -162,6 +176,7 @@ impl Metrics {
                     requests.with_label_values(&[d, "http2"]),
                 ],
                 responses: CLASSES.map(|c| responses.with_label_values(&[d, c])),
+                cancelled: responses.with_label_values(&[d, "cancelled"]),
                 latency: latency.with_label_values(&[d]),
                 tcp_open: tcp_open.with_label_values(&[d]),
                 tcp_close: tcp_close.with_label_values(&[d]),
@@ -170,6 +185,7 @@ impl Metrics {
                 tcp_sent: sent.with_label_values(&[d]),
                 detect: Outcome::ALL.map(|o| detect.with_label_values(&[d, o.as_str()])),
                 loop_refused: loops.with_label_values(&[d]),
+                limit_reached: limit.with_label_values(&[d]),
                 errors: Reason::ALL
                     .iter()
                     .map(|r| errors.with_label_values(&[d, r.as_str()]))
@@ -181,8 +197,20 @@ impl Metrics {
             "Upstream TCP connections opened (HTTP pools and opaque streams); low when pools are reused",
         )?;
         registry.register(Box::new(upstream_connects.clone()))?;
+        let destinations = IntGauge::new(
+            "outrider_outbound_destinations",
+            "Outbound per-destination stacks alive (each built once and shared by every connection)",
+        )?;
+        registry.register(Box::new(destinations.clone()))?;
+        let destination_builds = IntCounter::new(
+            "outrider_outbound_destination_builds_total",
+            "Outbound per-destination stacks built since start",
+        )?;
+        registry.register(Box::new(destination_builds.clone()))?;
         Ok(Metrics {
             upstream_connects,
+            destinations,
+            destination_builds,
             inbound: per(Direction::Inbound),
             outbound: per(Direction::Outbound),
             forward: per(Direction::Forward),

@@ -554,7 +554,9 @@ fn refused_unknown_destinations_empty_services_and_readiness() {
     let ready = get(admin, "/ready");
     assert_eq!(ready.status, 503);
     assert!(
-        ready.body.contains("no config from the control plane"),
+        ready
+            .body
+            .contains("waiting for the first config from the control plane"),
         "{}",
         ready.body
     );

@@ -10,4 +10,5 @@
 mod capture;
 mod control;
 mod dataplane;
+mod inprocess;
 mod support;

@@ -1,12 +1,11 @@
 //! `RequestMetricsLayer`: the outermost request layer. Counts each request by protocol, each
-//! response by status class, observes the time to response headers, and tracks how many requests
-//! are in flight on the connection (the idle timeout never closes a connection that has some).
+//! response by status class (a request whose response never came, because the client cancelled
+//! it, counts as `cancelled`), and observes the time to response headers.
 //!
 //! It sits above [`super::rescue`], so locally generated error responses are counted like any other.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -20,13 +19,12 @@ use crate::metrics::DirectionMetrics;
 #[derive(Debug, Clone)]
 pub struct RequestMetricsLayer {
     metrics: Arc<DirectionMetrics>,
-    in_flight: Arc<AtomicUsize>,
 }
 
 impl RequestMetricsLayer {
-    /// Records into `metrics`; `in_flight` is the connection's in-flight request count.
-    pub fn new(metrics: Arc<DirectionMetrics>, in_flight: Arc<AtomicUsize>) -> Self {
-        Self { metrics, in_flight }
+    /// Records into `metrics`.
+    pub fn new(metrics: Arc<DirectionMetrics>) -> Self {
+        Self { metrics }
     }
 }
 
@@ -36,7 +34,6 @@ impl<S> tower::Layer<S> for RequestMetricsLayer {
         RequestMetrics {
             inner,
             metrics: self.metrics.clone(),
-            in_flight: self.in_flight.clone(),
         }
     }
 }
@@ -46,7 +43,6 @@ impl<S> tower::Layer<S> for RequestMetricsLayer {
 pub struct RequestMetrics<S> {
     inner: S,
     metrics: Arc<DirectionMetrics>,
-    in_flight: Arc<AtomicUsize>,
 }
 
 impl<S, B, RB> tower::Service<Request<B>> for RequestMetrics<S>
@@ -64,23 +60,29 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let h2 = usize::from(req.version() == http::Version::HTTP_2);
         self.metrics.requests[h2].inc();
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
         ResponseFuture {
             inner: self.inner.call(req),
-            guard: InFlight(self.in_flight.clone()),
-            metrics: self.metrics.clone(),
+            answered: Answered {
+                metrics: self.metrics.clone(),
+                done: false,
+            },
             start: Instant::now(),
         }
     }
 }
 
-/// Decrements the in-flight count when the request ends, however it ends.
+/// Counts a response class once: the response's, or `cancelled` when the future is dropped first.
 #[derive(Debug)]
-struct InFlight(Arc<AtomicUsize>);
+struct Answered {
+    metrics: Arc<DirectionMetrics>,
+    done: bool,
+}
 
-impl Drop for InFlight {
+impl Drop for Answered {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        if !self.done {
+            self.metrics.cancelled.inc();
+        }
     }
 }
 
@@ -90,8 +92,7 @@ pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         inner: F,
-        guard: InFlight,
-        metrics: Arc<DirectionMetrics>,
+        answered: Answered,
         start: Instant,
     }
 }
@@ -105,12 +106,50 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let res = ready!(this.inner.poll(cx));
-        if let Ok(rsp) = &res {
-            this.metrics.response(rsp.status());
+        let metrics = &this.answered.metrics;
+        match &res {
+            Ok(rsp) => metrics.response(rsp.status()),
+            // Only a stack without a rescue layer fails; nothing reaches the client.
+            Err(_) => metrics.cancelled.inc(),
         }
-        this.metrics
-            .latency
-            .observe(this.start.elapsed().as_secs_f64());
+        this.answered.done = true;
+        metrics.latency.observe(this.start.elapsed().as_secs_f64());
         Poll::Ready(res)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::StatusCode;
+    use tower::{Layer, Service, ServiceExt};
+
+    #[tokio::test]
+    async fn counts_requests_responses_and_cancellations() {
+        let registry = prometheus::Registry::new();
+        let m = Arc::new(
+            crate::metrics::Metrics::register(&registry)
+                .unwrap()
+                .inbound,
+        );
+        let (mock, mut handle) = tower_test::mock::pair::<Request<()>, Response<()>>();
+        let mut svc = RequestMetricsLayer::new(m.clone()).layer(mock);
+        handle.allow(2);
+
+        let answered = svc.ready().await.unwrap().call(Request::new(()));
+        let (_, send) = handle.next_request().await.unwrap();
+        let mut rsp = Response::new(());
+        *rsp.status_mut() = StatusCode::NOT_FOUND;
+        send.send_response(rsp);
+        answered.await.unwrap();
+
+        let cancelled = svc.ready().await.unwrap().call(Request::new(()));
+        let (_, _never) = handle.next_request().await.unwrap();
+        drop(cancelled);
+
+        assert_eq!(m.requests[0].get(), 2);
+        assert_eq!(m.responses[3].get(), 1, "one 4xx");
+        assert_eq!(m.cancelled.get(), 1);
+        assert_eq!(m.latency.get_sample_count(), 1);
     }
 }

@@ -1,7 +1,6 @@
-//! Reusable tower layers of the request stack. Each layer's config, metrics and tests live in its
-//! module; none of them knows about inbound or outbound assembly.
+//! Reusable tower layers of the request stacks. None of them knows about inbound, outbound,
+//! discovery or the clients below it; each layer's config, metrics and tests live in its module.
 
 pub mod metrics;
 pub mod rescue;
-pub mod router;
 pub mod timeout;

@@ -1,10 +1,16 @@
-//! `RescueLayer`: the one place on the request path where errors become HTTP responses.
+//! `RescueLayer`: the one place on a request path where errors become HTTP responses.
 //!
-//! Inner layers fail with boxed errors; a [`ProxyError`] carries its [`Reason`], anything else is an
-//! upstream failure. The answer is `Reason::status()` with an `outrider-error: <reason>` header,
-//! counted in `outrider_errors_total{reason}` and logged at debug (without request headers).
+//! Inner layers fail with boxed errors; the direction's mapping (a function from the error to a
+//! [`Reason`], usually [`crate::errors::reason_of`] walking the cause chain) decides the answer:
+//! the reason's status with an `outrider-error: <reason>` header, or a trailers-only gRPC answer
+//! for a gRPC request. Each is counted in `outrider_errors_total{reason}` and logged at debug
+//! (without request headers).
+//!
+//! Readiness is honest: an inner service that fails `poll_ready` (no endpoints, overloaded) is not
+//! called; the error is answered for the request that follows, and the rescue layer is ready.
 
 use std::convert::Infallible;
+use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,20 +19,23 @@ use std::task::{ready, Context, Poll};
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 
-use crate::errors::{error_response, Chain, ProxyError, Reason, RspBody};
-use crate::http::forward::BoxError;
+use crate::errors::{error_response, is_grpc, BoxError, Chain, Reason, ResponseBody};
 use crate::metrics::DirectionMetrics;
+
+/// Maps an error to the reason it is answered with.
+pub type Mapping = fn(&(dyn StdError + 'static)) -> Reason;
 
 /// Builds [`Rescue`].
 #[derive(Debug, Clone)]
 pub struct RescueLayer {
     metrics: Arc<DirectionMetrics>,
+    mapping: Mapping,
 }
 
 impl RescueLayer {
-    /// Counts rescued errors into `metrics`.
-    pub fn new(metrics: Arc<DirectionMetrics>) -> Self {
-        Self { metrics }
+    /// Answers errors as `mapping` says, counting them into `metrics`.
+    pub fn new(metrics: Arc<DirectionMetrics>, mapping: Mapping) -> Self {
+        Self { metrics, mapping }
     }
 }
 
@@ -36,46 +45,76 @@ impl<S> tower::Layer<S> for RescueLayer {
         Rescue {
             inner,
             metrics: self.metrics.clone(),
+            mapping: self.mapping,
+            not_ready: None,
         }
     }
 }
 
 /// Turns `S`'s errors into responses; never fails.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Rescue<S> {
     inner: S,
     metrics: Arc<DirectionMetrics>,
+    mapping: Mapping,
+    /// The error the inner service's readiness failed with, answered by the next call.
+    not_ready: Option<BoxError>,
+}
+
+impl<S: Clone> Clone for Rescue<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            metrics: self.metrics.clone(),
+            mapping: self.mapping,
+            not_ready: None,
+        }
+    }
 }
 
 impl<S, B> tower::Service<Request<B>> for Rescue<S>
 where
-    S: tower::Service<Request<B>, Response = Response<RspBody>, Error = BoxError>,
+    S: tower::Service<Request<B>, Response = Response<ResponseBody>, Error = BoxError>,
 {
-    type Response = Response<RspBody>;
+    type Response = Response<ResponseBody>;
     type Error = Infallible;
     type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // The inner stack is always ready today; an error here would be rescued per request.
-        match self.inner.poll_ready(cx) {
-            Poll::Ready(_) => Poll::Ready(Ok(())),
-            Poll::Pending => Poll::Pending,
+        if self.not_ready.is_some() {
+            return Poll::Ready(Ok(()));
         }
+        match ready!(self.inner.poll_ready(cx)) {
+            Ok(()) => {}
+            Err(e) => self.not_ready = Some(e),
+        }
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        let grpc = is_grpc(req.headers());
+        let state = match self.not_ready.take() {
+            Some(e) => State::Failed { error: Some(e) },
+            None => State::Called {
+                inner: self.inner.call(req),
+            },
+        };
         ResponseFuture {
-            inner: self.inner.call(req),
+            state,
+            grpc,
             metrics: self.metrics.clone(),
+            mapping: self.mapping,
         }
     }
 }
 
-/// The reason an error is answered with.
-pub fn reason_of(error: &BoxError) -> Reason {
-    error
-        .downcast_ref::<ProxyError>()
-        .map_or(Reason::UpstreamFailed, |e| e.reason)
+pin_project! {
+    #[project = StateProj]
+    #[derive(Debug)]
+    enum State<F> {
+        Called { #[pin] inner: F },
+        Failed { error: Option<BoxError> },
+    }
 }
 
 pin_project! {
@@ -83,27 +122,82 @@ pin_project! {
     #[derive(Debug)]
     pub struct ResponseFuture<F> {
         #[pin]
-        inner: F,
+        state: State<F>,
+        grpc: bool,
         metrics: Arc<DirectionMetrics>,
+        mapping: Mapping,
     }
 }
 
 impl<F> Future for ResponseFuture<F>
 where
-    F: Future<Output = Result<Response<RspBody>, BoxError>>,
+    F: Future<Output = Result<Response<ResponseBody>, BoxError>>,
 {
-    type Output = Result<Response<RspBody>, Infallible>;
+    type Output = Result<Response<ResponseBody>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        match ready!(this.inner.poll(cx)) {
-            Ok(rsp) => Poll::Ready(Ok(rsp)),
-            Err(error) => {
-                let reason = reason_of(&error);
-                this.metrics.error(reason);
-                tracing::debug!(reason = reason.as_str(), error = %Chain(error.as_ref()), "request failed");
-                Poll::Ready(Ok(error_response(reason)))
-            }
-        }
+        let error = match this.state.project() {
+            StateProj::Called { inner } => match ready!(inner.poll(cx)) {
+                Ok(rsp) => return Poll::Ready(Ok(rsp)),
+                Err(e) => e,
+            },
+            StateProj::Failed { error } => match error.take() {
+                Some(e) => e,
+                None => "the request was already answered".into(),
+            },
+        };
+        let reason = (this.mapping)(&*error);
+        this.metrics.error(reason);
+        tracing::debug!(reason = reason.as_str(), error = %Chain(error.as_ref()), "request failed");
+        Poll::Ready(Ok(error_response(reason, *this.grpc)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::errors::{reason_of, NoEndpoints};
+    use http::StatusCode;
+    use tower::{Layer, Service, ServiceExt};
+
+    fn metrics() -> Arc<DirectionMetrics> {
+        let registry = prometheus::Registry::new();
+        let m = crate::metrics::Metrics::register(&registry).unwrap();
+        Arc::new(m.outbound.clone())
+    }
+
+    #[tokio::test]
+    async fn errors_become_counted_responses_and_unready_services_are_not_called() {
+        let m = metrics();
+        let (mock, mut handle) = tower_test::mock::pair::<Request<()>, Response<ResponseBody>>();
+        let mut svc = RescueLayer::new(m.clone(), reason_of).layer(mock);
+
+        // A failed call: the cause chain decides the answer.
+        handle.allow(1);
+        let call = svc.ready().await.unwrap().call(Request::new(()));
+        let (_, send) = handle.next_request().await.unwrap();
+        send.send_error(NoEndpoints {
+            service: "ns/svc".into(),
+        });
+        let rsp = call.await.unwrap();
+        assert_eq!(rsp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(rsp.headers()["outrider-error"], "no-endpoints");
+        assert_eq!(m.errors[Reason::NoEndpoints as usize].get(), 1);
+
+        // Failed readiness: rescue is ready, answers, and never calls the inner service.
+        handle.send_error(tower::load_shed::error::Overloaded::new());
+        let mut grpc = Request::new(());
+        grpc.headers_mut()
+            .insert("content-type", "application/grpc".parse().unwrap());
+        let rsp = svc.ready().await.unwrap().call(grpc).await.unwrap();
+        assert_eq!(rsp.status(), StatusCode::OK);
+        assert_eq!(rsp.headers()["grpc-status"], "14");
+        assert_eq!(rsp.headers()["outrider-error"], "overloaded");
+        assert_eq!(m.errors[Reason::Overloaded as usize].get(), 1);
+        assert!(
+            futures_util::FutureExt::now_or_never(handle.next_request()).is_none(),
+            "the unready service was called"
+        );
     }
 }

@@ -169,7 +169,7 @@ async fn handle(
 
 /// Runs the app alone on `listen` until SIGTERM or Ctrl-C (`outrider demo-app`).
 pub fn main(listen: std::net::SocketAddr, instance: String) -> std::process::ExitCode {
-    outrider_control::runtime::block_on("outrider demo-app", 1, async move {
+    crate::runtime::block_on("outrider demo-app", 1, async move {
         let listener = match TcpListener::bind(listen).await {
             Ok(l) => l,
             Err(e) => {
@@ -180,7 +180,7 @@ pub fn main(listen: std::net::SocketAddr, instance: String) -> std::process::Exi
         eprintln!("outrider demo-app: listening on {listen}");
         tokio::select! {
             () = serve(listener, instance) => {}
-            () = outrider_control::runtime::shutdown_signal() => {}
+            () = crate::runtime::shutdown_signal() => {}
         }
         std::process::ExitCode::SUCCESS
     })

@@ -33,11 +33,6 @@ impl<T> PrefixedIo<T> {
     pub fn new(prefix: Bytes, io: T) -> Self {
         Self { prefix, io }
     }
-
-    /// The wrapped IO.
-    pub fn get_ref(&self) -> &T {
-        &self.io
-    }
 }
 
 impl<T: AsyncRead> AsyncRead for PrefixedIo<T> {
@@ -151,11 +146,6 @@ impl<T> MeteredIo<T> {
             sent,
             activity,
         }
-    }
-
-    /// The wrapped IO.
-    pub fn get_ref(&self) -> &T {
-        &self.io
     }
 }
 

@@ -11,18 +11,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use crate::config::{Config, ForwardSpec};
-use crate::demo::{counter_sum, ClientConn};
-use crate::metrics::Direction;
-use crate::orig_dst::{FixedOrigDst, OrigDst, SoOriginalDst};
-use crate::proxy::{Proxy, ShutdownHandle};
+use outrider::demo::{counter_sum, ClientConn};
+use outrider_proxy::config::{Config, ForwardSpec};
+use outrider_proxy::metrics::Direction;
+use outrider_proxy::transport::orig_dst::{FixedOrigDst, OrigDst, SoOriginalDst};
+use outrider_proxy::{Proxy, ShutdownHandle};
 
 const LOOPBACK_ANY: &str = "127.0.0.1:0";
 
 async fn start_app() -> SocketAddr {
     let l = TcpListener::bind(LOOPBACK_ANY).await.unwrap();
     let addr = l.local_addr().unwrap();
-    tokio::spawn(crate::demo_app::serve(l, "test-app".into()));
+    tokio::spawn(outrider::demo::app::serve(l, "test-app".into()));
     addr
 }
 
@@ -64,13 +64,16 @@ struct Running {
 }
 
 async fn start(config: Config, orig_dst: Arc<dyn OrigDst>) -> Running {
-    let proxy = Proxy::bind(config, orig_dst, None).await.unwrap();
+    let registry = prometheus::Registry::new();
+    let proxy = Proxy::bind(config, orig_dst, None, registry.clone())
+        .await
+        .unwrap();
     let running = Running {
         admin: proxy.admin_addr(),
         forward: proxy.listener_addrs(Direction::Forward),
         inbound: proxy.listener_addrs(Direction::Inbound).first().copied(),
         outbound: proxy.listener_addrs(Direction::Outbound).first().copied(),
-        registry: proxy.registry(),
+        registry,
         stop: proxy.shutdown_handle(),
         task: tokio::spawn(proxy.run()),
     };
@@ -533,7 +536,7 @@ async fn admin_endpoints() {
 
 #[tokio::test]
 async fn upstream_http_version_can_be_forced() {
-    use crate::config::UpstreamHttp;
+    use outrider_proxy::config::UpstreamHttp;
     let app = start_app().await;
     for (client_h2, upstream, expect) in [
         (true, UpstreamHttp::Http1, "HTTP/1.1"),
@@ -708,7 +711,7 @@ async fn http2_drain_sends_goaway_and_finishes_in_flight() {
 
 #[tokio::test]
 async fn version_translation_joins_cookies_and_absolute_form_sets_host() {
-    use crate::config::UpstreamHttp;
+    use outrider_proxy::config::UpstreamHttp;
     let app = start_app().await;
     // HTTP/2 client with a split cookie, HTTP/1.1 upstream: one joined cookie field arrives.
     let p = start_forward(app, |c| c.upstream_http = UpstreamHttp::Http1).await;
@@ -783,7 +786,7 @@ async fn start_goaway_upstream() -> SocketAddr {
 
 #[tokio::test]
 async fn http2_upstream_goaway_does_not_fail_the_next_request() {
-    use crate::config::UpstreamHttp;
+    use outrider_proxy::config::UpstreamHttp;
     let upstream = start_goaway_upstream().await;
     let p = start_forward(upstream, |c| c.upstream_http = UpstreamHttp::Http2).await;
     let addr = p.forward[0];
@@ -806,7 +809,7 @@ async fn http2_upstream_goaway_does_not_fail_the_next_request() {
 
 #[tokio::test]
 async fn a_failed_http2_dial_fails_all_its_waiters_at_once() {
-    use crate::config::UpstreamHttp;
+    use outrider_proxy::config::UpstreamHttp;
     // A listener that never accepts, its backlog filled: further connects hang (SYNs dropped).
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket

@@ -26,12 +26,14 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
-use crate::config::{parse_duration, Config, ForwardSpec, LogFormat};
-use crate::metrics::Direction;
-use crate::orig_dst::SoOriginalDst;
-use crate::proxy::Proxy;
 use outrider_control::mesh::{Mesh, DEMO_MESH};
 use outrider_control::ControlPlane;
+use outrider_proxy::config::{parse_duration, Config, ForwardSpec, LogFormat};
+use outrider_proxy::metrics::Direction;
+use outrider_proxy::transport::orig_dst::SoOriginalDst;
+use outrider_proxy::Proxy;
+
+pub mod app;
 
 /// Flags of `outrider demo`.
 #[derive(Debug, Clone, clap::Args)]
@@ -121,10 +123,10 @@ impl Tally {
 /// Runs the demo and prints its summary.
 pub fn main(args: DemoArgs) -> ExitCode {
     let spec = std::env::var("OUTRIDER_LOG").unwrap_or_else(|_| "warn".into());
-    let _ = crate::log::init_with(LogFormat::Plain, &spec);
-    outrider_control::runtime::block_on(
+    let _ = outrider_proxy::log::init_with(LogFormat::Plain, &spec);
+    crate::runtime::block_on(
         "outrider demo",
-        crate::config::default_workers(),
+        outrider_proxy::config::default_workers(),
         async move {
             match run(args).await {
                 Ok(()) => ExitCode::SUCCESS,
@@ -169,29 +171,38 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
             listen: SocketAddr::from(([127, 0, 0, 1], *port)),
             upstream: app.local_addr()?,
         });
-        apps.push(tokio::spawn(crate::demo_app::serve(
-            app,
-            format!("payments-api-{i}"),
-        )));
+        apps.push(tokio::spawn(app::serve(app, format!("payments-api-{i}"))));
     }
-    let server = Proxy::bind(Config::local(forwards), Arc::new(SoOriginalDst), None)
-        .await
-        .context("the demo mesh's endpoints are 127.0.0.1:18181-18183; free those ports")?;
+    let server_registry = prometheus::Registry::new();
+    let server = Proxy::bind(
+        Config::local(forwards),
+        Arc::new(SoOriginalDst),
+        None,
+        server_registry.clone(),
+    )
+    .await
+    .context("the demo mesh's endpoints are 127.0.0.1:18181-18183; free those ports")?;
 
     let mut config = local(any, DEMO_VIP.parse()?);
     config.control = Some(format!("http://{control_addr}"));
     config.workload = Some("demo/loadgen".into());
-    let client = Proxy::bind(config, Arc::new(SoOriginalDst), None).await?;
+    let client_registry = prometheus::Registry::new();
+    let client = Proxy::bind(
+        config,
+        Arc::new(SoOriginalDst),
+        None,
+        client_registry.clone(),
+    )
+    .await?;
     let client_addr = client.listener_addrs(Direction::Forward)[0];
     let (server_admin, client_admin) = (server.admin_addr(), client.admin_addr());
-    let (server_registry, client_registry) = (server.registry(), client.registry());
     let (server_stop, client_stop) = (server.shutdown_handle(), client.shutdown_handle());
-    let synced = client.discovery_status();
+    let client_ready = client.readiness();
     let server_task = tokio::spawn(server.run());
     let client_task = tokio::spawn(client.run());
     // Bounded wait for the first config: 100 checks, 20 ms apart.
     for _ in 0..100 {
-        if synced.as_ref().is_none_or(|s| s.has_config()) {
+        if client_ready.check().is_ok() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

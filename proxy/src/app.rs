@@ -1,4 +1,5 @@
-//! Assembly and lifecycle: bind every listener, serve, and drain on shutdown.
+//! The assembly: bind every listener, build the inbound and outbound stacks once, serve the admin
+//! API, and drain on shutdown.
 //!
 //! Shutdown (SIGTERM, SIGINT or `POST /shutdown`):
 //! 1. `/ready` turns 503; inbound and local-mode listeners stop accepting; their HTTP connections
@@ -7,7 +8,6 @@
 //! 3. At `shutdown_grace` after the start, whatever is still open is dropped and the process exits.
 
 use std::net::{Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -18,24 +18,29 @@ use tokio::sync::watch;
 use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::discovery::Discovery;
-use crate::drain;
-use crate::http::forward::Upstreams;
-use crate::listener::{accept_loop, ListenerCtx, Target};
+use crate::drain::{self, ShutdownHandle};
+use crate::http::client::Upstreams;
+use crate::inbound::Inbound;
 use crate::log::LogHandle;
-use crate::metrics::{Direction, Metrics};
-use crate::orig_dst::OrigDst;
+use crate::metrics::{Direction, DirectionMetrics, Metrics};
+use crate::outbound::{self, Outbound};
+use crate::readiness::{BlockReady, Readiness};
+use crate::transport::connect::Connect;
+use crate::transport::listen::{accept_loop, Limit};
+use crate::transport::orig_dst::OrigDst;
 
-/// Starts a graceful shutdown of a running [`Proxy`]; cheap to clone.
-#[derive(Debug, Clone)]
-pub struct ShutdownHandle(Arc<watch::Sender<bool>>);
+/// One bound listener and the stack that serves it.
+enum Stack {
+    Inbound(Arc<Inbound>),
+    Outbound(Arc<Outbound>),
+}
 
-impl ShutdownHandle {
-    /// Starts the shutdown (idempotent). `why` is logged.
-    pub fn trigger(&self, why: &str) {
-        if !self.0.send_replace(true) {
-            tracing::info!(reason = why, "shutdown requested");
-        }
-    }
+struct Listener {
+    socket: TcpListener,
+    direction: Direction,
+    stack: Stack,
+    limit: Arc<Limit>,
+    metrics: Arc<DirectionMetrics>,
 }
 
 /// A proxy with its listeners bound, ready to [`run`](Proxy::run).
@@ -43,11 +48,12 @@ pub struct Proxy {
     config: Arc<Config>,
     registry: Registry,
     admin: TcpListener,
-    listeners: Vec<(TcpListener, Arc<ListenerCtx>)>,
+    listeners: Vec<Listener>,
     log: Option<Arc<LogHandle>>,
     shutdown: ShutdownHandle,
     shutdown_rx: watch::Receiver<bool>,
-    ready: Arc<AtomicBool>,
+    readiness: Readiness,
+    listening: BlockReady,
     discovery: Option<Discovery>,
 }
 
@@ -82,65 +88,110 @@ fn bind_v6_only(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 impl Proxy {
-    /// Binds the admin server and every configured listener.
+    /// Binds the admin server and every configured listener, and builds the stacks, with metrics
+    /// registered on `registry`.
     pub async fn bind(
         config: Config,
         orig_dst: Arc<dyn OrigDst>,
         log: Option<LogHandle>,
+        registry: Registry,
     ) -> anyhow::Result<Self> {
         let config = Arc::new(config);
-        let registry = Registry::new();
         let metrics = Metrics::register(&registry).context("cannot register metrics")?;
-        let upstreams = Arc::new(Upstreams::new(
+        let readiness = Readiness::new();
+        let listening = readiness.block("listeners");
+        let upstreams = Arc::new(Upstreams::new(Connect::new(
             config.connect_timeout,
             metrics.upstream_connects.clone(),
-        ));
+        )));
         let discovery = match (&config.control, &config.workload) {
             (Some(url), Some(workload)) => Some(Discovery::spawn(
                 url,
                 workload,
-                upstreams.clone(),
                 &registry,
+                readiness.block("the first config from the control plane"),
             )?),
             _ => None,
         };
+        let views = discovery.as_ref().map(Discovery::views);
         let admin = bind(config.admin, "admin").await?;
 
-        let ctx = |direction: Direction, target: Target| {
-            Arc::new(ListenerCtx::new(
-                direction,
-                target,
-                Arc::new(metrics.direction(direction).clone()),
-                upstreams.clone(),
-                orig_dst.clone(),
-                config.clone(),
-                discovery.clone(),
-            ))
-        };
         let mut listeners = Vec::new();
-        for (addr, direction, target) in [
-            (config.inbound, Direction::Inbound, Target::Inbound),
-            (config.outbound, Direction::Outbound, Target::Outbound),
-        ] {
-            let Some(addr) = addr else { continue };
-            let ctx = ctx(direction, target);
-            listeners.push((bind(addr, direction.as_str()).await?, ctx.clone()));
-            // ip6tables redirects IPv6 traffic to the IPv6 twin of the listener: [::]:15006 for
-            // inbound, [::1]:15001 for outbound. Bound when the namespace has IPv6.
-            if let Some(twin) = ipv6_twin(addr) {
-                match bind_v6_only(twin) {
-                    Ok(l) => listeners.push((l, ctx)),
-                    Err(e) => {
-                        tracing::info!(%twin, error = %e, "no IPv6 listener (IPv6 unavailable?)")
-                    }
-                }
-            }
+        let mut add = |socket, direction: Direction, stack: &Stack, limit: &Arc<Limit>| {
+            let metrics = Arc::new(metrics.direction(direction).clone());
+            let stack = match stack {
+                Stack::Inbound(s) => Stack::Inbound(s.clone()),
+                Stack::Outbound(s) => Stack::Outbound(s.clone()),
+            };
+            listeners.push(Listener {
+                socket,
+                direction,
+                stack,
+                limit: limit.clone(),
+                metrics,
+            });
+        };
+        let handles = |d: Direction| Arc::new(metrics.direction(d).clone());
+        let limit = |d: Direction| {
+            Limit::new(
+                config.max_connections,
+                metrics.direction(d).limit_reached.clone(),
+            )
+        };
+        if let Some(addr) = config.inbound {
+            let stack = Stack::Inbound(Inbound::new(
+                orig_dst.clone(),
+                handles(Direction::Inbound),
+                config.clone(),
+                upstreams.clone(),
+                views.clone(),
+            ));
+            bind_with_twin(
+                addr,
+                Direction::Inbound,
+                &stack,
+                &limit(Direction::Inbound),
+                &mut add,
+            )
+            .await?;
+        }
+        if let Some(addr) = config.outbound {
+            let stack = Stack::Outbound(Outbound::new(
+                outbound::Target::OrigDst(orig_dst.clone()),
+                handles(Direction::Outbound),
+                &metrics,
+                config.clone(),
+                upstreams.clone(),
+                views.clone(),
+            ));
+            bind_with_twin(
+                addr,
+                Direction::Outbound,
+                &stack,
+                &limit(Direction::Outbound),
+                &mut add,
+            )
+            .await?;
         }
         for f in &config.forwards {
-            let listener = bind(f.listen, "forward").await?;
-            listeners.push((listener, ctx(Direction::Forward, Target::Fixed(f.upstream))));
+            // Local mode: the outbound stack with a fixed destination.
+            let stack = Stack::Outbound(Outbound::new(
+                outbound::Target::Fixed(f.upstream),
+                handles(Direction::Forward),
+                &metrics,
+                config.clone(),
+                upstreams.clone(),
+                views.clone(),
+            ));
+            let socket = bind(f.listen, "forward").await?;
+            add(
+                socket,
+                Direction::Forward,
+                &stack,
+                &limit(Direction::Forward),
+            );
         }
-        let (tx, shutdown_rx) = watch::channel(false);
+        let (shutdown, shutdown_rx) = ShutdownHandle::new();
         Ok(Proxy {
             config,
             registry,
@@ -148,9 +199,10 @@ impl Proxy {
             listeners,
             log: log.map(Arc::new),
             discovery,
-            shutdown: ShutdownHandle(Arc::new(tx)),
+            shutdown,
             shutdown_rx,
-            ready: Arc::new(AtomicBool::new(false)),
+            readiness,
+            listening,
         })
     }
 
@@ -164,19 +216,14 @@ impl Proxy {
     pub fn listener_addrs(&self, direction: Direction) -> Vec<SocketAddr> {
         self.listeners
             .iter()
-            .filter(|(_, ctx)| ctx.direction == direction)
-            .filter_map(|(l, _)| l.local_addr().ok())
+            .filter(|l| l.direction == direction)
+            .filter_map(|l| l.socket.local_addr().ok())
             .collect()
     }
 
-    /// The metric registry (for in-process readers such as the demo).
-    pub fn registry(&self) -> Registry {
-        self.registry.clone()
-    }
-
-    /// The control-plane sync status, when `--control` is set.
-    pub fn discovery_status(&self) -> Option<Arc<crate::discovery::SyncStatus>> {
-        self.discovery.as_ref().map(|d| d.status.clone())
+    /// The proxy's readiness.
+    pub fn readiness(&self) -> Readiness {
+        self.readiness.clone()
     }
 
     /// A handle that starts a graceful shutdown.
@@ -194,23 +241,31 @@ impl Proxy {
             log,
             shutdown,
             mut shutdown_rx,
-            ready,
+            readiness,
+            listening,
             discovery,
         } = self;
         let (inbound_drain, inbound_watch) = drain::channel();
         let (outbound_drain, outbound_watch) = drain::channel();
         let mut has_outbound = false;
-        for (listener, ctx) in listeners {
-            if let Ok(addr) = listener.local_addr() {
-                tracing::info!(direction = ctx.direction.as_str(), %addr, "listening");
+        for l in listeners {
+            if let Ok(addr) = l.socket.local_addr() {
+                tracing::info!(direction = l.direction.as_str(), %addr, "listening");
             }
-            let watch = if ctx.direction == Direction::Outbound {
+            let watch = if l.direction == Direction::Outbound {
                 has_outbound = true;
                 outbound_watch.clone()
             } else {
                 inbound_watch.clone()
             };
-            tokio::spawn(accept_loop(listener, ctx, watch));
+            match l.stack {
+                Stack::Inbound(s) => {
+                    tokio::spawn(accept_loop(l.socket, s, l.limit, l.metrics, watch))
+                }
+                Stack::Outbound(s) => {
+                    tokio::spawn(accept_loop(l.socket, s, l.limit, l.metrics, watch))
+                }
+            };
         }
         drop((inbound_watch, outbound_watch));
 
@@ -219,20 +274,20 @@ impl Proxy {
             .map_or_else(|_| config.admin.to_string(), |a| a.to_string());
         let state = Arc::new(AdminState {
             registry,
-            ready: ready.clone(),
+            readiness: readiness.clone(),
             config: config.to_json(),
             discovery,
             log,
             shutdown,
         });
         let admin_task = tokio::spawn(admin::serve(admin, state));
-        ready.store(true, Ordering::Release);
-        tracing::info!(admin = %admin_addr, "proxy ready");
+        drop(listening);
+        tracing::info!(admin = %admin_addr, "proxy started");
 
         let _ = shutdown_rx.wait_for(|stop| *stop).await;
         let now = tokio::time::Instant::now();
         let deadline = now.checked_add(config.shutdown_grace).unwrap_or(now);
-        ready.store(false, Ordering::Release);
+        readiness.drain();
         inbound_drain.start();
         if has_outbound {
             tracing::info!(window = ?config.drain_window, "draining inbound; outbound keeps serving for the drain window");
@@ -254,4 +309,28 @@ impl Proxy {
         admin_task.abort();
         Ok(())
     }
+}
+
+/// Binds `addr` and, where the namespace has IPv6, its twin: ip6tables redirects IPv6 traffic to
+/// `[::]:15006` for inbound and `[::1]:15001` for outbound. Both share one connection bound.
+async fn bind_with_twin(
+    addr: SocketAddr,
+    direction: Direction,
+    stack: &Stack,
+    limit: &Arc<Limit>,
+    add: &mut impl FnMut(TcpListener, Direction, &Stack, &Arc<Limit>),
+) -> anyhow::Result<()> {
+    add(
+        bind(addr, direction.as_str()).await?,
+        direction,
+        stack,
+        limit,
+    );
+    if let Some(twin) = ipv6_twin(addr) {
+        match bind_v6_only(twin) {
+            Ok(l) => add(l, direction, stack, limit),
+            Err(e) => tracing::info!(%twin, error = %e, "no IPv6 listener (IPv6 unavailable?)"),
+        }
+    }
+    Ok(())
 }

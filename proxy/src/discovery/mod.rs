@@ -1,0 +1,220 @@
+//! Discovery: the proxy's copy of what the control plane says about its workload.
+//!
+//! A background task long-polls the control plane ([`outrider_control::client::Watcher`]) and
+//! publishes every new view through a `watch` channel ([`Discovery::views`]). It only syncs: the
+//! outbound stack turns views into per-destination endpoint changes and routes, the inbound stack
+//! reads its server policies. A view that did not change for this workload (only the version moved)
+//! is not republished.
+//!
+//! If the control plane is unreachable or answers nonsense, the last good view stays in force and
+//! the task retries with jittered exponential backoff (100 ms to 5 s). Sync state is exported as
+//! metrics and on the admin `/config`; readiness waits for the first view.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use outrider_control::api::WatchResponse;
+use outrider_control::client::{Backoff, Watcher};
+use prometheus::{IntCounter, IntGauge, Registry};
+use tokio::sync::watch;
+
+use crate::readiness::BlockReady;
+
+/// The latest view (`None` before the first one).
+pub type View = Option<Arc<WatchResponse>>;
+
+/// Sync state, shared by the sync task, `/ready` and `/config`.
+#[derive(Debug)]
+pub struct SyncStatus {
+    /// `http://host:port` of the control plane.
+    pub url: String,
+    /// The watched workload.
+    pub workload: String,
+    received: AtomicBool,
+    connected: AtomicBool,
+    last_update: Mutex<Option<(SystemTime, String)>>,
+    last_error: Mutex<Option<String>>,
+}
+
+impl SyncStatus {
+    /// Whether a first view has arrived.
+    pub fn has_config(&self) -> bool {
+        self.received.load(Ordering::Acquire)
+    }
+
+    /// The state as JSON, for `/config`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let last = self
+            .last_update
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default();
+        let error = self
+            .last_error
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default();
+        let connected = self.connected.load(Ordering::Relaxed);
+        serde_json::json!({
+            "url": self.url,
+            "workload": self.workload,
+            "state": match (self.has_config(), connected) {
+                (_, true) => "synced",
+                (true, false) => "disconnected (serving the last config)",
+                (false, false) => "waiting for the first config",
+            },
+            "version": last.as_ref().map(|(_, v)| v.clone()),
+            "last_update_age_seconds": last.and_then(|(t, _)| t.elapsed().ok()).map(|d| d.as_secs_f64()),
+            "last_error": error,
+        })
+    }
+}
+
+/// Sync metrics.
+#[derive(Debug, Clone)]
+struct SyncMetrics {
+    connected: IntGauge,
+    updates: IntCounter,
+    errors: IntCounter,
+    last_update: IntGauge,
+}
+
+/// The discovery state a proxy holds: the latest view and the sync status.
+#[derive(Debug, Clone)]
+pub struct Discovery {
+    views: watch::Receiver<View>,
+    /// Sync status.
+    pub status: Arc<SyncStatus>,
+}
+
+impl Discovery {
+    /// Starts following `workload` on the control plane at `url`; returns at once. `ready` is
+    /// released when the first view arrives.
+    pub fn spawn(
+        url: &str,
+        workload: &str,
+        registry: &Registry,
+        ready: BlockReady,
+    ) -> anyhow::Result<Self> {
+        let watcher =
+            Watcher::new(url, workload, Duration::from_secs(30)).map_err(anyhow::Error::msg)?;
+        let metrics = SyncMetrics {
+            connected: IntGauge::new(
+                "outrider_control_connected",
+                "1 when the last control-plane request succeeded",
+            )?,
+            updates: IntCounter::new(
+                "outrider_control_updates_total",
+                "Config views received and applied",
+            )?,
+            errors: IntCounter::new(
+                "outrider_control_errors_total",
+                "Failed control-plane requests (unreachable, error status, invalid view)",
+            )?,
+            last_update: IntGauge::new(
+                "outrider_control_last_update_timestamp_seconds",
+                "Unix time of the last applied view (age = time() - this)",
+            )?,
+        };
+        registry.register(Box::new(metrics.connected.clone()))?;
+        registry.register(Box::new(metrics.updates.clone()))?;
+        registry.register(Box::new(metrics.errors.clone()))?;
+        registry.register(Box::new(metrics.last_update.clone()))?;
+        let status = Arc::new(SyncStatus {
+            url: url.to_string(),
+            workload: workload.to_string(),
+            received: AtomicBool::new(false),
+            connected: AtomicBool::new(false),
+            last_update: Mutex::new(None),
+            last_error: Mutex::new(None),
+        });
+        let (tx, views) = watch::channel(None);
+        tokio::spawn(sync(watcher, tx, status.clone(), metrics, ready));
+        Ok(Self { views, status })
+    }
+
+    /// A receiver of every new view.
+    pub fn views(&self) -> watch::Receiver<View> {
+        self.views.clone()
+    }
+
+    /// The latest view.
+    pub fn latest(&self) -> View {
+        self.views.borrow().clone()
+    }
+}
+
+async fn sync(
+    watcher: Watcher,
+    tx: watch::Sender<View>,
+    status: Arc<SyncStatus>,
+    metrics: SyncMetrics,
+    ready: BlockReady,
+) {
+    let mut ready = Some(ready);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut version: Option<String> = None;
+    let mut failing = false;
+    loop {
+        match watcher.poll(version.as_deref()).await {
+            Ok(update) => {
+                status.connected.store(true, Ordering::Relaxed);
+                metrics.connected.set(1);
+                if let Ok(mut last) = status.last_error.lock() {
+                    *last = None;
+                }
+                backoff.reset();
+                if failing {
+                    tracing::info!(
+                        workload = watcher.workload(),
+                        "control plane reachable again"
+                    );
+                    failing = false;
+                }
+                if let Some(view) = update {
+                    let v = view.version.clone();
+                    let services = view.outbound.services.len();
+                    let same = tx.borrow().as_ref().is_some_and(|old| {
+                        old.outbound == view.outbound && old.inbound == view.inbound
+                    });
+                    // Only the version moved (another workload's part of the mesh changed):
+                    // nothing to republish.
+                    if !same {
+                        tx.send_replace(Some(Arc::new(view)));
+                    }
+                    version = Some(v.clone());
+                    let now = SystemTime::now();
+                    if let Ok(mut last) = status.last_update.lock() {
+                        *last = Some((now, v.clone()));
+                    }
+                    status.received.store(true, Ordering::Release);
+                    drop(ready.take());
+                    metrics.updates.inc();
+                    let unix = now
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs());
+                    metrics
+                        .last_update
+                        .set(i64::try_from(unix).unwrap_or(i64::MAX));
+                    tracing::info!(version = %v, services, "config applied");
+                }
+            }
+            Err(e) => {
+                status.connected.store(false, Ordering::Relaxed);
+                metrics.connected.set(0);
+                metrics.errors.inc();
+                if let Ok(mut last) = status.last_error.lock() {
+                    *last = Some(e.to_string());
+                }
+                if !failing {
+                    tracing::warn!(error = %e, "control plane request failed; serving the last config and retrying with backoff");
+                    failing = true;
+                } else {
+                    tracing::debug!(error = %e, "control plane still failing");
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,738 @@
+//! The clients that speak to upstream endpoints, shared by every connection, worker and
+//! destination that names the same endpoint.
+//!
+//! [`Upstreams`] keeps one [`Upstream`] per [`EndpointKey`] (today the address; with mTLS also the
+//! identity and ALPN, whatever makes a connection distinct):
+//!
+//! - HTTP/1.1 goes through a hyper-util pooled client whose connector always dials that address.
+//!   Every request's URI authority is set to the address itself, so the pool has exactly one key
+//!   per upstream whatever `Host` clients send (a client cannot make the proxy fan out
+//!   connections); the request keeps its own `Host` header, as a transparent proxy must.
+//! - HTTP/2 goes over one multiplexed connection per endpoint, re-established when it closes; the
+//!   request keeps its own `:authority`. A new connection is used only once the upstream has
+//!   spoken: an upstream that answers the HTTP/2 preface with HTTP/1 is remembered as HTTP/1-only
+//!   (logged once) and, unless the request is gRPC, gets it as HTTP/1.1 instead.
+//!
+//! [`Forward`] is the innermost service of both directions: hop-by-hop handling, request shaping,
+//! the version choice, and HTTP/1.1 `Upgrade` (WebSocket) and `CONNECT` tunnels, which become
+//! byte streams once the upstream agrees (101, or 2xx to `CONNECT`). An upgraded stream keeps the
+//! downstream connection's [`ConnContext`] and closes after the TCP idle timeout without traffic.
+//!
+//! Failures are leaf errors of [`crate::errors`]; upstream failures are logged at warn, at most
+//! once per upstream every 30 s, with the cause.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::header::HOST;
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper::client::conn::http2;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+use super::server::ConnContext;
+use super::Body;
+use crate::errors::{
+    reason_of, BadRequest, BoxError, Chain, NotHttp2, Reason, ResponseBody, Side, UpstreamFailed,
+};
+use crate::http::headers::{is_upgrade, strip_hop_by_hop};
+use crate::transport::connect::Connect;
+
+/// Upstreams kept before unused ones are forgotten. Bounds memory when outbound traffic fans out
+/// widely; upstreams still in use are never dropped.
+const MAX_UPSTREAMS: usize = 4096;
+
+/// How long pooled idle HTTP/1 connections are kept.
+const POOL_IDLE: Duration = Duration::from_secs(90);
+
+/// At most one warning per upstream in this interval.
+const WARN_INTERVAL: Duration = Duration::from_secs(30);
+
+/// What makes an upstream connection distinct.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    /// Where to connect.
+    pub addr: SocketAddr,
+}
+
+/// Which HTTP version the proxy speaks to upstreams (`--upstream-http`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UpstreamHttp {
+    /// The client's own version; an HTTP/2 request to an upstream that does not speak HTTP/2 is
+    /// sent as HTTP/1.1 (remembered per upstream), except gRPC, which needs HTTP/2.
+    Auto,
+    /// The client's own version, strictly.
+    Same,
+    /// Always HTTP/1.1.
+    Http1,
+    /// Always HTTP/2 prior knowledge.
+    Http2,
+}
+
+/// The table of upstreams, keyed by [`EndpointKey`].
+#[derive(Debug)]
+pub struct Upstreams {
+    by_key: Mutex<HashMap<EndpointKey, Arc<Upstream>>>,
+    connect: Connect,
+}
+
+impl Upstreams {
+    /// An empty table whose upstreams dial with `connect`.
+    pub fn new(connect: Connect) -> Self {
+        Self {
+            by_key: Mutex::new(HashMap::new()),
+            connect,
+        }
+    }
+
+    /// The connect path (opaque TCP dials through it too).
+    pub fn connect(&self) -> &Connect {
+        &self.connect
+    }
+
+    /// The upstream for `key`, created on first use. Called when a destination learns an
+    /// endpoint, never per request.
+    pub fn get_or_insert(&self, key: EndpointKey) -> Arc<Upstream> {
+        let mut map = match self.by_key.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if map.len() >= MAX_UPSTREAMS && !map.contains_key(&key) {
+            // Forget upstreams nobody holds (no destination names them); those in use keep
+            // their pools.
+            map.retain(|_, u| Arc::strong_count(u) > 1);
+        }
+        map.entry(key)
+            .or_insert_with(|| Arc::new(Upstream::new(key, self.connect.clone())))
+            .clone()
+    }
+
+    /// How many upstreams the table holds.
+    pub fn len(&self) -> usize {
+        self.by_key.lock().map_or(0, |m| m.len())
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One upstream endpoint: its HTTP/1 pool and its HTTP/2 connection.
+#[derive(Debug)]
+pub struct Upstream {
+    key: EndpointKey,
+    authority: Authority,
+    h1: Client<FixedConnector, Body>,
+    h2: H2Conn,
+    /// The upstream answered the HTTP/2 preface with HTTP/1.
+    http1_only: AtomicBool,
+    /// Milliseconds since `born` of the last warning (0: never).
+    warned_at: AtomicU64,
+    born: tokio::time::Instant,
+}
+
+impl Upstream {
+    fn new(key: EndpointKey, connect: Connect) -> Self {
+        let connector = FixedConnector {
+            addr: key.addr,
+            connect: connect.clone(),
+        };
+        let h1 = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .build(connector);
+        // `SocketAddr`'s display form is always a valid authority.
+        let authority = Authority::try_from(key.addr.to_string())
+            .unwrap_or_else(|_| Authority::from_static("upstream"));
+        Self {
+            key,
+            authority,
+            h1,
+            h2: H2Conn {
+                addr: key.addr,
+                connect,
+                current: Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+                failed: Mutex::new(None),
+            },
+            http1_only: AtomicBool::new(false),
+            warned_at: AtomicU64::new(0),
+            born: tokio::time::Instant::now(),
+        }
+    }
+
+    /// The endpoint's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.key.addr
+    }
+
+    /// Whether the upstream was found not to speak HTTP/2.
+    pub fn is_http1_only(&self) -> bool {
+        self.http1_only.load(Ordering::Relaxed)
+    }
+
+    async fn send(&self, req: Request<Body>, h2: bool) -> Result<Response<Incoming>, BoxError> {
+        if h2 {
+            return self.h2.send(req).await;
+        }
+        let addr = self.key.addr;
+        self.h1.request(req).await.map_err(|e| {
+            // Connect errors are ours (ConnectError / ConnectTimeout), found in the chain; a
+            // request body error is the client's; the rest is the upstream failing.
+            let e: BoxError = Box::new(e);
+            if reason_of(&*e) == Reason::UpstreamFailed {
+                UpstreamFailed { addr, source: e }.into()
+            } else {
+                e
+            }
+        })
+    }
+
+    /// Logs an upstream failure at warn, at most once per upstream every [`WARN_INTERVAL`].
+    fn warn(&self, error: &(dyn std::error::Error + 'static)) {
+        let now = self.born.elapsed().as_millis() as u64 + 1;
+        let last = self.warned_at.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < WARN_INTERVAL.as_millis() as u64 {
+            return;
+        }
+        if self
+            .warned_at
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            tracing::warn!(upstream = %self.key.addr, error = %Chain(error),
+                "upstream failed (logged at most every 30 s per upstream)");
+        }
+    }
+}
+
+/// One multiplexed HTTP/2 connection, dialled on first use and again after it closes; concurrent
+/// requests that find it missing wait for a single dial.
+struct H2Conn {
+    addr: SocketAddr,
+    connect: Connect,
+    current: Mutex<Option<http2::SendRequest<Body>>>,
+    connecting: tokio::sync::Mutex<()>,
+    /// The last failed dial: requests that waited for it fail with it instead of dialling again.
+    failed: Mutex<Option<(tokio::time::Instant, Arc<str>, bool)>>,
+}
+
+impl std::fmt::Debug for H2Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2Conn")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A dial that failed while another request waited for it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct SharedDialError(Arc<str>);
+
+impl H2Conn {
+    fn open(&self) -> Option<http2::SendRequest<Body>> {
+        let current = match self.current.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        current.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+
+    async fn sender(&self) -> Result<http2::SendRequest<Body>, BoxError> {
+        if let Some(s) = self.open() {
+            return Ok(s);
+        }
+        let waiting_since = tokio::time::Instant::now();
+        let _dialing = self.connecting.lock().await;
+        if let Some(s) = self.open() {
+            return Ok(s);
+        }
+        // A dial that failed while this request waited fails it too: failures do not queue up
+        // one connect timeout after another.
+        let failed = self.failed.lock().ok().and_then(|f| f.clone());
+        if let Some((_, why, not_h2)) = failed.filter(|(at, _, _)| *at >= waiting_since) {
+            if not_h2 {
+                return Err(NotHttp2 { addr: self.addr }.into());
+            }
+            return Err(crate::errors::ConnectError {
+                addr: self.addr,
+                source: std::io::Error::other(SharedDialError(why)),
+            }
+            .into());
+        }
+        match self.dial().await {
+            Ok(send) => Ok(send),
+            Err(e) => {
+                if let Ok(mut f) = self.failed.lock() {
+                    let not_h2 = e.is::<NotHttp2>();
+                    *f = Some((tokio::time::Instant::now(), e.to_string().into(), not_h2));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn dial(&self) -> Result<http2::SendRequest<Body>, BoxError> {
+        let stream = self.connect.connect(self.addr).await?;
+        let (first, spoke) = oneshot::channel();
+        let io = FirstBytes {
+            io: stream,
+            first: Some(first),
+        };
+        let addr = self.addr;
+        let (send, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            // Ping idle connections too: a silently dead peer is found before a request uses it.
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| UpstreamFailed {
+                addr,
+                source: e.into(),
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, error = %e, "HTTP/2 upstream connection ended");
+            }
+        });
+        // Use the connection once the upstream has spoken (an HTTP/2 server sends SETTINGS at
+        // once): a request is never lost to an upstream that turns out to speak HTTP/1.
+        match tokio::time::timeout(Duration::from_secs(10), spoke).await {
+            Ok(Ok(FirstWords::Http2)) => {}
+            Ok(Ok(FirstWords::Other)) => return Err(NotHttp2 { addr }.into()),
+            Ok(Ok(FirstWords::Closed)) => {
+                return Err(UpstreamFailed {
+                    addr,
+                    source: "the upstream closed the connection after the HTTP/2 preface".into(),
+                }
+                .into())
+            }
+            Ok(Err(_)) => {
+                return Err(UpstreamFailed {
+                    addr,
+                    source: "the HTTP/2 connection ended before the upstream spoke".into(),
+                }
+                .into())
+            }
+            Err(_) => {
+                return Err(UpstreamFailed {
+                    addr,
+                    source: "the upstream sent no HTTP/2 SETTINGS within 10 s".into(),
+                }
+                .into())
+            }
+        }
+        match self.current.lock() {
+            Ok(mut guard) => *guard = Some(send.clone()),
+            Err(poisoned) => *poisoned.into_inner() = Some(send.clone()),
+        }
+        Ok(send)
+    }
+
+    /// Drops the current connection when `all`, else only if it is closed.
+    fn forget(&self, all: bool) {
+        if let Ok(mut current) = self.current.lock() {
+            if all || current.as_ref().is_some_and(|c| c.is_closed()) {
+                *current = None;
+            }
+        }
+    }
+
+    async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, BoxError> {
+        let mut req = req;
+        // One retry, only for a request the connection handed back unsent (it was going away,
+        // e.g. after the upstream's GOAWAY): resending it cannot duplicate anything.
+        for attempt in 0..2 {
+            let mut sender = self.sender().await?;
+            if sender.ready().await.is_err() {
+                self.forget(false);
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(rsp) => return Ok(rsp),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if attempt == 0 => {
+                        tracing::debug!(error = %e.error(), "HTTP/2 upstream refused the request unsent; redialling");
+                        self.forget(true);
+                        req = unsent;
+                    }
+                    _ => {
+                        let source: BoxError = Box::new(e.into_error());
+                        if reason_of(&*source) != Reason::UpstreamFailed {
+                            return Err(source);
+                        }
+                        return Err(UpstreamFailed {
+                            addr: self.addr,
+                            source,
+                        }
+                        .into());
+                    }
+                },
+            }
+        }
+        Err(UpstreamFailed {
+            addr: self.addr,
+            source: "the HTTP/2 upstream connection keeps closing".into(),
+        }
+        .into())
+    }
+}
+
+/// What an upstream said first on a new HTTP/2 connection.
+#[derive(Debug, Clone, Copy)]
+enum FirstWords {
+    Http2,
+    Other,
+    Closed,
+}
+
+pin_project_lite::pin_project! {
+    /// Reports what the upstream's first bytes look like, once.
+    struct FirstBytes<T> {
+        #[pin]
+        io: T,
+        first: Option<oneshot::Sender<FirstWords>>,
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for FirstBytes<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let room = buf.remaining();
+        let res = this.io.poll_read(cx, buf);
+        if this.first.is_some() && room > 0 {
+            let words = match &res {
+                Poll::Ready(Ok(())) => {
+                    let got = &buf.filled()[before..];
+                    if got.is_empty() {
+                        Some(FirstWords::Closed)
+                    } else if got.len() >= 4 && got[3] != 0x04 {
+                        // An HTTP/2 server's first frame is SETTINGS (type 4); an HTTP/1 server
+                        // answers the preface with a status line or an error page.
+                        Some(FirstWords::Other)
+                    } else {
+                        Some(FirstWords::Http2)
+                    }
+                }
+                Poll::Ready(Err(_)) => Some(FirstWords::Closed),
+                Poll::Pending => None,
+            };
+            if let Some(words) = words {
+                if let Some(tx) = this.first.take() {
+                    let _ = tx.send(words);
+                }
+            }
+        }
+        res
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for FirstBytes<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+}
+
+/// Dials one fixed upstream address, whatever the URI says (the HTTP/1 pool's connector).
+#[derive(Debug, Clone)]
+pub struct FixedConnector {
+    addr: SocketAddr,
+    connect: Connect,
+}
+
+impl tower::Service<Uri> for FixedConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let (addr, connect) = (self.addr, self.connect.clone());
+        Box::pin(async move { connect.connect(addr).await.map(TokioIo::new) })
+    }
+}
+
+/// The HTTP version a destination declares for its endpoints (from discovery).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VersionHint {
+    /// None: the `--upstream-http` policy decides.
+    #[default]
+    None,
+    /// HTTP/1.1.
+    Http1,
+    /// HTTP/2 (also gRPC).
+    Http2,
+}
+
+/// Forwards requests to one upstream; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Forward {
+    upstream: Arc<Upstream>,
+    policy: UpstreamHttp,
+    hint: VersionHint,
+}
+
+impl Forward {
+    /// Forwards to `upstream`, choosing the version by `hint`, else by `policy`.
+    pub fn new(upstream: Arc<Upstream>, policy: UpstreamHttp, hint: VersionHint) -> Self {
+        Self {
+            upstream,
+            policy,
+            hint,
+        }
+    }
+
+    /// The upstream's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.upstream.addr()
+    }
+
+    /// Whether to speak HTTP/2 for `req`.
+    fn wants_h2(&self, req: &Request<Body>, grpc: bool) -> bool {
+        let h2 = match self.hint {
+            VersionHint::Http1 => false,
+            VersionHint::Http2 => true,
+            VersionHint::None => match self.policy {
+                UpstreamHttp::Http1 => false,
+                UpstreamHttp::Http2 => true,
+                UpstreamHttp::Same | UpstreamHttp::Auto => req.version() == Version::HTTP_2,
+            },
+        };
+        let may_fall_back = self.policy == UpstreamHttp::Auto && self.hint == VersionHint::None;
+        h2 && !(may_fall_back && !grpc && self.upstream.is_http1_only())
+    }
+}
+
+impl tower::Service<Request<Body>> for Forward {
+    type Response = Response<ResponseBody>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let connect = req.method() == Method::CONNECT;
+            let downstream_version = req.version();
+            if connect && downstream_version == Version::HTTP_2 {
+                // Extended and classic CONNECT over HTTP/2 are not tunnelled: refuse clearly
+                // instead of answering 200 and resetting the stream.
+                return Err(BadRequest("CONNECT over HTTP/2 is not supported".into()).into());
+            }
+            let upgrade = (downstream_version <= Version::HTTP_11
+                && (connect || is_upgrade(req.headers())))
+            .then(|| hyper::upgrade::on(&mut req));
+            let ctx = upgrade
+                .as_ref()
+                .and_then(|_| req.extensions().get::<Arc<ConnContext>>().cloned());
+            strip_hop_by_hop(req.headers_mut(), upgrade.is_some() && !connect);
+            let grpc = crate::errors::is_grpc(req.headers());
+            let mut h2 = this.wants_h2(&req, grpc) && upgrade.is_none();
+            let upstream = &this.upstream;
+            let rsp = if h2 {
+                // Keep what is needed to send the request again over HTTP/1.1 if the upstream
+                // turns out not to speak HTTP/2 (the connection is tried before any request is
+                // written, so the body is untouched).
+                prepare(&mut req, upstream, true)?;
+                match upstream.h2.sender().await {
+                    Err(e) if e.is::<NotHttp2>() => {
+                        if !upstream.http1_only.swap(true, Ordering::Relaxed) {
+                            tracing::warn!(upstream = %upstream.addr(),
+                                "the upstream answered HTTP/1 to the HTTP/2 preface; it gets HTTP/1.1 from now on (except gRPC, which needs HTTP/2); set --upstream-http http1 to skip the probe");
+                        }
+                        if grpc
+                            || this.policy != UpstreamHttp::Auto
+                            || this.hint != VersionHint::None
+                        {
+                            upstream.warn(&*e);
+                            return Err(e);
+                        }
+                        h2 = false;
+                        unprepare_h2(&mut req, downstream_version);
+                        prepare(&mut req, upstream, false)?;
+                        upstream.send(req, false).await
+                    }
+                    Err(e) => Err(e),
+                    Ok(_) => upstream.send(req, true).await,
+                }
+            } else {
+                prepare(&mut req, upstream, false)?;
+                upstream.send(req, false).await
+            };
+            let mut rsp = match rsp {
+                Ok(rsp) => rsp,
+                Err(e) => {
+                    if reason_of(&*e).side() == Side::Upstream {
+                        upstream.warn(&*e);
+                    }
+                    return Err(e);
+                }
+            };
+            let _ = h2;
+            let switched = rsp.status() == StatusCode::SWITCHING_PROTOCOLS
+                || (connect && rsp.status().is_success());
+            match (upgrade, ctx) {
+                (Some(downstream), Some(ctx)) if switched => {
+                    let up = hyper::upgrade::on(&mut rsp);
+                    tokio::spawn(splice(downstream, up, ctx));
+                }
+                _ => strip_hop_by_hop(rsp.headers_mut(), false),
+            }
+            // The client hears its own HTTP/1 version, whatever the upstream spoke.
+            if downstream_version != Version::HTTP_2 {
+                *rsp.version_mut() = downstream_version;
+            }
+            Ok(rsp.map(Either::Left))
+        })
+    }
+}
+
+/// Shapes the request for the upstream connection: HTTP/2 gets an absolute URI with the
+/// request's own authority (`:authority`, else `Host`, else the upstream address); HTTP/1.1 keeps
+/// (or gains) a `Host` header and gets the upstream address as URI authority, which is the pool
+/// key (the client sends origin form, or authority form for `CONNECT`).
+fn prepare(req: &mut Request<Body>, upstream: &Upstream, h2: bool) -> Result<(), BoxError> {
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    if h2 {
+        if parts.authority.is_none() {
+            let host = req.headers_mut().remove(HOST);
+            let from_host = host.and_then(|h| Authority::try_from(h.as_bytes()).ok());
+            parts.authority = Some(from_host.unwrap_or_else(|| upstream.authority.clone()));
+        } else {
+            req.headers_mut().remove(HOST);
+        }
+        *req.version_mut() = Version::HTTP_2;
+    } else {
+        // RFC 9112 3.2.2: the request target's authority (absolute form, or HTTP/2's
+        // :authority) wins over any Host header; without either, the upstream address.
+        if let Some(authority) = &parts.authority {
+            if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+                req.headers_mut().insert(HOST, v);
+            }
+        } else if !req.headers().contains_key(HOST) {
+            if let Ok(v) = HeaderValue::from_str(upstream.authority.as_str()) {
+                req.headers_mut().insert(HOST, v);
+            }
+        }
+        if req.version() == Version::HTTP_2 {
+            join_cookies(req.headers_mut());
+        }
+        if req.method() != Method::CONNECT {
+            parts.authority = Some(upstream.authority.clone());
+        }
+        if req.version() != Version::HTTP_10 {
+            *req.version_mut() = Version::HTTP_11;
+        }
+    }
+    parts.scheme = Some(Scheme::HTTP);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|e| BadRequest(e.into()))?;
+    Ok(())
+}
+
+/// Undoes the HTTP/2 shaping of [`prepare`] before the request goes out as HTTP/1.1: the
+/// authority becomes the `Host` header again.
+fn unprepare_h2(req: &mut Request<Body>, downstream: Version) {
+    if let Some(authority) = req.uri().authority() {
+        if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+            req.headers_mut().insert(HOST, v);
+        }
+    }
+    *req.version_mut() = downstream;
+}
+
+/// RFC 9113 8.2.3: HTTP/2 may split `cookie` into several fields; HTTP/1.1 needs one, joined
+/// with "; ".
+fn join_cookies(headers: &mut http::HeaderMap) {
+    if headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .nth(1)
+        .is_none()
+    {
+        return;
+    }
+    let joined = {
+        let parts: Vec<&[u8]> = headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        parts.join(&b"; "[..])
+    };
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(http::header::COOKIE, v);
+    }
+}
+
+/// Joins an upgraded downstream stream to the upgraded upstream one until either side closes or
+/// nothing moves for the idle timeout. The connection's context (drain watch, guard) is released
+/// when the splice ends.
+async fn splice(
+    downstream: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    ctx: Arc<ConnContext>,
+) {
+    let (down, up) = tokio::join!(downstream, upstream);
+    match (down, up) {
+        (Ok(down), Ok(up)) => {
+            let (down, up) = (TokioIo::new(down), TokioIo::new(up));
+            match crate::transport::tcp::copy(down, up, ctx.idle_timeout, &ctx.activity).await {
+                Ok((tx, rx)) => tracing::debug!(tx, rx, "upgraded stream closed"),
+                Err(e) => tracing::debug!(error = %e, "upgraded stream failed"),
+            }
+        }
+        (Err(e), _) | (_, Err(e)) => tracing::debug!(error = %e, "upgrade failed"),
+    }
+    drop(ctx);
+}

@@ -1,0 +1,250 @@
+//! The server side of an HTTP connection: hyper (HTTP/1.1 with upgrades, or HTTP/2) in front of
+//! a direction's request stack, which is built once and shared by every connection.
+//!
+//! Per-connection state does not live in the stack: the server inserts a [`ConnContext`] into
+//! every request (the drain signal, the connection guard and activity clock an upgraded stream
+//! keeps), counts the connection's in-flight requests (the idle timeout never closes a connection
+//! that has some) and boxes the request body into [`super::Body`].
+//!
+//! The connection ends when the client closes it, when a drain starts (HTTP/1 `Connection: close`
+//! on the next response, HTTP/2 GOAWAY; in-flight requests finish), or when it has been idle with
+//! no request in flight for the idle timeout.
+
+use std::any::Any;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tower::ServiceExt;
+
+use crate::detect::Protocol;
+use crate::drain;
+use crate::errors::{RequestBodyError, ResponseBody};
+use crate::metrics::DirectionMetrics;
+use crate::transport::io::Activity;
+
+use super::Body;
+
+/// Server-side limits of one HTTP connection.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Largest request header block (bytes). HTTP/1 answers 431 beyond it; HTTP/2 resets the stream.
+    pub max_header_bytes: u32,
+    /// HTTP/1: time allowed for a request's headers to arrive.
+    pub header_read_timeout: Duration,
+    /// Idle time (no request in flight, no bytes moving) after which the connection is closed.
+    pub idle_timeout: Duration,
+}
+
+impl From<&crate::config::Config> for ServerConfig {
+    fn from(config: &crate::config::Config) -> Self {
+        Self {
+            max_header_bytes: config.max_header_bytes,
+            header_read_timeout: config.header_read_timeout,
+            idle_timeout: config.http_idle_timeout,
+        }
+    }
+}
+
+/// What the downstream connection lends to its requests: an upgraded (WebSocket, CONNECT) stream
+/// outlives its request and keeps these until it closes.
+pub struct ConnContext {
+    /// Drains wait for upgraded streams too.
+    pub drain: drain::Watch,
+    /// The downstream connection's guard (connection limit, gauges).
+    pub held: Arc<dyn Any + Send + Sync>,
+    /// The downstream connection's activity clock.
+    pub activity: Activity,
+    /// Idle timeout of an upgraded stream.
+    pub idle_timeout: Duration,
+}
+
+impl std::fmt::Debug for ConnContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnContext").finish_non_exhaustive()
+    }
+}
+
+/// The request stack a server calls: a cheap clone per request, never failing (its rescue layer
+/// turns errors into responses).
+pub trait Stack:
+    tower::Service<
+        Request<Body>,
+        Response = Response<ResponseBody>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> Stack for S where
+    S: tower::Service<
+            Request<Body>,
+            Response = Response<ResponseBody>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
+/// Serves HTTP on `io` with `stack` until the connection ends, a drain completes it, or it idles
+/// out. Requests hyper answers itself (malformed: 400, oversized headers: 431) are counted in
+/// `metrics` as 4xx responses with reason `bad-request`.
+pub async fn serve<I, S>(
+    io: I,
+    protocol: Protocol,
+    stack: S,
+    config: &ServerConfig,
+    ctx: ConnContext,
+    metrics: &DirectionMetrics,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Stack,
+{
+    if let Err(e) = serve_inner(io, protocol, stack, config, ctx).await {
+        if e.is_parse() || e.is_parse_too_large() {
+            metrics.response(http::StatusCode::BAD_REQUEST);
+            metrics.error(crate::errors::Reason::BadRequest);
+        }
+        tracing::debug!(error = %e, "HTTP connection ended with an error");
+    }
+}
+
+async fn serve_inner<I, S>(
+    io: I,
+    protocol: Protocol,
+    stack: S,
+    config: &ServerConfig,
+    ctx: ConnContext,
+) -> Result<(), hyper::Error>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Stack,
+{
+    let mut drain = ctx.drain.clone();
+    let activity = ctx.activity.clone();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let svc = ConnService {
+        stack,
+        ctx: Arc::new(ctx),
+        in_flight: in_flight.clone(),
+    };
+    let io = TokioIo::new(io);
+    let idle = activity.idle(config.idle_timeout, move || {
+        in_flight.load(Ordering::Relaxed) > 0
+    });
+    if protocol == Protocol::Http2 {
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            // Pings find dead peers; a peer that does not answer within 10 s is dropped.
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .max_header_list_size(config.max_header_bytes);
+        let conn = builder.serve_connection(io, svc);
+        drive(conn, |c| c.graceful_shutdown(), &mut drain, idle).await
+    } else {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.header_read_timeout)
+            // A client may send its request and shut down its write side while it waits.
+            .half_close(true)
+            .max_buf_size(config.max_header_bytes.max(8192) as usize);
+        let conn = builder.serve_connection(io, svc).with_upgrades();
+        drive(conn, |c| c.graceful_shutdown(), &mut drain, idle).await
+    }
+}
+
+/// The per-connection adapter between hyper and the shared stack.
+struct ConnService<S> {
+    stack: S,
+    ctx: Arc<ConnContext>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// Decrements the in-flight count when the request ends, however it ends.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl<S: Stack> hyper::service::Service<Request<Incoming>> for ConnService<S> {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Counted<tower::util::Oneshot<S, Request<Body>>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let mut req = req.map(|b| b.map_err(|e| RequestBodyError(e).into()).boxed_unsync());
+        req.extensions_mut().insert(self.ctx.clone());
+        Counted {
+            inner: self.stack.clone().oneshot(req),
+            _in_flight: InFlight(self.in_flight.clone()),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request's response future, counted in flight until it ends.
+    pub struct Counted<F> {
+        #[pin]
+        inner: F,
+        _in_flight: InFlight,
+    }
+}
+
+impl<F: Future> Future for Counted<F> {
+    type Output = F::Output;
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        self.project().inner.poll(cx)
+    }
+}
+
+/// Polls a hyper connection, asking it to shut down gracefully once on drain or idleness.
+async fn drive<C>(
+    conn: C,
+    graceful: impl Fn(Pin<&mut C>),
+    drain: &mut drain::Watch,
+    idle: impl Future<Output = ()>,
+) -> Result<(), hyper::Error>
+where
+    C: Future<Output = Result<(), hyper::Error>>,
+{
+    tokio::pin!(conn);
+    tokio::pin!(idle);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            // The connection first: a drain that is already signalled must not close a
+            // connection hyper has not read yet, or the request detection already read is lost.
+            biased;
+            res = &mut conn => return res,
+            () = drain.signaled(), if !closing => {
+                tracing::debug!("draining connection");
+                graceful(conn.as_mut());
+                closing = true;
+            }
+            () = &mut idle, if !closing => {
+                tracing::debug!("closing idle connection");
+                graceful(conn.as_mut());
+                closing = true;
+            }
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! Destinations: where outbound connections go (an original destination, or a local-mode
+//! upstream), each resolved against discovery and cached with its request stack.
+//!
+//! [`Destinations`] builds a destination's stack once, on its first connection, and shares it with
+//! every later connection and worker, so balancer positions and endpoint connections outlive any
+//! one connection; a destination unused for [`IDLE`] is evicted. When discovery publishes a view,
+//! every cached destination is resolved again: its [`Profile`] is replaced and its endpoints are
+//! updated by [`Change`](tower::discover::Change)s, so unchanged endpoints keep their state.
+//! Without a control plane a destination is a passthrough to its own address.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use outrider_control::api::{ServiceProtocol, UnknownDestinations, WatchResponse};
+use prometheus::{IntCounter, IntGauge};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::backend::{diff, EndpointMeta, EndpointSet};
+use super::route::Route;
+use crate::discovery::View;
+use crate::http::client::{EndpointKey, Upstreams, VersionHint};
+
+/// A destination with no connection for this long is evicted (checked every [`IDLE`] / 2).
+pub const IDLE: Duration = Duration::from_secs(300);
+
+/// What discovery says a destination is.
+#[derive(Debug, Clone, Default)]
+pub enum Profile {
+    /// No view from the control plane yet.
+    #[default]
+    NoConfig,
+    /// Not a known service: its own address is its only endpoint.
+    Passthrough,
+    /// Not a known service, and the view refuses unknown destinations.
+    Refused,
+    /// A service of the mesh.
+    Service(ServiceProfile),
+}
+
+/// A service's routing data.
+#[derive(Debug, Clone)]
+pub struct ServiceProfile {
+    /// `namespace/name`.
+    pub id: Arc<str>,
+    /// Protocol hint.
+    pub protocol: ServiceProtocol,
+    /// Routes, first match wins.
+    pub routes: Vec<Route>,
+}
+
+impl ServiceProfile {
+    /// The HTTP version the service declares for its endpoints.
+    pub fn version_hint(&self) -> VersionHint {
+        match self.protocol {
+            ServiceProtocol::Http1 => VersionHint::Http1,
+            ServiceProtocol::Http2 | ServiceProtocol::Grpc => VersionHint::Http2,
+            ServiceProtocol::Detect | ServiceProtocol::Opaque => VersionHint::None,
+        }
+    }
+}
+
+/// A destination as resolved by the latest view.
+#[derive(Debug, Default)]
+pub struct Resolved {
+    /// What it is.
+    pub profile: Profile,
+    /// Its endpoints.
+    pub endpoints: EndpointSet,
+}
+
+/// One destination: its address and its latest resolution.
+#[derive(Debug)]
+pub struct Destination {
+    addr: SocketAddr,
+    state: RwLock<Arc<Resolved>>,
+}
+
+impl Destination {
+    /// The destination's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The latest resolution (a cheap clone, read per request).
+    pub fn resolved(&self) -> Arc<Resolved> {
+        match self.state.read() {
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Whether connections to it skip protocol detection (an opaque service).
+    pub fn is_opaque(&self) -> bool {
+        matches!(&self.resolved().profile, Profile::Service(s) if s.protocol == ServiceProtocol::Opaque)
+    }
+
+    /// Resolves the destination again: against `view` when there is a control plane (`Some`),
+    /// else as a passthrough.
+    fn update(&self, view: Option<Option<&WatchResponse>>, upstreams: &Upstreams) {
+        let (profile, wanted) = match view {
+            Some(view) => resolve(self.addr, view),
+            None => (Profile::Passthrough, vec![(self.addr, passthrough_meta())]),
+        };
+        let current = self.resolved();
+        let changes = diff(&current.endpoints, &wanted);
+        let endpoints = current.endpoints.apply(changes, |addr| {
+            upstreams.get_or_insert(EndpointKey { addr })
+        });
+        let next = Arc::new(Resolved { profile, endpoints });
+        match self.state.write() {
+            Ok(mut s) => *s = next,
+            Err(poisoned) => *poisoned.into_inner() = next,
+        }
+    }
+}
+
+/// The profile and endpoints `view` gives `addr`.
+fn resolve(
+    addr: SocketAddr,
+    view: Option<&WatchResponse>,
+) -> (Profile, Vec<(SocketAddr, EndpointMeta)>) {
+    let Some(view) = view else {
+        return (Profile::NoConfig, Vec::new());
+    };
+    let service = view
+        .outbound
+        .services
+        .iter()
+        .find(|s| s.addresses.contains(&addr));
+    match service {
+        Some(s) => {
+            let endpoints = s
+                .endpoints
+                .iter()
+                .map(|e| {
+                    (
+                        e.address,
+                        EndpointMeta {
+                            identity: e.identity.clone(),
+                            weight: e.weight,
+                        },
+                    )
+                })
+                .collect();
+            let profile = Profile::Service(ServiceProfile {
+                id: Arc::from(s.id()),
+                protocol: s.protocol,
+                routes: s.routes.iter().map(Route::new).collect(),
+            });
+            (profile, endpoints)
+        }
+        None if view.outbound.unknown_destinations == UnknownDestinations::Refuse => {
+            (Profile::Refused, Vec::new())
+        }
+        None => (Profile::Passthrough, vec![(addr, passthrough_meta())]),
+    }
+}
+
+fn passthrough_meta() -> EndpointMeta {
+    EndpointMeta {
+        identity: None,
+        weight: 1,
+    }
+}
+
+/// A cached destination with the stack built for it.
+#[derive(Debug)]
+pub struct Entry<S> {
+    /// The destination.
+    pub dest: Arc<Destination>,
+    /// Its HTTP request stack (cloned per connection).
+    pub http: S,
+    last_used: Mutex<Instant>,
+}
+
+/// The destination cache of one outbound stack.
+pub struct Destinations<S> {
+    map: Mutex<HashMap<SocketAddr, Arc<Entry<S>>>>,
+    upstreams: Arc<Upstreams>,
+    views: Option<watch::Receiver<View>>,
+    build: Box<dyn Fn(Arc<Destination>) -> S + Send + Sync>,
+    alive: IntGauge,
+    builds: IntCounter,
+}
+
+impl<S> std::fmt::Debug for Destinations<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Destinations").finish_non_exhaustive()
+    }
+}
+
+impl<S: Send + Sync + 'static> Destinations<S> {
+    /// A cache whose destinations resolve against `views` (none: passthrough) and get their
+    /// stack from `build`. With views, a task follows them and re-resolves every destination;
+    /// another evicts idle ones.
+    pub fn new(
+        upstreams: Arc<Upstreams>,
+        views: Option<watch::Receiver<View>>,
+        build: impl Fn(Arc<Destination>) -> S + Send + Sync + 'static,
+        alive: IntGauge,
+        builds: IntCounter,
+    ) -> Arc<Self> {
+        let this = Arc::new(Self {
+            map: Mutex::new(HashMap::new()),
+            upstreams,
+            views,
+            build: Box::new(build),
+            alive,
+            builds,
+        });
+        if let Some(views) = this.views.clone() {
+            tokio::spawn(follow(Arc::downgrade(&this), views));
+        }
+        tokio::spawn(evict(Arc::downgrade(&this)));
+        this
+    }
+
+    /// The destination at `addr` with its stack, built on first use.
+    pub fn get(&self, addr: SocketAddr) -> Arc<Entry<S>> {
+        let mut map = match self.map.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(entry) = map.get(&addr) {
+            if let Ok(mut t) = entry.last_used.lock() {
+                *t = Instant::now();
+            }
+            return entry.clone();
+        }
+        let dest = Arc::new(Destination {
+            addr,
+            state: RwLock::new(Arc::default()),
+        });
+        let view = self.views.as_ref().map(|v| v.borrow().clone());
+        dest.update(view.as_ref().map(|v| v.as_deref()), &self.upstreams);
+        let entry = Arc::new(Entry {
+            http: (self.build)(dest.clone()),
+            dest,
+            last_used: Mutex::new(Instant::now()),
+        });
+        map.insert(addr, entry.clone());
+        self.builds.inc();
+        self.alive.set(map.len() as i64);
+        entry
+    }
+
+    /// How many destinations are cached.
+    pub fn len(&self) -> usize {
+        self.map.lock().map_or(0, |m| m.len())
+    }
+
+    /// Whether none is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn entries(&self) -> Vec<Arc<Entry<S>>> {
+        self.map
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Drops destinations that no connection holds and that were not used for `idle`.
+    fn evict_idle(&self, idle: Duration) {
+        if let Ok(mut map) = self.map.lock() {
+            map.retain(|_, e| {
+                Arc::strong_count(e) > 1 || e.last_used.lock().is_ok_and(|t| t.elapsed() < idle)
+            });
+            self.alive.set(map.len() as i64);
+        }
+    }
+}
+
+/// Re-resolves every cached destination on each new view, until the cache is dropped.
+async fn follow<S: Send + Sync + 'static>(
+    cache: std::sync::Weak<Destinations<S>>,
+    mut views: watch::Receiver<View>,
+) {
+    while views.changed().await.is_ok() {
+        let Some(cache) = cache.upgrade() else { return };
+        let view = views.borrow_and_update().clone();
+        for entry in cache.entries() {
+            entry.dest.update(Some(view.as_deref()), &cache.upstreams);
+        }
+    }
+}
+
+async fn evict<S: Send + Sync + 'static>(cache: std::sync::Weak<Destinations<S>>) {
+    loop {
+        tokio::time::sleep(IDLE / 2).await;
+        let Some(cache) = cache.upgrade() else { return };
+        cache.evict_idle(IDLE);
+    }
+}

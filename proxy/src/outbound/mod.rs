@@ -1,0 +1,234 @@
+//! The outbound stack: the app's own outbound traffic (redirected to :15001), and local mode's
+//! `--forward` listeners, which are the same stack with a fixed destination.
+//!
+//! ```text
+//! accept → original destination (or the fixed one) → loop check → destination (cached, resolved
+//!   by discovery) → protocol detection
+//!   → HTTP: server → request metrics → rescue → load shed → route → request timeout → [retry]
+//!           → balancer (endpoint picked in poll_ready) → endpoint: [breaker] → client
+//!           (pooled HTTP/1.1 or multiplexed HTTP/2) → connect → [TLS]
+//!   → opaque TCP: balancer pick per connection → connect → byte copy
+//! ```
+//!
+//! Everything right of "destination" is built once per destination ([`Destinations`]) and shared
+//! by every connection and worker; a connection only clones handles.
+
+pub mod backend;
+pub mod destination;
+pub mod errors;
+pub mod opaque;
+pub mod route;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tower::load_shed::{LoadShed, LoadShedLayer};
+use tower::ServiceBuilder;
+use tracing::Instrument;
+
+use self::backend::Balance;
+use self::destination::{Destination, Destinations};
+use self::route::{Router, RouterLayer};
+use crate::config::Config;
+use crate::detect::{self, Outcome, Protocol};
+use crate::discovery::View;
+use crate::errors::{reason_of, Chain, Reason};
+use crate::http::client::Upstreams;
+use crate::http::server::{self, ConnContext, ServerConfig};
+use crate::layers::metrics::{RequestMetrics, RequestMetricsLayer};
+use crate::layers::rescue::{Rescue, RescueLayer};
+use crate::layers::timeout::{RequestTimeoutLayer, Timeout};
+use crate::metrics::{DirectionMetrics, Metrics};
+use crate::transport::connect::Connect;
+use crate::transport::io::{Activity, MeteredIo, PrefixedIo};
+use crate::transport::listen::{Accepted, Serve};
+use crate::transport::orig_dst::{Lookup, OrigDst};
+
+/// How long a new connection waits for the control plane's first view.
+const FIRST_VIEW_WAIT: Duration = Duration::from_secs(5);
+
+/// The HTTP stack of one destination (see the module docs).
+pub type HttpStack = RequestMetrics<Rescue<LoadShed<Router<Timeout<Balance>>>>>;
+
+/// Where the outbound stack's connections go.
+#[derive(Clone)]
+pub enum Target {
+    /// The original destination of each redirected connection (sidecar mode).
+    OrigDst(Arc<dyn OrigDst>),
+    /// A fixed destination (local mode's `--forward LISTEN=UPSTREAM`).
+    Fixed(SocketAddr),
+}
+
+/// One outbound stack: a listener's connections, its destinations and their request stacks.
+pub struct Outbound {
+    target: Target,
+    lookup: Lookup,
+    metrics: Arc<DirectionMetrics>,
+    config: Arc<Config>,
+    server: ServerConfig,
+    connect: Connect,
+    destinations: Arc<Destinations<HttpStack>>,
+    views: Option<watch::Receiver<View>>,
+}
+
+impl Outbound {
+    /// An outbound stack for `target`, counting into `metrics` (the outbound or forward handles),
+    /// with endpoints from `upstreams` and, with a control plane, destinations resolved by `views`.
+    pub fn new(
+        target: Target,
+        metrics: Arc<DirectionMetrics>,
+        all: &Metrics,
+        config: Arc<Config>,
+        upstreams: Arc<Upstreams>,
+        views: Option<watch::Receiver<View>>,
+    ) -> Arc<Self> {
+        let policy = config.upstream_http;
+        let stack_metrics = metrics.clone();
+        let destinations = Destinations::new(
+            upstreams.clone(),
+            views.clone(),
+            move |dest| http_stack(dest, stack_metrics.clone(), policy),
+            all.destinations.clone(),
+            all.destination_builds.clone(),
+        );
+        Arc::new(Self {
+            lookup: Lookup::new("outbound", config.own_ports(), metrics.clone()),
+            target,
+            server: ServerConfig::from(&*config),
+            connect: upstreams.connect().clone(),
+            metrics,
+            config,
+            destinations,
+            views,
+        })
+    }
+
+    /// How many destination stacks are cached.
+    pub fn destinations(&self) -> usize {
+        self.destinations.len()
+    }
+
+    fn destination_of(&self, conn: &Accepted) -> Result<SocketAddr, Reason> {
+        match &self.target {
+            Target::Fixed(addr) => Ok(*addr),
+            Target::OrigDst(orig_dst) => {
+                let orig = self.lookup.orig_dst(&**orig_dst, &conn.socket)?;
+                let local = conn.socket.local_addr().ok();
+                let is_self = Some(orig) == local || self.lookup.is_own_loopback(orig);
+                if is_self {
+                    return Err(self.lookup.refuse_loop(conn.peer));
+                }
+                Ok(orig)
+            }
+        }
+    }
+
+    async fn wait_first_view(&self) {
+        if let Some(views) = &self.views {
+            // Before the first view, hold the connection (bounded) rather than bypass the mesh.
+            if views.borrow().is_none() {
+                let mut views = views.clone();
+                let _ =
+                    tokio::time::timeout(FIRST_VIEW_WAIT, views.wait_for(|v| v.is_some())).await;
+            }
+        }
+    }
+}
+
+/// The HTTP request stack of one destination, outermost first. Built once per destination.
+fn http_stack(
+    dest: Arc<Destination>,
+    metrics: Arc<DirectionMetrics>,
+    policy: crate::http::client::UpstreamHttp,
+) -> HttpStack {
+    ServiceBuilder::new()
+        // Every request and response counted, local answers included.
+        .layer(RequestMetricsLayer::new(metrics.clone()))
+        // Errors become responses (503/504/502, gRPC statuses), counted by reason.
+        .layer(RescueLayer::new(metrics, errors::rescue))
+        // Anything below that is not ready is answered at once, never queued.
+        .layer(LoadShedLayer::new())
+        // The matching route's timeout and name.
+        .layer(RouterLayer::new(dest.clone()))
+        .layer(RequestTimeoutLayer)
+        // [retry: budgeted, with a replayable body]
+        // The balancer picks an endpoint; its endpoint stack is [breaker] → client → connect.
+        .service(Balance::new(dest, policy))
+}
+
+impl Serve for Outbound {
+    async fn serve(self: Arc<Self>, conn: Accepted) {
+        let dest = match self.destination_of(&conn) {
+            Ok(dest) => dest,
+            Err(Reason::Loop) => return,
+            Err(reason) => return self.metrics.error(reason),
+        };
+        let span = tracing::debug_span!("conn", direction = "outbound", peer = %conn.peer, dest = %dest, protocol = tracing::field::Empty);
+        self.serve_dest(conn, dest).instrument(span).await
+    }
+}
+
+impl Outbound {
+    async fn serve_dest(&self, conn: Accepted, dest: SocketAddr) {
+        let Accepted {
+            socket,
+            guard,
+            drain,
+            ..
+        } = conn;
+        let m = &self.metrics;
+        self.wait_first_view().await;
+        let entry = self.destinations.get(dest);
+        let activity = Activity::new();
+        let mut io = MeteredIo::new(
+            socket,
+            m.tcp_received.clone(),
+            m.tcp_sent.clone(),
+            activity.clone(),
+        );
+        let skip = entry.dest.is_opaque() || self.config.opaque_ports.contains(&dest.port());
+        let (outcome, prefix) = if skip {
+            (Outcome::Skipped, bytes::Bytes::new())
+        } else {
+            match detect::detect(
+                &mut io,
+                self.config.detect_timeout,
+                self.config.detect_max_bytes,
+            )
+            .await
+            {
+                Ok(detected) => detected,
+                Err(e) => return tracing::debug!(error = %e, "connection failed during detection"),
+            }
+        };
+        m.detected(outcome);
+        tracing::Span::current().record("protocol", outcome.as_str());
+        let io = PrefixedIo::new(prefix, io);
+        match outcome.protocol() {
+            proto @ (Protocol::Http1 | Protocol::Http2) => {
+                let ctx = ConnContext {
+                    drain,
+                    held: guard,
+                    activity,
+                    idle_timeout: self.config.tcp_idle_timeout,
+                };
+                server::serve(io, proto, entry.http.clone(), &self.server, ctx, m).await;
+            }
+            Protocol::Tls | Protocol::Opaque => {
+                // The drain watch and the guard live until the copy ends: opaque streams cannot
+                // be asked to close, so a drain waits for them up to the grace deadline.
+                let _held = (drain, guard);
+                let idle = self.config.tcp_idle_timeout;
+                match opaque::forward(&entry.dest, io, &self.connect, idle, &activity).await {
+                    Ok((tx, rx)) => tracing::debug!(tx, rx, "TCP connection closed"),
+                    Err(e) => {
+                        m.error(reason_of(&*e));
+                        tracing::debug!(error = %Chain(&*e), "TCP forwarding failed");
+                    }
+                }
+            }
+        }
+    }
+}
