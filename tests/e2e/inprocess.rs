@@ -851,3 +851,136 @@ async fn a_failed_http2_dial_fails_all_its_waiters_at_once() {
     );
     drop(fillers);
 }
+
+/// The single value of an unlabelled metric family (counter or gauge).
+fn single(r: &Running, family: &str) -> f64 {
+    let families = r.registry.gather();
+    let f = families
+        .iter()
+        .find(|f| f.name() == family)
+        .unwrap_or_else(|| panic!("no {family}"));
+    let m = &f.get_metric()[0];
+    if m.get_counter().get_value() != 0.0 {
+        m.get_counter().get_value()
+    } else {
+        m.get_gauge().get_value()
+    }
+}
+
+#[tokio::test]
+async fn sixty_four_connections_share_one_destination_stack() {
+    let app = start_app().await;
+    let p = start_forward(app, |_| {}).await;
+    let mut conns = Vec::new();
+    for i in 0..64 {
+        let mut c = ClientConn::connect(p.forward[0], i % 2 == 1).await.unwrap();
+        let rsp = c.get("payments.test", "/").await.unwrap();
+        assert_eq!(rsp.status(), StatusCode::OK);
+        conns.push(c);
+    }
+    assert_eq!(
+        count(&p, "outrider_tcp_open_total", "direction", "forward"),
+        64
+    );
+    assert_eq!(
+        single(&p, "outrider_outbound_destination_builds_total"),
+        1.0
+    );
+    assert_eq!(single(&p, "outrider_outbound_destinations"), 1.0);
+    // One upstream connection per HTTP version, reused by every client connection.
+    assert!(single(&p, "outrider_upstream_connects_total") <= 34.0);
+}
+
+/// An HTTP/1.0 server that answers anything, the HTTP/2 preface included, with a 200 and
+/// closes: the shape of `python3 -m http.server`.
+async fn start_http10() -> SocketAddr {
+    let l = TcpListener::bind(LOOPBACK_ANY).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn h2c_clients_reach_an_http1_only_upstream_and_http11_clients_hear_http11() {
+    let upstream = start_http10().await;
+    let p = start_forward(upstream, |_| {}).await;
+    // The very first HTTP/2 request is not lost to the discovery that the upstream speaks HTTP/1.
+    for _ in 0..2 {
+        let mut c = ClientConn::connect(p.forward[0], true).await.unwrap();
+        let rsp = c.get("payments.test", "/").await.unwrap();
+        assert_eq!(rsp.status(), StatusCode::OK);
+        let body = rsp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"hello");
+    }
+    // gRPC needs HTTP/2: a gRPC error, not a silent downgrade.
+    let grpc = raw_h2c_grpc(p.forward[0]).await;
+    assert_eq!(grpc.0, StatusCode::OK);
+    assert_eq!(grpc.1.as_deref(), Some("13"), "grpc-status");
+    // An HTTP/1.1 client hears HTTP/1.1, whatever the upstream spoke.
+    let rsp = raw(p.forward[0], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+}
+
+/// Sends one gRPC-shaped h2c request; returns the status and `grpc-status`.
+async fn raw_h2c_grpc(addr: SocketAddr) -> (StatusCode, Option<String>) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("http://{addr}/pkg.Svc/Call"))
+        .version(http::Version::HTTP_2)
+        .header("content-type", "application/grpc")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let rsp = send.send_request(req).await.unwrap();
+    let grpc = rsp
+        .headers()
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap().to_string());
+    (rsp.status(), grpc)
+}
+
+#[tokio::test]
+async fn a_malformed_chunked_body_is_the_clients_fault() {
+    let app = start_app().await;
+    let p = start_forward(app, |_| {}).await;
+    let rsp = raw(
+        p.forward[0],
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\nAAAA\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert!(rsp.starts_with("HTTP/1.1 400"), "{rsp}");
+    assert!(rsp.contains("outrider-error: bad-request"), "{rsp}");
+    assert_eq!(
+        count(&p, "outrider_errors_total", "reason", "bad-request"),
+        1
+    );
+    assert_eq!(
+        count(&p, "outrider_errors_total", "reason", "upstream-failed"),
+        0
+    );
+}
