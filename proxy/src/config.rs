@@ -316,6 +316,16 @@ impl Config {
         ))
     }
 
+    /// Protocol detection bounds: a connection silent on both sides for the header-read timeout
+    /// after the detection timeout is closed.
+    pub fn detect_bounds(&self) -> crate::detect::Bounds {
+        crate::detect::Bounds {
+            timeout: self.detect_timeout,
+            max_bytes: self.detect_max_bytes,
+            silence: self.header_read_timeout,
+        }
+    }
+
     /// The ports of the proxy's own listeners: traffic to them is never forwarded (loop prevention).
     pub fn own_ports(&self) -> Vec<u16> {
         let mut own = vec![

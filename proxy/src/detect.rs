@@ -94,10 +94,27 @@ pub fn classify(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
     classify_http1(buf, max_bytes)
 }
 
+/// RFC 9112 2.2: a server SHOULD ignore at least one empty line before the request line.
+fn skip_empty_lines(mut buf: &[u8]) -> &[u8] {
+    while let Some(rest) = buf
+        .strip_prefix(b"\r\n")
+        .or_else(|| buf.strip_prefix(b"\n"))
+    {
+        buf = rest;
+    }
+    buf
+}
+
 fn classify_http1(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
+    let line_start = skip_empty_lines(buf);
+    if line_start.is_empty() || line_start == b"\r" {
+        // Only empty lines so far.
+        return (buf.len() >= max_bytes).then_some(Protocol::Opaque);
+    }
+    let buf = line_start;
     // method = token, then SP.
     let Some(sp) = buf.iter().take(MAX_METHOD + 1).position(|b| *b == b' ') else {
-        let undecided = buf.len() <= MAX_METHOD && buf.iter().all(|b| is_method_char(*b));
+        let undecided = buf.len() <= MAX_METHOD && buf.iter().all(|b| is_token_char(*b));
         return if undecided {
             None
         } else {
@@ -105,7 +122,7 @@ fn classify_http1(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
         };
     };
     let method = &buf[..sp];
-    if method.is_empty() || !method.iter().all(|b| is_method_char(*b)) {
+    if method.is_empty() || !method.iter().all(|b| is_token_char(*b)) {
         return Some(Protocol::Opaque);
     }
     let Some(eol) = buf.iter().position(|b| *b == b'\n') else {
@@ -121,15 +138,35 @@ fn classify_http1(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
         return None;
     };
     let line = buf[..eol].strip_suffix(b"\r").unwrap_or(&buf[..eol]);
-    if line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0") {
+    // Any HTTP version goes to the HTTP server, which answers one it does not speak (a 505 or
+    // 400 there, never a raw tunnel past every HTTP layer).
+    let version = line.rsplit(|b| *b == b' ').next().unwrap_or_default();
+    if version.starts_with(b"HTTP/") && line.len() > sp + 1 + version.len() {
         Some(Protocol::Http1)
     } else {
         Some(Protocol::Opaque)
     }
 }
 
-fn is_method_char(b: u8) -> bool {
-    b.is_ascii_uppercase() || b == b'-' || b == b'_'
+/// RFC 9110 5.6.2 `tchar`: what a method (any token, in any case) is made of.
+fn is_token_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// At the detection deadline, whether the bytes read so far begin an HTTP/1 request (a method
+/// prefix, or a request line not yet complete) or the HTTP/2 preface: such a client is slow, not
+/// speaking another protocol, and the HTTP server's header timeout applies to it.
+fn is_http_prefix(buf: &[u8]) -> Option<Protocol> {
+    if buf.first() == Some(&b'P') && H2_PREFACE.starts_with(buf) {
+        return Some(Protocol::Http2);
+    }
+    let buf = skip_empty_lines(buf);
+    let method_len = buf.iter().position(|b| *b == b' ').unwrap_or(buf.len());
+    let plausible = !buf.is_empty()
+        && method_len <= MAX_METHOD
+        && buf[..method_len].iter().all(|b| is_token_char(*b))
+        && !buf.contains(&b'\n');
+    plausible.then_some(Protocol::Http1)
 }
 
 /// Reads from `io` until the protocol is known, `max_bytes` are read, the peer closes its side, or
@@ -139,7 +176,22 @@ pub async fn detect<I: AsyncRead + Unpin>(
     timeout: Duration,
     max_bytes: usize,
 ) -> io::Result<(Outcome, Bytes)> {
-    let mut buf = BytesMut::with_capacity(1024.min(max_bytes));
+    detect_after(
+        io,
+        BytesMut::with_capacity(1024.min(max_bytes)),
+        timeout,
+        max_bytes,
+    )
+    .await
+}
+
+/// [`detect`], with `buf` already read.
+pub async fn detect_after<I: AsyncRead + Unpin>(
+    io: &mut I,
+    mut buf: BytesMut,
+    timeout: Duration,
+    max_bytes: usize,
+) -> io::Result<(Outcome, Bytes)> {
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
     loop {
@@ -157,13 +209,117 @@ pub async fn detect<I: AsyncRead + Unpin>(
             let mut limited = (&mut *io).take(room as u64);
             tokio::select! {
                 r = limited.read_buf(&mut buf) => r?,
-                () = &mut deadline => return Ok((Outcome::Timeout, buf.freeze())),
+                () = &mut deadline => {
+                    // A slow HTTP client is HTTP (its header timeout applies); a silent one is
+                    // left to the caller (see `wait_for_first_words`).
+                    let outcome = match is_http_prefix(&buf) {
+                        Some(p) => Outcome::Detected(p),
+                        None => Outcome::Timeout,
+                    };
+                    return Ok((outcome, buf.freeze()));
+                }
             }
         };
         if read == 0 {
             // The client closed its side before we could tell: whatever it sent is opaque.
             return Ok((Outcome::Detected(Protocol::Opaque), buf.freeze()));
         }
+    }
+}
+
+/// Who spoke first on a connection that was silent through detection.
+#[derive(Debug)]
+pub enum FirstWords {
+    /// The client sent these bytes (detection goes on with them).
+    Client(BytesMut),
+    /// The upstream spoke first: a server-speaks-first protocol.
+    Upstream,
+    /// The client closed its side without a word.
+    ClientClosed,
+    /// Neither side said anything within the timeout.
+    Silence,
+}
+
+/// After a detection timeout with nothing read, waits for whichever side speaks first, with
+/// `upstream` already connected (a server-speaks-first protocol needs it), for at most
+/// `timeout`. A client that stays silent does not keep an upstream connection for longer.
+pub async fn wait_for_first_words<I: AsyncRead + Unpin>(
+    client: &mut I,
+    upstream: &tokio::net::TcpStream,
+    timeout: Duration,
+) -> io::Result<FirstWords> {
+    let mut buf = BytesMut::with_capacity(1024);
+    tokio::select! {
+        read = client.read_buf(&mut buf) => Ok(match read? {
+            0 => FirstWords::ClientClosed,
+            _ => FirstWords::Client(buf),
+        }),
+        ready = upstream.readable() => ready.map(|()| FirstWords::Upstream),
+        () = tokio::time::sleep(timeout) => Ok(FirstWords::Silence),
+    }
+}
+
+/// What a connection turned out to be, and the upstream connection already opened for it when
+/// it was silent through detection.
+#[derive(Debug)]
+pub struct Detected {
+    /// How detection ended.
+    pub outcome: Outcome,
+    /// Every byte read from the client, to be replayed.
+    pub prefix: Bytes,
+    /// The upstream dialled while the client was silent (used for opaque TCP; dropped for HTTP).
+    pub upstream: Option<tokio::net::TcpStream>,
+}
+
+/// Detection bounds.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// How long to wait for the client's first bytes before dialling the upstream.
+    pub timeout: Duration,
+    /// Most bytes read.
+    pub max_bytes: usize,
+    /// How long a connection may stay silent on both sides once the upstream is dialled.
+    pub silence: Duration,
+}
+
+/// Detects the protocol of `io`. A client still silent at the deadline may be waiting for a
+/// server that speaks first: the upstream is dialled with `connect` and whichever side speaks
+/// first decides (the client's bytes are detected as usual; the upstream's mean opaque TCP);
+/// when neither speaks within `bounds.silence`, or the client leaves, `Ok(None)`: close.
+pub async fn detect_or_wait<I, F, Fut>(
+    io: &mut I,
+    bounds: Bounds,
+    connect: F,
+) -> Result<Option<Detected>, crate::errors::BoxError>
+where
+    I: AsyncRead + Unpin,
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<tokio::net::TcpStream, crate::errors::BoxError>>,
+{
+    let (outcome, prefix) = detect(io, bounds.timeout, bounds.max_bytes).await?;
+    if outcome != Outcome::Timeout || !prefix.is_empty() {
+        return Ok(Some(Detected {
+            outcome,
+            prefix,
+            upstream: None,
+        }));
+    }
+    let upstream = connect().await?;
+    match wait_for_first_words(io, &upstream, bounds.silence).await? {
+        FirstWords::Client(buf) => {
+            let (outcome, prefix) = detect_after(io, buf, bounds.timeout, bounds.max_bytes).await?;
+            Ok(Some(Detected {
+                outcome,
+                prefix,
+                upstream: Some(upstream),
+            }))
+        }
+        FirstWords::Upstream => Ok(Some(Detected {
+            outcome: Outcome::Timeout,
+            prefix: Bytes::new(),
+            upstream: Some(upstream),
+        })),
+        FirstWords::ClientClosed | FirstWords::Silence => Ok(None),
     }
 }
 
@@ -205,6 +361,19 @@ mod tests {
             Some(Protocol::Opaque)
         );
         assert_eq!(classify(b"GET / SPDY/3\r\n", MAX), Some(Protocol::Opaque));
+        // Valid or nearly valid HTTP goes to the HTTP server, which answers it there.
+        assert_eq!(
+            classify(b"\r\nGET / HTTP/1.1\r\n", MAX),
+            Some(Protocol::Http1),
+            "a leading empty line (RFC 9112 2.2)"
+        );
+        assert_eq!(classify(b"get / HTTP/1.1\r\n", MAX), Some(Protocol::Http1));
+        assert_eq!(
+            classify(b"PURGE /x HTTP/1.1\r\n", MAX),
+            Some(Protocol::Http1)
+        );
+        assert_eq!(classify(b"GET / HTTP/1.2\r\n", MAX), Some(Protocol::Http1));
+        assert_eq!(classify(b"\r\n\r\n", MAX), None);
         assert_eq!(classify(&[0x16, 0x09, 0x09], MAX), Some(Protocol::Opaque));
     }
 
@@ -267,6 +436,24 @@ mod tests {
             .unwrap();
         assert_eq!(outcome, Outcome::Timeout);
         assert!(bytes.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_http_client_is_http_at_the_deadline() {
+        for (sent, expect) in [
+            (&b"G"[..], Outcome::Detected(Protocol::Http1)),
+            (b"GET /slow", Outcome::Detected(Protocol::Http1)),
+            (b"PRI * HT", Outcome::Detected(Protocol::Http2)),
+            (b"\x00\x01", Outcome::Detected(Protocol::Opaque)),
+        ] {
+            let (mut client, mut server) = tokio::io::duplex(64);
+            client.write_all(sent).await.unwrap();
+            let (outcome, bytes) = detect(&mut server, Duration::from_secs(1), MAX)
+                .await
+                .unwrap();
+            assert_eq!(outcome, expect, "{sent:?}");
+            assert_eq!(&bytes[..], sent);
+        }
     }
 
     #[tokio::test(start_paused = true)]

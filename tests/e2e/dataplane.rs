@@ -597,6 +597,16 @@ fn demo_runs_and_reports() {
         .unwrap_or_default()
         .to_owned();
     assert!(!counted.contains("counted 0 "), "{out}");
+    // Every proxied request is counted exactly once on each proxy.
+    let numbers: Vec<u64> = counted
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    assert_eq!(numbers.len(), 2, "{counted}");
+    assert_eq!(
+        numbers[0], numbers[1],
+        "client and server side disagree: {counted}"
+    );
 }
 
 #[test]

@@ -984,3 +984,65 @@ async fn a_malformed_chunked_body_is_the_clients_fault() {
         0
     );
 }
+
+#[tokio::test]
+async fn a_client_that_speaks_after_the_detection_timeout_is_still_served_as_http() {
+    // A pooled client connection that stays idle past the detection timeout (hyper-util opens
+    // spares) must not become an opaque tunnel that bypasses the HTTP layers and their counts.
+    let l = TcpListener::bind(LOOPBACK_ANY).await.unwrap();
+    let upstream = l.local_addr().unwrap();
+    let p = start_forward(upstream, |c| c.detect_timeout = Duration::from_millis(100)).await;
+    let mut client = TcpStream::connect(p.forward[0]).await.unwrap();
+    // The event that says detection timed out: the proxy dials the upstream for a possible
+    // server-speaks-first protocol.
+    let (mut silent_dial, _) = l.accept().await.unwrap();
+    tokio::spawn(outrider::demo::app::serve(l, "late".into()));
+    client
+        .write_all(b"GET /late HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rsp = String::new();
+    tokio::time::timeout(Duration::from_secs(5), client.read_to_string(&mut rsp))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+    assert_eq!(
+        count(&p, "outrider_requests_total", "direction", "forward"),
+        1
+    );
+    assert_eq!(count(&p, "outrider_detect_total", "outcome", "http1"), 1);
+    // The connection dialled while the client was silent is closed, not kept.
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(5), silent_dial.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+}
+
+#[tokio::test]
+async fn a_connection_on_which_nobody_speaks_is_closed_on_both_sides() {
+    let l = TcpListener::bind(LOOPBACK_ANY).await.unwrap();
+    let upstream = l.local_addr().unwrap();
+    let p = start_forward(upstream, |c| {
+        c.detect_timeout = Duration::from_millis(100);
+        c.header_read_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut client = TcpStream::connect(p.forward[0]).await.unwrap();
+    let (mut dialled, _) = l.accept().await.unwrap();
+    let mut buf = [0u8; 1];
+    // Both reads end (EOF or reset) well before the 1 h TCP idle timeout.
+    let up = tokio::time::timeout(Duration::from_secs(5), dialled.read(&mut buf)).await;
+    assert!(
+        matches!(up, Ok(Ok(0)) | Ok(Err(_))),
+        "upstream side still open"
+    );
+    let down = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await;
+    assert!(
+        matches!(down, Ok(Ok(0)) | Ok(Err(_))),
+        "client side still open"
+    );
+    assert_eq!(count(&p, "outrider_detect_total", "outcome", "timeout"), 1);
+}

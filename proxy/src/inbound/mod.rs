@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use self::policy::Policies;
 use crate::config::Config;
-use crate::detect::{self, Outcome, Protocol};
+use crate::detect::{self, Detected, Outcome, Protocol};
 use crate::discovery::View;
 use crate::errors::{reason_of, Chain, Reason};
 use crate::http::client::{EndpointKey, Forward, Upstreams, VersionHint};
@@ -149,20 +149,31 @@ impl Inbound {
             m.tcp_sent.clone(),
             activity.clone(),
         );
-        let (outcome, prefix) = if self.config.opaque_ports.contains(&app.port()) {
-            (Outcome::Skipped, bytes::Bytes::new())
+        let detected = if self.config.opaque_ports.contains(&app.port()) {
+            Detected {
+                outcome: Outcome::Skipped,
+                prefix: bytes::Bytes::new(),
+                upstream: None,
+            }
         } else {
-            match detect::detect(
-                &mut io,
-                self.config.detect_timeout,
-                self.config.detect_max_bytes,
-            )
-            .await
-            {
-                Ok(detected) => detected,
-                Err(e) => return tracing::debug!(error = %e, "connection failed during detection"),
+            let connect = || self.connect.connect(app);
+            match detect::detect_or_wait(&mut io, self.config.detect_bounds(), connect).await {
+                Ok(Some(detected)) => detected,
+                Ok(None) => {
+                    m.detected(Outcome::Timeout);
+                    return tracing::debug!("closing a connection on which nobody spoke");
+                }
+                Err(e) => {
+                    m.error(reason_of(&*e));
+                    return tracing::debug!(error = %Chain(&*e), "connection failed during detection");
+                }
             }
         };
+        let Detected {
+            outcome,
+            prefix,
+            upstream,
+        } = detected;
         m.detected(outcome);
         tracing::Span::current().record("protocol", outcome.as_str());
         let io = PrefixedIo::new(prefix, io);
@@ -179,7 +190,10 @@ impl Inbound {
             Protocol::Tls | Protocol::Opaque => {
                 let _held = (drain, guard);
                 let copied = async {
-                    let upstream = self.connect.connect(app).await?;
+                    let upstream = match upstream {
+                        Some(u) => u,
+                        None => self.connect.connect(app).await?,
+                    };
                     let idle = self.config.tcp_idle_timeout;
                     Ok::<_, crate::errors::BoxError>(
                         crate::transport::tcp::copy(io, upstream, idle, &activity).await?,

@@ -32,7 +32,7 @@ use self::backend::Balance;
 use self::destination::{Destination, Destinations};
 use self::route::{Router, RouterLayer};
 use crate::config::Config;
-use crate::detect::{self, Outcome, Protocol};
+use crate::detect::{self, Detected, Outcome, Protocol};
 use crate::discovery::View;
 use crate::errors::{reason_of, Chain, Reason};
 use crate::http::client::Upstreams;
@@ -189,20 +189,31 @@ impl Outbound {
             activity.clone(),
         );
         let skip = entry.dest.is_opaque() || self.config.opaque_ports.contains(&dest.port());
-        let (outcome, prefix) = if skip {
-            (Outcome::Skipped, bytes::Bytes::new())
+        let detected = if skip {
+            Detected {
+                outcome: Outcome::Skipped,
+                prefix: bytes::Bytes::new(),
+                upstream: None,
+            }
         } else {
-            match detect::detect(
-                &mut io,
-                self.config.detect_timeout,
-                self.config.detect_max_bytes,
-            )
-            .await
-            {
-                Ok(detected) => detected,
-                Err(e) => return tracing::debug!(error = %e, "connection failed during detection"),
+            let connect = || opaque::connect(&entry.dest, &self.connect);
+            match detect::detect_or_wait(&mut io, self.config.detect_bounds(), connect).await {
+                Ok(Some(detected)) => detected,
+                Ok(None) => {
+                    m.detected(Outcome::Timeout);
+                    return tracing::debug!("closing a connection on which nobody spoke");
+                }
+                Err(e) => {
+                    m.error(reason_of(&*e));
+                    return tracing::debug!(error = %Chain(&*e), "connection failed during detection");
+                }
             }
         };
+        let Detected {
+            outcome,
+            prefix,
+            upstream,
+        } = detected;
         m.detected(outcome);
         tracing::Span::current().record("protocol", outcome.as_str());
         let io = PrefixedIo::new(prefix, io);
@@ -221,7 +232,9 @@ impl Outbound {
                 // be asked to close, so a drain waits for them up to the grace deadline.
                 let _held = (drain, guard);
                 let idle = self.config.tcp_idle_timeout;
-                match opaque::forward(&entry.dest, io, &self.connect, idle, &activity).await {
+                let forwarded =
+                    opaque::forward(&entry.dest, io, upstream, &self.connect, idle, &activity);
+                match forwarded.await {
                     Ok((tx, rx)) => tracing::debug!(tx, rx, "TCP connection closed"),
                     Err(e) => {
                         m.error(reason_of(&*e));

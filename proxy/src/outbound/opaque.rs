@@ -3,17 +3,19 @@
 //! served (no config yet, refused, no endpoints) closes the connection, counted by reason.
 
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 
 use super::destination::{Destination, Profile};
 use crate::errors::{BoxError, NoConfig, NoEndpoints, NoRoute};
 use crate::transport::connect::Connect;
 use crate::transport::io::Activity;
 
-/// Forwards `io` to an endpoint of `dest` until either side is done; returns the bytes sent
-/// upstream and downstream.
+/// Forwards `io` to an endpoint of `dest` (over `upstream` when it is already connected) until
+/// either side is done; returns the bytes sent upstream and downstream.
 pub async fn forward<I>(
     dest: &Destination,
     io: I,
+    upstream: Option<tokio::net::TcpStream>,
     connect: &Connect,
     idle_timeout: std::time::Duration,
     activity: &Activity,
@@ -21,6 +23,15 @@ pub async fn forward<I>(
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
+    let upstream = match upstream {
+        Some(u) => u,
+        None => self::connect(dest, connect).await?,
+    };
+    Ok(crate::transport::tcp::copy(io, upstream, idle_timeout, activity).await?)
+}
+
+/// Connects to an endpoint of `dest`, picked by the balancer.
+pub async fn connect(dest: &Destination, connect: &Connect) -> Result<TcpStream, BoxError> {
     let resolved = dest.resolved();
     match &resolved.profile {
         Profile::NoConfig => return Err(NoConfig.into()),
@@ -36,6 +47,5 @@ where
     };
     let addr = endpoint.addr;
     drop(resolved);
-    let upstream = connect.connect(addr).await?;
-    Ok(crate::transport::tcp::copy(io, upstream, idle_timeout, activity).await?)
+    connect.connect(addr).await
 }
