@@ -133,6 +133,15 @@ async fn route(
             let Ok(spec) = std::str::from_utf8(&body) else {
                 return text(StatusCode::BAD_REQUEST, "the filter is not UTF-8\n");
             };
+            if spec.trim().is_empty() {
+                // An empty filter would silence every line, the warnings included.
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "an empty filter would turn logging off; send e.g. `info` or `outrider_proxy=debug,info`\n",
+                );
+            }
+            // Said before it applies, so the change shows even when the new filter hides warn.
+            tracing::warn!(from = %log.current(), to = %spec.trim(), "log filter change requested through the admin API");
             match log.set(spec) {
                 Ok(()) => text(StatusCode::OK, format!("{}\n", spec.trim())),
                 Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),

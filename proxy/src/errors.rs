@@ -49,6 +49,8 @@ pub enum Reason {
     Overloaded = 10,
     /// The upstream does not speak the HTTP version the request needs (gRPC to HTTP/1).
     UpstreamProtocol = 11,
+    /// The request uses a transfer coding other than `chunked`.
+    UnsupportedTransferCoding = 12,
 }
 
 /// Which side a failure is blamed on (for logs, and so that later layers such as a breaker only
@@ -65,7 +67,7 @@ pub enum Side {
 
 impl Reason {
     /// Every reason, in discriminant order.
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Reason::ConnectFailed,
         Reason::UpstreamFailed,
         Reason::BadRequest,
@@ -78,6 +80,7 @@ impl Reason {
         Reason::ClientAborted,
         Reason::Overloaded,
         Reason::UpstreamProtocol,
+        Reason::UnsupportedTransferCoding,
     ];
 
     /// The `outrider-error` header value and metric label.
@@ -95,6 +98,7 @@ impl Reason {
             Reason::ClientAborted => "client-aborted",
             Reason::Overloaded => "overloaded",
             Reason::UpstreamProtocol => "upstream-protocol",
+            Reason::UnsupportedTransferCoding => "unsupported-transfer-coding",
         }
     }
 
@@ -112,6 +116,7 @@ impl Reason {
             Reason::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
             Reason::BadRequest | Reason::ClientAborted => StatusCode::BAD_REQUEST,
             Reason::Loop => StatusCode::LOOP_DETECTED,
+            Reason::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -121,7 +126,9 @@ impl Reason {
             Reason::ConnectFailed | Reason::UpstreamFailed | Reason::UpstreamProtocol => {
                 Side::Upstream
             }
-            Reason::BadRequest | Reason::ClientAborted => Side::Client,
+            Reason::BadRequest | Reason::ClientAborted | Reason::UnsupportedTransferCoding => {
+                Side::Client
+            }
             Reason::Loop
             | Reason::NoOrigDst
             | Reason::NoRoute
@@ -143,9 +150,10 @@ impl Reason {
             | Reason::Overloaded
             | Reason::Loop
             | Reason::NoOrigDst => 14,
-            Reason::RequestTimeout => 4, // DEADLINE_EXCEEDED
-            Reason::NoRoute => 12,       // UNIMPLEMENTED
-            Reason::ClientAborted => 1,  // CANCELLED
+            Reason::RequestTimeout => 4,             // DEADLINE_EXCEEDED
+            Reason::NoRoute => 12,                   // UNIMPLEMENTED
+            Reason::ClientAborted => 1,              // CANCELLED
+            Reason::UnsupportedTransferCoding => 12, // UNIMPLEMENTED
             Reason::BadRequest | Reason::UpstreamProtocol => 13, // INTERNAL
         }
     }
@@ -232,6 +240,12 @@ impl Leaf for RequestBodyError {
     }
 }
 
+/// The request uses a transfer coding other than `chunked` (RFC 9112 6.1: 501).
+#[derive(Debug, thiserror::Error)]
+#[error("a transfer coding other than chunked is not supported")]
+pub struct UnsupportedTransferCoding;
+leaf!(UnsupportedTransferCoding, Reason::UnsupportedTransferCoding);
+
 /// No view from the control plane has arrived yet.
 #[derive(Debug, thiserror::Error)]
 #[error("no config from the control plane yet")]
@@ -289,7 +303,8 @@ fn leaf_reason(e: &(dyn StdError + 'static)) -> Option<Reason> {
         NoRoute,
         NoEndpoints,
         RouteTimeout,
-        Loop
+        Loop,
+        UnsupportedTransferCoding
     );
     if e.is::<tower::timeout::error::Elapsed>() {
         return Some(Reason::RequestTimeout);

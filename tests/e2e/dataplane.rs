@@ -518,6 +518,22 @@ fn local_mode_binary_serves_admin_and_metrics_without_root() {
         &format!("http://127.0.0.1:{admin}/log-level"),
     ]);
     assert_eq!(String::from_utf8_lossy(&bad.stdout).trim(), "400");
+    // An empty filter (curl -X PUT without --data) would turn logging off: refused.
+    let empty = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-X",
+        "PUT",
+        &format!("http://127.0.0.1:{admin}/log-level"),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&empty.stdout).trim(), "400");
+    let level = curl(&[&format!("http://127.0.0.1:{admin}/log-level")]);
+    assert_eq!(
+        String::from_utf8_lossy(&level.stdout).trim(),
+        "outrider_proxy=debug"
+    );
     let metrics =
         String::from_utf8_lossy(&curl(&[&format!("http://127.0.0.1:{admin}/metrics")]).stdout)
             .into_owned();
@@ -553,6 +569,11 @@ fn local_mode_binary_serves_admin_and_metrics_without_root() {
         "{}",
         proxy.stderr()
     );
+    assert!(
+        proxy.stderr().contains("log filter change requested"),
+        "the filter change is logged at warn: {}",
+        proxy.stderr()
+    );
     drop(app);
 }
 
@@ -578,12 +599,46 @@ fn bad_proxy_flags_exit_2_with_the_reason() {
             &["--admin", "127.0.0.1:15020", "--inbound", "127.0.0.1:15020"][..],
             "already used by --admin",
         ),
+        // Never bound: validation stops first.
+        (
+            &[
+                "--forward",
+                "127.0.0.1:18990=127.0.0.1:18991",
+                "--forward",
+                "127.0.0.1:18991=127.0.0.1:18990",
+            ][..],
+            "127.0.0.1:18990=127.0.0.1:18991 → 127.0.0.1:18991=127.0.0.1:18990",
+        ),
+        (
+            &["--forward", "0.0.0.0:18992=127.0.0.1:18992"][..],
+            "requests would loop back into the proxy",
+        ),
     ] {
         let out = support::run(Command::new(OUTRIDER).arg("proxy").args(args));
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
+    // Every problem at once, each with its flag.
+    let out = support::run(Command::new(OUTRIDER).args([
+        "proxy",
+        "--admin",
+        "127.0.0.1:15020",
+        "--inbound",
+        "127.0.0.1:15020",
+        "--control",
+        "http://127.0.0.1:15012",
+    ]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr.contains("--inbound: 127.0.0.1:15020 is already used by --admin"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("--workload: --control needs --workload"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -1046,3 +1046,42 @@ async fn a_connection_on_which_nobody_speaks_is_closed_on_both_sides() {
     );
     assert_eq!(count(&p, "outrider_detect_total", "outcome", "timeout"), 1);
 }
+
+/// An original destination decided after the proxy has started.
+struct LateOrigDst(std::sync::Mutex<Option<SocketAddr>>);
+
+impl OrigDst for LateOrigDst {
+    fn orig_dst(&self, _: &TcpStream) -> std::io::Result<SocketAddr> {
+        self.0
+            .lock()
+            .unwrap()
+            .ok_or_else(|| std::io::Error::other("not yet"))
+    }
+}
+
+#[tokio::test]
+async fn a_request_that_comes_back_is_refused_with_508_and_does_not_multiply() {
+    // Proxy A's outbound sends everything to proxy B's forward listener, whose upstream is A's
+    // outbound listener: a loop no start-time check can see.
+    let late = Arc::new(LateOrigDst(std::sync::Mutex::new(None)));
+    let mut config = Config::local(vec![]);
+    config.outbound = Some(LOOPBACK_ANY.parse().unwrap());
+    let a = start(config, late.clone()).await;
+    let b = start_forward(a.outbound.unwrap(), |_| {}).await;
+    *late.0.lock().unwrap() = Some(b.forward[0]);
+    let rsp = raw(b.forward[0], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(rsp.starts_with("HTTP/1.1 508"), "{rsp}");
+    assert!(rsp.contains("outrider-error: loop"), "{rsp}");
+    // B forwarded once to A, A once back to B: two upstream connections, not thousands.
+    assert_eq!(count(&b, "outrider_errors_total", "reason", "loop"), 1);
+    assert_eq!(
+        count(&a, "outrider_requests_total", "direction", "outbound"),
+        1
+    );
+    assert_eq!(
+        count(&b, "outrider_requests_total", "direction", "forward"),
+        2
+    );
+}

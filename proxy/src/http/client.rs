@@ -47,7 +47,7 @@ use super::Body;
 use crate::errors::{
     reason_of, BadRequest, BoxError, Chain, NotHttp2, Reason, ResponseBody, Side, UpstreamFailed,
 };
-use crate::http::headers::{is_upgrade, strip_hop_by_hop};
+use crate::http::headers::{check_request, is_upgrade, strip_hop_by_hop};
 use crate::transport::connect::Connect;
 
 /// Upstreams kept before unused ones are forgotten. Bounds memory when outbound traffic fans out
@@ -86,14 +86,17 @@ pub enum UpstreamHttp {
 pub struct Upstreams {
     by_key: Mutex<HashMap<EndpointKey, Arc<Upstream>>>,
     connect: Connect,
+    hop: HeaderValue,
 }
 
 impl Upstreams {
-    /// An empty table whose upstreams dial with `connect`.
+    /// An empty table whose upstreams dial with `connect`. Requests sent through it carry a hop
+    /// marker of its own (one table per proxy).
     pub fn new(connect: Connect) -> Self {
         Self {
             by_key: Mutex::new(HashMap::new()),
             connect,
+            hop: crate::http::headers::hop_token(),
         }
     }
 
@@ -115,7 +118,7 @@ impl Upstreams {
             map.retain(|_, u| Arc::strong_count(u) > 1);
         }
         map.entry(key)
-            .or_insert_with(|| Arc::new(Upstream::new(key, self.connect.clone())))
+            .or_insert_with(|| Arc::new(Upstream::new(key, self.connect.clone(), self.hop.clone())))
             .clone()
     }
 
@@ -142,10 +145,12 @@ pub struct Upstream {
     /// Milliseconds since `born` of the last warning (0: never).
     warned_at: AtomicU64,
     born: tokio::time::Instant,
+    /// The proxy's hop marker.
+    hop: HeaderValue,
 }
 
 impl Upstream {
-    fn new(key: EndpointKey, connect: Connect) -> Self {
+    fn new(key: EndpointKey, connect: Connect, hop: HeaderValue) -> Self {
         let connector = FixedConnector {
             addr: key.addr,
             connect: connect.clone(),
@@ -172,6 +177,7 @@ impl Upstream {
             http1_only: AtomicBool::new(false),
             warned_at: AtomicU64::new(0),
             born: tokio::time::Instant::now(),
+            hop,
         }
     }
 
@@ -573,6 +579,7 @@ impl tower::Service<Request<Body>> for Forward {
             let ctx = upgrade
                 .as_ref()
                 .and_then(|_| req.extensions().get::<Arc<ConnContext>>().cloned());
+            check_request(req.headers_mut(), &this.upstream.hop)?;
             strip_hop_by_hop(req.headers_mut(), upgrade.is_some() && !connect);
             let grpc = crate::errors::is_grpc(req.headers());
             let mut h2 = this.wants_h2(&req, grpc) && upgrade.is_none();

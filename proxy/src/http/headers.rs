@@ -1,10 +1,60 @@
 //! Hop-by-hop header handling (RFC 9110 section 7.6.1): fields that describe one connection are
-//! removed before a message is forwarded on another. `Connection`-listed fields go too. Upgrade
-//! requests keep `Connection: upgrade` and `Upgrade`, which the next hop needs to switch protocols.
+//! removed before a message is forwarded on another. `Connection`-listed fields go too, except the
+//! fields the proxy itself depends on (`Host`, `Content-Length`, `Transfer-Encoding` and the
+//! proxy's own [`HOP`]), which a client cannot make it drop. Upgrade requests keep
+//! `Connection: upgrade` and `Upgrade`, which the next hop needs to switch protocols.
+//!
+//! Also the framing checks a request must pass before it is forwarded ([`check_request`]): one
+//! `Host` (RFC 9112 3.2), and no transfer coding but `chunked` (RFC 9112 6.1), and the hop marker
+//! that detects a request coming back to the proxy that already forwarded it.
 
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, TE, TRANSFER_ENCODING, UPGRADE,
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TE, TRANSFER_ENCODING,
+    UPGRADE,
 };
+
+use crate::errors::{BadRequest, BoxError, Loop, UnsupportedTransferCoding};
+
+/// The hop marker (in the spirit of `Via`, RFC 9110 7.6.3): every request a proxy forwards
+/// carries that proxy's own token ([`hop_token`]), so a request that comes back to it is refused
+/// (508).
+pub const HOP: &str = "outrider-hop";
+
+/// A new random hop token, one per proxy.
+pub fn hop_token() -> HeaderValue {
+    HeaderValue::from(fastrand::u64(1..u64::MAX))
+}
+
+/// Refuses a request that cannot be forwarded safely: two `Host` fields (which one a backend
+/// believes differs), a transfer coding other than `chunked` (its coding would be lost), or a
+/// request that already passed this proxy (a forwarding loop). Then adds this proxy's hop marker.
+pub fn check_request(headers: &mut HeaderMap, token: &HeaderValue) -> Result<(), BoxError> {
+    if headers.get_all(HOST).iter().nth(1).is_some() {
+        return Err(BadRequest("more than one Host field".into()).into());
+    }
+    for v in headers.get_all(TRANSFER_ENCODING) {
+        let only_chunked = v
+            .to_str()
+            .map(|s| {
+                s.split(',')
+                    .all(|c| c.trim().eq_ignore_ascii_case("chunked"))
+            })
+            .unwrap_or(false);
+        if !only_chunked {
+            return Err(UnsupportedTransferCoding.into());
+        }
+    }
+    if headers.get_all(HOP).iter().any(|v| v == token) {
+        return Err(Loop.into());
+    }
+    headers.append(HOP, token.clone());
+    Ok(())
+}
+
+/// Fields a `Connection` header may not remove.
+fn is_protected(name: &HeaderName) -> bool {
+    name == HOST || name == CONTENT_LENGTH || name == TRANSFER_ENCODING || name.as_str() == HOP
+}
 
 const KEEP_ALIVE: &str = "keep-alive";
 const PROXY_CONNECTION: &str = "proxy-connection";
@@ -33,7 +83,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|s| s.split(','))
             .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .filter(|n| !(keep_upgrade && *n == UPGRADE))
+            .filter(|n| !(keep_upgrade && *n == UPGRADE) && !is_protected(n))
             .collect();
         for name in named {
             headers.remove(name);
@@ -45,7 +95,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     headers.remove(KEEP_ALIVE);
     headers.remove(PROXY_CONNECTION);
-    headers.remove(TRANSFER_ENCODING);
+    // RFC 9112 6.3: Transfer-Encoding overrides Content-Length, and an intermediary that forwards
+    // the message must remove the Content-Length it received (else the body is cut short).
+    if headers.remove(TRANSFER_ENCODING).is_some() {
+        headers.remove(CONTENT_LENGTH);
+    }
     if !keep_upgrade {
         headers.remove(UPGRADE);
     }
@@ -89,6 +143,64 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["authorization", "host"]);
+    }
+
+    #[test]
+    fn connection_cannot_remove_what_the_proxy_depends_on() {
+        let mut h = map(&[
+            (
+                "connection",
+                "close, x-secret, host, content-length, outrider-hop",
+            ),
+            ("x-secret", "s"),
+            ("host", "payments"),
+            ("content-length", "3"),
+            ("outrider-hop", "1"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-length", "host", "outrider-hop"]);
+    }
+
+    #[test]
+    fn transfer_encoding_wins_over_content_length() {
+        let mut h = map(&[("transfer-encoding", "chunked"), ("content-length", "1")]);
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
+    }
+
+    #[test]
+    fn requests_that_cannot_be_forwarded_safely_are_refused() {
+        use crate::errors::{reason_of, Reason};
+        let token = hop_token();
+        let reason = |pairs: &[(&str, &str)]| {
+            check_request(&mut map(pairs), &token).map_err(|e| reason_of(&*e))
+        };
+        assert_eq!(
+            reason(&[("host", "a"), ("host", "b")]),
+            Err(Reason::BadRequest)
+        );
+        assert_eq!(
+            reason(&[("transfer-encoding", "gzip, chunked")]),
+            Err(Reason::UnsupportedTransferCoding)
+        );
+        assert_eq!(
+            reason(&[("transfer-encoding", "Chunked"), ("host", "a")]),
+            Ok(())
+        );
+        // The hop marker: added once, refused when the request comes back.
+        let mut h = map(&[("host", "a"), ("outrider-hop", "42")]);
+        check_request(&mut h, &token).unwrap();
+        assert_eq!(h.get_all(HOP).iter().count(), 2);
+        assert!(
+            check_request(&mut h.clone(), &hop_token()).is_ok(),
+            "another proxy's token"
+        );
+        assert_eq!(
+            check_request(&mut h, &token).map_err(|e| reason_of(&*e)),
+            Err(Reason::Loop)
+        );
     }
 
     #[test]
