@@ -87,6 +87,15 @@ pub struct ProxyArgs {
     #[arg(long, env = "OUTRIDER_HTTP_IDLE_TIMEOUT", value_name = "DUR", default_value = "5m",
           value_parser = parse_duration)]
     pub http_idle_timeout: Duration,
+    /// An HTTP connection with requests in flight but no byte moving either way on it (a hung
+    /// upstream, a stalled upload) is closed after this.
+    #[arg(long, env = "OUTRIDER_STREAM_IDLE_TIMEOUT", value_name = "DUR", default_value = "5m",
+          value_parser = parse_duration)]
+    pub stream_idle_timeout: Duration,
+    /// Local mode: the time every request's response headers may take (504 request-timeout
+    /// after it). A route's own timeout wins. Default: none.
+    #[arg(long, env = "OUTRIDER_REQUEST_TIMEOUT", value_name = "DUR", value_parser = parse_duration)]
+    pub request_timeout: Option<Duration>,
     /// An opaque TCP connection with no bytes moving either way is closed after this.
     #[arg(long, env = "OUTRIDER_TCP_IDLE_TIMEOUT", value_name = "DUR", default_value = "1h",
           value_parser = parse_duration)]
@@ -153,6 +162,10 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// HTTP connection idle timeout.
     pub http_idle_timeout: Duration,
+    /// No bytes either way with requests in flight: close.
+    pub stream_idle_timeout: Duration,
+    /// Default time to response headers (a route's timeout wins).
+    pub request_timeout: Option<Duration>,
     /// Opaque TCP idle timeout.
     pub tcp_idle_timeout: Duration,
     /// Upstream connect timeout.
@@ -209,6 +222,8 @@ impl Config {
             max_header_bytes: args.max_header_bytes,
             header_read_timeout: args.header_read_timeout,
             http_idle_timeout: args.http_idle_timeout,
+            stream_idle_timeout: args.stream_idle_timeout,
+            request_timeout: args.request_timeout,
             tcp_idle_timeout: args.tcp_idle_timeout,
             connect_timeout: args.connect_timeout,
             max_connections: args.max_connections as usize,
@@ -362,6 +377,8 @@ impl Config {
             "max_header_bytes": self.max_header_bytes,
             "header_read_timeout": fmt_duration(self.header_read_timeout),
             "http_idle_timeout": fmt_duration(self.http_idle_timeout),
+            "stream_idle_timeout": fmt_duration(self.stream_idle_timeout),
+            "request_timeout": self.request_timeout.map(fmt_duration),
             "tcp_idle_timeout": fmt_duration(self.tcp_idle_timeout),
             "connect_timeout": fmt_duration(self.connect_timeout),
             "max_connections": self.max_connections,
@@ -388,6 +405,8 @@ impl Config {
             max_header_bytes: 64 * 1024,
             header_read_timeout: Duration::from_secs(10),
             http_idle_timeout: Duration::from_secs(300),
+            stream_idle_timeout: Duration::from_secs(300),
+            request_timeout: None,
             tcp_idle_timeout: Duration::from_secs(3600),
             connect_timeout: Duration::from_secs(3),
             max_connections: 10_000,

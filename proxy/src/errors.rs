@@ -51,6 +51,8 @@ pub enum Reason {
     UpstreamProtocol = 11,
     /// The request uses a transfer coding other than `chunked`.
     UnsupportedTransferCoding = 12,
+    /// The client did not finish its request headers within the header-read timeout.
+    HeaderTimeout = 13,
 }
 
 /// Which side a failure is blamed on (for logs, and so that later layers such as a breaker only
@@ -67,7 +69,7 @@ pub enum Side {
 
 impl Reason {
     /// Every reason, in discriminant order.
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Reason::ConnectFailed,
         Reason::UpstreamFailed,
         Reason::BadRequest,
@@ -81,6 +83,7 @@ impl Reason {
         Reason::Overloaded,
         Reason::UpstreamProtocol,
         Reason::UnsupportedTransferCoding,
+        Reason::HeaderTimeout,
     ];
 
     /// The `outrider-error` header value and metric label.
@@ -99,6 +102,7 @@ impl Reason {
             Reason::Overloaded => "overloaded",
             Reason::UpstreamProtocol => "upstream-protocol",
             Reason::UnsupportedTransferCoding => "unsupported-transfer-coding",
+            Reason::HeaderTimeout => "header-timeout",
         }
     }
 
@@ -117,6 +121,7 @@ impl Reason {
             Reason::BadRequest | Reason::ClientAborted => StatusCode::BAD_REQUEST,
             Reason::Loop => StatusCode::LOOP_DETECTED,
             Reason::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
+            Reason::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -126,9 +131,10 @@ impl Reason {
             Reason::ConnectFailed | Reason::UpstreamFailed | Reason::UpstreamProtocol => {
                 Side::Upstream
             }
-            Reason::BadRequest | Reason::ClientAborted | Reason::UnsupportedTransferCoding => {
-                Side::Client
-            }
+            Reason::BadRequest
+            | Reason::ClientAborted
+            | Reason::UnsupportedTransferCoding
+            | Reason::HeaderTimeout => Side::Client,
             Reason::Loop
             | Reason::NoOrigDst
             | Reason::NoRoute
@@ -150,10 +156,10 @@ impl Reason {
             | Reason::Overloaded
             | Reason::Loop
             | Reason::NoOrigDst => 14,
-            Reason::RequestTimeout => 4,             // DEADLINE_EXCEEDED
-            Reason::NoRoute => 12,                   // UNIMPLEMENTED
-            Reason::ClientAborted => 1,              // CANCELLED
-            Reason::UnsupportedTransferCoding => 12, // UNIMPLEMENTED
+            Reason::RequestTimeout | Reason::HeaderTimeout => 4, // DEADLINE_EXCEEDED
+            Reason::NoRoute => 12,                               // UNIMPLEMENTED
+            Reason::ClientAborted => 1,                          // CANCELLED
+            Reason::UnsupportedTransferCoding => 12,             // UNIMPLEMENTED
             Reason::BadRequest | Reason::UpstreamProtocol => 13, // INTERNAL
         }
     }

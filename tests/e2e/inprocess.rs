@@ -1085,3 +1085,90 @@ async fn a_request_that_comes_back_is_refused_with_508_and_does_not_multiply() {
         2
     );
 }
+
+/// A server that accepts, reads and never answers; hands each accepted connection to the test.
+async fn start_black_hole() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<TcpStream>) {
+    let l = TcpListener::bind(LOOPBACK_ANY).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let _ = tx.send(s);
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn an_unfinished_request_head_gets_408() {
+    let app = start_app().await;
+    let p = start_forward(app, |c| c.header_read_timeout = Duration::from_millis(200)).await;
+    // The client keeps its side open: it is slow, not gone.
+    let mut s = TcpStream::connect(p.forward[0]).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let rsp = String::from_utf8_lossy(&out);
+    assert!(rsp.starts_with("HTTP/1.1 408"), "{rsp:?}");
+    assert!(rsp.contains("outrider-error: header-timeout"), "{rsp}");
+    assert_eq!(
+        count(&p, "outrider_errors_total", "reason", "header-timeout"),
+        1
+    );
+    assert_eq!(
+        count(&p, "outrider_responses_total", "status_class", "4xx"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_hung_upstream_gets_504_with_a_request_timeout() {
+    let (upstream, mut accepted) = start_black_hole().await;
+    let p = start_forward(upstream, |c| {
+        c.request_timeout = Some(Duration::from_millis(300))
+    })
+    .await;
+    let rsp = raw(p.forward[0], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(rsp.starts_with("HTTP/1.1 504"), "{rsp}");
+    assert!(rsp.contains("outrider-error: request-timeout"), "{rsp}");
+    drop(accepted.recv().await);
+}
+
+#[tokio::test]
+async fn a_hung_upstream_is_dropped_after_the_stream_idle_timeout() {
+    let (upstream, mut accepted) = start_black_hole().await;
+    let p = start_forward(upstream, |c| {
+        c.stream_idle_timeout = Duration::from_millis(300)
+    })
+    .await;
+    let mut client = TcpStream::connect(p.forward[0]).await.unwrap();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut up = accepted.recv().await.unwrap();
+    let mut buf = [0u8; 4096];
+    // The upstream reads the request, then both connections are closed: neither is held.
+    let mut closed = false;
+    for _ in 0..16 {
+        match tokio::time::timeout(Duration::from_secs(5), up.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(_)) => continue,
+            Err(_) => break,
+        }
+    }
+    assert!(closed, "the upstream connection is still open");
+    let down = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await;
+    assert!(
+        matches!(down, Ok(Ok(0)) | Ok(Err(_))),
+        "client side still open"
+    );
+}

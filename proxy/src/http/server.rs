@@ -42,6 +42,9 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// Idle time (no request in flight, no bytes moving) after which the connection is closed.
     pub idle_timeout: Duration,
+    /// Time without a byte either way on the client connection after which it is closed even
+    /// with requests in flight (a hung upstream, a stalled upload).
+    pub stream_idle_timeout: Duration,
 }
 
 impl From<&crate::config::Config> for ServerConfig {
@@ -50,6 +53,7 @@ impl From<&crate::config::Config> for ServerConfig {
             max_header_bytes: config.max_header_bytes,
             header_read_timeout: config.header_read_timeout,
             idle_timeout: config.http_idle_timeout,
+            stream_idle_timeout: config.stream_idle_timeout,
         }
     }
 }
@@ -101,7 +105,9 @@ impl<S> Stack for S where
 
 /// Serves HTTP on `io` with `stack` until the connection ends, a drain completes it, or it idles
 /// out. Requests hyper answers itself (malformed: 400, oversized headers: 431) are counted in
-/// `metrics` as 4xx responses with reason `bad-request`.
+/// `metrics` as 4xx responses with reason `bad-request`. An HTTP/1 client that started a request
+/// but did not finish its headers within the header-read timeout gets `408 Request Timeout`
+/// (hyper would only close), counted with reason `header-timeout`.
 pub async fn serve<I, S>(
     io: I,
     protocol: Protocol,
@@ -113,12 +119,125 @@ pub async fn serve<I, S>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Stack,
 {
-    if let Err(e) = serve_inner(io, protocol, stack, config, ctx).await {
-        if e.is_parse() || e.is_parse_too_large() {
-            metrics.response(http::StatusCode::BAD_REQUEST);
-            metrics.error(crate::errors::Reason::BadRequest);
+    let (back, returned) = tokio::sync::oneshot::channel();
+    let io = Returning {
+        io: Some(io),
+        back: Some(back),
+        partial: false,
+    };
+    let Err(e) = serve_inner(io, protocol, stack, config, ctx).await else {
+        return;
+    };
+    if e.is_parse() || e.is_parse_too_large() {
+        metrics.response(http::StatusCode::BAD_REQUEST);
+        metrics.error(crate::errors::Reason::BadRequest);
+    }
+    if e.is_timeout() {
+        if let Ok((mut io, true)) = returned.await {
+            use tokio::io::AsyncWriteExt;
+            const TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\noutrider-error: header-timeout\r\n\r\n";
+            let write = async {
+                io.write_all(TIMEOUT).await?;
+                io.shutdown().await
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+            metrics.response(http::StatusCode::REQUEST_TIMEOUT);
+            metrics.error(crate::errors::Reason::HeaderTimeout);
         }
-        tracing::debug!(error = %e, "HTTP connection ended with an error");
+    }
+    tracing::debug!(error = %e, "HTTP connection ended with an error");
+}
+
+pin_project_lite::pin_project! {
+    /// The connection's IO, handed back when hyper drops it, with whether a request had started
+    /// (bytes read since the last write): so the server can still answer a header timeout.
+    struct Returning<T> {
+        io: Option<T>,
+        back: Option<tokio::sync::oneshot::Sender<(T, bool)>>,
+        partial: bool,
+    }
+
+    impl<T> PinnedDrop for Returning<T> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let (Some(io), Some(back)) = (this.io.take(), this.back.take()) {
+                let _ = back.send((io, *this.partial));
+            }
+        }
+    }
+}
+
+fn gone() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::NotConnected,
+        "the connection was handed back",
+    )
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Returning<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.project();
+        let Some(io) = this.io.as_mut() else {
+            return std::task::Poll::Ready(Err(gone()));
+        };
+        let before = buf.filled().len();
+        let res = Pin::new(io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            *this.partial = true;
+        }
+        res
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Returning<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let Some(io) = this.io.as_mut() else {
+            return std::task::Poll::Ready(Err(gone()));
+        };
+        *this.partial = false;
+        Pin::new(io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let Some(io) = this.io.as_mut() else {
+            return std::task::Poll::Ready(Err(gone()));
+        };
+        *this.partial = false;
+        Pin::new(io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.as_ref().is_some_and(|io| io.is_write_vectored())
+    }
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.project().io.as_mut() {
+            Some(io) => Pin::new(io).poll_flush(cx),
+            None => std::task::Poll::Ready(Err(gone())),
+        }
+    }
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.project().io.as_mut() {
+            Some(io) => Pin::new(io).poll_shutdown(cx),
+            None => std::task::Poll::Ready(Err(gone())),
+        }
     }
 }
 
@@ -145,6 +264,9 @@ where
     let idle = activity.idle(config.idle_timeout, move || {
         in_flight.load(Ordering::Relaxed) > 0
     });
+    let stuck_clock = activity.clone();
+    let stream_idle = config.stream_idle_timeout;
+    let stuck = async move { stuck_clock.idle(stream_idle, || false).await };
     if protocol == Protocol::Http2 {
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         builder
@@ -154,7 +276,7 @@ where
             .keep_alive_timeout(Duration::from_secs(10))
             .max_header_list_size(config.max_header_bytes);
         let conn = builder.serve_connection(io, svc);
-        drive(conn, |c| c.graceful_shutdown(), &mut drain, idle).await
+        drive(conn, |c| c.graceful_shutdown(), &mut drain, idle, stuck).await
     } else {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
@@ -164,7 +286,7 @@ where
             .half_close(true)
             .max_buf_size(config.max_header_bytes.max(8192) as usize);
         let conn = builder.serve_connection(io, svc).with_upgrades();
-        drive(conn, |c| c.graceful_shutdown(), &mut drain, idle).await
+        drive(conn, |c| c.graceful_shutdown(), &mut drain, idle, stuck).await
     }
 }
 
@@ -216,18 +338,21 @@ impl<F: Future> Future for Counted<F> {
     }
 }
 
-/// Polls a hyper connection, asking it to shut down gracefully once on drain or idleness.
+/// Polls a hyper connection, asking it to shut down gracefully once on drain or idleness, and
+/// dropping it when nothing has moved for the stream idle timeout (`stuck`).
 async fn drive<C>(
     conn: C,
     graceful: impl Fn(Pin<&mut C>),
     drain: &mut drain::Watch,
     idle: impl Future<Output = ()>,
+    stuck: impl Future<Output = ()>,
 ) -> Result<(), hyper::Error>
 where
     C: Future<Output = Result<(), hyper::Error>>,
 {
     tokio::pin!(conn);
     tokio::pin!(idle);
+    tokio::pin!(stuck);
     let mut closing = false;
     loop {
         tokio::select! {
@@ -244,6 +369,10 @@ where
                 tracing::debug!("closing idle connection");
                 graceful(conn.as_mut());
                 closing = true;
+            }
+            () = &mut stuck => {
+                tracing::debug!("closing a connection with nothing moving for the stream idle timeout");
+                return Ok(());
             }
         }
     }

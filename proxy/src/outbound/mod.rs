@@ -85,11 +85,12 @@ impl Outbound {
         views: Option<watch::Receiver<View>>,
     ) -> Arc<Self> {
         let policy = config.upstream_http;
+        let default_timeout = config.request_timeout;
         let stack_metrics = metrics.clone();
         let destinations = Destinations::new(
             upstreams.clone(),
             views.clone(),
-            move |dest| http_stack(dest, stack_metrics.clone(), policy),
+            move |dest| http_stack(dest, stack_metrics.clone(), policy, default_timeout),
             all.destinations.clone(),
             all.destination_builds.clone(),
         );
@@ -142,6 +143,7 @@ fn http_stack(
     dest: Arc<Destination>,
     metrics: Arc<DirectionMetrics>,
     policy: crate::http::client::UpstreamHttp,
+    default_timeout: Option<Duration>,
 ) -> HttpStack {
     ServiceBuilder::new()
         // Every request and response counted, local answers included.
@@ -151,7 +153,7 @@ fn http_stack(
         // Anything below that is not ready is answered at once, never queued.
         .layer(LoadShedLayer::new())
         // The matching route's timeout and name.
-        .layer(RouterLayer::new(dest.clone()))
+        .layer(RouterLayer::new(dest.clone(), default_timeout))
         .layer(RequestTimeoutLayer)
         // [retry: budgeted, with a replayable body]
         // The balancer picks an endpoint; its endpoint stack is [breaker] → client → connect.

@@ -62,12 +62,16 @@ pub struct RouteName(pub Arc<str>);
 #[derive(Debug, Clone)]
 pub struct RouterLayer {
     dest: Arc<Destination>,
+    default_timeout: Option<Duration>,
 }
 
 impl RouterLayer {
-    /// Routes requests to `dest`.
-    pub fn new(dest: Arc<Destination>) -> Self {
-        Self { dest }
+    /// Routes requests to `dest`; a request no route gives a timeout gets `default_timeout`.
+    pub fn new(dest: Arc<Destination>, default_timeout: Option<Duration>) -> Self {
+        Self {
+            dest,
+            default_timeout,
+        }
     }
 }
 
@@ -77,6 +81,7 @@ impl<S> tower::Layer<S> for RouterLayer {
         Router {
             inner,
             dest: self.dest.clone(),
+            default_timeout: self.default_timeout,
         }
     }
 }
@@ -86,6 +91,7 @@ impl<S> tower::Layer<S> for RouterLayer {
 pub struct Router<S> {
     inner: S,
     dest: Arc<Destination>,
+    default_timeout: Option<Duration>,
 }
 
 impl<S, B> tower::Service<Request<B>> for Router<S>
@@ -100,19 +106,25 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let resolved = self.dest.resolved();
-        let Profile::Service(service) = &resolved.profile else {
-            return self.inner.call(req);
-        };
-        let (mut parts, body) = req.into_parts();
-        if let Some(route) = service.routes.iter().find(|r| r.matches(&parts)) {
-            if let Some(t) = route.timeout {
-                parts.extensions.insert(RequestTimeout(t));
+        let route = match &resolved.profile {
+            Profile::Service(service) => {
+                let (parts, body) = req.into_parts();
+                let route = service.routes.iter().find(|r| r.matches(&parts));
+                req = Request::from_parts(parts, body);
+                route
             }
-            parts.extensions.insert(RouteName(route.name.clone()));
+            _ => None,
+        };
+        let timeout = route.and_then(|r| r.timeout).or(self.default_timeout);
+        if let Some(t) = timeout {
+            req.extensions_mut().insert(RequestTimeout(t));
         }
-        self.inner.call(Request::from_parts(parts, body))
+        if let Some(route) = route {
+            req.extensions_mut().insert(RouteName(route.name.clone()));
+        }
+        self.inner.call(req)
     }
 }
 
