@@ -42,6 +42,7 @@ pub async fn run(
     log: Option<log::LogHandle>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> ExitCode {
+    raise_open_files(&config);
     let orig_dst = Arc::new(transport::orig_dst::SoOriginalDst);
     let proxy = match Proxy::bind(config, orig_dst, log, prometheus::Registry::new()).await {
         Ok(proxy) => proxy,
@@ -62,5 +63,36 @@ pub async fn run(
             tracing::error!("{e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// Raises the open-file soft limit to the hard limit (a proxied connection needs two descriptors,
+/// and the default soft limit is often 1024), and warns when `--max-connections` per listener
+/// cannot fit in it.
+fn raise_open_files(config: &Config) {
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read or raise the open-file limit");
+            return;
+        }
+    };
+    let listeners = config.forwards.len()
+        + usize::from(config.inbound.is_some())
+        + usize::from(config.outbound.is_some());
+    // Two descriptors per proxied connection, plus the listeners, the admin server and slack.
+    let needed = (config.max_connections as u64)
+        .saturating_mul(2)
+        .saturating_mul(listeners.max(1) as u64)
+        .saturating_add(64);
+    if limit < needed {
+        tracing::warn!(
+            open_files = limit,
+            needed,
+            max_connections = config.max_connections,
+            "the open-file limit is below what --max-connections needs (2 per connection per listener); accepts and dials will fail with EMFILE first: raise the hard limit (ulimit -Hn, LimitNOFILE) or lower --max-connections"
+        );
+    } else {
+        tracing::info!(open_files = limit, "open-file limit");
     }
 }

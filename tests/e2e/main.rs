@@ -10,5 +10,6 @@
 mod capture;
 mod control;
 mod dataplane;
+mod hardening;
 mod inprocess;
 mod support;
