@@ -103,6 +103,7 @@ impl Proxy {
         let upstreams = Arc::new(Upstreams::new(Connect::new(
             config.connect_timeout,
             metrics.upstream_connects.clone(),
+            config.max_upstream_connections,
         )));
         let discovery = match (&config.control, &config.workload) {
             (Some(url), Some(workload)) => Some(Discovery::spawn(

@@ -109,6 +109,11 @@ pub struct ProxyArgs {
     #[arg(long, env = "OUTRIDER_MAX_CONNECTIONS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+    /// Connections open at once to one upstream address (HTTP pools and opaque TCP together);
+    /// past it new ones fail at once with 503 `overloaded`.
+    #[arg(long, env = "OUTRIDER_MAX_UPSTREAM_CONNECTIONS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_upstream_connections: u32,
     /// After shutdown starts, how long outbound traffic keeps being served (the app may still be
     /// finishing its own work).
     #[arg(long, env = "OUTRIDER_DRAIN_WINDOW", value_name = "DUR", default_value = "5s",
@@ -172,6 +177,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Open connections per listener.
     pub max_connections: usize,
+    /// Open connections per upstream address.
+    pub max_upstream_connections: usize,
     /// Outbound drain window after shutdown starts.
     pub drain_window: Duration,
     /// Hard shutdown deadline.
@@ -227,6 +234,7 @@ impl Config {
             tcp_idle_timeout: args.tcp_idle_timeout,
             connect_timeout: args.connect_timeout,
             max_connections: args.max_connections as usize,
+            max_upstream_connections: args.max_upstream_connections as usize,
             drain_window: args.drain_window,
             shutdown_grace: args.shutdown_grace,
         };
@@ -382,6 +390,7 @@ impl Config {
             "tcp_idle_timeout": fmt_duration(self.tcp_idle_timeout),
             "connect_timeout": fmt_duration(self.connect_timeout),
             "max_connections": self.max_connections,
+            "max_upstream_connections": self.max_upstream_connections,
             "drain_window": fmt_duration(self.drain_window),
             "shutdown_grace": fmt_duration(self.shutdown_grace),
         })
@@ -410,6 +419,7 @@ impl Config {
             tcp_idle_timeout: Duration::from_secs(3600),
             connect_timeout: Duration::from_secs(3),
             max_connections: 10_000,
+            max_upstream_connections: 10_000,
             drain_window: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(10),
         }

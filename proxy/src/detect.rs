@@ -245,7 +245,7 @@ pub enum FirstWords {
 /// `timeout`. A client that stays silent does not keep an upstream connection for longer.
 pub async fn wait_for_first_words<I: AsyncRead + Unpin>(
     client: &mut I,
-    upstream: &tokio::net::TcpStream,
+    upstream: &crate::transport::connect::Upstream,
     timeout: Duration,
 ) -> io::Result<FirstWords> {
     let mut buf = BytesMut::with_capacity(1024);
@@ -254,7 +254,7 @@ pub async fn wait_for_first_words<I: AsyncRead + Unpin>(
             0 => FirstWords::ClientClosed,
             _ => FirstWords::Client(buf),
         }),
-        ready = upstream.readable() => ready.map(|()| FirstWords::Upstream),
+        ready = upstream.stream().readable() => ready.map(|()| FirstWords::Upstream),
         () = tokio::time::sleep(timeout) => Ok(FirstWords::Silence),
     }
 }
@@ -268,7 +268,7 @@ pub struct Detected {
     /// Every byte read from the client, to be replayed.
     pub prefix: Bytes,
     /// The upstream dialled while the client was silent (used for opaque TCP; dropped for HTTP).
-    pub upstream: Option<tokio::net::TcpStream>,
+    pub upstream: Option<crate::transport::connect::Upstream>,
 }
 
 /// Detection bounds.
@@ -294,7 +294,9 @@ pub async fn detect_or_wait<I, F, Fut>(
 where
     I: AsyncRead + Unpin,
     F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = Result<tokio::net::TcpStream, crate::errors::BoxError>>,
+    Fut: std::future::Future<
+        Output = Result<crate::transport::connect::Upstream, crate::errors::BoxError>,
+    >,
 {
     let (outcome, prefix) = detect(io, bounds.timeout, bounds.max_bytes).await?;
     if outcome != Outcome::Timeout || !prefix.is_empty() {

@@ -193,6 +193,17 @@ pub struct ConnectError {
 }
 leaf!(ConnectError, Reason::ConnectFailed);
 
+/// The per-upstream connection bound is reached.
+#[derive(Debug, thiserror::Error)]
+#[error("{max} connections to {addr} are open already (the per-upstream bound)")]
+pub struct UpstreamBusy {
+    /// The upstream.
+    pub addr: SocketAddr,
+    /// The bound.
+    pub max: usize,
+}
+leaf!(UpstreamBusy, Reason::Overloaded);
+
 /// The upstream did not accept the connection within the connect timeout.
 #[derive(Debug, thiserror::Error)]
 #[error("connecting to {addr} timed out after {}", outrider_control::duration::format(*.after))]
@@ -302,6 +313,7 @@ fn leaf_reason(e: &(dyn StdError + 'static)) -> Option<Reason> {
         RequestBodyError,
         ConnectError,
         ConnectTimeout,
+        UpstreamBusy,
         NotHttp2,
         UpstreamFailed,
         BadRequest,

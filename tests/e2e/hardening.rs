@@ -9,7 +9,7 @@ const OUTRIDER: &str = env!("CARGO_BIN_EXE_outrider");
 
 #[test]
 fn the_open_file_limit_is_raised_to_the_hard_limit_and_a_short_one_is_reported() {
-    let mut proxy = ChildGuard::spawn(
+    let proxy = ChildGuard::spawn(
         Command::new("sh").args([
             "-c",
             "ulimit -Sn 256 && ulimit -Hn 1000 && exec \"$0\" proxy --forward 127.0.0.1:0=127.0.0.1:9 --admin 127.0.0.1:0",

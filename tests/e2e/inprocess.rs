@@ -1172,3 +1172,34 @@ async fn a_hung_upstream_is_dropped_after_the_stream_idle_timeout() {
         "client side still open"
     );
 }
+
+#[tokio::test]
+async fn connections_to_one_upstream_are_bounded() {
+    let (upstream, mut accepted) = start_black_hole().await;
+    let p = start_forward(upstream, |c| c.max_upstream_connections = 2).await;
+    let mut hung = Vec::new();
+    for _ in 0..2 {
+        let mut c = TcpStream::connect(p.forward[0]).await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        hung.push(c);
+        hung_upstream(&mut accepted).await;
+    }
+    // Both slots are held by requests the upstream never answers: the third fails at once.
+    let rsp = raw(p.forward[0], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(rsp.starts_with("HTTP/1.1 503"), "{rsp}");
+    assert!(rsp.contains("outrider-error: overloaded"), "{rsp}");
+    assert_eq!(single(&p, "outrider_upstream_connects_total"), 2.0);
+}
+
+/// Waits for the black hole to accept one more connection, and keeps it open.
+async fn hung_upstream(accepted: &mut tokio::sync::mpsc::UnboundedReceiver<TcpStream>) {
+    let s = accepted.recv().await.unwrap();
+    tokio::spawn(async move {
+        let _keep = s;
+        std::future::pending::<()>().await;
+    });
+}

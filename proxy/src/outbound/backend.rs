@@ -303,6 +303,7 @@ mod tests {
             crate::http::client::Upstreams::new(crate::transport::connect::Connect::new(
                 std::time::Duration::from_secs(1),
                 metrics.upstream_connects,
+                100,
             ));
         let up = |addr| upstreams.get_or_insert(crate::http::client::EndpointKey { addr });
         let (a, b, c): (SocketAddr, SocketAddr, SocketAddr) = (

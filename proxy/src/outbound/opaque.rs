@@ -3,11 +3,10 @@
 //! served (no config yet, refused, no endpoints) closes the connection, counted by reason.
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 
 use super::destination::{Destination, Profile};
 use crate::errors::{BoxError, NoConfig, NoEndpoints, NoRoute};
-use crate::transport::connect::Connect;
+use crate::transport::connect::{Connect, Upstream};
 use crate::transport::io::Activity;
 
 /// Forwards `io` to an endpoint of `dest` (over `upstream` when it is already connected) until
@@ -15,7 +14,7 @@ use crate::transport::io::Activity;
 pub async fn forward<I>(
     dest: &Destination,
     io: I,
-    upstream: Option<tokio::net::TcpStream>,
+    upstream: Option<crate::transport::connect::Upstream>,
     connect: &Connect,
     idle_timeout: std::time::Duration,
     activity: &Activity,
@@ -31,7 +30,7 @@ where
 }
 
 /// Connects to an endpoint of `dest`, picked by the balancer.
-pub async fn connect(dest: &Destination, connect: &Connect) -> Result<TcpStream, BoxError> {
+pub async fn connect(dest: &Destination, connect: &Connect) -> Result<Upstream, BoxError> {
     let resolved = dest.resolved();
     match &resolved.profile {
         Profile::NoConfig => return Err(NoConfig.into()),
