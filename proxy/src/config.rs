@@ -23,6 +23,16 @@ pub enum LogFormat {
 
 pub use crate::http::client::UpstreamHttp;
 
+/// Where inbound traffic is forwarded in the pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InboundTarget {
+    /// The original destination (the pod's own address and port), so a service listening only
+    /// on loopback inside the pod is not exposed to other pods (as Istio does since 1.10).
+    OrigDst,
+    /// Loopback at the original port (the older behaviour: reaches loopback-only listeners).
+    Loopback,
+}
+
 /// Flags of `outrider proxy` (DESIGN.md section 8).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProxyArgs {
@@ -61,6 +71,15 @@ pub struct ProxyArgs {
     #[arg(long, env = "OUTRIDER_DETECT_TIMEOUT", value_name = "DUR", default_value = "1s",
           value_parser = parse_duration)]
     pub detect_timeout: Duration,
+    /// Where inbound traffic goes: the original destination (`orig-dst`, the pod's address, so
+    /// loopback-only listeners stay private) or `loopback` at the original port.
+    #[arg(
+        long,
+        env = "OUTRIDER_INBOUND_TARGET",
+        value_enum,
+        default_value = "orig-dst"
+    )]
+    pub inbound_target: InboundTarget,
     /// Destination ports that skip protocol detection (server-speaks-first protocols).
     #[arg(long, env = "OUTRIDER_OPAQUE_PORTS", value_name = "P,...", value_delimiter = ',',
           default_values_t = DEFAULT_OPAQUE_PORTS.to_vec(), value_parser = parse_port)]
@@ -159,6 +178,8 @@ pub struct Config {
     pub detect_max_bytes: usize,
     /// Ports that skip detection.
     pub opaque_ports: Vec<u16>,
+    /// Where inbound traffic goes.
+    pub inbound_target: InboundTarget,
     /// HTTP version towards upstreams.
     pub upstream_http: UpstreamHttp,
     /// Largest request header block, bytes.
@@ -225,6 +246,7 @@ impl Config {
             detect_timeout: args.detect_timeout,
             detect_max_bytes: 8 * 1024,
             opaque_ports: args.opaque_ports,
+            inbound_target: args.inbound_target,
             upstream_http: args.upstream_http,
             max_header_bytes: args.max_header_bytes,
             header_read_timeout: args.header_read_timeout,
@@ -381,6 +403,7 @@ impl Config {
             "detect_timeout": fmt_duration(self.detect_timeout),
             "detect_max_bytes": self.detect_max_bytes,
             "opaque_ports": self.opaque_ports,
+            "inbound_target": format!("{:?}", self.inbound_target).to_lowercase(),
             "upstream_http": format!("{:?}", self.upstream_http).to_lowercase(),
             "max_header_bytes": self.max_header_bytes,
             "header_read_timeout": fmt_duration(self.header_read_timeout),
@@ -410,6 +433,7 @@ impl Config {
             detect_timeout: Duration::from_secs(1),
             detect_max_bytes: 8 * 1024,
             opaque_ports: DEFAULT_OPAQUE_PORTS.to_vec(),
+            inbound_target: InboundTarget::OrigDst,
             upstream_http: UpstreamHttp::Auto,
             max_header_bytes: 64 * 1024,
             header_read_timeout: Duration::from_secs(10),

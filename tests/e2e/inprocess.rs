@@ -320,6 +320,7 @@ async fn inbound_goes_to_the_app_on_loopback_at_the_original_port() {
     let app = start_app().await;
     let mut config = Config::local(vec![]);
     config.inbound = Some(LOOPBACK_ANY.parse().unwrap());
+    config.inbound_target = outrider_proxy::config::InboundTarget::Loopback;
     // The pod's address with the app's port, as iptables would have left it.
     let orig = SocketAddr::from(([198, 18, 0, 9], app.port()));
     let p = start(config, Arc::new(FixedOrigDst(orig))).await;
@@ -1202,4 +1203,28 @@ async fn hung_upstream(accepted: &mut tokio::sync::mpsc::UnboundedReceiver<TcpSt
         let _keep = s;
         std::future::pending::<()>().await;
     });
+}
+
+#[tokio::test]
+async fn inbound_goes_to_the_original_destination_so_loopback_only_listeners_stay_private() {
+    // The app listens on 127.0.0.1 only; traffic addressed to another of the pod's addresses
+    // (127.0.0.2 stands for the pod IP here) must not reach it.
+    let app = start_app().await;
+    let other_addr = SocketAddr::from(([127, 0, 0, 2], app.port()));
+    let mut config = Config::local(vec![]);
+    config.inbound = Some(LOOPBACK_ANY.parse().unwrap());
+    let p = start(config, Arc::new(FixedOrigDst(other_addr))).await;
+    let rsp = raw(p.inbound.unwrap(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(rsp.starts_with("HTTP/1.1 502"), "{rsp}");
+    assert!(rsp.contains("outrider-error: connect-failed"), "{rsp}");
+    // Addressed to where the app listens, it is reached.
+    let mut config = Config::local(vec![]);
+    config.inbound = Some(LOOPBACK_ANY.parse().unwrap());
+    let p = start(config, Arc::new(FixedOrigDst(app))).await;
+    let rsp = raw(p.inbound.unwrap(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
 }

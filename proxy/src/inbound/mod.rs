@@ -4,7 +4,7 @@
 //! accept → original destination → loop check → server policy for the port
 //!   → [TLS detect/terminate (peer identity) → authorization]
 //!   → protocol detection
-//!   → HTTP: server → request metrics → rescue → client (the app on loopback, at the port)
+//!   → HTTP: server → request metrics → rescue → client (the app, at the original destination)
 //!   → opaque TCP: connect → byte copy
 //! ```
 //!
@@ -22,7 +22,7 @@ use tower::ServiceBuilder;
 use tracing::Instrument;
 
 use self::policy::Policies;
-use crate::config::Config;
+use crate::config::{Config, InboundTarget};
 use crate::detect::{self, Detected, Outcome, Protocol};
 use crate::discovery::View;
 use crate::errors::{reason_of, Chain, Reason};
@@ -77,11 +77,16 @@ impl Inbound {
         })
     }
 
-    /// The app's address for an original destination: loopback, at the same port.
+    /// The app's address for an original destination: the original destination itself (the
+    /// pod's address: the proxy's uid is not captured, so this reaches the app directly), or
+    /// loopback at the same port with `--inbound-target loopback`.
     fn app_of(&self, conn: &Accepted) -> Result<SocketAddr, Reason> {
         let orig = self.lookup.orig_dst(&*self.orig_dst, &conn.socket)?;
         if self.lookup.is_own_port(orig.port()) {
             return Err(self.lookup.refuse_loop(conn.peer));
+        }
+        if self.config.inbound_target == InboundTarget::OrigDst {
+            return Ok(orig);
         }
         let app: IpAddr = if orig.is_ipv4() {
             Ipv4Addr::LOCALHOST.into()
