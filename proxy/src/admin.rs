@@ -5,7 +5,7 @@
 //! | `/live` | GET | 200 while the process serves |
 //! | `/ready` | GET | 200 once nothing holds readiness back (listeners bound, with `--control` the first config); 503 naming what is missing, and while draining |
 //! | `/metrics` | GET | Prometheus text format |
-//! | `/config` | GET | the effective configuration, JSON, secrets redacted |
+//! | `/config` | GET | the effective configuration, JSON, secrets redacted (loopback peers only: it shows the mesh view) |
 //! | `/log-level` | GET, PUT | read or replace the log filter (loopback peers only) |
 //! | `/shutdown` | POST | start a graceful shutdown (loopback peers only) |
 
@@ -86,6 +86,10 @@ async fn route(
                 ),
             }
         }
+        (_, "/config" | "/log-level" | "/shutdown") if !local_only(peer) => text(
+            StatusCode::FORBIDDEN,
+            "only loopback peers may use this endpoint\n",
+        ),
         (Method::GET, "/config") => {
             let mut config = state.config.clone();
             if let (Some(d), Some(obj)) = (&state.discovery, config.as_object_mut()) {
@@ -103,10 +107,7 @@ async fn route(
             );
             rsp
         }
-        (_, "/log-level" | "/shutdown") if !local_only(peer) => text(
-            StatusCode::FORBIDDEN,
-            "only loopback peers may use this endpoint\n",
-        ),
+
         (Method::GET, "/log-level") => match &state.log {
             Some(log) => text(StatusCode::OK, format!("{}\n", log.current())),
             None => text(

@@ -398,7 +398,7 @@ impl Config {
             "admin": self.admin.to_string(),
             "forwards": self.forwards.iter().map(|f| format!("{}={}", f.listen, f.upstream)).collect::<Vec<_>>(),
             "workers": self.workers,
-            "control_url": self.control,
+            "control_url": self.control.as_deref().map(redact_url),
             "workload": self.workload,
             "detect_timeout": fmt_duration(self.detect_timeout),
             "detect_max_bytes": self.detect_max_bytes,
@@ -475,6 +475,15 @@ pub fn parse_forward(s: &str) -> Result<ForwardSpec, String> {
     Ok(ForwardSpec { listen, upstream })
 }
 
+/// A URL for display: its query string (which may carry a token) replaced by `<redacted>`.
+/// Credentials in the authority are refused at start, so they never get here.
+pub fn redact_url(url: &str) -> String {
+    match url.split_once('?') {
+        Some((base, _)) => format!("{base}?<redacted>"),
+        None => url.to_string(),
+    }
+}
+
 /// Whether a listener bound to `listen` receives connections made to `upstream`: the same port,
 /// and the same address, or a wildcard bind and an address of this machine.
 fn is_listener_for(listen: SocketAddr, upstream: SocketAddr) -> bool {
@@ -546,6 +555,15 @@ mod tests {
         assert!(parse_forward("127.0.0.1:8080=127.0.0.1:0")
             .unwrap_err()
             .contains("port 0"));
+    }
+
+    #[test]
+    fn urls_shown_on_config_hide_their_query() {
+        assert_eq!(
+            redact_url("http://cp:15012/?token=abc123"),
+            "http://cp:15012/?<redacted>"
+        );
+        assert_eq!(redact_url("http://cp:15012"), "http://cp:15012");
     }
 
     #[test]

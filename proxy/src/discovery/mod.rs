@@ -57,7 +57,7 @@ impl SyncStatus {
             .unwrap_or_default();
         let connected = self.connected.load(Ordering::Relaxed);
         serde_json::json!({
-            "url": self.url,
+            "url": crate::config::redact_url(&self.url),
             "workload": self.workload,
             "state": match (self.has_config(), connected) {
                 (_, true) => "synced",
