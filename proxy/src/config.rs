@@ -21,7 +21,19 @@ pub enum LogFormat {
     Json,
 }
 
-pub use crate::http::client::UpstreamHttp;
+/// Which HTTP version the proxy speaks to upstreams (`--upstream-http`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UpstreamHttp {
+    /// The client's own version; an HTTP/2 request to an upstream that does not speak HTTP/2 is
+    /// sent as HTTP/1.1 (remembered per upstream), except gRPC, which needs HTTP/2.
+    Auto,
+    /// The client's own version, strictly.
+    Same,
+    /// Always HTTP/1.1.
+    Http1,
+    /// Always HTTP/2 prior knowledge.
+    Http2,
+}
 
 /// Where inbound traffic is forwarded in the pod.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

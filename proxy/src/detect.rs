@@ -1,6 +1,6 @@
 //! Protocol detection: the first bytes a client sends say what it speaks. Detection reads at most
 //! [`crate::Config::detect_max_bytes`] bytes and waits at most `detect_timeout`; the bytes read are
-//! replayed to whatever handles the connection ([`crate::io::PrefixedIo`]). A client that sends
+//! replayed to whatever handles the connection (`transport::io::PrefixedIo`). A client that sends
 //! nothing in time (a server-speaks-first protocol on a port not listed as opaque) is handled as
 //! opaque TCP, so such protocols are delayed by at most the timeout.
 
@@ -227,6 +227,12 @@ pub async fn detect_after<I: AsyncRead + Unpin>(
     }
 }
 
+/// An upstream connection whose first words can be awaited without reading them.
+pub trait Readable {
+    /// Resolves once the upstream has sent something (or closed).
+    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
+}
+
 /// Who spoke first on a connection that was silent through detection.
 #[derive(Debug)]
 pub enum FirstWords {
@@ -245,7 +251,7 @@ pub enum FirstWords {
 /// `timeout`. A client that stays silent does not keep an upstream connection for longer.
 pub async fn wait_for_first_words<I: AsyncRead + Unpin>(
     client: &mut I,
-    upstream: &crate::transport::connect::Upstream,
+    upstream: &impl Readable,
     timeout: Duration,
 ) -> io::Result<FirstWords> {
     let mut buf = BytesMut::with_capacity(1024);
@@ -254,7 +260,7 @@ pub async fn wait_for_first_words<I: AsyncRead + Unpin>(
             0 => FirstWords::ClientClosed,
             _ => FirstWords::Client(buf),
         }),
-        ready = upstream.stream().readable() => ready.map(|()| FirstWords::Upstream),
+        ready = upstream.readable() => ready.map(|()| FirstWords::Upstream),
         () = tokio::time::sleep(timeout) => Ok(FirstWords::Silence),
     }
 }
@@ -262,13 +268,13 @@ pub async fn wait_for_first_words<I: AsyncRead + Unpin>(
 /// What a connection turned out to be, and the upstream connection already opened for it when
 /// it was silent through detection.
 #[derive(Debug)]
-pub struct Detected {
+pub struct Detected<U> {
     /// How detection ended.
     pub outcome: Outcome,
     /// Every byte read from the client, to be replayed.
     pub prefix: Bytes,
     /// The upstream dialled while the client was silent (used for opaque TCP; dropped for HTTP).
-    pub upstream: Option<crate::transport::connect::Upstream>,
+    pub upstream: Option<U>,
 }
 
 /// Detection bounds.
@@ -286,17 +292,16 @@ pub struct Bounds {
 /// server that speaks first: the upstream is dialled with `connect` and whichever side speaks
 /// first decides (the client's bytes are detected as usual; the upstream's mean opaque TCP);
 /// when neither speaks within `bounds.silence`, or the client leaves, `Ok(None)`: close.
-pub async fn detect_or_wait<I, F, Fut>(
+pub async fn detect_or_wait<I, U, F, Fut>(
     io: &mut I,
     bounds: Bounds,
     connect: F,
-) -> Result<Option<Detected>, crate::errors::BoxError>
+) -> Result<Option<Detected<U>>, crate::errors::BoxError>
 where
     I: AsyncRead + Unpin,
+    U: Readable,
     F: FnOnce() -> Fut,
-    Fut: std::future::Future<
-        Output = Result<crate::transport::connect::Upstream, crate::errors::BoxError>,
-    >,
+    Fut: std::future::Future<Output = Result<U, crate::errors::BoxError>>,
 {
     let (outcome, prefix) = detect(io, bounds.timeout, bounds.max_bytes).await?;
     if outcome != Outcome::Timeout || !prefix.is_empty() {

@@ -66,19 +66,7 @@ pub struct EndpointKey {
     pub addr: SocketAddr,
 }
 
-/// Which HTTP version the proxy speaks to upstreams (`--upstream-http`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum UpstreamHttp {
-    /// The client's own version; an HTTP/2 request to an upstream that does not speak HTTP/2 is
-    /// sent as HTTP/1.1 (remembered per upstream), except gRPC, which needs HTTP/2.
-    Auto,
-    /// The client's own version, strictly.
-    Same,
-    /// Always HTTP/1.1.
-    Http1,
-    /// Always HTTP/2 prior knowledge.
-    Http2,
-}
+pub use crate::config::UpstreamHttp;
 
 /// The table of upstreams, keyed by [`EndpointKey`].
 #[derive(Debug)]

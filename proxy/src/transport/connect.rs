@@ -152,6 +152,12 @@ impl AsyncWrite for Upstream {
     }
 }
 
+impl crate::detect::Readable for Upstream {
+    fn readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
+        self.stream.readable()
+    }
+}
+
 impl hyper_util::client::legacy::connect::Connection for Upstream {
     fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
         self.stream.connected()
