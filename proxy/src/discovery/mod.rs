@@ -218,3 +218,107 @@ async fn sync(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outrider_control::mesh::{Mesh, DEMO_MESH};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A control plane that answers each watch request with the next of `bodies` (status 200),
+    /// then holds further requests open.
+    async fn scripted(bodies: Vec<String>) -> std::net::SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut bodies = bodies.into_iter();
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut byte).await.unwrap_or(0) == 0 {
+                        break;
+                    }
+                    head.push(byte[0]);
+                }
+                match bodies.next() {
+                    Some(body) => {
+                        let rsp = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                        let _ = s.write_all(rsp.as_bytes()).await;
+                    }
+                    None => {
+                        tokio::spawn(async move {
+                            let _held = s;
+                            std::future::pending::<()>().await;
+                        });
+                    }
+                }
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_bad_view_never_replaces_the_last_good_one() {
+        let mesh = Mesh::parse(DEMO_MESH).unwrap();
+        let good = mesh.view("demo/loadgen", "v1").unwrap();
+        let mut other = good.clone();
+        other.version = "v2".into();
+        other.outbound.services.clear();
+        let mut wrong_workload = serde_json::to_value(&other).unwrap();
+        wrong_workload["workload"] = "demo/someone-else".into();
+        let addr = scripted(vec![
+            serde_json::to_string(&good).unwrap(),
+            "{not json".into(),
+            wrong_workload.to_string(),
+        ])
+        .await;
+        let registry = Registry::new();
+        let readiness = crate::readiness::Readiness::new();
+        let discovery = Discovery::spawn(
+            &format!("http://{addr}"),
+            "demo/loadgen",
+            &registry,
+            readiness.block("the first config from the control plane"),
+        )
+        .unwrap();
+        let mut views = discovery.views();
+        views.wait_for(|v| v.is_some()).await.unwrap();
+        assert_eq!(
+            readiness.check(),
+            Ok(()),
+            "the first view releases readiness"
+        );
+        // Wait (bounded) until both bad answers were seen and refused.
+        let errors = || {
+            registry
+                .gather()
+                .iter()
+                .find(|f| f.name() == "outrider_control_errors_total")
+                .map_or(0.0, |f| f.get_metric()[0].get_counter().get_value())
+        };
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while errors() < 2.0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("both bad answers counted");
+        let kept = discovery.latest().unwrap();
+        assert_eq!(kept.version, "v1");
+        assert_eq!(kept.outbound, good.outbound, "the last good view stays");
+        let status = discovery.status.to_json();
+        assert!(
+            status["last_error"]
+                .as_str()
+                .unwrap()
+                .contains("invalid view"),
+            "{status}"
+        );
+    }
+}

@@ -730,3 +730,34 @@ async fn splice(
     }
     drop(ctx);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unused_upstreams_are_forgotten_when_the_table_is_full_and_used_ones_kept() {
+        let registry = prometheus::Registry::new();
+        let metrics = crate::metrics::Metrics::register(&registry).unwrap();
+        let table = Upstreams::new(Connect::new(
+            Duration::from_secs(1),
+            metrics.upstream_connects,
+            10,
+        ));
+        let key = |i: u32| EndpointKey {
+            addr: SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 80)),
+        };
+        let held = table.get_or_insert(key(0));
+        for i in 1..MAX_UPSTREAMS as u32 {
+            drop(table.get_or_insert(key(i)));
+        }
+        assert_eq!(table.len(), MAX_UPSTREAMS);
+        // Full: a new upstream makes room by forgetting those nobody holds.
+        drop(table.get_or_insert(key(MAX_UPSTREAMS as u32)));
+        assert_eq!(table.len(), 2);
+        assert!(
+            Arc::ptr_eq(&held, &table.get_or_insert(key(0))),
+            "the held upstream keeps its pools"
+        );
+    }
+}
