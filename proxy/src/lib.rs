@@ -1,29 +1,29 @@
 //! `outrider proxy`: the sidecar data plane.
 //!
-//! Two stacks, each assembled in one place: [`inbound`] (traffic arriving at the pod, redirected
-//! by `outrider init` to :15006, forwarded to the app) and [`outbound`] (the app's own outbound
+//! Two stacks, each assembled in one place: `inbound` (traffic arriving at the pod, redirected
+//! by `outrider init` to :15006, forwarded to the app) and `outbound` (the app's own outbound
 //! traffic, redirected to :15001, and local mode's `--forward` listeners, which are outbound with
 //! a fixed destination). [`app`] binds the listeners, builds both stacks once, serves the
-//! [`admin`] API and drains on shutdown.
+//! `admin` API and drains on shutdown.
 //!
 //! Underneath: [`transport`] (accept, original destination, I/O wrappers, the one connect path),
-//! [`detect`] (protocol detection), [`http`] (server glue and upstream clients), [`layers`]
-//! (direction-agnostic tower layers), [`discovery`] (the control-plane watch), [`errors`],
+//! `detect` (protocol detection), `http` (server glue and upstream clients), `layers`
+//! (direction-agnostic tower layers), `discovery` (the control-plane watch), `errors`,
 //! [`metrics`], [`readiness`], [`drain`], [`config`] and [`log`].
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod app;
 pub mod config;
-pub mod detect;
-pub mod discovery;
+pub(crate) mod detect;
+pub(crate) mod discovery;
 pub mod drain;
-pub mod errors;
-pub mod http;
-pub mod inbound;
-pub mod layers;
+pub(crate) mod errors;
+pub(crate) mod http;
+pub(crate) mod inbound;
+pub(crate) mod layers;
 pub mod log;
 pub mod metrics;
-pub mod outbound;
+pub(crate) mod outbound;
 pub mod readiness;
 pub mod transport;
 

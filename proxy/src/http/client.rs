@@ -110,13 +110,9 @@ impl Upstreams {
     }
 
     /// How many upstreams the table holds.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.by_key.lock().map_or(0, |m| m.len())
-    }
-
-    /// Whether the table is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

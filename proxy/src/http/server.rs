@@ -63,7 +63,9 @@ impl From<&crate::config::Config> for ServerConfig {
 pub struct ConnContext {
     /// Drains wait for upgraded streams too.
     pub drain: drain::Watch,
-    /// The downstream connection's guard (connection limit, gauges).
+    /// The downstream connection's guard (connection limit, gauges): never read, only kept alive
+    /// (its drop frees the connection's slot).
+    #[allow(dead_code)]
     pub held: Arc<dyn Any + Send + Sync>,
     /// The downstream connection's activity clock.
     pub activity: Activity,

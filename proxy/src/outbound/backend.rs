@@ -18,7 +18,10 @@ use std::task::{Context, Poll};
 use http::Request;
 use tower::discover::Change;
 
+use tracing::Instrument;
+
 use super::destination::{Destination, Profile};
+use super::route::RouteName;
 use crate::errors::{BoxError, NoConfig, NoEndpoints, NoRoute};
 use crate::http::client::{Forward, Upstream, UpstreamHttp};
 use crate::http::Body;
@@ -52,11 +55,6 @@ pub struct EndpointSet {
 }
 
 impl EndpointSet {
-    /// The endpoints, in insertion order.
-    pub fn endpoints(&self) -> &[Arc<BackendEndpoint>] {
-        &self.list
-    }
-
     /// The next endpoint in weighted round-robin order; `None` without endpoints.
     pub fn pick(&self) -> Option<&Arc<BackendEndpoint>> {
         let n = self.next.fetch_add(1, Ordering::Relaxed) as u64;
@@ -210,7 +208,8 @@ impl Balance {
 impl tower::Service<Request<Body>> for Balance {
     type Response = <Forward as tower::Service<Request<Body>>>::Response;
     type Error = BoxError;
-    type Future = <Forward as tower::Service<Request<Body>>>::Future;
+    type Future =
+        tracing::instrument::Instrumented<<Forward as tower::Service<Request<Body>>>::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         if self.picked.is_none() {
@@ -242,15 +241,22 @@ impl tower::Service<Request<Body>> for Balance {
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        match self.picked.take() {
-            Some(mut forward) => {
-                tracing::trace!(endpoint = %forward.addr(), "endpoint picked");
-                tower::Service::call(&mut forward, req)
-            }
-            None => Box::pin(std::future::ready(Err(
-                "the balancer was called before it was ready".into(),
-            ))),
-        }
+        let Some(mut forward) = self.picked.take() else {
+            let not_ready: <Forward as tower::Service<Request<Body>>>::Future = Box::pin(
+                std::future::ready(Err("the balancer was called before it was ready".into())),
+            );
+            return not_ready.instrument(tracing::Span::none());
+        };
+        // Method, version, route and endpoint; never the path or header values (secrets).
+        // Field expressions are evaluated only when the span is enabled.
+        let span = tracing::debug_span!(
+            "request",
+            method = %req.method(),
+            version = ?req.version(),
+            route = req.extensions().get::<RouteName>().map(|r| &*r.0),
+            endpoint = %forward.addr(),
+        );
+        tower::Service::call(&mut forward, req).instrument(span)
     }
 }
 
@@ -341,7 +347,7 @@ mod tests {
             })
             .collect();
         assert_eq!(removed, vec![a, b]);
-        assert_eq!(third.endpoints().len(), 1);
+        assert_eq!(third.list.len(), 1);
         assert!(
             diff(&third, &[(c, meta(1))]).is_empty(),
             "no change, no churn"

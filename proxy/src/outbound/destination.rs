@@ -247,16 +247,6 @@ impl<S: Send + Sync + 'static> Destinations<S> {
         entry
     }
 
-    /// How many destinations are cached.
-    pub fn len(&self) -> usize {
-        self.map.lock().map_or(0, |m| m.len())
-    }
-
-    /// Whether none is cached.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn entries(&self) -> Vec<Arc<Entry<S>>> {
         self.map
             .lock()

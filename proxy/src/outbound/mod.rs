@@ -106,11 +106,6 @@ impl Outbound {
         })
     }
 
-    /// How many destination stacks are cached.
-    pub fn destinations(&self) -> usize {
-        self.destinations.len()
-    }
-
     fn destination_of(&self, conn: &Accepted) -> Result<SocketAddr, Reason> {
         match &self.target {
             Target::Fixed(addr) => Ok(*addr),

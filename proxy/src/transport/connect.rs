@@ -109,13 +109,6 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl Upstream {
-    /// The socket.
-    pub fn stream(&self) -> &TcpStream {
-        &self.stream
-    }
-}
-
 impl AsyncRead for Upstream {
     fn poll_read(
         self: Pin<&mut Self>,

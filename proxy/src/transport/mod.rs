@@ -2,8 +2,8 @@
 //! connection ([`orig_dst`]), the I/O wrappers every connection uses ([`io`]), the one path that
 //! dials upstreams ([`connect`]) and the opaque TCP copy ([`tcp`]).
 
-pub mod connect;
-pub mod io;
-pub mod listen;
+pub(crate) mod connect;
+pub(crate) mod io;
+pub(crate) mod listen;
 pub mod orig_dst;
-pub mod tcp;
+pub(crate) mod tcp;
