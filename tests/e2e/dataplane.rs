@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::{self, ChildGuard, Netns};
+use crate::support::{self, sample, ChildGuard, Netns};
 
 const OUTRIDER: &str = env!("CARGO_BIN_EXE_outrider");
 const POD_A: &str = "198.18.0.1";
@@ -119,15 +119,22 @@ impl Pod {
             apps: Vec::new(),
         };
         pod.start_proxy(proxy_args);
-        pod.apps.push(pod.ns.spawn(&[
+        pod.serve_demo_app("[::]:8080", "app");
+        pod
+    }
+
+    /// Starts a demo app on `listen` in the pod and waits until it listens.
+    fn serve_demo_app(&mut self, listen: &str, instance: &str) {
+        let mut app = self.ns.spawn(&[
             OUTRIDER,
             "demo-app",
             "--listen",
-            "[::]:8080",
+            listen,
             "--instance",
-            "app",
-        ]));
-        pod
+            instance,
+        ]);
+        app.expect_stderr("listening on", Duration::from_secs(10));
+        self.apps.push(app);
     }
 
     fn start_proxy(&mut self, extra: &[&str]) {
@@ -232,21 +239,6 @@ fn two_pods(proxy_args: &[&str]) -> (Pod, Pod) {
         &[&format!("{POD_B}/24"), &format!("{POD_B6}/64")],
     );
     (Pod::new(a, proxy_args), Pod::new(b, proxy_args))
-}
-
-/// The value of the sample of `family` whose labels include every `k="v"` in `labels`.
-fn sample(metrics: &str, family: &str, labels: &[(&str, &str)]) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(&format!("{family}{{")) || l.starts_with(&format!("{family} ")))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 fn promtool_check(metrics: &str) {
@@ -422,16 +414,27 @@ fn sigterm_drains_inbound_and_keeps_outbound_for_the_window() {
     let term = Instant::now();
     support::run_ok(Command::new("kill").args(["-TERM", &b.proxy_pid().to_string()]));
 
-    // During the drain window: B is not ready, and B's app can still call out.
-    let ready = b.curl(&[
-        "-s",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "http://127.0.0.1:15020/ready",
-    ]);
-    assert_eq!(String::from_utf8_lossy(&ready.stdout).trim(), "503");
+    // During the drain window: B is not ready (once the proxy has handled the signal), and B's
+    // app can still call out.
+    let ready = || {
+        let out = b.curl(&[
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "http://127.0.0.1:15020/ready",
+        ]);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = ready();
+    while last != "503" && Instant::now() < deadline {
+        // Polling the admin API with a deadline.
+        std::thread::sleep(Duration::from_millis(10));
+        last = ready();
+    }
+    assert_eq!(last, "503", "not ready while draining");
     let out = b.curl_ok(&["-s", &format!("http://{POD_A}:8080/during-drain")]);
     assert!(out.contains("during-drain"), "{out}");
     // The in-flight request completes.
@@ -459,38 +462,43 @@ fn local_mode_binary_serves_admin_and_metrics_without_root() {
     if !(support::require_bin("curl") && support::require_bin("promtool")) {
         return;
     }
-    let port = free_port();
-    let app = support::ChildGuard::spawn(
-        Command::new(OUTRIDER).args(["demo-app", "--listen", &format!("127.0.0.1:{port}")]),
+    // The app listens on a port given on its command line (another is tried if that one was
+    // taken meanwhile); the proxy binds port 0 and logs what it got.
+    let (port, app) = support::spawn_listening(
         "demo-app",
+        None,
+        |port| {
+            let mut cmd = Command::new(OUTRIDER);
+            cmd.args(["demo-app", "--listen", &format!("127.0.0.1:{port}")]);
+            cmd
+        },
+        "listening on",
     );
-    let (listen, admin) = (free_port(), free_port());
     let mut proxy = support::ChildGuard::spawn(
         Command::new(OUTRIDER)
             .args([
                 "proxy",
                 "--forward",
-                &format!("127.0.0.1:{listen}=localhost:{port}"),
+                &format!("127.0.0.1:0=localhost:{port}"),
             ])
-            .env("OUTRIDER_ADMIN", format!("127.0.0.1:{admin}"))
+            .env("OUTRIDER_ADMIN", "127.0.0.1:0")
+            .env("OUTRIDER_LOG", "info")
             .env("OUTRIDER_LOG_FORMAT", "json"),
         "proxy",
     );
+    let addrs = support::proxy_addrs(&mut proxy, Duration::from_secs(10));
+    let (listen, admin) = (addrs.forwards[0].port(), addrs.admin.port());
     let curl = |args: &[&str]| {
         let mut all = vec!["--max-time", "5", "-s"];
         all.extend_from_slice(args);
         support::run(Command::new("curl").args(&all))
     };
-    let ready = (0..100).any(|_| {
-        std::thread::sleep(Duration::from_millis(50));
-        curl(&["-f", &format!("http://127.0.0.1:{admin}/ready")])
-            .status
-            .success()
-            && curl(&["-f", &format!("http://127.0.0.1:{port}/")])
-                .status
-                .success()
-    });
-    assert!(ready, "proxy never ready: {}", proxy.stderr());
+    let ready = curl(&["-f", &format!("http://127.0.0.1:{admin}/ready")]);
+    assert!(
+        ready.status.success(),
+        "proxy not ready: {}",
+        proxy.stderr()
+    );
     let body =
         String::from_utf8_lossy(&curl(&[&format!("http://127.0.0.1:{listen}/laptop")]).stdout)
             .into_owned();
@@ -575,14 +583,6 @@ fn local_mode_binary_serves_admin_and_metrics_without_root() {
         proxy.stderr()
     );
     drop(app);
-}
-
-/// A loopback port that was free a moment ago.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap()
 }
 
 #[test]
@@ -707,7 +707,8 @@ workloads:
     .unwrap();
     // The control plane runs in pod A's namespace, so its proxy reaches it on loopback.
     let mesh_path = mesh.display().to_string();
-    let _control = a.spawn(&[OUTRIDER, "control", "--config", &mesh_path]);
+    let mut control = a.spawn(&[OUTRIDER, "control", "--config", &mesh_path]);
+    control.expect_stderr("control plane ready", Duration::from_secs(10));
     let a = Pod::new(
         a,
         &[
@@ -718,14 +719,7 @@ workloads:
         ],
     );
     let mut b = Pod::new(b, &[]);
-    b.apps.push(b.ns.spawn(&[
-        OUTRIDER,
-        "demo-app",
-        "--listen",
-        "[::]:8081",
-        "--instance",
-        "app2",
-    ]));
+    b.serve_demo_app("[::]:8081", "app2");
     b.serve_py("6379", None);
 
     // HTTP to the virtual address: balanced over both endpoints of pod B.

@@ -8,6 +8,11 @@
 //! - [`ChildGuard`]: a child process killed (by pid) and reaped on drop, whose stdout lines can be
 //!   awaited with a timeout (the readiness signal: no sleeps as synchronization).
 //! - [`run`]: a command with a bounded run time. Every wait here has a timeout.
+//! - Ports for child processes: [`spawn_listening`] starts a child on a loopback port and waits
+//!   until the child says it is listening, picking another port when another process took the one
+//!   it was given (the time-of-check/time-of-use gap of [`free_port`]); a child that can report
+//!   its own bound address (the proxy logs it) is better given port 0.
+//! - Metrics: [`metric`] and [`sample`] read one family from Prometheus text.
 #![allow(dead_code)] // each test module uses a different subset
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
@@ -163,6 +168,46 @@ impl ChildGuard {
             if line.contains(needle) {
                 return line;
             }
+        }
+    }
+
+    /// Waits until the child's stderr contains `needle` (its readiness line), at most `timeout`.
+    /// `Err` carries the child's stderr if it exited first or the time ran out.
+    pub fn wait_stderr(&mut self, needle: &str, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.stderr().contains(needle) {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // The stderr reader may still be behind the exit: one bounded last look.
+                let end = Instant::now() + Duration::from_secs(2);
+                while Arc::strong_count(&self.stderr) > 1 && Instant::now() < end {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                let stderr = self.stderr();
+                if stderr.contains(needle) {
+                    return Ok(());
+                }
+                return Err(format!(
+                    "exited ({status}) before {needle:?}; stderr:\n{stderr}"
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "no {needle:?} on stderr within {timeout:?}; stderr:\n{}",
+                    self.stderr()
+                ));
+            }
+            // Polling a pipe that another thread fills; the deadline bounds it.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Like [`ChildGuard::wait_stderr`], panicking with the child's stderr on failure.
+    pub fn expect_stderr(&mut self, needle: &str, timeout: Duration) {
+        if let Err(e) = self.wait_stderr(needle, timeout) {
+            panic!("{}: {e}", self.label);
         }
     }
 
@@ -407,4 +452,211 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
     }
+}
+
+/// A loopback port that was free a moment ago. Anything may take it before it is used: give it
+/// to a child through [`spawn_listening`], which retries, or use it only where a collision fails
+/// loudly.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free loopback port: {e}"))
+}
+
+/// Whether a child's stderr says it could not bind its listening address.
+fn is_bind_failure(stderr: &str) -> bool {
+    stderr.contains("cannot bind") || stderr.contains("Address already in use")
+}
+
+/// Starts a child that listens on a loopback port, and returns once it says so (`ready` on its
+/// stderr, written after its bind). `make` builds the command for a port.
+///
+/// With `port` `None`, each try takes a [`free_port`] and another one if the child could not bind
+/// it (some other process took it in between). With `Some(port)` (a port others already point at,
+/// such as a control plane that restarts) it keeps to that port, retrying while it is taken, for
+/// at most 10 s.
+pub fn spawn_listening(
+    label: &str,
+    port: Option<u16>,
+    mut make: impl FnMut(u16) -> Command,
+    ready: &str,
+) -> (u16, ChildGuard) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut failures = Vec::new();
+    for _ in 0..20 {
+        let p = port.unwrap_or_else(free_port);
+        let mut child = ChildGuard::spawn(&mut make(p), format!("{label} on port {p}"));
+        match child.wait_stderr(ready, Duration::from_secs(10)) {
+            Ok(()) => return (p, child),
+            Err(e) if is_bind_failure(&child.stderr()) && Instant::now() < deadline => {
+                failures.push(e);
+                if port.is_some() {
+                    // Waiting for the port's holder to let go; the deadline bounds it.
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+            Err(e) => panic!("{label} (port {p}): {e}\nearlier tries: {failures:?}"),
+        }
+    }
+    panic!("{label}: no port could be bound: {failures:?}");
+}
+
+/// The addresses an `outrider proxy` child bound, read from its JSON log (`OUTRIDER_LOG_FORMAT=json`,
+/// level info): give it port 0 and read the real ports here, so no port is guessed.
+#[derive(Debug, Clone)]
+pub struct ProxyAddrs {
+    /// The admin server.
+    pub admin: std::net::SocketAddr,
+    /// The `--forward` listeners, in flag order.
+    pub forwards: Vec<std::net::SocketAddr>,
+}
+
+/// Waits (at most `timeout`) until `proxy` logged "proxy started", then returns the addresses it
+/// logged. The proxy must log JSON at level info.
+pub fn proxy_addrs(proxy: &mut ChildGuard, timeout: Duration) -> ProxyAddrs {
+    proxy.expect_stderr("\"proxy started\"", timeout);
+    let mut admin = None;
+    let mut forwards = Vec::new();
+    for line in proxy.stderr().lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let fields = &v["fields"];
+        let addr = |key: &str| fields[key].as_str().and_then(|a| a.parse().ok());
+        match fields["message"].as_str() {
+            Some("listening") if fields["direction"] == "forward" => forwards.extend(addr("addr")),
+            Some("proxy started") => admin = addr("admin"),
+            _ => {}
+        }
+    }
+    let admin = admin.unwrap_or_else(|| panic!("no admin address logged:\n{}", proxy.stderr()));
+    ProxyAddrs { admin, forwards }
+}
+
+/// One sample line of the Prometheus text format.
+struct Sample<'a> {
+    family: &'a str,
+    labels: Vec<(String, String)>,
+    value: f64,
+}
+
+/// Parses one sample line; `None` for comments, blank and malformed lines.
+fn parse_sample(line: &str) -> Option<Sample<'_>> {
+    let line = line.trim();
+    if line.is_empty() || line.starts_with('#') {
+        return None;
+    }
+    let name_end = line.find(['{', ' '])?;
+    let name = &line[..name_end];
+    let mut labels = Vec::new();
+    let mut rest = &line[name_end..];
+    if let Some(inner) = rest.strip_prefix('{') {
+        // k="v",k2="v2"} value: values may hold escaped quotes, commas and braces.
+        let mut chars = inner.char_indices().peekable();
+        let mut key = String::new();
+        let mut end = None;
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '}' => {
+                    end = Some(i + 1);
+                    break;
+                }
+                ',' | ' ' => {}
+                '=' => {
+                    if chars.next().map(|(_, c)| c) != Some('"') {
+                        return None;
+                    }
+                    let mut value = String::new();
+                    loop {
+                        match chars.next()? {
+                            (_, '\\') => match chars.next()?.1 {
+                                'n' => value.push('\n'),
+                                other => value.push(other),
+                            },
+                            (_, '"') => break,
+                            (_, other) => value.push(other),
+                        }
+                    }
+                    labels.push((std::mem::take(&mut key), value));
+                }
+                other => key.push(other),
+            }
+        }
+        rest = &inner[end?..];
+    }
+    let value = rest.split_whitespace().next()?;
+    let value = match value {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        v => v.parse().ok()?,
+    };
+    Some(Sample {
+        family: name,
+        labels,
+        value,
+    })
+}
+
+/// The sum of the samples of `family` whose labels include every `(name, value)` of `labels`, in
+/// the Prometheus text `metrics`; `None` when no sample matches.
+pub fn metric(metrics: &str, family: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = None;
+    for s in metrics.lines().filter_map(parse_sample) {
+        let matches = s.family == family
+            && labels
+                .iter()
+                .all(|(k, v)| s.labels.iter().any(|(sk, sv)| sk == k && sv == v));
+        if matches {
+            *found.get_or_insert(0.0) += s.value;
+        }
+    }
+    found
+}
+
+/// Like [`metric`], panicking (with the text) when no sample matches: a missing or misspelled
+/// family fails the test instead of reading as zero.
+pub fn sample(metrics: &str, family: &str, labels: &[(&str, &str)]) -> f64 {
+    metric(metrics, family, labels)
+        .unwrap_or_else(|| panic!("no sample of {family} with {labels:?} in:\n{metrics}"))
+}
+
+#[test]
+fn metric_reads_families_by_exact_name_and_labels() {
+    let text = "# HELP a_total x\n# TYPE a_total counter\na_total{direction=\"inbound\",reason=\"x,y\"} 2\na_total{direction=\"outbound\",reason=\"q\\\"\"} 3\na_total_more 7\nb 1.5\n";
+    assert_eq!(metric(text, "a_total", &[]), Some(5.0));
+    assert_eq!(
+        metric(text, "a_total", &[("direction", "inbound")]),
+        Some(2.0)
+    );
+    assert_eq!(metric(text, "a_total", &[("reason", "x,y")]), Some(2.0));
+    assert_eq!(metric(text, "a_total", &[("reason", "q\"")]), Some(3.0));
+    assert_eq!(metric(text, "a_total", &[("direction", "sideways")]), None);
+    assert_eq!(metric(text, "a_tot", &[]), None);
+    assert_eq!(metric(text, "b", &[]), Some(1.5));
+}
+
+#[test]
+fn spawn_listening_moves_to_another_port_when_its_port_is_taken() {
+    // The first port offered is held by someone else: the child fails to bind it, and the next
+    // try gets a free one.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    let mut tries = 0;
+    let (port, mut app) = spawn_listening(
+        "demo-app",
+        None,
+        |port| {
+            tries += 1;
+            let port = if tries == 1 { taken_port } else { port };
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_outrider"));
+            cmd.args(["demo-app", "--listen", &format!("127.0.0.1:{port}")]);
+            cmd
+        },
+        "listening on",
+    );
+    assert_eq!(tries, 2);
+    assert_ne!(port, taken_port);
+    assert!(app.wait_timeout(Duration::ZERO).is_none(), "still running");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
 }
