@@ -80,13 +80,13 @@ pub struct DirectionMetrics {
     pub tcp_received: IntCounter,
     /// Bytes sent to the downstream peer.
     pub tcp_sent: IntCounter,
-    /// Detection outcomes, indexed like [`Outcome::ALL`].
+    /// Detection outcomes, indexed like `detect::Outcome::ALL`.
     pub detect: [IntCounter; 6],
     /// Connections refused because they would loop back into the proxy.
     pub loop_refused: IntCounter,
     /// Times a listener stopped accepting because `--max-connections` were open.
     pub limit_reached: IntCounter,
-    /// Locally generated errors, indexed like [`Reason::ALL`].
+    /// Locally generated errors, indexed like `errors::Reason::ALL`.
     pub errors: Vec<IntCounter>,
 }
 

@@ -1,6 +1,6 @@
-//! The transport: listening and accepting ([`listen`]), the original destination of a redirected
-//! connection ([`orig_dst`]), the I/O wrappers every connection uses ([`io`]), the one path that
-//! dials upstreams ([`connect`]) and the opaque TCP copy ([`tcp`]).
+//! The transport: listening and accepting (`listen`), the original destination of a redirected
+//! connection ([`orig_dst`]), the I/O wrappers every connection uses (`io`), the one path that
+//! dials upstreams (`connect`) and the opaque TCP copy (`tcp`).
 
 pub(crate) mod connect;
 pub(crate) mod io;
