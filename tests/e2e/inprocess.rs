@@ -14,7 +14,8 @@ use tokio::task::JoinHandle;
 use outrider::demo::{counter_sum, ClientConn};
 use outrider_proxy::config::{Config, ForwardSpec};
 use outrider_proxy::metrics::Direction;
-use outrider_proxy::transport::orig_dst::{FixedOrigDst, OrigDst, SoOriginalDst};
+use outrider_proxy::test_util::FixedOrigDst;
+use outrider_proxy::transport::orig_dst::{OrigDst, SoOriginalDst};
 use outrider_proxy::{Proxy, ShutdownHandle};
 
 const LOOPBACK_ANY: &str = "127.0.0.1:0";
@@ -122,12 +123,64 @@ fn closed_without_answer(rsp: std::io::Result<String>) -> bool {
     }
 }
 
-/// With a one-connection limit held by `holder`: a new connection's request waits (300 ms
-/// observed), and is served once `holder` is dropped.
-async fn served_only_after_release<T>(addr: SocketAddr, holder: T, what: &str) {
-    let mut next = ClientConn::connect(addr, false).await.unwrap();
+/// What holds the only slot of a one-connection limit.
+enum Holder {
+    /// A keep-alive HTTP/1.1 connection.
+    Http(ClientConn),
+    /// A stream upgraded to the demo app's byte echo.
+    Upgraded(TcpStream),
+}
+
+impl Holder {
+    /// One exchange through the proxy on the held connection.
+    async fn round_trip(&mut self) {
+        match self {
+            Holder::Http(c) => {
+                let rsp = c.get("x", "/").await.unwrap();
+                assert_eq!(rsp.status(), StatusCode::OK);
+                rsp.into_body().collect().await.unwrap();
+            }
+            Holder::Upgraded(s) => {
+                s.write_all(b"ping").await.unwrap();
+                let mut back = [0u8; 4];
+                tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(&back, b"ping");
+            }
+        }
+    }
+}
+
+/// With a one-connection limit held by `holder` on `p`'s forward listener: the listener stops
+/// accepting (counted), a new connection waits in the kernel's backlog without an answer while
+/// the proxy goes on serving `holder`, and is served once `holder` is dropped.
+async fn served_only_after_release(p: &Running, mut holder: Holder, what: &str) {
+    let accepted = |p: &Running| count(p, "outrider_tcp_open_total", "direction", "forward");
+    assert_eq!(accepted(p), 1, "{what} holds the only slot");
+    // The event: the listener found no free slot and stopped accepting.
+    wait_count(
+        p,
+        "outrider_connection_limit_reached_total",
+        "direction",
+        "forward",
+        1,
+    )
+    .await;
+    let mut next = ClientConn::connect(p.forward[0], false).await.unwrap();
     let waiting = tokio::spawn(async move { next.get("x", "/").await.map(|r| r.status()) });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The waiting connection is in the backlog before these exchanges start, and everything runs
+    // on this test's one thread: a listener that accepted past its limit would have taken it by
+    // the time the proxy has served them.
+    for _ in 0..3 {
+        holder.round_trip().await;
+    }
+    assert_eq!(
+        accepted(p),
+        1,
+        "no connection accepted while {what} holds the only slot"
+    );
     assert!(
         !waiting.is_finished(),
         "not served while {what} holds the only slot"
@@ -135,14 +188,127 @@ async fn served_only_after_release<T>(addr: SocketAddr, holder: T, what: &str) {
     drop(holder);
     let status = tokio::time::timeout(Duration::from_secs(5), waiting)
         .await
-        .unwrap()
+        .expect("served once the slot is free")
         .unwrap()
         .unwrap();
     assert_eq!(status, StatusCode::OK);
+    assert_eq!(accepted(p), 2);
 }
 
 fn count(r: &Running, family: &str, label: &str, value: &str) -> u64 {
     counter_sum(&r.registry, family, label, value)
+}
+
+/// How long an in-process wait for an event may take before the test fails.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Polls `check` until it holds, failing the test after [`EVENT_TIMEOUT`]. Polling in-process
+/// state (the registry, the admin API) with a deadline waits for an event; no sleep stands in for
+/// one.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {EVENT_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits until `family{label="value"}` is at least `at_least`; returns its value.
+async fn wait_count(r: &Running, family: &str, label: &str, value: &str, at_least: u64) -> u64 {
+    eventually(
+        &format!("{family}{{{label}=\"{value}\"}} >= {at_least}"),
+        || async { count(r, family, label, value) >= at_least },
+    )
+    .await;
+    count(r, family, label, value)
+}
+
+/// Waits until the proxy says it is draining (`/ready` 503): the drain has started.
+async fn wait_draining(admin: SocketAddr) {
+    eventually("/ready turns 503 on drain", || async {
+        raw(admin, b"GET /ready HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .is_ok_and(|r| r.starts_with("HTTP/1.1 503"))
+    })
+    .await;
+}
+
+/// A backend (HTTP/1.1 and h2c) that tells the test when a `/hold` request arrives and answers
+/// it only once the test releases it; any other request is answered at once with 200 `ok`.
+struct Gate {
+    arrived: tokio::sync::mpsc::UnboundedReceiver<()>,
+    release: tokio::sync::watch::Sender<bool>,
+}
+
+impl Gate {
+    /// A new gate and the two ends its backend keeps.
+    fn new() -> (
+        Gate,
+        tokio::sync::mpsc::UnboundedSender<()>,
+        tokio::sync::watch::Receiver<bool>,
+    ) {
+        let (arrived_tx, arrived) = tokio::sync::mpsc::unbounded_channel();
+        let (release, release_rx) = tokio::sync::watch::channel(false);
+        (Gate { arrived, release }, arrived_tx, release_rx)
+    }
+
+    /// Waits until a held request has arrived at the backend (so it is in flight through the
+    /// proxy).
+    async fn arrived(&mut self) {
+        tokio::time::timeout(EVENT_TIMEOUT, self.arrived.recv())
+            .await
+            .expect("the held request reached the backend")
+            .unwrap();
+    }
+
+    /// Lets every held request, present and future, be answered.
+    fn release(&self) {
+        self.release.send_replace(true);
+    }
+}
+
+/// The answer of a [`Gate`] backend.
+fn ok_response() -> http::Response<http_body_util::Full<bytes::Bytes>> {
+    http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"ok")))
+}
+
+async fn start_gate() -> (SocketAddr, Gate) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let l = TcpListener::bind(LOOPBACK_ANY).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (gate, arrived, release) = Gate::new();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let (arrived, release) = (arrived.clone(), release.clone());
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let hold = req.uri().path() == "/hold";
+                    if hold {
+                        let _ = arrived.send(());
+                    }
+                    let mut release = release.clone();
+                    async move {
+                        if hold {
+                            let _ = release.wait_for(|open| *open).await;
+                        }
+                        Ok::<_, std::convert::Infallible>(ok_response())
+                    }
+                });
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, gate)
 }
 
 #[tokio::test]
@@ -391,78 +557,115 @@ async fn upgrade_becomes_a_byte_stream() {
 async fn connections_beyond_the_limit_wait() {
     let app = start_app().await;
     let p = start_forward(app, |c| c.max_connections = 1).await;
-    let mut first = ClientConn::connect(p.forward[0], false).await.unwrap();
-    assert_eq!(first.get("x", "/").await.unwrap().status(), StatusCode::OK);
-    served_only_after_release(p.forward[0], first, "the first connection").await;
+    let mut first = Holder::Http(ClientConn::connect(p.forward[0], false).await.unwrap());
+    first.round_trip().await;
+    served_only_after_release(&p, first, "the first connection").await;
 }
 
 #[tokio::test]
 async fn slow_headers_and_idle_connections_are_closed() {
     let app = start_app().await;
+    // Each half runs with one timeout short (300 ms) and the other far beyond the 5 s the test
+    // waits (60 s), so only the short one can close its connection. Lower bounds on elapsed time
+    // show it was not closed at once for another reason.
+    let short = Duration::from_millis(300);
+    let long = Duration::from_secs(60);
+
+    // A client that starts a request and never finishes its headers: the header-read timeout.
     let p = start_forward(app, |c| {
-        c.header_read_timeout = Duration::from_millis(300);
-        c.http_idle_timeout = Duration::from_millis(300);
+        c.header_read_timeout = short;
+        c.http_idle_timeout = long;
     })
     .await;
-    // A client that starts a request and never finishes its headers.
     let mut slow = TcpStream::connect(p.forward[0]).await.unwrap();
     slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
         .await
         .unwrap();
+    let started = std::time::Instant::now();
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf))
         .await
-        .expect("closed")
-        .ok();
-    // A keep-alive connection left idle after one request.
+        .expect("closed by the header-read timeout")
+        .unwrap();
+    assert!(started.elapsed() >= short - Duration::from_millis(50));
+    let rsp = String::from_utf8_lossy(&buf);
+    assert!(
+        rsp.starts_with("HTTP/1.1 408") && rsp.contains("outrider-error: header-timeout"),
+        "{rsp:?}"
+    );
+    wait_count(&p, "outrider_tcp_close_total", "direction", "forward", 1).await;
+    assert_eq!(
+        count(&p, "outrider_requests_total", "direction", "forward"),
+        0,
+        "the unfinished request was not forwarded"
+    );
+    assert_eq!(single(&p, "outrider_upstream_connects_total"), 0.0);
+
+    // A keep-alive connection left idle after one request: the idle timeout.
+    let p = start_forward(app, |c| {
+        c.header_read_timeout = long;
+        c.http_idle_timeout = short;
+    })
+    .await;
     let mut idle = TcpStream::connect(p.forward[0]).await.unwrap();
     idle.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut buf))
+    let head = read_head(&mut idle).await;
+    let answered = std::time::Instant::now();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("connection: close"), "kept alive: {head}");
+    let mut body = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut body))
         .await
-        .expect("closed")
+        .expect("closed by the idle timeout")
         .unwrap();
-    assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"));
+    // The body of the one response, and no 408: an idle connection had no request started.
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.contains("\"path\":\"/\"") && !body.contains("408"),
+        "{body}"
+    );
+    assert!(answered.elapsed() >= short - Duration::from_millis(50));
+    wait_count(&p, "outrider_tcp_close_total", "direction", "forward", 1).await;
     assert_eq!(
-        count(&p, "outrider_tcp_close_total", "direction", "forward"),
-        2
+        count(&p, "outrider_errors_total", "reason", "header-timeout"),
+        0
     );
 }
 
 #[tokio::test]
 async fn drain_finishes_in_flight_and_keeps_outbound_for_the_window() {
-    let app = start_app().await;
+    let (backend, mut gate) = start_gate().await;
     let mut config = Config::local(vec![ForwardSpec {
         listen: LOOPBACK_ANY.parse().unwrap(),
-        upstream: app,
+        upstream: backend,
     }]);
     config.outbound = Some(LOOPBACK_ANY.parse().unwrap());
-    config.drain_window = Duration::from_millis(800);
-    let p = start(config, Arc::new(FixedOrigDst(app))).await;
+    // Room for the checks below on a loaded machine; the drain then waits it out.
+    config.drain_window = Duration::from_secs(3);
+    let p = start(config, Arc::new(FixedOrigDst(backend))).await;
 
+    // A request in flight through the forward listener (held at the backend) when the drain
+    // starts.
     let mut inflight = ClientConn::connect(p.forward[0], false).await.unwrap();
-    let slow = tokio::spawn(async move {
-        let rsp = inflight.get("x", "/slow?ms=600").await.unwrap();
+    let held = tokio::spawn(async move {
+        let rsp = inflight.get("x", "/hold").await.unwrap();
         (rsp.status(), rsp.headers().get("connection").cloned())
     });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    gate.arrived().await;
     let mut outbound = ClientConn::connect(p.outbound.unwrap(), false)
         .await
         .unwrap();
     p.stop.trigger("test");
-    tokio::time::sleep(Duration::from_millis(100)).await;
 
-    // Not ready any more; inbound-side listeners closed at once.
-    assert!(raw(p.admin, b"GET /ready HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap()
-        .starts_with("HTTP/1.1 503"));
-    assert!(
-        TcpStream::connect(p.forward[0]).await.is_err(),
-        "forward listener closed"
-    );
+    // Not ready any more; inbound-side listeners close.
+    wait_draining(p.admin).await;
+    let forward = p.forward[0];
+    eventually("the forward listener closes", || async move {
+        TcpStream::connect(forward).await.is_err()
+    })
+    .await;
     // Outbound keeps serving during the window, on old and new connections.
     assert_eq!(
         outbound.get("x", "/").await.unwrap().status(),
@@ -474,14 +677,20 @@ async fn drain_finishes_in_flight_and_keeps_outbound_for_the_window() {
     assert_eq!(fresh.get("x", "/").await.unwrap().status(), StatusCode::OK);
     drop((outbound, fresh));
 
-    let (status, connection) = slow.await.unwrap();
+    // The drain waits for the in-flight request, which completes once the backend answers.
+    assert!(!held.is_finished(), "held until released");
+    gate.release();
+    let (status, connection) = tokio::time::timeout(EVENT_TIMEOUT, held)
+        .await
+        .expect("the in-flight request completed")
+        .unwrap();
     assert_eq!(status, StatusCode::OK, "the in-flight request completed");
     assert_eq!(
         connection.unwrap(),
         "close",
         "HTTP/1 clients are told to close"
     );
-    tokio::time::timeout(Duration::from_secs(5), p.task)
+    tokio::time::timeout(Duration::from_secs(10), p.task)
         .await
         .expect("drained in time")
         .unwrap()
@@ -588,16 +797,32 @@ async fn read_head(s: &mut TcpStream) -> String {
 #[tokio::test]
 async fn a_request_detected_after_the_drain_started_is_still_answered() {
     let app = start_app().await;
-    let p = start_forward(app, |_| {}).await;
+    // Detection decides on the rest of the request line, not on a deadline, within the test.
+    let p = start_forward(app, |c| c.detect_timeout = Duration::from_secs(60)).await;
     let mut s = TcpStream::connect(p.forward[0]).await.unwrap();
-    s.write_all(b"GET /late HT").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let partial = b"GET /late HT";
+    s.write_all(partial).await.unwrap();
+    // The proxy has read the partial line and is still detecting when the drain starts.
+    wait_count(
+        &p,
+        "outrider_tcp_received_bytes_total",
+        "direction",
+        "forward",
+        partial.len() as u64,
+    )
+    .await;
     p.stop.trigger("test");
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    wait_draining(p.admin).await;
+    assert_eq!(
+        count(&p, "outrider_detect_total", "direction", "forward"),
+        0,
+        "still undecided when the drain started"
+    );
     s.write_all(b"TP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
     let head = read_head(&mut s).await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(head.contains("connection: close"), "{head}");
+    assert_eq!(count(&p, "outrider_detect_total", "outcome", "http1"), 1);
 }
 
 #[tokio::test]
@@ -611,6 +836,9 @@ async fn upgraded_streams_keep_their_connection_slot() {
     .await
     .unwrap();
     assert!(read_head(&mut ws).await.starts_with("http/1.1 101"));
+    let mut ws = Holder::Upgraded(ws);
+    // The upgraded stream works, and still counts as the open connection.
+    ws.round_trip().await;
     assert_eq!(
         count(&p, "outrider_tcp_close_total", "direction", "forward"),
         0
@@ -618,11 +846,15 @@ async fn upgraded_streams_keep_their_connection_slot() {
     let gauge = raw(p.admin, b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n")
         .await
         .unwrap();
-    assert!(
-        gauge.contains("outrider_tcp_open_connections{direction=\"forward\"} 1"),
-        "{gauge}"
+    assert_eq!(
+        crate::support::sample(
+            &gauge,
+            "outrider_tcp_open_connections",
+            &[("direction", "forward")]
+        ),
+        1.0
     );
-    served_only_after_release(p.forward[0], ws, "the upgraded stream").await;
+    served_only_after_release(&p, ws, "the upgraded stream").await;
 }
 
 #[tokio::test]
@@ -637,14 +869,7 @@ async fn upstream_pools_are_keyed_by_address_not_by_client_authority() {
         let body = rsp.into_body().collect().await.unwrap().to_bytes();
         assert!(!body.is_empty());
     }
-    let connects = |r: &Running| {
-        r.registry
-            .gather()
-            .iter()
-            .find(|f| f.name() == "outrider_upstream_connects_total")
-            .map(|f| f.get_metric()[0].get_counter().get_value())
-            .unwrap_or(-1.0)
-    };
+    let connects = |r: &Running| single(r, "outrider_upstream_connects_total");
     assert_eq!(connects(&p), 1.0);
     // HTTP/1.1: six client connections with six Host values, one after another, reuse one.
     let p = start_forward(app, |_| {}).await;
@@ -677,29 +902,45 @@ async fn connect_tunnels_become_byte_streams() {
 
 #[tokio::test]
 async fn http2_drain_sends_goaway_and_finishes_in_flight() {
-    let app = start_app().await;
-    let p = start_forward(app, |_| {}).await;
+    let (backend, mut gate) = start_gate().await;
+    let p = start_forward(backend, |_| {}).await;
     let mut c = ClientConn::connect(p.forward[0], true).await.unwrap();
     let ClientConn::Http2(send) = &c else {
         unreachable!()
     };
-    let mut slow = ClientConn::Http2(send.clone());
+    let mut held = ClientConn::Http2(send.clone());
     let in_flight = tokio::spawn(async move {
-        let rsp = slow.get("payments.test", "/slow?ms=500").await.unwrap();
+        let rsp = held.get("payments.test", "/hold").await.unwrap();
         let status = rsp.status();
         rsp.into_body().collect().await.unwrap();
         status
     });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The stream is in flight through the proxy (the backend holds it) before the drain starts.
+    gate.arrived().await;
     p.stop.trigger("test");
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    // GOAWAY received: the connection takes no new streams.
-    let refused = tokio::time::timeout(Duration::from_secs(5), c.get("payments.test", "/new"))
-        .await
-        .unwrap();
-    assert!(refused.is_err(), "a new stream after GOAWAY is refused");
+    wait_draining(p.admin).await;
+    // Once the GOAWAY reaches the client, the connection takes no new streams. One opened before
+    // it arrived is still served.
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let next = tokio::time::timeout(EVENT_TIMEOUT, c.get("payments.test", "/new"))
+            .await
+            .expect("a new stream is answered or refused");
+        let Ok(rsp) = next else { break };
+        assert_eq!(rsp.status(), StatusCode::OK);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "new streams still taken {EVENT_TIMEOUT:?} after the drain started: no GOAWAY"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(!in_flight.is_finished(), "held until released");
+    gate.release();
     assert_eq!(
-        in_flight.await.unwrap(),
+        tokio::time::timeout(EVENT_TIMEOUT, in_flight)
+            .await
+            .expect("the in-flight stream completes")
+            .unwrap(),
         StatusCode::OK,
         "the in-flight stream completes"
     );
@@ -744,33 +985,38 @@ async fn version_translation_joins_cookies_and_absolute_form_sets_host() {
     assert!(!rsp.contains("b.example"), "{rsp}");
 }
 
-/// An HTTP/2 upstream that answers one request per connection, then says GOAWAY (as a server
-/// that is draining or restarting does) and closes once idle.
-async fn start_goaway_upstream() -> SocketAddr {
+/// An HTTP/2 upstream that says GOAWAY on each connection as soon as its first request arrives
+/// (as a server that is draining or restarting does), and closes once idle. A `/hold` request
+/// is held (keeping its connection open) until the gate is released; others are answered at once.
+async fn start_goaway_upstream() -> (SocketAddr, Gate) {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let l = TcpListener::bind(LOOPBACK_ANY).await.unwrap();
     let addr = l.local_addr().unwrap();
+    let (gate, arrived, release) = Gate::new();
     tokio::spawn(async move {
         loop {
             let (s, _) = l.accept().await.unwrap();
+            let (arrived, release) = (arrived.clone(), release.clone());
             tokio::spawn(async move {
                 let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
                 let done_tx = std::sync::Mutex::new(Some(done_tx));
-                let svc = hyper::service::service_fn(
-                    move |_req: http::Request<hyper::body::Incoming>| {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         if let Some(tx) = done_tx.lock().unwrap().take() {
                             let _ = tx.send(());
                         }
-                        async {
-                            // Slow enough that the next request arrives while the GOAWAY is out and
-                            // this stream still keeps the connection open.
-                            tokio::time::sleep(Duration::from_millis(300)).await;
-                            Ok::<_, std::convert::Infallible>(http::Response::new(
-                                http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
-                            ))
+                        let hold = req.uri().path() == "/hold";
+                        if hold {
+                            let _ = arrived.send(());
                         }
-                    },
-                );
+                        let mut release = release.clone();
+                        async move {
+                            if hold {
+                                let _ = release.wait_for(|open| *open).await;
+                            }
+                            Ok::<_, std::convert::Infallible>(ok_response())
+                        }
+                    });
                 let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(s), svc);
                 tokio::pin!(conn);
@@ -782,26 +1028,39 @@ async fn start_goaway_upstream() -> SocketAddr {
             });
         }
     });
-    addr
+    (addr, gate)
 }
 
 #[tokio::test]
 async fn http2_upstream_goaway_does_not_fail_the_next_request() {
     use outrider_proxy::config::UpstreamHttp;
-    let upstream = start_goaway_upstream().await;
+    let (upstream, mut gate) = start_goaway_upstream().await;
     let p = start_forward(upstream, |c| c.upstream_http = UpstreamHttp::Http2).await;
     let addr = p.forward[0];
-    // Request A opens the upstream connection, which answers GOAWAY while A is still running;
-    // request B arrives on that going-away connection and must be resent on a new one.
+    // Request A opens the upstream connection, which answers GOAWAY as soon as A arrives and
+    // keeps A in flight; request B then meets that going-away connection and must go on a new one.
     let a = tokio::spawn(async move {
         let mut c = ClientConn::connect(addr, false).await.unwrap();
-        c.get("payments.test", "/a").await.unwrap().status()
+        c.get("payments.test", "/hold").await.unwrap().status()
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    gate.arrived().await;
     let mut c = ClientConn::connect(addr, false).await.unwrap();
     let b = c.get("payments.test", "/b").await.unwrap().status();
     assert_eq!(b, StatusCode::OK, "the request that met the GOAWAY");
-    assert_eq!(a.await.unwrap(), StatusCode::OK);
+    assert_eq!(
+        single(&p, "outrider_upstream_connects_total"),
+        2.0,
+        "B went on a second upstream connection"
+    );
+    assert!(!a.is_finished(), "A is still held");
+    gate.release();
+    assert_eq!(
+        tokio::time::timeout(EVENT_TIMEOUT, a)
+            .await
+            .expect("A completes")
+            .unwrap(),
+        StatusCode::OK
+    );
     assert_eq!(
         count(&p, "outrider_errors_total", "reason", "upstream-failed"),
         0
@@ -826,9 +1085,10 @@ async fn a_failed_http2_dial_fails_all_its_waiters_at_once() {
             fillers.push(s);
         }
     }
+    let connect_timeout = Duration::from_secs(1);
     let p = start_forward(black_hole, |c| {
         c.upstream_http = UpstreamHttp::Http2;
-        c.connect_timeout = Duration::from_millis(300);
+        c.connect_timeout = connect_timeout;
     })
     .await;
     let started = std::time::Instant::now();
@@ -841,12 +1101,25 @@ async fn a_failed_http2_dial_fails_all_its_waiters_at_once() {
             })
         })
         .collect();
+    // All six are waiting for the upstream connection before its dial fails.
+    wait_count(&p, "outrider_requests_total", "direction", "forward", 6).await;
+    assert_eq!(
+        count(&p, "outrider_errors_total", "reason", "connect-failed"),
+        0,
+        "the dial failed before all six requests arrived: the test proves nothing"
+    );
     for r in requests {
         assert_eq!(r.await.unwrap(), StatusCode::BAD_GATEWAY);
     }
-    // One connect timeout (300 ms) for all six, not six in a row (1.8 s).
+    // One dial, failed once for all six; not one dial per waiter.
+    assert_eq!(single(&p, "outrider_upstream_connects_total"), 1.0);
+    assert_eq!(
+        count(&p, "outrider_errors_total", "reason", "connect-failed"),
+        6
+    );
+    // A guard only: six dials in a row would take six connect timeouts.
     assert!(
-        started.elapsed() < Duration::from_millis(1200),
+        started.elapsed() < connect_timeout * 5,
         "took {:?}",
         started.elapsed()
     );
