@@ -27,6 +27,9 @@ pub(crate) mod outbound;
 pub mod readiness;
 pub mod transport;
 
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_util;
+
 pub use app::Proxy;
 pub use config::{Config, ProxyArgs};
 pub use drain::ShutdownHandle;

@@ -1128,17 +1128,7 @@ async fn a_failed_http2_dial_fails_all_its_waiters_at_once() {
 
 /// The single value of an unlabelled metric family (counter or gauge).
 fn single(r: &Running, family: &str) -> f64 {
-    let families = r.registry.gather();
-    let f = families
-        .iter()
-        .find(|f| f.name() == family)
-        .unwrap_or_else(|| panic!("no {family}"));
-    let m = &f.get_metric()[0];
-    if m.get_counter().get_value() != 0.0 {
-        m.get_counter().get_value()
-    } else {
-        m.get_gauge().get_value()
-    }
+    outrider_proxy::test_util::metric(&r.registry, family, &[])
 }
 
 #[tokio::test]

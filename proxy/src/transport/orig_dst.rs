@@ -39,16 +39,6 @@ impl OrigDst for SoOriginalDst {
     }
 }
 
-/// A fixed answer: for tests, and the shape of what a test harness injects.
-#[derive(Debug, Clone, Copy)]
-pub struct FixedOrigDst(pub SocketAddr);
-
-impl OrigDst for FixedOrigDst {
-    fn orig_dst(&self, _: &TcpStream) -> io::Result<SocketAddr> {
-        Ok(self.0)
-    }
-}
-
 /// The original-destination lookup of one direction, with its loop check: a connection whose
 /// destination is one of the proxy's own ports is refused (counted; logged once per direction),
 /// and so is a connection without an original destination (traffic that reached the listener
