@@ -262,14 +262,17 @@ impl Config {
                 })
             }
             (Some(url), Some(workload)) => {
+                let workload: outrider_control::api::WorkloadId =
+                    workload
+                        .parse()
+                        .map_err(|e: outrider_control::api::InvalidWorkloadId| ConfigError {
+                            flag: "--workload",
+                            reason: e.to_string(),
+                        })?;
                 outrider_control::client::Watcher::new(url, workload, Duration::from_secs(1))
-                    .map_err(|reason| ConfigError {
-                        flag: if reason.starts_with("--workload") {
-                            "--workload"
-                        } else {
-                            "--control"
-                        },
-                        reason,
+                    .map_err(|e| ConfigError {
+                        flag: "--control",
+                        reason: e.to_string(),
                     })?;
             }
             (None, None) => {}

@@ -117,7 +117,7 @@ impl OutboundTable {
                 .map(|e| {
                     Arc::new(EndpointEntry {
                         addr: e.address,
-                        identity: e.identity.clone(),
+                        identity: e.identity.as_ref().map(ToString::to_string),
                         upstream: upstreams.get(e.address),
                     })
                 })
@@ -317,8 +317,7 @@ impl Discovery {
         upstreams: Arc<Upstreams>,
         registry: &Registry,
     ) -> anyhow::Result<Self> {
-        let watcher =
-            Watcher::new(url, workload, Duration::from_secs(30)).map_err(anyhow::Error::msg)?;
+        let watcher = Watcher::new(url, workload.parse()?, Duration::from_secs(30))?;
         let metrics = SyncMetrics {
             connected: IntGauge::new(
                 "outrider_control_connected",
@@ -376,7 +375,7 @@ async fn sync(
                 backoff.reset();
                 if failing {
                     tracing::info!(
-                        workload = watcher.workload(),
+                        workload = %watcher.workload(),
                         "control plane reachable again"
                     );
                     failing = false;
