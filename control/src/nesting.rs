@@ -7,8 +7,9 @@
 //! about 8 levels; [`MAX_DEPTH`] allows 64.
 //!
 //! What is counted: block collections (each indentation level that a sequence entry `- `, a
-//! complex key `? ` or a `key:` opens, as libyaml's indentation stack does) plus flow collections
-//! (`[` and `{`). Quoted scalars, block scalars (`|`, `>`), plain scalars (multi-line ones too)
+//! complex key `? ` or a `key:` opens, as libyaml's indentation stack does, plus a sequence at the
+//! column of its mapping's keys, which nests without indentation) plus flow collections (`[` and
+//! `{`, and the single-pair mapping that `key: value` makes inside `[...]`). Quoted scalars, block scalars (`|`, `>`), plain scalars (multi-line ones too)
 //! and comments are skipped by the same rules libyaml's scanner uses, so brackets in values and
 //! comments do not count. Where this scan cannot follow the YAML (reserved characters, broken
 //! syntax), it errs towards counting more; the parser rejects such text anyway.
@@ -32,7 +33,7 @@ pub fn scan(yaml: &str, limit: usize) -> Depth {
         i: 0,
         col: 0,
         line: 1,
-        flow: 0,
+        flow: Vec::new(),
         indents: Vec::new(),
         deepest: Depth { depth: 0, line: 1 },
         limit,
@@ -47,11 +48,33 @@ struct Scanner<'a> {
     /// Column in characters.
     col: usize,
     line: usize,
-    flow: usize,
-    /// libyaml's block indentation stack (columns).
-    indents: Vec<usize>,
+    /// Open flow collections, innermost last.
+    flow: Vec<Flow>,
+    /// libyaml's block indentation stack.
+    indents: Vec<Level>,
     deepest: Depth,
     limit: usize,
+}
+
+/// One open flow collection.
+#[derive(Debug, Clone, Copy)]
+struct Flow {
+    /// `[` rather than `{`.
+    seq: bool,
+    /// A sequence whose current entry is a `key: value` pair: a mapping, one level more.
+    pair: bool,
+}
+
+/// One block collection on libyaml's indentation stack.
+#[derive(Debug, Clone, Copy)]
+struct Level {
+    /// Its column.
+    col: usize,
+    /// A sequence (`- `) rather than a mapping.
+    seq: bool,
+    /// A mapping that holds a sequence at its own column (`key:` then `- item` below it): one
+    /// more level in the tree, with no indentation of its own.
+    indentless: bool,
 }
 
 fn is_blank(b: u8) -> bool {
@@ -99,8 +122,22 @@ impl Scanner<'_> {
         }
     }
 
+    fn flow_depth(&self) -> usize {
+        self.flow.iter().map(|f| 1 + usize::from(f.pair)).sum()
+    }
+
     fn note_depth(&mut self) -> bool {
-        let depth = self.flow + self.indents.len();
+        self.note_depth_plus(0)
+    }
+
+    /// Notes the current depth plus `extra` levels (a flow key's, inside the mapping it keys).
+    fn note_depth_plus(&mut self, extra: usize) -> bool {
+        let block: usize = self
+            .indents
+            .iter()
+            .map(|l| 1 + usize::from(l.indentless))
+            .sum();
+        let depth = self.flow_depth() + block + extra;
         if depth > self.deepest.depth {
             self.deepest = Depth {
                 depth,
@@ -110,10 +147,33 @@ impl Scanner<'_> {
         depth > self.limit
     }
 
-    /// A block collection at `col`, as libyaml's `roll_indent`.
-    fn roll(&mut self, col: usize) -> bool {
-        if self.flow == 0 && self.indents.last().is_none_or(|top| *top < col) {
-            self.indents.push(col);
+    /// Marks the current entry of an innermost flow sequence as a pair (after `:` or `?`);
+    /// returns whether the limit is passed.
+    fn in_flow_sequence_pair(&mut self) -> bool {
+        match self.flow.last_mut() {
+            Some(f) if f.seq && !f.pair => {
+                f.pair = true;
+                self.note_depth()
+            }
+            _ => false,
+        }
+    }
+
+    /// A block collection at `col`, as libyaml's `roll_indent`; `seq` for a sequence entry.
+    fn roll(&mut self, col: usize, seq: bool) -> bool {
+        if self.flow.is_empty() {
+            match self.indents.last_mut() {
+                Some(top) if top.col >= col => {
+                    if seq && !top.seq && top.col == col {
+                        top.indentless = true;
+                    }
+                }
+                _ => self.indents.push(Level {
+                    col,
+                    seq,
+                    indentless: false,
+                }),
+            }
         }
         self.note_depth()
     }
@@ -129,6 +189,9 @@ impl Scanner<'_> {
         // a `key:`) may begin on this line (block context only).
         let mut line_start = true;
         let mut key_col: Option<usize> = None;
+        // The deepest flow nesting inside the current simple key (`[a]: b`, `{a: b}: c`): once
+        // its `:` opens a mapping, that nesting sits inside the mapping.
+        let mut key_flow = 0usize;
         while let Some(c) = self.peek(0) {
             if is_blank(c) {
                 self.bump();
@@ -144,9 +207,22 @@ impl Scanner<'_> {
                 self.skip_to_eol();
                 continue;
             }
-            if self.flow == 0 && line_start {
-                while self.indents.last().is_some_and(|top| *top > self.col) {
+            if self.col == 0 && self.b[self.i..].starts_with("\u{feff}".as_bytes()) {
+                // libyaml skips a byte-order mark at the start of any line, as one column.
+                self.i += 3;
+                self.col += 1;
+                continue;
+            }
+            if self.flow.is_empty() && line_start {
+                while self.indents.last().is_some_and(|top| top.col > self.col) {
                     self.indents.pop();
+                }
+                // A key at a mapping's column ends the sequence that sat at that column.
+                let entry = (c == b'-' || c == b'?') && self.blankz(1);
+                if let Some(top) = self.indents.last_mut().filter(|t| t.col == self.col) {
+                    if !entry {
+                        top.indentless = false;
+                    }
                 }
             }
             line_start = false;
@@ -161,37 +237,58 @@ impl Scanner<'_> {
             match c {
                 b'%' if col == 0 => self.skip_to_eol(),
                 b'[' | b'{' => {
-                    if self.flow == 0 {
-                        key_col.get_or_insert(col);
+                    if self.flow.is_empty() && key_col.is_none() {
+                        key_col = Some(col);
+                        key_flow = 0;
                     }
-                    self.flow += 1;
+                    self.flow.push(Flow {
+                        seq: c == b'[',
+                        pair: false,
+                    });
+                    key_flow = key_flow.max(self.flow_depth());
                     self.bump();
                     if self.note_depth() {
                         return;
                     }
                 }
                 b']' | b'}' => {
-                    self.flow = self.flow.saturating_sub(1);
+                    self.flow.pop();
                     self.bump();
                 }
-                b',' => self.bump(),
+                b',' => {
+                    if let Some(f) = self.flow.last_mut() {
+                        f.pair = false;
+                    }
+                    self.bump();
+                }
                 b'-' | b'?' if self.blankz(1) => {
                     self.bump();
                     key_col = None;
-                    if self.flow == 0 && self.roll(col) {
+                    if c == b'?' && self.in_flow_sequence_pair() {
+                        return;
+                    }
+                    if self.flow.is_empty() && self.roll(col, c == b'-') {
                         return;
                     }
                 }
-                b':' if self.flow > 0 || self.blankz(1) => {
+                b':' if !self.flow.is_empty() || self.blankz(1) => {
                     self.bump();
-                    if let Some(k) = key_col.take() {
-                        if self.flow == 0 && self.roll(k) {
-                            return;
+                    if self.in_flow_sequence_pair() {
+                        return;
+                    }
+                    key_flow = key_flow.max(self.flow_depth());
+                    // A `:` inside a flow collection belongs to it, not to the block key.
+                    if self.flow.is_empty() {
+                        if let Some(k) = key_col.take() {
+                            if self.roll(k, false) || self.note_depth_plus(key_flow) {
+                                return;
+                            }
                         }
+                        key_flow = 0;
                     }
                 }
                 b'*' | b'&' => {
-                    if self.flow == 0 {
+                    if self.flow.is_empty() {
                         key_col.get_or_insert(col);
                     }
                     self.bump();
@@ -203,16 +300,17 @@ impl Scanner<'_> {
                     }
                 }
                 b'!' => {
-                    if self.flow == 0 {
+                    if self.flow.is_empty() {
                         key_col.get_or_insert(col);
                     }
-                    while !(self.blankz(0) || (self.flow > 0 && self.peek(0) == Some(b','))) {
+                    while !(self.blankz(0) || (!self.flow.is_empty() && self.peek(0) == Some(b',')))
+                    {
                         self.bump();
                     }
                 }
-                b'|' | b'>' if self.flow == 0 => self.block_scalar(),
+                b'|' | b'>' if self.flow.is_empty() => self.block_scalar(),
                 b'\'' | b'"' => {
-                    if self.flow == 0 {
+                    if self.flow.is_empty() {
                         key_col.get_or_insert(col);
                     }
                     self.quoted(c);
@@ -220,7 +318,7 @@ impl Scanner<'_> {
                 // Reserved indicators: libyaml stops with an error here, and so does the parse.
                 b'@' | b'`' => return,
                 _ => {
-                    if self.flow == 0 {
+                    if self.flow.is_empty() {
                         key_col.get_or_insert(col);
                     }
                     self.plain();
@@ -263,7 +361,7 @@ impl Scanner<'_> {
     /// libyaml's rules (indentation at least the scalar's, or empty).
     fn block_scalar(&mut self) {
         self.bump();
-        let parent = self.indents.last().map_or(-1, |c| *c as isize);
+        let parent = self.indents.last().map_or(-1, |l| l.col as isize);
         let mut explicit = None;
         while let Some(b) = self.peek(0) {
             match b {
@@ -328,7 +426,7 @@ impl Scanner<'_> {
     /// A plain scalar, possibly over several lines. It stops before what ends it (an indicator,
     /// a comment, or the line break before a line that is not part of it).
     fn plain(&mut self) {
-        let min_indent = self.indents.last().map_or(0, |c| c + 1);
+        let min_indent = self.indents.last().map_or(0, |l| l.col + 1);
         loop {
             if self.at_document_marker() || self.peek(0) == Some(b'#') {
                 return;
@@ -340,12 +438,12 @@ impl Scanner<'_> {
                 if b == b':' {
                     let next = self.peek(1);
                     if self.blankz(1)
-                        || (self.flow > 0 && next.is_some_and(|n| b",?[]{}".contains(&n)))
+                        || (!self.flow.is_empty() && next.is_some_and(|n| b",?[]{}".contains(&n)))
                     {
                         return;
                     }
                 }
-                if self.flow > 0 && b",[]{}".contains(&b) {
+                if !self.flow.is_empty() && b",[]{}".contains(&b) {
                     return;
                 }
                 self.bump();
@@ -375,7 +473,7 @@ impl Scanner<'_> {
                 }
             }
             let goes_on = self.peek(0).is_some()
-                && (self.flow > 0 || self.col >= min_indent)
+                && (!self.flow.is_empty() || self.col >= min_indent)
                 && !self.at_document_marker()
                 && self.peek(0) != Some(b'#');
             if !goes_on {
@@ -404,7 +502,24 @@ mod tests {
         assert_eq!(depth("a:\n  b:\n    c: 1\n"), 3);
         assert_eq!(depth("- - - x"), 3);
         assert_eq!(depth("- a: [1, {b: [2]}]"), 5);
-        assert_eq!(depth("a:\n- 1\n- 2\n"), 1, "an indentless sequence");
+        assert_eq!(depth("a:\n- 1\n- 2\n"), 2, "an indentless sequence");
+        // Found by the mesh_config fuzz target: the parser builds 3 levels here.
+        assert_eq!(
+            depth("unknown_destinations: refuse\nservices:\n- { name: a:P b, c: d }\n"),
+            3
+        );
+        assert_eq!(depth("a:\n- 1\nb:\n  c: 1\n"), 2, "the sequence ended at b");
+        // Found by the fuzz target too: `[a b: c]` is a sequence holding a mapping.
+        assert_eq!(depth("[a b: c]"), 2);
+        assert_eq!(depth("[a: b, c, d: e]"), 2);
+        assert_eq!(depth("[? a : b]"), 2);
+        assert_eq!(depth("{a: b, c: d}"), 1);
+        // And this: a flow key nests inside the mapping its `:` opens.
+        assert_eq!(depth("a: b\nc:\n- {d: e}: f\n"), 4);
+        assert_eq!(depth("[[a]]: b\n"), 3);
+        // And this: a byte-order mark at a line start is skipped, as one column.
+        assert_eq!(depth("a: b\n-c:\n  -\n\u{feff}    d:\n      -e\n"), 3);
+        assert_eq!(depth(&format!("x: {}", "[a: ".repeat(40))), 81);
         assert_eq!(depth("? - a\n: b"), 2);
         assert_eq!(
             depth(&format!("a: {}{}", "[".repeat(100), "]".repeat(100))),
