@@ -394,3 +394,12 @@ fn errors_cut_long_values() {
         assert!(e.iter().any(|l| l.contains("(1000000 bytes)")), "{e:?}");
     }
 }
+
+#[test]
+fn a_duplicate_key_stops_parsing_and_is_reported_with_its_path() {
+    // Not collected with the other errors (serde stops at it): documented in the README.
+    let e = errors("services:\n  - name: a\n    name: b\n    addresses: [nowhere]\nworkloads:\n  - name: web\n");
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].starts_with("services[0]"), "{e:?}");
+    assert!(e[0].contains("duplicate field `name`"), "{e:?}");
+}
