@@ -7,11 +7,19 @@
 //! state on the server beyond the open request. Errors are `4xx` with a plain-text reason.
 //!
 //! Durations are integers in milliseconds (`*_ms`) so clients need no duration parser.
+//!
+//! Workload names and identities are typed ([`WorkloadId`], [`Identity`]): they are validated
+//! once, where they enter (the mesh config, the watch query, the proxy's flags, a JSON view), and
+//! cannot hold a malformed value afterwards.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::SocketAddr;
+use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+
+use crate::quoted::Quoted;
 
 /// The path of the watch endpoint.
 pub const WATCH_PATH: &str = "/v1/watch";
@@ -21,8 +29,8 @@ pub const WATCH_PATH: &str = "/v1/watch";
 pub struct WatchResponse {
     /// Opaque version; send it back to wait for the next change.
     pub version: String,
-    /// `namespace/name` of the workload this view is for.
-    pub workload: String,
+    /// The workload this view is for.
+    pub workload: WorkloadId,
     /// What the workload may call.
     pub outbound: OutboundView,
     /// Who may call the workload.
@@ -93,7 +101,7 @@ pub struct Endpoint {
     /// Where to connect.
     pub address: SocketAddr,
     /// The SPIFFE identity the endpoint must present (mTLS), if meshed.
-    pub identity: Option<String>,
+    pub identity: Option<Identity>,
     /// Relative share of traffic, 1..=1000.
     pub weight: u32,
 }
@@ -166,7 +174,7 @@ pub struct ServerPolicy {
     /// The port.
     pub port: u16,
     /// SPIFFE identities allowed to call it (empty: any authenticated identity).
-    pub allow: Vec<String>,
+    pub allow: Vec<Identity>,
     /// Whether plaintext (unauthenticated) callers are allowed.
     pub plaintext: bool,
 }
@@ -175,5 +183,354 @@ impl Service {
     /// `namespace/name`.
     pub fn id(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Whether `s` is a DNS-1123 label: 1 to 63 of `a-z`, `0-9`, `-`, starting and ending with a
+/// letter or digit.
+pub(crate) fn is_dns_label(s: &str) -> bool {
+    label_problem(s, 63, false).is_none()
+}
+
+/// What is wrong with `s` as a label of at most `max` bytes of `a-z`, `0-9`, `-` (and `.` when
+/// `dots`), starting and ending with a letter or digit; `None` if nothing.
+fn label_problem(s: &str, max: usize, dots: bool) -> Option<&'static str> {
+    let ok_byte =
+        |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (dots && b == b'.');
+    let alnum = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    if s.is_empty() {
+        Some("is empty")
+    } else if s.len() > max {
+        Some(if max == 63 {
+            "is longer than 63 characters"
+        } else {
+            "is longer than 253 characters"
+        })
+    } else if !s.bytes().all(ok_byte) {
+        Some(if dots {
+            "has a character other than a-z, 0-9, '-' and '.'"
+        } else {
+            "has a character other than a-z, 0-9 and '-'"
+        })
+    } else if !s.as_bytes().first().is_some_and(alnum) || !s.as_bytes().last().is_some_and(alnum) {
+        Some("does not start and end with a letter or digit")
+    } else {
+        None
+    }
+}
+
+/// A workload: `namespace/name`, each a DNS-1123 label (1 to 63 of `a-z`, `0-9`, `-`, starting
+/// and ending with a letter or digit). What a proxy passes as `--workload` and what the mesh
+/// config's `workloads[].name` holds.
+///
+/// Parsed with [`FromStr`]; shown (and serialized) as `namespace/name`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct WorkloadId {
+    /// `namespace/name`, valid.
+    full: String,
+    /// Where the `/` is in `full`.
+    slash: usize,
+}
+
+/// A string that is not a valid [`WorkloadId`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid workload {input}: {reason}; expected NAMESPACE/NAME, each 1-63 lower-case letters, \
+     digits or '-', starting and ending with a letter or digit"
+)]
+pub struct InvalidWorkloadId {
+    /// The input, quoted and cut to a readable length.
+    input: String,
+    /// What is wrong with it.
+    reason: String,
+}
+
+impl WorkloadId {
+    /// The namespace.
+    pub fn namespace(&self) -> &str {
+        &self.full[..self.slash]
+    }
+
+    /// The name within the namespace.
+    pub fn name(&self) -> &str {
+        &self.full[self.slash + 1..]
+    }
+
+    /// `namespace/name`.
+    pub fn as_str(&self) -> &str {
+        &self.full
+    }
+}
+
+impl FromStr for WorkloadId {
+    type Err = InvalidWorkloadId;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |reason: String| InvalidWorkloadId {
+            input: Quoted(s).to_string(),
+            reason,
+        };
+        let (ns, name) = s
+            .split_once('/')
+            .ok_or_else(|| err("there is no '/'".into()))?;
+        if let Some(problem) = label_problem(ns, 63, false) {
+            return Err(err(format!("the namespace {problem}")));
+        }
+        if let Some(problem) = label_problem(name, 63, false) {
+            return Err(err(format!("the name {problem}")));
+        }
+        Ok(Self {
+            full: s.to_string(),
+            slash: ns.len(),
+        })
+    }
+}
+
+impl TryFrom<String> for WorkloadId {
+    type Error = InvalidWorkloadId;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<WorkloadId> for String {
+    fn from(id: WorkloadId) -> String {
+        id.full
+    }
+}
+
+impl fmt::Display for WorkloadId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.full)
+    }
+}
+
+/// A workload identity: the SPIFFE id `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`
+/// that a workload's certificate carries.
+///
+/// - The trust domain is 1 to 255 of `a-z`, `0-9`, `.`, `-`, `_` (the SPIFFE rule).
+/// - The namespace is a DNS-1123 label (1 to 63 of `a-z`, `0-9`, `-`, starting and ending with a
+///   letter or digit).
+/// - The service account is like a Kubernetes name: 1 to 253 of `a-z`, `0-9`, `-`, `.`, starting
+///   and ending with a letter or digit.
+///
+/// Other SPIFFE paths are refused: every identity in the mesh names a namespace and a service
+/// account. Parsed with [`FromStr`]; shown (and serialized) as the full `spiffe://` URI.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Identity {
+    /// The URI, valid.
+    full: String,
+    /// Where the trust domain ends in `full`.
+    domain_end: usize,
+    /// Where the namespace starts and ends in `full`.
+    ns: (usize, usize),
+    /// Where the service account starts in `full`.
+    sa_start: usize,
+}
+
+/// A string that is not a valid [`Identity`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid identity {input}: {reason}; expected \
+     spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/SERVICE-ACCOUNT"
+)]
+pub struct InvalidIdentity {
+    /// The input, quoted and cut to a readable length.
+    input: String,
+    /// What is wrong with it.
+    reason: String,
+}
+
+const SPIFFE: &str = "spiffe://";
+
+impl Identity {
+    /// The trust domain, e.g. `outrider.local`.
+    pub fn trust_domain(&self) -> &str {
+        &self.full[SPIFFE.len()..self.domain_end]
+    }
+
+    /// The namespace.
+    pub fn namespace(&self) -> &str {
+        &self.full[self.ns.0..self.ns.1]
+    }
+
+    /// The service account.
+    pub fn service_account(&self) -> &str {
+        &self.full[self.sa_start..]
+    }
+
+    /// The whole URI.
+    pub fn as_str(&self) -> &str {
+        &self.full
+    }
+}
+
+impl FromStr for Identity {
+    type Err = InvalidIdentity;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |reason: String| InvalidIdentity {
+            input: Quoted(s).to_string(),
+            reason,
+        };
+        let rest = s
+            .strip_prefix(SPIFFE)
+            .ok_or_else(|| err("it does not start with spiffe://".into()))?;
+        let (domain, path) = rest
+            .split_once('/')
+            .ok_or_else(|| err("there is no path after the trust domain".into()))?;
+        if domain.is_empty() || domain.len() > 255 {
+            return Err(err("the trust domain must have 1 to 255 characters".into()));
+        }
+        if !domain
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        {
+            return Err(err(
+                "the trust domain has a character other than a-z, 0-9, '.', '-' and '_'".into(),
+            ));
+        }
+        let mut segments = path.split('/');
+        let (Some("ns"), Some(ns), Some("sa"), Some(sa), None) = (
+            segments.next(),
+            segments.next(),
+            segments.next(),
+            segments.next(),
+            segments.next(),
+        ) else {
+            return Err(err(
+                "the path is not /ns/NAMESPACE/sa/SERVICE-ACCOUNT".into()
+            ));
+        };
+        if let Some(problem) = label_problem(ns, 63, false) {
+            return Err(err(format!("the namespace {problem}")));
+        }
+        if let Some(problem) = label_problem(sa, 253, true) {
+            return Err(err(format!("the service account {problem}")));
+        }
+        let domain_end = SPIFFE.len() + domain.len();
+        let ns_start = domain_end + "/ns/".len();
+        let ns_end = ns_start + ns.len();
+        Ok(Self {
+            full: s.to_string(),
+            domain_end,
+            ns: (ns_start, ns_end),
+            sa_start: ns_end + "/sa/".len(),
+        })
+    }
+}
+
+impl TryFrom<String> for Identity {
+    type Error = InvalidIdentity;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<Identity> for String {
+    fn from(id: Identity) -> String {
+        id.full
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.full)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workload_ids_parse_show_and_refuse() {
+        let id: WorkloadId = "demo/payments-api".parse().unwrap();
+        assert_eq!(id.namespace(), "demo");
+        assert_eq!(id.name(), "payments-api");
+        assert_eq!(id.to_string(), "demo/payments-api");
+        assert_eq!("a/b".parse::<WorkloadId>().unwrap().name(), "b");
+        let long = "a".repeat(63);
+        assert!(format!("{long}/{long}").parse::<WorkloadId>().is_ok());
+        for (bad, why) in [
+            ("web", "no '/'"),
+            ("/web", "the namespace is empty"),
+            ("demo/", "the name is empty"),
+            ("a/b/c", "the name has a character"),
+            ("Demo/web", "the namespace has a character"),
+            ("demo/web_1", "the name has a character"),
+            ("-demo/web", "the namespace does not start and end"),
+            ("demo/web-", "the name does not start and end"),
+            ("demo/wéb", "the name has a character"),
+            (" demo/web", "the namespace has a character"),
+        ] {
+            let e = bad.parse::<WorkloadId>().unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+            assert!(
+                e.starts_with(&format!("invalid workload \"{bad}\": ")),
+                "{e}"
+            );
+            assert!(e.contains("expected NAMESPACE/NAME"), "{e}");
+        }
+        let e = format!("{long}a/b").parse::<WorkloadId>().unwrap_err();
+        assert!(e.to_string().contains("longer than 63"), "{e}");
+        let huge = "x".repeat(1 << 20);
+        let e = huge.parse::<WorkloadId>().unwrap_err().to_string();
+        assert!(e.len() < 400 && e.contains("(1048576 bytes)"), "{e}");
+    }
+
+    #[test]
+    fn workload_ids_are_json_strings_validated_on_the_way_in() {
+        let id: WorkloadId = "demo/web".parse().unwrap();
+        assert_eq!(serde_json::to_string(&id).unwrap(), "\"demo/web\"");
+        let back: WorkloadId = serde_json::from_str("\"demo/web\"").unwrap();
+        assert_eq!(back, id);
+        let e = serde_json::from_str::<WorkloadId>("\"Demo/web\"").unwrap_err();
+        assert!(e.to_string().contains("invalid workload"), "{e}");
+    }
+
+    #[test]
+    fn identities_parse_show_and_refuse() {
+        let s = "spiffe://outrider.local/ns/demo/sa/payments-api";
+        let id: Identity = s.parse().unwrap();
+        assert_eq!(id.trust_domain(), "outrider.local");
+        assert_eq!(id.namespace(), "demo");
+        assert_eq!(id.service_account(), "payments-api");
+        assert_eq!(id.to_string(), s);
+        let id: Identity = "spiffe://a_b-c.9/ns/x/sa/build.bot".parse().unwrap();
+        assert_eq!(id.trust_domain(), "a_b-c.9");
+        assert_eq!(id.service_account(), "build.bot");
+        for (bad, why) in [
+            ("alice", "does not start with spiffe://"),
+            ("spiffe://td", "no path"),
+            ("spiffe:///ns/a/sa/b", "1 to 255"),
+            ("spiffe://TD/ns/a/sa/b", "trust domain has a character"),
+            ("spiffe://td/ns/a", "the path is not"),
+            ("spiffe://td/ns/a/sa/b/c", "the path is not"),
+            ("spiffe://td/sa/a/ns/b", "the path is not"),
+            ("spiffe://td/ns/a.b/sa/c", "the namespace has a character"),
+            ("spiffe://td/ns/a/sa/", "the service account is empty"),
+            ("spiffe://td/ns/a/sa/.c", "does not start and end"),
+            (
+                "spiffe://td/ns/a/sa/C",
+                "the service account has a character",
+            ),
+        ] {
+            let e = bad.parse::<Identity>().unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+            assert!(
+                e.starts_with(&format!("invalid identity \"{bad}\": ")),
+                "{e}"
+            );
+        }
+        let long_domain = format!("spiffe://{}/ns/a/sa/b", "d".repeat(256));
+        assert!(long_domain.parse::<Identity>().is_err());
+        let back: Identity = serde_json::from_str(&serde_json::to_string(&id).unwrap()).unwrap();
+        assert_eq!(back, id);
+        assert!(serde_json::from_str::<Identity>("\"spiffe://td/x\"").is_err());
     }
 }

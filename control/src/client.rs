@@ -11,8 +11,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::api::{WatchResponse, WATCH_PATH};
+use crate::api::{WatchResponse, WorkloadId, WATCH_PATH};
 use crate::duration;
+use crate::quoted::Quoted;
 use crate::runtime::Chain;
 
 /// Largest watch response accepted.
@@ -39,41 +40,72 @@ pub enum WatchError {
     Invalid(String),
 }
 
+/// Why a control-plane URL was refused. The messages name no flag: the caller adds it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlUrlError {
+    /// Not a URL at all.
+    #[error("{url} is not a URL ({reason}): expected http://HOST:PORT")]
+    Malformed {
+        /// The input, quoted and cut to a readable length.
+        url: String,
+        /// What the URL parser said.
+        reason: String,
+    },
+    /// Not `http://` with a host and port.
+    #[error("{url}: expected http://HOST:PORT")]
+    NotHttp {
+        /// The input, quoted and cut to a readable length.
+        url: String,
+    },
+    /// User and password in the URL (not quoted here, so the password is not echoed).
+    #[error("credentials in the URL are not supported (they would show on /config)")]
+    Credentials,
+    /// A path or query: the watch API's path is fixed, and a query (a token, say) would show on
+    /// `/config`.
+    #[error("{url}: a path or query is not supported: expected http://HOST:PORT")]
+    PathOrQuery {
+        /// The input, quoted and cut to a readable length.
+        url: String,
+    },
+}
+
 /// A watch client for one workload.
 #[derive(Debug, Clone)]
 pub struct Watcher {
     client: Client<HttpConnector, Empty<Bytes>>,
     base: Uri,
-    workload: String,
+    workload: WorkloadId,
     wait: Duration,
 }
 
 impl Watcher {
-    /// A watcher of `workload` (`namespace/name`) against `base` (e.g. `http://127.0.0.1:15012`).
-    pub fn new(base: &str, workload: &str, wait: Duration) -> Result<Self, String> {
-        let base: Uri = base
-            .parse()
-            .map_err(|e| format!("--control `{base}`: {e}"))?;
-        if base.scheme_str() != Some("http") || base.authority().is_none() {
-            return Err(format!("--control `{base}`: expected http://HOST:PORT"));
+    /// A watcher of `workload` against the control plane at `base` (`http://HOST:PORT`, e.g.
+    /// `http://127.0.0.1:15012`), asking it to hold each request up to `wait`.
+    pub fn new(base: &str, workload: WorkloadId, wait: Duration) -> Result<Self, ControlUrlError> {
+        let shown = || Quoted(base).to_string();
+        let uri: Uri = base.parse().map_err(|e: http::uri::InvalidUri| {
+            if base.contains('@') {
+                ControlUrlError::Credentials
+            } else {
+                ControlUrlError::Malformed {
+                    url: shown(),
+                    reason: e.to_string(),
+                }
+            }
+        })?;
+        let Some(authority) = uri.authority() else {
+            return Err(ControlUrlError::NotHttp { url: shown() });
+        };
+        if authority.as_str().contains('@') {
+            return Err(ControlUrlError::Credentials);
         }
-        if base.authority().is_some_and(|a| a.as_str().contains('@')) {
-            return Err(
-                "--control: credentials in the URL are not supported (they would show on /config)"
-                    .into(),
-            );
+        if uri.scheme_str() != Some("http") || authority.host().is_empty() {
+            return Err(ControlUrlError::NotHttp { url: shown() });
         }
-        let valid = workload
-            .split_once('/')
-            .is_some_and(|(ns, n)| !ns.is_empty() && !n.is_empty())
-            && workload
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'/');
-        if !valid {
-            return Err(format!(
-                "--workload `{workload}`: expected namespace/name (lower case, digits, -)"
-            ));
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(ControlUrlError::PathOrQuery { url: shown() });
         }
+        let base = uri;
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(Duration::from_secs(2)));
         http.set_nodelay(true);
@@ -83,13 +115,13 @@ impl Watcher {
         Ok(Self {
             client,
             base,
-            workload: workload.to_string(),
+            workload,
             wait,
         })
     }
 
     /// The workload watched.
-    pub fn workload(&self) -> &str {
+    pub fn workload(&self) -> &WorkloadId {
         &self.workload
     }
 
@@ -165,41 +197,43 @@ impl Watcher {
     }
 }
 
-/// Exponential backoff with full jitter: each delay is uniform in `[min, cap]`, the cap doubling
-/// from `min` up to `max` after every failure, and reset by [`Backoff::reset`].
+/// Exponential backoff with full jitter: each delay is uniform in `[min, cap]` (whole
+/// milliseconds), the cap doubling from `min` up to `max` after every failure, and reset by
+/// [`Backoff::reset`].
 #[derive(Debug, Clone)]
 pub struct Backoff {
     min: Duration,
     max: Duration,
     cap: Duration,
-    seed: u64,
+    rng: fastrand::Rng,
 }
 
 impl Backoff {
-    /// A backoff between `min` and `max`.
+    /// A backoff between `min` and `max`, randomly seeded (so proxies that lost the control plane
+    /// together do not retry together).
     pub fn new(min: Duration, max: Duration) -> Self {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0x9e37_79b9, |d| d.as_nanos() as u64)
-            | 1;
+        Self::with_rng(min, max, fastrand::Rng::new())
+    }
+
+    /// A backoff between `min` and `max` whose delays follow from `seed` (for tests).
+    pub fn with_seed(min: Duration, max: Duration, seed: u64) -> Self {
+        Self::with_rng(min, max, fastrand::Rng::with_seed(seed))
+    }
+
+    fn with_rng(min: Duration, max: Duration, rng: fastrand::Rng) -> Self {
         Self {
             min,
-            max,
+            max: max.max(min),
             cap: min,
-            seed,
+            rng,
         }
     }
 
     /// The next delay.
     pub fn next_delay(&mut self) -> Duration {
-        // xorshift64: jitter needs spread, not cryptographic quality.
-        self.seed ^= self.seed << 13;
-        self.seed ^= self.seed >> 7;
-        self.seed ^= self.seed << 17;
-        let span = self.cap.saturating_sub(self.min).as_millis() as u64;
-        let delay =
-            self.min + Duration::from_millis(if span == 0 { 0 } else { self.seed % (span + 1) });
-        self.cap = (self.cap * 2).min(self.max);
+        let span = u64::try_from(self.cap.saturating_sub(self.min).as_millis()).unwrap_or(u64::MAX);
+        let delay = self.min + Duration::from_millis(self.rng.u64(0..=span));
+        self.cap = self.cap.saturating_mul(2).min(self.max);
         delay
     }
 
@@ -213,44 +247,85 @@ impl Backoff {
 mod tests {
     use super::*;
 
+    const MS: Duration = Duration::from_millis(1);
+
     #[test]
     fn backoff_grows_with_jitter_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-        let delays: Vec<_> = (0..10).map(|_| b.next_delay()).collect();
-        assert!(delays
-            .iter()
-            .all(|d| *d >= Duration::from_millis(100) && *d <= Duration::from_secs(2)));
-        assert!(
-            delays[6..].iter().any(|d| *d > Duration::from_millis(400)),
-            "{delays:?}"
-        );
-        assert!(
-            delays.windows(2).any(|w| w[0] != w[1]),
-            "jittered: {delays:?}"
-        );
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(2));
+        let mut b = Backoff::with_seed(min, max, 7);
+        let delays: Vec<_> = (0..12).map(|_| b.next_delay()).collect();
+        // Each delay stays under its cap: min, 2 min, 4 min, ... up to max.
+        for (i, d) in delays.iter().enumerate() {
+            let cap = (min * 2u32.pow(i as u32)).min(max);
+            assert!(*d >= min && *d <= cap, "delay {i} = {d:?} over {cap:?}");
+        }
+        // The caps grow: the late delays spread over [min, max], not [min, 2 min].
+        assert!(delays[6..].iter().any(|d| *d > 4 * min), "{delays:?}");
+        // Jitter: not all the same once the cap is above min.
+        assert!(delays[1..].windows(2).any(|w| w[0] != w[1]), "{delays:?}");
         b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(100));
+        assert_eq!(b.next_delay(), min);
+        // The same seed gives the same delays; another seed others.
+        let again: Vec<_> = {
+            let mut b = Backoff::with_seed(min, max, 7);
+            (0..12).map(|_| b.next_delay()).collect()
+        };
+        assert_eq!(again, delays);
+        let mut other = Backoff::with_seed(min, max, 8);
+        let other: Vec<_> = (0..12).map(|_| other.next_delay()).collect();
+        assert_ne!(other, delays);
     }
 
     #[test]
-    fn bad_urls_and_workloads_are_refused() {
-        assert!(Watcher::new("ftp://x:1", "a/b", Duration::from_secs(1)).is_err());
-        assert!(Watcher::new("not a url", "a/b", Duration::from_secs(1)).is_err());
-        assert!(
-            Watcher::new("http://u:p@127.0.0.1:1", "a/b", Duration::from_secs(1))
-                .unwrap_err()
-                .contains("credentials")
+    fn backoff_with_equal_bounds_or_huge_max_is_sane() {
+        let mut b = Backoff::with_seed(100 * MS, 100 * MS, 1);
+        assert!((0..5).all(|_| b.next_delay() == 100 * MS));
+        let mut b = Backoff::with_seed(MS, Duration::MAX, 1);
+        for _ in 0..200 {
+            let _ = b.next_delay();
+        }
+        let mut b = Backoff::with_seed(100 * MS, MS, 1);
+        assert_eq!(b.next_delay(), 100 * MS, "max below min acts as min");
+    }
+
+    #[test]
+    fn bad_urls_are_refused_without_naming_a_flag() {
+        let w: WorkloadId = "a/b".parse().unwrap();
+        let new = |url: &str| Watcher::new(url, w.clone(), Duration::from_secs(1)).map(|_| ());
+        assert!(matches!(
+            new("ftp://x:1"),
+            Err(ControlUrlError::NotHttp { .. })
+        ));
+        assert!(matches!(
+            new("127.0.0.1:1"),
+            Err(ControlUrlError::NotHttp { .. })
+        ));
+        assert!(matches!(
+            new("not a url"),
+            Err(ControlUrlError::Malformed { .. })
+        ));
+        assert_eq!(
+            new("http://u:p@127.0.0.1:1"),
+            Err(ControlUrlError::Credentials)
         );
-        assert!(
-            Watcher::new("http://127.0.0.1:15012", "nope", Duration::from_secs(1))
-                .unwrap_err()
-                .contains("--workload")
-        );
-        assert!(Watcher::new(
-            "http://127.0.0.1:15012",
-            "demo/loadgen",
-            Duration::from_secs(1)
-        )
-        .is_ok());
+        assert!(matches!(
+            new("http://127.0.0.1:1/v1?token=abc"),
+            Err(ControlUrlError::PathOrQuery { .. })
+        ));
+        assert!(matches!(
+            new("http://127.0.0.1:1?token=abc"),
+            Err(ControlUrlError::PathOrQuery { .. })
+        ));
+        for url in ["ftp://x:1", "not a url", "http://u:p@h:1", "http://h:1/x"] {
+            let e = new(url).unwrap_err().to_string();
+            assert!(!e.contains("--"), "{url}: {e}");
+            assert!(!e.contains("u:p"), "{url}: {e}");
+        }
+        let e = new(&format!("ftp://{}", "h".repeat(10_000))).unwrap_err();
+        assert!(e.to_string().len() < 300, "{e}");
+        assert!(new("http://127.0.0.1:15012").is_ok());
+        assert!(new("http://127.0.0.1:15012/").is_ok());
+        let watcher = Watcher::new("http://control:15012", w.clone(), Duration::from_secs(1));
+        assert_eq!(watcher.unwrap().workload(), &w);
     }
 }

@@ -6,6 +6,8 @@ pub mod api;
 pub mod client;
 pub mod duration;
 pub mod mesh;
+pub mod nesting;
+pub mod quoted;
 pub mod runtime;
 pub mod server;
 

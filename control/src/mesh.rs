@@ -2,6 +2,12 @@
 //! schema and an example). Parsing happens in two steps: serde reads the YAML into loose "raw"
 //! structs (unknown keys are errors), then validation turns them into typed [`Mesh`] values and
 //! collects *every* problem, each with its key path (`services[2].routes[0].timeout: ...`).
+//!
+//! Before serde sees the text, three cheap checks refuse what would be slow or is nearly always a
+//! mistake: a text over [`MAX_MESH_BYTES`], collections nested deeper than
+//! [`nesting::MAX_DEPTH`](crate::nesting::MAX_DEPTH) (the YAML parser's time grows with the square
+//! of the depth), and an empty document (nearly always a truncated write). Values quoted in error
+//! messages are cut to a readable length ([`Quoted`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -10,10 +16,20 @@ use std::net::SocketAddr;
 use serde::Deserialize;
 
 use crate::api::{
-    Balancer, Breaker, Endpoint, InboundView, OutboundView, RetryPolicy, Route, RouteMatch,
-    ServerPolicy, Service, ServiceProtocol, UnknownDestinations, WatchResponse,
+    is_dns_label, Balancer, Breaker, Endpoint, Identity, InboundView, OutboundView, RetryPolicy,
+    Route, RouteMatch, ServerPolicy, Service, ServiceProtocol, UnknownDestinations, WatchResponse,
+    WorkloadId,
 };
 use crate::duration;
+use crate::nesting;
+use crate::quoted::{short_key, shorten_message, Quoted};
+
+/// The largest mesh config accepted, in bytes (16 MiB): about 100 times the size of a mesh with
+/// a thousand services. A larger file is refused before it is parsed.
+pub const MAX_MESH_BYTES: usize = 16 * 1024 * 1024;
+
+/// The longest message kept from the YAML library's errors, in bytes.
+const MAX_LIBRARY_MESSAGE: usize = 400;
 
 /// The demo mesh, served when `outrider control` runs without `--config`.
 pub const DEMO_MESH: &str = include_str!("../demo-mesh.yaml");
@@ -40,8 +56,8 @@ pub struct Mesh {
     pub unknown_destinations: UnknownDestinations,
     /// Every service.
     pub services: Vec<Service>,
-    /// Every workload, by `namespace/name`.
-    pub workloads: BTreeMap<String, Workload>,
+    /// Every workload.
+    pub workloads: BTreeMap<WorkloadId, Workload>,
 }
 
 /// A workload: what it may call and who may call it.
@@ -187,7 +203,7 @@ fn unknown_keys(
             format!("{at}.{key}")
         };
         errors.push(
-            path,
+            short_key(&path),
             format!("unknown key; expected one of: {}", known.join(", ")),
         );
     }
@@ -201,41 +217,26 @@ fn required<T>(errors: &mut Errors, at: &str, key: &str, value: Option<T>) -> Op
     value
 }
 
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
-fn check_identity(errors: &mut Errors, path: String, id: &str) {
-    let ok = id
-        .strip_prefix("spiffe://")
-        .and_then(|rest| rest.split_once('/'))
-        .is_some_and(|(domain, path)| {
-            !domain.is_empty() && !path.is_empty() && !id.contains(char::is_whitespace)
-        });
-    if !ok {
-        errors.push(
-            path,
-            format!("invalid identity \"{id}\": expected spiffe://<trust-domain>/<path>"),
-        );
-    }
+fn parse_identity(errors: &mut Errors, path: String, id: &str) -> Option<Identity> {
+    id.parse()
+        .map_err(|e: crate::api::InvalidIdentity| errors.push(path, e.to_string()))
+        .ok()
 }
 
 fn parse_addr(errors: &mut Errors, path: String, s: &str) -> Option<SocketAddr> {
     match s.trim().parse::<SocketAddr>() {
         Ok(a) if a.port() != 0 => Some(a),
         Ok(_) => {
-            errors.push(path, format!("address \"{s}\" has port 0"));
+            errors.push(path, format!("address {} has port 0", Quoted(s)));
             None
         }
         Err(_) => {
             errors.push(
                 path,
-                format!("invalid address \"{s}\": expected IP:PORT, e.g. 10.0.0.1:80"),
+                format!(
+                    "invalid address {}: expected IP:PORT, e.g. 10.0.0.1:80",
+                    Quoted(s)
+                ),
             );
             None
         }
@@ -253,7 +254,10 @@ fn parse_unknown(
         other => {
             errors.push(
                 path,
-                format!("unknown policy \"{other}\": expected passthrough or refuse"),
+                format!(
+                    "unknown policy {}: expected passthrough or refuse",
+                    Quoted(other)
+                ),
             );
             None
         }
@@ -262,14 +266,18 @@ fn parse_unknown(
 
 impl Mesh {
     /// Parses and validates a mesh config; on failure returns every problem found.
+    ///
+    /// Its time is linear in the size of `yaml` (at most [`MAX_MESH_BYTES`]) but can reach
+    /// seconds for a large file: async callers run it on a blocking thread.
     pub fn parse(yaml: &str) -> Result<Mesh, Vec<ConfigError>> {
+        precheck(yaml).map_err(|e| vec![e])?;
         let de = serde_norway::Deserializer::from_str(yaml);
         let raw: RawMesh = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let path = if path == "." || path.is_empty() {
                 "<yaml>".to_string()
             } else {
-                path
+                short_key(&path)
             };
             let message = e.into_inner().to_string();
             // The YAML error may already start with its own location; keep one.
@@ -277,6 +285,7 @@ impl Mesh {
                 .split_once(": ")
                 .filter(|(loc, _)| !loc.contains(' '))
                 .map_or(message.clone(), |(_, m)| m.to_string());
+            let message = shorten_message(&message, MAX_LIBRARY_MESSAGE);
             vec![ConfigError { path, message }]
         })?;
         let mut errors = Errors(Vec::new());
@@ -288,8 +297,8 @@ impl Mesh {
         }
     }
 
-    /// The view of `workload` (`namespace/name`) at `version`; `None` if the workload is unknown.
-    pub fn view(&self, workload: &str, version: &str) -> Option<WatchResponse> {
+    /// The view of `workload` at `version`; `None` if the workload is unknown.
+    pub fn view(&self, workload: &WorkloadId, version: &str) -> Option<WatchResponse> {
         let w = self.workloads.get(workload)?;
         let services = self
             .services
@@ -299,7 +308,7 @@ impl Mesh {
             .collect();
         Some(WatchResponse {
             version: version.to_string(),
-            workload: workload.to_string(),
+            workload: workload.clone(),
             outbound: OutboundView {
                 unknown_destinations: w.unknown_destinations.unwrap_or(self.unknown_destinations),
                 services,
@@ -322,6 +331,41 @@ impl Mesh {
             self.workloads.len()
         )
     }
+}
+
+/// The checks that run before the YAML parser: size, nesting depth, an empty document.
+fn precheck(yaml: &str) -> Result<(), ConfigError> {
+    let err = |message: String| ConfigError {
+        path: "<yaml>".into(),
+        message,
+    };
+    if yaml.len() > MAX_MESH_BYTES {
+        return Err(err(format!(
+            "the mesh config is {} bytes, more than the limit of {} bytes (16 MiB)",
+            yaml.len(),
+            MAX_MESH_BYTES
+        )));
+    }
+    let deepest = nesting::scan(yaml, nesting::MAX_DEPTH);
+    if deepest.depth > nesting::MAX_DEPTH {
+        return Err(err(format!(
+            "line {}: collections nested more than {} levels deep (indentation, [ and {{); \
+             a mesh config needs about 8",
+            deepest.line,
+            nesting::MAX_DEPTH
+        )));
+    }
+    let empty = yaml.lines().all(|l| {
+        let l = l.trim();
+        l.is_empty() || l.starts_with('#') || l == "---" || l == "..."
+    });
+    if empty {
+        return Err(err(
+            "empty mesh file: nearly always a truncated write; an intentionally empty mesh is `{}`"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 fn validate(raw: RawMesh, errors: &mut Errors) -> Mesh {
@@ -348,7 +392,7 @@ fn validate(raw: RawMesh, errors: &mut Errors) -> Mesh {
         if let Some(prev) = ids.insert(id.clone(), i) {
             errors.push(
                 format!("{at}.name"),
-                format!("duplicate service \"{id}\" (also services[{prev}])"),
+                format!("duplicate service {} (also services[{prev}])", Quoted(&id)),
             );
         }
         if let Some(svc) = validate_service(errors, &at, s) {
@@ -375,18 +419,14 @@ fn validate(raw: RawMesh, errors: &mut Errors) -> Mesh {
         let Some(wname) = required(errors, &at, "name", w.name.clone()) else {
             continue;
         };
-        let Some((ns, name)) = wname
-            .split_once('/')
-            .filter(|(ns, n)| is_dns_label(ns) && is_dns_label(n))
-        else {
-            errors.push(
-                format!("{at}.name"),
-                format!(
-                    "invalid workload \"{wname}\": expected namespace/name (lower case, digits, -)"
-                ),
-            );
-            continue;
+        let id = match wname.parse::<WorkloadId>() {
+            Ok(id) => id,
+            Err(e) => {
+                errors.push(format!("{at}.name"), e.to_string());
+                continue;
+            }
         };
+        let ns = id.namespace();
         let calls = w.calls.map(|calls| {
             calls
                 .iter()
@@ -402,7 +442,7 @@ fn validate(raw: RawMesh, errors: &mut Errors) -> Mesh {
                     } else {
                         errors.push(
                             format!("{at}.calls[{j}]"),
-                            format!("unknown service \"{c}\""),
+                            format!("unknown service {}", Quoted(c)),
                         );
                         None
                     }
@@ -435,16 +475,18 @@ fn validate(raw: RawMesh, errors: &mut Errors) -> Mesh {
                     format!("port {port} has two policies"),
                 );
             }
-            for (k, id) in srv.allow.iter().enumerate() {
-                check_identity(errors, format!("{sat}.allow[{k}]"), id);
-            }
+            let allow = srv
+                .allow
+                .iter()
+                .enumerate()
+                .filter_map(|(k, id)| parse_identity(errors, format!("{sat}.allow[{k}]"), id))
+                .collect();
             servers.push(ServerPolicy {
                 port,
-                allow: srv.allow,
+                allow,
                 plaintext: srv.plaintext,
             });
         }
-        let id = format!("{ns}/{name}");
         if workloads.contains_key(&id) {
             errors.push(format!("{at}.name"), format!("duplicate workload \"{id}\""));
         }
@@ -485,14 +527,22 @@ fn validate_service(errors: &mut Errors, at: &str, s: RawService) -> Option<Serv
     if !name.is_empty() && !is_dns_label(&name) {
         errors.push(
             format!("{at}.name"),
-            format!("invalid name \"{name}\": lower case letters, digits and -"),
+            format!(
+                "invalid name {}: 1-63 lower-case letters, digits and '-', starting and ending \
+                 with a letter or digit",
+                Quoted(&name)
+            ),
         );
     }
     let namespace = s.namespace.unwrap_or_else(|| "default".to_string());
     if !is_dns_label(&namespace) {
         errors.push(
             format!("{at}.namespace"),
-            format!("invalid namespace \"{namespace}\": lower case letters, digits and -"),
+            format!(
+                "invalid namespace {}: 1-63 lower-case letters, digits and '-', starting and \
+                 ending with a letter or digit",
+                Quoted(&namespace)
+            ),
         );
     }
     if s.addresses.is_empty() {
@@ -517,7 +567,8 @@ fn validate_service(errors: &mut Errors, at: &str, s: RawService) -> Option<Serv
             errors.push(
                 format!("{at}.protocol"),
                 format!(
-                    "unknown protocol \"{other}\": expected detect, http1, http2, grpc or opaque"
+                    "unknown protocol {}: expected detect, http1, http2, grpc or opaque",
+                    Quoted(other)
                 ),
             );
             ServiceProtocol::Detect
@@ -535,9 +586,10 @@ fn validate_service(errors: &mut Errors, at: &str, s: RawService) -> Option<Serv
                 format!("weight {weight} is out of range 1-1000"),
             );
         }
-        if let Some(id) = &e.identity {
-            check_identity(errors, format!("{eat}.identity"), id);
-        }
+        let identity = e
+            .identity
+            .as_deref()
+            .and_then(|id| parse_identity(errors, format!("{eat}.identity"), id));
         let address = required(errors, &eat, "address", e.address.as_deref())
             .and_then(|a| parse_addr(errors, format!("{eat}.address"), a));
         if let Some(address) = address {
@@ -549,7 +601,7 @@ fn validate_service(errors: &mut Errors, at: &str, s: RawService) -> Option<Serv
             }
             endpoints.push(Endpoint {
                 address,
-                identity: e.identity,
+                identity,
                 weight,
             });
         }
@@ -574,7 +626,10 @@ fn validate_service(errors: &mut Errors, at: &str, s: RawService) -> Option<Serv
         if !is_dns_label(&name) {
             errors.push(
                 format!("{rat}.name"),
-                format!("invalid route name \"{name}\": lower case letters, digits and -"),
+                format!(
+                    "invalid route name {}: 1-63 lower-case letters, digits and '-'",
+                    Quoted(&name)
+                ),
             );
         } else if !names.insert(name.clone()) {
             errors.push(
@@ -587,7 +642,7 @@ fn validate_service(errors: &mut Errors, at: &str, s: RawService) -> Option<Serv
             if let Some(p) = value.as_ref().filter(|p| !p.starts_with('/')) {
                 errors.push(
                     format!("{rat}.match.{key}"),
-                    format!("\"{p}\" must start with /"),
+                    format!("{} must start with /", Quoted(p)),
                 );
             }
         }
@@ -598,7 +653,7 @@ fn validate_service(errors: &mut Errors, at: &str, s: RawService) -> Option<Serv
         {
             errors.push(
                 format!("{rat}.match.method"),
-                format!("invalid method \"{method}\": expected e.g. GET"),
+                format!("invalid method {}: expected e.g. GET", Quoted(method)),
             );
         }
         let mut headers = BTreeMap::new();
@@ -608,8 +663,11 @@ fn validate_service(errors: &mut Errors, at: &str, s: RawService) -> Option<Serv
                     headers.insert(h, v);
                 }
                 _ => errors.push(
-                    format!("{rat}.match.headers.{h}"),
-                    format!("invalid header name \"{h}\": lower case token expected"),
+                    format!("{rat}.match.headers.{}", short_key(&h)),
+                    format!(
+                        "invalid header name {}: lower case token expected",
+                        Quoted(&h)
+                    ),
                 ),
             }
         }
@@ -643,7 +701,10 @@ fn validate_service(errors: &mut Errors, at: &str, s: RawService) -> Option<Serv
                 _ => {
                     errors.push(
                         format!("{rat}.retry.budget"),
-                        format!("invalid budget \"{budget}\": expected a percentage, e.g. 20%"),
+                        format!(
+                            "invalid budget {}: expected a percentage, e.g. 20%",
+                            Quoted(budget)
+                        ),
                     );
                     20
                 }
@@ -706,7 +767,10 @@ fn validate_service(errors: &mut Errors, at: &str, s: RawService) -> Option<Serv
         other => {
             errors.push(
                 format!("{at}.balancer"),
-                format!("unknown balancer \"{other}\": expected round-robin or p2c-ewma"),
+                format!(
+                    "unknown balancer {}: expected round-robin or p2c-ewma",
+                    Quoted(other)
+                ),
             );
             Balancer::RoundRobin
         }

@@ -1,15 +1,17 @@
 //! `outrider control`: serves the mesh config over the watch API (see [`crate::api`]) and follows
 //! the config file.
 //!
-//! The file is polled every 250 ms. A changed file that validates becomes the new version at
-//! once; one that does not is rejected with every error and its key path in the log, counted in
-//! `outrider_control_config_rejected_total`, and the last good config stays in force.
+//! The file is polled every 250 ms. A changed file that validates whole becomes the new version
+//! at once; one that does not (an empty or truncated file included) is rejected with every error
+//! and its key path in the log, counted in `outrider_control_config_rejected_total`, and the last
+//! good config stays in force. Reading and parsing run on a blocking thread, never on the
+//! runtime's thread, so a large or hostile file cannot stall `/live` or the watches.
 //!
 //! Each watch is one long-poll request; a slow or dead watcher holds only its own connection
 //! and task until its wait ends.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -21,9 +23,10 @@ use prometheus::{Encoder, IntCounter, IntGauge, Registry, TextEncoder};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::api::WATCH_PATH;
+use crate::api::{WorkloadId, WATCH_PATH};
 use crate::duration;
-use crate::mesh::{Mesh, DEMO_MESH};
+use crate::mesh::{ConfigError, Mesh, DEMO_MESH, MAX_MESH_BYTES};
+use crate::quoted::Quoted;
 use crate::runtime::{block_on, serve_http1, shutdown_signal, text};
 
 /// Longest wait a watcher may ask for.
@@ -117,8 +120,15 @@ impl ControlPlane {
     }
 
     /// Validates `yaml` and makes it the new version, or returns every error and keeps the old.
-    pub fn apply(&self, yaml: &str) -> Result<String, Vec<crate::mesh::ConfigError>> {
-        match Mesh::parse(yaml) {
+    /// This parses on the calling thread: async code uses [`ControlPlane::follow`], which does
+    /// not.
+    pub fn apply(&self, yaml: &str) -> Result<String, Vec<ConfigError>> {
+        self.install(Mesh::parse(yaml))
+    }
+
+    /// Makes a parsed mesh the new version, or counts and logs the rejection.
+    fn install(&self, parsed: Result<Mesh, Vec<ConfigError>>) -> Result<String, Vec<ConfigError>> {
+        match parsed {
             Ok(mesh) => {
                 let mut version = String::new();
                 self.snapshots.send_modify(|snap| {
@@ -149,23 +159,53 @@ impl ControlPlane {
         }
     }
 
-    /// Follows `path`: every change is applied or rejected (see the module docs).
+    /// Follows `path`, whose text `last` is in force: every change is applied or rejected (see
+    /// the module docs). Reading and parsing run on a blocking thread.
     pub async fn follow(self: Arc<Self>, path: PathBuf, mut last: String) {
+        // The last read problem logged, so that it is logged once, not every poll.
+        let mut problem: Option<ReadError> = None;
         loop {
             tokio::time::sleep(POLL).await;
-            let text = match tokio::fs::read_to_string(&path).await {
-                Ok(t) => t,
-                Err(e) => {
-                    if last != "\0unreadable" {
-                        tracing::warn!(path = %path.display(), error = %e, "cannot read the config file; keeping the last good config");
-                        last = "\0unreadable".into();
+            let path_for_read = path.clone();
+            let previous = std::mem::take(&mut last);
+            let read = tokio::task::spawn_blocking(move || match read_mesh_file(&path_for_read) {
+                Err(e) => (previous, Err(e)),
+                Ok(text) if text == previous => (previous, Ok(None)),
+                Ok(text) => {
+                    #[cfg(test)]
+                    if let Ok(mut t) = LAST_PARSE_THREAD.lock() {
+                        t.push((path_for_read.clone(), std::thread::current().id()));
                     }
+                    let parsed = Mesh::parse(&text);
+                    (text, Ok(Some(parsed)))
+                }
+            })
+            .await;
+            let outcome = match read {
+                Ok((text, outcome)) => {
+                    last = text;
+                    outcome
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "reading the config file failed; keeping the last good config");
                     continue;
                 }
             };
-            if text != last {
-                let _ = self.apply(&text);
-                last = text;
+            match outcome {
+                Err(e) => {
+                    if problem.as_ref() != Some(&e) {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot read the config file; keeping the last good config");
+                        if e == ReadError::TooLarge {
+                            self.metrics.rejected.inc();
+                        }
+                        problem = Some(e);
+                    }
+                }
+                Ok(None) => problem = None,
+                Ok(Some(parsed)) => {
+                    problem = None;
+                    let _ = self.install(parsed);
+                }
             }
         }
     }
@@ -204,6 +244,7 @@ impl ControlPlane {
     }
 
     async fn watch(&self, query: &str) -> Response<Full<Bytes>> {
+        // A long query is refused by hyper before this (414); the parse is linear in any case.
         let q = match WatchQuery::parse(query) {
             Ok(q) => q,
             Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
@@ -272,87 +313,124 @@ impl Drop for Dec {
     }
 }
 
-/// The watch request's parameters.
+/// The thread of the follower's last parse (tests check it is not the runtime's).
+#[cfg(test)]
+static LAST_PARSE_THREAD: std::sync::Mutex<Vec<(PathBuf, std::thread::ThreadId)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Why a mesh config file could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum ReadError {
+    /// Missing, unreadable, or not UTF-8.
+    #[error("{0}")]
+    Io(String),
+    /// Larger than [`MAX_MESH_BYTES`]: a bad config, counted as rejected.
+    #[error("the file is larger than the limit of {MAX_MESH_BYTES} bytes (16 MiB)")]
+    TooLarge,
+}
+
+/// Reads a mesh config file, refusing one larger than [`MAX_MESH_BYTES`] without reading it
+/// whole.
+fn read_mesh_file(path: &Path) -> Result<String, ReadError> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| ReadError::Io(e.to_string()))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_MESH_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| ReadError::Io(e.to_string()))?;
+    if bytes.len() > MAX_MESH_BYTES {
+        return Err(ReadError::TooLarge);
+    }
+    String::from_utf8(bytes).map_err(|e| ReadError::Io(format!("the file is not UTF-8: {e}")))
+}
+
+/// The parameters of a watch request (`GET /v1/watch?...`). Public for the fuzz tests only.
+#[doc(hidden)]
 #[derive(Debug, PartialEq, Eq)]
-struct WatchQuery {
-    workload: String,
-    version: Option<String>,
-    wait: Duration,
+pub struct WatchQuery {
+    /// `workload=`: whose view.
+    pub workload: WorkloadId,
+    /// `version=`: the version the watcher has, if any.
+    pub version: Option<String>,
+    /// `wait=`: how long to hold the request at most.
+    pub wait: Duration,
 }
 
 impl WatchQuery {
-    fn parse(query: &str) -> Result<Self, String> {
-        let (mut workload, mut version, mut wait) = (None, None, DEFAULT_WAIT);
+    /// Parses a query string (without the `?`); the error is the reason for a 400.
+    pub fn parse(query: &str) -> Result<Self, String> {
+        let (mut workload, mut version, mut wait) = (None, None, None);
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let v = &percent_decode(v).ok_or_else(|| format!("bad escape in \"{v}\""))?;
-            match k {
+            let k = decode(k)
+                .ok_or_else(|| format!("bad escape or not UTF-8 in parameter {}", Quoted(k)))?;
+            let v = &decode(v)
+                .ok_or_else(|| format!("bad escape or not UTF-8 in {k}={}", Quoted(v)))?;
+            let seen = match k.as_str() {
+                "workload" => workload.is_some(),
+                "version" => version.is_some(),
+                "wait" => wait.is_some(),
+                _ => false,
+            };
+            if seen {
+                return Err(format!("duplicate parameter {k}: give it once"));
+            }
+            match k.as_str() {
                 "workload" => {
-                    let ok = v
-                        .split_once('/')
-                        .is_some_and(|(ns, n)| !ns.is_empty() && !n.is_empty())
-                        && v.len() <= 253
-                        && v.bytes().all(|b| {
-                            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'/'
-                        });
-                    if !ok {
-                        return Err(format!("bad workload \"{v}\": expected namespace/name"));
-                    }
-                    workload = Some(v.to_string());
+                    let id = v
+                        .parse::<WorkloadId>()
+                        .map_err(|e| format!("bad workload: {e}"))?;
+                    workload = Some(id);
                 }
                 "version" => {
                     if v.len() > 64 || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
                         return Err(format!(
-                            "bad version \"{v}\": send back the version you received"
+                            "bad version {}: send back the version you received",
+                            Quoted(v)
                         ));
                     }
-                    version = Some(v.to_string()).filter(|v| !v.is_empty());
+                    version = Some(Some(v.to_string()).filter(|v| !v.is_empty()));
                 }
                 "wait" => {
-                    wait = duration::parse(v).map_err(|e| format!("bad wait: {e}"))?;
-                    if wait > MAX_WAIT {
+                    let w = duration::parse(v).map_err(|e| format!("bad wait: {e}"))?;
+                    if w > MAX_WAIT {
                         return Err(format!(
-                            "bad wait \"{v}\": at most {}",
+                            "bad wait {}: at most {}",
+                            Quoted(v),
                             duration::format(MAX_WAIT)
                         ));
                     }
+                    wait = Some(w);
                 }
-                other => return Err(format!("unknown parameter \"{other}\"")),
+                other => return Err(format!("unknown parameter {}", Quoted(other))),
             }
         }
         let workload = workload.ok_or("missing workload=NAMESPACE/NAME")?;
         Ok(Self {
             workload,
-            version,
-            wait,
+            version: version.flatten(),
+            wait: wait.unwrap_or(DEFAULT_WAIT),
         })
     }
 }
 
-/// Decodes `%XX` escapes (and `+` as space) in a query value; `None` for a broken escape or
-/// bytes that are not UTF-8.
-fn percent_decode(v: &str) -> Option<String> {
-    let bytes = v.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
+/// Decodes a query key or value: `%XX` escapes and `+` as a space. `None` for a `%` not followed
+/// by two hex digits, or bytes that are not UTF-8.
+fn decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let well_formed = b.iter().enumerate().all(|(i, c)| {
+        *c != b'%'
+            || (b.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && b.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+    });
+    if !well_formed {
+        return None;
     }
-    String::from_utf8(out).ok()
+    let spaced = s.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8()
+        .ok()
+        .map(|v| v.into_owned())
 }
 
 fn not_modified() -> Response<Full<Bytes>> {
@@ -380,7 +458,7 @@ pub struct ControlArgs {
 pub fn main(args: ControlArgs) -> std::process::ExitCode {
     use std::process::ExitCode;
     if let Some(path) = &args.check {
-        return match std::fs::read_to_string(path) {
+        return match read_mesh_file(path) {
             Err(e) => {
                 eprintln!("outrider control: cannot read {}: {e}", path.display());
                 ExitCode::from(2)
@@ -409,7 +487,7 @@ pub fn main(args: ControlArgs) -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .try_init();
     let text = match &args.config {
-        Some(path) => match std::fs::read_to_string(path) {
+        Some(path) => match read_mesh_file(path) {
             Ok(t) => t,
             Err(e) => {
                 eprintln!("outrider control: cannot read {}: {e}", path.display());
@@ -464,7 +542,7 @@ mod tests {
         assert_eq!(
             q,
             WatchQuery {
-                workload: "demo/loadgen".into(),
+                workload: "demo/loadgen".parse().unwrap(),
                 version: Some("ab-3".into()),
                 wait: Duration::from_secs(5)
             }
@@ -490,14 +568,165 @@ mod tests {
         assert_eq!(
             WatchQuery::parse("workload=demo%2Floadgen")
                 .unwrap()
-                .workload,
+                .workload
+                .to_string(),
             "demo/loadgen"
         );
-        assert!(WatchQuery::parse("workload=demo%2")
+        assert_eq!(
+            WatchQuery::parse("%77orkload=a/b").unwrap().workload.name(),
+            "b",
+            "keys are decoded too"
+        );
+        for bad in [
+            "workload=demo%2",
+            "workload=%ff%fe/x",
+            "workload=a/b%zz",
+            "wor%kload=a/b",
+        ] {
+            let e = WatchQuery::parse(bad).unwrap_err();
+            assert!(e.contains("bad escape"), "{bad}: {e}");
+        }
+        // `+` is a space (and so not a valid version); `%2B` is a plus.
+        assert!(WatchQuery::parse("workload=a/b&version=a+b")
             .unwrap_err()
-            .contains("bad escape"));
-        assert!(WatchQuery::parse("workload=%ff%fe/x")
+            .contains("bad version \"a b\""));
+        assert!(WatchQuery::parse("workload=a/b&version=a%2Bb")
             .unwrap_err()
-            .contains("bad escape"));
+            .contains("bad version \"a+b\""));
+        let q = WatchQuery::parse("workload=a/b&version=&wait=3").unwrap();
+        assert_eq!((q.version, q.wait), (None, Duration::from_secs(3)));
+        assert_eq!(
+            WatchQuery::parse("workload=a/b").unwrap().wait,
+            DEFAULT_WAIT
+        );
+    }
+
+    #[test]
+    fn a_duplicate_parameter_is_refused_by_name() {
+        for (query, name) in [
+            ("workload=a/b&workload=c/d", "workload"),
+            ("workload=a/b&workload=a/b", "workload"),
+            ("workload=a/b&version=&version=x-1", "version"),
+            ("wait=1s&workload=a/b&wait=2s", "wait"),
+        ] {
+            let e = WatchQuery::parse(query).unwrap_err();
+            assert_eq!(
+                e,
+                format!("duplicate parameter {name}: give it once"),
+                "{query}"
+            );
+        }
+    }
+
+    #[test]
+    fn query_errors_cut_long_values() {
+        let long = "x".repeat(100_000);
+        for query in [
+            format!("workload={long}"),
+            format!("workload=a/b&version={long}"),
+            format!("workload=a/b&wait={long}"),
+            format!("workload=a/b&{long}=1"),
+            format!("workload=a/b&version={long}%"),
+        ] {
+            let e = WatchQuery::parse(&query).unwrap_err();
+            assert!(e.len() < 400, "{} bytes: {}", e.len(), &e[..200]);
+            assert!(e.contains("(100"), "{e}");
+        }
+    }
+
+    /// A unique scratch file for one test.
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("outrider-control-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join(name)
+    }
+
+    const GOOD: &str =
+        "services:\n  - name: a\n    addresses: [198.18.0.1:80]\nworkloads:\n  - name: default/w\n";
+
+    /// Polls (in paused time) until `done`, at most 100 file polls.
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        for _ in 0..100 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn follow_applies_only_whole_valid_files_and_keeps_the_last_good() {
+        let path = scratch("follow.yaml");
+        std::fs::write(&path, GOOD).unwrap();
+        let cp = ControlPlane::new(Mesh::parse(GOOD).unwrap()).unwrap();
+        let first = cp.current().version.clone();
+        let follower = tokio::spawn(cp.clone().follow(path.clone(), GOOD.to_string()));
+        // A truncated write (empty), whitespace and comments only, a half-written file: each
+        // rejected, the first version stays.
+        let mut rejected = 0;
+        for bad in [
+            "",
+            "  \n\n",
+            "# mesh\n---\n",
+            "services:\n  - name: a\n    addresses: [198.18",
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            rejected += 1;
+            until("the rejection", || cp.metrics.rejected.get() == rejected).await;
+            assert_eq!(cp.current().version, first, "{bad:?} was applied");
+        }
+        // A file too large is refused without being parsed.
+        let big = vec![b'#'; MAX_MESH_BYTES + 1];
+        std::fs::write(&path, &big).unwrap();
+        until("the size rejection", || {
+            cp.metrics.rejected.get() == rejected + 1
+        })
+        .await;
+        assert_eq!(cp.current().version, first);
+        // A valid change applies.
+        let next = GOOD.replace("198.18.0.1", "198.18.0.2");
+        std::fs::write(&path, &next).unwrap();
+        until("the new version", || cp.current().version != first).await;
+        assert_eq!(
+            cp.current().mesh.services[0].addresses[0].to_string(),
+            "198.18.0.2:80"
+        );
+        follower.abort();
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn follow_parses_off_the_runtime_thread() {
+        let path = scratch("blocking.yaml");
+        std::fs::write(&path, GOOD).unwrap();
+        let cp = ControlPlane::new(Mesh::parse(GOOD).unwrap()).unwrap();
+        let follower = tokio::spawn(cp.clone().follow(path.clone(), GOOD.to_string()));
+        // A hostile file: 100,000 nested `[` (the parser alone took 34 s on this). The runtime's
+        // thread keeps running other tasks while it is refused.
+        let deep = format!("services: {}", "[".repeat(100_000));
+        std::fs::write(&path, &deep).unwrap();
+        let started = std::time::Instant::now();
+        until("the rejection", || cp.metrics.rejected.get() == 1).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        let runtime_thread = std::thread::current().id();
+        let parses: Vec<_> = LAST_PARSE_THREAD
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| *p == path)
+            .map(|(_, t)| *t)
+            .collect();
+        assert!(!parses.is_empty(), "the follower parsed nothing");
+        assert!(
+            !parses.contains(&runtime_thread),
+            "parsed on the runtime thread"
+        );
+        follower.abort();
+        let _ = std::fs::remove_file(&path);
     }
 }

@@ -1,7 +1,13 @@
 //! Mesh config validation: every error path names its key; the README's example round-trips.
 
-use crate::api::{Balancer, ServiceProtocol, UnknownDestinations};
-use crate::mesh::{Mesh, DEMO_MESH};
+use std::time::{Duration, Instant};
+
+use crate::api::{Balancer, ServiceProtocol, UnknownDestinations, WorkloadId};
+use crate::mesh::{Mesh, DEMO_MESH, MAX_MESH_BYTES};
+
+fn id(s: &str) -> WorkloadId {
+    s.parse().unwrap()
+}
 
 /// Parses `yaml` expecting failure; returns the `path: message` lines.
 fn errors(yaml: &str) -> Vec<String> {
@@ -37,15 +43,15 @@ fn the_demo_mesh_is_valid() {
     assert_eq!(s.routes[1].retry.as_ref().unwrap().budget_percent, 20);
     assert_eq!(s.breaker.as_ref().unwrap().open_ms, 10_000);
     assert_eq!(s.balancer, Balancer::RoundRobin);
-    let view = mesh.view("demo/loadgen", "v1").unwrap();
+    let view = mesh.view(&id("demo/loadgen"), "v1").unwrap();
     assert_eq!(view.outbound.services.len(), 1);
     assert_eq!(
         view.outbound.unknown_destinations,
         UnknownDestinations::Passthrough
     );
-    let server = mesh.view("demo/payments-api", "v1").unwrap();
+    let server = mesh.view(&id("demo/payments-api"), "v1").unwrap();
     assert_eq!(server.inbound.servers[0].port, 8080);
-    assert!(mesh.view("demo/nobody", "v1").is_none());
+    assert!(mesh.view(&id("demo/nobody"), "v1").is_none());
 }
 
 #[test]
@@ -64,7 +70,7 @@ fn the_readme_example_is_the_demo_mesh_and_round_trips() {
     );
     let mesh = Mesh::parse(yaml).unwrap();
     // Through the API types and JSON and back.
-    let view = mesh.view("demo/loadgen", "x-1").unwrap();
+    let view = mesh.view(&id("demo/loadgen"), "x-1").unwrap();
     let json = serde_json::to_string(&view).unwrap();
     let back: crate::api::WatchResponse = serde_json::from_str(&json).unwrap();
     assert_eq!(back, view);
@@ -247,13 +253,13 @@ workloads:
   - { name: default/only-b, calls: [other/b], unknown_destinations: passthrough }
 ";
     let mesh = Mesh::parse(yaml).unwrap();
-    let all = mesh.view("default/all", "1").unwrap();
+    let all = mesh.view(&id("default/all"), "1").unwrap();
     assert_eq!(all.outbound.services.len(), 2);
     assert_eq!(
         all.outbound.unknown_destinations,
         UnknownDestinations::Refuse
     );
-    let only = mesh.view("default/only-b", "1").unwrap();
+    let only = mesh.view(&id("default/only-b"), "1").unwrap();
     assert_eq!(
         only.outbound
             .services
@@ -272,4 +278,128 @@ workloads:
         &errors(zero),
         "services[0].breaker.open_for: must be longer than 0"
     ));
+}
+
+#[test]
+fn identities_and_workloads_are_typed_in_the_mesh() {
+    let mesh = Mesh::parse(DEMO_MESH).unwrap();
+    let ep = &mesh.services[0].endpoints[0];
+    let identity = ep.identity.as_ref().unwrap();
+    assert_eq!(identity.service_account(), "payments-api");
+    assert_eq!(identity.namespace(), "demo");
+    let server = &mesh.workloads[&id("demo/payments-api")].servers[0];
+    assert_eq!(server.allow[0].service_account(), "loadgen");
+    assert!(mesh.workloads.contains_key(&id("demo/loadgen")));
+    // A SPIFFE id whose path is not /ns/NS/sa/SA is refused, with its key path.
+    let yaml =
+        format!("{BASE}    servers:\n      - port: 80\n        allow: [spiffe://td/custom/path]\n");
+    let e = errors(&yaml);
+    assert!(
+        has(
+            &e,
+            "workloads[0].servers[0].allow[0]: invalid identity \"spiffe://td/custom/path\": the path is not"
+        ),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn deep_nesting_is_refused_fast_with_its_line() {
+    for deep in [
+        format!("services: {}{}", "[".repeat(100_000), "]".repeat(100_000)),
+        format!("services:\n  - name: a\n    x: {}", "{a: ".repeat(50_000)),
+        format!("services:\n{}", "- ".repeat(100_000)),
+    ] {
+        assert!(deep.len() >= 200_000);
+        let started = Instant::now();
+        let e = errors(&deep);
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(500), "took {took:?}");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("<yaml>: line ") && e[0].contains("nested more than 64 levels"),
+            "{e:?}"
+        );
+    }
+    let e = errors(&format!("a: 1\nb: 2\nservices: {}", "[".repeat(70)));
+    assert!(e[0].starts_with("<yaml>: line 3: "), "{e:?}");
+    // 64 levels pass the pre-scan (and then meet the schema).
+    let ok = format!("x: {}{}", "[".repeat(63), "]".repeat(63));
+    assert!(!errors(&ok)[0].contains("nested"));
+}
+
+#[test]
+fn a_file_over_the_size_limit_is_refused_before_parsing() {
+    let mut big = String::from("services: []\n");
+    big.push_str(&"#".repeat(MAX_MESH_BYTES));
+    let e = errors(&big);
+    assert_eq!(e.len(), 1);
+    assert!(
+        e[0].contains("more than the limit of 16777216 bytes"),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn an_empty_mesh_file_is_refused() {
+    for empty in [
+        "",
+        "\n",
+        "   \n\t\n",
+        "# just a comment\n# another\n",
+        "---\n",
+        "---\n...\n",
+    ] {
+        let e = errors(empty);
+        assert_eq!(e.len(), 1, "{empty:?}: {e:?}");
+        assert!(
+            e[0].starts_with("<yaml>: empty mesh file: nearly always a truncated write"),
+            "{empty:?}: {e:?}"
+        );
+    }
+    // An explicitly empty mesh is fine.
+    assert!(Mesh::parse("{}").unwrap().services.is_empty());
+    assert!(Mesh::parse("services: []\n").is_ok());
+}
+
+#[test]
+fn errors_cut_long_values() {
+    let huge = "a".repeat(1_000_000);
+    let cases = [
+        format!("unknown_destinations: {huge}\n"),
+        format!("services:\n  - name: {huge}\n    addresses: [1.2.3.4:80]\n"),
+        format!("services:\n  - name: a\n    addresses: [{huge}]\n"),
+        format!("services:\n  - name: a\n    addresses: [1.2.3.4:80]\n    routes:\n      - timeout: {huge}\n        match: {{ method: {huge}, path: {huge} }}\n"),
+        // A key longer than 1024 characters must be an explicit `? key`.
+        format!("services:\n  - name: a\n    addresses: [1.2.3.4:80]\n    routes:\n      - match:\n          headers:\n            ? {huge}\n            : v\n"),
+        format!("workloads:\n  - name: {huge}\n"),
+        format!("workloads:\n  - name: a/b\n    calls: [{huge}]\n"),
+        format!("? {huge}\n: 1\n"),
+        // Errors from the YAML library quote values too.
+        format!("services:\n  - name: a\n    endpoints:\n      - address: 1.2.3.4:80\n        weight: {huge}\n"),
+        format!("services: {huge}\n"),
+    ];
+    for yaml in &cases {
+        let e = errors(yaml);
+        let total: usize = e.iter().map(String::len).sum();
+        assert!(
+            total < 400 * e.len(),
+            "{} bytes of errors: {}",
+            total,
+            e.iter()
+                .map(|l| &l[..l.len().min(300)])
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        assert!(e.iter().any(|l| l.contains("(1000000 bytes)")), "{e:?}");
+    }
+}
+
+#[test]
+fn a_duplicate_key_stops_parsing_and_is_reported_with_its_path() {
+    // Not collected with the other errors (serde stops at it): documented in the README.
+    let e = errors("services:\n  - name: a\n    name: b\n    addresses: [nowhere]\nworkloads:\n  - name: web\n");
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].starts_with("services[0]"), "{e:?}");
+    assert!(e[0].contains("duplicate field `name`"), "{e:?}");
 }

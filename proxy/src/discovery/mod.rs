@@ -57,7 +57,7 @@ impl SyncStatus {
             .unwrap_or_default();
         let connected = self.connected.load(Ordering::Relaxed);
         serde_json::json!({
-            "url": crate::config::redact_url(&self.url),
+            "url": self.url,
             "workload": self.workload,
             "state": match (self.has_config(), connected) {
                 (_, true) => "synced",
@@ -97,8 +97,7 @@ impl Discovery {
         registry: &Registry,
         ready: BlockReady,
     ) -> anyhow::Result<Self> {
-        let watcher =
-            Watcher::new(url, workload, Duration::from_secs(30)).map_err(anyhow::Error::msg)?;
+        let watcher = Watcher::new(url, workload.parse()?, Duration::from_secs(30))?;
         let metrics = SyncMetrics {
             connected: IntGauge::new(
                 "outrider_control_connected",
@@ -167,7 +166,7 @@ async fn sync(
                 backoff.reset();
                 if failing {
                     tracing::info!(
-                        workload = watcher.workload(),
+                        workload = %watcher.workload(),
                         "control plane reachable again"
                     );
                     failing = false;
@@ -266,7 +265,7 @@ mod tests {
     #[tokio::test]
     async fn a_bad_view_never_replaces_the_last_good_one() {
         let mesh = Mesh::parse(DEMO_MESH).unwrap();
-        let good = mesh.view("demo/loadgen", "v1").unwrap();
+        let good = mesh.view(&"demo/loadgen".parse().unwrap(), "v1").unwrap();
         let mut other = good.clone();
         other.version = "v2".into();
         other.outbound.services.clear();

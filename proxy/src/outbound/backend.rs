@@ -30,7 +30,7 @@ use crate::http::Body;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointMeta {
     /// The identity it must present (mTLS).
-    pub identity: Option<String>,
+    pub identity: Option<outrider_control::api::Identity>,
     /// Relative share of traffic.
     pub weight: u32,
 }
