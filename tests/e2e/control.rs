@@ -1,25 +1,24 @@
 //! The control plane end to end, on loopback (no root): the real `outrider control` and
 //! `outrider proxy` binaries, three app instances, and a keep-alive HTTP/1.1 client under constant
 //! load while the mesh file changes, turns invalid, and the control plane dies and comes back.
+//!
+//! Every wait is for something observable: the control plane's version (`/v1/version`), the
+//! version the proxy applied (`/config`), a metric, or the traffic itself. Deadlines are generous
+//! (a loaded machine is slow, not wrong); the times they measure are printed, not asserted.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::support::{self, ChildGuard, TempDir};
+use crate::support::{self, ChildGuard, PortHold, TempDir};
 
 const OUTRIDER: &str = env!("CARGO_BIN_EXE_outrider");
 const VIP: &str = "198.18.100.1:80";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap()
-}
+/// How long a change may take to reach the proxy or show in its traffic.
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A minimal HTTP/1.1 response: status, headers (lower-case names), body.
 struct Answer {
@@ -108,49 +107,73 @@ fn write_mesh(dir: &TempDir, yaml: &str) -> Instant {
     Instant::now()
 }
 
+/// One answer of the load: when its request started, its status, and the instance that served it.
+#[derive(Debug)]
+struct Sent {
+    started: Instant,
+    status: u16,
+    instance: String,
+}
+
 /// The constant load: one keep-alive connection, a request every 2 ms, every answer recorded.
 struct Load {
     stop: Arc<AtomicBool>,
-    log: Arc<Mutex<Vec<(Instant, u16, String)>>>,
+    started: Arc<AtomicU64>,
+    log: Arc<Mutex<Vec<Sent>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Load {
     fn start(addr: SocketAddr) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
+        let started = Arc::new(AtomicU64::new(0));
         let log = Arc::new(Mutex::new(Vec::new()));
-        let (s, l) = (stop.clone(), log.clone());
+        let (s, n, l) = (stop.clone(), started.clone(), log.clone());
         let thread = std::thread::spawn(move || {
             let mut conn = connect(addr);
-            let deadline = Instant::now() + Duration::from_secs(90);
-            // Bounded: at most 40k requests and 90 s.
-            for _ in 0..40_000 {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            // Bounded: at most 60k requests and 120 s.
+            for _ in 0..60_000 {
                 if s.load(Ordering::Relaxed) || Instant::now() > deadline {
                     break;
                 }
-                let entry = match exchange(&mut conn, "GET", "/load") {
-                    Ok(a) => (
-                        Instant::now(),
-                        a.status,
-                        a.header("x-instance").unwrap_or("").to_string(),
-                    ),
+                let started = Instant::now();
+                n.fetch_add(1, Ordering::SeqCst);
+                let sent = match exchange(&mut conn, "GET", "/load") {
+                    Ok(a) => Sent {
+                        started,
+                        status: a.status,
+                        instance: a.header("x-instance").unwrap_or("").to_string(),
+                    },
                     Err(e) => {
                         conn = connect(addr);
-                        (Instant::now(), 0, format!("error: {e}"))
+                        Sent {
+                            started,
+                            status: 0,
+                            instance: format!("error: {e}"),
+                        }
                     }
                 };
-                l.lock().unwrap().push(entry);
+                l.lock().unwrap().push(sent);
+                // The load's pace, not a wait for anything.
                 std::thread::sleep(Duration::from_millis(2));
             }
         });
         Load {
             stop,
+            started,
             log,
             thread: Some(thread),
         }
     }
 
-    /// Waits (bounded) until an answer from `instance` arrives after `since`; returns when.
+    /// How many requests the load has started so far.
+    fn started(&self) -> u64 {
+        self.started.load(Ordering::SeqCst)
+    }
+
+    /// Waits (at most `within`) for an answer from `instance` to a request started at or after
+    /// `since`; returns when that request started.
     fn wait_for(&self, instance: &str, since: Instant, within: Duration) -> Option<Instant> {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
@@ -159,26 +182,28 @@ impl Load {
                 .lock()
                 .unwrap()
                 .iter()
-                .find(|(t, _, i)| *t >= since && i == instance)
-                .map(|(t, _, _)| *t);
+                .find(|s| s.started >= since && s.instance == instance)
+                .map(|s| s.started);
             if found.is_some() {
                 return found;
             }
+            // Polling the load's log with a deadline.
             std::thread::sleep(Duration::from_millis(10));
         }
         None
     }
 
+    /// Answers from `instance` to requests started at or after `since`.
     fn count_since(&self, instance: &str, since: Instant) -> usize {
         self.log
             .lock()
             .unwrap()
             .iter()
-            .filter(|(t, _, i)| *t >= since && i == instance)
+            .filter(|s| s.started >= since && s.instance == instance)
             .count()
     }
 
-    fn finish(mut self) -> Vec<(Instant, u16, String)> {
+    fn finish(mut self) -> Vec<Sent> {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             t.join().unwrap();
@@ -187,29 +212,79 @@ impl Load {
     }
 }
 
-fn start_control(dir: &TempDir, port: u16) -> ChildGuard {
-    let cp = ChildGuard::spawn(
-        Command::new(OUTRIDER)
-            .args(["control", "--config"])
-            .arg(dir.path().join("mesh.yaml"))
-            .args(["--listen", &format!("127.0.0.1:{port}")]),
-        "control",
-    );
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let up = (0..100).any(|_| {
-        std::thread::sleep(Duration::from_millis(20));
-        TcpStream::connect(addr).is_ok()
-    });
-    assert!(up, "control plane did not start: {}", cp.stderr());
-    cp
+/// A demo app instance on a loopback port of its own; returns once it listens.
+fn start_app(instance: &str) -> (u16, ChildGuard) {
+    support::spawn_listening(
+        instance,
+        None,
+        |port| {
+            let mut cmd = Command::new(OUTRIDER);
+            cmd.args([
+                "demo-app",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--instance",
+                instance,
+            ]);
+            cmd
+        },
+        "listening on",
+    )
 }
 
-fn metric(admin: SocketAddr, name: &str) -> f64 {
-    let body = get(admin, "/metrics").body;
-    body.lines()
-        .find(|l| l.starts_with(name) && !l.starts_with('#'))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(-1.0)
+/// The control plane following `dir`'s mesh file (none: the embedded demo mesh), on `port` or
+/// any free one; returns once it listens.
+fn start_control(dir: Option<&TempDir>, port: Option<u16>) -> (SocketAddr, ChildGuard) {
+    let (port, cp) = support::spawn_listening(
+        "control",
+        port,
+        |port| {
+            let mut cmd = Command::new(OUTRIDER);
+            cmd.arg("control");
+            if let Some(dir) = dir {
+                cmd.arg("--config").arg(dir.path().join("mesh.yaml"));
+            }
+            cmd.args(["--listen", &format!("127.0.0.1:{port}")])
+                .env("OUTRIDER_LOG", "info");
+            cmd
+        },
+        "control plane ready",
+    );
+    (SocketAddr::from(([127, 0, 0, 1], port)), cp)
+}
+
+/// A proxy with `args`, its admin server and listeners on port 0; returns it with the addresses
+/// it bound (from its log).
+fn start_proxy(args: &[&str]) -> (ChildGuard, support::ProxyAddrs) {
+    let mut proxy = ChildGuard::spawn(
+        Command::new(OUTRIDER)
+            .arg("proxy")
+            .args(args)
+            .args(["--admin", "127.0.0.1:0"])
+            .env("OUTRIDER_LOG", "info")
+            .env("OUTRIDER_LOG_FORMAT", "json"),
+        "proxy",
+    );
+    let addrs = support::proxy_addrs(&mut proxy, Duration::from_secs(10));
+    (proxy, addrs)
+}
+
+/// The sum of `family`'s samples with `labels` on `addr`'s `/metrics`; a missing family fails.
+fn metric(addr: SocketAddr, family: &str, labels: &[(&str, &str)]) -> f64 {
+    support::sample(&get(addr, "/metrics").body, family, labels)
+}
+
+/// The version the control plane serves now.
+fn control_version(cp: SocketAddr) -> String {
+    let a = get(cp, "/v1/version");
+    assert_eq!(a.status, 200, "{}", a.body);
+    a.body.trim().to_owned()
+}
+
+/// The control-plane version the proxy applied last (its `/config`).
+fn proxy_version(admin: SocketAddr) -> Option<String> {
+    let config: serde_json::Value = serde_json::from_str(&get(admin, "/config").body).ok()?;
+    config["control"]["version"].as_str().map(str::to_owned)
 }
 
 fn wait_until(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
@@ -218,89 +293,111 @@ fn wait_until(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
         if check() {
             return;
         }
+        // Polling observable state with a deadline.
         std::thread::sleep(Duration::from_millis(20));
     }
     panic!("{what}: not within {within:?}");
 }
 
+/// Waits until the control plane serves a version other than `old` and the proxy has applied it;
+/// returns that version and when the proxy was first seen with it.
+fn wait_applied(cp: SocketAddr, admin: SocketAddr, old: &str) -> (String, Instant) {
+    let mut new = String::new();
+    wait_until(
+        "the control plane has a new version",
+        CHANGE_TIMEOUT,
+        || {
+            new = control_version(cp);
+            new != old
+        },
+    );
+    wait_until(
+        &format!("the proxy applies version {new}"),
+        CHANGE_TIMEOUT,
+        || proxy_version(admin).as_deref() == Some(new.as_str()),
+    );
+    (new, Instant::now())
+}
+
 #[test]
 fn proxies_follow_the_control_plane_live_under_load() {
     let dir = TempDir::new();
-    let apps: Vec<(u16, ChildGuard)> = ["e1", "e2", "e3"]
-        .iter()
-        .map(|name| {
-            let port = free_port();
-            let app = ChildGuard::spawn(
-                Command::new(OUTRIDER).args([
-                    "demo-app",
-                    "--listen",
-                    &format!("127.0.0.1:{port}"),
-                    "--instance",
-                    name,
-                ]),
-                *name,
-            );
-            (port, app)
-        })
-        .collect();
+    let apps: Vec<(u16, ChildGuard)> = ["e1", "e2", "e3"].iter().map(|n| start_app(n)).collect();
     let ports: Vec<u16> = apps.iter().map(|(p, _)| *p).collect();
-    write_mesh(&dir, &mesh(&ports[..2], "2s"));
-    let cp_port = free_port();
-    let mut control = start_control(&dir, cp_port);
-    let cp_addr: SocketAddr = format!("127.0.0.1:{cp_port}").parse().unwrap();
+    write_mesh(&dir, &mesh(&ports[..2], "10s"));
+    let (cp, control) = start_control(Some(&dir), None);
 
-    let (listen, admin) = (free_port(), free_port());
-    let mut proxy = ChildGuard::spawn(
-        Command::new(OUTRIDER).args([
-            "proxy",
-            "--forward",
-            &format!("127.0.0.1:{listen}={VIP}"),
-            "--control",
-            &format!("http://127.0.0.1:{cp_port}"),
-            "--workload",
-            "test/client",
-            "--admin",
-            &format!("127.0.0.1:{admin}"),
-        ]),
-        "proxy",
-    );
-    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
-    let listen: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
-    wait_until(
-        "proxy ready with its first config",
-        Duration::from_secs(10),
-        || TcpStream::connect(admin).is_ok() && get(admin, "/ready").status == 200,
-    );
+    let (mut proxy, addrs) = start_proxy(&[
+        "--forward",
+        &format!("127.0.0.1:0={VIP}"),
+        "--control",
+        &format!("http://{cp}"),
+        "--workload",
+        "test/client",
+    ]);
+    let (listen, admin) = (addrs.forwards[0], addrs.admin);
+    wait_until("proxy ready with its first config", CHANGE_TIMEOUT, || {
+        get(admin, "/ready").status == 200
+    });
+    let mut version = control_version(cp);
+    assert_eq!(proxy_version(admin), Some(version.clone()));
 
     let load = Load::start(listen);
     let t0 = Instant::now();
     assert!(
-        load.wait_for("e1", t0, Duration::from_secs(5)).is_some(),
+        load.wait_for("e1", t0, CHANGE_TIMEOUT).is_some(),
         "e1 serves"
     );
     assert!(
-        load.wait_for("e2", t0, Duration::from_secs(5)).is_some(),
+        load.wait_for("e2", t0, CHANGE_TIMEOUT).is_some(),
         "e2 serves"
     );
 
-    // Add an endpoint: it gets traffic within 1 s.
-    let t = write_mesh(&dir, &mesh(&ports, "2s"));
+    // Add an endpoint: once the proxy has the new version, it gets traffic.
+    let t = write_mesh(&dir, &mesh(&ports, "10s"));
+    let (v, applied) = wait_applied(cp, admin, &version);
+    version = v;
     let seen = load
-        .wait_for("e3", t, Duration::from_secs(3))
+        .wait_for("e3", applied, CHANGE_TIMEOUT)
         .expect("e3 gets traffic");
-    assert!(seen - t < Duration::from_secs(1), "e3 after {:?}", seen - t);
     eprintln!(
-        "added endpoint served {:?} after the file changed",
-        seen - t
+        "added endpoint: applied {:?} and served {:?} after the file changed",
+        applied - t,
+        seen.saturating_duration_since(t)
     );
 
     // Remove an endpoint while slow requests are in flight (some of them on it): they finish,
-    // and within 1 s the removed endpoint gets no new requests.
+    // and no request that starts after the proxy applied the change goes to it.
+    let forward_requests = || {
+        metric(
+            admin,
+            "outrider_requests_total",
+            &[("direction", "forward")],
+        )
+    };
+    let (requests_before, load_before) = (forward_requests(), load.started());
     let in_flight: Vec<_> = (0..6)
-        .map(|_| std::thread::spawn(move || get(listen, "/slow?ms=700")))
+        .map(|_| std::thread::spawn(move || get(listen, "/slow?ms=3000")))
         .collect();
-    std::thread::sleep(Duration::from_millis(200));
-    let t = write_mesh(&dir, &mesh(&ports[1..], "2s"));
+    wait_until(
+        "the six slow requests reach the proxy",
+        CHANGE_TIMEOUT,
+        || {
+            // Read the proxy's count first: the load's own requests among it are at most those it
+            // has started by the time it is read after.
+            let requests = forward_requests();
+            let load_requests = (load.started() - load_before) as f64;
+            requests - requests_before - load_requests >= 6.0
+        },
+    );
+    let t = write_mesh(&dir, &mesh(&ports[1..], "10s"));
+    let (v, applied) = wait_applied(cp, admin, &version);
+    version = v;
+    let still_in_flight = in_flight.iter().filter(|h| !h.is_finished()).count();
+    assert!(
+        still_in_flight > 0,
+        "the slow requests finished before the change was applied: nothing was in flight"
+    );
     let answers: Vec<Answer> = in_flight.into_iter().map(|h| h.join().unwrap()).collect();
     assert!(
         answers.iter().all(|a| a.status == 200),
@@ -310,63 +407,55 @@ fn proxies_follow_the_control_plane_live_under_load() {
         .iter()
         .filter(|a| a.header("x-instance") == Some("e1"))
         .count();
-    eprintln!("{on_e1} of 6 in-flight requests were on the removed endpoint and finished");
-    std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(
-        load.count_since("e1", t + Duration::from_secs(1)),
-        0,
-        "e1 still served after removal"
+    eprintln!(
+        "removed endpoint: applied {:?} after the file changed; {still_in_flight} slow requests \
+         were in flight then, {on_e1} of 6 on the removed endpoint, all finished",
+        applied - t
     );
-    assert!(
-        load.count_since("e2", t + Duration::from_secs(1)) > 0
-            && load.count_since("e3", t + Duration::from_secs(1)) > 0
+    assert!(load.wait_for("e2", applied, CHANGE_TIMEOUT).is_some());
+    assert!(load.wait_for("e3", applied, CHANGE_TIMEOUT).is_some());
+    assert_eq!(
+        load.count_since("e1", applied),
+        0,
+        "e1 still served after the removal was applied"
     );
 
-    // Change a route timeout: within 1 s a 300 ms request on that route times out.
+    // Change a route timeout: the first request after the proxy applied it times out.
     assert_eq!(get(listen, "/slow?ms=300").status, 200);
     let t = write_mesh(&dir, &mesh(&ports[1..], "100ms"));
-    // The first request that times out started after the change was in force.
-    let mut in_force = None;
-    wait_until(
-        "the new route timeout is in force",
-        Duration::from_secs(3),
-        || {
-            let started = Instant::now();
-            let a = get(listen, "/slow?ms=300");
-            if a.status == 504 {
-                assert_eq!(a.header("outrider-error"), Some("request-timeout"));
-                in_force = Some(started - t);
-                true
-            } else {
-                false
-            }
-        },
+    let (v, applied) = wait_applied(cp, admin, &version);
+    version = v;
+    let a = get(listen, "/slow?ms=300");
+    assert_eq!(a.status, 504, "the new route timeout is in force");
+    assert_eq!(a.header("outrider-error"), Some("request-timeout"));
+    eprintln!(
+        "route timeout change applied {:?} after the file changed",
+        applied - t
     );
-    let in_force = in_force.unwrap();
-    assert!(
-        in_force < Duration::from_secs(1),
-        "timeout change in force after {in_force:?}"
-    );
-    eprintln!("route timeout change in force after at most {in_force:?}");
 
-    // An invalid file: rejected, counted, nothing changes.
+    // An invalid file: rejected, counted, nothing changes. The rejection is the control plane's
+    // decision, so once it is counted no version can come of that file.
     write_mesh(&dir, &mesh(&ports, "5x"));
-    wait_until(
-        "the invalid file is rejected",
-        Duration::from_secs(3),
-        || metric(cp_addr, "outrider_control_config_rejected_total") == 1.0,
-    );
+    wait_until("the invalid file is rejected", CHANGE_TIMEOUT, || {
+        metric(cp, "outrider_control_config_rejected_total", &[]) == 1.0
+    });
     let after = Instant::now();
-    std::thread::sleep(Duration::from_millis(800));
     assert_eq!(
-        load.count_since("e1", after),
-        0,
-        "the invalid file changed nothing"
+        control_version(cp),
+        version,
+        "no version from the invalid file"
     );
+    assert_eq!(proxy_version(admin), Some(version.clone()));
     assert_eq!(
         get(listen, "/slow?ms=300").status,
         504,
         "the last good route timeout stays"
+    );
+    assert!(load.wait_for("e2", after, CHANGE_TIMEOUT).is_some());
+    assert_eq!(
+        load.count_since("e1", after),
+        0,
+        "the invalid file changed nothing"
     );
     assert!(
         control
@@ -376,37 +465,48 @@ fn proxies_follow_the_control_plane_live_under_load() {
         control.stderr()
     );
 
-    // Kill the control plane: the proxy keeps serving its last config and stays ready.
+    // Kill the control plane: the proxy keeps serving its last config and stays ready while it
+    // retries. The port is held meanwhile (connections closed at once), so the control plane can
+    // come back on it.
     drop(control);
-    wait_until("the proxy notices", Duration::from_secs(5), || {
-        metric(admin, "outrider_control_connected") == 0.0
+    let hold = PortHold::at(cp.port(), Duration::from_secs(5));
+    wait_until("the proxy notices", CHANGE_TIMEOUT, || {
+        metric(admin, "outrider_control_connected", &[]) == 0.0
     });
     let down = Instant::now();
-    std::thread::sleep(Duration::from_secs(1));
+    let errors = metric(admin, "outrider_control_errors_total", &[]);
+    wait_until("the proxy retries and fails again", CHANGE_TIMEOUT, || {
+        metric(admin, "outrider_control_errors_total", &[]) > errors
+    });
     assert_eq!(
         get(admin, "/ready").status,
         200,
         "still ready without the control plane"
     );
-    assert!(load.count_since("e2", down) > 0);
+    assert!(load.wait_for("e2", down, CHANGE_TIMEOUT).is_some());
     let config = get(admin, "/config").body;
     assert!(
         config.contains("disconnected (serving the last config)"),
         "{config}"
     );
 
-    // Restart it with all three endpoints: the proxy resyncs (backoff is at most 5 s).
-    write_mesh(&dir, &mesh(&ports, "2s"));
-    control = start_control(&dir, cp_port);
+    // Restart it with all three endpoints: the proxy resyncs (its backoff is at most 5 s).
+    write_mesh(&dir, &mesh(&ports, "10s"));
+    let (_, control) = start_control(Some(&dir), Some(hold.release()));
     let t = Instant::now();
+    let (_, applied) = wait_applied(cp, admin, &version);
     let back = load
-        .wait_for("e1", t, Duration::from_secs(10))
-        .expect("resynced after the restart");
-    eprintln!("resynced {:?} after the control plane restarted", back - t);
-    assert_eq!(metric(admin, "outrider_control_connected"), 1.0);
+        .wait_for("e1", applied, CHANGE_TIMEOUT)
+        .expect("e1 served after the resync");
+    eprintln!(
+        "resynced {:?} and e1 served {:?} after the control plane restarted",
+        applied - t,
+        back.saturating_duration_since(t)
+    );
+    assert_eq!(metric(admin, "outrider_control_connected", &[]), 1.0);
 
     let log = load.finish();
-    let failed: Vec<_> = log.iter().filter(|(_, s, _)| *s != 200).collect();
+    let failed: Vec<_> = log.iter().filter(|s| s.status != 200).collect();
     assert!(log.len() > 500, "only {} requests", log.len());
     assert!(
         failed.is_empty(),
@@ -456,17 +556,18 @@ fn check_reports_every_error_with_its_key_path() {
         .contains("1 services, 1 endpoints, 1 routes, 1 workloads"));
 }
 
+/// The version in a watch answer.
+fn watch_version(body: &str) -> String {
+    body.split("\"version\":\"")
+        .nth(1)
+        .and_then(|v| v.split('"').next())
+        .unwrap_or_else(|| panic!("no version in {body}"))
+        .to_string()
+}
+
 #[test]
 fn the_watch_api_answers_bad_requests_clearly_and_long_polls() {
-    let port = free_port();
-    let mut cp = ChildGuard::spawn(
-        Command::new(OUTRIDER).args(["control", "--listen", &format!("127.0.0.1:{port}")]),
-        "control",
-    );
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    wait_until("control plane up", Duration::from_secs(5), || {
-        TcpStream::connect(addr).is_ok()
-    });
+    let (addr, mut cp) = start_control(None, None);
     for (path, status, needle) in [
         ("/v1/watch", 400, "missing workload"),
         ("/v1/watch?workload=nope", 400, "bad workload"),
@@ -495,13 +596,8 @@ fn the_watch_api_answers_bad_requests_clearly_and_long_polls() {
     }
     let first = get(addr, "/v1/watch?workload=demo/loadgen");
     assert_eq!(first.status, 200);
-    let version = first
-        .body
-        .split("\"version\":\"")
-        .nth(1)
-        .and_then(|v| v.split('"').next())
-        .unwrap()
-        .to_string();
+    let version = watch_version(&first.body);
+    assert_eq!(version, control_version(addr));
     // The current version: the request waits for a change, then 304.
     let t = Instant::now();
     let again = get(
@@ -510,9 +606,18 @@ fn the_watch_api_answers_bad_requests_clearly_and_long_polls() {
     );
     assert_eq!(again.status, 304);
     assert!(t.elapsed() >= Duration::from_millis(250), "it waited");
-    // Garbage bytes do not hurt it.
+    // Garbage bytes get a 400 and a close, and do not hurt it: a normal watch still works.
     let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(b"\x16\x03\x01garbage\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer)
+        .expect("closed after the garbage");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let after = get(addr, "/v1/watch?workload=demo/loadgen");
+    assert_eq!(after.status, 200, "{}", after.body);
+    assert_eq!(watch_version(&after.body), version);
     assert_eq!(get(addr, "/live").status, 200);
     assert!(cp.wait_timeout(Duration::ZERO).is_none());
 }
@@ -520,37 +625,24 @@ fn the_watch_api_answers_bad_requests_clearly_and_long_polls() {
 #[test]
 fn refused_unknown_destinations_empty_services_and_readiness() {
     let dir = TempDir::new();
-    let app = free_port();
-    let _app = ChildGuard::spawn(
-        Command::new(OUTRIDER).args(["demo-app", "--listen", &format!("127.0.0.1:{app}")]),
-        "app",
-    );
+    let (app, _app) = start_app("app");
     let yaml = format!(
         "unknown_destinations: refuse\nservices:\n  - name: empty\n    addresses: [{VIP}]\nworkloads:\n  - name: test/client\n"
     );
     write_mesh(&dir, &yaml);
-    let (cp_port, admin, to_app, to_vip) = (free_port(), free_port(), free_port(), free_port());
-    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
-    let proxy_cmd = || {
-        let mut cmd = Command::new(OUTRIDER);
-        cmd.args([
-            "proxy",
-            "--forward",
-            &format!("127.0.0.1:{to_app}=127.0.0.1:{app},127.0.0.1:{to_vip}={VIP}"),
-            "--control",
-            &format!("http://127.0.0.1:{cp_port}"),
-            "--workload",
-            "test/client",
-            "--admin",
-            &admin.to_string(),
-        ]);
-        cmd
-    };
+    // The control plane starts later, on a port the proxy is given now: held until then, with
+    // every connection closed at once.
+    let hold = PortHold::new();
     // No control plane yet: listening, but not ready.
-    let _proxy = ChildGuard::spawn(&mut proxy_cmd(), "proxy");
-    wait_until("admin up", Duration::from_secs(5), || {
-        TcpStream::connect(admin).is_ok()
-    });
+    let (_proxy, addrs) = start_proxy(&[
+        "--forward",
+        &format!("127.0.0.1:0=127.0.0.1:{app},127.0.0.1:0={VIP}"),
+        "--control",
+        &format!("http://127.0.0.1:{}", hold.port()),
+        "--workload",
+        "test/client",
+    ]);
+    let (to_app, to_vip, admin) = (addrs.forwards[0], addrs.forwards[1], addrs.admin);
     let ready = get(admin, "/ready");
     assert_eq!(ready.status, 503);
     assert!(
@@ -561,18 +653,14 @@ fn refused_unknown_destinations_empty_services_and_readiness() {
         ready.body
     );
     // Outbound traffic does not bypass the mesh meanwhile: held (5 s), then 503 no-config.
-    let early = get(format!("127.0.0.1:{to_app}").parse().unwrap(), "/");
+    let early = get(to_app, "/");
     assert_eq!(early.status, 503);
     assert_eq!(early.header("outrider-error"), Some("no-config"));
 
-    let _control = start_control(&dir, cp_port);
-    wait_until(
-        "ready once the first config is in",
-        Duration::from_secs(10),
-        || get(admin, "/ready").status == 200,
-    );
-    let to_app: SocketAddr = format!("127.0.0.1:{to_app}").parse().unwrap();
-    let to_vip: SocketAddr = format!("127.0.0.1:{to_vip}").parse().unwrap();
+    let _control = start_control(Some(&dir), Some(hold.release()));
+    wait_until("ready once the first config is in", CHANGE_TIMEOUT, || {
+        get(admin, "/ready").status == 200
+    });
     let refused = get(to_app, "/");
     assert_eq!(refused.status, 502);
     assert_eq!(refused.header("outrider-error"), Some("no-route"));
@@ -585,18 +673,18 @@ fn refused_unknown_destinations_empty_services_and_readiness() {
     raw.write_all(b"\x00\x01binary").unwrap();
     let mut buf = [0u8; 16];
     assert!(matches!(raw.read(&mut buf), Ok(0) | Err(_)), "closed");
+    // Each refusal counted once: the HTTP request and the opaque connection (no route), the
+    // request to the empty service (no endpoints).
     let metrics = get(admin, "/metrics").body;
-    for reason in ["no-route", "no-endpoints"] {
-        let line = metrics
-            .lines()
-            .find(|l| {
-                l.starts_with("outrider_errors_total")
-                    && l.contains(&format!("reason=\"{reason}\""))
-            })
-            .unwrap_or_default();
-        assert!(
-            line.ends_with(" 1") || line.ends_with(" 2"),
-            "{reason}: {line}"
+    for (reason, want) in [("no-route", 2.0), ("no-endpoints", 1.0), ("no-config", 1.0)] {
+        assert_eq!(
+            support::sample(
+                &metrics,
+                "outrider_errors_total",
+                &[("direction", "forward"), ("reason", reason)]
+            ),
+            want,
+            "{reason}"
         );
     }
 }

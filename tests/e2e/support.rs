@@ -502,6 +502,89 @@ pub fn spawn_listening(
     panic!("{label}: no port could be bound: {failures:?}");
 }
 
+/// A loopback port kept for a child that starts later (one whose address others are already
+/// given). Until [`PortHold::release`], connections to it are accepted and closed at once, which
+/// a retrying client takes like a refusal, and no other process can bind it.
+pub struct PortHold {
+    port: u16,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PortHold {
+    /// Holds a free loopback port.
+    pub fn new() -> PortHold {
+        PortHold::bind(0, Duration::ZERO)
+    }
+
+    /// Holds `port`, retrying for at most `within` while its last owner lets go.
+    pub fn at(port: u16, within: Duration) -> PortHold {
+        PortHold::bind(port, within)
+    }
+
+    fn bind(port: u16, within: Duration) -> PortHold {
+        let deadline = Instant::now() + within;
+        let listener = loop {
+            match std::net::TcpListener::bind(("127.0.0.1", port)) {
+                Ok(l) => break l,
+                Err(_) if Instant::now() < deadline => {
+                    // Waiting for the port's holder to let go; the deadline bounds it.
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("cannot hold 127.0.0.1:{port}: {e}"),
+            }
+        };
+        let port = listener.local_addr().map(|a| a.port()).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let halt = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            while !halt.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => drop(conn),
+                    // Nothing to accept: look again soon (the stop flag bounds the loop).
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        PortHold {
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The held port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Closes the listener and returns the port, for a child to bind at once.
+    pub fn release(mut self) -> u16 {
+        self.stop_thread();
+        self.port
+    }
+
+    fn stop_thread(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Default for PortHold {
+    fn default() -> Self {
+        PortHold::new()
+    }
+}
+
+impl Drop for PortHold {
+    fn drop(&mut self) {
+        self.stop_thread();
+    }
+}
+
 /// The addresses an `outrider proxy` child bound, read from its JSON log (`OUTRIDER_LOG_FORMAT=json`,
 /// level info): give it port 0 and read the real ports here, so no port is guessed.
 #[derive(Debug, Clone)]
