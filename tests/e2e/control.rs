@@ -674,7 +674,18 @@ fn refused_unknown_destinations_empty_services_and_readiness() {
     let mut buf = [0u8; 16];
     assert!(matches!(raw.read(&mut buf), Ok(0) | Err(_)), "closed");
     // Each refusal counted once: the HTTP request and the opaque connection (no route), the
-    // request to the empty service (no endpoints).
+    // request to the empty service (no endpoints). The opaque refusal may be counted just after
+    // the client sees the close.
+    let errors = |reason: &str| {
+        metric(
+            admin,
+            "outrider_errors_total",
+            &[("direction", "forward"), ("reason", reason)],
+        )
+    };
+    wait_until("the opaque refusal is counted", CHANGE_TIMEOUT, || {
+        errors("no-route") >= 2.0
+    });
     let metrics = get(admin, "/metrics").body;
     for (reason, want) in [("no-route", 2.0), ("no-endpoints", 1.0), ("no-config", 1.0)] {
         assert_eq!(
