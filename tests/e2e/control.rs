@@ -344,6 +344,8 @@ fn proxies_follow_the_control_plane_live_under_load() {
 
     let load = Load::start(listen);
     let t0 = Instant::now();
+    // When each change took effect, to check that the load ran across all of them.
+    let mut changes = Vec::new();
     assert!(
         load.wait_for("e1", t0, CHANGE_TIMEOUT).is_some(),
         "e1 serves"
@@ -356,6 +358,7 @@ fn proxies_follow_the_control_plane_live_under_load() {
     // Add an endpoint: once the proxy has the new version, it gets traffic.
     let t = write_mesh(&dir, &mesh(&ports, "10s"));
     let (v, applied) = wait_applied(cp, admin, &version);
+    changes.push(applied);
     version = v;
     let seen = load
         .wait_for("e3", applied, CHANGE_TIMEOUT)
@@ -392,6 +395,7 @@ fn proxies_follow_the_control_plane_live_under_load() {
     );
     let t = write_mesh(&dir, &mesh(&ports[1..], "10s"));
     let (v, applied) = wait_applied(cp, admin, &version);
+    changes.push(applied);
     version = v;
     let still_in_flight = in_flight.iter().filter(|h| !h.is_finished()).count();
     assert!(
@@ -424,6 +428,7 @@ fn proxies_follow_the_control_plane_live_under_load() {
     assert_eq!(get(listen, "/slow?ms=300").status, 200);
     let t = write_mesh(&dir, &mesh(&ports[1..], "100ms"));
     let (v, applied) = wait_applied(cp, admin, &version);
+    changes.push(applied);
     version = v;
     let a = get(listen, "/slow?ms=300");
     assert_eq!(a.status, 504, "the new route timeout is in force");
@@ -440,6 +445,7 @@ fn proxies_follow_the_control_plane_live_under_load() {
         metric(cp, "outrider_control_config_rejected_total", &[]) == 1.0
     });
     let after = Instant::now();
+    changes.push(after);
     assert_eq!(
         control_version(cp),
         version,
@@ -474,6 +480,7 @@ fn proxies_follow_the_control_plane_live_under_load() {
         metric(admin, "outrider_control_connected", &[]) == 0.0
     });
     let down = Instant::now();
+    changes.push(down);
     let errors = metric(admin, "outrider_control_errors_total", &[]);
     wait_until("the proxy retries and fails again", CHANGE_TIMEOUT, || {
         metric(admin, "outrider_control_errors_total", &[]) > errors
@@ -495,6 +502,7 @@ fn proxies_follow_the_control_plane_live_under_load() {
     let (_, control) = start_control(Some(&dir), Some(hold.release()));
     let t = Instant::now();
     let (_, applied) = wait_applied(cp, admin, &version);
+    changes.push(applied);
     let back = load
         .wait_for("e1", applied, CHANGE_TIMEOUT)
         .expect("e1 served after the resync");
@@ -507,7 +515,17 @@ fn proxies_follow_the_control_plane_live_under_load() {
 
     let log = load.finish();
     let failed: Vec<_> = log.iter().filter(|s| s.status != 200).collect();
-    assert!(log.len() > 500, "only {} requests", log.len());
+    // The load ran across every change: requests started before the first, between any two and
+    // after the last.
+    let mut bounds = vec![t0];
+    bounds.extend(&changes);
+    for (i, (from, to)) in bounds.iter().zip(bounds.iter().skip(1)).enumerate() {
+        assert!(
+            log.iter().any(|s| s.started >= *from && s.started < *to),
+            "no load before change {i}"
+        );
+    }
+    assert!(log.iter().any(|s| Some(&s.started) >= changes.last()));
     assert!(
         failed.is_empty(),
         "{} of {} requests failed: {:?}",
