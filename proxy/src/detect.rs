@@ -95,7 +95,7 @@ pub fn classify(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
 }
 
 /// RFC 9112 2.2: a server SHOULD ignore at least one empty line before the request line.
-fn skip_empty_lines(mut buf: &[u8]) -> &[u8] {
+pub(crate) fn skip_empty_lines(mut buf: &[u8]) -> &[u8] {
     while let Some(rest) = buf
         .strip_prefix(b"\r\n")
         .or_else(|| buf.strip_prefix(b"\n"))
@@ -490,6 +490,21 @@ mod tests {
             .unwrap();
         assert_eq!(outcome, Outcome::Detected(Protocol::Opaque));
         assert_eq!(&bytes[..], b"GET /par");
+    }
+
+    #[tokio::test]
+    async fn many_empty_lines_are_decided_at_the_byte_bound() {
+        // Found by the `detect` fuzz target: empty lines before a method prefix keep `classify`
+        // undecided; the detection loop still decides at its byte bound.
+        let input = b"\n\n\r\n\r\n\r\n\n\r\n\r\n\r\n\n\r\n\r\n\r\n\r\n\r\n\nA";
+        assert_eq!(classify(input, 16), None);
+        let (mut client, mut server) = tokio::io::duplex(1 << 10);
+        client.write_all(input).await.unwrap();
+        let (outcome, bytes) = detect(&mut server, Duration::from_secs(1), 16)
+            .await
+            .unwrap();
+        assert_eq!(outcome, Outcome::Detected(Protocol::Opaque));
+        assert!(bytes.len() >= 16);
     }
 
     #[tokio::test]

@@ -18,6 +18,8 @@ pub(crate) mod detect;
 pub(crate) mod discovery;
 pub mod drain;
 pub(crate) mod errors;
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod http;
 pub(crate) mod inbound;
 pub(crate) mod layers;

@@ -1,0 +1,63 @@
+//! Entry points for the `fuzz/` targets (hidden from the docs; not an API): protocol detection and
+//! the request-header normalisation the proxy applies before forwarding. Each checks its own
+//! invariants and panics when one breaks, which is what a fuzzer looks for.
+
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+
+use crate::detect::{classify, Protocol};
+use crate::http::headers::{check_request, hop_token, strip_hop_by_hop, HOP};
+
+/// Classifies `buf` with the byte bound `max`: never panics, and decides (`Some`) once the
+/// bound, the HTTP/2 preface length and a line end are all reached after any leading empty
+/// lines (the detection loop itself stops at `max` bytes whatever `classify` says).
+pub fn detect(buf: &[u8], max: usize) -> Option<&'static str> {
+    let max = max.clamp(1, 64 * 1024);
+    let verdict = classify(buf, max);
+    let bound = max.max(crate::detect::H2_PREFACE.len()).max(25);
+    let line = crate::detect::skip_empty_lines(buf);
+    if line.len() >= bound && line.contains(&b'\n') {
+        assert!(verdict.is_some(), "undecided on {} bytes", buf.len());
+    }
+    verdict.map(|p| match p {
+        Protocol::Http1 => "http1",
+        Protocol::Http2 => "http2",
+        Protocol::Tls => "tls",
+        Protocol::Opaque => "opaque",
+    })
+}
+
+/// Runs a request's headers (name/value pairs as received; invalid ones are skipped, as hyper
+/// would refuse them) through the forwarding checks and hop-by-hop removal, and checks what comes
+/// out: `Host` kept if it was there once, no `Transfer-Encoding` and no `Connection` left, no
+/// `Content-Length` next to a `Transfer-Encoding`, and exactly one hop marker added.
+pub fn normalize_request_headers(pairs: &[(&[u8], &[u8])], upgrade: bool) {
+    let mut headers = HeaderMap::new();
+    for (name, value) in pairs {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
+            headers.append(n, v);
+        }
+    }
+    let host = headers.get(HOST).cloned();
+    let hosts = headers.get_all(HOST).iter().count();
+    let had_te = headers.contains_key(TRANSFER_ENCODING);
+    let hops_before = headers.get_all(HOP).iter().count();
+    let token = hop_token();
+    if check_request(&mut headers, &token).is_err() {
+        return;
+    }
+    strip_hop_by_hop(&mut headers, upgrade);
+    assert!(hosts <= 1);
+    assert_eq!(headers.get(HOST).cloned(), host, "Host changed");
+    assert!(!headers.contains_key(TRANSFER_ENCODING));
+    if had_te {
+        assert!(
+            !headers.contains_key(CONTENT_LENGTH),
+            "a stale Content-Length"
+        );
+    }
+    if !upgrade {
+        assert!(!headers.contains_key(http::header::CONNECTION));
+    }
+    assert_eq!(headers.get_all(HOP).iter().count(), hops_before + 1);
+    assert!(headers.get_all(HOP).iter().any(|v| v == token));
+}
