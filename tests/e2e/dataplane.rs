@@ -773,3 +773,34 @@ workloads:
         "opaque service: no detection"
     );
 }
+
+#[test]
+fn inbound_reaches_the_pods_address_not_its_loopback_and_admin_config_is_loopback_only() {
+    if !requirements(
+        "inbound_reaches_the_pods_address_not_its_loopback_and_admin_config_is_loopback_only",
+        &["ip", "curl", "setpriv"],
+    ) {
+        return;
+    }
+    // B's admin listens on every address (as a kubelet or Prometheus would need).
+    let (a, mut b) = two_pods(&["--admin", "0.0.0.0:15020"]);
+    // A debug server inside B that listens on loopback only.
+    b.serve_demo_app("127.0.0.1:9090", "private");
+    let status = |pod: &Pod, url: &str| {
+        let out = pod.curl(&["-s", "-o", "/dev/null", "-w", "%{http_code}", url]);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let private = format!("http://{POD_B}:9090/");
+    // Default: inbound goes to B's own address, where nothing listens on 9090.
+    assert_eq!(status(&a, &private), "502");
+    // Reached inside B itself (loopback is not captured).
+    assert_eq!(status(&b, "http://127.0.0.1:9090/"), "200");
+    // The admin port is not captured: from A, /metrics answers, /config is refused.
+    assert_eq!(status(&a, &format!("http://{POD_B}:15020/metrics")), "200");
+    assert_eq!(status(&a, &format!("http://{POD_B}:15020/config")), "403");
+    assert_eq!(status(&b, "http://127.0.0.1:15020/config"), "200");
+
+    // --inbound-target loopback: the older behaviour reaches loopback-only listeners.
+    b.start_proxy(&["--admin", "0.0.0.0:15020", "--inbound-target", "loopback"]);
+    assert_eq!(status(&a, &private), "200");
+}
