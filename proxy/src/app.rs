@@ -158,7 +158,7 @@ impl Proxy {
         }
         if let Some(addr) = config.outbound {
             let stack = Stack::Outbound(Outbound::new(
-                outbound::Target::OrigDst(orig_dst.clone()),
+                outbound::Mode::OrigDst(orig_dst.clone()),
                 handles(Direction::Outbound),
                 &metrics,
                 config.clone(),
@@ -177,7 +177,7 @@ impl Proxy {
         for f in &config.forwards {
             // Local mode: the outbound stack with a fixed destination.
             let stack = Stack::Outbound(Outbound::new(
-                outbound::Target::Fixed(f.upstream),
+                outbound::Mode::Fixed(f.upstream),
                 handles(Direction::Forward),
                 &metrics,
                 config.clone(),

@@ -351,6 +351,27 @@ pub fn reason_of(error: &(dyn StdError + 'static)) -> Reason {
     first.unwrap_or(Reason::UpstreamFailed)
 }
 
+/// Whether the request that failed with `error` may be sent again (to another endpoint): only
+/// when nothing of it reached an upstream (the dial failed or timed out, the per-upstream bound
+/// was reached, or the upstream turned out not to speak HTTP/2 before the request was written).
+pub fn is_retryable(error: &(dyn StdError + 'static)) -> bool {
+    let mut next: Option<&(dyn StdError + 'static)> = Some(error);
+    while let Some(e) = next {
+        if e.is::<RequestBodyError>() {
+            return false;
+        }
+        if e.is::<ConnectError>()
+            || e.is::<ConnectTimeout>()
+            || e.is::<UpstreamBusy>()
+            || e.is::<NotHttp2>()
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
 /// The response body type of the proxy's HTTP servers: the upstream's body, or a local one.
 pub type ResponseBody = Either<hyper::body::Incoming, Full<Bytes>>;
 
@@ -420,9 +441,13 @@ mod tests {
             after: Duration::from_secs(3),
         }));
         assert_eq!(reason_of(&connect), Reason::ConnectFailed);
-        // Unknown errors are the upstream's.
+        assert!(is_retryable(&connect), "nothing was sent");
+        // Unknown errors are the upstream's, and not safe to send again.
         let unknown = Outer(Box::new(std::io::Error::other("boom")));
         assert_eq!(reason_of(&unknown), Reason::UpstreamFailed);
+        assert!(!is_retryable(&unknown));
+        assert_eq!(Reason::BadRequest.side(), Side::Client);
+        assert_eq!(Reason::ConnectFailed.side(), Side::Upstream);
     }
 
     #[test]

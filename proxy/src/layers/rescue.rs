@@ -19,7 +19,7 @@ use std::task::{ready, Context, Poll};
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 
-use crate::errors::{error_response, is_grpc, BoxError, Chain, Reason, ResponseBody};
+use crate::errors::{error_response, is_grpc, is_retryable, BoxError, Chain, Reason, ResponseBody};
 use crate::metrics::DirectionMetrics;
 
 /// Maps an error to the reason it is answered with.
@@ -149,7 +149,13 @@ where
         };
         let reason = (this.mapping)(&*error);
         this.metrics.error(reason);
-        tracing::debug!(reason = reason.as_str(), error = %Chain(error.as_ref()), "request failed");
+        tracing::debug!(
+            reason = reason.as_str(),
+            side = ?reason.side(),
+            unsent = is_retryable(&*error),
+            error = %Chain(error.as_ref()),
+            "request failed"
+        );
         Poll::Ready(Ok(error_response(reason, *this.grpc)))
     }
 }

@@ -52,9 +52,9 @@ const FIRST_VIEW_WAIT: Duration = Duration::from_secs(5);
 /// The HTTP stack of one destination (see the module docs).
 pub type HttpStack = RequestMetrics<Rescue<LoadShed<Router<Timeout<Balance>>>>>;
 
-/// Where the outbound stack's connections go.
+/// How the outbound stack finds each connection's destination.
 #[derive(Clone)]
-pub enum Target {
+pub enum Mode {
     /// The original destination of each redirected connection (sidecar mode).
     OrigDst(Arc<dyn OrigDst>),
     /// A fixed destination (local mode's `--forward LISTEN=UPSTREAM`).
@@ -63,7 +63,7 @@ pub enum Target {
 
 /// One outbound stack: a listener's connections, its destinations and their request stacks.
 pub struct Outbound {
-    target: Target,
+    mode: Mode,
     lookup: Lookup,
     metrics: Arc<DirectionMetrics>,
     config: Arc<Config>,
@@ -74,10 +74,10 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    /// An outbound stack for `target`, counting into `metrics` (the outbound or forward handles),
+    /// An outbound stack in `mode`, counting into `metrics` (the outbound or forward handles),
     /// with endpoints from `upstreams` and, with a control plane, destinations resolved by `views`.
     pub fn new(
-        target: Target,
+        mode: Mode,
         metrics: Arc<DirectionMetrics>,
         all: &Metrics,
         config: Arc<Config>,
@@ -96,7 +96,7 @@ impl Outbound {
         );
         Arc::new(Self {
             lookup: Lookup::new("outbound", config.own_ports(), metrics.clone()),
-            target,
+            mode,
             server: ServerConfig::from(&*config),
             connect: upstreams.connect().clone(),
             metrics,
@@ -107,9 +107,9 @@ impl Outbound {
     }
 
     fn destination_of(&self, conn: &Accepted) -> Result<SocketAddr, Reason> {
-        match &self.target {
-            Target::Fixed(addr) => Ok(*addr),
-            Target::OrigDst(orig_dst) => {
+        match &self.mode {
+            Mode::Fixed(addr) => Ok(*addr),
+            Mode::OrigDst(orig_dst) => {
                 let orig = self.lookup.orig_dst(&**orig_dst, &conn.socket)?;
                 let local = conn.socket.local_addr().ok();
                 let is_self = Some(orig) == local || self.lookup.is_own_loopback(orig);
