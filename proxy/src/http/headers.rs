@@ -18,7 +18,7 @@ use crate::errors::{BadRequest, BoxError, Loop, UnsupportedTransferCoding};
 /// The hop marker (in the spirit of `Via`, RFC 9110 7.6.3): every request a proxy forwards
 /// carries that proxy's own token ([`hop_token`]), so a request that comes back to it is refused
 /// (508).
-pub const HOP: &str = "outrider-hop";
+pub const HOP: HeaderName = HeaderName::from_static("outrider-hop");
 
 /// A new random hop token, one per proxy.
 pub fn hop_token() -> HeaderValue {
@@ -44,7 +44,7 @@ pub fn check_request(headers: &mut HeaderMap, token: &HeaderValue) -> Result<(),
             return Err(UnsupportedTransferCoding.into());
         }
     }
-    if headers.get_all(HOP).iter().any(|v| v == token) {
+    if headers.get_all(&HOP).iter().any(|v| v == token) {
         return Err(Loop.into());
     }
     headers.append(HOP, token.clone());
@@ -53,11 +53,11 @@ pub fn check_request(headers: &mut HeaderMap, token: &HeaderValue) -> Result<(),
 
 /// Fields a `Connection` header may not remove.
 fn is_protected(name: &HeaderName) -> bool {
-    name == HOST || name == CONTENT_LENGTH || name == TRANSFER_ENCODING || name.as_str() == HOP
+    name == HOST || name == CONTENT_LENGTH || name == TRANSFER_ENCODING || *name == HOP
 }
 
-const KEEP_ALIVE: &str = "keep-alive";
-const PROXY_CONNECTION: &str = "proxy-connection";
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Whether `headers` ask to switch protocols (`Connection: upgrade` plus `Upgrade`).
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
@@ -192,7 +192,7 @@ mod tests {
         // The hop marker: added once, refused when the request comes back.
         let mut h = map(&[("host", "a"), ("outrider-hop", "42")]);
         check_request(&mut h, &token).unwrap();
-        assert_eq!(h.get_all(HOP).iter().count(), 2);
+        assert_eq!(h.get_all(&HOP).iter().count(), 2);
         assert!(
             check_request(&mut h.clone(), &hop_token()).is_ok(),
             "another proxy's token"

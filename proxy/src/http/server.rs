@@ -2,8 +2,8 @@
 //! a direction's request stack, which is built once and shared by every connection.
 //!
 //! Per-connection state does not live in the stack: the server inserts a [`ConnContext`] into
-//! every request (the drain signal, the connection guard and activity clock an upgraded stream
-//! keeps), counts the connection's in-flight requests (the idle timeout never closes a connection
+//! every request that may become a byte stream (`Upgrade`, `CONNECT`: the drain signal, the
+//! connection guard and activity clock an upgraded stream keeps), counts the connection's in-flight requests (the idle timeout never closes a connection
 //! that has some) and boxes the request body into [`super::Body`].
 //!
 //! The connection ends when the client closes it, when a drain starts (HTTP/1 `Connection: close`
@@ -316,7 +316,13 @@ impl<S: Stack> hyper::service::Service<Request<Incoming>> for ConnService<S> {
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let mut req = req.map(|b| b.map_err(|e| RequestBodyError(e).into()).boxed_unsync());
-        req.extensions_mut().insert(self.ctx.clone());
+        // Only a request that may become a byte stream needs the connection's context (and an
+        // extension map allocated for it).
+        let may_upgrade = req.method() == http::Method::CONNECT
+            || req.headers().contains_key(http::header::UPGRADE);
+        if may_upgrade {
+            req.extensions_mut().insert(self.ctx.clone());
+        }
         Counted {
             inner: self.stack.clone().oneshot(req),
             _in_flight: InFlight(self.in_flight.clone()),
