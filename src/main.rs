@@ -49,9 +49,25 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Init(args) => outrider_iptables_init::main(args),
         Command::Proxy(args) => proxy(*args),
-        Command::Control(args) => outrider_control::main(args),
+        Command::Control(args) => control(args),
         Command::Demo(args) => demo::main(args),
         Command::DemoApp { listen, instance } => demo::app::main(listen, instance),
+    }
+}
+
+/// `outrider control`: `--check`, or the control plane on a one-thread runtime until SIGTERM or
+/// SIGINT.
+fn control(args: outrider_control::ControlArgs) -> ExitCode {
+    match outrider_control::prepare(&args) {
+        outrider_control::Prepared::Exit(code) => code,
+        outrider_control::Prepared::Serve(prepared) => {
+            let (mesh, text) = *prepared;
+            runtime::block_on(
+                "outrider control",
+                1,
+                outrider_control::serve(args, mesh, text, runtime::shutdown_signal()),
+            )
+        }
     }
 }
 

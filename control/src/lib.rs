@@ -14,4 +14,4 @@ pub mod server;
 #[cfg(test)]
 mod tests;
 
-pub use server::{main, ControlArgs, ControlPlane};
+pub use server::{prepare, serve, ControlArgs, ControlPlane, Prepared};

@@ -1,12 +1,10 @@
-//! Process plumbing shared by every `outrider` subcommand that serves: the tokio runtime, the
-//! shutdown signals, and the small HTTP/1.1 server behind the control API and the proxy's admin
-//! API. It lives here because `control` is the lowest crate that both the control plane and the
-//! proxy use.
+//! Plumbing shared by the control plane and the proxy: the small HTTP/1.1 server behind the
+//! control API and the proxy's admin API, and the error-chain formatter. (The runtime and the
+//! signals belong to the binary: `src/runtime.rs`.)
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::process::ExitCode;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,44 +13,6 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-
-/// Builds a runtime with `workers` worker threads and runs `main` on it. A runtime that
-/// cannot start is reported as `<who>: ...` with exit code 1.
-pub fn block_on<F>(who: &str, workers: usize, main: F) -> ExitCode
-where
-    F: Future<Output = ExitCode>,
-{
-    // One worker: a current-thread runtime, with no work-stealing machinery or cross-thread
-    // wakeups; the process's own thread is the worker.
-    let mut builder = if workers <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(workers).thread_name("outrider-worker");
-        b
-    };
-    match builder.enable_all().build() {
-        Ok(runtime) => runtime.block_on(main),
-        Err(e) => {
-            eprintln!("{who}: cannot start the runtime: {e}");
-            ExitCode::from(1)
-        }
-    }
-}
-
-/// Resolves on SIGTERM or SIGINT (Ctrl-C).
-pub async fn shutdown_signal() {
-    #[cfg(unix)]
-    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        return;
-    }
-    let _ = tokio::signal::ctrl_c().await;
-}
 
 /// A plain-text response.
 pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {

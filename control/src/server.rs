@@ -27,7 +27,7 @@ use crate::api::{WorkloadId, WATCH_PATH};
 use crate::duration;
 use crate::mesh::{ConfigError, Mesh, DEMO_MESH, MAX_MESH_BYTES};
 use crate::quoted::Quoted;
-use crate::runtime::{block_on, serve_http1, shutdown_signal, text};
+use crate::runtime::{serve_http1, text};
 
 /// Longest wait a watcher may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(300);
@@ -454,11 +454,20 @@ pub struct ControlArgs {
     pub check: Option<PathBuf>,
 }
 
-/// Runs `outrider control`.
-pub fn main(args: ControlArgs) -> std::process::ExitCode {
+/// What `outrider control` does before it serves: `--check` (the exit code), or the mesh to serve.
+pub enum Prepared {
+    /// Nothing to serve: exit with this code.
+    Exit(std::process::ExitCode),
+    /// Serve this mesh (with its text, for follow mode).
+    Serve(Box<(Mesh, String)>),
+}
+
+/// `outrider control`, up to serving: runs `--check`, sets up logging, reads and validates the
+/// mesh (exit code 2 with every error on a bad one). Needs no runtime.
+pub fn prepare(args: &ControlArgs) -> Prepared {
     use std::process::ExitCode;
     if let Some(path) = &args.check {
-        return match read_mesh_file(path) {
+        return Prepared::Exit(match read_mesh_file(path) {
             Err(e) => {
                 eprintln!("outrider control: cannot read {}: {e}", path.display());
                 ExitCode::from(2)
@@ -476,7 +485,7 @@ pub fn main(args: ControlArgs) -> std::process::ExitCode {
                     ExitCode::from(2)
                 }
             },
-        };
+        });
     }
     let spec = std::env::var("OUTRIDER_LOG").unwrap_or_else(|_| "info".into());
     let _ = tracing_subscriber::fmt()
@@ -491,7 +500,7 @@ pub fn main(args: ControlArgs) -> std::process::ExitCode {
             Ok(t) => t,
             Err(e) => {
                 eprintln!("outrider control: cannot read {}: {e}", path.display());
-                return ExitCode::from(2);
+                return Prepared::Exit(ExitCode::from(2));
             }
         },
         None => DEMO_MESH.to_string(),
@@ -502,10 +511,22 @@ pub fn main(args: ControlArgs) -> std::process::ExitCode {
             for e in &errors {
                 eprintln!("outrider control: {e}");
             }
-            return ExitCode::from(2);
+            return Prepared::Exit(ExitCode::from(2));
         }
     };
-    block_on("outrider control", 1, async move {
+    Prepared::Serve(Box::new((mesh, text)))
+}
+
+/// Serves `mesh` (prepared by [`prepare`]) until `shutdown` resolves; exit code 1 when it cannot
+/// bind or start.
+pub async fn serve(
+    args: ControlArgs,
+    mesh: Mesh,
+    text: String,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    {
         let cp = match ControlPlane::new(mesh) {
             Ok(cp) => cp,
             Err(e) => {
@@ -526,10 +547,10 @@ pub fn main(args: ControlArgs) -> std::process::ExitCode {
         }
         tokio::select! {
             () = cp.serve(listener) => {}
-            () = shutdown_signal() => tracing::info!("shutting down"),
+            () = shutdown => tracing::info!("shutting down"),
         }
         ExitCode::SUCCESS
-    })
+    }
 }
 
 #[cfg(test)]

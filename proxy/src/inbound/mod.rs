@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use self::policy::Policies;
 use crate::config::{Config, InboundTarget};
-use crate::detect::{self, Detected, Outcome, Protocol};
+use crate::detect::{Detected, Protocol};
 use crate::discovery::View;
 use crate::errors::{reason_of, Chain, Reason};
 use crate::http::client::{EndpointKey, Forward, Upstreams, VersionHint};
@@ -31,6 +31,7 @@ use crate::http::server::{self, ConnContext, ServerConfig};
 use crate::layers::metrics::{RequestMetrics, RequestMetricsLayer};
 use crate::layers::rescue::{Rescue, RescueLayer};
 use crate::metrics::DirectionMetrics;
+use crate::transport;
 use crate::transport::connect::Connect;
 use crate::transport::io::{Activity, MeteredIo, PrefixedIo};
 use crate::transport::listen::{Accepted, Serve};
@@ -154,33 +155,17 @@ impl Inbound {
             m.tcp_sent.clone(),
             activity.clone(),
         );
-        let detected = if self.config.opaque_ports.contains(&app.port()) {
-            Detected {
-                outcome: Outcome::Skipped,
-                prefix: bytes::Bytes::new(),
-                upstream: None,
-            }
-        } else {
-            let connect = || self.connect.connect(app);
-            match detect::detect_or_wait(&mut io, self.config.detect_bounds(), connect).await {
-                Ok(Some(detected)) => detected,
-                Ok(None) => {
-                    m.detected(Outcome::Timeout);
-                    return tracing::debug!("closing a connection on which nobody spoke");
-                }
-                Err(e) => {
-                    m.error(reason_of(&*e));
-                    return tracing::debug!(error = %Chain(&*e), "connection failed during detection");
-                }
-            }
+        let skip = self.config.opaque_ports.contains(&app.port());
+        let connect = || self.connect.connect(app);
+        let bounds = self.config.detect_bounds();
+        let Some(detected) = transport::detect(&mut io, skip, bounds, connect, m).await else {
+            return;
         };
         let Detected {
             outcome,
             prefix,
             upstream,
         } = detected;
-        m.detected(outcome);
-        tracing::Span::current().record("protocol", outcome.as_str());
         let io = PrefixedIo::new(prefix, io);
         match outcome.protocol() {
             proto @ (Protocol::Http1 | Protocol::Http2) => {

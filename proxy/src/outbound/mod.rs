@@ -32,7 +32,7 @@ use self::backend::Balance;
 use self::destination::{Destination, Destinations};
 use self::route::{Router, RouterLayer};
 use crate::config::Config;
-use crate::detect::{self, Detected, Outcome, Protocol};
+use crate::detect::{Detected, Protocol};
 use crate::discovery::View;
 use crate::errors::{reason_of, Chain, Reason};
 use crate::http::client::Upstreams;
@@ -41,6 +41,7 @@ use crate::layers::metrics::{RequestMetrics, RequestMetricsLayer};
 use crate::layers::rescue::{Rescue, RescueLayer};
 use crate::layers::timeout::{RequestTimeoutLayer, Timeout};
 use crate::metrics::{DirectionMetrics, Metrics};
+use crate::transport;
 use crate::transport::connect::Connect;
 use crate::transport::io::{Activity, MeteredIo, PrefixedIo};
 use crate::transport::listen::{Accepted, Serve};
@@ -186,33 +187,16 @@ impl Outbound {
             activity.clone(),
         );
         let skip = entry.dest.is_opaque() || self.config.opaque_ports.contains(&dest.port());
-        let detected = if skip {
-            Detected {
-                outcome: Outcome::Skipped,
-                prefix: bytes::Bytes::new(),
-                upstream: None,
-            }
-        } else {
-            let connect = || opaque::connect(&entry.dest, &self.connect);
-            match detect::detect_or_wait(&mut io, self.config.detect_bounds(), connect).await {
-                Ok(Some(detected)) => detected,
-                Ok(None) => {
-                    m.detected(Outcome::Timeout);
-                    return tracing::debug!("closing a connection on which nobody spoke");
-                }
-                Err(e) => {
-                    m.error(reason_of(&*e));
-                    return tracing::debug!(error = %Chain(&*e), "connection failed during detection");
-                }
-            }
+        let connect = || opaque::connect(&entry.dest, &self.connect);
+        let bounds = self.config.detect_bounds();
+        let Some(detected) = transport::detect(&mut io, skip, bounds, connect, m).await else {
+            return;
         };
         let Detected {
             outcome,
             prefix,
             upstream,
         } = detected;
-        m.detected(outcome);
-        tracing::Span::current().record("protocol", outcome.as_str());
         let io = PrefixedIo::new(prefix, io);
         match outcome.protocol() {
             proto @ (Protocol::Http1 | Protocol::Http2) => {
