@@ -35,3 +35,32 @@ fn find(view: &Arc<outrider_control::api::WatchResponse>, port: u16) -> Option<S
         .find(|s| s.port == port)
         .cloned()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outrider_control::mesh::{Mesh, DEMO_MESH};
+
+    #[test]
+    fn a_port_gets_the_policy_of_the_latest_view() {
+        let mesh = Mesh::parse(DEMO_MESH).unwrap();
+        let view = mesh
+            .view(&"demo/payments-api".parse().unwrap(), "v1")
+            .unwrap();
+        let (tx, rx) = watch::channel(None);
+        let policies = Policies::new(Some(rx));
+        assert!(policies.for_port(8080).is_none(), "no view yet");
+        tx.send_replace(Some(Arc::new(view)));
+        let policy = policies.for_port(8080).unwrap();
+        assert!(policy.plaintext);
+        assert_eq!(
+            policy.allow[0].to_string(),
+            "spiffe://outrider.local/ns/demo/sa/loadgen"
+        );
+        assert!(
+            policies.for_port(9090).is_none(),
+            "no policy for other ports"
+        );
+        assert!(Policies::new(None).for_port(8080).is_none());
+    }
+}
