@@ -183,7 +183,7 @@ trait Leaf {
 /// The upstream refused the connection (or the dial failed locally). Nothing was sent, so the
 /// request may be sent elsewhere.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot connect to {addr}: {source}")]
+#[error("cannot connect to {addr}")]
 pub struct ConnectError {
     /// The address dialled.
     pub addr: SocketAddr,
@@ -333,6 +333,19 @@ fn leaf_reason(e: &(dyn StdError + 'static)) -> Option<Reason> {
     None
 }
 
+/// The outermost known leaf error in `error`'s cause chain (else `error` itself): what a log
+/// line should start from, without the wrappers' own prefixes.
+pub fn leaf<'a>(error: &'a (dyn StdError + 'static)) -> &'a (dyn StdError + 'static) {
+    let mut next: Option<&'a (dyn StdError + 'static)> = Some(error);
+    while let Some(e) = next {
+        if leaf_reason(e).is_some() || e.is::<RequestBodyError>() {
+            return e;
+        }
+        next = e.source();
+    }
+    error
+}
+
 /// The reason `error` is answered with: the outermost known leaf in its cause chain. A request
 /// body error anywhere in the chain wins (hyper reports it as a failed exchange, but the client
 /// caused it); an unknown error is an upstream failure.
@@ -448,6 +461,20 @@ mod tests {
         assert!(!is_retryable(&unknown));
         assert_eq!(Reason::BadRequest.side(), Side::Client);
         assert_eq!(Reason::ConnectFailed.side(), Side::Upstream);
+    }
+
+    #[test]
+    fn logs_start_at_the_leaf_and_say_each_cause_once() {
+        let wrapped = Outer(Box::new(ConnectError {
+            addr: ([127, 0, 0, 1], 1).into(),
+            source: std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused"),
+        }));
+        assert_eq!(
+            Chain(leaf(&wrapped)).to_string(),
+            "cannot connect to 127.0.0.1:1: refused"
+        );
+        let unknown = std::io::Error::other("boom");
+        assert_eq!(Chain(leaf(&unknown)).to_string(), "boom");
     }
 
     #[test]

@@ -203,7 +203,7 @@ impl Upstream {
             .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()
         {
-            tracing::warn!(upstream = %self.key.addr, error = %Chain(error),
+            tracing::warn!(upstream = %self.key.addr, error = %Chain(crate::errors::leaf(error)),
                 "upstream failed (logged at most every 30 s per upstream)");
         }
     }
