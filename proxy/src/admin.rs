@@ -5,7 +5,7 @@
 //! | `/live` | GET | 200 while the process serves |
 //! | `/ready` | GET | 200 once nothing holds readiness back (listeners bound, with `--control` the first config); 503 naming what is missing, and while draining |
 //! | `/metrics` | GET | Prometheus text format |
-//! | `/config` | GET | the effective configuration, JSON, secrets redacted (loopback peers only: it shows the mesh view) |
+//! | `/config` | GET | the effective configuration and the mesh view, JSON (loopback peers only; the configuration holds no secrets: credentials and queries in `--control` are refused) |
 //! | `/log-level` | GET, PUT | read or replace the log filter (loopback peers only) |
 //! | `/shutdown` | POST | start a graceful shutdown (loopback peers only) |
 

@@ -328,6 +328,27 @@ impl Config {
             }
             (None, None) => {}
         }
+        for (flag, d) in [
+            ("--detect-timeout", self.detect_timeout),
+            ("--header-read-timeout", self.header_read_timeout),
+            ("--http-idle-timeout", self.http_idle_timeout),
+            ("--stream-idle-timeout", self.stream_idle_timeout),
+            ("--tcp-idle-timeout", self.tcp_idle_timeout),
+            ("--connect-timeout", self.connect_timeout),
+        ] {
+            if d.is_zero() {
+                error(
+                    flag,
+                    "must be longer than 0 (0 would close or fail every connection at once)".into(),
+                );
+            }
+        }
+        if self.request_timeout.is_some_and(|d| d.is_zero()) {
+            error(
+                "--request-timeout",
+                "must be longer than 0; leave it out for none".into(),
+            );
+        }
         // The drain window keeps outbound traffic flowing; without an outbound listener there
         // is nothing to keep.
         if self.outbound.is_some() && self.drain_window > self.shutdown_grace {
@@ -599,6 +620,11 @@ mod tests {
         );
         let c = Config::local(vec![spec("0.0.0.0:9020", "127.0.0.1:9020")]);
         assert_eq!(c.validate().len(), 1);
+        let mut c = Config::local(vec![]);
+        c.stream_idle_timeout = Duration::ZERO;
+        c.request_timeout = Some(Duration::ZERO);
+        let flags: Vec<&str> = c.validate().iter().map(|e| e.flag).collect();
+        assert_eq!(flags, ["--stream-idle-timeout", "--request-timeout"]);
         // The drain window does not matter without an outbound listener.
         let mut c = Config::local(vec![spec("127.0.0.1:9030", "127.0.0.1:9031")]);
         c.drain_window = Duration::from_secs(60);

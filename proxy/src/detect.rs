@@ -1,8 +1,9 @@
 //! Protocol detection: the first bytes a client sends say what it speaks. Detection reads at most
 //! [`crate::Config::detect_max_bytes`] bytes and waits at most `detect_timeout`; the bytes read are
-//! replayed to whatever handles the connection (`transport::io::PrefixedIo`). A client that sends
-//! nothing in time (a server-speaks-first protocol on a port not listed as opaque) is handled as
-//! opaque TCP, so such protocols are delayed by at most the timeout.
+//! replayed to whatever handles the connection (`transport::io::PrefixedIo`). At the deadline, the
+//! start of an HTTP request is HTTP (the header timeout applies); a client that sent nothing may
+//! wait for a server that speaks first, so the upstream is dialled and whichever side speaks first
+//! decides ([`detect_or_wait`]), within a bound.
 
 use std::io;
 use std::time::Duration;
@@ -157,10 +158,16 @@ fn is_token_char(b: u8) -> bool {
 /// prefix, or a request line not yet complete) or the HTTP/2 preface: such a client is slow, not
 /// speaking another protocol, and the HTTP server's header timeout applies to it.
 fn is_http_prefix(buf: &[u8]) -> Option<Protocol> {
-    if buf.first() == Some(&b'P') && H2_PREFACE.starts_with(buf) {
+    // "PRI " and more: the HTTP/2 preface (a bare "P" or "PR" may as well be POST or PROPFIND).
+    if buf.len() >= 4 && H2_PREFACE.starts_with(buf) {
         return Some(Protocol::Http2);
     }
-    let buf = skip_empty_lines(buf);
+    let line = skip_empty_lines(buf);
+    if line.is_empty() || line == b"\r" {
+        // Only empty lines: allowed before a request line (RFC 9112 2.2), so HTTP.
+        return (!buf.is_empty()).then_some(Protocol::Http1);
+    }
+    let buf = line;
     let method_len = buf.iter().position(|b| *b == b' ').unwrap_or(buf.len());
     let plausible = !buf.is_empty()
         && method_len <= MAX_METHOD
@@ -451,6 +458,8 @@ mod tests {
             (&b"G"[..], Outcome::Detected(Protocol::Http1)),
             (b"GET /slow", Outcome::Detected(Protocol::Http1)),
             (b"PRI * HT", Outcome::Detected(Protocol::Http2)),
+            (b"P", Outcome::Detected(Protocol::Http1)),
+            (b"\r\n", Outcome::Detected(Protocol::Http1)),
             (b"\x00\x01", Outcome::Detected(Protocol::Opaque)),
         ] {
             let (mut client, mut server) = tokio::io::duplex(64);

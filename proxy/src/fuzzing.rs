@@ -42,7 +42,7 @@ pub fn normalize_request_headers(pairs: &[(&[u8], &[u8])], upgrade: bool) {
     let had_te = headers.contains_key(TRANSFER_ENCODING);
     let hops_before = headers.get_all(&HOP).iter().count();
     let token = hop_token();
-    if check_request(&mut headers, &token).is_err() {
+    if check_request(&mut headers, Some(&token)).is_err() {
         return;
     }
     strip_hop_by_hop(&mut headers, upgrade);

@@ -1491,3 +1491,21 @@ async fn inbound_goes_to_the_original_destination_so_loopback_only_listeners_sta
         .unwrap();
     assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
 }
+
+#[tokio::test]
+async fn the_app_never_sees_a_hop_marker_so_call_chains_through_apps_are_not_loops() {
+    // An app that copies its incoming headers into its own outbound calls (a gateway) must not
+    // make its sidecar's outbound see a marker and answer 508.
+    let app = start_app().await;
+    let mut config = Config::local(vec![]);
+    config.inbound = Some(LOOPBACK_ANY.parse().unwrap());
+    let p = start(config, Arc::new(FixedOrigDst(app))).await;
+    let rsp = raw(
+        p.inbound.unwrap(),
+        b"GET /headers HTTP/1.1\r\nHost: x\r\noutrider-hop: 42\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+    assert!(!rsp.to_lowercase().contains("outrider-hop"), "{rsp}");
+}

@@ -216,8 +216,9 @@ struct H2Conn {
     connect: Connect,
     current: Mutex<Option<http2::SendRequest<Body>>>,
     connecting: tokio::sync::Mutex<()>,
-    /// The last failed dial: requests that waited for it fail with it instead of dialling again.
-    failed: Mutex<Option<(tokio::time::Instant, Arc<str>, bool)>>,
+    /// The last failed dial: requests that waited for it fail with it instead of dialling again
+    /// (when, what, and the reason it was answered with).
+    failed: Mutex<Option<(tokio::time::Instant, Arc<str>, Reason)>>,
 }
 
 impl std::fmt::Debug for H2Conn {
@@ -254,22 +255,31 @@ impl H2Conn {
         // A dial that failed while this request waited fails it too: failures do not queue up
         // one connect timeout after another.
         let failed = self.failed.lock().ok().and_then(|f| f.clone());
-        if let Some((_, why, not_h2)) = failed.filter(|(at, _, _)| *at >= waiting_since) {
-            if not_h2 {
-                return Err(NotHttp2 { addr: self.addr }.into());
-            }
-            return Err(crate::errors::ConnectError {
-                addr: self.addr,
-                source: std::io::Error::other(SharedDialError(why)),
-            }
-            .into());
+        if let Some((_, why, reason)) = failed.filter(|(at, _, _)| *at >= waiting_since) {
+            // The same kind of failure as the dial's, so it is answered and logged the same way.
+            let addr = self.addr;
+            let source = std::io::Error::other(SharedDialError(why));
+            return Err(match reason {
+                Reason::UpstreamProtocol => NotHttp2 { addr }.into(),
+                Reason::ConnectFailed => crate::errors::ConnectError { addr, source }.into(),
+                Reason::Overloaded => crate::errors::UpstreamBusy {
+                    addr,
+                    max: self.connect.max_per_upstream(),
+                }
+                .into(),
+                _ => UpstreamFailed {
+                    addr,
+                    source: source.into(),
+                }
+                .into(),
+            });
         }
         match self.dial().await {
             Ok(send) => Ok(send),
             Err(e) => {
                 if let Ok(mut f) = self.failed.lock() {
-                    let not_h2 = e.is::<NotHttp2>();
-                    *f = Some((tokio::time::Instant::now(), e.to_string().into(), not_h2));
+                    let reason = reason_of(&*e);
+                    *f = Some((tokio::time::Instant::now(), e.to_string().into(), reason));
                 }
                 Err(e)
             }
@@ -504,15 +514,28 @@ pub struct Forward {
     upstream: Arc<Upstream>,
     policy: UpstreamHttp,
     hint: VersionHint,
+    /// Outbound: mark requests with the proxy's hop token (and refuse those that carry it).
+    /// Inbound: remove every hop marker before the app.
+    mark_hop: bool,
 }
 
 impl Forward {
-    /// Forwards to `upstream`, choosing the version by `hint`, else by `policy`.
+    /// Forwards to `upstream` (outbound: requests carry the hop marker), choosing the version
+    /// by `hint`, else by `policy`.
     pub fn new(upstream: Arc<Upstream>, policy: UpstreamHttp, hint: VersionHint) -> Self {
         Self {
             upstream,
             policy,
             hint,
+            mark_hop: true,
+        }
+    }
+
+    /// Forwards to the app in the pod: hop markers are removed, none is added.
+    pub fn to_app(upstream: Arc<Upstream>, policy: UpstreamHttp) -> Self {
+        Self {
+            mark_hop: false,
+            ..Self::new(upstream, policy, VersionHint::None)
         }
     }
 
@@ -562,7 +585,8 @@ impl tower::Service<Request<Body>> for Forward {
             let ctx = upgrade
                 .as_ref()
                 .and_then(|_| req.extensions().get::<Arc<ConnContext>>().cloned());
-            check_request(req.headers_mut(), &this.upstream.hop)?;
+            let token = this.mark_hop.then_some(&this.upstream.hop);
+            check_request(req.headers_mut(), token)?;
             strip_hop_by_hop(req.headers_mut(), upgrade.is_some() && !connect);
             let grpc = crate::errors::is_grpc(req.headers());
             let mut h2 = this.wants_h2(&req, grpc) && upgrade.is_none();
@@ -657,6 +681,11 @@ fn prepare(req: &mut Request<Body>, upstream: &Upstream, h2: bool) -> Result<(),
         }
         if req.method() != Method::CONNECT {
             parts.authority = Some(upstream.authority.clone());
+        } else {
+            // A CONNECT's URI is its (client-chosen) target and so the pool key: never pool such
+            // a connection, or each target would keep one idle for the pool's lifetime.
+            req.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
         }
         if req.version() != Version::HTTP_10 {
             *req.version_mut() = Version::HTTP_11;

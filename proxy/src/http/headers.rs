@@ -26,9 +26,12 @@ pub fn hop_token() -> HeaderValue {
 }
 
 /// Refuses a request that cannot be forwarded safely: two `Host` fields (which one a backend
-/// believes differs), a transfer coding other than `chunked` (its coding would be lost), or a
-/// request that already passed this proxy (a forwarding loop). Then adds this proxy's hop marker.
-pub fn check_request(headers: &mut HeaderMap, token: &HeaderValue) -> Result<(), BoxError> {
+/// believes differs), a transfer coding other than `chunked` (its coding would be lost), or, with
+/// a `token` (the outbound direction), a request that already passed this proxy's outbound (a
+/// forwarding loop); then adds the hop marker. Without a token (inbound, towards the app) every
+/// hop marker is removed: the app is a new start, and a request that went through an app and
+/// comes back is an ordinary call chain (A → B → A), not a loop.
+pub fn check_request(headers: &mut HeaderMap, token: Option<&HeaderValue>) -> Result<(), BoxError> {
     if headers.get_all(HOST).iter().nth(1).is_some() {
         return Err(BadRequest("more than one Host field".into()).into());
     }
@@ -44,6 +47,10 @@ pub fn check_request(headers: &mut HeaderMap, token: &HeaderValue) -> Result<(),
             return Err(UnsupportedTransferCoding.into());
         }
     }
+    let Some(token) = token else {
+        headers.remove(&HOP);
+        return Ok(());
+    };
     if headers.get_all(&HOP).iter().any(|v| v == token) {
         return Err(Loop.into());
     }
@@ -175,7 +182,7 @@ mod tests {
         use crate::errors::{reason_of, Reason};
         let token = hop_token();
         let reason = |pairs: &[(&str, &str)]| {
-            check_request(&mut map(pairs), &token).map_err(|e| reason_of(&*e))
+            check_request(&mut map(pairs), Some(&token)).map_err(|e| reason_of(&*e))
         };
         assert_eq!(
             reason(&[("host", "a"), ("host", "b")]),
@@ -191,14 +198,18 @@ mod tests {
         );
         // The hop marker: added once, refused when the request comes back.
         let mut h = map(&[("host", "a"), ("outrider-hop", "42")]);
-        check_request(&mut h, &token).unwrap();
+        check_request(&mut h, Some(&token)).unwrap();
         assert_eq!(h.get_all(&HOP).iter().count(), 2);
         assert!(
-            check_request(&mut h.clone(), &hop_token()).is_ok(),
+            check_request(&mut h.clone(), Some(&hop_token())).is_ok(),
             "another proxy's token"
         );
+        // Towards the app (no token): every marker goes, so a call chain through apps is fine.
+        let mut to_app = h.clone();
+        check_request(&mut to_app, None).unwrap();
+        assert!(to_app.get(&HOP).is_none());
         assert_eq!(
-            check_request(&mut h, &token).map_err(|e| reason_of(&*e)),
+            check_request(&mut h, Some(&token)).map_err(|e| reason_of(&*e)),
             Err(Reason::Loop)
         );
     }

@@ -26,7 +26,7 @@ use crate::config::{Config, InboundTarget};
 use crate::detect::{Detected, Protocol};
 use crate::discovery::View;
 use crate::errors::{reason_of, Chain, Reason};
-use crate::http::client::{EndpointKey, Forward, Upstreams, VersionHint};
+use crate::http::client::{EndpointKey, Forward, Upstreams};
 use crate::http::server::{self, ConnContext, ServerConfig};
 use crate::layers::metrics::{RequestMetrics, RequestMetricsLayer};
 use crate::layers::rescue::{Rescue, RescueLayer};
@@ -114,11 +114,7 @@ impl Inbound {
             .layer(RequestMetricsLayer::new(self.metrics.clone()))
             .layer(RescueLayer::new(self.metrics.clone(), errors::rescue))
             // [authorization of the peer's identity against the port's policy]
-            .service(Forward::new(
-                upstream,
-                self.config.upstream_http,
-                VersionHint::None,
-            ));
+            .service(Forward::to_app(upstream, self.config.upstream_http));
         stacks.insert(app, stack.clone());
         stack
     }
@@ -169,6 +165,8 @@ impl Inbound {
         let io = PrefixedIo::new(prefix, io);
         match outcome.protocol() {
             proto @ (Protocol::Http1 | Protocol::Http2) => {
+                // A connection dialled while the client was silent is not needed for HTTP.
+                drop(upstream);
                 let ctx = ConnContext {
                     drain,
                     held: guard,

@@ -26,6 +26,10 @@ use crate::http::client::{EndpointKey, Upstreams, VersionHint};
 /// A destination with no connection for this long is evicted (checked every [`IDLE`] / 2).
 pub const IDLE: Duration = Duration::from_secs(300);
 
+/// Destinations cached per stack at most: past it, the least recently used that no connection
+/// holds make room (an app that fans out to many addresses cannot grow the cache without bound).
+pub const MAX_DESTINATIONS: usize = 10_000;
+
 /// What discovery says a destination is.
 #[derive(Debug, Clone, Default)]
 pub enum Profile {
@@ -99,7 +103,7 @@ impl Destination {
 
     /// Resolves the destination again: against `view` when there is a control plane (`Some`),
     /// else as a passthrough.
-    fn update(&self, view: Option<Option<&WatchResponse>>, upstreams: &Upstreams) {
+    fn update(&self, view: Option<Option<&Index<'_>>>, upstreams: &Upstreams) {
         let (profile, wanted) = match view {
             Some(view) => resolve(self.addr, view),
             None => (Profile::Passthrough, vec![(self.addr, passthrough_meta())]),
@@ -120,31 +124,27 @@ impl Destination {
 /// The profile and endpoints `view` gives `addr`.
 fn resolve(
     addr: SocketAddr,
-    view: Option<&WatchResponse>,
+    view: Option<&Index<'_>>,
 ) -> (Profile, Vec<(SocketAddr, EndpointMeta)>) {
-    let Some(view) = view else {
+    let Some(index) = view else {
         return (Profile::NoConfig, Vec::new());
     };
-    let service = view
-        .outbound
-        .services
-        .iter()
-        .find(|s| s.addresses.contains(&addr));
-    match service {
+    let view = index.view;
+    match index.by_addr.get(&addr).copied() {
         Some(s) => {
-            let endpoints = s
-                .endpoints
-                .iter()
-                .map(|e| {
-                    (
-                        e.address,
-                        EndpointMeta {
-                            identity: e.identity.clone(),
-                            weight: e.weight,
-                        },
-                    )
-                })
-                .collect();
+            let mut endpoints: Vec<(SocketAddr, EndpointMeta)> =
+                Vec::with_capacity(s.endpoints.len());
+            for e in &s.endpoints {
+                // An address listed twice counts once (the first), so updates do not flip-flop.
+                if endpoints.iter().any(|(a, _)| *a == e.address) {
+                    continue;
+                }
+                let meta = EndpointMeta {
+                    identity: e.identity.clone(),
+                    weight: e.weight,
+                };
+                endpoints.push((e.address, meta));
+            }
             let profile = Profile::Service(ServiceProfile {
                 id: Arc::from(s.id()),
                 protocol: s.protocol,
@@ -163,6 +163,25 @@ fn passthrough_meta() -> EndpointMeta {
     EndpointMeta {
         identity: None,
         weight: 1,
+    }
+}
+
+/// A view with its services indexed by virtual address (built once per view, not per
+/// destination).
+struct Index<'a> {
+    view: &'a WatchResponse,
+    by_addr: HashMap<SocketAddr, &'a outrider_control::api::Service>,
+}
+
+impl<'a> Index<'a> {
+    fn new(view: &'a WatchResponse) -> Self {
+        let mut by_addr = HashMap::new();
+        for s in &view.outbound.services {
+            for a in &s.addresses {
+                by_addr.entry(*a).or_insert(s);
+            }
+        }
+        Self { view, by_addr }
     }
 }
 
@@ -235,7 +254,26 @@ impl<S: Send + Sync + 'static> Destinations<S> {
             state: RwLock::new(Arc::default()),
         });
         let view = self.views.as_ref().map(|v| v.borrow().clone());
-        dest.update(view.as_ref().map(|v| v.as_deref()), &self.upstreams);
+        let index = view.as_ref().map(|v| v.as_deref().map(Index::new));
+        dest.update(index.as_ref().map(Option::as_ref), &self.upstreams);
+        if map.len() >= MAX_DESTINATIONS {
+            let before = map.len();
+            let mut unheld: Vec<(SocketAddr, Instant)> = map
+                .iter()
+                .filter(|(_, e)| Arc::strong_count(e) == 1)
+                .map(|(a, e)| {
+                    (
+                        *a,
+                        e.last_used.lock().map_or_else(|_| Instant::now(), |t| *t),
+                    )
+                })
+                .collect();
+            unheld.sort_unstable_by_key(|(_, t)| *t);
+            for (a, _) in unheld.iter().take((MAX_DESTINATIONS / 10).max(1)) {
+                map.remove(a);
+            }
+            self.alive.sub((before - map.len()) as i64);
+        }
         let entry = Arc::new(Entry {
             http: (self.build)(dest.clone()),
             dest,
@@ -243,7 +281,7 @@ impl<S: Send + Sync + 'static> Destinations<S> {
         });
         map.insert(addr, entry.clone());
         self.builds.inc();
-        self.alive.set(map.len() as i64);
+        self.alive.inc();
         entry
     }
 
@@ -257,10 +295,12 @@ impl<S: Send + Sync + 'static> Destinations<S> {
     /// Drops destinations that no connection holds and that were not used for `idle`.
     fn evict_idle(&self, idle: Duration) {
         if let Ok(mut map) = self.map.lock() {
+            let before = map.len();
             map.retain(|_, e| {
                 Arc::strong_count(e) > 1 || e.last_used.lock().is_ok_and(|t| t.elapsed() < idle)
             });
-            self.alive.set(map.len() as i64);
+            // One gauge counts the destinations of every outbound stack: add and subtract.
+            self.alive.sub((before - map.len()) as i64);
         }
     }
 }
@@ -273,8 +313,9 @@ async fn follow<S: Send + Sync + 'static>(
     while views.changed().await.is_ok() {
         let Some(cache) = cache.upgrade() else { return };
         let view = views.borrow_and_update().clone();
+        let index = view.as_deref().map(Index::new);
         for entry in cache.entries() {
-            entry.dest.update(Some(view.as_deref()), &cache.upstreams);
+            entry.dest.update(Some(index.as_ref()), &cache.upstreams);
         }
     }
 }

@@ -146,7 +146,8 @@ fn http_stack(
         .layer(RequestMetricsLayer::new(metrics.clone()))
         // Errors become responses (503/504/502, gRPC statuses), counted by reason.
         .layer(RescueLayer::new(metrics, errors::rescue))
-        // Anything below that is not ready is answered at once, never queued.
+        // Anything below that is not ready is answered at once, never queued (today only the
+        // balancer can fail readiness, and it fails rather than waits).
         .layer(LoadShedLayer::new())
         // The matching route's timeout and name.
         .layer(RouterLayer::new(dest.clone(), default_timeout))
@@ -200,6 +201,8 @@ impl Outbound {
         let io = PrefixedIo::new(prefix, io);
         match outcome.protocol() {
             proto @ (Protocol::Http1 | Protocol::Http2) => {
+                // A connection dialled while the client was silent is not needed for HTTP.
+                drop(upstream);
                 let ctx = ConnContext {
                     drain,
                     held: guard,

@@ -44,27 +44,33 @@ impl Connect {
         }
     }
 
+    /// The bound on open connections per upstream address.
+    pub fn max_per_upstream(&self) -> usize {
+        self.max_per_upstream
+    }
+
     fn slot(&self, addr: SocketAddr) -> Result<OwnedSemaphorePermit, BoxError> {
-        let slots = {
-            let mut open = match self.open.lock() {
-                Ok(o) => o,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            if open.len() >= MAX_TRACKED && !open.contains_key(&addr) {
-                let max = self.max_per_upstream;
-                open.retain(|_, s| s.available_permits() < max);
-            }
-            open.entry(addr)
-                .or_insert_with(|| Arc::new(Semaphore::new(self.max_per_upstream)))
-                .clone()
+        let mut open = match self.open.lock() {
+            Ok(o) => o,
+            Err(poisoned) => poisoned.into_inner(),
         };
-        slots.try_acquire_owned().map_err(|_| {
-            UpstreamBusy {
-                addr,
-                max: self.max_per_upstream,
-            }
-            .into()
-        })
+        if open.len() >= MAX_TRACKED && !open.contains_key(&addr) {
+            let max = self.max_per_upstream;
+            open.retain(|_, s| s.available_permits() < max);
+        }
+        // Acquired under the lock, so a concurrent clean-up cannot forget a semaphore that is
+        // about to hand out a permit (two semaphores for one address would double the bound).
+        open.entry(addr)
+            .or_insert_with(|| Arc::new(Semaphore::new(self.max_per_upstream)))
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                UpstreamBusy {
+                    addr,
+                    max: self.max_per_upstream,
+                }
+                .into()
+            })
     }
 
     /// Connects to `addr` with Nagle off and TCP keepalive on (probes after 30 s idle, every
