@@ -249,11 +249,45 @@ leaf!(BadRequest, Reason::BadRequest);
 pub struct RequestBodyError(#[source] pub hyper::Error);
 impl Leaf for RequestBodyError {
     fn reason(&self) -> Reason {
-        if self.0.is_incomplete_message() || self.0.is_canceled() {
+        if self.0.is_incomplete_message() || self.0.is_canceled() || is_abort(&self.0) {
             Reason::ClientAborted
         } else {
             Reason::BadRequest
         }
+    }
+}
+
+/// Whether a body error says the client went away: the connection closed or was reset mid-body
+/// (HTTP/1), or the client cancelled its stream (HTTP/2 `CANCEL`), rather than sent bad framing.
+fn is_abort(error: &(dyn StdError + 'static)) -> bool {
+    use std::io::ErrorKind;
+    let mut next: Option<&(dyn StdError + 'static)> = Some(error);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ErrorKind::UnexpectedEof
+                    | ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::BrokenPipe
+            );
+        }
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::CANCEL) || h2.is_io();
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// The request body failed while an HTTP/2 upstream was reading it (its client swallows the
+/// body's own error): the reason the body's error had.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body failed ({})", .0.as_str())]
+pub struct BodyFailed(pub Reason);
+impl Leaf for BodyFailed {
+    fn reason(&self) -> Reason {
+        self.0
     }
 }
 
@@ -311,6 +345,7 @@ fn leaf_reason(e: &(dyn StdError + 'static)) -> Option<Reason> {
     }
     try_leaf!(
         RequestBodyError,
+        BodyFailed,
         ConnectError,
         ConnectTimeout,
         UpstreamBusy,

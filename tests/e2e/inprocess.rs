@@ -1509,3 +1509,74 @@ async fn the_app_never_sees_a_hop_marker_so_call_chains_through_apps_are_not_loo
     assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
     assert!(!rsp.to_lowercase().contains("outrider-hop"), "{rsp}");
 }
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_outlives_the_header_timeout() {
+    // hyper's own header timer also runs between keep-alive requests; ours runs only from a
+    // request's first byte, so an idle pooled connection lasts the idle timeout.
+    let app = start_app().await;
+    let p = start_forward(app, |c| c.header_read_timeout = Duration::from_millis(200)).await;
+    let mut c = ClientConn::connect(p.forward[0], false).await.unwrap();
+    assert_eq!(c.get("x", "/").await.unwrap().status(), StatusCode::OK);
+    // Three header timeouts with nothing sent.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let rsp = c
+        .get("x", "/again")
+        .await
+        .expect("the connection is still open");
+    assert_eq!(rsp.status(), StatusCode::OK);
+    assert_eq!(
+        count(&p, "outrider_tcp_open_total", "direction", "forward"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_malformed_body_to_an_http2_upstream_is_still_the_clients_fault() {
+    use outrider_proxy::config::UpstreamHttp;
+    let app = start_app().await;
+    let p = start_forward(app, |c| c.upstream_http = UpstreamHttp::Http2).await;
+    let rsp = raw(
+        p.forward[0],
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\nAAAA\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert!(rsp.starts_with("HTTP/1.1 400"), "{rsp}");
+    assert_eq!(
+        count(&p, "outrider_errors_total", "reason", "bad-request"),
+        1
+    );
+    assert_eq!(
+        count(&p, "outrider_errors_total", "reason", "upstream-failed"),
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_abandons_its_upload_is_counted_as_aborted() {
+    let app = start_app().await;
+    let p = start_forward(app, |_| {}).await;
+    let mut s = TcpStream::connect(p.forward[0]).await.unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    drop(s);
+    // Wait (bounded) for the proxy to see the abandoned body.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while count(&p, "outrider_errors_total", "reason", "client-aborted") == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not counted as client-aborted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        count(&p, "outrider_errors_total", "reason", "upstream-failed"),
+        0
+    );
+    assert_eq!(
+        count(&p, "outrider_errors_total", "reason", "bad-request"),
+        0
+    );
+}

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -33,7 +33,7 @@ use std::time::Duration;
 use http::header::HOST;
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
-use http_body_util::Either;
+use http_body_util::{BodyExt, Either};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_util::client::legacy::Client;
@@ -355,7 +355,17 @@ impl H2Conn {
     }
 
     async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, BoxError> {
-        let mut req = req;
+        // hyper's HTTP/2 client resets the stream on a request body error and reports a failed
+        // exchange without the body's error: remember it, so the client's fault stays the client's.
+        let body_failed = Arc::new(AtomicU8::new(0));
+        let watched = body_failed.clone();
+        let mut req = req.map(move |inner| {
+            Watched {
+                inner,
+                failed: watched,
+            }
+            .boxed_unsync()
+        });
         // One retry, only for a request the connection handed back unsent (it was going away,
         // e.g. after the upstream's GOAWAY): resending it cannot duplicate anything.
         for attempt in 0..2 {
@@ -373,6 +383,13 @@ impl H2Conn {
                         req = unsent;
                     }
                     _ => {
+                        let recorded = body_failed.load(Ordering::Relaxed);
+                        if let Some(reason) = recorded
+                            .checked_sub(1)
+                            .and_then(|i| Reason::ALL.get(usize::from(i)))
+                        {
+                            return Err(crate::errors::BodyFailed(*reason).into());
+                        }
                         let source: BoxError = Box::new(e.into_error());
                         if reason_of(&*source) != Reason::UpstreamFailed {
                             return Err(source);
@@ -391,6 +408,41 @@ impl H2Conn {
             source: "the HTTP/2 upstream connection keeps closing".into(),
         }
         .into())
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request body that records the reason of its error (plus one; 0: none).
+    struct Watched {
+        #[pin]
+        inner: Body,
+        failed: Arc<AtomicU8>,
+    }
+}
+
+impl http_body::Body for Watched {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
+        let this = self.project();
+        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        if let Some(Err(e)) = &frame {
+            this.failed
+                .store(reason_of(&**e) as u8 + 1, Ordering::Relaxed);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

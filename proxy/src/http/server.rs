@@ -122,32 +122,98 @@ pub async fn serve<I, S>(
     S: Stack,
 {
     let (back, returned) = tokio::sync::oneshot::channel();
+    let head = (protocol == Protocol::Http1).then(|| Arc::new(Head::new()));
     let io = Returning {
         io: Some(io),
         back: Some(back),
         partial: false,
+        head: head.clone(),
     };
-    let Err(e) = serve_inner(io, protocol, stack, config, ctx).await else {
-        return;
+    let e = match serve_inner(io, protocol, stack, config, ctx, head).await {
+        Ok(()) => return,
+        Err(Ended::HeaderTimeout) => {
+            // The connection (and with it the IO) is dropped: answer on the IO handed back.
+            if let Ok((mut io, true)) = returned.await {
+                use tokio::io::AsyncWriteExt;
+                const TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\noutrider-error: header-timeout\r\n\r\n";
+                let write = async {
+                    io.write_all(TIMEOUT).await?;
+                    io.shutdown().await
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+                metrics.response(http::StatusCode::REQUEST_TIMEOUT);
+                metrics.error(crate::errors::Reason::HeaderTimeout);
+            }
+            return tracing::debug!("request head not complete within the header-read timeout");
+        }
+        Err(Ended::Hyper(e)) => e,
     };
     if e.is_parse() || e.is_parse_too_large() {
         metrics.response(http::StatusCode::BAD_REQUEST);
         metrics.error(crate::errors::Reason::BadRequest);
     }
-    if e.is_timeout() {
-        if let Ok((mut io, true)) = returned.await {
-            use tokio::io::AsyncWriteExt;
-            const TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\noutrider-error: header-timeout\r\n\r\n";
-            let write = async {
-                io.write_all(TIMEOUT).await?;
-                io.shutdown().await
-            };
-            let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
-            metrics.response(http::StatusCode::REQUEST_TIMEOUT);
-            metrics.error(crate::errors::Reason::HeaderTimeout);
+    tracing::debug!(error = %e, "HTTP connection ended with an error");
+}
+
+/// How a connection's serving ended, when not cleanly.
+enum Ended {
+    /// hyper's own error.
+    Hyper(hyper::Error),
+    /// An HTTP/1 request head did not complete within the header-read timeout.
+    HeaderTimeout,
+}
+
+/// The HTTP/1 header-read clock of one connection. hyper's own header timeout also runs between
+/// keep-alive requests, so it would close idle connections after the header timeout instead of
+/// the idle timeout; this one runs only from a request's first byte to its complete head.
+struct Head {
+    start: tokio::time::Instant,
+    /// When the pending head's first byte arrived, in ms since `start` plus 1 (0: none pending).
+    since: std::sync::atomic::AtomicU64,
+    /// Requests between their complete head and their response head.
+    in_flight: AtomicUsize,
+    started: tokio::sync::Notify,
+}
+
+impl Head {
+    fn new() -> Self {
+        Self {
+            start: tokio::time::Instant::now(),
+            since: Default::default(),
+            in_flight: AtomicUsize::new(0),
+            started: tokio::sync::Notify::new(),
         }
     }
-    tracing::debug!(error = %e, "HTTP connection ended with an error");
+
+    /// Bytes arrived: with no request in progress, they start a head.
+    fn read(&self) {
+        if self.in_flight.load(Ordering::Relaxed) == 0 && self.since.load(Ordering::Relaxed) == 0 {
+            let now = self.start.elapsed().as_millis() as u64 + 1;
+            self.since.store(now, Ordering::Relaxed);
+            self.started.notify_one();
+        }
+    }
+
+    /// The head is complete (hyper handed the request over).
+    fn complete(&self) {
+        self.since.store(0, Ordering::Relaxed);
+    }
+
+    /// Resolves once a head has been pending for `timeout`.
+    async fn timed_out(&self, timeout: Duration) {
+        loop {
+            let since = self.since.load(Ordering::Relaxed);
+            if since == 0 {
+                self.started.notified().await;
+                continue;
+            }
+            let deadline = self.start + Duration::from_millis(since - 1) + timeout;
+            tokio::time::sleep_until(deadline).await;
+            if self.since.load(Ordering::Relaxed) == since {
+                return;
+            }
+        }
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -157,6 +223,7 @@ pin_project_lite::pin_project! {
         io: Option<T>,
         back: Option<tokio::sync::oneshot::Sender<(T, bool)>>,
         partial: bool,
+        head: Option<Arc<Head>>,
     }
 
     impl<T> PinnedDrop for Returning<T> {
@@ -190,6 +257,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Returning<T> {
         let res = Pin::new(io).poll_read(cx, buf);
         if buf.filled().len() > before {
             *this.partial = true;
+            if let Some(head) = this.head {
+                head.read();
+            }
         }
         res
     }
@@ -249,7 +319,8 @@ async fn serve_inner<I, S>(
     stack: S,
     config: &ServerConfig,
     ctx: ConnContext,
-) -> Result<(), hyper::Error>
+    head: Option<Arc<Head>>,
+) -> Result<(), Ended>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Stack,
@@ -257,18 +328,19 @@ where
     let mut drain = ctx.drain.clone();
     let activity = ctx.activity.clone();
     let in_flight = Arc::new(AtomicUsize::new(0));
+    // Requests starting and ending: HTTP/2's pings move bytes on an idle connection, so its
+    // idleness is measured on requests, not on the socket.
+    let requests = (protocol == Protocol::Http2).then(Activity::new);
     let svc = ConnService {
         stack,
         ctx: Arc::new(ctx),
         in_flight: in_flight.clone(),
+        requests: requests.clone(),
+        head: head.clone(),
     };
     let io = TokioIo::new(io);
-    let idle = activity.idle(config.idle_timeout, move || {
-        in_flight.load(Ordering::Relaxed) > 0
-    });
-    let stuck_clock = activity.clone();
-    let stream_idle = config.stream_idle_timeout;
-    let stuck = async move { stuck_clock.idle(stream_idle, || false).await };
+    let busy = in_flight.clone();
+    let is_busy = move || busy.load(Ordering::Relaxed) > 0;
     if protocol == Protocol::Http2 {
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         builder
@@ -278,17 +350,52 @@ where
             .keep_alive_timeout(Duration::from_secs(10))
             .max_header_list_size(config.max_header_bytes);
         let conn = builder.serve_connection(io, svc);
-        drive(conn, |c| c.graceful_shutdown(), &mut drain, idle, stuck).await
+        let requests = requests.unwrap_or_default();
+        let idle = requests.idle(config.idle_timeout, is_busy);
+        // The stream idle timeout is for HTTP/1 (no byte either way); HTTP/2's pings keep the
+        // socket busy, and a long gRPC stream is legitimately quiet: route and request timeouts
+        // bound HTTP/2 requests.
+        let stuck = std::future::pending();
+        drive(
+            conn,
+            |c| c.graceful_shutdown(),
+            &mut drain,
+            idle,
+            stuck,
+            std::future::pending(),
+        )
+        .await
     } else {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
-            .header_read_timeout(config.header_read_timeout)
+            // Our own clock (`Head`) times request heads; hyper's would also close idle
+            // keep-alive connections at the header timeout.
+            .header_read_timeout(None)
             // A client may send its request and shut down its write side while it waits.
             .half_close(true)
             .max_buf_size(config.max_header_bytes.max(8192) as usize);
         let conn = builder.serve_connection(io, svc).with_upgrades();
-        drive(conn, |c| c.graceful_shutdown(), &mut drain, idle, stuck).await
+        let idle = activity.idle(config.idle_timeout, is_busy);
+        let stream_idle = config.stream_idle_timeout;
+        let stuck_clock = activity.clone();
+        let stuck = async move { stuck_clock.idle(stream_idle, || false).await };
+        let header_timeout = config.header_read_timeout;
+        let head_late = async move {
+            match head {
+                Some(head) => head.timed_out(header_timeout).await,
+                None => std::future::pending().await,
+            }
+        };
+        drive(
+            conn,
+            |c| c.graceful_shutdown(),
+            &mut drain,
+            idle,
+            stuck,
+            head_late,
+        )
+        .await
     }
 }
 
@@ -297,14 +404,27 @@ struct ConnService<S> {
     stack: S,
     ctx: Arc<ConnContext>,
     in_flight: Arc<AtomicUsize>,
+    /// HTTP/2: stamped when requests start and end.
+    requests: Option<Activity>,
+    head: Option<Arc<Head>>,
 }
 
-/// Decrements the in-flight count when the request ends, however it ends.
-struct InFlight(Arc<AtomicUsize>);
+/// Decrements the in-flight counts when the request ends, however it ends.
+struct InFlight {
+    count: Arc<AtomicUsize>,
+    requests: Option<Activity>,
+    head: Option<Arc<Head>>,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        if let Some(requests) = &self.requests {
+            requests.touch();
+        }
+        if let Some(head) = &self.head {
+            head.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -315,6 +435,13 @@ impl<S: Stack> hyper::service::Service<Request<Incoming>> for ConnService<S> {
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        if let Some(requests) = &self.requests {
+            requests.touch();
+        }
+        if let Some(head) = &self.head {
+            head.in_flight.fetch_add(1, Ordering::Relaxed);
+            head.complete();
+        }
         let mut req = req.map(|b| b.map_err(|e| RequestBodyError(e).into()).boxed_unsync());
         // Only a request that may become a byte stream needs the connection's context (and an
         // extension map allocated for it).
@@ -325,7 +452,11 @@ impl<S: Stack> hyper::service::Service<Request<Incoming>> for ConnService<S> {
         }
         Counted {
             inner: self.stack.clone().oneshot(req),
-            _in_flight: InFlight(self.in_flight.clone()),
+            _in_flight: InFlight {
+                count: self.in_flight.clone(),
+                requests: self.requests.clone(),
+                head: self.head.clone(),
+            },
         }
     }
 }
@@ -347,27 +478,30 @@ impl<F: Future> Future for Counted<F> {
 }
 
 /// Polls a hyper connection, asking it to shut down gracefully once on drain or idleness, and
-/// dropping it when nothing has moved for the stream idle timeout (`stuck`).
+/// dropping it when nothing has moved for the stream idle timeout (`stuck`) or a request head is
+/// late (`head_late`).
 async fn drive<C>(
     conn: C,
     graceful: impl Fn(Pin<&mut C>),
     drain: &mut drain::Watch,
     idle: impl Future<Output = ()>,
     stuck: impl Future<Output = ()>,
-) -> Result<(), hyper::Error>
+    head_late: impl Future<Output = ()>,
+) -> Result<(), Ended>
 where
     C: Future<Output = Result<(), hyper::Error>>,
 {
     tokio::pin!(conn);
     tokio::pin!(idle);
     tokio::pin!(stuck);
+    tokio::pin!(head_late);
     let mut closing = false;
     loop {
         tokio::select! {
             // The connection first: a drain that is already signalled must not close a
             // connection hyper has not read yet, or the request detection already read is lost.
             biased;
-            res = &mut conn => return res,
+            res = &mut conn => return res.map_err(Ended::Hyper),
             () = drain.signaled(), if !closing => {
                 tracing::debug!("draining connection");
                 graceful(conn.as_mut());
@@ -382,6 +516,7 @@ where
                 tracing::debug!("closing a connection with nothing moving for the stream idle timeout");
                 return Ok(());
             }
+            () = &mut head_late => return Err(Ended::HeaderTimeout),
         }
     }
 }
