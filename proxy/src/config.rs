@@ -404,6 +404,7 @@ impl Config {
             timeout: self.detect_timeout,
             max_bytes: self.detect_max_bytes,
             silence: self.header_read_timeout,
+            server_may_speak_first: true,
         }
     }
 

@@ -293,6 +293,10 @@ pub struct Bounds {
     pub max_bytes: usize,
     /// How long a connection may stay silent on both sides once the upstream is dialled.
     pub silence: Duration,
+    /// Whether a silent client may be waiting for a server that speaks first. Not for a
+    /// destination declared HTTP: its silent clients are waited for (within `silence`) without
+    /// an upstream connection.
+    pub server_may_speak_first: bool,
 }
 
 /// Detects the protocol of `io`. A client still silent at the deadline may be waiting for a
@@ -317,6 +321,23 @@ where
             prefix,
             upstream: None,
         }));
+    }
+    if !bounds.server_may_speak_first {
+        let mut buf = BytesMut::with_capacity(1024);
+        let read = tokio::time::timeout(bounds.silence, io.read_buf(&mut buf)).await;
+        return match read {
+            Ok(Ok(n)) if n > 0 => {
+                let (outcome, prefix) =
+                    detect_after(io, buf, bounds.timeout, bounds.max_bytes).await?;
+                Ok(Some(Detected {
+                    outcome,
+                    prefix,
+                    upstream: None,
+                }))
+            }
+            Ok(Err(e)) => Err(e.into()),
+            Ok(Ok(_)) | Err(_) => Ok(None),
+        };
     }
     let upstream = connect().await?;
     match wait_for_first_words(io, &upstream, bounds.silence).await? {

@@ -1580,3 +1580,30 @@ async fn a_client_that_abandons_its_upload_is_counted_as_aborted() {
         0
     );
 }
+
+#[tokio::test]
+async fn a_silent_client_of_a_declared_http_service_gets_no_upstream_connection() {
+    // The demo mesh declares payments-api (198.18.100.1:80) as http1: no server there speaks
+    // first, so a silent client is waited for without dialling an endpoint, then closed.
+    let mesh = outrider_control::mesh::Mesh::parse(outrider_control::mesh::DEMO_MESH).unwrap();
+    let control = outrider_control::ControlPlane::new(mesh).unwrap();
+    let l = TcpListener::bind(LOOPBACK_ANY).await.unwrap();
+    let control_addr = l.local_addr().unwrap();
+    let served = tokio::spawn(control.serve(l));
+    let mut config = Config::local(vec![ForwardSpec {
+        listen: LOOPBACK_ANY.parse().unwrap(),
+        upstream: "198.18.100.1:80".parse().unwrap(),
+    }]);
+    config.control = Some(format!("http://{control_addr}"));
+    config.workload = Some("demo/loadgen".into());
+    config.detect_timeout = Duration::from_millis(100);
+    config.header_read_timeout = Duration::from_millis(300);
+    let p = start(config, Arc::new(SoOriginalDst)).await;
+    let mut c = TcpStream::connect(p.forward[0]).await.unwrap();
+    let mut buf = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "still open");
+    assert_eq!(single(&p, "outrider_upstream_connects_total"), 0.0);
+    assert_eq!(count(&p, "outrider_detect_total", "outcome", "timeout"), 1);
+    served.abort();
+}

@@ -96,6 +96,11 @@ impl Destination {
         }
     }
 
+    /// Whether it is a service whose protocol is declared HTTP (`http1`, `http2`, `grpc`).
+    pub fn is_declared_http(&self) -> bool {
+        matches!(&self.resolved().profile, Profile::Service(s) if s.version_hint() != VersionHint::None)
+    }
+
     /// Whether connections to it skip protocol detection (an opaque service).
     pub fn is_opaque(&self) -> bool {
         matches!(&self.resolved().profile, Profile::Service(s) if s.protocol == ServiceProtocol::Opaque)

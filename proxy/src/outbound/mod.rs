@@ -189,7 +189,9 @@ impl Outbound {
         );
         let skip = entry.dest.is_opaque() || self.config.opaque_ports.contains(&dest.port());
         let connect = || opaque::connect(&entry.dest, &self.connect);
-        let bounds = self.config.detect_bounds();
+        let mut bounds = self.config.detect_bounds();
+        // A service declared HTTP has no server that speaks first: no dial for a silent client.
+        bounds.server_may_speak_first = !entry.dest.is_declared_http();
         let Some(detected) = transport::detect(&mut io, skip, bounds, connect, m).await else {
             return;
         };
