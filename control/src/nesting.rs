@@ -261,6 +261,16 @@ impl Scanner<'_> {
                     }
                     self.bump();
                 }
+                // libyaml: inside a flow collection `?` is a key indicator whatever follows it;
+                // the pair it opens counts, and so does the depth for the block key this flow
+                // collection may be.
+                b'?' if !self.flow.is_empty() => {
+                    self.bump();
+                    if self.in_flow_sequence_pair() {
+                        return;
+                    }
+                    key_flow = key_flow.max(self.flow_depth());
+                }
                 b'-' | b'?' if self.blankz(1) => {
                     self.bump();
                     key_col = None;
@@ -492,6 +502,13 @@ mod tests {
 
     fn depth(yaml: &str) -> usize {
         scan(yaml, usize::MAX).depth
+    }
+
+    #[test]
+    fn an_explicit_key_inside_a_flow_sequence_is_a_mapping() {
+        // Found by the mesh_config fuzz target: `[?J]` is a sequence holding a one-pair mapping
+        // (libyaml takes `?` as a key indicator anywhere in flow context).
+        assert!(scan("\n[?J]:", usize::MAX).depth >= 3);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-/// How many characters of a value an error message shows before cutting it.
+/// How many characters (escapes included) of a value an error message shows before cutting it.
 pub const MAX_QUOTED_CHARS: usize = 80;
 
 /// Displays a value quoted and escaped, cut after [`MAX_QUOTED_CHARS`] characters.
@@ -18,24 +18,27 @@ pub struct Quoted<'a>(pub &'a str);
 impl fmt::Display for Quoted<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = self.0;
-        let cut = s
-            .char_indices()
-            .nth(MAX_QUOTED_CHARS)
-            .map_or(s.len(), |(i, _)| i);
         f.write_str("\"")?;
-        for c in s[..cut].chars() {
+        // The cut counts what is written: escapes (`\u{0}`) count with their length, so a value
+        // of control characters cannot make a message long either.
+        let mut written = 0;
+        let mut escaped = String::new();
+        for c in s.chars() {
+            escaped.clear();
             match c {
-                '"' => f.write_str("\\\"")?,
-                '\\' => f.write_str("\\\\")?,
-                c if c.is_control() => write!(f, "{}", c.escape_default())?,
-                c => write!(f, "{c}")?,
+                '"' => escaped.push_str("\\\""),
+                '\\' => escaped.push_str("\\\\"),
+                c if c.is_control() => escaped.extend(c.escape_default()),
+                c => escaped.push(c),
             }
+            let width = escaped.chars().count();
+            if written + width > MAX_QUOTED_CHARS {
+                return write!(f, "…\" ({} bytes)", s.len());
+            }
+            written += width;
+            f.write_str(&escaped)?;
         }
-        if cut < s.len() {
-            write!(f, "…\" ({} bytes)", s.len())
-        } else {
-            f.write_str("\"")
-        }
+        f.write_str("\"")
     }
 }
 
@@ -110,6 +113,19 @@ mod tests {
         assert_eq!(Quoted("a\"b\\c\nd").to_string(), "\"a\\\"b\\\\c\\nd\"");
         let eighty = "x".repeat(80);
         assert_eq!(Quoted(&eighty).to_string(), format!("\"{eighty}\""));
+    }
+
+    #[test]
+    fn escapes_count_towards_the_cut() {
+        // Found by the watch_query fuzz target: 1,000 control characters made a 1 KB message.
+        let nuls = "\u{0}".repeat(1000);
+        let shown = Quoted(&nuls).to_string();
+        assert!(
+            shown.len() <= MAX_QUOTED_CHARS + 24,
+            "{} bytes",
+            shown.len()
+        );
+        assert!(shown.ends_with("(1000 bytes)"), "{shown}");
     }
 
     #[test]
