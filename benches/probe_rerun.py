@@ -214,6 +214,29 @@ def hung(b):
     be.serve = lambda c: time.sleep(30)
     return with_proxy(b, be.port, ["--request-timeout", "1s"], lambda l, a: status(raw(l, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", wait=4)))
 
+@case("D8 `control --check` on 100k nested `[` (200 KB)")
+def d8(b):
+    path = "/tmp/probe-deep.yaml"
+    with open(path, "w") as f: f.write("services: " + "[" * 100000 + "]" * 100000)
+    t = time.time()
+    try:
+        r = subprocess.run([b, "control", "--check", path], capture_output=True, timeout=120)
+        return f"exit {r.returncode} after {time.time()-t:.2f} s"
+    except subprocess.TimeoutExpired:
+        return "still parsing after 120 s"
+
+@case("D9 config error quoting a 2 MB value: stderr size")
+def d9(b):
+    path = "/tmp/probe-big.yaml"
+    with open(path, "w") as f: f.write('unknown_destinations: "' + "a" * 2_000_000 + '"\n')
+    r = subprocess.run([b, "control", "--check", path], capture_output=True, timeout=60)
+    return f"exit {r.returncode}, {len(r.stderr):,} bytes"
+
+@case("`outrider demo --duration 1` (a bare number)")
+def bare(b):
+    r = subprocess.run([b, "demo", "--duration", "1"], capture_output=True, timeout=60)
+    return f"exit {r.returncode}" + ("" if r.returncode == 0 else ": " + r.stderr.decode(errors="replace").strip().splitlines()[-1][:60])
+
 def main():
     new = sys.argv[1]; old = sys.argv[2] if len(sys.argv) > 2 else None
     print("| case | old | new |\n| --- | --- | --- |")
