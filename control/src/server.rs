@@ -364,8 +364,9 @@ impl WatchQuery {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let k = decode(k)
                 .ok_or_else(|| format!("bad escape or not UTF-8 in parameter {}", Quoted(k)))?;
-            let v = &decode(v)
-                .ok_or_else(|| format!("bad escape or not UTF-8 in {k}={}", Quoted(v)))?;
+            let v = &decode(v).ok_or_else(|| {
+                format!("bad escape or not UTF-8 in {}={}", Quoted(&k), Quoted(v))
+            })?;
             let seen = match k.as_str() {
                 "workload" => workload.is_some(),
                 "version" => version.is_some(),
@@ -373,7 +374,7 @@ impl WatchQuery {
                 _ => false,
             };
             if seen {
-                return Err(format!("duplicate parameter {k}: give it once"));
+                return Err(format!("duplicate parameter {}: give it once", Quoted(&k)));
             }
             match k.as_str() {
                 "workload" => {
@@ -648,6 +649,9 @@ mod tests {
             format!("workload=a/b&wait={long}"),
             format!("workload=a/b&{long}=1"),
             format!("workload=a/b&version={long}%"),
+            // Found by the watch_query fuzz target: a long key quoted whole beside a bad value.
+            format!("{long}=%"),
+            format!("{long}=1&{long}=1"),
         ] {
             let e = WatchQuery::parse(&query).unwrap_err();
             assert!(e.len() < 400, "{} bytes: {}", e.len(), &e[..200]);
