@@ -634,7 +634,7 @@ mod tests {
             let e = WatchQuery::parse(query).unwrap_err();
             assert_eq!(
                 e,
-                format!("duplicate parameter {name}: give it once"),
+                format!("duplicate parameter \"{name}\": give it once"),
                 "{query}"
             );
         }
