@@ -259,3 +259,23 @@ fn counter_vec(
     registry.register(Box::new(v.clone()))?;
     Ok(v)
 }
+
+/// The sum of the samples of `family` (counters and gauges) whose labels include every
+/// `(name, value)` of `labels`, read from `registry`: for in-process readers such as the demo's
+/// summary and the tests.
+pub fn sum(registry: &Registry, family: &str, labels: &[(&str, &str)]) -> f64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == family)
+        .flat_map(|f| f.get_metric().iter())
+        .filter(|m| {
+            labels.iter().all(|(k, v)| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == *k && l.value() == *v)
+            })
+        })
+        .map(|m| m.get_counter().get_value() + m.get_gauge().get_value())
+        .sum()
+}

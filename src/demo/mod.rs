@@ -322,22 +322,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// Sums a counter family's samples whose labels include `label=value`.
-pub fn counter_sum(registry: &prometheus::Registry, family: &str, label: &str, value: &str) -> u64 {
-    registry
-        .gather()
-        .iter()
-        .filter(|f| f.name() == family)
-        .flat_map(|f| f.get_metric().iter())
-        .filter(|m| {
-            m.get_label()
-                .iter()
-                .any(|l| l.name() == label && l.value() == value)
-        })
-        .map(|m| m.get_counter().get_value() as u64)
-        .sum()
-}
-
 fn print_summary(
     t: &Tally,
     elapsed: Duration,
@@ -388,7 +372,15 @@ fn print_summary(
     );
     println!(
         "proxies    client-side counted {} requests, server-side {} (outrider_requests_total)",
-        counter_sum(client, "outrider_requests_total", "direction", "forward"),
-        counter_sum(server, "outrider_requests_total", "direction", "forward"),
+        outrider_proxy::metrics::sum(
+            client,
+            "outrider_requests_total",
+            &[("direction", "forward")]
+        ),
+        outrider_proxy::metrics::sum(
+            server,
+            "outrider_requests_total",
+            &[("direction", "forward")]
+        ),
     );
 }

@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use outrider::demo::{counter_sum, ClientConn};
+use outrider::demo::ClientConn;
 use outrider_proxy::config::{Config, ForwardSpec};
 use outrider_proxy::metrics::Direction;
 use outrider_proxy::test_util::FixedOrigDst;
@@ -196,7 +196,7 @@ async fn served_only_after_release(p: &Running, mut holder: Holder, what: &str) 
 }
 
 fn count(r: &Running, family: &str, label: &str, value: &str) -> u64 {
-    counter_sum(&r.registry, family, label, value)
+    outrider_proxy::metrics::sum(&r.registry, family, &[(label, value)]) as u64
 }
 
 /// How long an in-process wait for an event may take before the test fails.
@@ -1128,7 +1128,7 @@ async fn a_failed_http2_dial_fails_all_its_waiters_at_once() {
 
 /// The single value of an unlabelled metric family (counter or gauge).
 fn single(r: &Running, family: &str) -> f64 {
-    outrider_proxy::test_util::metric(&r.registry, family, &[])
+    outrider_proxy::metrics::sum(&r.registry, family, &[])
 }
 
 #[tokio::test]
