@@ -21,6 +21,7 @@ pub(crate) mod errors;
 #[doc(hidden)]
 pub mod fuzzing;
 pub(crate) mod http;
+pub mod identity;
 pub(crate) mod inbound;
 pub(crate) mod layers;
 pub mod log;

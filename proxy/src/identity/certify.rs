@@ -1,0 +1,325 @@
+//! Getting and renewing the proxy's certificate.
+//!
+//! The proxy makes an ECDSA P-256 key in memory (never written anywhere), sends a CSR naming its
+//! SPIFFE identity with its bootstrap token, and installs the certificate it gets back with the
+//! control plane's trust bundle. It renews at about 70% of the certificate's lifetime (65% to 75%,
+//! jittered so a fleet does not renew at once), with a fresh key, without a restart and without
+//! closing a connection. A failed renewal keeps the current certificate and retries with backoff
+//! until it expires.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use outrider_control::api::Identity;
+use outrider_control::client::Backoff;
+use prometheus::{IntCounter, IntGauge};
+
+use super::store::{IdentityStore, Leaf};
+use crate::errors::BoxError;
+use crate::readiness::BlockReady;
+
+/// What the certificate authority answers.
+#[derive(Debug, Clone)]
+pub struct Certified {
+    /// The chain, leaf first (PEM).
+    pub chain_pem: String,
+    /// The trust bundle (PEM).
+    pub trust_anchors_pem: String,
+}
+
+/// Something that signs CSRs for a token: the control plane's certify API, or a CA in process.
+pub trait Certify: Send + Sync + 'static {
+    /// Sends `csr_pem` with `token`.
+    fn certify<'a>(
+        &'a self,
+        token: &'a str,
+        csr_pem: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<Certified, BoxError>> + Send + 'a>>;
+}
+
+/// Where the bootstrap token comes from.
+#[derive(Debug, Clone)]
+pub enum TokenSource {
+    /// A file, read again before every request (a projected token may be rotated in place).
+    File(PathBuf),
+    /// A fixed token (the demo).
+    Fixed(Arc<str>),
+}
+
+impl TokenSource {
+    async fn read(&self) -> Result<String, BoxError> {
+        match self {
+            TokenSource::Fixed(t) => Ok(t.to_string()),
+            TokenSource::File(path) => {
+                let text = tokio::fs::read_to_string(path).await.map_err(|e| {
+                    format!("cannot read the identity token {}: {e}", path.display())
+                })?;
+                Ok(text.trim().to_string())
+            }
+        }
+    }
+}
+
+/// The identity a token claims (its `sub`), read without checking the signature: the control
+/// plane checks it; the proxy only needs to know what to ask for.
+pub fn claimed_identity(token: &str) -> Result<Identity, BoxError> {
+    let mut parts = token.split('.');
+    let (Some("v1"), Some(payload), Some(_sig), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err("the identity token is malformed (expected v1.PAYLOAD.SIGNATURE)".into());
+    };
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| "the identity token's payload is not base64url")?;
+    #[derive(serde::Deserialize)]
+    struct Claims {
+        sub: String,
+    }
+    let claims: Claims = serde_json::from_slice(&json)
+        .map_err(|_| "the identity token's payload has no \"sub\" identity")?;
+    Ok(claims.sub.parse()?)
+}
+
+/// A new key and a CSR for `identity`: the PEM CSR and the key's PKCS#8 DER.
+pub fn new_csr(identity: &Identity) -> Result<(String, Vec<u8>), BoxError> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.subject_alt_names = vec![rcgen::SanType::URI(rcgen::string::Ia5String::try_from(
+        identity.as_str(),
+    )?)];
+    let csr = params.serialize_request(&key)?.pem()?;
+    Ok((csr, key.serialize_der()))
+}
+
+/// When to renew a certificate valid from `not_before` to `not_after`, seen at `now`: at
+/// `fraction` (0.65 to 0.75) of its lifetime; zero when that moment has passed.
+pub fn renew_in(
+    not_before: SystemTime,
+    not_after: SystemTime,
+    now: SystemTime,
+    fraction: f64,
+) -> Duration {
+    let Ok(lifetime) = not_after.duration_since(not_before) else {
+        return Duration::ZERO;
+    };
+    let at = not_before + lifetime.mul_f64(fraction.clamp(0.0, 1.0));
+    at.duration_since(now).unwrap_or_default()
+}
+
+/// The renewal metrics.
+#[derive(Debug, Clone)]
+pub struct IdentityMetrics {
+    /// Unix time the current certificate expires (0: none).
+    pub expiry: IntGauge,
+    /// Successful certifications.
+    pub renewed: IntCounter,
+    /// Failed certifications.
+    pub failed: IntCounter,
+}
+
+impl IdentityMetrics {
+    /// Registers the metrics on `registry`.
+    pub fn register(registry: &prometheus::Registry) -> prometheus::Result<Self> {
+        let expiry = IntGauge::new(
+            "outrider_identity_cert_expiry_timestamp_seconds",
+            "Unix time at which the proxy's certificate expires (0: no certificate yet)",
+        )?;
+        let outcomes = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "outrider_identity_certify_total",
+                "Certificate requests to the control plane, by result",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(expiry.clone()))?;
+        registry.register(Box::new(outcomes.clone()))?;
+        Ok(Self {
+            expiry,
+            renewed: outcomes.with_label_values(&["ok"]),
+            failed: outcomes.with_label_values(&["error"]),
+        })
+    }
+}
+
+/// The certify-and-renew task.
+pub struct Renewal {
+    /// Where the certificate goes.
+    pub store: Arc<IdentityStore>,
+    /// Who signs.
+    pub ca: Arc<dyn Certify>,
+    /// The bootstrap token.
+    pub token: TokenSource,
+    /// Counted here.
+    pub metrics: IdentityMetrics,
+    /// When the next renewal is due (read by `/identity`).
+    pub next: Arc<std::sync::Mutex<Option<SystemTime>>>,
+}
+
+impl Renewal {
+    /// One certification: token, key, CSR, answer, installed.
+    pub async fn once(&self) -> Result<Arc<Leaf>, BoxError> {
+        let token = self.token.read().await?;
+        let identity = claimed_identity(&token)?;
+        let (csr, key) = new_csr(&identity)?;
+        let certified = self.ca.certify(&token, &csr).await?;
+        let leaf = Leaf::from_pem(&certified.chain_pem, key)?;
+        if leaf.identity != identity {
+            return Err(format!(
+                "the control plane issued a certificate for {}, not {identity}",
+                leaf.identity
+            )
+            .into());
+        }
+        self.store.set_anchors(&certified.trust_anchors_pem)?;
+        self.store.set_leaf(leaf);
+        self.store
+            .leaf()
+            .ok_or_else(|| "the certificate was not installed".into())
+    }
+
+    /// Certifies, then renews forever; `ready` is released at the first certificate.
+    pub async fn run(self, ready: BlockReady) {
+        let mut ready = Some(ready);
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
+        loop {
+            let wait = match self.once().await {
+                Ok(leaf) => {
+                    backoff.reset();
+                    self.metrics.renewed.inc();
+                    let expiry = leaf
+                        .not_after
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .unwrap_or_default();
+                    self.metrics.expiry.set(expiry.as_secs() as i64);
+                    let fraction = 0.65 + 0.1 * fastrand::f64();
+                    let wait =
+                        renew_in(leaf.not_before, leaf.not_after, SystemTime::now(), fraction);
+                    if ready.take().is_some() {
+                        tracing::info!(identity = %leaf.identity, valid_for = ?leaf.not_after.duration_since(SystemTime::now()).unwrap_or_default(), renew_in = ?wait, "certificate issued");
+                    } else {
+                        tracing::debug!(identity = %leaf.identity, renew_in = ?wait, "certificate renewed");
+                    }
+                    wait
+                }
+                Err(e) => {
+                    self.metrics.failed.inc();
+                    let wait = backoff.next_delay();
+                    let still_valid = self
+                        .store
+                        .leaf()
+                        .and_then(|l| l.not_after.duration_since(SystemTime::now()).ok());
+                    tracing::warn!(error = %e, retry_in = ?wait, current_valid_for = ?still_valid, "cannot get a certificate from the control plane; keeping the current one");
+                    wait
+                }
+            };
+            if let Ok(mut next) = self.next.lock() {
+                *next = Some(SystemTime::now() + wait);
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::identity::testing::{token_for, SigningCa, TestCa};
+
+    const WEB: &str = "spiffe://outrider.local/ns/demo/sa/web";
+
+    #[test]
+    fn renewal_is_due_at_the_given_fraction_of_the_lifetime() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let day = Duration::from_secs(86_400);
+        assert_eq!(renew_in(t0, t0 + day, t0, 0.7), day.mul_f64(0.7));
+        assert_eq!(renew_in(t0, t0 + day, t0 + day / 2, 0.7), day.mul_f64(0.2));
+        assert_eq!(
+            renew_in(t0, t0 + day, t0 + day, 0.7),
+            Duration::ZERO,
+            "overdue: now"
+        );
+        assert_eq!(
+            renew_in(t0 + day, t0, t0, 0.7),
+            Duration::ZERO,
+            "nonsense validity"
+        );
+    }
+
+    #[test]
+    fn a_token_claims_one_identity() {
+        assert_eq!(claimed_identity(&token_for(WEB)).unwrap().as_str(), WEB);
+        for bad in ["", "v1", "v1.x.y", "v2.e30.x", "v1.e30.x", "v1.e30.x.y"] {
+            assert!(claimed_identity(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_csr_names_the_identity_and_nothing_else() {
+        let (csr, key) = new_csr(&WEB.parse().unwrap()).unwrap();
+        let parsed = rcgen::CertificateSigningRequestParams::from_pem(&csr).unwrap();
+        assert_eq!(parsed.params.subject_alt_names.len(), 1);
+        assert!(
+            matches!(&parsed.params.subject_alt_names[0], rcgen::SanType::URI(u) if u.as_str() == WEB)
+        );
+        assert!(!key.is_empty());
+        let (_, key2) = new_csr(&WEB.parse().unwrap()).unwrap();
+        assert_ne!(key, key2, "a fresh key every time");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn certificates_renew_at_about_70_percent_and_a_failure_keeps_the_current_one() {
+        let registry = prometheus::Registry::new();
+        let metrics = IdentityMetrics::register(&registry).unwrap();
+        let store = IdentityStore::new();
+        let ca = Arc::new(SigningCa::new(
+            TestCa::new("root").unwrap(),
+            Duration::from_secs(100),
+        ));
+        let readiness = crate::readiness::Readiness::new();
+        let renewal = Renewal {
+            store: store.clone(),
+            ca: ca.clone(),
+            token: TokenSource::Fixed(token_for(WEB).into()),
+            metrics: metrics.clone(),
+            next: Default::default(),
+        };
+        let blocker = readiness.block("the first certificate");
+        assert!(readiness.check().is_err());
+        tokio::spawn(renewal.run(blocker));
+        // Not due before 65% of the 100 s lifetime.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(metrics.renewed.get(), 1);
+        assert!(
+            readiness.check().is_ok(),
+            "ready once the first certificate is in"
+        );
+        let first = store.leaf().unwrap();
+        assert_eq!(first.identity.as_str(), WEB);
+        // Due by 75%.
+        tokio::time::sleep(Duration::from_secs(16)).await;
+        assert_eq!(metrics.renewed.get(), 2);
+        let second = store.leaf().unwrap();
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert_ne!(first.key.cert[0], second.key.cert[0]);
+        // The control plane goes away: the current certificate stays, retries back off.
+        ca.failing.store(true, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        let failures = metrics.failed.get();
+        assert!(
+            (2..=20).contains(&failures),
+            "retried with backoff: {failures}"
+        );
+        assert!(Arc::ptr_eq(&second, &store.leaf().unwrap()), "kept");
+        ca.failing.store(false, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert_eq!(metrics.renewed.get(), 3, "back once the control plane is");
+    }
+}
