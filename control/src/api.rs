@@ -35,6 +35,16 @@ pub struct WatchResponse {
     pub outbound: OutboundView,
     /// Who may call the workload.
     pub inbound: InboundView,
+    /// The mesh's trust domain: the `TD` of every `spiffe://TD/...` identity it issues.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+}
+
+/// The trust domain when the mesh config and the flags name none.
+pub const DEFAULT_TRUST_DOMAIN: &str = "outrider.local";
+
+fn default_trust_domain() -> String {
+    DEFAULT_TRUST_DOMAIN.to_string()
 }
 
 /// What happens to outbound traffic whose destination is not a known service address.
@@ -166,6 +176,49 @@ pub enum Balancer {
 pub struct InboundView {
     /// Server policies by port.
     pub servers: Vec<ServerPolicy>,
+    /// What applies to a port with no entry in `servers`.
+    #[serde(default)]
+    pub default_policy: DefaultPolicy,
+}
+
+/// What applies to a workload's ports that have no server policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DefaultPolicy {
+    /// Any caller, meshed or plaintext (the behaviour before policies).
+    #[default]
+    AllowAll,
+    /// Any caller with a mesh identity (mTLS); plaintext callers are refused.
+    MeshOnly,
+    /// Nobody.
+    Deny,
+}
+
+impl DefaultPolicy {
+    /// The mesh config's spelling: `allow-all`, `mesh-only` or `deny`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AllowAll => "allow-all",
+            Self::MeshOnly => "mesh-only",
+            Self::Deny => "deny",
+        }
+    }
+}
+
+impl FromStr for DefaultPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "allow-all" => Ok(Self::AllowAll),
+            "mesh-only" => Ok(Self::MeshOnly),
+            "deny" => Ok(Self::Deny),
+            other => Err(format!(
+                "unknown default policy {}: expected allow-all, mesh-only or deny",
+                Quoted(other)
+            )),
+        }
+    }
 }
 
 /// The policy of one port of the workload.
@@ -173,8 +226,9 @@ pub struct InboundView {
 pub struct ServerPolicy {
     /// The port.
     pub port: u16,
-    /// SPIFFE identities allowed to call it (empty: any authenticated identity).
-    pub allow: Vec<Identity>,
+    /// Who may call it: exact identities or whole namespaces (empty: any authenticated
+    /// identity).
+    pub allow: Vec<IdentityMatch>,
     /// Whether plaintext (unauthenticated) callers are allowed.
     pub plaintext: bool,
 }
@@ -382,16 +436,8 @@ impl FromStr for Identity {
         let (domain, path) = rest
             .split_once('/')
             .ok_or_else(|| err("there is no path after the trust domain".into()))?;
-        if domain.is_empty() || domain.len() > 255 {
-            return Err(err("the trust domain must have 1 to 255 characters".into()));
-        }
-        if !domain
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
-        {
-            return Err(err(
-                "the trust domain has a character other than a-z, 0-9, '.', '-' and '_'".into(),
-            ));
+        if let Some(problem) = trust_domain_problem(domain) {
+            return Err(err(problem.into()));
         }
         let mut segments = path.split('/');
         let (Some("ns"), Some(ns), Some("sa"), Some(sa), None) = (
@@ -441,6 +487,172 @@ impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.full)
     }
+}
+
+/// What is wrong with `s` as a SPIFFE trust domain (1 to 255 of `a-z`, `0-9`, `.`, `-`, `_`);
+/// `None` if nothing.
+pub fn trust_domain_problem(s: &str) -> Option<&'static str> {
+    if s.is_empty() || s.len() > 255 {
+        Some("the trust domain must have 1 to 255 characters")
+    } else if !s
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+    {
+        Some("the trust domain has a character other than a-z, 0-9, '.', '-' and '_'")
+    } else {
+        None
+    }
+}
+
+/// Checks a trust domain given alone (a flag, the mesh config's `trust_domain`); the error quotes
+/// it.
+pub fn check_trust_domain(s: &str) -> Result<(), String> {
+    match trust_domain_problem(s) {
+        None => Ok(()),
+        Some(problem) => Err(format!("invalid trust domain {}: {problem}", Quoted(s))),
+    }
+}
+
+impl Identity {
+    /// The identity `spiffe://<trust_domain>/ns/<namespace>/sa/<service_account>`, validated as
+    /// [`FromStr`] does.
+    pub fn new(
+        trust_domain: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Self, InvalidIdentity> {
+        format!("{SPIFFE}{trust_domain}/ns/{namespace}/sa/{service_account}").parse()
+    }
+}
+
+/// Who a server policy's `allow` entry admits: one identity, or every identity of a namespace.
+///
+/// Written (and serialized) as `spiffe://TD/ns/NS/sa/SA` or `spiffe://TD/ns/NS/*`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum IdentityMatch {
+    /// Exactly this identity.
+    Exact(Identity),
+    /// Every service account of one namespace in one trust domain.
+    Namespace {
+        /// The trust domain.
+        trust_domain: String,
+        /// The namespace.
+        namespace: String,
+    },
+}
+
+impl IdentityMatch {
+    /// Whether `id` is admitted.
+    pub fn matches(&self, id: &Identity) -> bool {
+        match self {
+            Self::Exact(exact) => exact == id,
+            Self::Namespace {
+                trust_domain,
+                namespace,
+            } => id.trust_domain() == trust_domain && id.namespace() == namespace,
+        }
+    }
+}
+
+impl FromStr for IdentityMatch {
+    type Err = InvalidIdentity;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let Some(prefix) = s.strip_suffix("/*") else {
+            return s.parse().map(Self::Exact);
+        };
+        // Validated as the identity of a stand-in service account of that namespace.
+        let stand_in: Identity = format!("{prefix}/sa/x").parse().map_err(|_| {
+            let rest = prefix.strip_prefix(SPIFFE);
+            let reason = match rest.and_then(|r| r.split_once('/')) {
+                None if rest.is_none() => "it does not start with spiffe://".to_string(),
+                None => "there is no path after the trust domain".to_string(),
+                Some((domain, path)) => {
+                    match (trust_domain_problem(domain), path.split_once('/')) {
+                        (Some(problem), _) => problem.to_string(),
+                        (None, Some(("ns", ns))) => match label_problem(ns, 63, false) {
+                            Some(problem) => format!("the namespace {problem}"),
+                            None => "the path is not /ns/NAMESPACE/*".to_string(),
+                        },
+                        (None, _) => "a wildcard path must be /ns/NAMESPACE/*".to_string(),
+                    }
+                }
+            };
+            InvalidIdentity {
+                input: Quoted(s).to_string(),
+                reason,
+            }
+        })?;
+        Ok(Self::Namespace {
+            trust_domain: stand_in.trust_domain().to_string(),
+            namespace: stand_in.namespace().to_string(),
+        })
+    }
+}
+
+impl TryFrom<String> for IdentityMatch {
+    type Error = InvalidIdentity;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<IdentityMatch> for String {
+    fn from(m: IdentityMatch) -> String {
+        m.to_string()
+    }
+}
+
+impl fmt::Display for IdentityMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exact(id) => f.write_str(id.as_str()),
+            Self::Namespace {
+                trust_domain,
+                namespace,
+            } => write!(f, "{SPIFFE}{trust_domain}/ns/{namespace}/*"),
+        }
+    }
+}
+
+/// The path of the certify endpoint: `POST` a [`CertifyRequest`] with
+/// `authorization: Bearer <token>`, get a [`CertifyResponse`].
+///
+/// Errors are JSON `{"error": "..."}`: 400 for a bad body or CSR, 401 for a missing, malformed,
+/// expired or wrongly signed token, 403 when the CSR names another identity than the token.
+pub const CERTIFY_PATH: &str = "/v1/certify";
+
+/// The body of `POST /v1/certify`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertifyRequest {
+    /// A PEM certificate signing request (`-----BEGIN CERTIFICATE REQUEST-----`) for an ECDSA
+    /// P-256 key, whose only subject alternative name is the URI of the token's identity.
+    pub csr: String,
+}
+
+/// The answer to a granted `POST /v1/certify`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertifyResponse {
+    /// The identity the certificate names (its only URI SAN).
+    pub identity: Identity,
+    /// PEM: the leaf certificate, then the intermediates up to (not including) a trust anchor.
+    pub chain: String,
+    /// PEM: the trust anchors (roots) that peers' certificates must chain to.
+    pub trust_anchors: String,
+    /// Start of the leaf's validity, Unix seconds.
+    pub not_before: u64,
+    /// End of the leaf's validity, Unix seconds.
+    pub not_after: u64,
+}
+
+/// The body of every error answer of `POST /v1/certify`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// What was wrong, for people.
+    pub error: String,
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! Dependencies point one way: this crate never uses the proxy.
 
 pub mod api;
+pub mod ca;
 pub mod client;
 pub mod duration;
 pub mod mesh;
@@ -10,6 +11,7 @@ pub mod nesting;
 pub mod quoted;
 pub mod runtime;
 pub mod server;
+pub mod token;
 
 #[cfg(test)]
 mod tests;

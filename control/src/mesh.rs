@@ -16,9 +16,9 @@ use std::net::SocketAddr;
 use serde::Deserialize;
 
 use crate::api::{
-    is_dns_label, Balancer, Breaker, Endpoint, Identity, InboundView, OutboundView, RetryPolicy,
-    Route, RouteMatch, ServerPolicy, Service, ServiceProtocol, UnknownDestinations, WatchResponse,
-    WorkloadId,
+    check_trust_domain, is_dns_label, Balancer, Breaker, DefaultPolicy, Endpoint, Identity,
+    IdentityMatch, InboundView, OutboundView, RetryPolicy, Route, RouteMatch, ServerPolicy,
+    Service, ServiceProtocol, UnknownDestinations, WatchResponse, WorkloadId, DEFAULT_TRUST_DOMAIN,
 };
 use crate::duration;
 use crate::nesting;
@@ -52,6 +52,8 @@ impl fmt::Display for ConfigError {
 /// A validated mesh.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mesh {
+    /// The trust domain of every identity (`trust_domain:`, default `outrider.local`).
+    pub trust_domain: String,
     /// Default policy for unknown outbound destinations.
     pub unknown_destinations: UnknownDestinations,
     /// Every service.
@@ -69,6 +71,8 @@ pub struct Workload {
     pub unknown_destinations: Option<UnknownDestinations>,
     /// Its server policies.
     pub servers: Vec<ServerPolicy>,
+    /// What applies to its ports without a server policy.
+    pub default_policy: DefaultPolicy,
 }
 
 #[derive(Debug, Deserialize)]
@@ -76,6 +80,7 @@ struct RawMesh {
     /// Keys the schema does not know, each reported as an error.
     #[serde(flatten)]
     unknown: BTreeMap<String, serde_norway::Value>,
+    trust_domain: Option<String>,
     unknown_destinations: Option<String>,
     #[serde(default)]
     services: Vec<RawService>,
@@ -161,6 +166,7 @@ struct RawWorkload {
     name: Option<String>,
     calls: Option<Vec<String>>,
     unknown_destinations: Option<String>,
+    default_policy: Option<String>,
     #[serde(default)]
     servers: Vec<RawServer>,
 }
@@ -315,7 +321,9 @@ impl Mesh {
             },
             inbound: InboundView {
                 servers: w.servers.clone(),
+                default_policy: w.default_policy,
             },
+            trust_domain: self.trust_domain.clone(),
         })
     }
 
@@ -373,8 +381,22 @@ fn validate(raw: RawMesh, errors: &mut Errors) -> Mesh {
         errors,
         "",
         &raw.unknown,
-        &["unknown_destinations", "services", "workloads"],
+        &[
+            "trust_domain",
+            "unknown_destinations",
+            "services",
+            "workloads",
+        ],
     );
+    let trust_domain = match raw.trust_domain {
+        None => DEFAULT_TRUST_DOMAIN.to_string(),
+        Some(td) => {
+            if let Err(e) = check_trust_domain(&td) {
+                errors.push("trust_domain", e);
+            }
+            td
+        }
+    };
     let unknown_destinations =
         parse_unknown(errors, "unknown_destinations", &raw.unknown_destinations)
             .unwrap_or_default();
@@ -414,8 +436,22 @@ fn validate(raw: RawMesh, errors: &mut Errors) -> Mesh {
             errors,
             &at,
             &w.unknown,
-            &["name", "calls", "unknown_destinations", "servers"],
+            &[
+                "name",
+                "calls",
+                "unknown_destinations",
+                "default_policy",
+                "servers",
+            ],
         );
+        let default_policy = match w.default_policy.as_deref().map(str::parse::<DefaultPolicy>) {
+            None => DefaultPolicy::default(),
+            Some(Ok(p)) => p,
+            Some(Err(e)) => {
+                errors.push(format!("{at}.default_policy"), e);
+                DefaultPolicy::default()
+            }
+        };
         let Some(wname) = required(errors, &at, "name", w.name.clone()) else {
             continue;
         };
@@ -479,7 +515,11 @@ fn validate(raw: RawMesh, errors: &mut Errors) -> Mesh {
                 .allow
                 .iter()
                 .enumerate()
-                .filter_map(|(k, id)| parse_identity(errors, format!("{sat}.allow[{k}]"), id))
+                .filter_map(|(k, id)| {
+                    id.parse::<IdentityMatch>()
+                        .map_err(|e| errors.push(format!("{sat}.allow[{k}]"), e.to_string()))
+                        .ok()
+                })
                 .collect();
             servers.push(ServerPolicy {
                 port,
@@ -496,10 +536,12 @@ fn validate(raw: RawMesh, errors: &mut Errors) -> Mesh {
                 calls,
                 unknown_destinations: unknown,
                 servers,
+                default_policy,
             },
         );
     }
     Mesh {
+        trust_domain,
         unknown_destinations,
         services,
         workloads,

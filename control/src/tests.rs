@@ -288,7 +288,10 @@ fn identities_and_workloads_are_typed_in_the_mesh() {
     assert_eq!(identity.service_account(), "payments-api");
     assert_eq!(identity.namespace(), "demo");
     let server = &mesh.workloads[&id("demo/payments-api")].servers[0];
-    assert_eq!(server.allow[0].service_account(), "loadgen");
+    assert_eq!(
+        server.allow[0].to_string(),
+        "spiffe://outrider.local/ns/demo/sa/loadgen"
+    );
     assert!(mesh.workloads.contains_key(&id("demo/loadgen")));
     // A SPIFFE id whose path is not /ns/NS/sa/SA is refused, with its key path.
     let yaml =
