@@ -6,6 +6,7 @@
 //! | `/ready` | GET | 200 once nothing holds readiness back (listeners bound, with `--control` the first config); 503 naming what is missing, and while draining |
 //! | `/metrics` | GET | Prometheus text format |
 //! | `/config` | GET | the effective configuration and the mesh view, JSON (loopback peers only; the configuration holds no secrets: credentials and queries in `--control` are refused) |
+//! | `/identity` | GET | the proxy's SPIFFE identity, its chain's subjects and issuers, validity and next renewal, JSON (no key, no token) |
 //! | `/log-level` | GET, PUT | read or replace the log filter (loopback peers only) |
 //! | `/shutdown` | POST | start a graceful shutdown (loopback peers only) |
 
@@ -40,6 +41,11 @@ pub struct AdminState {
     pub log: Option<Arc<LogHandle>>,
     /// Starts a graceful shutdown.
     pub shutdown: ShutdownHandle,
+    /// The proxy's identity and its next renewal, when it has one: shown on `/identity`.
+    pub identity: Option<(
+        Arc<crate::identity::IdentityStore>,
+        crate::identity::certify::NextRenewal,
+    )>,
 }
 
 /// Serves the admin API on `listener` until the task is dropped.
@@ -108,6 +114,27 @@ async fn route(
             rsp
         }
 
+        (Method::GET, "/identity") => {
+            let body = match &state.identity {
+                Some((store, next)) => {
+                    let next = next.lock().ok().and_then(|n| *n);
+                    crate::identity::describe(store, next)
+                }
+                None => serde_json::json!({
+                    "identity": null,
+                    "state": "no identity configured (--identity-token-file): plaintext only",
+                }),
+            };
+            let mut rsp = text(
+                StatusCode::OK,
+                serde_json::to_string_pretty(&body).unwrap_or_default(),
+            );
+            rsp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            rsp
+        }
         (Method::GET, "/log-level") => match &state.log {
             Some(log) => text(StatusCode::OK, format!("{}\n", log.current())),
             None => text(
@@ -152,12 +179,13 @@ async fn route(
             state.shutdown.trigger("admin /shutdown");
             text(StatusCode::OK, "shutting down\n")
         }
-        (_, "/live" | "/ready" | "/metrics" | "/config" | "/log-level" | "/shutdown") => {
-            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
-        }
+        (
+            _,
+            "/live" | "/ready" | "/metrics" | "/config" | "/identity" | "/log-level" | "/shutdown",
+        ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /live /ready /metrics /config /log-level /shutdown\n",
+            "not found; try /live /ready /metrics /config /identity /log-level /shutdown\n",
         ),
     }
 }

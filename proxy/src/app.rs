@@ -20,6 +20,8 @@ use crate::config::Config;
 use crate::discovery::Discovery;
 use crate::drain::{self, ShutdownHandle};
 use crate::http::client::Upstreams;
+use crate::identity::certify::{Certify, IdentityMetrics, Renewal, TokenSource};
+use crate::identity::IdentityStore;
 use crate::inbound::Inbound;
 use crate::log::LogHandle;
 use crate::metrics::{Direction, DirectionMetrics, Metrics};
@@ -55,6 +57,16 @@ pub struct Proxy {
     readiness: Readiness,
     listening: BlockReady,
     discovery: Option<Discovery>,
+    identity: Option<Arc<IdentityStore>>,
+    next_renewal: crate::identity::certify::NextRenewal,
+}
+
+/// Where a proxy's certificate comes from: who signs its CSRs, and with which token.
+pub struct IdentitySource {
+    /// The signer: the control plane's certify API, or a CA in process (the demo).
+    pub ca: Arc<dyn Certify>,
+    /// The bootstrap token.
+    pub token: TokenSource,
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
@@ -96,15 +108,46 @@ impl Proxy {
         log: Option<LogHandle>,
         registry: Registry,
     ) -> anyhow::Result<Self> {
+        let identity = crate::identity_source(&config)?;
+        Self::bind_with_identity(config, orig_dst, log, registry, identity).await
+    }
+
+    /// [`bind`](Self::bind), with the proxy's certificate from `identity` (none: no mTLS).
+    pub async fn bind_with_identity(
+        config: Config,
+        orig_dst: Arc<dyn OrigDst>,
+        log: Option<LogHandle>,
+        registry: Registry,
+        identity: Option<IdentitySource>,
+    ) -> anyhow::Result<Self> {
         let config = Arc::new(config);
         let metrics = Metrics::register(&registry).context("cannot register metrics")?;
         let readiness = Readiness::new();
         let listening = readiness.block("listeners");
-        let upstreams = Arc::new(Upstreams::new(Connect::new(
+        let mut connect = Connect::new(
             config.connect_timeout,
             metrics.upstream_connects.clone(),
             config.max_upstream_connections,
-        )));
+        );
+        let next_renewal = crate::identity::certify::NextRenewal::default();
+        let store = match identity {
+            Some(source) => {
+                let store = IdentityStore::new();
+                connect = connect.with_tls(store.clone(), metrics.outbound.handshakes.clone());
+                let renewal = Renewal {
+                    store: store.clone(),
+                    ca: source.ca,
+                    token: source.token,
+                    metrics: IdentityMetrics::register(&registry)
+                        .context("cannot register metrics")?,
+                    next: next_renewal.clone(),
+                };
+                tokio::spawn(renewal.run(readiness.block("the first certificate")));
+                Some(store)
+            }
+            None => None,
+        };
+        let upstreams = Arc::new(Upstreams::new(connect));
         let discovery = match (&config.control, &config.workload) {
             (Some(url), Some(workload)) => Some(Discovery::spawn(
                 url,
@@ -146,6 +189,8 @@ impl Proxy {
                 config.clone(),
                 upstreams.clone(),
                 views.clone(),
+                store.clone(),
+                metrics.peers.clone(),
             ));
             bind_with_twin(
                 addr,
@@ -200,6 +245,8 @@ impl Proxy {
             listeners,
             log: log.map(Arc::new),
             discovery,
+            identity: store,
+            next_renewal,
             shutdown,
             shutdown_rx,
             readiness,
@@ -220,6 +267,11 @@ impl Proxy {
             .filter(|l| l.direction == direction)
             .filter_map(|l| l.socket.local_addr().ok())
             .collect()
+    }
+
+    /// The proxy's identity, when it has one configured.
+    pub fn identity(&self) -> Option<Arc<IdentityStore>> {
+        self.identity.clone()
     }
 
     /// The proxy's readiness.
@@ -245,6 +297,8 @@ impl Proxy {
             readiness,
             listening,
             discovery,
+            identity,
+            next_renewal,
         } = self;
         let (inbound_drain, inbound_watch) = drain::channel();
         let (outbound_drain, outbound_watch) = drain::channel();
@@ -280,6 +334,7 @@ impl Proxy {
             discovery,
             log,
             shutdown,
+            identity: identity.map(|store| (store, next_renewal)),
         });
         let admin_task = tokio::spawn(admin::serve(admin, state));
         drop(listening);

@@ -72,6 +72,15 @@ pub struct ProxyArgs {
     /// This proxy's workload, `namespace/name` (in Kubernetes, from the downward API).
     #[arg(long, env = "OUTRIDER_WORKLOAD", value_name = "NAMESPACE/NAME")]
     pub workload: Option<String>,
+    /// The bootstrap token (from `outrider control token`) that entitles this proxy to one
+    /// identity. With it, the proxy gets a certificate from --control and speaks mutual TLS to
+    /// meshed endpoints; /ready waits for the first certificate. Read again at every renewal.
+    #[arg(long, env = "OUTRIDER_IDENTITY_TOKEN_FILE", value_name = "FILE")]
+    pub identity_token_file: Option<std::path::PathBuf>,
+    /// How long an inbound mutual TLS handshake may take.
+    #[arg(long, env = "OUTRIDER_TLS_HANDSHAKE_TIMEOUT", value_name = "DUR", default_value = "5s",
+          value_parser = parse_duration)]
+    pub tls_handshake_timeout: Duration,
     /// Worker threads. Default: the cores this process may use (its CPU affinity and cgroup quota).
     #[arg(long, env = "OUTRIDER_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,
@@ -180,6 +189,10 @@ pub struct Config {
     pub control: Option<String>,
     /// This proxy's workload.
     pub workload: Option<String>,
+    /// The identity bootstrap token's file.
+    pub identity_token_file: Option<std::path::PathBuf>,
+    /// Inbound mutual TLS handshake timeout.
+    pub tls_handshake_timeout: Duration,
     /// Worker threads.
     pub workers: usize,
     /// Log format.
@@ -250,6 +263,8 @@ impl Config {
             forwards: args.forwards,
             control: args.control,
             workload: args.workload,
+            identity_token_file: args.identity_token_file,
+            tls_handshake_timeout: args.tls_handshake_timeout,
             workers: args
                 .workers
                 .map(usize::from)
@@ -300,6 +315,12 @@ impl Config {
             if let Some(chain) = self.loop_through(f, &listeners) {
                 error("--forward", chain);
             }
+        }
+        if self.identity_token_file.is_some() && self.control.is_none() {
+            error(
+                "--identity-token-file",
+                "needs --control URL (the control plane issues the certificate)".into(),
+            );
         }
         match (&self.control, &self.workload) {
             (Some(_), None) => error(
@@ -437,6 +458,9 @@ impl Config {
             "workers": self.workers,
             "control_url": self.control,
             "workload": self.workload,
+            // The path only: the token itself is a secret and never shown.
+            "identity_token_file": self.identity_token_file.as_ref().map(|p| p.display().to_string()),
+            "tls_handshake_timeout": fmt_duration(self.tls_handshake_timeout),
             "detect_timeout": fmt_duration(self.detect_timeout),
             "detect_max_bytes": self.detect_max_bytes,
             "opaque_ports": self.opaque_ports,
@@ -465,6 +489,8 @@ impl Config {
             forwards,
             control: None,
             workload: None,
+            identity_token_file: None,
+            tls_handshake_timeout: Duration::from_secs(5),
             workers: 1,
             log_format: LogFormat::Plain,
             detect_timeout: Duration::from_secs(1),

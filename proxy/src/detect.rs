@@ -236,8 +236,8 @@ pub async fn detect_after<I: AsyncRead + Unpin>(
 
 /// An upstream connection whose first words can be awaited without reading them.
 pub trait Readable {
-    /// Resolves once the upstream has sent something (or closed).
-    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
+    /// Resolves once the upstream has sent something (or closed). Cancel-safe.
+    fn readable(&mut self) -> impl std::future::Future<Output = io::Result<()>> + Send;
 }
 
 /// Who spoke first on a connection that was silent through detection.
@@ -258,7 +258,7 @@ pub enum FirstWords {
 /// `timeout`. A client that stays silent does not keep an upstream connection for longer.
 pub async fn wait_for_first_words<I: AsyncRead + Unpin>(
     client: &mut I,
-    upstream: &impl Readable,
+    upstream: &mut impl Readable,
     timeout: Duration,
 ) -> io::Result<FirstWords> {
     let mut buf = BytesMut::with_capacity(1024);
@@ -339,8 +339,8 @@ where
             Ok(Ok(_)) | Err(_) => Ok(None),
         };
     }
-    let upstream = connect().await?;
-    match wait_for_first_words(io, &upstream, bounds.silence).await? {
+    let mut upstream = connect().await?;
+    match wait_for_first_words(io, &mut upstream, bounds.silence).await? {
         FirstWords::Client(buf) => {
             let (outcome, prefix) = detect_after(io, buf, bounds.timeout, bounds.max_bytes).await?;
             Ok(Some(Detected {

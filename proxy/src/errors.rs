@@ -53,6 +53,10 @@ pub enum Reason {
     UnsupportedTransferCoding = 12,
     /// The client did not finish its request headers within the header-read timeout.
     HeaderTimeout = 13,
+    /// The mutual TLS handshake with the upstream failed (or the proxy has no certificate yet).
+    TlsFailed = 14,
+    /// The port's policy does not allow the caller.
+    Denied = 15,
 }
 
 /// Which side a failure is blamed on (for logs, and so that later layers such as a breaker only
@@ -69,7 +73,7 @@ pub enum Side {
 
 impl Reason {
     /// Every reason, in discriminant order.
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 16] = [
         Reason::ConnectFailed,
         Reason::UpstreamFailed,
         Reason::BadRequest,
@@ -84,6 +88,8 @@ impl Reason {
         Reason::UpstreamProtocol,
         Reason::UnsupportedTransferCoding,
         Reason::HeaderTimeout,
+        Reason::TlsFailed,
+        Reason::Denied,
     ];
 
     /// The `outrider-error` header value and metric label.
@@ -103,6 +109,8 @@ impl Reason {
             Reason::UpstreamProtocol => "upstream-protocol",
             Reason::UnsupportedTransferCoding => "unsupported-transfer-coding",
             Reason::HeaderTimeout => "header-timeout",
+            Reason::TlsFailed => "tls-failed",
+            Reason::Denied => "denied",
         }
     }
 
@@ -113,7 +121,9 @@ impl Reason {
             | Reason::UpstreamFailed
             | Reason::NoOrigDst
             | Reason::NoRoute
-            | Reason::UpstreamProtocol => StatusCode::BAD_GATEWAY,
+            | Reason::UpstreamProtocol
+            | Reason::TlsFailed => StatusCode::BAD_GATEWAY,
+            Reason::Denied => StatusCode::FORBIDDEN,
             Reason::NoEndpoints | Reason::NoConfig | Reason::Overloaded => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -128,10 +138,12 @@ impl Reason {
     /// The side the failure is blamed on.
     pub fn side(self) -> Side {
         match self {
-            Reason::ConnectFailed | Reason::UpstreamFailed | Reason::UpstreamProtocol => {
-                Side::Upstream
-            }
+            Reason::ConnectFailed
+            | Reason::UpstreamFailed
+            | Reason::UpstreamProtocol
+            | Reason::TlsFailed => Side::Upstream,
             Reason::BadRequest
+            | Reason::Denied
             | Reason::ClientAborted
             | Reason::UnsupportedTransferCoding
             | Reason::HeaderTimeout => Side::Client,
@@ -155,11 +167,13 @@ impl Reason {
             | Reason::NoConfig
             | Reason::Overloaded
             | Reason::Loop
-            | Reason::NoOrigDst => 14,
+            | Reason::NoOrigDst
+            | Reason::TlsFailed => 14,
+            Reason::Denied => 7, // PERMISSION_DENIED
             Reason::RequestTimeout | Reason::HeaderTimeout => 4, // DEADLINE_EXCEEDED
-            Reason::NoRoute => 12,                               // UNIMPLEMENTED
-            Reason::ClientAborted => 1,                          // CANCELLED
-            Reason::UnsupportedTransferCoding => 12,             // UNIMPLEMENTED
+            Reason::NoRoute => 12, // UNIMPLEMENTED
+            Reason::ClientAborted => 1, // CANCELLED
+            Reason::UnsupportedTransferCoding => 12, // UNIMPLEMENTED
             Reason::BadRequest | Reason::UpstreamProtocol => 13, // INTERNAL
         }
     }
@@ -336,6 +350,35 @@ leaf!(RouteTimeout, Reason::RequestTimeout);
 pub struct Loop;
 leaf!(Loop, Reason::Loop);
 
+/// The mutual TLS handshake with an upstream failed: its certificate is not the identity
+/// discovery named, does not chain to the trust anchors, or the handshake stalled; or this proxy
+/// has no certificate yet. Nothing of the request was sent.
+#[derive(Debug, thiserror::Error)]
+#[error("mutual TLS with {addr} (expected {peer}) failed")]
+pub struct TlsFailed {
+    /// The endpoint.
+    pub addr: SocketAddr,
+    /// The identity expected.
+    pub peer: String,
+    /// What went wrong.
+    #[source]
+    pub source: BoxError,
+}
+leaf!(TlsFailed, Reason::TlsFailed);
+
+/// The port's policy does not allow the caller.
+#[derive(Debug, thiserror::Error)]
+#[error("{peer} may not call port {port}: {why}")]
+pub struct Denied {
+    /// The caller's identity, or `plaintext client`.
+    pub peer: String,
+    /// The app port.
+    pub port: u16,
+    /// Which rule refused.
+    pub why: &'static str,
+}
+leaf!(Denied, Reason::Denied);
+
 /// Classifies one error of a chain, if it is a known leaf.
 fn leaf_reason(e: &(dyn StdError + 'static)) -> Option<Reason> {
     macro_rules! try_leaf {
@@ -357,7 +400,9 @@ fn leaf_reason(e: &(dyn StdError + 'static)) -> Option<Reason> {
         NoEndpoints,
         RouteTimeout,
         Loop,
-        UnsupportedTransferCoding
+        UnsupportedTransferCoding,
+        TlsFailed,
+        Denied
     );
     if e.is::<tower::timeout::error::Elapsed>() {
         return Some(Reason::RequestTimeout);
@@ -412,6 +457,7 @@ pub fn is_retryable(error: &(dyn StdError + 'static)) -> bool {
             || e.is::<ConnectTimeout>()
             || e.is::<UpstreamBusy>()
             || e.is::<NotHttp2>()
+            || e.is::<TlsFailed>()
         {
             return true;
         }

@@ -72,6 +72,18 @@ pub async fn run(
     }
 }
 
+/// Where the proxy's certificate comes from, by its flags: with `--identity-token-file`, the
+/// control plane's certify API.
+pub fn identity_source(config: &Config) -> anyhow::Result<Option<app::IdentitySource>> {
+    let (Some(token), Some(_control)) = (&config.identity_token_file, &config.control) else {
+        return Ok(None);
+    };
+    anyhow::bail!(
+        "--identity-token-file {}: the control plane's certify API is not wired in yet",
+        token.display()
+    )
+}
+
 /// Raises the open-file soft limit to the hard limit (a proxied connection needs two descriptors,
 /// and the default soft limit is often 1024), and warns when `--max-connections` per listener
 /// cannot fit in it.

@@ -57,6 +57,8 @@ pub struct Metrics {
     pub destinations: IntGauge,
     /// Outbound per-destination stacks built since start.
     pub destination_builds: IntCounter,
+    /// Inbound peers: identities and refusals.
+    pub peers: PeerMetrics,
 }
 
 /// Pre-resolved handles for one direction.
@@ -88,6 +90,51 @@ pub struct DirectionMetrics {
     pub limit_reached: IntCounter,
     /// Locally generated errors, indexed like `errors::Reason::ALL`.
     pub errors: Vec<IntCounter>,
+    /// Mutual TLS handshakes (outbound: originated; inbound: terminated).
+    pub handshakes: Handshakes,
+}
+
+/// Mutual TLS handshakes of one direction, by result.
+#[derive(Debug, Clone)]
+pub struct Handshakes {
+    /// Full handshakes.
+    pub full: IntCounter,
+    /// Resumed sessions.
+    pub resumed: IntCounter,
+    /// Failed handshakes.
+    pub failed: IntCounter,
+}
+
+/// Distinct client identities labelled before the rest are counted as `other` (identities come
+/// from verified mesh certificates, so this only guards memory).
+const MAX_CLIENT_IDS: usize = 1000;
+
+/// Inbound connections by the client's verified identity, and refusals by reason.
+#[derive(Debug, Clone)]
+pub struct PeerMetrics {
+    clients: IntCounterVec,
+    seen: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    denied: IntCounterVec,
+}
+
+impl PeerMetrics {
+    /// Counts a meshed connection from `identity`.
+    pub fn client(&self, identity: &str) {
+        let known = match self.seen.lock() {
+            Ok(mut seen) => {
+                seen.contains(identity)
+                    || (seen.len() < MAX_CLIENT_IDS && seen.insert(identity.to_string()))
+            }
+            Err(_) => false,
+        };
+        let label = if known { identity } else { "other" };
+        self.clients.with_label_values(&[label]).inc();
+    }
+
+    /// Counts a refusal by the authorization policy (`rule` is a bounded rule name).
+    pub fn denied(&self, rule: &'static str) {
+        self.denied.with_label_values(&[rule]).inc();
+    }
 }
 
 impl Metrics {
@@ -167,6 +214,12 @@ impl Metrics {
             "Locally generated error responses and failed connections",
             &["direction", "reason"],
         )?;
+        let handshakes = counter_vec(
+            registry,
+            "outrider_tls_handshakes_total",
+            "Mutual TLS handshakes between sidecars (outbound: originated, inbound: terminated), by result (full, resumed, failed)",
+            &["direction", "result"],
+        )?;
 
         let per = |d: Direction| {
             let d = d.as_str();
@@ -190,6 +243,11 @@ impl Metrics {
                     .iter()
                     .map(|r| errors.with_label_values(&[d, r.as_str()]))
                     .collect(),
+                handshakes: Handshakes {
+                    full: handshakes.with_label_values(&[d, "full"]),
+                    resumed: handshakes.with_label_values(&[d, "resumed"]),
+                    failed: handshakes.with_label_values(&[d, "failed"]),
+                },
             }
         };
         let upstream_connects = IntCounter::new(
@@ -207,7 +265,23 @@ impl Metrics {
             "Outbound per-destination stacks built since start",
         )?;
         registry.register(Box::new(destination_builds.clone()))?;
+        let peers = PeerMetrics {
+            clients: counter_vec(
+                registry,
+                "outrider_inbound_mesh_connections_total",
+                "Inbound mutual TLS connections, by the client's verified SPIFFE identity",
+                &["client_id"],
+            )?,
+            seen: Default::default(),
+            denied: counter_vec(
+                registry,
+                "outrider_authz_denied_total",
+                "Inbound requests and connections refused by the port's policy, by rule",
+                &["rule"],
+            )?,
+        };
         Ok(Metrics {
+            peers,
             upstream_connects,
             destinations,
             destination_builds,

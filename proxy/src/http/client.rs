@@ -47,7 +47,9 @@ use crate::errors::{
     reason_of, BadRequest, BoxError, Chain, NotHttp2, Reason, ResponseBody, Side, UpstreamFailed,
 };
 use crate::http::headers::{check_request, is_upgrade, strip_hop_by_hop};
+use crate::identity::Alpn;
 use crate::transport::connect::Connect;
+use outrider_control::api::Identity;
 
 /// Upstreams kept before unused ones are forgotten. Bounds memory when outbound traffic fans out
 /// widely; upstreams still in use are never dropped.
@@ -60,11 +62,29 @@ const POOL_IDLE: Duration = Duration::from_secs(90);
 const WARN_INTERVAL: Duration = Duration::from_secs(30);
 
 /// What makes an upstream connection distinct.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct EndpointKey {
     /// Where to connect.
     pub addr: SocketAddr,
+    /// The identity the endpoint must present: with one (and an identity of this proxy's own),
+    /// connections are mutual TLS and HTTP goes over one multiplexed HTTP/2 connection.
+    pub identity: Option<Identity>,
 }
+
+impl EndpointKey {
+    /// A plaintext endpoint.
+    pub fn plain(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            identity: None,
+        }
+    }
+}
+
+/// The request header that carries the HTTP/1 version an app spoke across a multiplexed
+/// HTTP/2 mesh connection, so the inbound proxy gives the app back what it sent (Linkerd's
+/// `l5d-orig-proto`). Never forwarded to an app.
+pub const ORIG_PROTO: &str = "outrider-orig-proto";
 
 pub use crate::config::UpstreamHttp;
 
@@ -104,7 +124,7 @@ impl Upstreams {
             // their pools.
             map.retain(|_, u| Arc::strong_count(u) > 1);
         }
-        map.entry(key)
+        map.entry(key.clone())
             .or_insert_with(|| Arc::new(Upstream::new(key, self.connect.clone(), self.hop.clone())))
             .clone()
     }
@@ -130,14 +150,18 @@ pub struct Upstream {
     born: tokio::time::Instant,
     /// The proxy's hop marker.
     hop: HeaderValue,
+    /// Connections are mutual TLS (HTTP multiplexed over HTTP/2).
+    meshed: bool,
 }
 
 impl Upstream {
     fn new(key: EndpointKey, connect: Connect, hop: HeaderValue) -> Self {
         let connector = FixedConnector {
             addr: key.addr,
+            peer: key.identity.clone(),
             connect: connect.clone(),
         };
+        let meshed = key.identity.is_some() && connect.is_meshed();
         let h1 = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
@@ -147,11 +171,11 @@ impl Upstream {
         let authority = Authority::try_from(key.addr.to_string())
             .unwrap_or_else(|_| Authority::from_static("upstream"));
         Self {
-            key,
             authority,
             h1,
             h2: H2Conn {
                 addr: key.addr,
+                peer: key.identity.clone(),
                 connect,
                 current: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(()),
@@ -161,6 +185,8 @@ impl Upstream {
             warned_at: AtomicU64::new(0),
             born: tokio::time::Instant::now(),
             hop,
+            meshed,
+            key,
         }
     }
 
@@ -213,6 +239,7 @@ impl Upstream {
 /// requests that find it missing wait for a single dial.
 struct H2Conn {
     addr: SocketAddr,
+    peer: Option<Identity>,
     connect: Connect,
     current: Mutex<Option<http2::SendRequest<Body>>>,
     connecting: tokio::sync::Mutex<()>,
@@ -287,7 +314,10 @@ impl H2Conn {
     }
 
     async fn dial(&self) -> Result<http2::SendRequest<Body>, BoxError> {
-        let stream = self.connect.connect(self.addr).await?;
+        let stream = self
+            .connect
+            .connect_to(self.addr, self.peer.as_ref(), Alpn::H2)
+            .await?;
         let (first, spoke) = oneshot::channel();
         let io = FirstBytes {
             io: stream,
@@ -530,6 +560,7 @@ impl<T: AsyncWrite> AsyncWrite for FirstBytes<T> {
 #[derive(Debug, Clone)]
 pub struct FixedConnector {
     addr: SocketAddr,
+    peer: Option<Identity>,
     connect: Connect,
 }
 
@@ -543,8 +574,13 @@ impl tower::Service<Uri> for FixedConnector {
     }
 
     fn call(&mut self, _: Uri) -> Self::Future {
-        let (addr, connect) = (self.addr, self.connect.clone());
-        Box::pin(async move { connect.connect(addr).await.map(TokioIo::new) })
+        let (addr, connect, peer) = (self.addr, self.connect.clone(), self.peer.clone());
+        Box::pin(async move {
+            connect
+                .connect_to(addr, peer.as_ref(), Alpn::Http1)
+                .await
+                .map(TokioIo::new)
+        })
     }
 }
 
@@ -598,6 +634,9 @@ impl Forward {
 
     /// Whether to speak HTTP/2 for `req`.
     fn wants_h2(&self, req: &Request<Body>, grpc: bool) -> bool {
+        if self.upstream.meshed {
+            return true;
+        }
         let h2 = match self.hint {
             VersionHint::Http1 => false,
             VersionHint::Http2 => true,
@@ -626,6 +665,10 @@ impl tower::Service<Request<Body>> for Forward {
         Box::pin(async move {
             let connect = req.method() == Method::CONNECT;
             let downstream_version = req.version();
+            if !this.mark_hop {
+                // Inbound: what the app spoke, carried across the mesh's HTTP/2 connection.
+                restore_orig_proto(&mut req);
+            }
             if connect && downstream_version == Version::HTTP_2 {
                 // Extended and classic CONNECT over HTTP/2 are not tunnelled: refuse clearly
                 // instead of answering 200 and resetting the stream.
@@ -643,6 +686,15 @@ impl tower::Service<Request<Body>> for Forward {
             let grpc = crate::errors::is_grpc(req.headers());
             let mut h2 = this.wants_h2(&req, grpc) && upgrade.is_none();
             let upstream = &this.upstream;
+            if h2 && upstream.meshed && req.version() < Version::HTTP_2 {
+                let orig = if req.version() == Version::HTTP_10 {
+                    "HTTP/1.0"
+                } else {
+                    "HTTP/1.1"
+                };
+                req.headers_mut()
+                    .insert(ORIG_PROTO, HeaderValue::from_static(orig));
+            }
             let rsp = if h2 {
                 // Keep what is needed to send the request again over HTTP/1.1 if the upstream
                 // turns out not to speak HTTP/2 (the connection is tried before any request is
@@ -751,6 +803,22 @@ fn prepare(req: &mut Request<Body>, upstream: &Upstream, h2: bool) -> Result<(),
     Ok(())
 }
 
+/// Inbound: a request that crossed the mesh as HTTP/2 for an HTTP/1 app goes to the app in the
+/// version it was sent in; the marker never reaches the app.
+fn restore_orig_proto(req: &mut Request<Body>) {
+    let Some(orig) = req.headers_mut().remove(ORIG_PROTO) else {
+        return;
+    };
+    if req.version() != Version::HTTP_2 {
+        return;
+    }
+    match orig.as_bytes() {
+        b"HTTP/1.1" => *req.version_mut() = Version::HTTP_11,
+        b"HTTP/1.0" => *req.version_mut() = Version::HTTP_10,
+        _ => {}
+    }
+}
+
 /// Undoes the HTTP/2 shaping of [`prepare`] before the request goes out as HTTP/1.1: the
 /// authority becomes the `Host` header again.
 fn unprepare_h2(req: &mut Request<Body>, downstream: Version) {
@@ -821,8 +889,11 @@ mod tests {
             metrics.upstream_connects,
             10,
         ));
-        let key = |i: u32| EndpointKey {
-            addr: SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 80)),
+        let key = |i: u32| {
+            EndpointKey::plain(SocketAddr::from((
+                [10, (i >> 16) as u8, (i >> 8) as u8, i as u8],
+                80,
+            )))
         };
         let held = table.get_or_insert(key(0));
         for i in 1..MAX_UPSTREAMS as u32 {

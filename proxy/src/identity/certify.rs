@@ -147,6 +147,9 @@ impl IdentityMetrics {
     }
 }
 
+/// When the next renewal is due, shared between the renewal task and `/identity`.
+pub type NextRenewal = Arc<std::sync::Mutex<Option<SystemTime>>>;
+
 /// The certify-and-renew task.
 pub struct Renewal {
     /// Where the certificate goes.
@@ -158,7 +161,7 @@ pub struct Renewal {
     /// Counted here.
     pub metrics: IdentityMetrics,
     /// When the next renewal is due (read by `/identity`).
-    pub next: Arc<std::sync::Mutex<Option<SystemTime>>>,
+    pub next: NextRenewal,
 }
 
 impl Renewal {

@@ -1,14 +1,17 @@
 //! The inbound stack: traffic arriving at the pod (redirected to :15006), forwarded to the app.
 //!
 //! ```text
-//! accept → original destination → loop check → server policy for the port
-//!   → [TLS detect/terminate (peer identity) → authorization]
-//!   → protocol detection
-//!   → HTTP: server → request metrics → rescue → client (the app, at the original destination)
-//!   → opaque TCP: connect → byte copy
+//! accept → original destination → loop check → protocol detection
+//!   → a mesh ClientHello (our ALPN marker): mTLS termination (the client's identity); the ALPN
+//!     says what the connection carries, so nothing is detected twice
+//!   → HTTP: server → request metrics → rescue → authorization (per request) → client (the app)
+//!   → opaque TCP (also the app's own TLS, passed through untouched): authorization (per
+//!     connection) → connect → byte copy
 //! ```
 //!
-//! The request stack to each app port is built once and shared by every connection.
+//! Authorization reads the port's policy from the latest view each time (see [`policy`]): a
+//! refused HTTP request is answered 403 `outrider-error: denied`, a refused TCP connection is
+//! closed, and in both cases nothing reaches the app.
 
 pub mod errors;
 pub mod policy;
@@ -28,6 +31,8 @@ use crate::discovery::View;
 use crate::errors::{reason_of, Chain, Reason};
 use crate::http::client::{EndpointKey, Forward, Upstreams};
 use crate::http::server::{self, ConnContext, ServerConfig};
+use crate::identity::tls::{identity_of, offered_alpn};
+use crate::identity::{Alpn, IdentityStore};
 use crate::layers::metrics::{RequestMetrics, RequestMetricsLayer};
 use crate::layers::rescue::{Rescue, RescueLayer};
 use crate::metrics::DirectionMetrics;
@@ -37,8 +42,11 @@ use crate::transport::io::{Activity, MeteredIo, PrefixedIo};
 use crate::transport::listen::{Accepted, Serve};
 use crate::transport::orig_dst::{Lookup, OrigDst};
 
-/// The HTTP stack to one app port.
-pub type HttpStack = RequestMetrics<Rescue<Forward>>;
+/// The HTTP stack to one app port, for one connection (its caller's identity).
+pub type HttpStack = RequestMetrics<Rescue<Authorize>>;
+
+/// Most bytes read to see a whole ClientHello.
+const MAX_CLIENT_HELLO: usize = 64 * 1024;
 
 /// App ports whose stacks are kept (a pod has a handful; the bound only guards memory).
 const MAX_STACKS: usize = 1024;
@@ -53,7 +61,43 @@ pub struct Inbound {
     upstreams: Arc<Upstreams>,
     connect: Connect,
     policies: Policies,
-    stacks: Mutex<HashMap<SocketAddr, HttpStack>>,
+    identity: Option<Arc<IdentityStore>>,
+    peers: crate::metrics::PeerMetrics,
+    stacks: Mutex<HashMap<SocketAddr, Forward>>,
+}
+
+/// Authorization of each request against the port's current policy; the caller's identity is
+/// the connection's.
+#[derive(Debug, Clone)]
+pub struct Authorize {
+    inner: Forward,
+    policies: Policies,
+    port: u16,
+    peer: Option<Arc<outrider_control::api::Identity>>,
+}
+
+impl tower::Service<http::Request<crate::http::Body>> for Authorize {
+    type Response = <Forward as tower::Service<http::Request<crate::http::Body>>>::Response;
+    type Error = crate::errors::BoxError;
+    type Future = futures_util::future::Either<
+        <Forward as tower::Service<http::Request<crate::http::Body>>>::Future,
+        std::future::Ready<Result<Self::Response, Self::Error>>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<crate::http::Body>) -> Self::Future {
+        use futures_util::future::Either;
+        match self.policies.check(self.port, self.peer.as_deref()) {
+            Ok(()) => Either::Left(self.inner.call(req)),
+            Err(denied) => Either::Right(std::future::ready(Err(denied.into()))),
+        }
+    }
 }
 
 impl Inbound {
@@ -64,6 +108,8 @@ impl Inbound {
         config: Arc<Config>,
         upstreams: Arc<Upstreams>,
         views: Option<watch::Receiver<View>>,
+        identity: Option<Arc<IdentityStore>>,
+        peers: crate::metrics::PeerMetrics,
     ) -> Arc<Self> {
         Arc::new(Self {
             orig_dst,
@@ -73,7 +119,9 @@ impl Inbound {
             metrics,
             config,
             upstreams,
-            policies: Policies::new(views),
+            policies: Policies::new(views, peers.clone()),
+            identity,
+            peers,
             stacks: Mutex::new(HashMap::new()),
         })
     }
@@ -97,26 +145,37 @@ impl Inbound {
         Ok(SocketAddr::new(app, orig.port()))
     }
 
-    /// The HTTP stack to `app`, built on first use.
-    fn http_stack(&self, app: SocketAddr) -> HttpStack {
-        let mut stacks = match self.stacks.lock() {
-            Ok(s) => s,
-            Err(poisoned) => poisoned.into_inner(),
+    /// The client to `app` (built on first use and shared), behind authorization of `peer`.
+    fn http_stack(
+        &self,
+        app: SocketAddr,
+        peer: Option<Arc<outrider_control::api::Identity>>,
+    ) -> HttpStack {
+        let forward = {
+            let mut stacks = match self.stacks.lock() {
+                Ok(s) => s,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            if stacks.len() >= MAX_STACKS && !stacks.contains_key(&app) {
+                stacks.clear();
+            }
+            stacks
+                .entry(app)
+                .or_insert_with(|| {
+                    let upstream = self.upstreams.get_or_insert(EndpointKey::plain(app));
+                    Forward::to_app(upstream, self.config.upstream_http)
+                })
+                .clone()
         };
-        if let Some(stack) = stacks.get(&app) {
-            return stack.clone();
-        }
-        if stacks.len() >= MAX_STACKS {
-            stacks.clear();
-        }
-        let upstream = self.upstreams.get_or_insert(EndpointKey { addr: app });
-        let stack = ServiceBuilder::new()
+        ServiceBuilder::new()
             .layer(RequestMetricsLayer::new(self.metrics.clone()))
             .layer(RescueLayer::new(self.metrics.clone(), errors::rescue))
-            // [authorization of the peer's identity against the port's policy]
-            .service(Forward::to_app(upstream, self.config.upstream_http));
-        stacks.insert(app, stack.clone());
-        stack
+            .service(Authorize {
+                inner: forward,
+                policies: self.policies.clone(),
+                port: app.port(),
+                peer,
+            })
     }
 }
 
@@ -127,10 +186,9 @@ impl Serve for Inbound {
             Err(Reason::Loop) => return,
             Err(reason) => return self.metrics.error(reason),
         };
-        let policy = self.policies.for_port(app.port());
+        let policy = self.policies.describe(app.port());
         let span = tracing::debug_span!("conn", direction = "inbound", peer = %conn.peer, app = %app,
-            policy = policy.as_ref().map(|p| if p.plaintext { "plaintext allowed" } else { "authenticated only" }),
-            protocol = tracing::field::Empty);
+            policy, protocol = tracing::field::Empty, client_id = tracing::field::Empty);
         self.serve_app(conn, app).instrument(span).await
     }
 }
@@ -162,39 +220,160 @@ impl Inbound {
             prefix,
             upstream,
         } = detected;
-        let io = PrefixedIo::new(prefix, io);
-        match outcome.protocol() {
-            proto @ (Protocol::Http1 | Protocol::Http2) => {
+        let ctx = ConnContext {
+            drain,
+            held: guard,
+            activity,
+            idle_timeout: self.config.tcp_idle_timeout,
+        };
+        let server = match (outcome.protocol(), &self.identity) {
+            (Protocol::Tls, Some(identity)) => identity.server_config(),
+            _ => None,
+        };
+        match (outcome.protocol(), server) {
+            (proto @ (Protocol::Http1 | Protocol::Http2), _) => {
                 // A connection dialled while the client was silent is not needed for HTTP.
                 drop(upstream);
-                let ctx = ConnContext {
-                    drain,
-                    held: guard,
-                    activity,
-                    idle_timeout: self.config.tcp_idle_timeout,
-                };
-                server::serve(io, proto, self.http_stack(app), &self.server, ctx, m).await;
+                let io = PrefixedIo::new(prefix, io);
+                let stack = self.http_stack(app, None);
+                server::serve(io, proto, stack, &self.server, ctx, m).await;
             }
-            Protocol::Tls | Protocol::Opaque => {
-                let _held = (drain, guard);
-                let copied = async {
-                    let upstream = match upstream {
-                        Some(u) => u,
-                        None => self.connect.connect(app).await?,
-                    };
-                    let idle = self.config.tcp_idle_timeout;
-                    Ok::<_, crate::errors::BoxError>(
-                        crate::transport::tcp::copy(io, upstream, idle, &activity).await?,
-                    )
-                };
-                match copied.await {
-                    Ok((tx, rx)) => tracing::debug!(tx, rx, "TCP connection closed"),
-                    Err(e) => {
-                        m.error(reason_of(&*e));
-                        tracing::debug!(error = %Chain(&*e), "TCP forwarding failed");
-                    }
+            (Protocol::Tls, Some(server)) => {
+                let (prefix, alpn) = read_client_hello(&mut io, prefix, bounds.timeout).await;
+                let io = PrefixedIo::new(prefix, io);
+                if alpn.is_some_and(|a| !a.is_empty()) {
+                    self.serve_mesh(io, server, app, ctx).await;
+                } else {
+                    // The app's own TLS: passed through, as a plaintext (unauthenticated) caller.
+                    self.serve_opaque(io, upstream, app, None, ctx).await;
                 }
             }
+            (Protocol::Tls | Protocol::Opaque, _) => {
+                let io = PrefixedIo::new(prefix, io);
+                self.serve_opaque(io, upstream, app, None, ctx).await;
+            }
+        }
+    }
+
+    /// Terminates a meshed client's mutual TLS and serves what its ALPN says it carries.
+    async fn serve_mesh<I>(
+        &self,
+        io: I,
+        server: Arc<rustls::ServerConfig>,
+        app: SocketAddr,
+        ctx: ConnContext,
+    ) where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let m = &self.metrics;
+        let accept = tokio_rustls::TlsAcceptor::from(server).accept(io);
+        let tls = match tokio::time::timeout(self.config.tls_handshake_timeout, accept).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                m.handshakes.failed.inc();
+                m.error(Reason::TlsFailed);
+                tracing::debug!(error = %e, "mesh TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                m.handshakes.failed.inc();
+                m.error(Reason::TlsFailed);
+                tracing::debug!("mesh TLS handshake timed out");
+                return;
+            }
+        };
+        let (_, session) = tls.get_ref();
+        if session.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+            m.handshakes.resumed.inc();
+        } else {
+            m.handshakes.full.inc();
+        }
+        let peer = session
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| identity_of(c).ok());
+        let alpn = session.alpn_protocol().and_then(Alpn::from_id);
+        let (Some(peer), Some(alpn)) = (peer, alpn) else {
+            m.error(Reason::TlsFailed);
+            tracing::debug!("a mesh connection without a client identity or ALPN marker");
+            return;
+        };
+        self.peers.client(peer.as_str());
+        tracing::Span::current().record("client_id", peer.as_str());
+        let peer = Arc::new(peer);
+        match alpn {
+            Alpn::H2 | Alpn::Http1 => {
+                let proto = if alpn == Alpn::H2 {
+                    Protocol::Http2
+                } else {
+                    Protocol::Http1
+                };
+                let stack = self.http_stack(app, Some(peer));
+                server::serve(tls, proto, stack, &self.server, ctx, m).await;
+            }
+            Alpn::Opaque => self.serve_opaque(tls, None, app, Some(&peer), ctx).await,
+        }
+    }
+
+    /// Authorizes the connection, then copies bytes to and from the app.
+    async fn serve_opaque<I>(
+        &self,
+        io: I,
+        upstream: Option<crate::transport::connect::Upstream>,
+        app: SocketAddr,
+        peer: Option<&outrider_control::api::Identity>,
+        ctx: ConnContext,
+    ) where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let m = &self.metrics;
+        if let Err(denied) = self.policies.check(app.port(), peer) {
+            m.error(Reason::Denied);
+            tracing::debug!(error = %denied, "closing a denied TCP connection");
+            return;
+        }
+        let copied = async {
+            let upstream = match upstream {
+                Some(u) => u,
+                None => self.connect.connect(app).await?,
+            };
+            let idle = self.config.tcp_idle_timeout;
+            Ok::<_, crate::errors::BoxError>(
+                crate::transport::tcp::copy(io, upstream, idle, &ctx.activity).await?,
+            )
+        };
+        match copied.await {
+            Ok((tx, rx)) => tracing::debug!(tx, rx, "TCP connection closed"),
+            Err(e) => {
+                m.error(reason_of(&*e));
+                tracing::debug!(error = %Chain(&*e), "TCP forwarding failed");
+            }
+        }
+        drop(ctx);
+    }
+}
+
+/// Reads until `prefix` holds a whole ClientHello (within `timeout` and [`MAX_CLIENT_HELLO`]
+/// bytes) and returns every byte read with the mesh ALPN markers it offers; `None` when it is
+/// not a ClientHello rustls reads (the app's own TLS, or garbage), which is then passed through.
+async fn read_client_hello<I: tokio::io::AsyncRead + Unpin>(
+    io: &mut I,
+    prefix: bytes::Bytes,
+    timeout: std::time::Duration,
+) -> (bytes::Bytes, Option<Vec<Alpn>>) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = bytes::BytesMut::from(&prefix[..]);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match offered_alpn(&buf) {
+            Ok(Some(alpn)) => return (buf.freeze(), Some(alpn)),
+            Err(_) => return (buf.freeze(), None),
+            Ok(None) if buf.len() >= MAX_CLIENT_HELLO => return (buf.freeze(), None),
+            Ok(None) => {}
+        }
+        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return (buf.freeze(), None),
         }
     }
 }

@@ -1,66 +1,242 @@
-//! Server policies: what the control plane says about who may call each of this workload's
-//! ports. The inbound stack looks a connection's port up here and records the policy on the
-//! connection's span; authorization by peer identity enforces it once mTLS lands.
+//! Authorization: who may call each of this workload's ports, from the control plane's view.
+//!
+//! A listed port allows the identities its `allow` names (exactly, or every identity of a
+//! namespace; an empty list allows any authenticated identity) and plaintext callers only when
+//! it says `plaintext: true`. An unlisted port follows the workload's default policy. Decisions
+//! read the latest view each time, so a policy change applies to the next request or connection.
+//! Without a control plane (local mode) or before its first view, everything is allowed (the
+//! proxy is not ready until that view arrives).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use outrider_control::api::ServerPolicy;
+use outrider_control::api::{Identity, InboundView};
 use tokio::sync::watch;
 
 use crate::discovery::View;
+use crate::errors::Denied;
+use crate::metrics::PeerMetrics;
 
-/// The workload's server policies, from the latest view.
+/// How often a refusal of one peer is logged at most.
+const LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Peers whose last log time is kept (bounded memory).
+const MAX_LOGGED_PEERS: usize = 1024;
+
+/// The rule that refused a caller (a bounded metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// The port does not allow plaintext callers.
+    PlaintextNotAllowed,
+    /// The caller's identity is not in the port's `allow` list.
+    IdentityNotAllowed,
+    /// The port is not listed and the default policy needs a mesh identity.
+    MeshOnly,
+    /// The port is not listed and the default policy refuses everyone.
+    DefaultDeny,
+}
+
+impl Rule {
+    /// The label value and log wording.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rule::PlaintextNotAllowed => "plaintext-not-allowed",
+            Rule::IdentityNotAllowed => "identity-not-allowed",
+            Rule::MeshOnly => "default-mesh-only",
+            Rule::DefaultDeny => "default-deny",
+        }
+    }
+}
+
+/// What `inbound` says of a caller `peer` (`None`: plaintext) of `port`.
+pub fn decide(inbound: &InboundView, port: u16, peer: Option<&Identity>) -> Result<(), Rule> {
+    match inbound.servers.iter().find(|s| s.port == port) {
+        Some(server) => match peer {
+            None if server.plaintext => Ok(()),
+            None => Err(Rule::PlaintextNotAllowed),
+            Some(_) if server.allow.is_empty() => Ok(()),
+            Some(id) if server.allow.iter().any(|a| a.matches(id)) => Ok(()),
+            Some(_) => Err(Rule::IdentityNotAllowed),
+        },
+        None => match (inbound.default_policy, peer) {
+            (outrider_control::api::DefaultPolicy::AllowAll, _) => Ok(()),
+            (outrider_control::api::DefaultPolicy::MeshOnly, Some(_)) => Ok(()),
+            (outrider_control::api::DefaultPolicy::MeshOnly, None) => Err(Rule::MeshOnly),
+            (outrider_control::api::DefaultPolicy::Deny, _) => Err(Rule::DefaultDeny),
+        },
+    }
+}
+
+/// The workload's server policies, from the latest view, with refusals counted and logged.
 #[derive(Debug, Clone)]
 pub struct Policies {
     views: Option<watch::Receiver<View>>,
+    metrics: PeerMetrics,
+    logged: Arc<Mutex<HashMap<String, Instant>>>,
 }
 
 impl Policies {
-    /// Policies from `views` (none: no control plane, no policies).
-    pub fn new(views: Option<watch::Receiver<View>>) -> Self {
-        Self { views }
+    /// Policies from `views` (none: no control plane, everything allowed).
+    pub fn new(views: Option<watch::Receiver<View>>, metrics: PeerMetrics) -> Self {
+        Self {
+            views,
+            metrics,
+            logged: Arc::default(),
+        }
     }
 
-    /// The policy for `port`, if the view has one.
-    pub fn for_port(&self, port: u16) -> Option<ServerPolicy> {
-        let view = self.views.as_ref()?.borrow().clone()?;
-        find(&view, port)
+    /// A short description of `port`'s policy for the connection's span.
+    pub fn describe(&self, port: u16) -> &'static str {
+        let Some(views) = &self.views else {
+            return "allow-all (no control plane)";
+        };
+        let view = views.borrow();
+        let Some(view) = view.as_ref() else {
+            return "allow-all (no config yet)";
+        };
+        match view.inbound.servers.iter().find(|s| s.port == port) {
+            Some(s) if s.plaintext => "listed, plaintext allowed",
+            Some(_) => "listed, mesh identities only",
+            None => view.inbound.default_policy.as_str(),
+        }
     }
-}
 
-fn find(view: &Arc<outrider_control::api::WatchResponse>, port: u16) -> Option<ServerPolicy> {
-    view.inbound
-        .servers
-        .iter()
-        .find(|s| s.port == port)
-        .cloned()
+    /// Authorizes `peer` (`None`: a plaintext caller) on `port`; a refusal is counted and logged
+    /// (at most once a minute per peer).
+    pub fn check(&self, port: u16, peer: Option<&Identity>) -> Result<(), Denied> {
+        let Some(views) = &self.views else {
+            return Ok(());
+        };
+        let decision = {
+            let view = views.borrow();
+            match view.as_ref() {
+                None => Ok(()),
+                Some(view) => decide(&view.inbound, port, peer),
+            }
+        };
+        let Err(rule) = decision else {
+            return Ok(());
+        };
+        self.metrics.denied(rule.as_str());
+        let who = peer.map_or("a plaintext client", |p| p.as_str());
+        if self.should_log(who) {
+            tracing::info!(
+                peer = who,
+                port,
+                rule = rule.as_str(),
+                "denied by the port's policy (logged at most once a minute per peer)"
+            );
+        }
+        Err(Denied {
+            peer: who.to_string(),
+            port,
+            why: rule.as_str(),
+        })
+    }
+
+    fn should_log(&self, who: &str) -> bool {
+        let Ok(mut logged) = self.logged.lock() else {
+            return false;
+        };
+        let now = Instant::now();
+        if logged
+            .get(who)
+            .is_some_and(|at| now.duration_since(*at) < LOG_EVERY)
+        {
+            return false;
+        }
+        if logged.len() >= MAX_LOGGED_PEERS {
+            logged.retain(|_, at| now.duration_since(*at) < LOG_EVERY);
+        }
+        if logged.len() < MAX_LOGGED_PEERS {
+            logged.insert(who.to_string(), now);
+        }
+        true
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use outrider_control::mesh::{Mesh, DEMO_MESH};
+    use outrider_control::mesh::Mesh;
+
+    fn inbound(yaml: &str) -> InboundView {
+        let mesh = Mesh::parse(yaml).unwrap();
+        mesh.view(&"demo/api".parse().unwrap(), "v1")
+            .unwrap()
+            .inbound
+    }
+
+    fn id(s: &str) -> Identity {
+        s.parse().unwrap()
+    }
 
     #[test]
-    fn a_port_gets_the_policy_of_the_latest_view() {
-        let mesh = Mesh::parse(DEMO_MESH).unwrap();
-        let view = mesh
-            .view(&"demo/payments-api".parse().unwrap(), "v1")
-            .unwrap();
-        let (tx, rx) = watch::channel(None);
-        let policies = Policies::new(Some(rx));
-        assert!(policies.for_port(8080).is_none(), "no view yet");
-        tx.send_replace(Some(Arc::new(view)));
-        let policy = policies.for_port(8080).unwrap();
-        assert!(policy.plaintext);
+    fn a_listed_port_allows_its_identities_and_plaintext_only_if_it_says_so() {
+        let view = inbound(
+            "workloads:\n  - name: demo/api\n    default_policy: deny\n    servers:\n      - port: 8080\n        allow: [spiffe://outrider.local/ns/demo/sa/web, 'spiffe://outrider.local/ns/ops/*']\n      - port: 9090\n        plaintext: true\n",
+        );
+        let web = id("spiffe://outrider.local/ns/demo/sa/web");
+        let ops = id("spiffe://outrider.local/ns/ops/sa/anything");
+        let other = id("spiffe://outrider.local/ns/demo/sa/other");
+        assert_eq!(decide(&view, 8080, Some(&web)), Ok(()));
         assert_eq!(
-            policy.allow[0].to_string(),
-            "spiffe://outrider.local/ns/demo/sa/loadgen"
+            decide(&view, 8080, Some(&ops)),
+            Ok(()),
+            "namespace wildcard"
         );
-        assert!(
-            policies.for_port(9090).is_none(),
-            "no policy for other ports"
+        assert_eq!(
+            decide(&view, 8080, Some(&other)),
+            Err(Rule::IdentityNotAllowed)
         );
-        assert!(Policies::new(None).for_port(8080).is_none());
+        assert_eq!(decide(&view, 8080, None), Err(Rule::PlaintextNotAllowed));
+        assert_eq!(decide(&view, 9090, None), Ok(()));
+        assert_eq!(
+            decide(&view, 9090, Some(&other)),
+            Ok(()),
+            "empty allow: any identity"
+        );
+        assert_eq!(decide(&view, 7000, Some(&web)), Err(Rule::DefaultDeny));
+    }
+
+    #[test]
+    fn unlisted_ports_follow_the_default_policy() {
+        let web = id("spiffe://outrider.local/ns/demo/sa/web");
+        let all = inbound("workloads:\n  - name: demo/api\n");
+        assert_eq!(decide(&all, 1, None), Ok(()), "allow-all by default");
+        let mesh = inbound("workloads:\n  - name: demo/api\n    default_policy: mesh-only\n");
+        assert_eq!(decide(&mesh, 1, Some(&web)), Ok(()));
+        assert_eq!(decide(&mesh, 1, None), Err(Rule::MeshOnly));
+    }
+
+    #[test]
+    fn policy_changes_apply_to_the_next_check_and_refusals_are_counted() {
+        let registry = prometheus::Registry::new();
+        let metrics = crate::metrics::Metrics::register(&registry).unwrap();
+        let (tx, rx) = watch::channel(None);
+        let policies = Policies::new(Some(rx), metrics.peers.clone());
+        assert!(policies.check(8080, None).is_ok(), "no view yet");
+        let deny =
+            Mesh::parse("workloads:\n  - name: demo/api\n    default_policy: deny\n").unwrap();
+        tx.send_replace(Some(Arc::new(
+            deny.view(&"demo/api".parse().unwrap(), "v1").unwrap(),
+        )));
+        let e = policies.check(8080, None).unwrap_err();
+        assert_eq!(e.why, "default-deny");
+        assert_eq!(
+            crate::metrics::sum(
+                &registry,
+                "outrider_authz_denied_total",
+                &[("rule", "default-deny")]
+            ),
+            1.0
+        );
+        let allow = Mesh::parse("workloads:\n  - name: demo/api\n").unwrap();
+        tx.send_replace(Some(Arc::new(
+            allow.view(&"demo/api".parse().unwrap(), "v2").unwrap(),
+        )));
+        assert!(policies.check(8080, None).is_ok());
+        assert!(Policies::new(None, metrics.peers).check(8080, None).is_ok());
     }
 }

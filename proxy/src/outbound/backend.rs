@@ -66,7 +66,7 @@ impl EndpointSet {
     pub fn apply(
         &self,
         changes: Vec<Change<SocketAddr, EndpointMeta>>,
-        upstream: impl Fn(SocketAddr) -> Arc<Upstream>,
+        upstream: impl Fn(SocketAddr, &EndpointMeta) -> Arc<Upstream>,
     ) -> EndpointSet {
         let mut list = self.list.clone();
         for change in changes {
@@ -75,8 +75,8 @@ impl EndpointSet {
                 Change::Insert(addr, meta) => {
                     let endpoint = Arc::new(BackendEndpoint {
                         addr,
+                        upstream: upstream(addr, &meta),
                         meta,
-                        upstream: upstream(addr),
                     });
                     match list.iter_mut().find(|e| e.addr == addr) {
                         Some(slot) => *slot = endpoint,
@@ -311,7 +311,9 @@ mod tests {
                 metrics.upstream_connects,
                 100,
             ));
-        let up = |addr| upstreams.get_or_insert(crate::http::client::EndpointKey { addr });
+        let up = |addr, _: &EndpointMeta| {
+            upstreams.get_or_insert(crate::http::client::EndpointKey::plain(addr))
+        };
         let (a, b, c): (SocketAddr, SocketAddr, SocketAddr) = (
             "10.0.0.1:80".parse().unwrap(),
             "10.0.0.2:80".parse().unwrap(),

@@ -115,8 +115,11 @@ impl Destination {
         };
         let current = self.resolved();
         let changes = diff(&current.endpoints, &wanted);
-        let endpoints = current.endpoints.apply(changes, |addr| {
-            upstreams.get_or_insert(EndpointKey { addr })
+        let endpoints = current.endpoints.apply(changes, |addr, meta| {
+            upstreams.get_or_insert(EndpointKey {
+                addr,
+                identity: meta.identity.clone(),
+            })
         });
         let next = Arc::new(Resolved { profile, endpoints });
         match self.state.write() {

@@ -45,6 +45,9 @@ pub async fn connect(dest: &Destination, connect: &Connect) -> Result<Upstream, 
         return Err(NoEndpoints { service }.into());
     };
     let addr = endpoint.addr;
+    let peer = endpoint.meta.identity.clone();
     drop(resolved);
-    connect.connect(addr).await
+    connect
+        .connect_to(addr, peer.as_ref(), crate::identity::Alpn::Opaque)
+        .await
 }

@@ -1,6 +1,10 @@
 //! The one path that dials upstreams: the HTTP/1 pools, the HTTP/2 connections and opaque TCP all
 //! connect through [`Connect`], so the connect timeout, TCP options, the connection counter, the
-//! bound on connections per upstream (and, with mTLS, the TLS client) live in one place.
+//! bound on connections per upstream and the mutual TLS client live in one place.
+//!
+//! To an endpoint with an identity, [`Connect::connect_tls`] originates TLS 1.3 with the proxy's
+//! certificate and the ALPN marker of what the connection carries, and accepts the peer only if
+//! it is exactly that identity; the handshake is bounded by the connect timeout too.
 //!
 //! The bound: at most `max_per_upstream` connections to one address are open at once, whatever
 //! asks for them, so no single destination (or a forwarding loop) can take every file descriptor.
@@ -13,12 +17,17 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes, BytesMut};
+use outrider_control::api::Identity;
 use prometheus::IntCounter;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::client::TlsStream;
 
-use crate::errors::{BoxError, ConnectError, ConnectTimeout, UpstreamBusy};
+use crate::errors::{BoxError, ConnectError, ConnectTimeout, TlsFailed, UpstreamBusy};
+use crate::identity::{Alpn, IdentityStore};
+use crate::metrics::Handshakes;
 
 /// Addresses whose bounds are kept before unused ones are forgotten.
 const MAX_TRACKED: usize = 4096;
@@ -30,6 +39,14 @@ pub struct Connect {
     connects: IntCounter,
     max_per_upstream: usize,
     open: Arc<Mutex<HashMap<SocketAddr, Arc<Semaphore>>>>,
+    tls: Option<MeshClient>,
+}
+
+/// The mutual TLS client: the proxy's identity and the handshake counters.
+#[derive(Debug, Clone)]
+struct MeshClient {
+    store: Arc<IdentityStore>,
+    handshakes: Handshakes,
 }
 
 impl Connect {
@@ -41,7 +58,86 @@ impl Connect {
             connects,
             max_per_upstream: max_per_upstream.max(1),
             open: Arc::default(),
+            tls: None,
         }
+    }
+
+    /// Originates mutual TLS with `store`'s certificate to endpoints that have an identity,
+    /// counting handshakes in `handshakes`.
+    pub fn with_tls(mut self, store: Arc<IdentityStore>, handshakes: Handshakes) -> Self {
+        self.tls = Some(MeshClient { store, handshakes });
+        self
+    }
+
+    /// Whether this proxy originates mTLS (it has an identity configured).
+    pub fn is_meshed(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Connects to `addr`, in mutual TLS carrying `alpn` when `peer` names the endpoint's
+    /// identity and this proxy has one (else in plaintext, as before mTLS).
+    pub async fn connect_to(
+        &self,
+        addr: SocketAddr,
+        peer: Option<&Identity>,
+        alpn: Alpn,
+    ) -> Result<Upstream, BoxError> {
+        match peer {
+            Some(peer) if self.tls.is_some() => self.connect_tls(addr, peer, alpn).await,
+            _ => self.connect(addr).await,
+        }
+    }
+
+    /// Connects to `addr` and does a TLS 1.3 handshake that presents this proxy's certificate,
+    /// offers `alpn` and accepts only `peer`. Fails with [`TlsFailed`] (or a connect error).
+    pub async fn connect_tls(
+        &self,
+        addr: SocketAddr,
+        peer: &Identity,
+        alpn: Alpn,
+    ) -> Result<Upstream, BoxError> {
+        let failed = |source: BoxError| TlsFailed {
+            addr,
+            peer: peer.to_string(),
+            source,
+        };
+        let Some(tls) = &self.tls else {
+            return Err(failed("this proxy has no identity configured".into()).into());
+        };
+        let Some(config) = tls.store.client_config(peer, alpn) else {
+            tls.handshakes.failed.inc();
+            return Err(failed("this proxy has no certificate yet".into()).into());
+        };
+        let upstream = self.connect(addr).await?;
+        let Stream::Plain(tcp) = upstream.stream else {
+            return Err(failed("already TLS".into()).into());
+        };
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        let handshake = tokio_rustls::TlsConnector::from(config).connect(name, tcp);
+        let stream = match tokio::time::timeout(self.timeout, handshake).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                tls.handshakes.failed.inc();
+                return Err(failed(e.into()).into());
+            }
+            Err(_) => {
+                tls.handshakes.failed.inc();
+                let after = outrider_control::duration::format(self.timeout);
+                return Err(
+                    failed(format!("the handshake took longer than {after}").into()).into(),
+                );
+            }
+        };
+        if stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+            tls.handshakes.resumed.inc();
+        } else {
+            tls.handshakes.full.inc();
+        }
+        Ok(Upstream {
+            stream: Stream::Tls(Box::new(stream)),
+            pending: Bytes::new(),
+            _slot: upstream._slot,
+        })
     }
 
     /// The bound on open connections per upstream address.
@@ -99,29 +195,57 @@ impl Connect {
         };
         tune(&stream).map_err(|source| ConnectError { addr, source })?;
         Ok(Upstream {
-            stream,
+            stream: Stream::Plain(stream),
+            pending: Bytes::new(),
             _slot: permit,
         })
     }
 }
 
-pin_project_lite::pin_project! {
-    /// An upstream connection; its slot in the per-upstream bound is freed when it closes.
-    #[derive(Debug)]
-    pub struct Upstream {
-        #[pin]
-        stream: TcpStream,
-        _slot: OwnedSemaphorePermit,
-    }
+/// An upstream connection's stream: plain TCP, or mutual TLS over it.
+#[derive(Debug)]
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// An upstream connection; its slot in the per-upstream bound is freed when it closes.
+#[derive(Debug)]
+pub struct Upstream {
+    stream: Stream,
+    /// Application bytes read while waiting for the upstream to speak first (TLS only).
+    pending: Bytes,
+    _slot: OwnedSemaphorePermit,
+}
+
+macro_rules! each {
+    ($self:ident, $s:ident => $e:expr) => {
+        match &mut $self.get_mut().stream {
+            Stream::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Stream::Tls($s) => {
+                let $s = Pin::new(&mut **$s);
+                $e
+            }
+        }
+    };
 }
 
 impl AsyncRead for Upstream {
     fn poll_read(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        self.project().stream.poll_read(cx, buf)
+        if !self.pending.is_empty() {
+            let n = self.pending.len().min(buf.remaining());
+            buf.put_slice(&self.pending[..n]);
+            self.pending.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        each!(self, s => s.poll_read(cx, buf))
     }
 }
 
@@ -131,34 +255,52 @@ impl AsyncWrite for Upstream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        self.project().stream.poll_write(cx, buf)
+        each!(self, s => s.poll_write(cx, buf))
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        self.project().stream.poll_write_vectored(cx, bufs)
+        each!(self, s => s.poll_write_vectored(cx, bufs))
     }
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        match &self.stream {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().stream.poll_flush(cx)
+        each!(self, s => s.poll_flush(cx))
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().stream.poll_shutdown(cx)
+        each!(self, s => s.poll_shutdown(cx))
     }
 }
 
 impl crate::detect::Readable for Upstream {
-    fn readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
-        self.stream.readable()
+    async fn readable(&mut self) -> std::io::Result<()> {
+        match &mut self.stream {
+            Stream::Plain(s) => s.readable().await,
+            // TLS records that carry no application data (session tickets) are not the server
+            // speaking: wait for real bytes, and keep them for the copy.
+            Stream::Tls(s) => {
+                if self.pending.is_empty() {
+                    let mut buf = BytesMut::with_capacity(4096);
+                    s.read_buf(&mut buf).await?;
+                    self.pending = buf.freeze();
+                }
+                Ok(())
+            }
+        }
     }
 }
 
 impl hyper_util::client::legacy::connect::Connection for Upstream {
     fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-        self.stream.connected()
+        match &self.stream {
+            Stream::Plain(s) => s.connected(),
+            Stream::Tls(s) => s.get_ref().0.connected(),
+        }
     }
 }

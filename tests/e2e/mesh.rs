@@ -1,0 +1,400 @@
+//! Mutual TLS and authorization between two proxies, in process: a client-side proxy (workload
+//! `demo/web`) and a server-side proxy (workload `demo/api`) in front of an app, a control plane
+//! serving their views, and real certificates from a CA minted per test.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use outrider::demo::ClientConn;
+use outrider_proxy::app::IdentitySource;
+use outrider_proxy::config::Config;
+use outrider_proxy::identity::certify::TokenSource;
+use outrider_proxy::identity::testing::{token_for, SigningCa, TestCa};
+use outrider_proxy::metrics::Direction;
+use outrider_proxy::test_util::FixedOrigDst;
+use outrider_proxy::Proxy;
+
+const WEB: &str = "spiffe://outrider.local/ns/demo/sa/web";
+const API: &str = "spiffe://outrider.local/ns/demo/sa/api";
+/// The service's virtual address (never dialled: the client proxy's original destination).
+const VIRTUAL: &str = "198.18.0.10:80";
+
+struct Node {
+    registry: prometheus::Registry,
+    admin: SocketAddr,
+    inbound: Option<SocketAddr>,
+    outbound: Option<SocketAddr>,
+    stop: outrider_proxy::ShutdownHandle,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop.trigger("test over");
+    }
+}
+
+impl Node {
+    fn sum(&self, family: &str, labels: &[(&str, &str)]) -> f64 {
+        outrider_proxy::metrics::sum(&self.registry, family, labels)
+    }
+}
+
+struct Mesh {
+    control: Arc<outrider_control::ControlPlane>,
+    control_addr: SocketAddr,
+    ca: Arc<SigningCa>,
+    app: SocketAddr,
+    server: Node,
+    client: Node,
+}
+
+/// The mesh config: `api` (protocol `protocol`) served by the server proxy's inbound listener,
+/// presenting `endpoint_id`; the `demo/api` workload's policy lines are `servers`.
+fn mesh_yaml(inbound: SocketAddr, protocol: &str, endpoint_id: &str, servers: &str) -> String {
+    format!(
+        "services:\n  - name: api\n    namespace: demo\n    addresses: [{VIRTUAL}]\n    protocol: {protocol}\n    endpoints:\n      - address: {inbound}\n        identity: {endpoint_id}\nworkloads:\n  - name: demo/web\n  - name: demo/api\n{servers}"
+    )
+}
+
+async fn node(config: Config, orig: SocketAddr, ca: &Arc<SigningCa>, identity: &str) -> Node {
+    let registry = prometheus::Registry::new();
+    let source = IdentitySource {
+        ca: ca.clone(),
+        token: TokenSource::Fixed(token_for(identity).into()),
+    };
+    let proxy = Proxy::bind_with_identity(
+        config,
+        Arc::new(FixedOrigDst(orig)),
+        None,
+        registry.clone(),
+        Some(source),
+    )
+    .await
+    .unwrap();
+    let node = Node {
+        registry,
+        admin: proxy.admin_addr(),
+        inbound: proxy.listener_addrs(Direction::Inbound).first().copied(),
+        outbound: proxy.listener_addrs(Direction::Outbound).first().copied(),
+        stop: proxy.shutdown_handle(),
+    };
+    let readiness = proxy.readiness();
+    tokio::spawn(proxy.run());
+    for _ in 0..500 {
+        if readiness.check().is_ok() {
+            return node;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("proxy never became ready: {:?}", readiness.check());
+}
+
+fn sidecar_config(control: SocketAddr, workload: &str) -> Config {
+    let mut config = Config::local(Vec::new());
+    config.control = Some(format!("http://{control}"));
+    config.workload = Some(workload.into());
+    config
+}
+
+/// Starts the app, the control plane and both proxies; `servers` is the `demo/api` workload's
+/// policy (YAML lines under it), `protocol` the service's.
+async fn start(app: SocketAddr, protocol: &str, servers: &str) -> Mesh {
+    let empty = outrider_control::mesh::Mesh::parse("workloads:\n  - name: demo/api\n").unwrap();
+    let control = outrider_control::ControlPlane::new(empty).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let control_addr = l.local_addr().unwrap();
+    tokio::spawn(control.clone().serve(l));
+    let ca = Arc::new(SigningCa::new(
+        TestCa::new("test mesh root").unwrap(),
+        Duration::from_secs(3600),
+    ));
+    let mut config = sidecar_config(control_addr, "demo/api");
+    config.inbound = Some("127.0.0.1:0".parse().unwrap());
+    let server = node(config, app, &ca, API).await;
+    let inbound = server.inbound.unwrap();
+    control
+        .apply(&mesh_yaml(inbound, protocol, API, servers))
+        .unwrap();
+    let mut config = sidecar_config(control_addr, "demo/web");
+    config.outbound = Some("127.0.0.1:0".parse().unwrap());
+    let client = node(config, VIRTUAL.parse().unwrap(), &ca, WEB).await;
+    // The client's view names the endpoint before the first request.
+    let mesh = Mesh {
+        control,
+        control_addr,
+        ca,
+        app,
+        server,
+        client,
+    };
+    mesh.wait_view().await;
+    mesh
+}
+
+impl Mesh {
+    async fn wait_view(&self) {
+        for _ in 0..500 {
+            let rsp = admin_get(self.client.admin, "/config").await;
+            if rsp.contains(&self.server.inbound.unwrap().to_string()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the client proxy never saw the endpoint");
+    }
+
+    fn apply(&self, protocol: &str, endpoint_id: &str, servers: &str) {
+        let yaml = mesh_yaml(self.server.inbound.unwrap(), protocol, endpoint_id, servers);
+        self.control.apply(&yaml).unwrap();
+    }
+}
+
+async fn admin_get(admin: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(admin).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+async fn start_app() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(outrider::demo::app::serve(l, "api-0".into()));
+    addr
+}
+
+async fn body(rsp: http::Response<hyper::body::Incoming>) -> String {
+    String::from_utf8_lossy(&rsp.into_body().collect().await.unwrap().to_bytes()).into_owned()
+}
+
+#[tokio::test]
+async fn http_crosses_the_mesh_in_mutual_tls_over_one_connection_and_the_app_hears_its_version() {
+    let app = start_app().await;
+    let servers = format!(
+        "    servers:\n      - port: {}\n        allow: [{WEB}]\n",
+        app.port()
+    );
+    let mesh = start(app, "http1", &servers).await;
+    let outbound = mesh.client.outbound.unwrap();
+    let mut h1 = ClientConn::connect(outbound, false).await.unwrap();
+    let mut h2 = ClientConn::connect(outbound, true).await.unwrap();
+    for _ in 0..5 {
+        let rsp = h1.get("api.demo", "/hello").await.unwrap();
+        assert_eq!(rsp.status(), StatusCode::OK);
+        assert_eq!(rsp.version(), http::Version::HTTP_11);
+        let text = body(rsp).await;
+        assert!(
+            text.contains("\"protocol\":\"HTTP/1.1\""),
+            "the app hears HTTP/1.1: {text}"
+        );
+        let rsp = h2.get("api.demo", "/hello").await.unwrap();
+        assert_eq!(rsp.status(), StatusCode::OK);
+        assert!(body(rsp).await.contains("\"protocol\":\"HTTP/2.0\""));
+    }
+    // Ten requests in two HTTP versions: one mTLS connection, one full handshake.
+    let c = &mesh.client;
+    assert_eq!(c.sum("outrider_upstream_connects_total", &[]), 1.0);
+    let hs = |n: &Node, d: &str, r: &str| {
+        n.sum(
+            "outrider_tls_handshakes_total",
+            &[("direction", d), ("result", r)],
+        )
+    };
+    assert_eq!(hs(c, "outbound", "full"), 1.0);
+    assert_eq!(hs(&mesh.server, "inbound", "full"), 1.0);
+    assert_eq!(
+        mesh.server.sum(
+            "outrider_inbound_mesh_connections_total",
+            &[("client_id", WEB)]
+        ),
+        1.0,
+        "the server side knows who called"
+    );
+    // /identity shows each side's own identity, and nothing secret.
+    let id = admin_get(mesh.server.admin, "/identity").await;
+    assert!(
+        id.contains(API) && id.contains("not_after") && id.contains("next_renewal"),
+        "{id}"
+    );
+    assert!(!id.contains("PRIVATE") && !id.contains("v1."), "{id}");
+    assert!(admin_get(mesh.client.admin, "/identity")
+        .await
+        .contains(WEB));
+    assert!(mesh
+        .ca
+        .anchors
+        .lock()
+        .unwrap()
+        .contains("BEGIN CERTIFICATE"));
+    let _ = (mesh.app, mesh.control_addr);
+}
+
+#[tokio::test]
+async fn a_caller_the_policy_does_not_allow_gets_403_and_a_policy_change_applies_live() {
+    let app = start_app().await;
+    let deny_web = format!(
+        "    servers:\n      - port: {}\n        allow: [spiffe://outrider.local/ns/demo/sa/other]\n",
+        app.port()
+    );
+    let mesh = start(app, "http1", &deny_web).await;
+    let mut c = ClientConn::connect(mesh.client.outbound.unwrap(), false)
+        .await
+        .unwrap();
+    let rsp = c.get("api.demo", "/").await.unwrap();
+    assert_eq!(rsp.status(), StatusCode::FORBIDDEN);
+    assert_eq!(rsp.headers()["outrider-error"], "denied");
+    assert_eq!(
+        mesh.server.sum(
+            "outrider_authz_denied_total",
+            &[("rule", "identity-not-allowed")]
+        ),
+        1.0
+    );
+    // Allow the namespace: the next request on the same connection passes.
+    let allow_ns = format!(
+        "    servers:\n      - port: {}\n        allow: ['spiffe://outrider.local/ns/demo/*']\n",
+        app.port()
+    );
+    mesh.apply("http1", API, &allow_ns);
+    let mut status = StatusCode::FORBIDDEN;
+    for _ in 0..500 {
+        status = c.get("api.demo", "/").await.unwrap().status();
+        if status == StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_plaintext_client_of_a_strict_port_is_refused_before_the_app() {
+    let app = start_app().await;
+    let strict = format!(
+        "    servers:\n      - port: {}\n        allow: [{WEB}]\n",
+        app.port()
+    );
+    let mesh = start(app, "http1", &strict).await;
+    // Straight to the server proxy's inbound listener, without TLS.
+    let mut c = ClientConn::connect(mesh.server.inbound.unwrap(), false)
+        .await
+        .unwrap();
+    let rsp = c.get("api.demo", "/").await.unwrap();
+    assert_eq!(rsp.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        mesh.server.sum(
+            "outrider_authz_denied_total",
+            &[("rule", "plaintext-not-allowed")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        mesh.server.sum("outrider_upstream_connects_total", &[]),
+        0.0,
+        "nothing reached the app"
+    );
+}
+
+#[tokio::test]
+async fn an_endpoint_that_is_not_the_identity_discovery_names_is_refused() {
+    let app = start_app().await;
+    let mesh = start(app, "http1", "").await;
+    mesh.apply("http1", "spiffe://outrider.local/ns/demo/sa/impostor", "");
+    let mut status = StatusCode::OK;
+    for _ in 0..500 {
+        let mut c = ClientConn::connect(mesh.client.outbound.unwrap(), false)
+            .await
+            .unwrap();
+        let rsp = c.get("api.demo", "/").await.unwrap();
+        status = rsp.status();
+        if status != StatusCode::OK {
+            assert_eq!(rsp.headers()["outrider-error"], "tls-failed");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(
+        mesh.client.sum(
+            "outrider_tls_handshakes_total",
+            &[("direction", "outbound"), ("result", "failed")]
+        ) >= 1.0
+    );
+}
+
+/// An echo server that counts its connections.
+async fn start_echo() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn opaque_tcp_rides_its_own_tls_stream_and_a_denied_connection_is_closed() {
+    let (echo, accepted) = start_echo().await;
+    let mesh = start(echo, "opaque", "").await;
+    let mut s = TcpStream::connect(mesh.client.outbound.unwrap())
+        .await
+        .unwrap();
+    s.write_all(b"ping over mtls").await.unwrap();
+    let mut buf = [0u8; 14];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping over mtls");
+    assert_eq!(
+        mesh.server.sum(
+            "outrider_inbound_mesh_connections_total",
+            &[("client_id", WEB)]
+        ),
+        1.0
+    );
+    drop(s);
+    // Deny everyone on unlisted ports: the next connection is closed, the app never sees it.
+    mesh.apply("opaque", API, "    default_policy: deny\n");
+    let refused = || async {
+        let mut s = TcpStream::connect(mesh.client.outbound.unwrap())
+            .await
+            .unwrap();
+        let _ = s.write_all(b"x").await;
+        let mut one = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut one)).await;
+        matches!(read, Ok(Ok(0)) | Ok(Err(_)))
+    };
+    let mut closed = false;
+    for _ in 0..500 {
+        if refused().await {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(closed, "a denied connection is closed");
+    let before = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(refused().await);
+    assert!(
+        mesh.server
+            .sum("outrider_authz_denied_total", &[("rule", "default-deny")])
+            >= 1.0
+    );
+    let after = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(after, before, "the app saw no denied connection");
+}
