@@ -21,7 +21,8 @@ enum Command {
     Init(outrider_iptables_init::InitArgs),
     /// Run the sidecar proxy (or, with --forward, a local proxy in front of a service).
     Proxy(Box<outrider_proxy::ProxyArgs>),
-    /// Run the control plane: serve the mesh config (YAML) to proxies over the watch API.
+    /// Run the control plane: serve the mesh config (YAML) to proxies over the watch API, and
+    /// issue their certificates (`ca init` and `token` prepare the CA and bootstrap tokens).
     Control(outrider_control::ControlArgs),
     /// Run the whole data path on loopback (no root): load → proxy → proxy → app, then a summary.
     Demo(demo::DemoArgs),
@@ -55,9 +56,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// `outrider control`: `--check`, or the control plane on a one-thread runtime until SIGTERM or
-/// SIGINT.
-fn control(args: outrider_control::ControlArgs) -> ExitCode {
+/// `outrider control`: a subcommand (`ca init`, `token`), `--check`, or the control plane on a
+/// one-thread runtime until SIGTERM or SIGINT.
+fn control(mut args: outrider_control::ControlArgs) -> ExitCode {
+    if let Some(command) = args.command.take() {
+        return outrider_control::cli::run(command);
+    }
     match outrider_control::prepare(&args) {
         outrider_control::Prepared::Exit(code) => code,
         outrider_control::Prepared::Serve(prepared) => {
