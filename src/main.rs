@@ -23,7 +23,7 @@ enum Command {
     Proxy(Box<outrider_proxy::ProxyArgs>),
     /// Run the control plane: serve the mesh config (YAML) to proxies over the watch API, and
     /// issue their certificates (`ca init` and `token` prepare the CA and bootstrap tokens).
-    Control(outrider_control::ControlArgs),
+    Control(Box<outrider_control::ControlArgs>),
     /// Run the whole data path on loopback (no root): load → proxy → proxy → app, then a summary.
     Demo(demo::DemoArgs),
     /// Run only the demo's built-in app (HTTP/1.1 + h2c, upgrade echo); used by the tests.
@@ -50,7 +50,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Init(args) => outrider_iptables_init::main(args),
         Command::Proxy(args) => proxy(*args),
-        Command::Control(args) => control(args),
+        Command::Control(args) => control(*args),
         Command::Demo(args) => demo::main(args),
         Command::DemoApp { listen, instance } => demo::app::main(listen, instance),
     }

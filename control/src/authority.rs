@@ -483,3 +483,235 @@ impl rustls::server::ResolvesServerCert for ServingCert {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::{client_tls, Certifier, CertifyError, Watcher};
+    use crate::mesh::{Mesh, DEMO_MESH};
+    use crate::server::ControlPlane;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const WEB: &str = "spiffe://outrider.local/ns/demo/sa/web";
+    const DB: &str = "spiffe://outrider.local/ns/demo/sa/db";
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn id(s: &str) -> Identity {
+        s.parse().unwrap()
+    }
+
+    fn csr_for(uri: &str) -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
+        params.serialize_request(&key).unwrap().pem().unwrap()
+    }
+
+    /// A control plane with a fresh CA, serving TLS on loopback: its address, authority and
+    /// trust anchors.
+    async fn start(tokens: TokenKey) -> (SocketAddr, Arc<Authority>, String) {
+        let ca = Ca::generate("outrider.local").unwrap();
+        let anchors = ca.trust_anchors_pem().to_string();
+        let authority = Authority::new(ca, tokens, HOUR, "outrider.local".into()).unwrap();
+        let serving = ServingCert::new(
+            &authority.ca(),
+            vec!["localhost".into()],
+            vec![IpAddr::from([127, 0, 0, 1])],
+            HOUR,
+        )
+        .unwrap();
+        let cp =
+            ControlPlane::with_authority(Mesh::parse(DEMO_MESH).unwrap(), Some(authority.clone()))
+                .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(cp.serve_over(listener, Some(serving.server_config().unwrap())));
+        (addr, authority, anchors)
+    }
+
+    /// One raw HTTP/1.1 request over TLS; the status and body.
+    async fn raw(addr: SocketAddr, anchors: &str, request: String) -> (u16, String) {
+        let tls = tokio_rustls::TlsConnector::from(client_tls(anchors).unwrap());
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut stream = tls.connect(name, tcp).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        let _ = stream.read_to_string(&mut out).await;
+        let status = out[9..12].parse().unwrap();
+        let body = out.split_once("\r\n\r\n").unwrap().1.to_string();
+        (status, body)
+    }
+
+    fn refused(authority: &Authority, reason: &str) -> u64 {
+        authority.refused.with_label_values(&[reason]).get()
+    }
+
+    #[tokio::test]
+    async fn certify_over_tls_grants_exactly_the_token_identity() {
+        let key = TokenKey::generate().unwrap();
+        let web = key.mint(&id(WEB), HOUR);
+        let db = key.mint(&id(DB), HOUR);
+        let expired = key.mint_at(&id(WEB), SystemTime::now() - Duration::from_secs(5));
+        let foreign_td = key.mint(&id("spiffe://elsewhere/ns/demo/sa/web"), HOUR);
+        let other_key = TokenKey::generate().unwrap().mint(&id(WEB), HOUR);
+        let (addr, authority, anchors) = start(key).await;
+        let certifier = Certifier::new(
+            &format!("https://{addr}"),
+            Some(client_tls(&anchors).unwrap()),
+        )
+        .unwrap();
+
+        // 200: the chain names the identity and verifies against the anchors served.
+        let rsp = certifier.certify(&web, &csr_for(WEB)).await.unwrap();
+        assert_eq!(rsp.identity, id(WEB));
+        assert_eq!(rsp.trust_anchors, anchors);
+        assert!(rsp.not_after - rsp.not_before >= 3600 && rsp.not_after - rsp.not_before <= 3661);
+        let chain: Vec<_> = CertificateDer::pem_slice_iter(rsp.chain.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let anchor_ders: Vec<_> = CertificateDer::pem_slice_iter(anchors.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+        crate::ca::verify_chain(&anchor_ders, &chain, SystemTime::now()).unwrap();
+        assert_eq!(authority.issued.get(), 1);
+
+        // 403: a token for db cannot get web's certificate (nor web's token db's).
+        let status = |e: CertifyError| match e {
+            CertifyError::Refused { status, message } => (status.as_u16(), message),
+            other => panic!("{other}"),
+        };
+        let (code, message) = status(certifier.certify(&db, &csr_for(WEB)).await.unwrap_err());
+        assert_eq!(code, 403, "{message}");
+        assert!(message.contains(DB) && message.contains(WEB), "{message}");
+        assert!(!message.contains(&db), "the token leaked: {message}");
+        let (code, _) = status(certifier.certify(&web, &csr_for(DB)).await.unwrap_err());
+        assert_eq!(code, 403);
+        assert_eq!(refused(&authority, "wrong_identity"), 2);
+        let (code, _) = status(
+            certifier
+                .certify(&foreign_td, &csr_for("spiffe://elsewhere/ns/demo/sa/web"))
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(code, 403);
+        assert_eq!(refused(&authority, "wrong_trust_domain"), 1);
+
+        // 401: expired, another key, garbage, empty.
+        for (token, reason) in [
+            (expired.as_str(), "expired"),
+            (other_key.as_str(), "bad_signature"),
+            ("v1.garbage", "malformed_token"),
+            ("", "malformed_token"),
+        ] {
+            let (code, message) =
+                status(certifier.certify(token, &csr_for(WEB)).await.unwrap_err());
+            assert_eq!(code, 401, "{reason}: {message}");
+            assert!(refused(&authority, reason) >= 1, "{reason}");
+        }
+
+        // 400: a CSR that is not one, with a good token.
+        let (code, message) = status(certifier.certify(&web, "not a csr").await.unwrap_err());
+        assert_eq!(code, 400);
+        assert!(message.contains("not PEM"), "{message}");
+        assert_eq!(refused(&authority, "bad_csr"), 1);
+        assert_eq!(authority.issued.get(), 1, "nothing else was issued");
+
+        // Raw: no authorization header (401), a body that is not JSON (400), one too large
+        // (400), GET (405); every error is JSON.
+        let post = |auth: &str, body: &str| {
+            format!(
+                "POST /v1/certify HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+        };
+        let (code, body) = raw(addr, &anchors, post("", "{}")).await;
+        assert_eq!(code, 401, "{body}");
+        assert!(
+            body.starts_with("{\"error\":\"missing authorization"),
+            "{body}"
+        );
+        assert_eq!(refused(&authority, "no_token"), 1);
+        let bearer = format!("Authorization: Bearer {web}\r\n");
+        let (code, body) = raw(addr, &anchors, post(&bearer, "csr=1")).await;
+        assert_eq!(code, 400, "{body}");
+        assert!(body.contains("is not {\\\"csr\\\""), "{body}");
+        let big = format!("{{\"csr\": \"{}\"}}", "A".repeat(MAX_CERTIFY_BODY));
+        let (code, body) = raw(addr, &anchors, post(&bearer, &big)).await;
+        assert_eq!(code, 400, "{body}");
+        assert_eq!(refused(&authority, "bad_body"), 2);
+        let (code, body) = raw(
+            addr,
+            &anchors,
+            "GET /v1/certify HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into(),
+        )
+        .await;
+        assert_eq!(code, 405, "{body}");
+        assert!(body.starts_with("{\"error\""), "{body}");
+    }
+
+    #[tokio::test]
+    async fn watch_over_tls_and_wrong_anchors_fail() {
+        let (addr, _authority, anchors) = start(TokenKey::generate().unwrap()).await;
+        let base = format!("https://{addr}");
+        let watcher = Watcher::new(
+            &base,
+            "demo/loadgen".parse().unwrap(),
+            Duration::from_secs(1),
+            Some(client_tls(&anchors).unwrap()),
+        )
+        .unwrap();
+        let view = watcher.poll(None).await.unwrap().unwrap();
+        assert_eq!(view.trust_domain, "outrider.local");
+        // Another CA's roots do not accept the control plane's certificate.
+        let foreign = Ca::generate("outrider.local").unwrap();
+        let watcher = Watcher::new(
+            &base,
+            "demo/loadgen".parse().unwrap(),
+            Duration::from_secs(1),
+            Some(client_tls(foreign.trust_anchors_pem()).unwrap()),
+        )
+        .unwrap();
+        let e = watcher.poll(None).await.unwrap_err().to_string();
+        assert!(
+            e.contains("UnknownIssuer") || e.contains("certificate"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_control_plane_without_a_ca_answers_404_in_json() {
+        let cp = ControlPlane::new(Mesh::parse(DEMO_MESH).unwrap()).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(cp.serve(listener));
+        let certifier = Certifier::new(&format!("http://{addr}"), None).unwrap();
+        match certifier.certify("v1.x.y", &csr_for(WEB)).await {
+            Err(CertifyError::Refused { status, message }) => {
+                assert_eq!(status, StatusCode::NOT_FOUND);
+                assert!(message.contains("issues no certificates"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn schemes_must_agree_with_tls() {
+        let ca = Ca::generate("outrider.local").unwrap();
+        let tls = client_tls(ca.trust_anchors_pem()).unwrap();
+        use crate::client::ControlUrlError;
+        assert!(matches!(
+            Certifier::new("https://127.0.0.1:1", None),
+            Err(ControlUrlError::HttpsWithoutTls { .. })
+        ));
+        assert!(matches!(
+            Certifier::new("http://127.0.0.1:1", Some(tls.clone())),
+            Err(ControlUrlError::TlsWithoutHttps { .. })
+        ));
+        assert!(Certifier::new("https://control:15012", Some(tls)).is_ok());
+        assert!(Certifier::new("http://127.0.0.1:1", None).is_ok());
+        assert!(client_tls("nothing").is_err());
+        assert!(client_tls("").is_err());
+    }
+}
