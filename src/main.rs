@@ -21,8 +21,9 @@ enum Command {
     Init(outrider_iptables_init::InitArgs),
     /// Run the sidecar proxy (or, with --forward, a local proxy in front of a service).
     Proxy(Box<outrider_proxy::ProxyArgs>),
-    /// Run the control plane: serve the mesh config (YAML) to proxies over the watch API.
-    Control(outrider_control::ControlArgs),
+    /// Run the control plane: serve the mesh config (YAML) to proxies over the watch API, and
+    /// issue their certificates (`ca init` and `token` prepare the CA and bootstrap tokens).
+    Control(Box<outrider_control::ControlArgs>),
     /// Run the whole data path on loopback (no root): load → proxy → proxy → app, then a summary.
     Demo(demo::DemoArgs),
     /// Run only the demo's built-in app (HTTP/1.1 + h2c, upgrade echo); used by the tests.
@@ -49,15 +50,18 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Init(args) => outrider_iptables_init::main(args),
         Command::Proxy(args) => proxy(*args),
-        Command::Control(args) => control(args),
+        Command::Control(args) => control(*args),
         Command::Demo(args) => demo::main(args),
         Command::DemoApp { listen, instance } => demo::app::main(listen, instance),
     }
 }
 
-/// `outrider control`: `--check`, or the control plane on a one-thread runtime until SIGTERM or
-/// SIGINT.
-fn control(args: outrider_control::ControlArgs) -> ExitCode {
+/// `outrider control`: a subcommand (`ca init`, `token`), `--check`, or the control plane on a
+/// one-thread runtime until SIGTERM or SIGINT.
+fn control(mut args: outrider_control::ControlArgs) -> ExitCode {
+    if let Some(command) = args.command.take() {
+        return outrider_control::cli::run(command);
+    }
     match outrider_control::prepare(&args) {
         outrider_control::Prepared::Exit(code) => code,
         outrider_control::Prepared::Serve(prepared) => {

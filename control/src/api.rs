@@ -562,31 +562,30 @@ impl FromStr for IdentityMatch {
         let Some(prefix) = s.strip_suffix("/*") else {
             return s.parse().map(Self::Exact);
         };
-        // Validated as the identity of a stand-in service account of that namespace.
-        let stand_in: Identity = format!("{prefix}/sa/x").parse().map_err(|_| {
-            let rest = prefix.strip_prefix(SPIFFE);
-            let reason = match rest.and_then(|r| r.split_once('/')) {
-                None if rest.is_none() => "it does not start with spiffe://".to_string(),
-                None => "there is no path after the trust domain".to_string(),
-                Some((domain, path)) => {
-                    match (trust_domain_problem(domain), path.split_once('/')) {
-                        (Some(problem), _) => problem.to_string(),
-                        (None, Some(("ns", ns))) => match label_problem(ns, 63, false) {
-                            Some(problem) => format!("the namespace {problem}"),
-                            None => "the path is not /ns/NAMESPACE/*".to_string(),
-                        },
-                        (None, _) => "a wildcard path must be /ns/NAMESPACE/*".to_string(),
-                    }
-                }
-            };
-            InvalidIdentity {
-                input: Quoted(s).to_string(),
-                reason,
-            }
-        })?;
+        let err = |reason: String| InvalidIdentity {
+            input: Quoted(s).to_string(),
+            reason,
+        };
+        let rest = prefix
+            .strip_prefix(SPIFFE)
+            .ok_or_else(|| err("it does not start with spiffe://".into()))?;
+        let wildcard_path = || {
+            err("a wildcard path must be /ns/NAMESPACE/* (only a whole namespace can be a wildcard)".into())
+        };
+        let (domain, path) = rest.split_once('/').ok_or_else(wildcard_path)?;
+        if let Some(problem) = trust_domain_problem(domain) {
+            return Err(err(problem.into()));
+        }
+        let namespace = path
+            .strip_prefix("ns/")
+            .filter(|ns| !ns.contains('/'))
+            .ok_or_else(wildcard_path)?;
+        if let Some(problem) = label_problem(namespace, 63, false) {
+            return Err(err(format!("the namespace {problem}")));
+        }
         Ok(Self::Namespace {
-            trust_domain: stand_in.trust_domain().to_string(),
-            namespace: stand_in.namespace().to_string(),
+            trust_domain: domain.to_string(),
+            namespace: namespace.to_string(),
         })
     }
 }

@@ -1,17 +1,31 @@
-//! The proxy's side of the watch API: one long-poll request at a time, and a jittered exponential
-//! backoff for when the control plane is unreachable. The caller keeps the last good view; a
-//! failed or malformed answer never replaces it.
+//! The proxy's side of the control plane's API: the watch (one long-poll request at a time, and a
+//! jittered exponential backoff for when the control plane is unreachable) and the certify
+//! request ([`Certifier`]). The caller keeps the last good view; a failed or malformed answer
+//! never replaces it.
+//!
+//! Both speak `https://` (TLS 1.3, the control plane's certificate verified against the trust
+//! anchors given to [`client_tls`], by the URL's host name or IP) or, for local development only,
+//! `http://`; the scheme must agree with whether a TLS config is given.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{StatusCode, Uri};
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
+use http::{header, Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, Full, Limited};
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
 
-use crate::api::{WatchResponse, WorkloadId, WATCH_PATH};
+use crate::api::{
+    ApiError, CertifyRequest, CertifyResponse, WatchResponse, WorkloadId, CERTIFY_PATH, WATCH_PATH,
+};
 use crate::duration;
 use crate::quoted::Quoted;
 use crate::runtime::Chain;
@@ -44,16 +58,28 @@ pub enum WatchError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ControlUrlError {
     /// Not a URL at all.
-    #[error("{url} is not a URL ({reason}): expected http://HOST:PORT")]
+    #[error("{url} is not a URL ({reason}): expected https://HOST:PORT (or http:// for local development)")]
     Malformed {
         /// The input, quoted and cut to a readable length.
         url: String,
         /// What the URL parser said.
         reason: String,
     },
-    /// Not `http://` with a host and port.
-    #[error("{url}: expected http://HOST:PORT")]
+    /// Not `http://` or `https://` with a host and port.
+    #[error("{url}: expected https://HOST:PORT (or http:// for local development)")]
     NotHttp {
+        /// The input, quoted and cut to a readable length.
+        url: String,
+    },
+    /// `https://` without trust anchors to verify the control plane with.
+    #[error("{url}: https needs trust anchors to verify the control plane's certificate")]
+    HttpsWithoutTls {
+        /// The input, quoted and cut to a readable length.
+        url: String,
+    },
+    /// `http://` with trust anchors: plaintext would ignore them.
+    #[error("{url}: trust anchors are given but the URL is plaintext http://; use https://")]
+    TlsWithoutHttps {
         /// The input, quoted and cut to a readable length.
         url: String,
     },
@@ -62,7 +88,7 @@ pub enum ControlUrlError {
     Credentials,
     /// A path or query: the watch API's path is fixed, and a query (a token, say) would show on
     /// `/config`.
-    #[error("{url}: a path or query is not supported: expected http://HOST:PORT")]
+    #[error("{url}: a path or query is not supported: expected https://HOST:PORT")]
     PathOrQuery {
         /// The input, quoted and cut to a readable length.
         url: String,
@@ -72,46 +98,74 @@ pub enum ControlUrlError {
 /// A watch client for one workload.
 #[derive(Debug, Clone)]
 pub struct Watcher {
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: Client<Connector, Empty<Bytes>>,
     base: Uri,
     workload: WorkloadId,
     wait: Duration,
 }
 
-impl Watcher {
-    /// A watcher of `workload` against the control plane at `base` (`http://HOST:PORT`, e.g.
-    /// `http://127.0.0.1:15012`), asking it to hold each request up to `wait`.
-    pub fn new(base: &str, workload: WorkloadId, wait: Duration) -> Result<Self, ControlUrlError> {
-        let shown = || Quoted(base).to_string();
-        let uri: Uri = base.parse().map_err(|e: http::uri::InvalidUri| {
-            if base.contains('@') {
-                ControlUrlError::Credentials
-            } else {
-                ControlUrlError::Malformed {
-                    url: shown(),
-                    reason: e.to_string(),
-                }
+/// Checks a control-plane URL: `https://HOST:PORT` with `tls`, `http://HOST:PORT` without.
+fn parse_base(base: &str, tls: bool) -> Result<Uri, ControlUrlError> {
+    let shown = || Quoted(base).to_string();
+    let uri: Uri = base.parse().map_err(|e: http::uri::InvalidUri| {
+        if base.contains('@') {
+            ControlUrlError::Credentials
+        } else {
+            ControlUrlError::Malformed {
+                url: shown(),
+                reason: e.to_string(),
             }
-        })?;
-        let Some(authority) = uri.authority() else {
-            return Err(ControlUrlError::NotHttp { url: shown() });
-        };
-        if authority.as_str().contains('@') {
-            return Err(ControlUrlError::Credentials);
         }
-        if uri.scheme_str() != Some("http") || authority.host().is_empty() {
-            return Err(ControlUrlError::NotHttp { url: shown() });
-        }
-        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-            return Err(ControlUrlError::PathOrQuery { url: shown() });
-        }
-        let base = uri;
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(Duration::from_secs(2)));
-        http.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .build(http);
+    })?;
+    let Some(authority) = uri.authority() else {
+        return Err(ControlUrlError::NotHttp { url: shown() });
+    };
+    if authority.as_str().contains('@') {
+        return Err(ControlUrlError::Credentials);
+    }
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || authority.host().is_empty() {
+        return Err(ControlUrlError::NotHttp { url: shown() });
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(ControlUrlError::PathOrQuery { url: shown() });
+    }
+    match (uri.scheme_str(), tls) {
+        (Some("https"), false) => Err(ControlUrlError::HttpsWithoutTls { url: shown() }),
+        (Some("http"), true) => Err(ControlUrlError::TlsWithoutHttps { url: shown() }),
+        _ => Ok(uri),
+    }
+}
+
+/// A pooled HTTP/1.1 client over [`Connector`].
+fn http_client<B>(tls: Option<Arc<rustls::ClientConfig>>) -> Client<Connector, B>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+{
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(Duration::from_secs(2)));
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .build(Connector {
+            http,
+            tls: tls.map(tokio_rustls::TlsConnector::from),
+        })
+}
+
+impl Watcher {
+    /// A watcher of `workload` against the control plane at `base` (`https://HOST:PORT` with
+    /// `tls`, e.g. from [`client_tls`]; `http://HOST:PORT` without, for local development),
+    /// asking it to hold each request up to `wait`.
+    pub fn new(
+        base: &str,
+        workload: WorkloadId,
+        wait: Duration,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Self, ControlUrlError> {
+        let base = parse_base(base, tls.is_some())?;
+        let client = http_client(tls);
         Ok(Self {
             client,
             base,
@@ -133,8 +187,9 @@ impl Watcher {
             .authority()
             .map(|a| a.as_str())
             .unwrap_or_default();
+        let scheme = self.base.scheme_str().unwrap_or("http");
         let uri = format!(
-            "http://{authority}{WATCH_PATH}?workload={}&version={}&wait={}",
+            "{scheme}://{authority}{WATCH_PATH}?workload={}&version={}&wait={}",
             self.workload,
             version.unwrap_or(""),
             duration::format(self.wait)
@@ -193,6 +248,260 @@ impl Watcher {
                 status,
                 body: String::from_utf8_lossy(&body).trim().to_string(),
             }),
+        }
+    }
+}
+
+/// Why a certify request failed. No variant contains the token.
+#[derive(Debug, thiserror::Error)]
+pub enum CertifyError {
+    /// The control plane answered with a refusal (4xx) or failed (5xx).
+    #[error("the control plane refused the certificate request ({status}): {message}")]
+    Refused {
+        /// The status: 400 bad CSR, 401 bad token, 403 another identity, 5xx its failure.
+        status: StatusCode,
+        /// Its explanation.
+        message: String,
+    },
+    /// The control plane could not be reached, or the connection broke.
+    #[error("control plane unreachable: {0}")]
+    Unreachable(String),
+    /// The answer was not a valid certify response.
+    #[error("the control plane sent an invalid certify response: {0}")]
+    Invalid(String),
+}
+
+/// Why trust anchors cannot verify the control plane.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("trust anchors: {0}")]
+pub struct TrustAnchorsError(String);
+
+/// A TLS 1.3 client config that verifies servers against the PEM `trust_anchors_pem` (one or
+/// more roots) by name: webpki's standard server verification.
+pub fn client_tls(trust_anchors_pem: &str) -> Result<Arc<rustls::ClientConfig>, TrustAnchorsError> {
+    let certs = CertificateDer::pem_slice_iter(trust_anchors_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TrustAnchorsError(format!("not valid PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(TrustAnchorsError(
+            "no PEM certificate (-----BEGIN CERTIFICATE-----) found".into(),
+        ));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for (i, cert) in certs.into_iter().enumerate() {
+        roots
+            .add(cert)
+            .map_err(|e| TrustAnchorsError(format!("certificate {} is unusable: {e}", i + 1)))?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .map_err(|e| TrustAnchorsError(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Largest certify response accepted.
+const MAX_CERTIFY_RESPONSE: usize = 256 * 1024;
+/// How long one certify exchange may take.
+const CERTIFY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A client of `POST /v1/certify`.
+#[derive(Debug, Clone)]
+pub struct Certifier {
+    client: Client<Connector, Full<Bytes>>,
+    uri: Uri,
+}
+
+impl Certifier {
+    /// A certifier against the control plane at `base` (`https://HOST:PORT` with `tls`,
+    /// `http://HOST:PORT` without).
+    pub fn new(
+        base: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Self, ControlUrlError> {
+        let base = parse_base(base, tls.is_some())?;
+        let uri = format!(
+            "{}://{}{CERTIFY_PATH}",
+            base.scheme_str().unwrap_or("http"),
+            base.authority().map(|a| a.as_str()).unwrap_or_default()
+        )
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| ControlUrlError::Malformed {
+            url: Quoted(&base.to_string()).to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            client: http_client(tls),
+            uri,
+        })
+    }
+
+    /// Sends `csr_pem` with the bearer `token`; the answer is the issued chain and the trust
+    /// anchors.
+    pub async fn certify(
+        &self,
+        token: &str,
+        csr_pem: &str,
+    ) -> Result<CertifyResponse, CertifyError> {
+        let body = serde_json::to_vec(&CertifyRequest {
+            csr: csr_pem.to_string(),
+        })
+        .map_err(|e| CertifyError::Invalid(e.to_string()))?;
+        let mut authorization =
+            header::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+                CertifyError::Refused {
+                    status: StatusCode::UNAUTHORIZED,
+                    message: "the token has characters not allowed in a header".into(),
+                }
+            })?;
+        authorization.set_sensitive(true);
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(self.uri.clone())
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::AUTHORIZATION, authorization)
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| CertifyError::Invalid(e.to_string()))?;
+        let exchange = async {
+            let rsp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| CertifyError::Unreachable(Chain(&e).to_string()))?;
+            let status = rsp.status();
+            let body = Limited::new(rsp.into_body(), MAX_CERTIFY_RESPONSE)
+                .collect()
+                .await
+                .map_err(|e| CertifyError::Unreachable(e.to_string()))?
+                .to_bytes();
+            Ok::<_, CertifyError>((status, body))
+        };
+        let (status, body) = tokio::time::timeout(CERTIFY_TIMEOUT, exchange)
+            .await
+            .map_err(|_| CertifyError::Unreachable("no complete answer in time".into()))??;
+        if status != StatusCode::OK {
+            let message = serde_json::from_slice::<ApiError>(&body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).trim().to_string());
+            let mut message = crate::quoted::shorten_message(&message, MAX_ERROR_BODY);
+            if !token.is_empty() && message.contains(token) {
+                message = message.replace(token, "<token>");
+            }
+            return Err(CertifyError::Refused { status, message });
+        }
+        let rsp: CertifyResponse =
+            serde_json::from_slice(&body).map_err(|e| CertifyError::Invalid(e.to_string()))?;
+        if !rsp.chain.contains("-----BEGIN CERTIFICATE-----") {
+            return Err(CertifyError::Invalid(
+                "the chain holds no certificate".into(),
+            ));
+        }
+        Ok(rsp)
+    }
+}
+
+/// Connects to the control plane: TCP (hyper-util's connector), then TLS when configured, with
+/// the URL's host (DNS name or IP) as the server name to verify.
+#[derive(Clone)]
+pub struct Connector {
+    http: HttpConnector,
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector")
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower::Service<Uri> for Connector {
+    type Response = Conn;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Conn, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.http.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let mut http = self.http.clone();
+        let tls = self.tls.clone();
+        Box::pin(async move {
+            let host = uri
+                .host()
+                .ok_or("the URL has no host")?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let tcp = http.call(uri).await?;
+            let Some(tls) = tls else {
+                return Ok(Conn::Plain(tcp));
+            };
+            let name = ServerName::try_from(host)?;
+            let stream = tls.connect(name, tcp.into_inner()).await?;
+            Ok(Conn::Tls(Box::new(TokioIo::new(stream))))
+        })
+    }
+}
+
+/// A connection to the control plane, plain or TLS.
+#[derive(Debug)]
+pub enum Conn {
+    /// Plain TCP (local development).
+    Plain(TokioIo<TcpStream>),
+    /// TLS over TCP.
+    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
+}
+
+impl Connection for Conn {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl hyper::rt::Write for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -291,7 +600,8 @@ mod tests {
     #[test]
     fn bad_urls_are_refused_without_naming_a_flag() {
         let w: WorkloadId = "a/b".parse().unwrap();
-        let new = |url: &str| Watcher::new(url, w.clone(), Duration::from_secs(1)).map(|_| ());
+        let new =
+            |url: &str| Watcher::new(url, w.clone(), Duration::from_secs(1), None).map(|_| ());
         assert!(matches!(
             new("ftp://x:1"),
             Err(ControlUrlError::NotHttp { .. })
@@ -325,7 +635,12 @@ mod tests {
         assert!(e.to_string().len() < 300, "{e}");
         assert!(new("http://127.0.0.1:15012").is_ok());
         assert!(new("http://127.0.0.1:15012/").is_ok());
-        let watcher = Watcher::new("http://control:15012", w.clone(), Duration::from_secs(1));
+        let watcher = Watcher::new(
+            "http://control:15012",
+            w.clone(),
+            Duration::from_secs(1),
+            None,
+        );
         assert_eq!(watcher.unwrap().workload(), &w);
     }
 }

@@ -3,7 +3,9 @@
 //! Dependencies point one way: this crate never uses the proxy.
 
 pub mod api;
+pub mod authority;
 pub mod ca;
+pub mod cli;
 pub mod client;
 pub mod duration;
 pub mod mesh;

@@ -23,11 +23,14 @@ use prometheus::{Encoder, IntCounter, IntGauge, Registry, TextEncoder};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::api::{WorkloadId, WATCH_PATH};
+use crate::api::{WorkloadId, CERTIFY_PATH, WATCH_PATH};
+use crate::authority::{json_error, Authority, CaPaths, ServingCert};
+use crate::ca::Ca;
 use crate::duration;
 use crate::mesh::{ConfigError, Mesh, DEMO_MESH, MAX_MESH_BYTES};
 use crate::quoted::Quoted;
-use crate::runtime::{serve_http1, text};
+use crate::runtime::{serve_http1_over, text};
+use crate::token::TokenKey;
 
 /// Longest wait a watcher may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(300);
@@ -85,20 +88,34 @@ impl Metrics {
 /// A running control plane's shared state.
 pub struct ControlPlane {
     snapshots: watch::Sender<Arc<Snapshot>>,
+    authority: Option<Arc<Authority>>,
     epoch: String,
     registry: Registry,
     metrics: Metrics,
 }
 
 impl ControlPlane {
-    /// A control plane serving `mesh` as its first version.
+    /// A control plane serving `mesh` as its first version, issuing no certificates
+    /// (`/v1/certify` answers 404).
     pub fn new(mesh: Mesh) -> anyhow::Result<Arc<Self>> {
+        Self::with_authority(mesh, None)
+    }
+
+    /// A control plane serving `mesh` as its first version and, with an `authority`, issuing
+    /// certificates on `/v1/certify`; views then carry the authority's trust domain.
+    pub fn with_authority(
+        mesh: Mesh,
+        authority: Option<Arc<Authority>>,
+    ) -> anyhow::Result<Arc<Self>> {
         let nanos = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
         let epoch = format!("{:x}", nanos ^ u128::from(std::process::id()));
         let registry = Registry::new();
         let metrics = Metrics::register(&registry)?;
+        if let Some(authority) = &authority {
+            authority.register(&registry)?;
+        }
         metrics.applied.inc();
         tracing::info!(version = %format!("{epoch}-1"), "serving {}", mesh.summary());
         let first = Arc::new(Snapshot {
@@ -108,6 +125,7 @@ impl ControlPlane {
         let (snapshots, _) = watch::channel(first);
         Ok(Arc::new(Self {
             snapshots,
+            authority,
             epoch,
             registry,
             metrics,
@@ -210,17 +228,43 @@ impl ControlPlane {
         }
     }
 
-    /// Serves the API on `listener` until the task is dropped.
+    /// Serves the API in plain HTTP on `listener` until the task is dropped.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        serve_http1(listener, move |req, _peer| {
+        self.serve_over(listener, None).await
+    }
+
+    /// Serves the API on `listener`, over TLS with `tls`, until the task is dropped.
+    pub async fn serve_over(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) {
+        let tls = tls.map(tokio_rustls::TlsAcceptor::from);
+        serve_http1_over(listener, tls, move |req, peer| {
             let cp = self.clone();
-            async move { cp.route(req).await }
+            async move { cp.route(req, peer).await }
         })
         .await
     }
 
-    async fn route(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    /// The certificate authority, if this control plane is one.
+    pub fn authority(&self) -> Option<&Arc<Authority>> {
+        self.authority.as_ref()
+    }
+
+    async fn route(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
         match (req.method(), req.uri().path()) {
+            (&Method::POST, CERTIFY_PATH) => match &self.authority {
+                Some(authority) => authority.handle(req, peer).await,
+                None => json_error(
+                    StatusCode::NOT_FOUND,
+                    "this control plane issues no certificates",
+                ),
+            },
+            (_, CERTIFY_PATH) => json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed: POST a {\"csr\": \"<PEM>\"} with authorization: Bearer TOKEN",
+            ),
             (&Method::GET, WATCH_PATH) => self.watch(req.uri().query().unwrap_or("")).await,
             (&Method::GET, "/live" | "/ready") => text(StatusCode::OK, "ok\n"),
             (&Method::GET, "/metrics") => {
@@ -260,6 +304,7 @@ impl ControlPlane {
                 ),
             );
         };
+        self.stamp(&mut view);
         if q.version.as_deref() != Some(snap.version.as_str()) {
             return self.json(&view);
         }
@@ -281,12 +326,24 @@ impl ControlPlane {
                         );
                     };
                     // Wake the watcher only when its own view changed.
-                    if next.outbound != view.outbound || next.inbound != view.inbound {
+                    let mut next = next;
+                    self.stamp(&mut next);
+                    if next.outbound != view.outbound
+                        || next.inbound != view.inbound
+                        || next.trust_domain != view.trust_domain
+                    {
                         return self.json(&next);
                     }
                     view = next;
                 }
             }
+        }
+    }
+
+    /// The authority's trust domain wins over the mesh config's.
+    fn stamp(&self, view: &mut crate::api::WatchResponse) {
+        if let Some(authority) = &self.authority {
+            view.trust_domain = authority.trust_domain().to_string();
         }
     }
 
@@ -440,9 +497,24 @@ fn not_modified() -> Response<Full<Bytes>> {
     rsp
 }
 
+/// The control plane's default `--server-name`s: what proxies in a cluster and on a laptop call it.
+pub const DEFAULT_SERVER_NAMES: &[&str] = &[
+    "localhost",
+    "outrider-control",
+    "outrider-control.outrider-system.svc",
+    "outrider-control.outrider-system.svc.cluster.local",
+];
+
+/// How long the control plane's own serving certificate is valid; renewed at half of it.
+const SERVING_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
 /// Flags of `outrider control`.
 #[derive(Debug, Clone, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct ControlArgs {
+    /// `ca init` or `token`; without one, the control plane serves.
+    #[command(subcommand)]
+    pub command: Option<crate::cli::ControlCommand>,
     /// The mesh config (YAML). Without it, the embedded demo mesh is served.
     #[arg(long, env = "OUTRIDER_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -453,6 +525,42 @@ pub struct ControlArgs {
     /// Validate FILE, print every error with its key path (exit 2) or a summary (exit 0), and exit.
     #[arg(long, value_name = "FILE", conflicts_with = "config")]
     pub check: Option<PathBuf>,
+    /// The issuer certificate (PEM), optionally followed by more intermediates. With
+    /// --issuer-key and --trust-anchors; without all three, a throwaway root is generated.
+    #[arg(long, env = "OUTRIDER_ISSUER_CERT", value_name = "FILE",
+          requires_all = ["issuer_key", "trust_anchors"])]
+    pub issuer_cert: Option<PathBuf>,
+    /// The issuer's key (PKCS#8 PEM, ECDSA P-256). Never logged, never served.
+    #[arg(long, env = "OUTRIDER_ISSUER_KEY", value_name = "FILE",
+          requires_all = ["issuer_cert", "trust_anchors"])]
+    pub issuer_key: Option<PathBuf>,
+    /// The trust anchors (PEM bundle of one or more roots) the issuer chains to.
+    #[arg(long, env = "OUTRIDER_TRUST_ANCHORS", value_name = "FILE",
+          requires_all = ["issuer_cert", "issuer_key"])]
+    pub trust_anchors: Option<PathBuf>,
+    /// The key that bootstrap tokens are checked with (`outrider control ca init` writes one;
+    /// `outrider control token` mints with it). Without it, a random key is used and no token
+    /// can be minted outside this process.
+    #[arg(long, env = "OUTRIDER_TOKEN_KEY", value_name = "FILE")]
+    pub token_key: Option<PathBuf>,
+    /// Lifetime of the workload certificates issued (e.g. 24h, 5m, 5s).
+    #[arg(long, env = "OUTRIDER_CERT_LIFETIME", value_name = "DUR", default_value = "24h",
+          value_parser = crate::cli::parse_positive_duration)]
+    pub cert_lifetime: Duration,
+    /// The trust domain of the identities issued. Default: the mesh config's `trust_domain`,
+    /// else outrider.local.
+    #[arg(long, env = "OUTRIDER_TRUST_DOMAIN", value_name = "TD",
+          value_parser = |s: &str| crate::api::check_trust_domain(s).map(|()| s.to_string()))]
+    pub trust_domain: Option<String>,
+    /// Serve the API over plain HTTP (tokens and certificates in the clear): local development
+    /// only. Otherwise it is served over TLS 1.3 with a certificate from the CA.
+    #[arg(long, env = "OUTRIDER_PLAINTEXT")]
+    pub plaintext: bool,
+    /// DNS names in the serving certificate (repeatable). 127.0.0.1 and the listen IP (unless
+    /// unspecified) are always in it.
+    #[arg(long = "server-name", value_name = "NAME",
+          default_values_t = DEFAULT_SERVER_NAMES.iter().map(|s| s.to_string()).collect::<Vec<_>>())]
+    pub server_names: Vec<String>,
 }
 
 /// What `outrider control` does before it serves: `--check` (the exit code), or the mesh to serve.
@@ -518,8 +626,8 @@ pub fn prepare(args: &ControlArgs) -> Prepared {
     Prepared::Serve(Box::new((mesh, text)))
 }
 
-/// Serves `mesh` (prepared by [`prepare`]) until `shutdown` resolves; exit code 1 when it cannot
-/// bind or start.
+/// Serves `mesh` (prepared by [`prepare`]) until `shutdown` resolves; exit code 2 when the CA
+/// files, token key or server names cannot be used, 1 when it cannot bind or start.
 pub async fn serve(
     args: ControlArgs,
     mesh: Mesh,
@@ -527,31 +635,138 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::process::ExitCode {
     use std::process::ExitCode;
-    {
-        let cp = match ControlPlane::new(mesh) {
-            Ok(cp) => cp,
-            Err(e) => {
-                eprintln!("outrider control: {e:#}");
-                return ExitCode::from(1);
-            }
-        };
-        let listener = match TcpListener::bind(args.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("outrider control: cannot bind {}: {e}", args.listen);
-                return ExitCode::from(1);
-            }
-        };
-        tracing::info!(listen = %args.listen, config = %args.config.as_ref().map_or("<embedded demo mesh>".into(), |p| p.display().to_string()), "control plane ready");
-        if let Some(path) = args.config {
-            tokio::spawn(cp.clone().follow(path, text));
+    let trust_domain = args
+        .trust_domain
+        .clone()
+        .unwrap_or_else(|| mesh.trust_domain.clone());
+    let started = match start_authority(&args, trust_domain) {
+        Ok(started) => started,
+        Err(e) => {
+            eprintln!("outrider control: {e:#}");
+            return ExitCode::from(2);
         }
-        tokio::select! {
-            () = cp.serve(listener) => {}
-            () = shutdown => tracing::info!("shutting down"),
+    };
+    let cp = match ControlPlane::with_authority(mesh, Some(started.authority.clone())) {
+        Ok(cp) => cp,
+        Err(e) => {
+            eprintln!("outrider control: {e:#}");
+            return ExitCode::from(1);
         }
-        ExitCode::SUCCESS
+    };
+    let listener = match TcpListener::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("outrider control: cannot bind {}: {e}", args.listen);
+            return ExitCode::from(1);
+        }
+    };
+    let tls = if args.plaintext {
+        tracing::warn!("--plaintext: the API is served over plain HTTP, tokens and certificates cross the network in the clear; for local development only");
+        None
+    } else {
+        let mut ips = vec![std::net::IpAddr::from([127, 0, 0, 1])];
+        if !args.listen.ip().is_unspecified() && !ips.contains(&args.listen.ip()) {
+            ips.push(args.listen.ip());
+        }
+        let serving = ServingCert::new(
+            &started.authority.ca(),
+            args.server_names.clone(),
+            ips,
+            SERVING_LIFETIME,
+        )
+        .map_err(|e| format!("cannot issue the serving certificate (check --server-name): {e}"))
+        .and_then(|serving| {
+            let config = serving.server_config().map_err(|e| e.to_string())?;
+            Ok((serving, config))
+        });
+        match serving {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                eprintln!("outrider control: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    };
+    tracing::info!(
+        listen = %args.listen,
+        tls = tls.is_some(),
+        trust_domain = %started.authority.trust_domain(),
+        cert_lifetime = %duration::format(args.cert_lifetime),
+        config = %args.config.as_ref().map_or("<embedded demo mesh>".into(), |p| p.display().to_string()),
+        "control plane ready"
+    );
+    if let Some(path) = args.config.clone() {
+        tokio::spawn(cp.clone().follow(path, text));
     }
+    let (serving, config) = match tls {
+        Some((serving, config)) => (Some(serving), Some(config)),
+        None => (None, None),
+    };
+    tokio::spawn(
+        started
+            .authority
+            .clone()
+            .follow(started.paths, started.texts, serving),
+    );
+    tokio::select! {
+        () = cp.serve_over(listener, config) => {}
+        () = shutdown => tracing::info!("shutting down"),
+    }
+    ExitCode::SUCCESS
+}
+
+/// The authority `outrider control` starts with, and what to follow.
+struct Started {
+    authority: Arc<Authority>,
+    paths: Option<CaPaths>,
+    texts: [String; 3],
+}
+
+/// Loads (or generates) the CA and the token key named by the flags.
+fn start_authority(args: &ControlArgs, trust_domain: String) -> anyhow::Result<Started> {
+    use anyhow::Context;
+    let (ca, paths, texts) = match (&args.issuer_cert, &args.issuer_key, &args.trust_anchors) {
+        (Some(cert), Some(key), Some(anchors)) => {
+            let read = |p: &Path| {
+                std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+            };
+            let texts = [read(cert)?, read(key)?, read(anchors)?];
+            let ca = Ca::load(&texts[0], &texts[1], &texts[2]).with_context(|| {
+                format!(
+                    "--issuer-cert {}, --issuer-key {}, --trust-anchors {}",
+                    cert.display(),
+                    key.display(),
+                    anchors.display()
+                )
+            })?;
+            tracing::info!(issuer = %cert.display(), trust_anchors = %anchors.display(), anchors = ca.trust_anchors().len(), "certificate authority loaded; following its files");
+            let paths = CaPaths {
+                issuer_cert: cert.clone(),
+                issuer_key: key.clone(),
+                trust_anchors: anchors.clone(),
+            };
+            (ca, Some(paths), texts)
+        }
+        (None, None, None) => {
+            let ca = Ca::generate(&trust_domain)?;
+            tracing::warn!("no --issuer-cert/--issuer-key/--trust-anchors: generated a throwaway self-signed root and issuer, gone at exit; fine for demos and tests only (see `outrider control ca init`)");
+            (ca, None, Default::default())
+        }
+        _ => anyhow::bail!("give all of --issuer-cert, --issuer-key and --trust-anchors, or none"),
+    };
+    let tokens = match &args.token_key {
+        Some(path) => TokenKey::from_file(path).context("--token-key")?,
+        None => {
+            tracing::warn!("no --token-key: a random token key was generated, so no token can be minted outside this process and no proxy can get a certificate; mint tokens with `outrider control token --token-key FILE` and pass the same FILE here");
+            TokenKey::generate()?
+        }
+    };
+    let authority = Authority::new(ca, tokens, args.cert_lifetime, trust_domain)?;
+    Ok(Started {
+        authority,
+        paths,
+        texts,
+    })
 }
 
 #[cfg(test)]

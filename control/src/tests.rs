@@ -85,7 +85,7 @@ fn yaml_syntax_and_unknown_keys() {
         "colour: blue\nservices:\n  - adresses: [1.2.3.4:80]\n    endpoints:\n      - weigth: 2\n    routes:\n      - match: { prefix: /a }\n        retry: {}\n    breaker: {}\nworkloads:\n  - servers: [{ prot: 80 }]\n",
     );
     for line in [
-        "colour: unknown key; expected one of: unknown_destinations, services, workloads",
+        "colour: unknown key; expected one of: trust_domain, unknown_destinations, services, workloads",
         "services[0].adresses: unknown key",
         "services[0].name: missing key",
         "services[0].endpoints[0].weigth: unknown key",
@@ -405,4 +405,85 @@ fn a_duplicate_key_stops_parsing_and_is_reported_with_its_path() {
     assert_eq!(e.len(), 1, "{e:?}");
     assert!(e[0].starts_with("services[0]"), "{e:?}");
     assert!(e[0].contains("duplicate field `name`"), "{e:?}");
+}
+
+#[test]
+fn allow_entries_are_identities_or_namespaces_and_ports_have_a_default_policy() {
+    use crate::api::{DefaultPolicy, Identity, IdentityMatch};
+    let yaml = format!(
+        "{BASE}    default_policy: mesh-only\n    servers:\n      - port: 80\n        allow:\n          - spiffe://outrider.local/ns/demo/sa/web\n          - spiffe://outrider.local/ns/batch/*\n"
+    );
+    let mesh = Mesh::parse(&yaml).unwrap();
+    let view = mesh.view(&id("default/web"), "1").unwrap();
+    assert_eq!(view.inbound.default_policy, DefaultPolicy::MeshOnly);
+    assert_eq!(view.trust_domain, "outrider.local");
+    let allow = &view.inbound.servers[0].allow;
+    assert!(matches!(allow[0], IdentityMatch::Exact(_)));
+    assert_eq!(
+        allow[1],
+        IdentityMatch::Namespace {
+            trust_domain: "outrider.local".into(),
+            namespace: "batch".into()
+        }
+    );
+    let who = |s: &str| s.parse::<Identity>().unwrap();
+    assert!(allow[1].matches(&who("spiffe://outrider.local/ns/batch/sa/any")));
+    assert!(!allow[1].matches(&who("spiffe://outrider.local/ns/batchx/sa/any")));
+    assert!(!allow[1].matches(&who("spiffe://other.td/ns/batch/sa/any")));
+    assert!(allow[0].matches(&who("spiffe://outrider.local/ns/demo/sa/web")));
+    assert!(!allow[0].matches(&who("spiffe://outrider.local/ns/demo/sa/web2")));
+    // JSON: strings both ways.
+    let json = serde_json::to_string(&view).unwrap();
+    assert!(
+        json.contains("\"spiffe://outrider.local/ns/batch/*\""),
+        "{json}"
+    );
+    assert!(json.contains("\"default_policy\":\"mesh-only\""), "{json}");
+    let back: crate::api::WatchResponse = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, view);
+    // The default is allow-all; the trust domain is the mesh's.
+    let mesh = Mesh::parse(&format!("trust_domain: prod.example\n{BASE}")).unwrap();
+    let view = mesh.view(&id("default/web"), "1").unwrap();
+    assert_eq!(view.inbound.default_policy, DefaultPolicy::AllowAll);
+    assert_eq!(view.trust_domain, "prod.example");
+}
+
+#[test]
+fn bad_allow_entries_default_policies_and_trust_domains_name_their_keys() {
+    let yaml = format!(
+        "trust_domain: Prod!\n{BASE}    default_policy: open\n    servers:\n      - port: 80\n        allow:\n          - spiffe://outrider.local/ns/demo/*/x\n          - spiffe://outrider.local/ns/Bad/*\n          - spiffe://outrider.local/*\n          - https://outrider.local/ns/demo/*\n          - spiffe://outrider.local/ns/demo/sa/*\n"
+    );
+    let e = errors(&yaml);
+    for (path, what) in [
+        ("trust_domain", "invalid trust domain \"Prod!\""),
+        (
+            "workloads[0].default_policy",
+            "unknown default policy \"open\": expected allow-all, mesh-only or deny",
+        ),
+        ("workloads[0].servers[0].allow[0]", "invalid identity"),
+        (
+            "workloads[0].servers[0].allow[1]",
+            "the namespace has a character",
+        ),
+        (
+            "workloads[0].servers[0].allow[2]",
+            "a wildcard path must be /ns/NAMESPACE/*",
+        ),
+        (
+            "workloads[0].servers[0].allow[4]",
+            "only a whole namespace can be a wildcard",
+        ),
+        (
+            "workloads[0].servers[0].allow[3]",
+            "does not start with spiffe://",
+        ),
+        ("workloads[0].servers[0].allow[4]", "invalid identity"),
+    ] {
+        let line = format!("{path}: ");
+        assert!(
+            e.iter().any(|x| x.starts_with(&line) && x.contains(what)),
+            "missing `{path}: ...{what}...` in\n{}",
+            e.join("\n")
+        );
+    }
 }

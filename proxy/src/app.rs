@@ -152,6 +152,7 @@ impl Proxy {
             (Some(url), Some(workload)) => Some(Discovery::spawn(
                 url,
                 workload,
+                config.control_tls.clone(),
                 &registry,
                 readiness.block("the first config from the control plane"),
             )?),

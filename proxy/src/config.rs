@@ -66,9 +66,14 @@ pub struct ProxyArgs {
     #[arg(long = "forward", env = "OUTRIDER_FORWARD", value_name = "LISTEN=UPSTREAM",
           value_delimiter = ',', value_parser = parse_forward)]
     pub forwards: Vec<ForwardSpec>,
-    /// The control plane's watch API, e.g. http://127.0.0.1:15012. Needs --workload.
+    /// The control plane, e.g. https://outrider-control:15012 (with --trust-anchors), or
+    /// http://127.0.0.1:15012 for local development (plaintext, with a warning). Needs --workload.
     #[arg(long, env = "OUTRIDER_CONTROL", value_name = "URL")]
     pub control: Option<String>,
+    /// The mesh's trust anchors (PEM roots) that the control plane's certificate must chain to;
+    /// required when --control is https://.
+    #[arg(long, env = "OUTRIDER_TRUST_ANCHORS", value_name = "FILE")]
+    pub trust_anchors: Option<std::path::PathBuf>,
     /// This proxy's workload, `namespace/name` (in Kubernetes, from the downward API).
     #[arg(long, env = "OUTRIDER_WORKLOAD", value_name = "NAMESPACE/NAME")]
     pub workload: Option<String>,
@@ -187,6 +192,10 @@ pub struct Config {
     pub forwards: Vec<ForwardSpec>,
     /// The control plane's URL.
     pub control: Option<String>,
+    /// The trust anchors file (`--trust-anchors`).
+    pub trust_anchors: Option<std::path::PathBuf>,
+    /// TLS towards the control plane, verified against the trust anchors.
+    pub control_tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     /// This proxy's workload.
     pub workload: Option<String>,
     /// The identity bootstrap token's file.
@@ -262,6 +271,8 @@ impl Config {
             admin: args.admin,
             forwards: args.forwards,
             control: args.control,
+            control_tls: None,
+            trust_anchors: args.trust_anchors,
             workload: args.workload,
             identity_token_file: args.identity_token_file,
             tls_handshake_timeout: args.tls_handshake_timeout,
@@ -287,7 +298,22 @@ impl Config {
             drain_window: args.drain_window,
             shutdown_grace: args.shutdown_grace,
         };
-        let errors = config.validate();
+        let mut config = config;
+        let mut errors = Vec::new();
+        if let Some(path) = &config.trust_anchors {
+            match std::fs::read_to_string(path)
+                .map_err(|e| e.to_string())
+                .and_then(|pem| {
+                    outrider_control::client::client_tls(&pem).map_err(|e| e.to_string())
+                }) {
+                Ok(tls) => config.control_tls = Some(tls),
+                Err(e) => errors.push(ConfigError {
+                    flag: "--trust-anchors",
+                    reason: format!("{}: {e}", path.display()),
+                }),
+            }
+        }
+        errors.extend(config.validate());
         if errors.is_empty() {
             Ok(config)
         } else {
@@ -336,14 +362,28 @@ impl Config {
                 // With a bad workload, the URL is still checked (against a stand-in), so both
                 // problems are reported at once.
                 let workload = parsed.ok().or_else(|| "check/url".parse().ok());
-                if let Some(workload) = workload {
-                    let watcher = outrider_control::client::Watcher::new(
+                // An unreadable --trust-anchors is reported on its own.
+                let anchors_failed = self.trust_anchors.is_some() && self.control_tls.is_none();
+                if let Some(workload) = workload.filter(|_| !anchors_failed) {
+                    use outrider_control::client::{ControlUrlError, Watcher};
+                    let watcher = Watcher::new(
                         url,
                         workload,
                         Duration::from_secs(1),
+                        self.control_tls.clone(),
                     );
-                    if let Err(e) = watcher {
-                        error("--control", e.to_string());
+                    match watcher {
+                        Ok(_) => {}
+                        Err(ControlUrlError::HttpsWithoutTls { .. }) => error(
+                            "--trust-anchors",
+                            "required when --control is https:// (the mesh's root certificates, PEM)"
+                                .into(),
+                        ),
+                        Err(ControlUrlError::TlsWithoutHttps { .. }) => error(
+                            "--trust-anchors",
+                            "given, but --control is plaintext http://; use https://".into(),
+                        ),
+                        Err(e) => error("--control", e.to_string()),
                     }
                 }
             }
@@ -457,6 +497,7 @@ impl Config {
             "forwards": self.forwards.iter().map(|f| format!("{}={}", f.listen, f.upstream)).collect::<Vec<_>>(),
             "workers": self.workers,
             "control_url": self.control,
+            "trust_anchors": self.trust_anchors.as_ref().map(|p| p.display().to_string()),
             "workload": self.workload,
             // The path only: the token itself is a secret and never shown.
             "identity_token_file": self.identity_token_file.as_ref().map(|p| p.display().to_string()),
@@ -488,6 +529,8 @@ impl Config {
             admin: SocketAddr::from(([127, 0, 0, 1], 0)),
             forwards,
             control: None,
+            trust_anchors: None,
+            control_tls: None,
             workload: None,
             identity_token_file: None,
             tls_handshake_timeout: Duration::from_secs(5),

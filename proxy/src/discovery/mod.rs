@@ -89,15 +89,20 @@ pub struct Discovery {
 }
 
 impl Discovery {
-    /// Starts following `workload` on the control plane at `url`; returns at once. `ready` is
-    /// released when the first view arrives.
+    /// Starts following `workload` on the control plane at `url` (over TLS with `tls`, else
+    /// plaintext with a warning); returns at once. `ready` is released when the first view
+    /// arrives.
     pub fn spawn(
         url: &str,
         workload: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
         registry: &Registry,
         ready: BlockReady,
     ) -> anyhow::Result<Self> {
-        let watcher = Watcher::new(url, workload.parse()?, Duration::from_secs(30))?;
+        if tls.is_none() {
+            tracing::warn!(%url, "control-plane traffic is plaintext http: for local development only; use https:// and --trust-anchors");
+        }
+        let watcher = Watcher::new(url, workload.parse()?, Duration::from_secs(30), tls)?;
         let metrics = SyncMetrics {
             connected: IntGauge::new(
                 "outrider_control_connected",
@@ -282,6 +287,7 @@ mod tests {
         let discovery = Discovery::spawn(
             &format!("http://{addr}"),
             "demo/loadgen",
+            None,
             &registry,
             readiness.block("the first config from the control plane"),
         )

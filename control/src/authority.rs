@@ -1,0 +1,717 @@
+//! The control plane as a certificate authority: `POST /v1/certify` (see [`crate::api`]), the
+//! issuer and trust-anchor files followed on disk, and the control plane's own serving
+//! certificate.
+//!
+//! A certify request is granted only when its bearer token verifies ([`crate::token`]) and its
+//! CSR asks for exactly the token's identity ([`Ca::certify`]). Every refusal is answered with a
+//! JSON `{"error": ...}`, counted by reason in `outrider_control_certify_refused_total`, and
+//! logged once with the reason and the identity the token claims (if it parses) — never the
+//! token.
+//!
+//! The issuer files are polled every 2 s: a change that loads ([`Ca::load`]'s checks) replaces
+//! the CA at once and reissues the serving certificate; one that does not is logged (once per
+//! distinct problem) and the old CA stays in force. So roots rotate without a restart.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::api::{ApiError, CertifyRequest, CertifyResponse, Identity};
+use crate::ca::{Ca, CaError, CsrError};
+use crate::token::{claimed_identity, TokenError, TokenKey};
+
+/// The largest certify request body accepted, in bytes.
+pub const MAX_CERTIFY_BODY: usize = 16 * 1024;
+/// How long a certify request may take to send its body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the issuer files are checked.
+const POLL: Duration = Duration::from_secs(2);
+
+/// Why a certify request was refused: a metric label, bounded.
+const REASONS: &[&str] = &[
+    "no_token",
+    "malformed_token",
+    "bad_signature",
+    "expired",
+    "bad_identity",
+    "bad_body",
+    "bad_csr",
+    "wrong_identity",
+    "wrong_trust_domain",
+    "internal",
+];
+
+/// Where the CA comes from on disk: followed by [`Authority::follow`].
+#[derive(Debug, Clone)]
+pub struct CaPaths {
+    /// The issuer certificate, optionally followed by more intermediates (PEM).
+    pub issuer_cert: PathBuf,
+    /// The issuer's key (PKCS#8 PEM).
+    pub issuer_key: PathBuf,
+    /// The trust anchors (PEM bundle).
+    pub trust_anchors: PathBuf,
+}
+
+/// The certificate authority of a running control plane.
+#[derive(Debug)]
+pub struct Authority {
+    ca: RwLock<Arc<Ca>>,
+    tokens: TokenKey,
+    lifetime: Duration,
+    trust_domain: String,
+    pub(crate) issued: IntCounter,
+    pub(crate) refused: IntCounterVec,
+}
+
+/// A refused certify request.
+struct Refusal {
+    status: StatusCode,
+    reason: &'static str,
+    message: String,
+}
+
+fn refusal(status: StatusCode, reason: &'static str, message: impl Into<String>) -> Refusal {
+    Refusal {
+        status,
+        reason,
+        message: message.into(),
+    }
+}
+
+/// A JSON response.
+pub(crate) fn json_response(
+    status: StatusCode,
+    body: &impl serde::Serialize,
+) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(body).unwrap_or_else(|_| b"{\"error\":\"internal\"}".to_vec());
+    let mut rsp = Response::new(Full::new(Bytes::from(body)));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    rsp
+}
+
+/// A JSON `{"error": ...}` response.
+pub(crate) fn json_error(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>> {
+    json_response(
+        status,
+        &ApiError {
+            error: message.into(),
+        },
+    )
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The bearer token of a request.
+fn bearer(headers: &HeaderMap) -> Result<&str, Refusal> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Err(refusal(
+            StatusCode::UNAUTHORIZED,
+            "no_token",
+            "missing authorization: Bearer TOKEN",
+        ));
+    };
+    if values.next().is_some() {
+        return Err(refusal(
+            StatusCode::UNAUTHORIZED,
+            "malformed_token",
+            "more than one authorization header",
+        ));
+    }
+    let value = value.to_str().unwrap_or("");
+    match value.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(token.trim())
+        }
+        _ => Err(refusal(
+            StatusCode::UNAUTHORIZED,
+            "malformed_token",
+            "the authorization header is not Bearer TOKEN",
+        )),
+    }
+}
+
+impl Authority {
+    /// An authority issuing with `ca` for the identities of `trust_domain`, to holders of tokens
+    /// from `tokens`, certificates valid for `lifetime`.
+    pub fn new(
+        ca: Ca,
+        tokens: TokenKey,
+        lifetime: Duration,
+        trust_domain: String,
+    ) -> anyhow::Result<Arc<Self>> {
+        let issued = IntCounter::new(
+            "outrider_control_certificates_issued_total",
+            "Workload certificates issued",
+        )?;
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "outrider_control_certify_refused_total",
+                "Certify requests refused, by reason",
+            ),
+            &["reason"],
+        )?;
+        for reason in REASONS {
+            refused.with_label_values(&[reason]);
+        }
+        Ok(Arc::new(Self {
+            ca: RwLock::new(Arc::new(ca)),
+            tokens,
+            lifetime,
+            trust_domain,
+            issued,
+            refused,
+        }))
+    }
+
+    /// Registers the certify metrics.
+    pub(crate) fn register(&self, registry: &Registry) -> prometheus::Result<()> {
+        registry.register(Box::new(self.issued.clone()))?;
+        registry.register(Box::new(self.refused.clone()))
+    }
+
+    /// The CA in force.
+    pub fn ca(&self) -> Arc<Ca> {
+        match self.ca.read() {
+            Ok(ca) => ca.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Puts `ca` in force for the next request.
+    pub fn replace_ca(&self, ca: Ca) {
+        match self.ca.write() {
+            Ok(mut current) => *current = Arc::new(ca),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(ca),
+        }
+    }
+
+    /// The trust domain of the identities issued.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The lifetime of the certificates issued.
+    pub fn lifetime(&self) -> Duration {
+        self.lifetime
+    }
+
+    /// Answers `POST /v1/certify` from `peer`.
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        let mut claimed = None;
+        match self.certify(req, &mut claimed).await {
+            Ok(rsp) => {
+                self.issued.inc();
+                tracing::info!(%peer, identity = %rsp.identity, not_after = rsp.not_after, "certificate issued");
+                json_response(StatusCode::OK, &rsp)
+            }
+            Err(r) => {
+                self.refused.with_label_values(&[r.reason]).inc();
+                let claimed = claimed
+                    .as_ref()
+                    .map_or("-".to_string(), Identity::to_string);
+                if r.status.is_server_error() {
+                    tracing::error!(%peer, reason = r.reason, %claimed, "certify failed: {}", r.message);
+                } else {
+                    tracing::warn!(%peer, reason = r.reason, %claimed, "certify refused: {}", r.message);
+                }
+                json_error(r.status, r.message)
+            }
+        }
+    }
+
+    async fn certify(
+        &self,
+        req: Request<Incoming>,
+        claimed: &mut Option<Identity>,
+    ) -> Result<CertifyResponse, Refusal> {
+        let token = bearer(req.headers())?;
+        *claimed = claimed_identity(token);
+        let identity = self.tokens.verify(token, SystemTime::now()).map_err(|e| {
+            let reason = match e {
+                TokenError::Malformed(_) => "malformed_token",
+                TokenError::BadSignature => "bad_signature",
+                TokenError::Expired(_) => "expired",
+                TokenError::BadIdentity => "bad_identity",
+            };
+            refusal(StatusCode::UNAUTHORIZED, reason, e.to_string())
+        })?;
+        if identity.trust_domain() != self.trust_domain {
+            return Err(refusal(
+                StatusCode::FORBIDDEN,
+                "wrong_trust_domain",
+                format!(
+                    "the token's identity {identity} is not in this control plane's trust domain \"{}\"",
+                    self.trust_domain
+                ),
+            ));
+        }
+        let body = tokio::time::timeout(
+            BODY_TIMEOUT,
+            Limited::new(req.into_body(), MAX_CERTIFY_BODY).collect(),
+        )
+        .await
+        .map_err(|_| {
+            refusal(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                "the body took too long",
+            )
+        })?
+        .map_err(|e| {
+            refusal(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                format!("cannot read the body (at most {MAX_CERTIFY_BODY} bytes): {e}"),
+            )
+        })?
+        .to_bytes();
+        let request: CertifyRequest = serde_json::from_slice(&body).map_err(|e| {
+            refusal(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                format!(
+                    "the body is not {{\"csr\": \"<PEM>\"}}: {}",
+                    shorten(&e.to_string())
+                ),
+            )
+        })?;
+        let ca = self.ca();
+        let issued = ca
+            .certify(&request.csr, &identity, self.lifetime)
+            .map_err(|e| match e {
+                CsrError::WrongIdentity { .. } => {
+                    refusal(StatusCode::FORBIDDEN, "wrong_identity", e.to_string())
+                }
+                CsrError::Issue(_) => {
+                    refusal(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+                }
+                _ => refusal(StatusCode::BAD_REQUEST, "bad_csr", e.to_string()),
+            })?;
+        Ok(CertifyResponse {
+            identity,
+            chain: issued.chain_pem,
+            trust_anchors: ca.trust_anchors_pem().to_string(),
+            not_before: unix(issued.not_before),
+            not_after: unix(issued.not_after),
+        })
+    }
+
+    /// Follows the CA files (see the module docs); `texts` are the files' contents in force, and
+    /// `serving` (if the control plane serves TLS) is reissued on every change and renewed
+    /// before it expires.
+    pub async fn follow(
+        self: Arc<Self>,
+        paths: Option<CaPaths>,
+        mut texts: [String; 3],
+        serving: Option<Arc<ServingCert>>,
+    ) {
+        let mut problem: Option<String> = None;
+        loop {
+            tokio::time::sleep(POLL).await;
+            if let Some(paths) = paths.clone() {
+                let previous = texts.clone();
+                let read = tokio::task::spawn_blocking(
+                    move || -> Result<Option<([String; 3], Ca)>, String> {
+                        let read = |p: &PathBuf| {
+                            std::fs::read_to_string(p)
+                                .map_err(|e| format!("cannot read {}: {e}", p.display()))
+                        };
+                        let now = [
+                            read(&paths.issuer_cert)?,
+                            read(&paths.issuer_key)?,
+                            read(&paths.trust_anchors)?,
+                        ];
+                        if now == previous {
+                            return Ok(None);
+                        }
+                        let ca = Ca::load(&now[0], &now[1], &now[2])
+                            .map_err(|e: CaError| e.to_string())?;
+                        Ok(Some((now, ca)))
+                    },
+                )
+                .await;
+                match read {
+                    Ok(Ok(None)) => problem = None,
+                    Ok(Ok(Some((now, ca)))) => {
+                        problem = None;
+                        texts = now;
+                        tracing::info!(
+                            anchors = ca.trust_anchors().len(),
+                            "issuer and trust anchors reloaded"
+                        );
+                        self.replace_ca(ca);
+                        if let Some(serving) = &serving {
+                            if let Err(e) = serving.reissue(&self.ca()) {
+                                tracing::error!(error = %e, "cannot reissue the serving certificate");
+                            }
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        if problem.as_ref() != Some(&e) {
+                            tracing::warn!(error = %e, "the issuer files changed but cannot be used; keeping the CA in force");
+                            problem = Some(e);
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "reading the issuer files failed"),
+                }
+            }
+            if let Some(serving) = &serving {
+                if serving.needs_renewal() {
+                    match serving.reissue(&self.ca()) {
+                        Ok(()) => tracing::info!("serving certificate renewed"),
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot renew the serving certificate")
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn shorten(s: &str) -> String {
+    crate::quoted::shorten_message(s, 200)
+}
+
+/// The control plane's own serving certificate, reissued by the CA before it expires (and when
+/// the CA changes); handed to rustls per handshake.
+#[derive(Debug)]
+pub struct ServingCert {
+    dns_names: Vec<String>,
+    ips: Vec<IpAddr>,
+    lifetime: Duration,
+    current: RwLock<Arc<CertifiedKey>>,
+    renew_at: Mutex<Instant>,
+}
+
+fn certified_key(
+    ca: &Ca,
+    names: &[String],
+    ips: &[IpAddr],
+    lifetime: Duration,
+) -> Result<CertifiedKey, CaError> {
+    let (chain_pem, key_pem) = ca.serving_cert(names, ips, lifetime)?;
+    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CaError::Generate(e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|_| CaError::Generate("the new serving key does not parse".into()))?;
+    CertifiedKey::from_der(chain, key, &rustls::crypto::ring::default_provider())
+        .map_err(|e| CaError::Generate(e.to_string()))
+}
+
+impl ServingCert {
+    /// A serving certificate from `ca` for `dns_names` and `ips`, valid for `lifetime` and
+    /// renewed at half of it.
+    pub fn new(
+        ca: &Ca,
+        dns_names: Vec<String>,
+        ips: Vec<IpAddr>,
+        lifetime: Duration,
+    ) -> Result<Arc<Self>, CaError> {
+        let key = certified_key(ca, &dns_names, &ips, lifetime)?;
+        Ok(Arc::new(Self {
+            dns_names,
+            ips,
+            lifetime,
+            current: RwLock::new(Arc::new(key)),
+            renew_at: Mutex::new(Instant::now() + lifetime / 2),
+        }))
+    }
+
+    /// Issues a new certificate from `ca` and serves it from the next handshake on.
+    pub fn reissue(&self, ca: &Ca) -> Result<(), CaError> {
+        let key = Arc::new(certified_key(
+            ca,
+            &self.dns_names,
+            &self.ips,
+            self.lifetime,
+        )?);
+        match self.current.write() {
+            Ok(mut current) => *current = key,
+            Err(poisoned) => *poisoned.into_inner() = key,
+        }
+        if let Ok(mut at) = self.renew_at.lock() {
+            *at = Instant::now() + self.lifetime / 2;
+        }
+        Ok(())
+    }
+
+    /// Whether half the lifetime has passed since the last issue.
+    pub fn needs_renewal(&self) -> bool {
+        self.renew_at
+            .lock()
+            .map_or(true, |at| Instant::now() >= *at)
+    }
+
+    /// A TLS 1.3 server config serving the current certificate.
+    pub fn server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_cert_resolver(self.clone());
+        Ok(Arc::new(config))
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServingCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(match self.current.read() {
+            Ok(key) => key.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::{client_tls, Certifier, CertifyError, Watcher};
+    use crate::mesh::{Mesh, DEMO_MESH};
+    use crate::server::ControlPlane;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const WEB: &str = "spiffe://outrider.local/ns/demo/sa/web";
+    const DB: &str = "spiffe://outrider.local/ns/demo/sa/db";
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn id(s: &str) -> Identity {
+        s.parse().unwrap()
+    }
+
+    fn csr_for(uri: &str) -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
+        params.serialize_request(&key).unwrap().pem().unwrap()
+    }
+
+    /// A control plane with a fresh CA, serving TLS on loopback: its address, authority and
+    /// trust anchors.
+    async fn start(tokens: TokenKey) -> (SocketAddr, Arc<Authority>, String) {
+        let ca = Ca::generate("outrider.local").unwrap();
+        let anchors = ca.trust_anchors_pem().to_string();
+        let authority = Authority::new(ca, tokens, HOUR, "outrider.local".into()).unwrap();
+        let serving = ServingCert::new(
+            &authority.ca(),
+            vec!["localhost".into()],
+            vec![IpAddr::from([127, 0, 0, 1])],
+            HOUR,
+        )
+        .unwrap();
+        let cp =
+            ControlPlane::with_authority(Mesh::parse(DEMO_MESH).unwrap(), Some(authority.clone()))
+                .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(cp.serve_over(listener, Some(serving.server_config().unwrap())));
+        (addr, authority, anchors)
+    }
+
+    /// One raw HTTP/1.1 request over TLS; the status and body.
+    async fn raw(addr: SocketAddr, anchors: &str, request: String) -> (u16, String) {
+        let tls = tokio_rustls::TlsConnector::from(client_tls(anchors).unwrap());
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut stream = tls.connect(name, tcp).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        let _ = stream.read_to_string(&mut out).await;
+        let status = out[9..12].parse().unwrap();
+        let body = out.split_once("\r\n\r\n").unwrap().1.to_string();
+        (status, body)
+    }
+
+    fn refused(authority: &Authority, reason: &str) -> u64 {
+        authority.refused.with_label_values(&[reason]).get()
+    }
+
+    #[tokio::test]
+    async fn certify_over_tls_grants_exactly_the_token_identity() {
+        let key = TokenKey::generate().unwrap();
+        let web = key.mint(&id(WEB), HOUR);
+        let db = key.mint(&id(DB), HOUR);
+        let expired = key.mint_at(&id(WEB), SystemTime::now() - Duration::from_secs(5));
+        let foreign_td = key.mint(&id("spiffe://elsewhere/ns/demo/sa/web"), HOUR);
+        let other_key = TokenKey::generate().unwrap().mint(&id(WEB), HOUR);
+        let (addr, authority, anchors) = start(key).await;
+        let certifier = Certifier::new(
+            &format!("https://{addr}"),
+            Some(client_tls(&anchors).unwrap()),
+        )
+        .unwrap();
+
+        // 200: the chain names the identity and verifies against the anchors served.
+        let rsp = certifier.certify(&web, &csr_for(WEB)).await.unwrap();
+        assert_eq!(rsp.identity, id(WEB));
+        assert_eq!(rsp.trust_anchors, anchors);
+        assert!(rsp.not_after - rsp.not_before >= 3600 && rsp.not_after - rsp.not_before <= 3661);
+        let chain: Vec<_> = CertificateDer::pem_slice_iter(rsp.chain.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let anchor_ders: Vec<_> = CertificateDer::pem_slice_iter(anchors.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+        crate::ca::verify_chain(&anchor_ders, &chain, SystemTime::now()).unwrap();
+        assert_eq!(authority.issued.get(), 1);
+
+        // 403: a token for db cannot get web's certificate (nor web's token db's).
+        let status = |e: CertifyError| match e {
+            CertifyError::Refused { status, message } => (status.as_u16(), message),
+            other => panic!("{other}"),
+        };
+        let (code, message) = status(certifier.certify(&db, &csr_for(WEB)).await.unwrap_err());
+        assert_eq!(code, 403, "{message}");
+        assert!(message.contains(DB) && message.contains(WEB), "{message}");
+        assert!(!message.contains(&db), "the token leaked: {message}");
+        let (code, _) = status(certifier.certify(&web, &csr_for(DB)).await.unwrap_err());
+        assert_eq!(code, 403);
+        assert_eq!(refused(&authority, "wrong_identity"), 2);
+        let (code, _) = status(
+            certifier
+                .certify(&foreign_td, &csr_for("spiffe://elsewhere/ns/demo/sa/web"))
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(code, 403);
+        assert_eq!(refused(&authority, "wrong_trust_domain"), 1);
+
+        // 401: expired, another key, garbage, empty.
+        for (token, reason) in [
+            (expired.as_str(), "expired"),
+            (other_key.as_str(), "bad_signature"),
+            ("v1.garbage", "malformed_token"),
+            ("", "malformed_token"),
+        ] {
+            let (code, message) =
+                status(certifier.certify(token, &csr_for(WEB)).await.unwrap_err());
+            assert_eq!(code, 401, "{reason}: {message}");
+            assert!(refused(&authority, reason) >= 1, "{reason}");
+        }
+
+        // 400: a CSR that is not one, with a good token.
+        let (code, message) = status(certifier.certify(&web, "not a csr").await.unwrap_err());
+        assert_eq!(code, 400);
+        assert!(message.contains("not PEM"), "{message}");
+        assert_eq!(refused(&authority, "bad_csr"), 1);
+        assert_eq!(authority.issued.get(), 1, "nothing else was issued");
+
+        // Raw: no authorization header (401), a body that is not JSON (400), one too large
+        // (400), GET (405); every error is JSON.
+        let post = |auth: &str, body: &str| {
+            format!(
+                "POST /v1/certify HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+        };
+        let (code, body) = raw(addr, &anchors, post("", "{}")).await;
+        assert_eq!(code, 401, "{body}");
+        assert!(
+            body.starts_with("{\"error\":\"missing authorization"),
+            "{body}"
+        );
+        assert_eq!(refused(&authority, "no_token"), 1);
+        let bearer = format!("Authorization: Bearer {web}\r\n");
+        let (code, body) = raw(addr, &anchors, post(&bearer, "csr=1")).await;
+        assert_eq!(code, 400, "{body}");
+        assert!(body.contains("is not {\\\"csr\\\""), "{body}");
+        let big = format!("{{\"csr\": \"{}\"}}", "A".repeat(MAX_CERTIFY_BODY));
+        let (code, body) = raw(addr, &anchors, post(&bearer, &big)).await;
+        assert_eq!(code, 400, "{body}");
+        assert_eq!(refused(&authority, "bad_body"), 2);
+        let (code, body) = raw(
+            addr,
+            &anchors,
+            "GET /v1/certify HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into(),
+        )
+        .await;
+        assert_eq!(code, 405, "{body}");
+        assert!(body.starts_with("{\"error\""), "{body}");
+    }
+
+    #[tokio::test]
+    async fn watch_over_tls_and_wrong_anchors_fail() {
+        let (addr, _authority, anchors) = start(TokenKey::generate().unwrap()).await;
+        let base = format!("https://{addr}");
+        let watcher = Watcher::new(
+            &base,
+            "demo/loadgen".parse().unwrap(),
+            Duration::from_secs(1),
+            Some(client_tls(&anchors).unwrap()),
+        )
+        .unwrap();
+        let view = watcher.poll(None).await.unwrap().unwrap();
+        assert_eq!(view.trust_domain, "outrider.local");
+        // Another CA's roots do not accept the control plane's certificate.
+        let foreign = Ca::generate("outrider.local").unwrap();
+        let watcher = Watcher::new(
+            &base,
+            "demo/loadgen".parse().unwrap(),
+            Duration::from_secs(1),
+            Some(client_tls(foreign.trust_anchors_pem()).unwrap()),
+        )
+        .unwrap();
+        let e = watcher.poll(None).await.unwrap_err().to_string();
+        assert!(
+            e.contains("UnknownIssuer") || e.contains("certificate"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_control_plane_without_a_ca_answers_404_in_json() {
+        let cp = ControlPlane::new(Mesh::parse(DEMO_MESH).unwrap()).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(cp.serve(listener));
+        let certifier = Certifier::new(&format!("http://{addr}"), None).unwrap();
+        match certifier.certify("v1.x.y", &csr_for(WEB)).await {
+            Err(CertifyError::Refused { status, message }) => {
+                assert_eq!(status, StatusCode::NOT_FOUND);
+                assert!(message.contains("issues no certificates"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn schemes_must_agree_with_tls() {
+        let ca = Ca::generate("outrider.local").unwrap();
+        let tls = client_tls(ca.trust_anchors_pem()).unwrap();
+        use crate::client::ControlUrlError;
+        assert!(matches!(
+            Certifier::new("https://127.0.0.1:1", None),
+            Err(ControlUrlError::HttpsWithoutTls { .. })
+        ));
+        assert!(matches!(
+            Certifier::new("http://127.0.0.1:1", Some(tls.clone())),
+            Err(ControlUrlError::TlsWithoutHttps { .. })
+        ));
+        assert!(Certifier::new("https://control:15012", Some(tls)).is_ok());
+        assert!(Certifier::new("http://127.0.0.1:1", None).is_ok());
+        assert!(client_tls("nothing").is_err());
+        assert!(client_tls("").is_err());
+    }
+}
