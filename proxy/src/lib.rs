@@ -75,13 +75,16 @@ pub async fn run(
 /// Where the proxy's certificate comes from, by its flags: with `--identity-token-file`, the
 /// control plane's certify API.
 pub fn identity_source(config: &Config) -> anyhow::Result<Option<app::IdentitySource>> {
-    let (Some(token), Some(_control)) = (&config.identity_token_file, &config.control) else {
+    let (Some(token), Some(control)) = (&config.identity_token_file, &config.control) else {
         return Ok(None);
     };
-    anyhow::bail!(
-        "--identity-token-file {}: the control plane's certify API is not wired in yet",
-        token.display()
-    )
+    let certifier =
+        outrider_control::client::Certifier::new(control, config.control_tls.clone())
+            .map_err(|e| anyhow::anyhow!("--control: {e}"))?;
+    Ok(Some(app::IdentitySource {
+        ca: Arc::new(certifier),
+        token: identity::certify::TokenSource::File(token.clone()),
+    }))
 }
 
 /// Raises the open-file soft limit to the hard limit (a proxied connection needs two descriptors,

@@ -229,6 +229,23 @@ impl Renewal {
     }
 }
 
+/// The control plane's certify API.
+impl Certify for outrider_control::client::Certifier {
+    fn certify<'a>(
+        &'a self,
+        token: &'a str,
+        csr_pem: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<Certified, BoxError>> + Send + 'a>> {
+        Box::pin(async move {
+            let rsp = outrider_control::client::Certifier::certify(self, token, csr_pem).await?;
+            Ok(Certified {
+                chain_pem: rsp.chain,
+                trust_anchors_pem: rsp.trust_anchors,
+            })
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::Ordering;
