@@ -78,9 +78,8 @@ pub fn identity_source(config: &Config) -> anyhow::Result<Option<app::IdentitySo
     let (Some(token), Some(control)) = (&config.identity_token_file, &config.control) else {
         return Ok(None);
     };
-    let certifier =
-        outrider_control::client::Certifier::new(control, config.control_tls.clone())
-            .map_err(|e| anyhow::anyhow!("--control: {e}"))?;
+    let certifier = outrider_control::client::Certifier::new(control, config.control_tls.clone())
+        .map_err(|e| anyhow::anyhow!("--control: {e}"))?;
     Ok(Some(app::IdentitySource {
         ca: Arc::new(certifier),
         token: identity::certify::TokenSource::File(token.clone()),

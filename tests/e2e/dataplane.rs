@@ -107,7 +107,14 @@ struct Pod {
 
 impl Pod {
     fn new(ns: Netns, proxy_args: &[&str]) -> Pod {
-        let init = ns.exec(&[OUTRIDER, "init"]);
+        Pod::with_init(ns, &[], proxy_args)
+    }
+
+    /// A pod whose `outrider init` gets `init_args`.
+    fn with_init(ns: Netns, init_args: &[&str], proxy_args: &[&str]) -> Pod {
+        let mut args = vec![OUTRIDER, "init"];
+        args.extend_from_slice(init_args);
+        let init = ns.exec(&args);
         assert!(
             init.status.success(),
             "outrider init failed: {}",
@@ -147,9 +154,10 @@ impl Pod {
             "--clear-groups",
             OUTRIDER,
             "proxy",
-            "--detect-timeout",
-            "500ms",
         ];
+        if !extra.contains(&"--detect-timeout") {
+            args.extend(["--detect-timeout", "500ms"]);
+        }
         args.extend_from_slice(extra);
         let mut cmd = self.ns.command(args[0]);
         cmd.args(&args[1..]).env("OUTRIDER_LOG", "info");
@@ -803,4 +811,274 @@ fn inbound_reaches_the_pods_address_not_its_loopback_and_admin_config_is_loopbac
     // --inbound-target loopback: the older behaviour reaches loopback-only listeners.
     b.start_proxy(&["--admin", "0.0.0.0:15020", "--inbound-target", "loopback"]);
     assert_eq!(status(&a, &private), "200");
+}
+
+/// Records every frame an interface carries into a file (AF_PACKET), for `seconds`.
+const PY_CAPTURE: &str = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(3))
+s.bind((sys.argv[1], 0))
+s.settimeout(0.2)
+out = open(sys.argv[2], "ab", buffering=0)
+print("ready", flush=True)
+end = time.time() + float(sys.argv[3])
+while time.time() < end:
+    try:
+        out.write(s.recv(65535))
+    except socket.timeout:
+        pass
+"#;
+
+#[test]
+fn two_meshed_pods_speak_mutual_tls_on_the_wire_and_authorize_by_identity() {
+    if !requirements(
+        "two_meshed_pods_speak_mutual_tls_on_the_wire_and_authorize_by_identity",
+        &["ip", "curl", "python3", "setpriv"],
+    ) {
+        return;
+    }
+    let (a, b) = (Netns::new(), Netns::new());
+    let link = support::veth(&a, &[&format!("{POD_A}/24")], &b, &[&format!("{POD_B}/24")]);
+    a.exec_ok(&["ip", "route", "add", "198.18.100.0/24", "dev", &link.a_if]);
+    // The CA's files, the two pods' tokens, readable by the proxies' uid.
+    let dir = support::TempDir::new();
+    let d = |f: &str| dir.path().join(f).display().to_string();
+    let ca = dir.path().join("ca");
+    support::run_ok(Command::new(OUTRIDER).args(["control", "ca", "init", "--dir", &d("ca")]));
+    let token = |sa: &str| {
+        let out = support::run_ok(Command::new(OUTRIDER).args([
+            "control",
+            "token",
+            "--token-key",
+            &ca.join("token.key").display().to_string(),
+            "--namespace",
+            "demo",
+            "--service-account",
+            sa,
+        ]));
+        std::fs::write(dir.path().join(format!("{sa}.token")), out.trim()).unwrap();
+    };
+    token("web");
+    token("api");
+    let policy = |allowed: &str| {
+        format!(
+            "services:
+  - name: api
+    namespace: demo
+    addresses: [198.18.100.1:80]
+    protocol: http1
+    endpoints:
+      - address: {POD_B}:8080
+        identity: spiffe://outrider.local/ns/demo/sa/api
+  - name: echo
+    namespace: demo
+    addresses: [198.18.100.2:7000]
+    protocol: opaque
+    endpoints:
+      - address: {POD_B}:6379
+        identity: spiffe://outrider.local/ns/demo/sa/api
+  - name: banner
+    namespace: demo
+    addresses: [198.18.100.3:7777]
+    endpoints:
+      - address: {POD_B}:7777
+        identity: spiffe://outrider.local/ns/demo/sa/api
+workloads:
+  - name: demo/web
+  - name: demo/api
+    default_policy: mesh-only
+    servers:
+      - port: 8080
+        allow: [{allowed}]
+      - port: 6379
+        allow: [{allowed}]
+"
+        )
+    };
+    std::fs::write(
+        d("mesh.yaml"),
+        policy("spiffe://outrider.local/ns/demo/sa/web"),
+    )
+    .unwrap();
+    for f in ["web.token", "api.token", "ca/root.pem"] {
+        support::run_ok(Command::new("chmod").args(["a+r", &d(f)]));
+    }
+    support::run_ok(Command::new("chmod").args(["a+rx", &d(""), &d("ca")]));
+    // The control plane, over TLS, in pod A's namespace (its port exempt from capture).
+    let mut control = a.spawn(&[
+        OUTRIDER,
+        "control",
+        "--config",
+        &d("mesh.yaml"),
+        "--listen",
+        &format!("{POD_A}:15012"),
+        "--issuer-cert",
+        &d("ca/issuer.pem"),
+        "--issuer-key",
+        &d("ca/issuer-key.pem"),
+        "--trust-anchors",
+        &d("ca/root.pem"),
+        "--token-key",
+        &d("ca/token.key"),
+    ]);
+    control.expect_stderr("control plane ready", Duration::from_secs(10));
+    let url = format!("https://{POD_A}:15012");
+    let proxy = |workload: &str, token: &str| {
+        vec![
+            "--control".to_string(),
+            url.clone(),
+            "--trust-anchors".into(),
+            d("ca/root.pem"),
+            "--workload".into(),
+            workload.into(),
+            "--identity-token-file".into(),
+            d(token),
+            "--detect-timeout".into(),
+            "2s".into(),
+        ]
+    };
+    let a_args = proxy("demo/web", "web.token");
+    let a_args: Vec<&str> = a_args.iter().map(String::as_str).collect();
+    let a = Pod::with_init(a, &["--exclude-inbound-ports", "15012"], &a_args);
+    let b_args = proxy("demo/api", "api.token");
+    let b_args: Vec<&str> = b_args.iter().map(String::as_str).collect();
+    let mut b = Pod::new(b, &b_args);
+    b.serve_py("6379", None);
+    b.serve_py("7777", Some("BANNER\n"));
+    assert!(b
+        .curl_ok(&["-s", "http://127.0.0.1:15020/identity"])
+        .contains("spiffe://outrider.local/ns/demo/sa/api"));
+
+    // Watch the wire between the pods.
+    let capture = d("wire.bin");
+    let mut sniffer = b.ns.spawn(&[
+        OUTRIDER_PY.as_str(),
+        "-c",
+        PY_CAPTURE,
+        &link.b_if,
+        &capture,
+        "60",
+    ]);
+    sniffer.expect_line_containing("ready", Duration::from_secs(10));
+
+    // HTTP/1.1 from pod A's app to the service: mTLS between the proxies, HTTP/1.1 at the app.
+    let body = a.curl_ok(&[
+        "-s",
+        "-H",
+        "x-marker: secret-header-value",
+        "--data",
+        "secret-body-bytes",
+        "http://198.18.100.1/secret-path",
+    ]);
+    assert!(body.contains("\"protocol\":\"HTTP/1.1\""), "{body}");
+    assert!(body.contains("/secret-path"), "{body}");
+    // Opaque TCP rides its own TLS stream.
+    assert_eq!(
+        a.py(PY_CLIENT, &["198.18.100.2", "7000", "PING-secret"])[0],
+        "PING-secret"
+    );
+    // A server that speaks first, on a port nobody declared opaque: one detection timeout (A's
+    // outbound, 2 s), not two (B's inbound sees a mesh ClientHello at once).
+    let start = Instant::now();
+    let banner = a.py(PY_CLIENT, &["198.18.100.3", "7777"]);
+    let waited = start.elapsed();
+    assert_eq!(banner[0], "BANNER");
+    assert!(
+        waited < Duration::from_millis(3900),
+        "waited {waited:?}: two detection timeouts?"
+    );
+    // Positive control for the capture: a plaintext request (to an address with no identity)
+    // shows on the wire.
+    let _ = a.curl(&["-s", &format!("http://{POD_B}:9999/plaintext-control")]);
+    std::thread::sleep(Duration::from_millis(300));
+    let wire = std::fs::read(&capture).unwrap();
+    let seen = |needle: &str| wire.windows(needle.len()).any(|w| w == needle.as_bytes());
+    assert!(
+        seen("plaintext-control"),
+        "the capture sees plaintext ({} bytes)",
+        wire.len()
+    );
+    for secret in [
+        "secret-path",
+        "secret-header-value",
+        "secret-body-bytes",
+        "PING-secret",
+    ] {
+        assert!(!seen(secret), "{secret} crossed the wire in plaintext");
+    }
+    assert!(
+        wire.windows(3).any(|w| w == [0x17, 0x03, 0x03]),
+        "TLS application data records"
+    );
+    drop(sniffer);
+
+    let m = b.metrics();
+    assert!(
+        sample(
+            &m,
+            "outrider_inbound_mesh_connections_total",
+            &[("client_id", "spiffe://outrider.local/ns/demo/sa/web")]
+        ) >= 2.0
+    );
+    let hs = sample(
+        &m,
+        "outrider_tls_handshakes_total",
+        &[("direction", "inbound")],
+    );
+    assert!(hs >= 2.0, "inbound handshakes: {hs}");
+    // A plaintext client of a strict port: refused before the app.
+    let direct = a.curl(&[
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("http://{POD_B}:8080/"),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&direct.stdout).trim(), "403");
+
+    // The policy changes: web is no longer allowed. HTTP gets 403, TCP is closed.
+    std::fs::write(
+        d("mesh.yaml"),
+        policy("spiffe://outrider.local/ns/demo/sa/nobody"),
+    )
+    .unwrap();
+    let mut code = String::new();
+    for _ in 0..100 {
+        let out = a.curl(&[
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "http://198.18.100.1/",
+        ]);
+        code = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if code == "403" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(code, "403");
+    let echo = a.ns.exec(&[
+        OUTRIDER_PY.as_str(),
+        "-c",
+        PY_CLIENT,
+        "198.18.100.2",
+        "7000",
+        "PING",
+    ]);
+    assert!(
+        !String::from_utf8_lossy(&echo.stdout).contains("PING"),
+        "a denied TCP connection carries nothing"
+    );
+    let m = b.metrics();
+    assert!(
+        sample(
+            &m,
+            "outrider_authz_denied_total",
+            &[("rule", "identity-not-allowed")]
+        ) >= 2.0
+    );
+    promtool_check(&m);
 }

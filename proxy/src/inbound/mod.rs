@@ -209,7 +209,11 @@ impl Inbound {
             m.tcp_sent.clone(),
             activity.clone(),
         );
-        let skip = self.config.opaque_ports.contains(&app.port());
+        // An opaque port skips detection, except that a meshed proxy still looks for a mesh
+        // ClientHello there (a meshed client always speaks first); whatever else arrives on it
+        // stays opaque.
+        let opaque_port = self.config.opaque_ports.contains(&app.port());
+        let skip = opaque_port && self.identity.is_none();
         let connect = || self.connect.connect(app);
         let bounds = self.config.detect_bounds();
         let Some(detected) = transport::detect(&mut io, skip, bounds, connect, m).await else {
@@ -230,7 +234,11 @@ impl Inbound {
             (Protocol::Tls, Some(identity)) => identity.server_config(),
             _ => None,
         };
-        match (outcome.protocol(), server) {
+        let protocol = match outcome.protocol() {
+            Protocol::Http1 | Protocol::Http2 if opaque_port => Protocol::Opaque,
+            p => p,
+        };
+        match (protocol, server) {
             (proto @ (Protocol::Http1 | Protocol::Http2), _) => {
                 // A connection dialled while the client was silent is not needed for HTTP.
                 drop(upstream);
