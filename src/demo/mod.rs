@@ -148,70 +148,160 @@ const DEMO_ENDPOINT_PORTS: [u16; 3] = [18181, 18182, 18183];
 /// The virtual address of payments-api in the demo mesh.
 const DEMO_VIP: &str = "198.18.100.1:80";
 
-async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let duration = args.duration.min(Duration::from_secs(3600));
-    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+/// The demo's identities.
+const LOADGEN_ID: &str = "spiffe://outrider.local/ns/demo/sa/loadgen";
+const PAYMENTS_ID: &str = "spiffe://outrider.local/ns/demo/sa/payments-api";
+const INTRUDER_ID: &str = "spiffe://outrider.local/ns/demo/sa/intruder";
 
-    // The control plane, on its embedded demo mesh.
-    let mesh =
-        Mesh::parse(DEMO_MESH).map_err(|e| anyhow::anyhow!("embedded demo mesh: {:?}", e))?;
-    let control = ControlPlane::new(mesh)?;
-    let control_listener = TcpListener::bind(any)
-        .await
-        .context("bind the control plane")?;
-    let control_addr = control_listener.local_addr()?;
-    let control_task = tokio::spawn(control.serve(control_listener));
+/// The demo's control plane: the embedded mesh, a throwaway CA, TLS on loopback.
+struct DemoControl {
+    url: String,
+    tls: Arc<rustls::ClientConfig>,
+    tokens: outrider_control::token::TokenKey,
+    task: tokio::task::JoinHandle<()>,
+}
 
-    // Three copies of the app, each behind the server-side proxy at an endpoint of the mesh.
-    let mut apps = Vec::new();
-    let mut forwards = Vec::new();
-    for (i, port) in DEMO_ENDPOINT_PORTS.iter().enumerate() {
-        let app = TcpListener::bind(any).await.context("bind the demo app")?;
-        forwards.push(ForwardSpec {
-            listen: SocketAddr::from(([127, 0, 0, 1], *port)),
-            upstream: app.local_addr()?,
-        });
-        apps.push(tokio::spawn(app::serve(app, format!("payments-api-{i}"))));
+impl DemoControl {
+    async fn start() -> anyhow::Result<Self> {
+        use outrider_control::authority::{Authority, ServingCert};
+        let mesh =
+            Mesh::parse(DEMO_MESH).map_err(|e| anyhow::anyhow!("embedded demo mesh: {:?}", e))?;
+        let ca = outrider_control::ca::Ca::generate("outrider.local")?;
+        let anchors = ca.trust_anchors_pem().to_string();
+        let tokens = outrider_control::token::TokenKey::generate()?;
+        let day = Duration::from_secs(24 * 3600);
+        let serving = ServingCert::new(
+            &ca,
+            vec!["localhost".into()],
+            vec![std::net::Ipv4Addr::LOCALHOST.into()],
+            day,
+        )?;
+        let authority = Authority::new(ca, tokens.clone(), day, "outrider.local".into())?;
+        let control = ControlPlane::with_authority(mesh, Some(authority))?;
+        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .context("bind the control plane")?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(control.serve_over(listener, Some(serving.server_config()?)));
+        Ok(Self {
+            url: format!("https://{addr}"),
+            tls: outrider_control::client::client_tls(&anchors)?,
+            tokens,
+            task,
+        })
     }
-    let server_registry = prometheus::Registry::new();
-    let server = Proxy::bind(
-        Config::local(forwards),
-        Arc::new(SoOriginalDst),
-        None,
-        server_registry.clone(),
-    )
-    .await
-    .context("the demo mesh's endpoints are 127.0.0.1:18181-18183; free those ports")?;
 
-    let mut config = local(any, DEMO_VIP.parse()?);
-    config.control = Some(format!("http://{control_addr}"));
-    config.workload = Some("demo/loadgen".into());
-    let client_registry = prometheus::Registry::new();
-    let client = Proxy::bind(
-        config,
-        Arc::new(SoOriginalDst),
-        None,
-        client_registry.clone(),
-    )
-    .await?;
-    let client_addr = client.listener_addrs(Direction::Forward)[0];
-    let (server_admin, client_admin) = (server.admin_addr(), client.admin_addr());
-    let (server_stop, client_stop) = (server.shutdown_handle(), client.shutdown_handle());
-    let client_ready = client.readiness();
-    let server_task = tokio::spawn(server.run());
-    let client_task = tokio::spawn(client.run());
-    // Bounded wait for the first config: 100 checks, 20 ms apart.
-    for _ in 0..100 {
-        if client_ready.check().is_ok() {
-            break;
+    /// A sidecar of `workload` with identity `id` (its token minted here), certified over TLS.
+    async fn proxy(
+        &self,
+        mut config: Config,
+        orig_dst: Arc<dyn outrider_proxy::transport::orig_dst::OrigDst>,
+        workload: &str,
+        id: &str,
+    ) -> anyhow::Result<(Proxy, prometheus::Registry)> {
+        config.control = Some(self.url.clone());
+        config.control_tls = Some(self.tls.clone());
+        config.workload = Some(workload.into());
+        let identity: outrider_control::api::Identity = id.parse()?;
+        let source = outrider_proxy::app::IdentitySource {
+            ca: Arc::new(outrider_control::client::Certifier::new(
+                &self.url,
+                Some(self.tls.clone()),
+            )?),
+            token: outrider_proxy::identity::certify::TokenSource::Fixed(
+                self.tokens
+                    .mint(&identity, Duration::from_secs(3600))
+                    .into(),
+            ),
+        };
+        let registry = prometheus::Registry::new();
+        let proxy =
+            Proxy::bind_with_identity(config, orig_dst, None, registry.clone(), Some(source))
+                .await?;
+        Ok((proxy, registry))
+    }
+}
+
+/// Waits (bounded: 250 checks, 20 ms apart) until a proxy has its config and certificate.
+async fn wait_ready(ready: &outrider_proxy::readiness::Readiness) -> anyhow::Result<()> {
+    for _ in 0..250 {
+        if ready.check().is_ok() {
+            return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    ready
+        .check()
+        .map_err(|missing| anyhow::anyhow!("a demo proxy never became ready: {missing}"))
+}
 
-    println!("outrider demo: load → client-side proxy → server-side proxy → payments-api ×3, for {duration:?}");
-    println!("  control plane       http://{control_addr}  (embedded demo mesh; try curl 'http://{control_addr}/v1/watch?workload=demo/loadgen')");
-    println!("  client-side proxy   {client_addr} → {DEMO_VIP} (payments-api, discovered)  metrics: curl http://{client_admin}/metrics");
-    println!("  server-side proxy   127.0.0.1:18181-18183 → 3 app instances  metrics: curl http://{server_admin}/metrics");
+async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let duration = args.duration.min(Duration::from_secs(3600));
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let control = DemoControl::start().await?;
+    let control_addr = control.url.clone();
+
+    // Three copies of the app (127.0.0.2-4:8080, the port the mesh's policy names), each behind
+    // its own server-side proxy whose inbound listener is an endpoint of the mesh.
+    let mut apps = Vec::new();
+    let mut servers = Vec::new();
+    let mut server_registries = Vec::new();
+    for (i, port) in DEMO_ENDPOINT_PORTS.iter().enumerate() {
+        let app_addr = SocketAddr::from(([127, 0, 0, 2 + i as u8], 8080));
+        let app = TcpListener::bind(app_addr)
+            .await
+            .with_context(|| format!("bind the demo app on {app_addr}"))?;
+        apps.push(tokio::spawn(app::serve(app, format!("payments-api-{i}"))));
+        let mut config = Config::local(Vec::new());
+        config.inbound = Some(SocketAddr::from(([127, 0, 0, 1], *port)));
+        let (server, registry) = control
+            .proxy(
+                config,
+                Arc::new(outrider_proxy::transport::orig_dst::FixedOrigDst(app_addr)),
+                "demo/payments-api",
+                PAYMENTS_ID,
+            )
+            .await
+            .context("the demo mesh's endpoints are 127.0.0.1:18181-18183; free those ports")?;
+        servers.push(server);
+        server_registries.push(registry);
+    }
+    let (client, client_registry) = control
+        .proxy(
+            local(any, DEMO_VIP.parse()?),
+            Arc::new(SoOriginalDst),
+            "demo/loadgen",
+            LOADGEN_ID,
+        )
+        .await?;
+    let (intruder, _) = control
+        .proxy(
+            local(any, DEMO_VIP.parse()?),
+            Arc::new(SoOriginalDst),
+            "demo/intruder",
+            INTRUDER_ID,
+        )
+        .await?;
+    let client_addr = client.listener_addrs(Direction::Forward)[0];
+    let intruder_addr = intruder.listener_addrs(Direction::Forward)[0];
+    let client_admin = client.admin_addr();
+    let server_admin = servers[0].admin_addr();
+    let mut stops = Vec::new();
+    let mut tasks = Vec::new();
+    let mut readiness = Vec::new();
+    for p in servers.into_iter().chain([client, intruder]) {
+        stops.push(p.shutdown_handle());
+        readiness.push(p.readiness());
+        tasks.push(tokio::spawn(p.run()));
+    }
+    for ready in &readiness {
+        wait_ready(ready).await?;
+    }
+
+    println!("outrider demo: load → client-side proxy ═mTLS═> server-side proxies → payments-api ×3, for {duration:?}");
+    println!("  control plane       {control_addr}  (embedded demo mesh, a throwaway CA; TLS)");
+    println!("  client-side proxy   {client_addr} → {DEMO_VIP} (payments-api, discovered)  identity: curl http://{client_admin}/identity");
+    println!("  server-side proxies 127.0.0.1:18181-18183 → 3 app instances  metrics: curl http://{server_admin}/metrics");
     println!("  (the addresses live while the demo runs; Ctrl-C ends it early)");
 
     let deadline = Instant::now() + duration;
@@ -238,19 +328,42 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     watcher.abort();
     let elapsed = started.elapsed();
-    print_summary(&tally, elapsed, &client_registry, &server_registry);
+    print_summary(&tally, elapsed, &client_registry, &server_registries);
+    // One call from an identity the payments-api policy does not name.
+    let denied = match ClientConn::connect(intruder_addr, false).await {
+        Ok(mut c) => match c.get("payments.demo", "/payments/1").await {
+            Ok(rsp) => format!(
+                "{} {}",
+                rsp.status().as_u16(),
+                rsp.headers()
+                    .get("outrider-error")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("(no outrider-error)")
+            ),
+            Err(e) => format!("failed: {e}"),
+        },
+        Err(e) => format!("failed: {e}"),
+    };
+    println!(
+        "denied     1 call from {INTRUDER_ID}: {denied}  (port 8080 allows {LOADGEN_ID} only)"
+    );
 
-    server_stop.trigger("demo finished");
-    client_stop.trigger("demo finished");
+    for stop in &stops {
+        stop.trigger("demo finished");
+    }
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        let _ = client_task.await;
-        let _ = server_task.await;
+        for t in tasks {
+            let _ = t.await;
+        }
     })
     .await;
     for app in apps {
         app.abort();
     }
-    control_task.abort();
+    control.task.abort();
+    if !denied.starts_with("403 denied") {
+        anyhow::bail!("the intruder's call was not denied: {denied}");
+    }
     if tally.errors > 0 || tally.latencies.is_empty() {
         anyhow::bail!(
             "{} requests failed, {} succeeded",
@@ -326,8 +439,14 @@ fn print_summary(
     t: &Tally,
     elapsed: Duration,
     client: &prometheus::Registry,
-    server: &prometheus::Registry,
+    servers: &[prometheus::Registry],
 ) {
+    let server_sum = |family: &str, labels: &[(&str, &str)]| -> f64 {
+        servers
+            .iter()
+            .map(|r| outrider_proxy::metrics::sum(r, family, labels))
+            .sum()
+    };
     let mut lat = t.latencies.clone();
     lat.sort_unstable();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -377,10 +496,26 @@ fn print_summary(
             "outrider_requests_total",
             &[("direction", "forward")]
         ),
-        outrider_proxy::metrics::sum(
-            server,
-            "outrider_requests_total",
-            &[("direction", "forward")]
+        server_sum("outrider_requests_total", &[("direction", "inbound")]),
+    );
+    println!(
+        "mTLS       {LOADGEN_ID} → {PAYMENTS_ID}: {} connections seen by the server side",
+        server_sum(
+            "outrider_inbound_mesh_connections_total",
+            &[("client_id", LOADGEN_ID)]
         ),
+    );
+    let hs = |result: &str| {
+        outrider_proxy::metrics::sum(
+            client,
+            "outrider_tls_handshakes_total",
+            &[("direction", "outbound"), ("result", result)],
+        )
+    };
+    println!(
+        "handshakes {} full, {} resumed, {} failed (client side; connections are pooled, so not one per request)",
+        hs("full"),
+        hs("resumed"),
+        hs("failed")
     );
 }

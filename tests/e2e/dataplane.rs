@@ -670,6 +670,29 @@ fn demo_runs_and_reports() {
         numbers[0], numbers[1],
         "client and server side disagree: {counted}"
     );
+    // Mutual TLS between the two sides, both identities named, handshakes counted, and the
+    // intruder's call denied.
+    let mtls = out
+        .lines()
+        .find(|l| l.starts_with("mTLS"))
+        .unwrap_or_default();
+    assert!(
+        mtls.contains("sa/loadgen → spiffe://outrider.local/ns/demo/sa/payments-api")
+            && !mtls.contains(": 0 connections"),
+        "{out}"
+    );
+    let handshakes = out
+        .lines()
+        .find(|l| l.starts_with("handshakes"))
+        .unwrap_or_default();
+    assert!(!handshakes.starts_with("handshakes 0 full"), "{out}");
+    assert!(handshakes.contains("0 failed"), "{out}");
+    assert!(
+        out.contains(
+            "denied     1 call from spiffe://outrider.local/ns/demo/sa/intruder: 403 denied"
+        ),
+        "{out}"
+    );
 }
 
 #[test]

@@ -107,3 +107,14 @@ impl Lookup {
         crate::errors::Reason::Loop
     }
 }
+
+/// A fixed original destination: the stacks in process without iptables or root (the demo's
+/// server-side proxies, the in-process tests).
+#[derive(Debug, Clone, Copy)]
+pub struct FixedOrigDst(pub SocketAddr);
+
+impl OrigDst for FixedOrigDst {
+    fn orig_dst(&self, _: &TcpStream) -> io::Result<SocketAddr> {
+        Ok(self.0)
+    }
+}
