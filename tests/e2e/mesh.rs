@@ -24,12 +24,15 @@ const WEB: &str = "spiffe://outrider.local/ns/demo/sa/web";
 const API: &str = "spiffe://outrider.local/ns/demo/sa/api";
 /// The service's virtual address (never dialled: the client proxy's original destination).
 const VIRTUAL: &str = "198.18.0.10:80";
+/// An opaque service on the same endpoint, reached through the client proxy's forward listener.
+const RAW: &str = "198.18.0.11:7000";
 
 struct Node {
     registry: prometheus::Registry,
     admin: SocketAddr,
     inbound: Option<SocketAddr>,
     outbound: Option<SocketAddr>,
+    forward: Option<SocketAddr>,
     stop: outrider_proxy::ShutdownHandle,
 }
 
@@ -58,7 +61,7 @@ struct Mesh {
 /// presenting `endpoint_id`; the `demo/api` workload's policy lines are `servers`.
 fn mesh_yaml(inbound: SocketAddr, protocol: &str, endpoint_id: &str, servers: &str) -> String {
     format!(
-        "services:\n  - name: api\n    namespace: demo\n    addresses: [{VIRTUAL}]\n    protocol: {protocol}\n    endpoints:\n      - address: {inbound}\n        identity: {endpoint_id}\nworkloads:\n  - name: demo/web\n  - name: demo/api\n{servers}"
+        "services:\n  - name: api\n    namespace: demo\n    addresses: [{VIRTUAL}]\n    protocol: {protocol}\n    endpoints:\n      - address: {inbound}\n        identity: {endpoint_id}\n  - name: raw\n    namespace: demo\n    addresses: [{RAW}]\n    protocol: opaque\n    endpoints:\n      - address: {inbound}\n        identity: {endpoint_id}\nworkloads:\n  - name: demo/web\n  - name: demo/api\n{servers}"
     )
 }
 
@@ -82,6 +85,7 @@ async fn node(config: Config, orig: SocketAddr, ca: &Arc<SigningCa>, identity: &
         admin: proxy.admin_addr(),
         inbound: proxy.listener_addrs(Direction::Inbound).first().copied(),
         outbound: proxy.listener_addrs(Direction::Outbound).first().copied(),
+        forward: proxy.listener_addrs(Direction::Forward).first().copied(),
         stop: proxy.shutdown_handle(),
     };
     let readiness = proxy.readiness();
@@ -105,6 +109,11 @@ fn sidecar_config(control: SocketAddr, workload: &str) -> Config {
 /// Starts the app, the control plane and both proxies; `servers` is the `demo/api` workload's
 /// policy (YAML lines under it), `protocol` the service's.
 async fn start(app: SocketAddr, protocol: &str, servers: &str) -> Mesh {
+    start_with(app, protocol, servers, Duration::from_secs(3600)).await
+}
+
+/// [`start`] with certificates valid for `lifetime`.
+async fn start_with(app: SocketAddr, protocol: &str, servers: &str, lifetime: Duration) -> Mesh {
     let empty = outrider_control::mesh::Mesh::parse("workloads:\n  - name: demo/api\n").unwrap();
     let control = outrider_control::ControlPlane::new(empty).unwrap();
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -112,7 +121,7 @@ async fn start(app: SocketAddr, protocol: &str, servers: &str) -> Mesh {
     tokio::spawn(control.clone().serve(l));
     let ca = Arc::new(SigningCa::new(
         TestCa::new("test mesh root").unwrap(),
-        Duration::from_secs(3600),
+        lifetime,
     ));
     let mut config = sidecar_config(control_addr, "demo/api");
     config.inbound = Some("127.0.0.1:0".parse().unwrap());
@@ -123,6 +132,10 @@ async fn start(app: SocketAddr, protocol: &str, servers: &str) -> Mesh {
         .unwrap();
     let mut config = sidecar_config(control_addr, "demo/web");
     config.outbound = Some("127.0.0.1:0".parse().unwrap());
+    config.forwards = vec![outrider_proxy::config::ForwardSpec {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        upstream: RAW.parse().unwrap(),
+    }];
     let client = node(config, VIRTUAL.parse().unwrap(), &ca, WEB).await;
     // The client's view names the endpoint before the first request.
     let mesh = Mesh {
@@ -397,4 +410,180 @@ async fn opaque_tcp_rides_its_own_tls_stream_and_a_denied_connection_is_closed()
     );
     let after = accepted.load(std::sync::atomic::Ordering::SeqCst);
     assert_eq!(after, before, "the app saw no denied connection");
+}
+
+/// Load until `stop`: HTTP/1.1 and HTTP/2 requests through the client proxy (one pooled mesh
+/// connection), and raw HTTP on a new connection each time through the opaque service (one mesh
+/// TLS stream, so one handshake, per connection). Counts (successes, failures).
+async fn load(
+    mesh: &Mesh,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<(u64, Vec<String>)>> {
+    use std::sync::atomic::Ordering;
+    let outbound = mesh.client.outbound.unwrap();
+    let forward = mesh.client.forward.unwrap();
+    let mut tasks = Vec::new();
+    for h2 in [false, true] {
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0, Vec::new());
+            let mut c = ClientConn::connect(outbound, h2).await.unwrap();
+            // Bounded: at most 100k requests.
+            for _ in 0..100_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                match c.get("api.demo", "/").await {
+                    Ok(rsp) if rsp.status() == StatusCode::OK => {
+                        ok += 1;
+                        let _ = rsp.into_body().collect().await;
+                    }
+                    Ok(rsp) => failed.push(format!(
+                        "{:?} {:?}",
+                        rsp.status(),
+                        rsp.headers().get("outrider-error")
+                    )),
+                    Err(e) => {
+                        failed.push(format!("h2 {h2}: {e:#}"));
+                        match ClientConn::connect(outbound, h2).await {
+                            Ok(again) => c = again,
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    let stop = stop.clone();
+    tasks.push(tokio::spawn(async move {
+        let (mut ok, mut failed) = (0, Vec::new());
+        for _ in 0..100_000 {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let rsp = async {
+                let mut s = TcpStream::connect(forward).await?;
+                s.write_all(b"GET /raw HTTP/1.1\r\nHost: raw\r\nConnection: close\r\n\r\n")
+                    .await?;
+                let mut out = Vec::new();
+                s.read_to_end(&mut out).await?;
+                Ok::<_, std::io::Error>(out)
+            };
+            match tokio::time::timeout(Duration::from_secs(10), rsp).await {
+                Ok(Ok(out)) if out.starts_with(b"HTTP/1.1 200") => ok += 1,
+                Ok(Ok(out)) => failed.push(format!(
+                    "raw: {:?}",
+                    String::from_utf8_lossy(&out[..out.len().min(60)])
+                )),
+                Ok(Err(e)) => failed.push(format!("raw: {e}")),
+                Err(_) => failed.push("raw: timed out".into()),
+            }
+        }
+        (ok, failed)
+    }));
+    tasks
+}
+
+async fn finish(tasks: Vec<tokio::task::JoinHandle<(u64, Vec<String>)>>) -> u64 {
+    let mut total = 0;
+    for t in tasks {
+        let (ok, failed) = t.await.unwrap();
+        assert!(
+            failed.is_empty(),
+            "{} failed requests, e.g. {:?}",
+            failed.len(),
+            &failed[..failed.len().min(3)]
+        );
+        assert!(ok > 0, "every load task made progress");
+        total += ok;
+    }
+    total
+}
+
+fn renewals(node: &Node) -> f64 {
+    node.sum("outrider_identity_certify_total", &[("result", "ok")])
+}
+
+/// Waits until `node` has renewed `more` more times than `from` (bounded).
+async fn renewed(node: &Node, from: f64, more: f64) {
+    for _ in 0..2000 {
+        if renewals(node) >= from + more {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no renewal: {} after {from}", renewals(node));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_lived_certificates_renew_under_load_without_a_failed_request() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let app = start_app().await;
+    let lifetime = Duration::from_secs(2);
+    let mesh = start_with(app, "http1", "", lifetime).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = load(&mesh, stop.clone()).await;
+    // At least three lifetimes under load, each side renewing (at 65-75% of what is left) at
+    // least three times.
+    let (c0, s0) = (renewals(&mesh.client), renewals(&mesh.server));
+    let started = std::time::Instant::now();
+    renewed(&mesh.client, c0, 3.0).await;
+    renewed(&mesh.server, s0, 3.0).await;
+    if let Some(rest) = (3 * lifetime).checked_sub(started.elapsed()) {
+        tokio::time::sleep(rest).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let total = finish(tasks).await;
+    let full = mesh.client.sum(
+        "outrider_tls_handshakes_total",
+        &[("direction", "outbound"), ("result", "full")],
+    );
+    let resumed = mesh.client.sum(
+        "outrider_tls_handshakes_total",
+        &[("direction", "outbound"), ("result", "resumed")],
+    );
+    assert!(
+        full + resumed >= 10.0,
+        "new mesh connections throughout: {full} full, {resumed} resumed"
+    );
+    assert!(total > 50, "{total} requests");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_is_rotated_under_load_without_a_failed_request() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let app = start_app().await;
+    let lifetime = Duration::from_secs(2);
+    let mesh = start_with(app, "http1", "", lifetime).await;
+    let old_root = mesh.ca.anchors.lock().unwrap().clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = load(&mesh, stop.clone()).await;
+    let step = |mesh: &Mesh| (renewals(&mesh.client), renewals(&mesh.server));
+    // 1. The new root joins the bundle; every proxy renews and so learns it.
+    let next = TestCa::new("next mesh root").unwrap();
+    mesh.ca
+        .set_anchors(format!("{old_root}{}", next.root_pem()));
+    let (c, s) = step(&mesh);
+    renewed(&mesh.client, c, 1.0).await;
+    renewed(&mesh.server, s, 1.0).await;
+    // 2. The new root issues; every certificate is replaced by one chained to it.
+    mesh.ca.switch_to(next);
+    let (c, s) = step(&mesh);
+    renewed(&mesh.client, c, 1.0).await;
+    renewed(&mesh.server, s, 1.0).await;
+    // 3. The old root leaves the bundle; every proxy renews again and trusts only the new one.
+    let new_only = mesh.ca.anchors.lock().unwrap().replace(&old_root, "");
+    mesh.ca.set_anchors(new_only.clone());
+    let (c, s) = step(&mesh);
+    renewed(&mesh.client, c, 1.0).await;
+    renewed(&mesh.server, s, 1.0).await;
+    stop.store(true, Ordering::Relaxed);
+    finish(tasks).await;
+    let id = admin_get(mesh.server.admin, "/identity").await;
+    assert!(
+        id.contains("next mesh root"),
+        "issued by the new root: {id}"
+    );
+    assert!(id.contains("\"trust_anchors\": 1"), "one root left: {id}");
 }

@@ -97,19 +97,15 @@ pub fn new_csr(identity: &Identity) -> Result<(String, Vec<u8>), BoxError> {
     Ok((csr, key.serialize_der()))
 }
 
-/// When to renew a certificate valid from `not_before` to `not_after`, seen at `now`: at
-/// `fraction` (0.65 to 0.75) of its lifetime; zero when that moment has passed.
-pub fn renew_in(
-    not_before: SystemTime,
-    not_after: SystemTime,
-    now: SystemTime,
-    fraction: f64,
-) -> Duration {
-    let Ok(lifetime) = not_after.duration_since(not_before) else {
-        return Duration::ZERO;
-    };
-    let at = not_before + lifetime.mul_f64(fraction.clamp(0.0, 1.0));
-    at.duration_since(now).unwrap_or_default()
+/// When to renew a certificate valid until `not_after`, received at `now`: after `fraction`
+/// (0.65 to 0.75) of the time it has left. Counted from its arrival, not its `not_before`: a CA
+/// backdates `not_before` to absorb clock skew, which would otherwise make a short-lived
+/// certificate look mostly spent at once. Zero when it has expired already.
+pub fn renew_in(not_after: SystemTime, now: SystemTime, fraction: f64) -> Duration {
+    not_after
+        .duration_since(now)
+        .unwrap_or_default()
+        .mul_f64(fraction.clamp(0.0, 1.0))
 }
 
 /// The renewal metrics.
@@ -201,8 +197,7 @@ impl Renewal {
                         .unwrap_or_default();
                     self.metrics.expiry.set(expiry.as_secs() as i64);
                     let fraction = 0.65 + 0.1 * fastrand::f64();
-                    let wait =
-                        renew_in(leaf.not_before, leaf.not_after, SystemTime::now(), fraction);
+                    let wait = renew_in(leaf.not_after, SystemTime::now(), fraction);
                     if ready.take().is_some() {
                         tracing::info!(identity = %leaf.identity, valid_for = ?leaf.not_after.duration_since(SystemTime::now()).unwrap_or_default(), renew_in = ?wait, "certificate issued");
                     } else {
@@ -256,20 +251,18 @@ mod tests {
     const WEB: &str = "spiffe://outrider.local/ns/demo/sa/web";
 
     #[test]
-    fn renewal_is_due_at_the_given_fraction_of_the_lifetime() {
-        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+    fn renewal_is_due_at_the_given_fraction_of_the_time_left() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let day = Duration::from_secs(86_400);
-        assert_eq!(renew_in(t0, t0 + day, t0, 0.7), day.mul_f64(0.7));
-        assert_eq!(renew_in(t0, t0 + day, t0 + day / 2, 0.7), day.mul_f64(0.2));
+        assert_eq!(renew_in(now + day, now, 0.7), day.mul_f64(0.7));
+        // A 5 s certificate (whatever its backdated not_before) renews after 3.5 s.
+        let five = Duration::from_secs(5);
+        assert_eq!(renew_in(now + five, now, 0.7), five.mul_f64(0.7));
+        assert_eq!(renew_in(now, now, 0.7), Duration::ZERO, "expired: now");
         assert_eq!(
-            renew_in(t0, t0 + day, t0 + day, 0.7),
+            renew_in(now - day, now, 0.7),
             Duration::ZERO,
-            "overdue: now"
-        );
-        assert_eq!(
-            renew_in(t0 + day, t0, t0, 0.7),
-            Duration::ZERO,
-            "nonsense validity"
+            "long expired"
         );
     }
 

@@ -99,8 +99,8 @@ impl TestCa {
 /// A [`TestCa`] that signs every CSR for `lifetime` (no token check: that is the control plane's).
 #[derive(Debug)]
 pub struct SigningCa {
-    /// The CA.
-    pub ca: TestCa,
+    /// The CA that signs now.
+    ca: std::sync::Mutex<TestCa>,
     /// Lifetime of what it issues.
     pub lifetime: Duration,
     /// The bundle it hands out.
@@ -114,10 +114,24 @@ impl SigningCa {
     pub fn new(ca: TestCa, lifetime: Duration) -> Self {
         let anchors = std::sync::Mutex::new(ca.root_pem());
         Self {
-            ca,
+            ca: std::sync::Mutex::new(ca),
             lifetime,
             anchors,
             failing: Default::default(),
+        }
+    }
+
+    /// Signs with `ca` from now on (the bundle handed out is unchanged: see `anchors`).
+    pub fn switch_to(&self, ca: TestCa) {
+        if let Ok(mut current) = self.ca.lock() {
+            *current = ca;
+        }
+    }
+
+    /// Hands out `pem` as the trust bundle from now on.
+    pub fn set_anchors(&self, pem: String) {
+        if let Ok(mut anchors) = self.anchors.lock() {
+            *anchors = pem;
         }
     }
 }
@@ -132,7 +146,10 @@ impl Certify for SigningCa {
             if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
                 return Err("the control plane is unreachable (test)".into());
             }
-            let chain_pem = self.ca.sign_csr(csr_pem, self.lifetime)?;
+            let chain_pem = match self.ca.lock() {
+                Ok(ca) => ca.sign_csr(csr_pem, self.lifetime)?,
+                Err(_) => return Err("the test CA lock is poisoned".into()),
+            };
             let trust_anchors_pem = self.anchors.lock().map(|a| a.clone()).unwrap_or_default();
             Ok(Certified {
                 chain_pem,
