@@ -215,9 +215,15 @@ impl CaFiles {
         root_lifetime: Duration,
         issuer_lifetime: Duration,
     ) -> Result<CaFiles, CaError> {
+        // A random tag tells roots (and issuers) of one trust domain apart in logs and tools.
+        let mut tag = [0u8; 4];
+        ring::rand::SystemRandom::new()
+            .fill(&mut tag)
+            .map_err(|_| CaError::Generate("the system random source failed".into()))?;
+        let tag: String = tag.iter().map(|b| format!("{b:02x}")).collect();
         let root_key = KeyPair::generate().map_err(generate_error)?;
         let root_params = ca_params(
-            format!("Outrider root CA {trust_domain}"),
+            format!("Outrider root CA {trust_domain} {tag}"),
             BasicConstraints::Unconstrained,
             root_lifetime,
         )?;
@@ -225,7 +231,7 @@ impl CaFiles {
         let root_issuer = Issuer::new(root_params, &root_key);
         let issuer_key = KeyPair::generate().map_err(generate_error)?;
         let issuer_params = ca_params(
-            format!("Outrider issuer {trust_domain}"),
+            format!("Outrider issuer {trust_domain} {tag}"),
             BasicConstraints::Constrained(0),
             issuer_lifetime.min(root_lifetime),
         )?;
