@@ -6,6 +6,9 @@
 //! passes, and then answers `304 Not Modified`. This is a long poll: one request per change, no
 //! state on the server beyond the open request. Errors are `4xx` with a plain-text reason.
 //!
+//! `POST /v1/certify` ([`CERTIFY_PATH`]) turns a bootstrap token and a CSR into a workload
+//! certificate ([`CertifyRequest`], [`CertifyResponse`], errors as [`ApiError`]).
+//!
 //! Durations are integers in milliseconds (`*_ms`) so clients need no duration parser.
 //!
 //! Workload names and identities are typed ([`WorkloadId`], [`Identity`]): they are validated

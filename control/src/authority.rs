@@ -211,6 +211,12 @@ impl Authority {
         &self.trust_domain
     }
 
+    /// A bootstrap token for `identity`, valid for `ttl`, minted with this authority's token key
+    /// (for in-process callers such as the demo; others use `outrider control token`).
+    pub fn mint_token(&self, identity: &Identity, ttl: Duration) -> String {
+        self.tokens.mint(identity, ttl)
+    }
+
     /// The lifetime of the certificates issued.
     pub fn lifetime(&self) -> Duration {
         self.lifetime
@@ -486,12 +492,19 @@ impl ServingCert {
     }
 }
 
-impl rustls::server::ResolvesServerCert for ServingCert {
-    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(match self.current.read() {
+impl ServingCert {
+    /// The certificate and key served now.
+    fn resolve_current(&self) -> Arc<CertifiedKey> {
+        match self.current.read() {
             Ok(key) => key.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
-        })
+        }
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServingCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.resolve_current())
     }
 }
 
@@ -707,13 +720,25 @@ mod tests {
         }
     }
 
-    /// The issuer of the serving certificate (DER).
+    /// An authority for outrider.local with `ca` and a random token key.
+    fn authority(ca: Ca) -> Arc<Authority> {
+        Authority::new(
+            ca,
+            TokenKey::generate().unwrap(),
+            HOUR,
+            "outrider.local".into(),
+        )
+        .unwrap()
+    }
+
+    /// Certificate `i` of the serving chain (0: the leaf, 1: its issuer), DER.
+    fn served(serving: &ServingCert, i: usize) -> Vec<u8> {
+        let key = serving.resolve_current();
+        key.cert[i].as_ref().to_vec()
+    }
+
     fn served_issuer(serving: &ServingCert) -> Vec<u8> {
-        let key = match serving.current.read() {
-            Ok(k) => k.clone(),
-            Err(p) => p.into_inner().clone(),
-        };
-        key.cert[1].as_ref().to_vec()
+        served(serving, 1)
     }
 
     #[tokio::test(start_paused = true)]
@@ -741,13 +766,7 @@ mod tests {
             old.issuer_key_pem.clone(),
             old.root_pem.clone(),
         ];
-        let authority = Authority::new(
-            ca,
-            TokenKey::generate().unwrap(),
-            HOUR,
-            "outrider.local".into(),
-        )
-        .unwrap();
+        let authority = authority(ca);
         let serving =
             ServingCert::new(&authority.ca(), vec!["localhost".into()], vec![], HOUR).unwrap();
         let first_issuer = served_issuer(&serving);
@@ -803,19 +822,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_serving_certificate_is_renewed_at_half_its_lifetime() {
         let ca = Ca::generate("outrider.local").unwrap();
-        let authority = Authority::new(
-            ca,
-            TokenKey::generate().unwrap(),
-            HOUR,
-            "outrider.local".into(),
-        )
-        .unwrap();
+        let authority = authority(ca);
         let serving =
             ServingCert::new(&authority.ca(), vec!["localhost".into()], vec![], 10 * POLL).unwrap();
-        let first = match serving.current.read() {
-            Ok(k) => k.cert[0].as_ref().to_vec(),
-            Err(_) => unreachable!(),
-        };
+        let first = served(&serving, 0);
         assert!(!serving.needs_renewal());
         let follower = tokio::spawn(authority.clone().follow(
             None,
@@ -823,10 +833,7 @@ mod tests {
             Some(serving.clone()),
         ));
         tokio::time::sleep(POLL * 7).await;
-        let now = match serving.current.read() {
-            Ok(k) => k.cert[0].as_ref().to_vec(),
-            Err(_) => unreachable!(),
-        };
+        let now = served(&serving, 0);
         assert!(
             now != first,
             "not renewed after more than half its lifetime"
