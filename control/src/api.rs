@@ -747,4 +747,29 @@ mod tests {
         assert_eq!(back, id);
         assert!(serde_json::from_str::<Identity>("\"spiffe://td/x\"").is_err());
     }
+
+    #[test]
+    fn identities_from_parts_and_matches_round_trip() {
+        let id = Identity::new("outrider.local", "demo", "web").unwrap();
+        assert_eq!(id.as_str(), "spiffe://outrider.local/ns/demo/sa/web");
+        assert!(Identity::new("outrider.local", "demo/x", "web").is_err());
+        assert!(Identity::new("Bad", "demo", "web").is_err());
+        assert!(check_trust_domain("prod.example").is_ok());
+        assert!(check_trust_domain("")
+            .unwrap_err()
+            .contains("1 to 255 characters"));
+        for s in [
+            "spiffe://outrider.local/ns/demo/sa/web",
+            "spiffe://outrider.local/ns/demo/*",
+        ] {
+            let m: IdentityMatch = s.parse().unwrap();
+            assert_eq!(m.to_string(), s);
+            let json = serde_json::to_string(&m).unwrap();
+            assert_eq!(serde_json::from_str::<IdentityMatch>(&json).unwrap(), m);
+        }
+        assert!(serde_json::from_str::<IdentityMatch>("\"spiffe://td/*\"").is_err());
+        let ns: IdentityMatch = "spiffe://td/ns/a/*".parse().unwrap();
+        assert!(ns.matches(&Identity::new("td", "a", "x").unwrap()));
+        assert!(!ns.matches(&Identity::new("td", "b", "x").unwrap()));
+    }
 }
