@@ -487,6 +487,11 @@ impl Ca {
         lifetime: Duration,
     ) -> Result<Issued, CsrError> {
         let public_key = check_csr(csr_pem, identity)?;
+        if self.issuer_not_after <= SystemTime::now() + BACKDATE {
+            return Err(CsrError::Issue(
+                "the issuer certificate has expired; load a new one".into(),
+            ));
+        }
         let uri = identity
             .as_str()
             .try_into()
