@@ -682,6 +682,14 @@ mod tests {
             ca.issuer_not_after(),
             "cut to the issuer's end"
         );
+        // An issuer about to end (or ended) issues nothing rather than dead certificates.
+        let files = CaFiles::generate("outrider.local", HOUR, Duration::from_secs(30)).unwrap();
+        let ca = Ca::load(&files.issuer_pem, &files.issuer_key_pem, &files.root_pem).unwrap();
+        let e = ca.certify(&csr(&[&uri(WEB)]), &id(WEB), HOUR).unwrap_err();
+        assert!(
+            e.to_string().contains("issuer certificate has expired"),
+            "{e}"
+        );
     }
 
     #[test]
