@@ -6,6 +6,9 @@
 //! passes, and then answers `304 Not Modified`. This is a long poll: one request per change, no
 //! state on the server beyond the open request. Errors are `4xx` with a plain-text reason.
 //!
+//! `POST /v1/certify` ([`CERTIFY_PATH`]) turns a bootstrap token and a CSR into a workload
+//! certificate ([`CertifyRequest`], [`CertifyResponse`], errors as [`ApiError`]).
+//!
 //! Durations are integers in milliseconds (`*_ms`) so clients need no duration parser.
 //!
 //! Workload names and identities are typed ([`WorkloadId`], [`Identity`]): they are validated
@@ -743,5 +746,30 @@ mod tests {
         let back: Identity = serde_json::from_str(&serde_json::to_string(&id).unwrap()).unwrap();
         assert_eq!(back, id);
         assert!(serde_json::from_str::<Identity>("\"spiffe://td/x\"").is_err());
+    }
+
+    #[test]
+    fn identities_from_parts_and_matches_round_trip() {
+        let id = Identity::new("outrider.local", "demo", "web").unwrap();
+        assert_eq!(id.as_str(), "spiffe://outrider.local/ns/demo/sa/web");
+        assert!(Identity::new("outrider.local", "demo/x", "web").is_err());
+        assert!(Identity::new("Bad", "demo", "web").is_err());
+        assert!(check_trust_domain("prod.example").is_ok());
+        assert!(check_trust_domain("")
+            .unwrap_err()
+            .contains("1 to 255 characters"));
+        for s in [
+            "spiffe://outrider.local/ns/demo/sa/web",
+            "spiffe://outrider.local/ns/demo/*",
+        ] {
+            let m: IdentityMatch = s.parse().unwrap();
+            assert_eq!(m.to_string(), s);
+            let json = serde_json::to_string(&m).unwrap();
+            assert_eq!(serde_json::from_str::<IdentityMatch>(&json).unwrap(), m);
+        }
+        assert!(serde_json::from_str::<IdentityMatch>("\"spiffe://td/*\"").is_err());
+        let ns: IdentityMatch = "spiffe://td/ns/a/*".parse().unwrap();
+        assert!(ns.matches(&Identity::new("td", "a", "x").unwrap()));
+        assert!(!ns.matches(&Identity::new("td", "b", "x").unwrap()));
     }
 }

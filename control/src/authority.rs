@@ -15,7 +15,9 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, Request, Response, StatusCode};
@@ -207,6 +209,12 @@ impl Authority {
     /// The trust domain of the identities issued.
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
+    }
+
+    /// A bootstrap token for `identity`, valid for `ttl`, minted with this authority's token key
+    /// (for in-process callers such as the demo; others use `outrider control token`).
+    pub fn mint_token(&self, identity: &Identity, ttl: Duration) -> String {
+        self.tokens.mint(identity, ttl)
     }
 
     /// The lifetime of the certificates issued.
@@ -419,6 +427,15 @@ fn certified_key(
         .map_err(|e| CaError::Generate(e.to_string()))
 }
 
+/// Half-way through a certificate from `ca` for `lifetime` (which the issuer's end may cut).
+fn renew_at(ca: &Ca, lifetime: Duration) -> Instant {
+    let left = ca
+        .issuer_not_after()
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    Instant::now() + lifetime.min(left) / 2
+}
+
 impl ServingCert {
     /// A serving certificate from `ca` for `dns_names` and `ips`, valid for `lifetime` and
     /// renewed at half of it.
@@ -434,7 +451,7 @@ impl ServingCert {
             ips,
             lifetime,
             current: RwLock::new(Arc::new(key)),
-            renew_at: Mutex::new(Instant::now() + lifetime / 2),
+            renew_at: Mutex::new(renew_at(ca, lifetime)),
         }))
     }
 
@@ -451,7 +468,7 @@ impl ServingCert {
             Err(poisoned) => *poisoned.into_inner() = key,
         }
         if let Ok(mut at) = self.renew_at.lock() {
-            *at = Instant::now() + self.lifetime / 2;
+            *at = renew_at(ca, self.lifetime);
         }
         Ok(())
     }
@@ -475,12 +492,19 @@ impl ServingCert {
     }
 }
 
-impl rustls::server::ResolvesServerCert for ServingCert {
-    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(match self.current.read() {
+impl ServingCert {
+    /// The certificate and key served now.
+    fn resolve_current(&self) -> Arc<CertifiedKey> {
+        match self.current.read() {
             Ok(key) => key.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
-        })
+        }
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServingCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.resolve_current())
     }
 }
 
@@ -694,6 +718,127 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// An authority for outrider.local with `ca` and a random token key.
+    fn authority(ca: Ca) -> Arc<Authority> {
+        Authority::new(
+            ca,
+            TokenKey::generate().unwrap(),
+            HOUR,
+            "outrider.local".into(),
+        )
+        .unwrap()
+    }
+
+    /// Certificate `i` of the serving chain (0: the leaf, 1: its issuer), DER.
+    fn served(serving: &ServingCert, i: usize) -> Vec<u8> {
+        let key = serving.resolve_current();
+        key.cert[i].as_ref().to_vec()
+    }
+
+    fn served_issuer(serving: &ServingCert) -> Vec<u8> {
+        served(serving, 1)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn follow_reloads_good_issuer_files_and_keeps_the_ca_on_bad_ones() {
+        use crate::ca::CaFiles;
+        let dir = std::env::temp_dir().join(format!("outrider-authority-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let paths = CaPaths {
+            issuer_cert: dir.join("issuer.pem"),
+            issuer_key: dir.join("issuer-key.pem"),
+            trust_anchors: dir.join("roots.pem"),
+        };
+        let write = |files: &CaFiles, roots: &str| {
+            std::fs::write(&paths.issuer_cert, &files.issuer_pem).unwrap();
+            std::fs::write(&paths.issuer_key, &files.issuer_key_pem).unwrap();
+            std::fs::write(&paths.trust_anchors, roots).unwrap();
+        };
+        let old = CaFiles::generate("outrider.local", 10 * HOUR, 5 * HOUR).unwrap();
+        let new = CaFiles::generate("outrider.local", 10 * HOUR, 5 * HOUR).unwrap();
+        write(&old, &old.root_pem);
+        let ca = Ca::load(&old.issuer_pem, &old.issuer_key_pem, &old.root_pem).unwrap();
+        let texts = [
+            old.issuer_pem.clone(),
+            old.issuer_key_pem.clone(),
+            old.root_pem.clone(),
+        ];
+        let authority = authority(ca);
+        let serving =
+            ServingCert::new(&authority.ca(), vec!["localhost".into()], vec![], HOUR).unwrap();
+        let first_issuer = served_issuer(&serving);
+        let follower = tokio::spawn(authority.clone().follow(
+            Some(paths.clone()),
+            texts,
+            Some(serving.clone()),
+        ));
+        let anchors = || authority.ca().trust_anchors_pem().to_string();
+        // Step 1: the new root joins the bundle (the old issuer stays): reloaded.
+        let bundle = format!("{}{}", old.root_pem, new.root_pem);
+        write(&old, &bundle);
+        for _ in 0..50 {
+            if authority.ca().trust_anchors().len() == 2 {
+                break;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        assert_eq!(
+            authority.ca().trust_anchors().len(),
+            2,
+            "the bundle was not reloaded"
+        );
+        // A bad write (the new issuer's key with the old issuer) is refused; the CA stays.
+        let before = anchors();
+        std::fs::write(&paths.issuer_key, &new.issuer_key_pem).unwrap();
+        tokio::time::sleep(POLL * 3).await;
+        assert_eq!(anchors(), before);
+        assert_eq!(served_issuer(&serving), first_issuer);
+        // Step 2: switch to the new issuer: reloaded, and the serving certificate follows.
+        write(&new, &bundle);
+        for _ in 0..50 {
+            if served_issuer(&serving) != first_issuer {
+                break;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        assert!(served_issuer(&serving) != first_issuer, "not reissued");
+        assert_eq!(authority.ca().issuer_chain_pem(), new.issuer_pem);
+        // Step 3: the old root leaves the bundle.
+        write(&new, &new.root_pem);
+        for _ in 0..50 {
+            if authority.ca().trust_anchors().len() == 1 {
+                break;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        assert_eq!(authority.ca().trust_anchors_pem(), new.root_pem);
+        follower.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_serving_certificate_is_renewed_at_half_its_lifetime() {
+        let ca = Ca::generate("outrider.local").unwrap();
+        let authority = authority(ca);
+        let serving =
+            ServingCert::new(&authority.ca(), vec!["localhost".into()], vec![], 10 * POLL).unwrap();
+        let first = served(&serving, 0);
+        assert!(!serving.needs_renewal());
+        let follower = tokio::spawn(authority.clone().follow(
+            None,
+            Default::default(),
+            Some(serving.clone()),
+        ));
+        tokio::time::sleep(POLL * 7).await;
+        let now = served(&serving, 0);
+        assert!(
+            now != first,
+            "not renewed after more than half its lifetime"
+        );
+        follower.abort();
     }
 
     #[test]

@@ -215,9 +215,15 @@ impl CaFiles {
         root_lifetime: Duration,
         issuer_lifetime: Duration,
     ) -> Result<CaFiles, CaError> {
+        // A random tag tells roots (and issuers) of one trust domain apart in logs and tools.
+        let mut tag = [0u8; 4];
+        ring::rand::SystemRandom::new()
+            .fill(&mut tag)
+            .map_err(|_| CaError::Generate("the system random source failed".into()))?;
+        let tag: String = tag.iter().map(|b| format!("{b:02x}")).collect();
         let root_key = KeyPair::generate().map_err(generate_error)?;
         let root_params = ca_params(
-            format!("Outrider root CA {trust_domain}"),
+            format!("Outrider root CA {trust_domain} {tag}"),
             BasicConstraints::Unconstrained,
             root_lifetime,
         )?;
@@ -225,7 +231,7 @@ impl CaFiles {
         let root_issuer = Issuer::new(root_params, &root_key);
         let issuer_key = KeyPair::generate().map_err(generate_error)?;
         let issuer_params = ca_params(
-            format!("Outrider issuer {trust_domain}"),
+            format!("Outrider issuer {trust_domain} {tag}"),
             BasicConstraints::Constrained(0),
             issuer_lifetime.min(root_lifetime),
         )?;
@@ -481,6 +487,11 @@ impl Ca {
         lifetime: Duration,
     ) -> Result<Issued, CsrError> {
         let public_key = check_csr(csr_pem, identity)?;
+        if self.issuer_not_after <= SystemTime::now() + BACKDATE {
+            return Err(CsrError::Issue(
+                "the issuer certificate has expired; load a new one".into(),
+            ));
+        }
         let uri = identity
             .as_str()
             .try_into()
@@ -670,6 +681,14 @@ mod tests {
             issued.not_after,
             ca.issuer_not_after(),
             "cut to the issuer's end"
+        );
+        // An issuer about to end (or ended) issues nothing rather than dead certificates.
+        let files = CaFiles::generate("outrider.local", HOUR, Duration::from_secs(30)).unwrap();
+        let ca = Ca::load(&files.issuer_pem, &files.issuer_key_pem, &files.root_pem).unwrap();
+        let e = ca.certify(&csr(&[&uri(WEB)]), &id(WEB), HOUR).unwrap_err();
+        assert!(
+            e.to_string().contains("issuer certificate has expired"),
+            "{e}"
         );
     }
 

@@ -225,3 +225,80 @@ mod tests {
         assert_eq!(parse_positive_duration("5s"), Ok(Duration::from_secs(5)));
     }
 }
+
+#[cfg(test)]
+mod flag_tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::server::{ControlArgs, DEFAULT_SERVER_NAMES};
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        control: ControlArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<ControlArgs, String> {
+        Cli::try_parse_from(std::iter::once("control").chain(args.iter().copied()))
+            .map(|c| c.control)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn serving_flags_default_and_the_ca_flags_go_together() {
+        let args = parse(&[]).unwrap();
+        assert!(args.command.is_none() && !args.plaintext);
+        assert_eq!(args.cert_lifetime, Duration::from_secs(24 * 3600));
+        assert_eq!(args.server_names, DEFAULT_SERVER_NAMES);
+        assert_eq!(args.trust_domain, None);
+        let e = parse(&["--issuer-cert", "a.pem"]).unwrap_err();
+        assert!(
+            e.contains("--issuer-key") && e.contains("--trust-anchors"),
+            "{e}"
+        );
+        assert!(parse(&[
+            "--issuer-cert",
+            "a",
+            "--issuer-key",
+            "b",
+            "--trust-anchors",
+            "c"
+        ])
+        .is_ok());
+        assert!(parse(&["--cert-lifetime", "5s"]).is_ok());
+        assert!(parse(&["--cert-lifetime", "0s"]).is_err());
+        assert!(parse(&["--trust-domain", "Bad!"])
+            .unwrap_err()
+            .contains("invalid trust domain"));
+        let args = parse(&["--server-name", "a.example", "--server-name", "b"]).unwrap();
+        assert_eq!(args.server_names, ["a.example", "b"]);
+    }
+
+    #[test]
+    fn subcommands_parse_and_exclude_the_serving_flags() {
+        let args = parse(&["ca", "init", "--dir", "/tmp/x", "--root-lifetime", "2y"]).unwrap();
+        match args.command {
+            Some(ControlCommand::Ca(CaCommand::Init(init))) => {
+                assert_eq!(init.root_lifetime, Duration::from_secs(2 * 365 * 24 * 3600));
+                assert_eq!(init.trust_domain, DEFAULT_TRUST_DOMAIN);
+            }
+            other => panic!("{other:?}"),
+        }
+        let args = parse(&[
+            "token",
+            "--token-key",
+            "k",
+            "--identity",
+            "spiffe://td/ns/a/sa/b",
+        ])
+        .unwrap();
+        assert!(matches!(args.command, Some(ControlCommand::Token(_))));
+        assert!(
+            parse(&["token", "--token-key", "k"]).is_err(),
+            "no identity"
+        );
+        assert!(parse(&["token", "--token-key", "k", "--identity", "nope"]).is_err());
+        assert!(parse(&["--plaintext", "token", "--token-key", "k"]).is_err());
+    }
+}

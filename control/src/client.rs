@@ -406,7 +406,7 @@ impl Certifier {
 /// Connects to the control plane: TCP (hyper-util's connector), then TLS when configured, with
 /// the URL's host (DNS name or IP) as the server name to verify.
 #[derive(Clone)]
-pub struct Connector {
+struct Connector {
     http: HttpConnector,
     tls: Option<tokio_rustls::TlsConnector>,
 }
@@ -453,7 +453,7 @@ impl tower::Service<Uri> for Connector {
 
 /// A connection to the control plane, plain or TLS.
 #[derive(Debug)]
-pub enum Conn {
+enum Conn {
     /// Plain TCP (local development).
     Plain(TokioIo<TcpStream>),
     /// TLS over TCP.

@@ -1,6 +1,7 @@
 //! The Outrider control plane: the mesh config (YAML, validated with key paths), the watch API
-//! server (`outrider control`), and the API types and watch client that `outrider-proxy` uses.
-//! Dependencies point one way: this crate never uses the proxy.
+//! server (`outrider control`), the certificate authority that issues workload certificates
+//! ([`ca`], [`token`], [`authority`]), and the API types and clients (watch, certify) that
+//! `outrider-proxy` uses. Dependencies point one way: this crate never uses the proxy.
 
 pub mod api;
 pub mod authority;

@@ -558,7 +558,7 @@ pub struct ControlArgs {
     pub plaintext: bool,
     /// DNS names in the serving certificate (repeatable). 127.0.0.1 and the listen IP (unless
     /// unspecified) are always in it.
-    #[arg(long = "server-name", value_name = "NAME",
+    #[arg(long = "server-name", env = "OUTRIDER_SERVER_NAME", value_name = "NAME", value_delimiter = ',',
           default_values_t = DEFAULT_SERVER_NAMES.iter().map(|s| s.to_string()).collect::<Vec<_>>())]
     pub server_names: Vec<String>,
 }

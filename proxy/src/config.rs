@@ -265,7 +265,7 @@ impl Config {
         let outbound = args
             .outbound
             .or((!local_mode).then(|| SocketAddr::from(([127, 0, 0, 1], ports::OUTBOUND))));
-        let config = Config {
+        let mut config = Config {
             inbound,
             outbound,
             admin: args.admin,
@@ -298,7 +298,6 @@ impl Config {
             drain_window: args.drain_window,
             shutdown_grace: args.shutdown_grace,
         };
-        let mut config = config;
         let mut errors = Vec::new();
         if let Some(path) = &config.trust_anchors {
             match std::fs::read_to_string(path)

@@ -234,7 +234,17 @@ fn start_app(instance: &str) -> (u16, ChildGuard) {
 
 /// The control plane following `dir`'s mesh file (none: the embedded demo mesh), on `port` or
 /// any free one; returns once it listens.
+/// It serves plain HTTP (`--plaintext`), as these tests read it with a plain client.
 fn start_control(dir: Option<&TempDir>, port: Option<u16>) -> (SocketAddr, ChildGuard) {
+    start_control_with(dir, port, &["--plaintext"])
+}
+
+/// [`start_control`] with `extra` flags instead of `--plaintext`.
+fn start_control_with(
+    dir: Option<&TempDir>,
+    port: Option<u16>,
+    extra: &[&str],
+) -> (SocketAddr, ChildGuard) {
     let (port, cp) = support::spawn_listening(
         "control",
         port,
@@ -245,6 +255,7 @@ fn start_control(dir: Option<&TempDir>, port: Option<u16>) -> (SocketAddr, Child
                 cmd.arg("--config").arg(dir.path().join("mesh.yaml"));
             }
             cmd.args(["--listen", &format!("127.0.0.1:{port}")])
+                .args(extra)
                 .env("OUTRIDER_LOG", "info");
             cmd
         },
@@ -715,5 +726,216 @@ fn refused_unknown_destinations_empty_services_and_readiness() {
             want,
             "{reason}"
         );
+    }
+}
+
+/// `outrider control ca init` into `dir`; returns its stdout.
+fn ca_init(dir: &std::path::Path) -> String {
+    support::run_ok(
+        Command::new(OUTRIDER)
+            .args(["control", "ca", "init", "--dir"])
+            .arg(dir),
+    )
+}
+
+/// `--issuer-cert`, `--issuer-key`, `--trust-anchors`, `--token-key` for the files of `ca init`.
+fn ca_flags(dir: &std::path::Path) -> Vec<String> {
+    let file = |name: &str| dir.join(name).display().to_string();
+    vec![
+        "--issuer-cert".into(),
+        file("issuer.pem"),
+        "--issuer-key".into(),
+        file("issuer-key.pem"),
+        "--trust-anchors".into(),
+        file("root.pem"),
+        "--token-key".into(),
+        file("token.key"),
+    ]
+}
+
+#[test]
+fn ca_init_and_token_make_a_ca_that_serves_tls_and_honours_only_its_tokens() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new();
+    let ca_dir = dir.path().join("ca");
+    let out = ca_init(&ca_dir);
+    assert!(
+        out.contains("root-key.pem") && out.contains("offline"),
+        "{out}"
+    );
+    for (file, mode) in [
+        ("root.pem", None),
+        ("issuer.pem", None),
+        ("root-key.pem", Some(0o600)),
+        ("issuer-key.pem", Some(0o600)),
+        ("token.key", Some(0o600)),
+    ] {
+        let meta = std::fs::metadata(ca_dir.join(file)).unwrap();
+        if let Some(mode) = mode {
+            assert_eq!(meta.permissions().mode() & 0o777, mode, "{file}");
+        }
+    }
+    // A second init into the same directory refuses and changes nothing.
+    let root_before = std::fs::read(ca_dir.join("root.pem")).unwrap();
+    let again = support::run(
+        Command::new(OUTRIDER)
+            .args(["control", "ca", "init", "--dir"])
+            .arg(&ca_dir),
+    );
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("refusing to overwrite"));
+    assert_eq!(std::fs::read(ca_dir.join("root.pem")).unwrap(), root_before);
+
+    // One token on stdout, for one identity.
+    let token_key = ca_dir.join("token.key").display().to_string();
+    let token = support::run_ok(Command::new(OUTRIDER).args([
+        "control",
+        "token",
+        "--token-key",
+        &token_key,
+        "--namespace",
+        "demo",
+        "--service-account",
+        "loadgen",
+        "--ttl",
+        "5m",
+    ]));
+    assert_eq!(token.lines().count(), 1, "{token}");
+    let token = token.trim().to_string();
+    assert!(token.starts_with("v1."), "{token}");
+    let bad = support::run(Command::new(OUTRIDER).args([
+        "control",
+        "token",
+        "--token-key",
+        &token_key,
+        "--identity",
+        "spiffe://outrider.local/ns/demo",
+    ]));
+    assert_eq!(bad.status.code(), Some(2));
+
+    // The control plane on those files serves TLS; the token is honoured (a bad CSR gets 400,
+    // not 401), and one minted with another key is not (401).
+    let flags = ca_flags(&ca_dir);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (cp, mut control) = start_control_with(None, None, &flags);
+    let stderr = control.stderr();
+    assert!(stderr.contains("certificate authority loaded"), "{stderr}");
+    assert!(!stderr.contains("throwaway"), "{stderr}");
+    let anchors = std::fs::read_to_string(ca_dir.join("root.pem")).unwrap();
+    let other = dir.path().join("other");
+    ca_init(&other);
+    let foreign_token = support::run_ok(Command::new(OUTRIDER).args([
+        "control",
+        "token",
+        "--token-key",
+        &other.join("token.key").display().to_string(),
+        "--identity",
+        "spiffe://outrider.local/ns/demo/sa/loadgen",
+    ]));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let tls = outrider_control::client::client_tls(&anchors).unwrap();
+    let certifier =
+        outrider_control::client::Certifier::new(&format!("https://{cp}"), Some(tls)).unwrap();
+    let status = |token: &str| match rt.block_on(certifier.certify(token, "not a csr")) {
+        Err(outrider_control::client::CertifyError::Refused { status, message }) => {
+            assert!(!message.contains(token), "the token leaked: {message}");
+            status.as_u16()
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(status(&token), 400);
+    assert_eq!(status(foreign_token.trim()), 401);
+    // Plain HTTP to the TLS port gets nothing useful.
+    assert!(exchange(&mut connect(cp), "GET", "/live").map_or(true, |a| a.status != 200));
+    // Refusals are logged with the reason and the claimed identity, never the token.
+    control.expect_stderr("minted with another token key", Duration::from_secs(5));
+    let log = control.stderr();
+    assert!(
+        log.contains("spiffe://outrider.local/ns/demo/sa/loadgen"),
+        "{log}"
+    );
+    assert!(
+        !log.contains(&token) && !log.contains(foreign_token.trim()),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_proxy_watches_a_tls_control_plane_and_only_with_the_right_anchors() {
+    let dir = TempDir::new();
+    let (ca_dir, other) = (dir.path().join("ca"), dir.path().join("other"));
+    ca_init(&ca_dir);
+    ca_init(&other);
+    let flags = ca_flags(&ca_dir);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (cp, _control) = start_control_with(None, None, &flags);
+    let (app, _app) = start_app("app");
+    let forward = format!("127.0.0.1:0=127.0.0.1:{app}");
+    let url = format!("https://{cp}");
+
+    // The right root: ready with the demo mesh's view.
+    let root = ca_dir.join("root.pem").display().to_string();
+    let (_proxy, addrs) = start_proxy(&[
+        "--forward",
+        &forward,
+        "--control",
+        &url,
+        "--trust-anchors",
+        &root,
+        "--workload",
+        "demo/loadgen",
+    ]);
+    wait_until("ready over TLS", CHANGE_TIMEOUT, || {
+        get(addrs.admin, "/ready").status == 200
+    });
+    let config: serde_json::Value =
+        serde_json::from_str(&get(addrs.admin, "/config").body).unwrap();
+    assert_eq!(config["trust_anchors"].as_str(), Some(root.as_str()));
+
+    // Another CA's root: the control plane's certificate is refused, the proxy stays unready
+    // and says why.
+    let wrong = other.join("root.pem").display().to_string();
+    let (mut proxy, addrs) = start_proxy(&[
+        "--forward",
+        &forward,
+        "--control",
+        &url,
+        "--trust-anchors",
+        &wrong,
+        "--workload",
+        "demo/loadgen",
+    ]);
+    proxy.expect_stderr("invalid peer certificate: UnknownIssuer", CHANGE_TIMEOUT);
+    let log = proxy.stderr();
+    assert!(log.contains("control plane request failed"), "{log}");
+    assert_eq!(get(addrs.admin, "/ready").status, 503);
+
+    // https without anchors, and anchors with http, are flag errors.
+    for (args, want) in [
+        (
+            vec!["--control", url.as_str()],
+            "--trust-anchors: required when --control is https://",
+        ),
+        (
+            vec![
+                "--control",
+                "http://127.0.0.1:1",
+                "--trust-anchors",
+                root.as_str(),
+            ],
+            "--trust-anchors: given, but --control is plaintext http://",
+        ),
+    ] {
+        let out = support::run(
+            Command::new(OUTRIDER)
+                .args(["proxy", "--forward", &forward, "--workload", "demo/loadgen"])
+                .args(&args),
+        );
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(want), "{stderr}");
     }
 }

@@ -738,7 +738,7 @@ workloads:
     .unwrap();
     // The control plane runs in pod A's namespace, so its proxy reaches it on loopback.
     let mesh_path = mesh.display().to_string();
-    let mut control = a.spawn(&[OUTRIDER, "control", "--config", &mesh_path]);
+    let mut control = a.spawn(&[OUTRIDER, "control", "--plaintext", "--config", &mesh_path]);
     control.expect_stderr("control plane ready", Duration::from_secs(10));
     let a = Pod::new(
         a,
