@@ -114,6 +114,17 @@ async fn start(app: SocketAddr, protocol: &str, servers: &str) -> Mesh {
 
 /// [`start`] with certificates valid for `lifetime`.
 async fn start_with(app: SocketAddr, protocol: &str, servers: &str, lifetime: Duration) -> Mesh {
+    start_tweaked(app, protocol, servers, lifetime, |_| {}).await
+}
+
+/// [`start_with`], with the server proxy's configuration changed by `tweak`.
+async fn start_tweaked(
+    app: SocketAddr,
+    protocol: &str,
+    servers: &str,
+    lifetime: Duration,
+    tweak: impl FnOnce(&mut Config),
+) -> Mesh {
     let empty = outrider_control::mesh::Mesh::parse("workloads:\n  - name: demo/api\n").unwrap();
     let control = outrider_control::ControlPlane::new(empty).unwrap();
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -125,6 +136,7 @@ async fn start_with(app: SocketAddr, protocol: &str, servers: &str, lifetime: Du
     ));
     let mut config = sidecar_config(control_addr, "demo/api");
     config.inbound = Some("127.0.0.1:0".parse().unwrap());
+    tweak(&mut config);
     let server = node(config, app, &ca, API).await;
     let inbound = server.inbound.unwrap();
     control
@@ -586,4 +598,159 @@ async fn a_root_is_rotated_under_load_without_a_failed_request() {
         "issued by the new root: {id}"
     );
     assert!(id.contains("\"trust_anchors\": 1"), "one root left: {id}");
+}
+
+/// Connects to `server` presenting `leaf` (trusting `anchors`), expecting `API`, sends a request
+/// and reads: `Ok(response bytes)` or the error that ended it.
+async fn call_with_leaf(
+    server: SocketAddr,
+    leaf: outrider_proxy::identity::testing::TestLeaf,
+    anchors: &str,
+) -> Result<Vec<u8>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    // Built by hand (not from an IdentityStore), so a certificate the proxy would never load
+    // itself can be presented.
+    let mut roots = rustls::RootCertStore::empty();
+    for der in CertificateDer::pem_slice_iter(anchors.as_bytes()) {
+        roots.add(der.unwrap()).unwrap();
+    }
+    let verifier =
+        outrider_proxy::identity::tls::ServerIdVerifier::new(Arc::new(roots), API.parse().unwrap());
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(leaf.chain_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let key = PrivateKeyDer::Pkcs8(leaf.key_der.into());
+    let mut config =
+        rustls::ClientConfig::builder_with_provider(outrider_proxy::identity::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+    config.alpn_protocols = vec![outrider_proxy::identity::Alpn::Http1.id().to_vec()];
+    let config = Arc::new(config);
+    let tcp = TcpStream::connect(server)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::IpAddress(server.ip().into());
+    let exchange = async {
+        let mut tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await?;
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut out = Vec::new();
+        tls.read_to_end(&mut out).await?;
+        Ok::<_, std::io::Error>(out)
+    };
+    match tokio::time::timeout(Duration::from_secs(10), exchange).await {
+        Ok(Ok(out)) if out.is_empty() => Err("closed without an answer".into()),
+        Ok(Ok(out)) => Ok(out),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".into()),
+    }
+}
+
+#[tokio::test]
+async fn bad_certificates_stalled_handshakes_and_garbage_are_refused_and_counted() {
+    let app = start_app().await;
+    let strict = format!(
+        "    servers:\n      - port: {}\n        allow: [{WEB}]\n",
+        app.port()
+    );
+    let mesh = start_tweaked(app, "http1", &strict, Duration::from_secs(3600), |c| {
+        c.tls_handshake_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let server = mesh.server.inbound.unwrap();
+    let anchors = mesh.ca.anchors.lock().unwrap().clone();
+    let failed = || {
+        mesh.server.sum(
+            "outrider_tls_handshakes_total",
+            &[("direction", "inbound"), ("result", "failed")],
+        )
+    };
+    let now = std::time::SystemTime::now();
+    let day = Duration::from_secs(86_400);
+    // The right identity and CA, properly valid: served (the control for the cases below).
+    let good = mesh.ca.leaf_with(&[WEB], now - day, now + day).unwrap();
+    let ok = call_with_leaf(server, good, &anchors).await.unwrap();
+    assert!(
+        ok.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&ok)
+    );
+    assert_eq!(failed(), 0.0);
+    // Expired.
+    let expired = mesh.ca.leaf_with(&[WEB], now - 2 * day, now - day).unwrap();
+    let e = call_with_leaf(server, expired, &anchors).await.unwrap_err();
+    assert!(
+        e.to_lowercase().contains("expired") || e.contains("closed"),
+        "{e}"
+    );
+    assert_eq!(failed(), 1.0);
+    // From a foreign CA.
+    let foreign = TestCa::new("not the mesh").unwrap().leaf(WEB, day).unwrap();
+    assert!(call_with_leaf(server, foreign, &anchors).await.is_err());
+    assert_eq!(failed(), 2.0);
+    // Without a SPIFFE identity.
+    let anonymous = mesh.ca.leaf_with(&[], now - day, now + day).unwrap();
+    assert!(call_with_leaf(server, anonymous, &anchors).await.is_err());
+    assert_eq!(failed(), 3.0);
+    // A ClientHello, then nothing: closed after the handshake timeout.
+    let hello = {
+        let store = outrider_proxy::identity::IdentityStore::new();
+        let leaf = mesh.ca.leaf_with(&[WEB], now - day, now + day).unwrap();
+        store.set_leaf(
+            outrider_proxy::identity::store::Leaf::from_pem(&leaf.chain_pem, leaf.key_der).unwrap(),
+        );
+        store.set_anchors(&anchors).unwrap();
+        let config = store
+            .client_config(&API.parse().unwrap(), outrider_proxy::identity::Alpn::H2)
+            .unwrap();
+        let name = rustls::pki_types::ServerName::IpAddress(server.ip().into());
+        let mut conn = rustls::ClientConnection::new(config, name).unwrap();
+        let mut hello = Vec::new();
+        conn.write_tls(&mut hello).unwrap();
+        hello
+    };
+    let mut stalled = TcpStream::connect(server).await.unwrap();
+    stalled.write_all(&hello).await.unwrap();
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), stalled.read_to_end(&mut sink)).await;
+    assert!(closed.is_ok(), "a stalled handshake is closed");
+    assert_eq!(failed(), 4.0);
+    // Garbage that starts like a TLS record: not a mesh connection, so a plaintext caller of a
+    // strict port: closed, counted, nothing reaches the app.
+    let before = mesh.server.sum("outrider_upstream_connects_total", &[]);
+    let mut garbage = TcpStream::connect(server).await.unwrap();
+    garbage
+        .write_all(b"\x16\x03\x01\x00\x20not a client hello at all, really")
+        .await
+        .unwrap();
+    garbage.shutdown().await.unwrap();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), garbage.read_to_end(&mut sink)).await;
+    assert!(sink.is_empty());
+    assert!(
+        mesh.server.sum(
+            "outrider_authz_denied_total",
+            &[("rule", "plaintext-not-allowed")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        mesh.server.sum("outrider_upstream_connects_total", &[]),
+        before
+    );
+    // And the proxy still serves the mesh.
+    let mut c = ClientConn::connect(mesh.client.outbound.unwrap(), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        c.get("api.demo", "/").await.unwrap().status(),
+        StatusCode::OK
+    );
 }

@@ -128,6 +128,19 @@ impl SigningCa {
         }
     }
 
+    /// A leaf from the CA that signs now, with these URI SANs and validity (good or bad).
+    pub fn leaf_with(
+        &self,
+        uris: &[&str],
+        from: SystemTime,
+        until: SystemTime,
+    ) -> Result<TestLeaf, BoxError> {
+        match self.ca.lock() {
+            Ok(ca) => Ok(ca.leaf_with(uris, from, until)?),
+            Err(_) => Err("the test CA lock is poisoned".into()),
+        }
+    }
+
     /// Hands out `pem` as the trust bundle from now on.
     pub fn set_anchors(&self, pem: String) {
         if let Ok(mut anchors) = self.anchors.lock() {
