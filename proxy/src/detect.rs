@@ -21,7 +21,7 @@ pub enum Protocol {
     Http1,
     /// The HTTP/2 prior-knowledge preface.
     Http2,
-    /// A TLS ClientHello record (forwarded as opaque bytes until mTLS lands).
+    /// A TLS ClientHello record (a mesh ClientHello is terminated inbound; other TLS is opaque).
     Tls,
     /// Anything else.
     Opaque,

@@ -6,7 +6,8 @@
 //!   by discovery) → protocol detection
 //!   → HTTP: server → request metrics → rescue → load shed → route → request timeout → [retry]
 //!           → balancer (endpoint picked in poll_ready) → endpoint: [breaker] → client
-//!           (pooled HTTP/1.1 or multiplexed HTTP/2) → connect → [TLS]
+//!           (pooled HTTP/1.1 or multiplexed HTTP/2) → connect → mutual TLS (endpoints with an
+//!           identity; their HTTP multiplexed over one HTTP/2 connection)
 //!   → opaque TCP: balancer pick per connection → connect → byte copy
 //! ```
 //!
