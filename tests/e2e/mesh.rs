@@ -754,3 +754,69 @@ async fn bad_certificates_stalled_handshakes_and_garbage_are_refused_and_counted
         StatusCode::OK
     );
 }
+
+/// Reads a response head, lower-cased.
+async fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte)).await {
+            Ok(Ok(1)) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).to_lowercase()
+}
+
+/// Sends `msg` and expects it echoed back.
+async fn echoes(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).await.unwrap();
+    let mut back = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, msg);
+}
+
+#[tokio::test]
+async fn websocket_upgrades_and_connect_tunnels_cross_two_meshed_sidecars() {
+    let app = start_app().await;
+    let servers = format!(
+        "    servers:\n      - port: {}\n        allow: [{WEB}]\n",
+        app.port()
+    );
+    let mesh = start(app, "http1", &servers).await;
+    let outbound = mesh.client.outbound.unwrap();
+    let mut s = TcpStream::connect(outbound).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    echoes(&mut s, b"\x81\x05hello").await;
+    let mut t = TcpStream::connect(outbound).await.unwrap();
+    t.write_all(b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut t).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    echoes(&mut t, b"tunnelled bytes").await;
+    // Both crossed in mutual TLS (HTTP/1.1 connections: upgrades are not multiplexed), and the
+    // server side knew who called.
+    assert!(
+        mesh.client.sum(
+            "outrider_tls_handshakes_total",
+            &[("direction", "outbound"), ("result", "failed")]
+        ) == 0.0
+    );
+    assert!(
+        mesh.server.sum(
+            "outrider_inbound_mesh_connections_total",
+            &[("client_id", WEB)]
+        ) >= 2.0
+    );
+}
