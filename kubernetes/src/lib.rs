@@ -99,3 +99,6 @@ pub fn inject_main(args: InjectArgs) -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
