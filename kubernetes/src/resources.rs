@@ -271,3 +271,116 @@ pub fn main(args: ResourcesArgs) -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const SEED: &str = include_str!("../../deploy/examples/payments-api.yaml");
+
+    fn figures(r: &Report) -> [String; 6] {
+        [
+            r.init_max[0].cpu(),
+            r.init_max[1].memory(),
+            r.app_sum[0].cpu(),
+            r.app_sum[1].memory(),
+            r.pod[0].cpu(),
+            r.pod[1].memory(),
+        ]
+    }
+
+    #[test]
+    fn the_seed_requests_600m_and_640mi() {
+        let reports = reports(SEED, false).unwrap();
+        assert_eq!(reports.len(), 1, "the Service is no workload");
+        let r = &reports[0];
+        assert_eq!(r.workload, "Deployment production/payments-api");
+        // init max 200m/256Mi (migrate); app sum 500m+100m / 512Mi+128Mi; pod the larger.
+        assert_eq!(
+            figures(r),
+            ["200m", "256Mi", "600m", "640Mi", "600m", "640Mi"]
+        );
+        assert_eq!(
+            r.warnings,
+            ["secrets-refresh: no requests (the scheduler counts 0 for it), no limits (it may use all the node has)"]
+        );
+        let text = render(&reports);
+        assert!(
+            text.contains("  pod request: cpu 600m, memory 640Mi\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_seed_with_the_proxy_costs_100m_and_128mi_more() {
+        let r = &reports(SEED, true).unwrap()[0];
+        let roles: Vec<_> = r.rows.iter().map(|r| (r.name.as_str(), r.role)).collect();
+        assert_eq!(
+            roles[..2],
+            [
+                ("outrider-init", Role::Init),
+                ("outrider-proxy", Role::Sidecar)
+            ]
+        );
+        // By hand: outrider-init 10m/16Mi alone; the proxy sidecar (100m/128Mi) then runs beside
+        // every later init container: migrate 200m+100m / 256Mi+128Mi is the init max. The
+        // app phase: 600m/640Mi plus the proxy.
+        assert_eq!(
+            figures(r),
+            ["300m", "384Mi", "700m", "768Mi", "700m", "768Mi"]
+        );
+    }
+
+    #[test]
+    fn native_sidecars_count_for_the_init_containers_after_them() {
+        let pod = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: p}
+spec:
+  initContainers:
+  - {name: init-a, image: x, resources: {requests: {cpu: 300m, memory: 100Mi}}}
+  - {name: sidecar-1, image: x, restartPolicy: Always, resources: {requests: {cpu: 100m, memory: 200Mi}}}
+  - {name: init-b, image: x, resources: {requests: {cpu: 250m, memory: 50Mi}}}
+  - {name: sidecar-2, image: x, restartPolicy: Always, resources: {requests: {cpu: 50m, memory: 20Mi}}}
+  containers:
+  - {name: app, image: x, resources: {requests: {cpu: 100m, memory: 100Mi}}}
+  - {name: metrics, image: x, resources: {limits: {memory: 10Mi}}}
+"#;
+        let r = &reports(pod, false).unwrap()[0];
+        // cpu: init-a 300m; sidecar-1 → 100m running; init-b 250m + 100m = 350m (the max);
+        //      sidecar-2 → 150m running. App: 100m + 0 (metrics has no cpu) + 150m = 250m.
+        //      Pod: max(350m, 250m) = 350m, set by the init phase.
+        // memory: init-a 100Mi; sidecar-1 → 200Mi; init-b 50Mi + 200Mi = 250Mi; sidecar-2 →
+        //      220Mi. App: 100Mi + 10Mi (metrics' limit is its request) + 220Mi = 330Mi.
+        //      Pod: max(250Mi, 330Mi) = 330Mi, set by the app phase.
+        assert_eq!(
+            figures(r),
+            ["350m", "250Mi", "250m", "330Mi", "350m", "330Mi"]
+        );
+        // Every container but `metrics` has no limits; `metrics` has no explicit request, but
+        // requests its limit.
+        assert_eq!(r.warnings.len(), 5, "{:?}", r.warnings);
+        assert!(r
+            .warnings
+            .iter()
+            .all(|w| w.ends_with(": no limits (it may use all the node has)")));
+        assert!(!r.warnings.iter().any(|w| w.starts_with("metrics")));
+    }
+
+    #[test]
+    fn a_bad_quantity_names_its_field() {
+        let bad = SEED.replacen(
+            "cpu: 500m\n            memory: 512Mi",
+            "cpu: 500mc\n            memory: 512Mi",
+            1,
+        );
+        let e = reports(&bad, false).unwrap_err();
+        assert_eq!(e.document, "document 1");
+        assert_eq!(
+            e.path,
+            "spec.template.spec.containers[0].resources.requests.cpu"
+        );
+    }
+}
