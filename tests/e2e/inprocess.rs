@@ -1619,15 +1619,22 @@ async fn admin_forwards_app_probes_to_the_app_on_loopback() {
     ))
     .unwrap();
     let p = start(config, Arc::new(FixedOrigDst(app))).await;
-    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").into_bytes();
-    let live = raw(p.admin, &get("/app-probe/app/liveness")).await.unwrap();
+    // As the kubelet asks: one request, no half-close while the answer is on its way.
+    let admin = p.admin;
+    let get = |path: &'static str| async move {
+        let mut s = TcpStream::connect(admin).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    let live = get("/app-probe/app/liveness").await;
     assert!(live.starts_with("HTTP/1.1 200"), "{live}");
     // The app's readiness port has nothing listening: the probe fails, it does not pass.
-    let ready = raw(p.admin, &get("/app-probe/app/readiness"))
-        .await
-        .unwrap();
+    let ready = get("/app-probe/app/readiness").await;
     assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
-    let unknown = raw(p.admin, &get("/app-probe/app/startup")).await.unwrap();
+    let unknown = get("/app-probe/app/startup").await;
     assert!(unknown.starts_with("HTTP/1.1 404"), "{unknown}");
 }
 

@@ -12,4 +12,5 @@ mod control;
 mod dataplane;
 mod hardening;
 mod inprocess;
+mod kubernetes;
 mod support;
