@@ -45,6 +45,11 @@ impl std::error::Error for InputError {}
 pub struct Location(String);
 
 impl Location {
+    /// A location named `name` (e.g. `document 1`).
+    pub fn new(name: impl Into<String>) -> Location {
+        Location(name.into())
+    }
+
     /// The error `message` at `path` of this document.
     pub fn error(&self, path: impl Into<String>, message: impl Into<String>) -> InputError {
         InputError {

@@ -323,3 +323,85 @@ fn wait_bad_usage_exits_2() {
         );
     }
 }
+
+/// The injected containers of the first workload of a golden file: (`outrider-init`'s args,
+/// `outrider-proxy`'s plain env values).
+fn injected_containers(path: &str) -> (Vec<String>, Vec<(String, String)>) {
+    let text = std::fs::read_to_string(repo(path)).unwrap();
+    let docs = outrider_kubernetes::manifest::parse(&text).unwrap();
+    let kind = outrider_kubernetes::manifest::WorkloadKind::of(&docs[0]).unwrap();
+    let at = outrider_kubernetes::manifest::Location::new("document 1");
+    let w = outrider_kubernetes::manifest::Workload::check(kind, &docs[0], &at).unwrap();
+    let inits = w.pod.init_containers.unwrap();
+    let init = inits.iter().find(|c| c.name == "outrider-init").unwrap();
+    let proxy = inits.iter().find(|c| c.name == "outrider-proxy").unwrap();
+    let env = proxy
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+        .collect();
+    (init.args.clone().unwrap(), env)
+}
+
+#[test]
+fn outrider_init_accepts_the_injected_arguments() {
+    let (args, _) = injected_containers("kubernetes/tests/golden/deployment.injected.yaml");
+    assert_eq!(args[0], "init");
+    // A dry run parses every flag as `outrider init` in the pod would, and prints the rules.
+    let out = run(Command::new(OUTRIDER).args(&args).arg("--dry-run"));
+    let rules = text(&out.stdout);
+    assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    for excluded in ["9090", "5432", "6379", "10.96.0.0/12"] {
+        assert!(rules.contains(excluded), "{excluded} not in:\n{rules}");
+    }
+}
+
+#[test]
+fn outrider_proxy_starts_with_the_injected_environment_and_serves_app_probes() {
+    let (_, env) = injected_containers("deploy/examples/payments-api.injected.yaml");
+    let (_, more) = injected_containers("kubernetes/tests/golden/deployment.injected.yaml");
+    let mut cmd = Command::new(OUTRIDER);
+    // Local mode on loopback port 0 instead of the pod's capture listeners; no control plane
+    // (and the identity files do not exist here).
+    cmd.args(["proxy", "--forward", "127.0.0.1:0=127.0.0.1:9"]);
+    for (name, value) in env
+        .iter()
+        .chain(more.iter().filter(|(n, _)| n == "OUTRIDER_OPAQUE_PORTS"))
+    {
+        if !name.starts_with("OUTRIDER_CONTROL")
+            && !name.starts_with("OUTRIDER_WORKLOAD")
+            && !name.starts_with("OUTRIDER_IDENTITY")
+            && name != "OUTRIDER_TRUST_ANCHORS"
+        {
+            cmd.env(name, value);
+        }
+    }
+    assert!(env.iter().any(|(n, _)| n == "OUTRIDER_APP_PROBES"));
+    cmd.env("OUTRIDER_ADMIN", "127.0.0.1:0")
+        .env("OUTRIDER_LOG", "info")
+        .env("OUTRIDER_LOG_FORMAT", "json");
+    let mut proxy = ChildGuard::spawn(&mut cmd, "proxy");
+    let admin = crate::support::proxy_addrs(&mut proxy, Duration::from_secs(10)).admin;
+    let get = |path: &str| {
+        let mut s = std::net::TcpStream::connect(admin).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    // The probe is in the table and forwarded to 127.0.0.1:8080 (where nothing of ours runs:
+    // it fails, or answers whatever else listens there); an unknown one is 404.
+    let live = get("/app-probe/payments-api/liveness");
+    assert!(
+        live.contains("app probe failed: connect to 127.0.0.1:8080")
+            || live.contains("app answered"),
+        "{live}"
+    );
+    let none = get("/app-probe/payments-api/startup");
+    assert!(none.starts_with("HTTP/1.1 404"), "{none}");
+}
