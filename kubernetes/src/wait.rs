@@ -158,7 +158,15 @@ pub async fn attempt(target: &Target, timeout: Duration) -> Result<SocketAddr, F
     )
     .await
     .map_err(|_| Failure::TimedOut("DNS lookup"))?
-    .map_err(|e| Failure::Dns(format!("`{}` does not resolve ({e})", hp.host)))?
+    .map_err(|e| {
+        // The usual mistake: a Service of another namespace named without its namespace.
+        let hint = if hp.host.contains('.') || hp.host.parse::<std::net::IpAddr>().is_ok() {
+            ""
+        } else {
+            "; a Service in another namespace is NAME.NAMESPACE"
+        };
+        Failure::Dns(format!("`{}` does not resolve ({e}){hint}", hp.host))
+    })?
     .collect();
     if addrs.is_empty() {
         return Err(Failure::Dns(format!(
