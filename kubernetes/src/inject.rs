@@ -520,6 +520,8 @@ fn identity_volume(pod: &PodSpec) -> Volume {
     let account = pod
         .service_account_name
         .clone()
+        .or_else(|| pod.service_account.clone()) // the deprecated alias
+        .filter(|a| !a.is_empty())
         .unwrap_or_else(|| "default".into());
     let key = |key: &str| KeyToPath {
         key: key.into(),

@@ -352,3 +352,24 @@ fn kubernetes_validate_catches_a_broken_manifest() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn cut_and_mangled_inputs_are_errors_or_output_never_panics() {
+    // Every golden input and the seed's output cut at every line, and with each line dropped
+    // in turn: inject, uninject and the resource report answer each with output or an error.
+    let seed = root().join("../deploy/examples/payments-api.injected.yaml");
+    let inputs = cases().into_iter().map(|c| (c.0, c.2));
+    for (input, legacy) in inputs.chain([(seed, false)]) {
+        let text = read(&input);
+        let lines: Vec<&str> = text.lines().collect();
+        for i in 0..lines.len() {
+            let cut = lines[..i].join("\n");
+            let dropped = [&lines[..i], &lines[i + 1..]].concat().join("\n");
+            for t in [cut, dropped] {
+                let _ = inject::inject(&t, &opts(legacy));
+                let _ = inject::uninject(&t);
+                let _ = crate::resources::reports(&t, true);
+            }
+        }
+    }
+}
