@@ -83,15 +83,96 @@ pub fn parse(text: &str) -> Result<Vec<Value>, InputError> {
 }
 
 /// Writes documents back as one multi-document YAML stream.
+///
+/// Strings that a YAML 1.1 reader would take for something else (kubectl reads YAML 1.1:
+/// `yes`, `on`, `N` are booleans there, `1_000` a number) are written double-quoted, so a
+/// ConfigMap's `"yes"` stays a string on the way through.
 pub fn write(docs: &[Value]) -> Result<String, String> {
     let mut out = String::new();
     for (i, doc) in docs.iter().enumerate() {
         if i > 0 {
             out.push_str("---\n");
         }
-        out.push_str(&serde_norway::to_string(doc).map_err(|e| format!("cannot write YAML: {e}"))?);
+        let text = serde_norway::to_string(&mark_ambiguous(doc.clone()))
+            .map_err(|e| format!("cannot write YAML: {e}"))?;
+        out.push_str(&unmark(&text));
     }
     Ok(out)
+}
+
+/// Whether YAML 1.1 (but not the YAML 1.2 that the writer follows) reads `s` as no string.
+pub fn is_yaml11_ambiguous(s: &str) -> bool {
+    const WORDS: [&str; 16] = [
+        "y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO", "on", "On", "ON", "off", "Off",
+        "OFF",
+    ];
+    if WORDS.contains(&s) {
+        return true;
+    }
+    let t = s.strip_prefix(['+', '-']).unwrap_or(s);
+    let digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit() || b == b'_');
+    if t.contains('_') {
+        let u = t.replace('_', "");
+        let radix = |prefix: &str, ok: fn(&u8) -> bool| {
+            u.strip_prefix(prefix)
+                .is_some_and(|r| !r.is_empty() && r.as_bytes().iter().all(ok))
+        };
+        let number = u.bytes().any(|b| b.is_ascii_digit())
+            && (u.parse::<f64>().is_ok()
+                || radix("0b", |b| *b == b'0' || *b == b'1')
+                || radix("0x", u8::is_ascii_hexdigit));
+        if number {
+            return true;
+        }
+    }
+    // Sexagesimal numbers: `190:20:30`, `1:30.5`.
+    if let Some((head, rest)) = t.split_once(':') {
+        let mut parts: Vec<&str> = rest.split(':').collect();
+        let last = parts.pop().unwrap_or_default();
+        let (last, frac) = last.split_once('.').unwrap_or((last, "0"));
+        parts.push(last);
+        return digits(head) && digits(frac) && parts.iter().all(|p| p.len() <= 2 && digits(p));
+    }
+    false
+}
+
+/// A NUL appended to a string forces the writer to double-quote it (as `..\0"`); [`unmark`]
+/// takes the escape out again.
+fn mark_ambiguous(value: Value) -> Value {
+    match value {
+        Value::String(s) if is_yaml11_ambiguous(&s) => Value::String(format!("{s}\0")),
+        Value::Sequence(items) => Value::Sequence(items.into_iter().map(mark_ambiguous).collect()),
+        Value::Mapping(map) => Value::Mapping(
+            map.into_iter()
+                .map(|(k, v)| (mark_ambiguous(k), mark_ambiguous(v)))
+                .collect(),
+        ),
+        Value::Tagged(mut t) => {
+            t.value = mark_ambiguous(std::mem::take(&mut t.value));
+            Value::Tagged(t)
+        }
+        other => other,
+    }
+}
+
+/// Removes the `\0` escapes that end double-quoted strings (an escape: an even number of
+/// backslashes before its own).
+fn unmark(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("\\0\"") {
+        let before = rest[..at].bytes().rev().take_while(|b| *b == b'\\').count();
+        if before % 2 == 0 {
+            out.push_str(&rest[..at]);
+            out.push('"');
+        } else {
+            // The backslash is the second half of an escaped `\\`: `0"` is the text's own.
+            out.push_str(&rest[..at + 3]);
+        }
+        rest = &rest[at + 3..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Calls `f` on every object of the stream: each document, and each item of a `List` in place
@@ -333,6 +414,31 @@ mod tests {
             e.to_string().starts_with("document 1: spec.template"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn strings_yaml_1_1_reads_otherwise_are_quoted_and_survive() {
+        let values = [
+            "yes", "on", "Off", "N", "1_000", "0b1_0", "1_0.5", "12:30:00", "1:30.5", "2026-10",
+            "1.4.2", "a\\0", "x\\", "no way", "10:3", "a:b",
+        ];
+        let mut doc = Mapping::new();
+        for v in values {
+            doc.insert(v.into(), v.into());
+        }
+        let text = write(&[Value::Mapping(doc.clone())]).unwrap();
+        for v in [
+            "yes", "on", "Off", "N", "1_000", "0b1_0", "1_0.5", "12:30:00", "1:30.5",
+        ] {
+            assert!(text.contains(&format!("\"{v}\": \"{v}\"\n")), "{v}: {text}");
+        }
+        for v in ["2026-10", "1.4.2", "no way", "a:b"] {
+            assert!(text.contains(&format!("{v}: {v}\n")), "{v}: {text}");
+        }
+        assert_eq!(parse(&text).unwrap(), [Value::Mapping(doc)], "{text}");
+        assert_eq!(write(&parse(&text).unwrap()).unwrap(), text);
+        assert_eq!(unmark(r#""a\\0""#), r#""a\\0""#);
+        assert_eq!(unmark(r#""a\0" "b\\\0""#), r#""a" "b\\""#);
     }
 
     #[test]
