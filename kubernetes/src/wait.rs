@@ -1,7 +1,9 @@
 //! `outrider wait`: the dependency-wait init container. Every target is tried at once, each
 //! attempt in two steps so the failure says which: resolve the name (a name that does not resolve
 //! is the common mistake: a Service in another namespace, a typo), then connect (`--tcp`) or
-//! `GET` and expect a 2xx (`--http`, plain `http://` only). Failed attempts are retried with
+//! `GET` and expect a 2xx (`--http`, plain `http://` only); a TCP connection must stay open
+//! for `--settle` (a sidecar proxy accepts every connection, and closes it when it cannot reach
+//! the target). Failed attempts are retried with
 //! jittered exponential backoff (100 ms doubling up to 5 s), one progress line per target per
 //! attempt on stderr. Exit 0 when every target answered, 1 at `--timeout` with the targets still
 //! unreachable and why, 2 on bad usage.
@@ -34,6 +36,11 @@ pub struct WaitArgs {
     /// How long one attempt (DNS, connect, the HTTP answer) may take.
     #[arg(long, value_name = "DUR", default_value = "2s", value_parser = outrider_control::duration::parse)]
     pub attempt_timeout: Duration,
+    /// After a `--tcp` connect, how long the connection must stay open (0 to skip): in a
+    /// meshed pod the sidecar accepts every connection and closes it when it cannot reach the
+    /// target, so a bare connect would always succeed.
+    #[arg(long, value_name = "DUR", default_value = "500ms", value_parser = outrider_control::duration::parse)]
+    pub settle: Duration,
 }
 
 /// A `HOST:PORT` target.
@@ -135,6 +142,9 @@ pub enum Failure {
     Io(String),
     /// The HTTP answer was not a 2xx.
     Status(u16),
+    /// The connection was closed right after it opened (a sidecar proxy that could not reach
+    /// the target does this).
+    ClosedAtOnce(SocketAddr),
 }
 
 impl fmt::Display for Failure {
@@ -145,12 +155,21 @@ impl fmt::Display for Failure {
             Failure::TimedOut(what) => write!(f, "timed out ({what})"),
             Failure::Io(e) => write!(f, "{e}"),
             Failure::Status(s) => write!(f, "HTTP status {s} (2xx expected)"),
+            Failure::ClosedAtOnce(a) => write!(
+                f,
+                "connected to {a} but it closed at once (a proxy in front could not reach the target?)"
+            ),
         }
     }
 }
 
-/// One attempt at `target`; `Ok` with the address that answered.
-pub async fn attempt(target: &Target, timeout: Duration) -> Result<SocketAddr, Failure> {
+/// One attempt at `target`, each step bounded by `timeout`; a TCP connection must then stay
+/// open for `settle`. `Ok` with the address that answered.
+pub async fn attempt(
+    target: &Target,
+    timeout: Duration,
+    settle: Duration,
+) -> Result<SocketAddr, Failure> {
     let hp = target.host_port();
     let addrs: Vec<SocketAddr> = tokio::time::timeout(
         timeout,
@@ -192,7 +211,7 @@ pub async fn attempt(target: &Target, timeout: Duration) -> Result<SocketAddr, F
             Ok(Ok(s)) => s,
         };
         return match target {
-            Target::Tcp(_) => Ok(addr),
+            Target::Tcp(_) => settled(&stream, addr, settle).await,
             Target::Http(uri) => match tokio::time::timeout(timeout, get(stream, uri)).await {
                 Err(_) => Err(Failure::TimedOut("HTTP answer")),
                 Ok(Err(e)) => Err(e),
@@ -202,6 +221,24 @@ pub async fn attempt(target: &Target, timeout: Duration) -> Result<SocketAddr, F
         };
     }
     Err(last)
+}
+
+/// `Ok` unless the peer closes or resets the connection within `settle` (data, or silence,
+/// is an open connection).
+async fn settled(
+    stream: &TcpStream,
+    addr: SocketAddr,
+    settle: Duration,
+) -> Result<SocketAddr, Failure> {
+    if settle.is_zero() {
+        return Ok(addr);
+    }
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(settle, stream.peek(&mut byte)).await {
+        Err(_) | Ok(Ok(1..)) => Ok(addr),
+        Ok(Ok(0)) => Err(Failure::ClosedAtOnce(addr)),
+        Ok(Err(_)) => Err(Failure::ClosedAtOnce(addr)),
+    }
 }
 
 async fn get(stream: TcpStream, uri: &http::Uri) -> Result<u16, Failure> {
@@ -237,11 +274,12 @@ pub async fn wait_all(
     let last: Arc<Mutex<Outcomes>> = Arc::new(Mutex::new(vec![None; targets.len()]));
     let mut tasks = tokio::task::JoinSet::new();
     for (i, target) in targets.iter().cloned().enumerate() {
-        let (log, last, per) = (log.clone(), last.clone(), args.attempt_timeout);
+        let (log, last) = (log.clone(), last.clone());
+        let (per, settle) = (args.attempt_timeout, args.settle);
         tasks.spawn(async move {
             let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
             for n in 1u64.. {
-                match attempt(&target, per).await {
+                match attempt(&target, per, settle).await {
                     Ok(addr) => {
                         if let Ok(mut last) = last.lock() {
                             last[i] = Some(Ok(()));

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use crate::support::{run, ChildGuard, TempDir};
+use crate::support::{run, ChildGuard, PortHold, TempDir};
 
 const OUTRIDER: &str = env!("CARGO_BIN_EXE_outrider");
 
@@ -404,4 +404,23 @@ fn outrider_proxy_starts_with_the_injected_environment_and_serves_app_probes() {
     );
     let none = get("/app-probe/payments-api/startup");
     assert!(none.starts_with("HTTP/1.1 404"), "{none}");
+}
+
+#[test]
+fn wait_does_not_take_a_connection_closed_at_once_for_a_dependency() {
+    // A listener that accepts and closes every connection at once, as a sidecar proxy does when
+    // it cannot reach the target: not reachable, unless --settle 0 asks for a bare connect.
+    let hold = PortHold::new();
+    let target = format!("127.0.0.1:{}", hold.port());
+    let out = outrider(&["wait", "--tcp", &target, "--timeout", "2s"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "  tcp {target}: connected to {target} but it closed at once"
+        )),
+        "{err}"
+    );
+    let out = outrider(&["wait", "--tcp", &target, "--timeout", "5s", "--settle", "0"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
 }
