@@ -356,3 +356,46 @@ pub fn main(args: WaitArgs) -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn targets_parse_or_say_why_not() {
+        let hp = parse_host_port("postgres-service:5432").unwrap();
+        assert_eq!((hp.host.as_str(), hp.port), ("postgres-service", 5432));
+        let v6 = parse_host_port("[::1]:80").unwrap();
+        assert_eq!(
+            (v6.host.as_str(), v6.to_string()),
+            ("::1", "[::1]:80".to_owned())
+        );
+        for bad in [
+            "postgres-service",
+            ":5432",
+            "db:0",
+            "db:65536",
+            "db:x",
+            "a b:1",
+            "h/p:1",
+        ] {
+            assert!(parse_host_port(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            Target::Http(parse_http_url("http://config:8080/ready?x=1").unwrap()).host_port(),
+            HostPort {
+                host: "config".into(),
+                port: 8080
+            }
+        );
+        assert_eq!(
+            parse_http_url("http://config/").map(|u| Target::Http(u).host_port().port),
+            Ok(80)
+        );
+        assert!(parse_http_url("https://config/")
+            .unwrap_err()
+            .contains("only http://"));
+        assert!(parse_http_url("config:80").is_err());
+    }
+}
