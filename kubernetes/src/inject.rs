@@ -215,7 +215,8 @@ fn inject_object(
     let spec = manifest::child_map(template, "spec").ok_or_else(|| at.error(&pfx, "no spec"))?;
     let originals = rewrite_probes(spec, &probes);
     if !originals.is_empty() {
-        annotations.push((ANN_ORIGINAL_PROBES, json(&Value::Mapping(originals))));
+        let saved = json(&Value::Mapping(originals), at, &pfx)?;
+        annotations.push((ANN_ORIGINAL_PROBES, saved));
     }
     if opts.legacy_sidecar {
         if kind.runs_to_completion() {
@@ -226,7 +227,8 @@ fn inject_object(
         }
         let saved = run_init_containers_as_proxy(spec);
         if !saved.is_empty() {
-            annotations.push((ANN_ORIGINAL_INIT_SECURITY, json(&Value::Mapping(saved))));
+            let saved = json(&Value::Mapping(saved), at, &pfx)?;
+            annotations.push((ANN_ORIGINAL_INIT_SECURITY, saved));
         }
         let inits = manifest::child_seq(spec, "initContainers")
             .ok_or_else(|| at.error(format!("{pfx}spec.initContainers"), "must be a list"))?;
@@ -292,9 +294,14 @@ impl Annotations {
     }
 }
 
-fn json(value: &Value) -> String {
-    // A YAML value of strings, numbers and maps always writes as JSON.
-    serde_json::to_string(value).unwrap_or_default()
+/// What the injector saves in an annotation, as JSON (YAML keys that are not strings cannot be).
+fn json(value: &Value, at: &Location, pfx: &str) -> Result<String, InputError> {
+    serde_json::to_string(value).map_err(|e| {
+        at.error(
+            format!("{pfx}spec"),
+            format!("cannot be saved for --uninject: {e}"),
+        )
+    })
 }
 
 fn join<T: ToString>(items: &[T]) -> String {
