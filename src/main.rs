@@ -1,6 +1,6 @@
 //! `outrider`: one binary for the whole mesh. Each subcommand is one component:
 //! `init` (traffic capture), `proxy` (the sidecar), `control` (the control plane), `demo`
-//! (everything on loopback).
+//! (everything on loopback); and for Kubernetes `inject`, `wait` and `resources`.
 
 use std::process::ExitCode;
 
@@ -24,6 +24,12 @@ enum Command {
     /// Run the control plane: serve the mesh config (YAML) to proxies over the watch API, and
     /// issue their certificates (`ca init` and `token` prepare the CA and bootstrap tokens).
     Control(Box<outrider_control::ControlArgs>),
+    /// Add the mesh to Kubernetes workload YAML (or take it out with --uninject); prints the result.
+    Inject(outrider_kubernetes::InjectArgs),
+    /// Wait until TCP/HTTP dependencies answer (an init container): exit 0 when all do.
+    Wait(outrider_kubernetes::WaitArgs),
+    /// Report each workload's container resources and the pod's effective request.
+    Resources(outrider_kubernetes::ResourcesArgs),
     /// Run the whole data path on loopback (no root): load → proxy → proxy → app, then a summary.
     Demo(demo::DemoArgs),
     /// Run only the demo's built-in app (HTTP/1.1 + h2c, upgrade echo); used by the tests.
@@ -51,6 +57,9 @@ fn main() -> ExitCode {
         Command::Init(args) => outrider_iptables_init::main(args),
         Command::Proxy(args) => proxy(*args),
         Command::Control(args) => control(*args),
+        Command::Inject(args) => outrider_kubernetes::inject_main(args),
+        Command::Wait(args) => outrider_kubernetes::wait::main(args),
+        Command::Resources(args) => outrider_kubernetes::resources::main(args),
         Command::Demo(args) => demo::main(args),
         Command::DemoApp { listen, instance } => demo::app::main(listen, instance),
     }

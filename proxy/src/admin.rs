@@ -9,6 +9,7 @@
 //! | `/identity` | GET | the proxy's SPIFFE identity, its chain's subjects and issuers, validity and next renewal, JSON (no key, no token) |
 //! | `/log-level` | GET, PUT | read or replace the log filter (loopback peers only) |
 //! | `/shutdown` | POST | start a graceful shutdown (loopback peers only) |
+//! | `/app-probe/<container>/<kind>` | GET | the app's own HTTP probe, forwarded to it on loopback (Kubernetes: `outrider inject` points the kubelet's probes here; see `app_probe`) |
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use tokio::net::TcpListener;
 
 use outrider_control::runtime::{serve_http1, text};
 
+use crate::app_probe::{self, AppProbes};
 use crate::discovery::Discovery;
 use crate::drain::ShutdownHandle;
 use crate::log::LogHandle;
@@ -35,6 +37,8 @@ pub struct AdminState {
     pub readiness: Readiness,
     /// The static part of `/config`.
     pub config: serde_json::Value,
+    /// The app's probes served at `/app-probe/<container>/<kind>`.
+    pub app_probes: AppProbes,
     /// Discovery, when a control plane is configured: shown on `/config`.
     pub discovery: Option<Discovery>,
     /// Log filter control, if this process installed the logger.
@@ -90,6 +94,12 @@ async fn route(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     format!("cannot encode metrics: {e}\n"),
                 ),
+            }
+        }
+        (Method::GET, path) if path.starts_with("/app-probe/") => {
+            match state.app_probes.get(&path["/app-probe/".len()..]) {
+                Some(probe) => app_probe::forward(probe).await,
+                None => text(StatusCode::NOT_FOUND, "no such app probe\n"),
             }
         }
         (_, "/config" | "/log-level" | "/shutdown") if !local_only(peer) => text(

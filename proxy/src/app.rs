@@ -332,6 +332,7 @@ impl Proxy {
             registry,
             readiness: readiness.clone(),
             config: config.to_json(),
+            app_probes: config.app_probes.clone(),
             discovery,
             log,
             shutdown,

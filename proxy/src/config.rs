@@ -110,6 +110,10 @@ pub struct ProxyArgs {
     #[arg(long, env = "OUTRIDER_OPAQUE_PORTS", value_name = "P,...", value_delimiter = ',',
           default_values_t = DEFAULT_OPAQUE_PORTS.to_vec(), value_parser = parse_port)]
     pub opaque_ports: Vec<u16>,
+    /// The app's HTTP probes answered on the admin port at `/app-probe/<container>/<kind>`
+    /// (JSON written by `outrider inject`; see `app_probe`).
+    #[arg(long, env = crate::app_probe::ENV, value_name = "JSON", value_parser = crate::app_probe::parse)]
+    pub app_probes: Option<crate::app_probe::AppProbes>,
     /// HTTP version towards upstreams: `auto` (the client's, falling back to HTTP/1.1 for an
     /// upstream that does not speak HTTP/2, except gRPC), `same` (strictly the client's), or always
     /// `http1` / `http2`.
@@ -212,6 +216,8 @@ pub struct Config {
     pub detect_max_bytes: usize,
     /// Ports that skip detection.
     pub opaque_ports: Vec<u16>,
+    /// The app's probes served at `/app-probe/...` (empty: none).
+    pub app_probes: crate::app_probe::AppProbes,
     /// Where inbound traffic goes.
     pub inbound_target: InboundTarget,
     /// HTTP version towards upstreams.
@@ -284,6 +290,7 @@ impl Config {
             detect_timeout: args.detect_timeout,
             detect_max_bytes: 8 * 1024,
             opaque_ports: args.opaque_ports,
+            app_probes: args.app_probes.unwrap_or_default(),
             inbound_target: args.inbound_target,
             upstream_http: args.upstream_http,
             max_header_bytes: args.max_header_bytes,
@@ -504,6 +511,7 @@ impl Config {
             "detect_timeout": fmt_duration(self.detect_timeout),
             "detect_max_bytes": self.detect_max_bytes,
             "opaque_ports": self.opaque_ports,
+            "app_probes": self.app_probes.keys().collect::<Vec<_>>(),
             "inbound_target": format!("{:?}", self.inbound_target).to_lowercase(),
             "upstream_http": format!("{:?}", self.upstream_http).to_lowercase(),
             "max_header_bytes": self.max_header_bytes,
@@ -538,6 +546,7 @@ impl Config {
             detect_timeout: Duration::from_secs(1),
             detect_max_bytes: 8 * 1024,
             opaque_ports: DEFAULT_OPAQUE_PORTS.to_vec(),
+            app_probes: Default::default(),
             inbound_target: InboundTarget::OrigDst,
             upstream_http: UpstreamHttp::Auto,
             max_header_bytes: 64 * 1024,

@@ -13,6 +13,7 @@
 
 pub(crate) mod admin;
 pub mod app;
+pub mod app_probe;
 pub mod config;
 pub(crate) mod detect;
 pub(crate) mod discovery;

@@ -1607,3 +1607,38 @@ async fn a_silent_client_of_a_declared_http_service_gets_no_upstream_connection(
     assert_eq!(count(&p, "outrider_detect_total", "outcome", "timeout"), 1);
     served.abort();
 }
+
+#[tokio::test]
+async fn admin_forwards_app_probes_to_the_app_on_loopback() {
+    let app = start_app().await;
+    let mut config = Config::local(vec![]);
+    config.app_probes = outrider_proxy::app_probe::parse(&format!(
+        r#"{{"app/liveness":{{"port":{},"path":"/"}},"app/readiness":{{"port":{},"path":"/"}}}}"#,
+        app.port(),
+        free_loopback_port().await,
+    ))
+    .unwrap();
+    let p = start(config, Arc::new(FixedOrigDst(app))).await;
+    // As the kubelet asks: one request, no half-close while the answer is on its way.
+    let admin = p.admin;
+    let get = |path: &'static str| async move {
+        let mut s = TcpStream::connect(admin).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    let live = get("/app-probe/app/liveness").await;
+    assert!(live.starts_with("HTTP/1.1 200"), "{live}");
+    // The app's readiness port has nothing listening: the probe fails, it does not pass.
+    let ready = get("/app-probe/app/readiness").await;
+    assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+    let unknown = get("/app-probe/app/startup").await;
+    assert!(unknown.starts_with("HTTP/1.1 404"), "{unknown}");
+}
+
+async fn free_loopback_port() -> u16 {
+    let l = TcpListener::bind(LOOPBACK_ANY).await.unwrap();
+    l.local_addr().unwrap().port()
+}

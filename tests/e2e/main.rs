@@ -12,5 +12,6 @@ mod control;
 mod dataplane;
 mod hardening;
 mod inprocess;
+mod kubernetes;
 mod mesh;
 mod support;

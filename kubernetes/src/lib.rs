@@ -1,0 +1,104 @@
+//! Outrider on Kubernetes, without a cluster connection: `outrider inject` (the mesh added to
+//! workload YAML), `outrider wait` (the dependency-wait init container) and `outrider resources`
+//! (what a pod requests, with and without the mesh).
+//!
+//! Everything here reads files or stdin and writes stdout; nothing talks to an API server.
+//! Kubernetes objects are checked against the typed structs of `k8s-openapi` (API 1.30) and
+//! edited as ordered YAML, so what the injector does not own comes back as it was. Exit codes:
+//! 0 done, 1 runtime failure (a file that cannot be read, a dependency not reachable in time),
+//! 2 bad usage or bad input (with the document and the field path).
+
+pub mod inject;
+pub mod manifest;
+pub mod quantity;
+pub mod resources;
+pub mod wait;
+
+use std::io::{Read as _, Write as _};
+use std::process::ExitCode;
+
+pub use resources::ResourcesArgs;
+pub use wait::WaitArgs;
+
+/// Flags of `outrider inject`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct InjectArgs {
+    /// The YAML to inject (`-` for stdin): multi-document, `List`s too.
+    #[arg(
+        short = 'f',
+        long = "filename",
+        value_name = "FILE|-",
+        default_value = "-"
+    )]
+    pub file: String,
+    /// Take the mesh out again instead (restores the app's probes and init containers).
+    #[arg(long)]
+    pub uninject: bool,
+    /// The pre-1.29 form: the proxy as the first regular container, not a native sidecar.
+    #[arg(long, conflicts_with = "uninject")]
+    pub legacy_sidecar: bool,
+    /// The image with the `outrider` binary.
+    #[arg(long, value_name = "IMAGE", default_value = inject::DEFAULT_IMAGE)]
+    pub image: String,
+    /// The control plane URL the proxies connect to.
+    #[arg(long, value_name = "URL", default_value = inject::DEFAULT_CONTROL)]
+    pub control: String,
+}
+
+/// Reads `file` (`-` is stdin).
+pub fn read_input(file: &str) -> std::io::Result<String> {
+    if file == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s)?;
+        Ok(s)
+    } else {
+        std::fs::read_to_string(file)
+    }
+}
+
+/// `outrider inject`: the injected YAML on stdout, warnings on stderr; on bad input nothing on
+/// stdout and exit 2.
+pub fn inject_main(args: InjectArgs) -> ExitCode {
+    let text = match read_input(&args.file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("outrider inject: cannot read {}: {e}", args.file);
+            return ExitCode::from(1);
+        }
+    };
+    let result = if args.uninject {
+        inject::uninject(&text)
+    } else {
+        let opts = inject::InjectOptions {
+            image: args.image,
+            control: args.control,
+            legacy_sidecar: args.legacy_sidecar,
+        };
+        inject::inject(&text, &opts)
+    };
+    match result {
+        Ok(out) => {
+            for w in &out.warnings {
+                eprintln!("outrider inject: warning: {w}");
+            }
+            let mut stdout = std::io::stdout().lock();
+            match stdout
+                .write_all(out.yaml.as_bytes())
+                .and_then(|()| stdout.flush())
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("outrider inject: cannot write the output: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("outrider inject: {}: {e}", args.file);
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

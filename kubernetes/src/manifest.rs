@@ -1,0 +1,449 @@
+//! Multi-document Kubernetes YAML: read into ordered YAML values (so documents, keys and fields
+//! the injector does not own come back as they were), find the workloads and their pod
+//! templates, check each workload against the typed `k8s-openapi` structs, and write the
+//! documents back.
+//!
+//! Errors are [`InputError`]s naming the document (1-based, as an editor counts), the item of a
+//! `List`, and the field path (`spec.template.spec.containers[0].image`). Comments in the input
+//! are not kept: the output is re-serialized YAML.
+
+use std::fmt;
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
+use k8s_openapi::api::batch::v1::{CronJob, Job};
+use k8s_openapi::api::core::v1::{Pod, PodSpec};
+use serde::de::DeserializeOwned;
+use serde::Deserialize as _;
+use serde_norway::{Mapping, Value};
+
+/// Malformed input: where (document, field path) and what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputError {
+    /// Which document, and which item of a `List` (e.g. `document 2, items[1]`).
+    pub document: String,
+    /// The field path inside it (`spec.template.spec.containers[0].image`), empty for the whole
+    /// document.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for InputError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}: {}", self.document, self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.document, self.path, self.message)
+        }
+    }
+}
+
+impl std::error::Error for InputError {}
+
+/// Where a document or `List` item sits in the input, for error messages.
+#[derive(Debug, Clone)]
+pub struct Location(String);
+
+impl Location {
+    /// A location named `name` (e.g. `document 1`).
+    pub fn new(name: impl Into<String>) -> Location {
+        Location(name.into())
+    }
+
+    /// The error `message` at `path` of this document.
+    pub fn error(&self, path: impl Into<String>, message: impl Into<String>) -> InputError {
+        InputError {
+            document: self.0.clone(),
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Reads every YAML document of `text`; empty documents (a stray `---`) are dropped.
+pub fn parse(text: &str) -> Result<Vec<Value>, InputError> {
+    let mut docs = Vec::new();
+    for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let value = Value::deserialize(doc).map_err(|e| InputError {
+            document: format!("document {}", i + 1),
+            path: String::new(),
+            message: format!("not YAML: {e}"),
+        })?;
+        if !value.is_null() {
+            docs.push(value);
+        }
+    }
+    Ok(docs)
+}
+
+/// Writes documents back as one multi-document YAML stream.
+///
+/// Strings that a YAML 1.1 reader would take for something else (kubectl reads YAML 1.1:
+/// `yes`, `on`, `N` are booleans there, `1_000` a number) are written double-quoted, so a
+/// ConfigMap's `"yes"` stays a string on the way through.
+pub fn write(docs: &[Value]) -> Result<String, String> {
+    let mut out = String::new();
+    for (i, doc) in docs.iter().enumerate() {
+        if i > 0 {
+            out.push_str("---\n");
+        }
+        let text = serde_norway::to_string(&mark_ambiguous(doc.clone()))
+            .map_err(|e| format!("cannot write YAML: {e}"))?;
+        out.push_str(&unmark(&text));
+    }
+    Ok(out)
+}
+
+/// Whether YAML 1.1 (but not the YAML 1.2 that the writer follows) reads `s` as no string.
+pub fn is_yaml11_ambiguous(s: &str) -> bool {
+    const WORDS: [&str; 16] = [
+        "y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO", "on", "On", "ON", "off", "Off",
+        "OFF",
+    ];
+    if WORDS.contains(&s) {
+        return true;
+    }
+    let t = s.strip_prefix(['+', '-']).unwrap_or(s);
+    let digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit() || b == b'_');
+    if t.contains('_') {
+        let u = t.replace('_', "");
+        let radix = |prefix: &str, ok: fn(&u8) -> bool| {
+            u.strip_prefix(prefix)
+                .is_some_and(|r| !r.is_empty() && r.as_bytes().iter().all(ok))
+        };
+        let number = u.bytes().any(|b| b.is_ascii_digit())
+            && (u.parse::<f64>().is_ok()
+                || radix("0b", |b| *b == b'0' || *b == b'1')
+                || radix("0x", u8::is_ascii_hexdigit));
+        if number {
+            return true;
+        }
+    }
+    // Sexagesimal numbers: `190:20:30`, `1:30.5`.
+    if let Some((head, rest)) = t.split_once(':') {
+        let mut parts: Vec<&str> = rest.split(':').collect();
+        let last = parts.pop().unwrap_or_default();
+        let (last, frac) = last.split_once('.').unwrap_or((last, "0"));
+        parts.push(last);
+        return digits(head) && digits(frac) && parts.iter().all(|p| p.len() <= 2 && digits(p));
+    }
+    false
+}
+
+/// A NUL appended to a string forces the writer to double-quote it (as `..\0"`); [`unmark`]
+/// takes the escape out again.
+fn mark_ambiguous(value: Value) -> Value {
+    match value {
+        Value::String(s) if is_yaml11_ambiguous(&s) => Value::String(format!("{s}\0")),
+        Value::Sequence(items) => Value::Sequence(items.into_iter().map(mark_ambiguous).collect()),
+        Value::Mapping(map) => Value::Mapping(
+            map.into_iter()
+                .map(|(k, v)| (mark_ambiguous(k), mark_ambiguous(v)))
+                .collect(),
+        ),
+        Value::Tagged(mut t) => {
+            t.value = mark_ambiguous(std::mem::take(&mut t.value));
+            Value::Tagged(t)
+        }
+        other => other,
+    }
+}
+
+/// Removes the `\0` escapes that end double-quoted strings (an escape: an even number of
+/// backslashes before its own).
+fn unmark(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("\\0\"") {
+        let before = rest[..at].bytes().rev().take_while(|b| *b == b'\\').count();
+        if before % 2 == 0 {
+            out.push_str(&rest[..at]);
+            out.push('"');
+        } else {
+            // The backslash is the second half of an escaped `\\`: `0"` is the text's own.
+            out.push_str(&rest[..at + 3]);
+        }
+        rest = &rest[at + 3..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Calls `f` on every object of the stream: each document, and each item of a `List` in place
+/// of the `List` itself.
+pub fn for_each_object<E>(
+    docs: &mut [Value],
+    mut f: impl FnMut(&Location, &mut Value) -> Result<(), E>,
+) -> Result<(), E>
+where
+    E: From<InputError>,
+{
+    for (i, doc) in docs.iter_mut().enumerate() {
+        let at = Location(format!("document {}", i + 1));
+        if is_list(doc) {
+            match doc.get_mut("items") {
+                Some(Value::Sequence(items)) => {
+                    for (j, item) in items.iter_mut().enumerate() {
+                        f(&Location(format!("{at}, items[{j}]")), item)?;
+                    }
+                }
+                Some(Value::Null) | None => {}
+                Some(_) => return Err(at.error("items", "must be a list").into()),
+            }
+        } else {
+            f(&at, doc)?;
+        }
+    }
+    Ok(())
+}
+
+fn is_list(doc: &Value) -> bool {
+    let kind = doc.get("kind").and_then(Value::as_str);
+    kind.is_some_and(|k| k == "List" || (k.ends_with("List") && doc.get("items").is_some()))
+}
+
+/// The kinds whose pod template the mesh injects into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkloadKind {
+    /// A bare Pod: the document is its own template.
+    Pod,
+    /// apps/v1 Deployment.
+    Deployment,
+    /// apps/v1 StatefulSet.
+    StatefulSet,
+    /// apps/v1 DaemonSet.
+    DaemonSet,
+    /// apps/v1 ReplicaSet.
+    ReplicaSet,
+    /// batch/v1 Job.
+    Job,
+    /// batch/v1 CronJob (the template under `spec.jobTemplate.spec.template`).
+    CronJob,
+}
+
+impl WorkloadKind {
+    /// The kind of `object`, if it is a workload.
+    pub fn of(object: &Value) -> Option<WorkloadKind> {
+        Some(match object.get("kind")?.as_str()? {
+            "Pod" => WorkloadKind::Pod,
+            "Deployment" => WorkloadKind::Deployment,
+            "StatefulSet" => WorkloadKind::StatefulSet,
+            "DaemonSet" => WorkloadKind::DaemonSet,
+            "ReplicaSet" => WorkloadKind::ReplicaSet,
+            "Job" => WorkloadKind::Job,
+            "CronJob" => WorkloadKind::CronJob,
+            _ => return None,
+        })
+    }
+
+    /// Path of the pod template (an object with `metadata` and `spec`) inside the object.
+    pub fn template_path(self) -> &'static [&'static str] {
+        match self {
+            WorkloadKind::Pod => &[],
+            WorkloadKind::CronJob => &["spec", "jobTemplate", "spec", "template"],
+            _ => &["spec", "template"],
+        }
+    }
+
+    /// Whether pods of this kind are expected to finish (a legacy sidecar keeps them running).
+    pub fn runs_to_completion(self) -> bool {
+        matches!(self, WorkloadKind::Job | WorkloadKind::CronJob)
+    }
+}
+
+/// A workload checked against its typed struct: its kind, name, namespace and pod spec.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    /// The kind.
+    pub kind: WorkloadKind,
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.namespace`, if given.
+    pub namespace: Option<String>,
+    /// The pod template's spec, typed.
+    pub pod: PodSpec,
+}
+
+impl Workload {
+    /// Checks `object` (a workload of `kind`) against the Kubernetes 1.30 types and returns it,
+    /// or the field path that does not fit.
+    pub fn check(
+        kind: WorkloadKind,
+        object: &Value,
+        at: &Location,
+    ) -> Result<Workload, InputError> {
+        let pod = match kind {
+            WorkloadKind::Pod => typed::<Pod>(object, at)?.spec,
+            WorkloadKind::Deployment => typed::<Deployment>(object, at)?
+                .spec
+                .and_then(|s| s.template.spec),
+            WorkloadKind::StatefulSet => typed::<StatefulSet>(object, at)?
+                .spec
+                .and_then(|s| s.template.spec),
+            WorkloadKind::DaemonSet => typed::<DaemonSet>(object, at)?
+                .spec
+                .and_then(|s| s.template.spec),
+            WorkloadKind::ReplicaSet => typed::<ReplicaSet>(object, at)?
+                .spec
+                .and_then(|s| s.template?.spec),
+            WorkloadKind::Job => typed::<Job>(object, at)?.spec.and_then(|s| s.template.spec),
+            WorkloadKind::CronJob => typed::<CronJob>(object, at)?
+                .spec
+                .and_then(|s| s.job_template.spec?.template.spec),
+        };
+        let spec_path = format!("{}spec", prefix(kind));
+        let pod = pod.ok_or_else(|| at.error(spec_path, "missing: a workload needs a pod spec"))?;
+        let meta = object.get("metadata");
+        let name = meta
+            .and_then(|m| m.get("name"))
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| at.error("metadata.name", "missing: the workload needs a name"))?
+            .to_owned();
+        let namespace = meta
+            .and_then(|m| m.get("namespace"))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        Ok(Workload {
+            kind,
+            name,
+            namespace,
+            pod,
+        })
+    }
+}
+
+/// The field-path prefix of the pod template (`spec.template.`), empty for a Pod.
+pub fn prefix(kind: WorkloadKind) -> String {
+    kind.template_path()
+        .iter()
+        .map(|p| format!("{p}."))
+        .collect()
+}
+
+fn typed<T: DeserializeOwned>(object: &Value, at: &Location) -> Result<T, InputError> {
+    serde_path_to_error::deserialize(object.clone()).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        at.error(path, e.into_inner().to_string())
+    })
+}
+
+/// The pod template (`metadata` + `spec`) of a workload object, mutable.
+pub fn template_mut(object: &mut Value, kind: WorkloadKind) -> Option<&mut Mapping> {
+    let mut v = object;
+    for key in kind.template_path() {
+        v = v.get_mut(*key)?;
+    }
+    v.as_mapping_mut()
+}
+
+/// `map[key]` as a mapping, created (appended) when absent.
+pub fn child_map<'a>(map: &'a mut Mapping, key: &str) -> Option<&'a mut Mapping> {
+    if !map.contains_key(key) || map.get(key).is_some_and(Value::is_null) {
+        map.insert(key.into(), Value::Mapping(Mapping::new()));
+    }
+    map.get_mut(key)?.as_mapping_mut()
+}
+
+/// `map[key]` as a sequence, created (appended) when absent.
+pub fn child_seq<'a>(map: &'a mut Mapping, key: &str) -> Option<&'a mut Vec<Value>> {
+    if !map.contains_key(key) || map.get(key).is_some_and(Value::is_null) {
+        map.insert(key.into(), Value::Sequence(Vec::new()));
+    }
+    map.get_mut(key)?.as_sequence_mut()
+}
+
+/// Removes `map[key]` when it is an empty mapping or sequence.
+pub fn drop_if_empty(map: &mut Mapping, key: &str) {
+    let empty = match map.get(key) {
+        Some(Value::Mapping(m)) => m.is_empty(),
+        Some(Value::Sequence(s)) => s.is_empty(),
+        _ => false,
+    };
+    if empty {
+        map.remove(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn lists_and_documents_are_visited_in_order() {
+        let mut docs =
+            parse("kind: A\n---\n---\nkind: List\napiVersion: v1\nitems:\n- kind: B\n- kind: C\n")
+                .unwrap();
+        let mut seen = Vec::new();
+        for_each_object::<InputError>(&mut docs, |at, v| {
+            seen.push(format!("{at}: {}", v["kind"].as_str().unwrap()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            seen,
+            [
+                "document 1: A",
+                "document 2, items[0]: B",
+                "document 2, items[1]: C"
+            ]
+        );
+    }
+
+    #[test]
+    fn typed_check_names_the_field_path() {
+        let doc = parse(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\nspec:\n  selector: {}\n  template:\n    spec:\n      containers:\n      - name: app\n        ports: [{containerPort: http}]\n",
+        )
+        .unwrap();
+        let at = Location("document 1".into());
+        let e = Workload::check(WorkloadKind::Deployment, &doc[0], &at).unwrap_err();
+        assert_eq!(
+            e.path,
+            "spec.template.spec.containers[0].ports[0].containerPort"
+        );
+        assert!(
+            e.to_string().starts_with("document 1: spec.template"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn strings_yaml_1_1_reads_otherwise_are_quoted_and_survive() {
+        let values = [
+            "yes", "on", "Off", "N", "1_000", "0b1_0", "1_0.5", "12:30:00", "1:30.5", "2026-10",
+            "1.4.2", "a\\0", "x\\", "no way", "10:3", "a:b",
+        ];
+        let mut doc = Mapping::new();
+        for v in values {
+            doc.insert(v.into(), v.into());
+        }
+        let text = write(&[Value::Mapping(doc.clone())]).unwrap();
+        for v in [
+            "yes", "on", "Off", "N", "1_000", "0b1_0", "1_0.5", "12:30:00", "1:30.5",
+        ] {
+            assert!(text.contains(&format!("\"{v}\": \"{v}\"\n")), "{v}: {text}");
+        }
+        for v in ["2026-10", "1.4.2", "no way", "a:b"] {
+            assert!(text.contains(&format!("{v}: {v}\n")), "{v}: {text}");
+        }
+        assert_eq!(parse(&text).unwrap(), [Value::Mapping(doc)], "{text}");
+        assert_eq!(write(&parse(&text).unwrap()).unwrap(), text);
+        assert_eq!(unmark(r#""a\\0""#), r#""a\\0""#);
+        assert_eq!(unmark(r#""a\0" "b\\\0""#), r#""a" "b\\""#);
+    }
+
+    #[test]
+    fn bad_yaml_names_the_document() {
+        let e = parse("a: 1\n---\na: [\n").unwrap_err();
+        assert_eq!(e.document, "document 2");
+    }
+}

@@ -1,0 +1,375 @@
+//! Golden-file tests of `outrider inject` (one input per workload kind under `tests/golden/`,
+//! plus the seed example under `deploy/examples/`), idempotence, the `--uninject` round trip,
+//! and schema validation of every injected output and every manifest under `deploy/` with
+//! `kubernetes-validate` (Kubernetes 1.30, strict).
+//!
+//! `OUTRIDER_BLESS=1 cargo test -p outrider-kubernetes` rewrites the expected files. Without
+//! `kubernetes-validate` in PATH the validation tests print a loud SKIPPED line, and fail under
+//! `CI=true` (`.ci/run` installs it).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::inject::{self, InjectOptions};
+use crate::manifest;
+
+/// The Kubernetes version every emitted manifest is validated against.
+const KUBERNETES_VERSION: &str = "1.30.0";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+/// (input, expected output, legacy sidecar form)
+fn cases() -> Vec<(PathBuf, PathBuf, bool)> {
+    let golden = root().join("tests/golden");
+    let mut cases: Vec<_> = [
+        "pod",
+        "deployment",
+        "statefulset",
+        "daemonset",
+        "replicaset",
+        "job",
+        "cronjob",
+        "list",
+        "legacy-sidecar",
+    ]
+    .iter()
+    .map(|name| {
+        (
+            golden.join(format!("{name}.yaml")),
+            golden.join(format!("{name}.injected.yaml")),
+            *name == "legacy-sidecar",
+        )
+    })
+    .collect();
+    let examples = root().join("../deploy/examples");
+    cases.push((
+        examples.join("payments-api.yaml"),
+        examples.join("payments-api.injected.yaml"),
+        false,
+    ));
+    cases
+}
+
+fn opts(legacy: bool) -> InjectOptions {
+    InjectOptions {
+        legacy_sidecar: legacy,
+        ..InjectOptions::default()
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn golden_files_match() {
+    let bless = std::env::var("OUTRIDER_BLESS").is_ok_and(|v| v == "1");
+    let mut stale = Vec::new();
+    for (input, expected, legacy) in cases() {
+        let out = inject::inject(&read(&input), &opts(legacy)).unwrap();
+        if bless {
+            std::fs::write(&expected, &out.yaml).unwrap();
+        } else if std::fs::read_to_string(&expected).ok().as_deref() != Some(out.yaml.as_str()) {
+            stale.push(expected.display().to_string());
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "injected output differs from {stale:?}; review, then rewrite with OUTRIDER_BLESS=1"
+    );
+}
+
+#[test]
+fn injecting_injected_output_changes_nothing_byte_for_byte() {
+    for (_, expected, legacy) in cases() {
+        let injected = read(&expected);
+        let again = inject::inject(&injected, &opts(legacy)).unwrap();
+        assert_eq!(again.yaml, injected, "{}", expected.display());
+        // Either form leaves an injected workload alone.
+        let other = inject::inject(&injected, &opts(!legacy)).unwrap();
+        assert_eq!(other.yaml, injected, "{}", expected.display());
+    }
+}
+
+#[test]
+fn uninject_gives_back_the_original() {
+    for (input, expected, _) in cases() {
+        let original = read(&input);
+        let normalized = manifest::write(&manifest::parse(&original).unwrap()).unwrap();
+        let back = inject::uninject(&read(&expected)).unwrap();
+        assert_eq!(back.yaml, normalized, "{}", input.display());
+        // Uninjecting something never injected changes nothing.
+        assert_eq!(inject::uninject(&original).unwrap().yaml, normalized);
+    }
+}
+
+#[test]
+fn every_kind_gets_the_native_sidecar_in_front_of_the_apps_init_containers() {
+    for (input, expected, legacy) in cases() {
+        let docs = manifest::parse(&read(&expected)).unwrap();
+        let mut seen = 0;
+        let mut docs = docs;
+        manifest::for_each_object::<manifest::InputError>(&mut docs, |at, object| {
+            let Some(kind) = manifest::WorkloadKind::of(object) else {
+                return Ok(());
+            };
+            let w = manifest::Workload::check(kind, object, at)?;
+            if !inject::is_injected(&w.pod) {
+                return Ok(());
+            }
+            seen += 1;
+            let inits = w.pod.init_containers.unwrap();
+            assert_eq!(inits[0].name, inject::INIT_NAME, "{}", input.display());
+            let proxy = if legacy {
+                assert_ne!(
+                    inits.get(1).map(|c| c.name.as_str()),
+                    Some(inject::PROXY_NAME)
+                );
+                w.pod.containers[0].clone()
+            } else {
+                assert_eq!(inits[1].restart_policy.as_deref(), Some("Always"));
+                inits[1].clone()
+            };
+            assert_eq!(proxy.name, inject::PROXY_NAME);
+            let sc = proxy.security_context.unwrap();
+            assert_eq!(sc.run_as_user, Some(1337));
+            assert_eq!(sc.read_only_root_filesystem, Some(true));
+            let res = proxy.resources.unwrap();
+            assert!(res.requests.unwrap().len() == 2 && res.limits.unwrap().len() == 2);
+            Ok(())
+        })
+        .unwrap();
+        assert!(seen > 0, "{}: nothing injected", input.display());
+    }
+}
+
+#[test]
+fn skipped_workloads_and_unforwardable_probes_are_reported() {
+    let list = inject::inject(&read(&root().join("tests/golden/list.yaml")), &opts(false)).unwrap();
+    assert_eq!(list.warnings.len(), 2, "{:?}", list.warnings);
+    assert!(list.warnings[0]
+        .contains("document 2 (Deployment legacy-batch): outrider.io/inject: disabled"));
+    assert!(list.warnings[1].contains("document 3 (Pod node-exporter): hostNetwork: true"));
+    let ds = inject::inject(
+        &read(&root().join("tests/golden/daemonset.yaml")),
+        &opts(false),
+    )
+    .unwrap();
+    assert!(
+        ds.warnings[0].contains("spec.template.spec.containers[0].livenessProbe.httpGet: HTTPS"),
+        "{:?}",
+        ds.warnings
+    );
+    let job = inject::inject(&read(&root().join("tests/golden/job.yaml")), &opts(true)).unwrap();
+    assert!(job.warnings[0].contains("/shutdown"), "{:?}", job.warnings);
+}
+
+fn deployment_with(annotations: &str, container_extra: &str) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: a}}\nspec:\n  selector: {{matchLabels: {{app: a}}}}\n  template:\n    metadata:\n      labels: {{app: a}}\n      annotations: {{{annotations}}}\n    spec:\n      containers:\n      - name: a\n        image: a:1\n{container_extra}"
+    )
+}
+
+#[test]
+fn bad_annotations_and_fields_name_the_document_and_path() {
+    let cases = [
+        (
+            "outrider.io/proxy-memory-limit: 12GB",
+            "",
+            "spec.template.metadata.annotations[\"outrider.io/proxy-memory-limit\"]",
+            "`12GB` is not a quantity",
+        ),
+        (
+            "outrider.io/proxy-cpu-request: \"0\"",
+            "",
+            "spec.template.metadata.annotations[\"outrider.io/proxy-cpu-request\"]",
+            "more than 0",
+        ),
+        (
+            "outrider.io/proxy-cpu-request: \"2\"",
+            "",
+            "spec.template.metadata.annotations[\"outrider.io/proxy-cpu-request\"]",
+            "above its limit",
+        ),
+        (
+            "outrider.io/skip-outbound-ports: \"5432,99999\"",
+            "",
+            "spec.template.metadata.annotations[\"outrider.io/skip-outbound-ports\"]",
+            "out of range",
+        ),
+        (
+            "outrider.io/skip-outbound-cidrs: 10.0.0.0/33",
+            "",
+            "spec.template.metadata.annotations[\"outrider.io/skip-outbound-cidrs\"]",
+            "",
+        ),
+        (
+            "",
+            "        livenessProbe: {httpGet: {port: metrics}}\n",
+            "spec.template.spec.containers[0].livenessProbe.httpGet.port",
+            "not a port number nor the name",
+        ),
+        (
+            "",
+            "        ports: [{containerPort: eighty}]\n",
+            "spec.template.spec.containers[0].ports[0].containerPort",
+            "",
+        ),
+    ];
+    for (ann, extra, path, message) in cases {
+        let text = format!("kind: ConfigMap\n---\n{}", deployment_with(ann, extra));
+        let e = inject::inject(&text, &opts(false)).unwrap_err();
+        assert_eq!(e.document, "document 2", "{e}");
+        assert_eq!(e.path, path, "{e}");
+        assert!(e.message.contains(message), "{e}");
+    }
+}
+
+/// Whether `kubernetes-validate` can run; a loud skip otherwise, a failure under `CI=true`.
+fn validator() -> bool {
+    let found = Command::new("kubernetes-validate")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        let why = "needs `kubernetes-validate` in PATH (pip install kubernetes-validate)";
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+        assert!(!ci, "{why}, and CI=true forbids skipping");
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n**********\nSKIPPED kubernetes-validate tests: {why}\n**********"
+        );
+    }
+    found
+}
+
+fn validate(files: &[PathBuf]) -> std::process::Output {
+    Command::new("kubernetes-validate")
+        .args(["--kubernetes-version", KUBERNETES_VERSION, "--strict"])
+        .args(files)
+        .output()
+        .unwrap()
+}
+
+fn deploy_manifests() -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for dir in ["../deploy", "../deploy/examples"] {
+        for entry in std::fs::read_dir(root().join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+#[test]
+fn injected_outputs_and_deploy_manifests_pass_kubernetes_validate() {
+    if !validator() {
+        return;
+    }
+    // kubernetes-validate has no schema for `List`: its items go to a file of their own.
+    let dir = std::env::temp_dir().join(format!("outrider-k8s-lists-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut files: Vec<PathBuf> = Vec::new();
+    for (_, expected, _) in cases() {
+        let mut docs = manifest::parse(&read(&expected)).unwrap();
+        let mut objects = Vec::new();
+        manifest::for_each_object::<manifest::InputError>(&mut docs, |_, o| {
+            objects.push(o.clone());
+            Ok(())
+        })
+        .unwrap();
+        if objects.len() == docs.len() {
+            files.push(expected);
+        } else {
+            let file = dir.join(expected.file_name().unwrap());
+            std::fs::write(&file, manifest::write(&objects).unwrap()).unwrap();
+            files.push(file);
+        }
+    }
+    files.extend(deploy_manifests());
+    assert!(files
+        .iter()
+        .any(|f| f.ends_with("deploy/control-plane.yaml")));
+    let out = validate(&files);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "kubernetes-validate failed:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every file was looked at (it says `passed` per resource).
+    for f in &files {
+        let passed = format!("{} passed", f.display());
+        assert!(
+            stdout.contains(&passed),
+            "{} not validated:\n{stdout}",
+            f.display()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn kubernetes_validate_catches_a_broken_manifest() {
+    if !validator() {
+        return;
+    }
+    // The seed, injected, with one field the schema does not know and one of the wrong type.
+    let injected = read(&root().join("../deploy/examples/payments-api.injected.yaml"));
+    let dir = std::env::temp_dir().join(format!("outrider-k8s-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, broken) in [
+        (
+            "unknown-field",
+            injected.replacen(
+                "restartPolicy: Always",
+                "restartPolicy: Always\n        sidecar: true",
+                1,
+            ),
+        ),
+        (
+            "wrong-type",
+            injected.replacen("replicas: 3", "replicas: three", 1),
+        ),
+    ] {
+        assert_ne!(broken, injected, "{name}: the edit did not apply");
+        let file = dir.join(format!("{name}.yaml"));
+        std::fs::write(&file, broken).unwrap();
+        let out = validate(&[file]);
+        assert!(
+            !out.status.success(),
+            "{name}: kubernetes-validate passed a broken manifest"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn cut_and_mangled_inputs_are_errors_or_output_never_panics() {
+    // Every golden input and the seed's output cut at every line, and with each line dropped
+    // in turn: inject, uninject and the resource report answer each with output or an error.
+    let seed = root().join("../deploy/examples/payments-api.injected.yaml");
+    let inputs = cases().into_iter().map(|c| (c.0, c.2));
+    for (input, legacy) in inputs.chain([(seed, false)]) {
+        let text = read(&input);
+        let lines: Vec<&str> = text.lines().collect();
+        for i in 0..lines.len() {
+            let cut = lines[..i].join("\n");
+            let dropped = [&lines[..i], &lines[i + 1..]].concat().join("\n");
+            for t in [cut, dropped] {
+                let _ = inject::inject(&t, &opts(legacy));
+                let _ = inject::uninject(&t);
+                let _ = crate::resources::reports(&t, true);
+            }
+        }
+    }
+}

@@ -1,0 +1,401 @@
+//! `outrider wait`: the dependency-wait init container. Every target is tried at once, each
+//! attempt in two steps so the failure says which: resolve the name (a name that does not resolve
+//! is the common mistake: a Service in another namespace, a typo), then connect (`--tcp`) or
+//! `GET` and expect a 2xx (`--http`, plain `http://` only); a TCP connection must stay open
+//! for `--settle` (a sidecar proxy accepts every connection, and closes it when it cannot reach
+//! the target). Failed attempts are retried with
+//! jittered exponential backoff (100 ms doubling up to 5 s), one progress line per target per
+//! attempt on stderr. Exit 0 when every target answered, 1 at `--timeout` with the targets still
+//! unreachable and why, 2 on bad usage.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use outrider_control::client::Backoff;
+use tokio::net::TcpStream;
+
+/// Flags of `outrider wait`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WaitArgs {
+    /// A TCP dependency, `HOST:PORT` (repeatable), e.g. `postgres-service:5432`.
+    #[arg(long = "tcp", value_name = "HOST:PORT", value_parser = parse_host_port)]
+    pub tcp: Vec<HostPort>,
+    /// An HTTP dependency that must answer `GET` with a 2xx, `http://HOST[:PORT]/PATH`
+    /// (repeatable; plain HTTP only).
+    #[arg(long = "http", value_name = "URL", value_parser = parse_http_url)]
+    pub http: Vec<http::Uri>,
+    /// Give up after this long (e.g. 30s, 5m).
+    #[arg(long, value_name = "DUR", default_value = "5m", value_parser = outrider_control::duration::parse)]
+    pub timeout: Duration,
+    /// How long one attempt (DNS, connect, the HTTP answer) may take.
+    #[arg(long, value_name = "DUR", default_value = "2s", value_parser = outrider_control::duration::parse)]
+    pub attempt_timeout: Duration,
+    /// After a `--tcp` connect, how long the connection must stay open (0 to skip): in a
+    /// meshed pod the sidecar accepts every connection and closes it when it cannot reach the
+    /// target, so a bare connect would always succeed.
+    #[arg(long, value_name = "DUR", default_value = "500ms", value_parser = outrider_control::duration::parse)]
+    pub settle: Duration,
+}
+
+/// A `HOST:PORT` target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    /// Name or address (IPv6 without brackets).
+    pub host: String,
+    /// TCP port, 1-65535.
+    pub port: u16,
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Parses `HOST:PORT` (`[::1]:80` for IPv6).
+pub fn parse_host_port(s: &str) -> Result<HostPort, String> {
+    let bad = || format!("`{s}` is not HOST:PORT (e.g. postgres-service:5432)");
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(bad)?;
+    if host.is_empty() || host.contains(char::is_whitespace) || host.contains('/') {
+        return Err(bad());
+    }
+    Ok(HostPort {
+        host: host.into(),
+        port,
+    })
+}
+
+/// Parses an `http://` URL with a host.
+pub fn parse_http_url(s: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = s.parse().map_err(|e| format!("`{s}` is not a URL: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!(
+            "`{s}`: only http:// URLs are supported (https is not)"
+        ));
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("`{s}`: no host"));
+    }
+    Ok(uri)
+}
+
+/// What one wait is for.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A TCP connect.
+    Tcp(HostPort),
+    /// An HTTP GET answered with a 2xx.
+    Http(http::Uri),
+}
+
+impl Target {
+    fn host_port(&self) -> HostPort {
+        match self {
+            Target::Tcp(hp) => hp.clone(),
+            Target::Http(uri) => HostPort {
+                host: uri
+                    .host()
+                    .unwrap_or_default()
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .into(),
+                port: uri.port_u16().unwrap_or(80),
+            },
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Tcp(hp) => write!(f, "tcp {hp}"),
+            Target::Http(uri) => write!(f, "http {uri}"),
+        }
+    }
+}
+
+/// Why an attempt failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The name does not resolve (or resolves to nothing).
+    Dns(String),
+    /// Every address refused the connection.
+    Refused(SocketAddr),
+    /// The attempt did not finish in time.
+    TimedOut(&'static str),
+    /// Another connect or HTTP error.
+    Io(String),
+    /// The HTTP answer was not a 2xx.
+    Status(u16),
+    /// The connection was closed right after it opened (a sidecar proxy that could not reach
+    /// the target does this).
+    ClosedAtOnce(SocketAddr),
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Dns(e) => write!(f, "DNS: {e}"),
+            Failure::Refused(a) => write!(f, "connection refused by {a}"),
+            Failure::TimedOut(what) => write!(f, "timed out ({what})"),
+            Failure::Io(e) => write!(f, "{e}"),
+            Failure::Status(s) => write!(f, "HTTP status {s} (2xx expected)"),
+            Failure::ClosedAtOnce(a) => write!(
+                f,
+                "connected to {a} but it closed at once (a proxy in front could not reach the target?)"
+            ),
+        }
+    }
+}
+
+/// One attempt at `target`, each step bounded by `timeout`; a TCP connection must then stay
+/// open for `settle`. `Ok` with the address that answered.
+pub async fn attempt(
+    target: &Target,
+    timeout: Duration,
+    settle: Duration,
+) -> Result<SocketAddr, Failure> {
+    let hp = target.host_port();
+    let addrs: Vec<SocketAddr> = tokio::time::timeout(
+        timeout,
+        tokio::net::lookup_host((hp.host.as_str(), hp.port)),
+    )
+    .await
+    .map_err(|_| Failure::TimedOut("DNS lookup"))?
+    .map_err(|e| {
+        // The usual mistake: a Service of another namespace named without its namespace.
+        let hint = if hp.host.contains('.') || hp.host.parse::<std::net::IpAddr>().is_ok() {
+            ""
+        } else {
+            "; a Service in another namespace is NAME.NAMESPACE"
+        };
+        Failure::Dns(format!("`{}` does not resolve ({e}){hint}", hp.host))
+    })?
+    .collect();
+    if addrs.is_empty() {
+        return Err(Failure::Dns(format!(
+            "`{}` resolves to no address",
+            hp.host
+        )));
+    }
+    let mut last = Failure::Dns(format!("`{}` resolves to no address", hp.host));
+    for addr in addrs {
+        let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Err(_) => {
+                last = Failure::TimedOut("connect");
+                continue;
+            }
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                last = Failure::Refused(addr);
+                continue;
+            }
+            Ok(Err(e)) => {
+                last = Failure::Io(format!("connect to {addr}: {e}"));
+                continue;
+            }
+            Ok(Ok(s)) => s,
+        };
+        return match target {
+            Target::Tcp(_) => settled(&stream, addr, settle).await,
+            Target::Http(uri) => match tokio::time::timeout(timeout, get(stream, uri)).await {
+                Err(_) => Err(Failure::TimedOut("HTTP answer")),
+                Ok(Err(e)) => Err(e),
+                Ok(Ok(status)) if (200..300).contains(&status) => Ok(addr),
+                Ok(Ok(status)) => Err(Failure::Status(status)),
+            },
+        };
+    }
+    Err(last)
+}
+
+/// `Ok` unless the peer closes or resets the connection within `settle` (data, or silence,
+/// is an open connection).
+async fn settled(
+    stream: &TcpStream,
+    addr: SocketAddr,
+    settle: Duration,
+) -> Result<SocketAddr, Failure> {
+    if settle.is_zero() {
+        return Ok(addr);
+    }
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(settle, stream.peek(&mut byte)).await {
+        Err(_) | Ok(Ok(1..)) => Ok(addr),
+        Ok(Ok(0)) => Err(Failure::ClosedAtOnce(addr)),
+        Ok(Err(_)) => Err(Failure::ClosedAtOnce(addr)),
+    }
+}
+
+async fn get(stream: TcpStream, uri: &http::Uri) -> Result<u16, Failure> {
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| Failure::Io(format!("HTTP: {e}")))?;
+    let conn = tokio::spawn(conn);
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let host = uri.authority().map_or("", |a| a.as_str());
+    let req = http::Request::get(path)
+        .header(http::header::HOST, host)
+        .header(http::header::USER_AGENT, "outrider-wait")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| Failure::Io(format!("HTTP: {e}")))?;
+    let rsp = send
+        .send_request(req)
+        .await
+        .map_err(|e| Failure::Io(format!("HTTP: {e}")));
+    conn.abort();
+    Ok(rsp?.status().as_u16())
+}
+
+/// Waits for every target at once; `Err` lists the ones not reached before `args.timeout`,
+/// with their last failure. Progress goes to `log`, one line per target per attempt.
+pub async fn wait_all(
+    targets: Vec<Target>,
+    args: &WaitArgs,
+    log: impl Fn(String) + Send + Sync + 'static,
+) -> Result<(), Vec<(Target, Failure)>> {
+    let log = Arc::new(log);
+    // Per target: None until an attempt ends, then its outcome.
+    type Outcomes = Vec<Option<Result<(), Failure>>>;
+    let last: Arc<Mutex<Outcomes>> = Arc::new(Mutex::new(vec![None; targets.len()]));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, target) in targets.iter().cloned().enumerate() {
+        let (log, last) = (log.clone(), last.clone());
+        let (per, settle) = (args.attempt_timeout, args.settle);
+        tasks.spawn(async move {
+            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+            for n in 1u64.. {
+                match attempt(&target, per, settle).await {
+                    Ok(addr) => {
+                        if let Ok(mut last) = last.lock() {
+                            last[i] = Some(Ok(()));
+                        }
+                        log(format!("{target}: reachable at {addr} (attempt {n})"));
+                        return;
+                    }
+                    Err(e) => {
+                        let delay = backoff.next_delay();
+                        log(format!(
+                            "{target}: attempt {n} failed: {e}; retrying in {}ms",
+                            delay.as_millis()
+                        ));
+                        if let Ok(mut last) = last.lock() {
+                            last[i] = Some(Err(e));
+                        }
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+            }
+        });
+    }
+    let all = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(args.timeout, all).await.is_ok() {
+        return Ok(());
+    }
+    tasks.abort_all();
+    let last = last.lock().map(|l| l.clone()).unwrap_or_default();
+    let mut unreachable = Vec::new();
+    for (target, outcome) in targets.into_iter().zip(last) {
+        match outcome {
+            Some(Ok(())) => {}
+            Some(Err(f)) => unreachable.push((target, f)),
+            None => unreachable.push((target, Failure::TimedOut("first attempt"))),
+        }
+    }
+    Err(unreachable)
+}
+
+/// `outrider wait`.
+pub fn main(args: WaitArgs) -> ExitCode {
+    let mut targets: Vec<Target> = args.tcp.iter().cloned().map(Target::Tcp).collect();
+    targets.extend(args.http.iter().cloned().map(Target::Http));
+    if targets.is_empty() {
+        eprintln!("outrider wait: nothing to wait for: give --tcp HOST:PORT or --http URL");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("outrider wait: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(wait_all(targets, &args, |line| {
+        eprintln!("outrider wait: {line}");
+    }));
+    // A DNS lookup still running in a blocking thread must not hold the exit up.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(unreachable) => {
+            eprintln!(
+                "outrider wait: gave up after {}; not reachable:",
+                outrider_control::duration::format(args.timeout)
+            );
+            for (target, why) in unreachable {
+                eprintln!("  {target}: {why}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn targets_parse_or_say_why_not() {
+        let hp = parse_host_port("postgres-service:5432").unwrap();
+        assert_eq!((hp.host.as_str(), hp.port), ("postgres-service", 5432));
+        let v6 = parse_host_port("[::1]:80").unwrap();
+        assert_eq!(
+            (v6.host.as_str(), v6.to_string()),
+            ("::1", "[::1]:80".to_owned())
+        );
+        for bad in [
+            "postgres-service",
+            ":5432",
+            "db:0",
+            "db:65536",
+            "db:x",
+            "a b:1",
+            "h/p:1",
+        ] {
+            assert!(parse_host_port(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            Target::Http(parse_http_url("http://config:8080/ready?x=1").unwrap()).host_port(),
+            HostPort {
+                host: "config".into(),
+                port: 8080
+            }
+        );
+        assert_eq!(
+            parse_http_url("http://config/").map(|u| Target::Http(u).host_port().port),
+            Ok(80)
+        );
+        assert!(parse_http_url("https://config/")
+            .unwrap_err()
+            .contains("only http://"));
+        assert!(parse_http_url("config:80").is_err());
+    }
+}
