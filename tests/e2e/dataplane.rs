@@ -237,6 +237,19 @@ impl Pod {
 
 static OUTRIDER_PY: std::sync::LazyLock<String> = std::sync::LazyLock::new(support::python);
 
+/// Two namespaces joined by a veth pair (A 198.18.0.1, B 198.18.0.2), with a route in A for the
+/// mesh's virtual addresses (198.18.100.0/24: connect() needs one; iptables redirects them
+/// locally); `None` when the test's requirements are missing.
+fn linked_pods(test: &str) -> Option<(Netns, Netns, support::Veth)> {
+    if !requirements(test, &["ip", "curl", "python3", "setpriv"]) {
+        return None;
+    }
+    let (a, b) = (Netns::new(), Netns::new());
+    let link = support::veth(&a, &[&format!("{POD_A}/24")], &b, &[&format!("{POD_B}/24")]);
+    a.exec_ok(&["ip", "route", "add", "198.18.100.0/24", "dev", &link.a_if]);
+    Some((a, b, link))
+}
+
 /// Two pods joined by a veth pair: A (198.18.0.1) is the client, B (198.18.0.2) the server.
 fn two_pods(proxy_args: &[&str]) -> (Pod, Pod) {
     let (a, b) = (Netns::new(), Netns::new());
@@ -697,16 +710,9 @@ fn demo_runs_and_reports() {
 
 #[test]
 fn sidecar_outbound_follows_discovery() {
-    if !requirements(
-        "sidecar_outbound_follows_discovery",
-        &["ip", "curl", "python3", "setpriv"],
-    ) {
+    let Some((a, b, _link)) = linked_pods("sidecar_outbound_follows_discovery") else {
         return;
-    }
-    let (a, b) = (Netns::new(), Netns::new());
-    let link = support::veth(&a, &[&format!("{POD_A}/24")], &b, &[&format!("{POD_B}/24")]);
-    // The virtual addresses only need a route for connect(); iptables redirects them locally.
-    a.exec_ok(&["ip", "route", "add", "198.18.100.0/24", "dev", &link.a_if]);
+    };
     let dir = support::TempDir::new();
     let mesh = dir.path().join("mesh.yaml");
     std::fs::write(
@@ -854,15 +860,11 @@ while time.time() < end:
 
 #[test]
 fn two_meshed_pods_speak_mutual_tls_on_the_wire_and_authorize_by_identity() {
-    if !requirements(
-        "two_meshed_pods_speak_mutual_tls_on_the_wire_and_authorize_by_identity",
-        &["ip", "curl", "python3", "setpriv"],
-    ) {
+    let Some((a, b, link)) =
+        linked_pods("two_meshed_pods_speak_mutual_tls_on_the_wire_and_authorize_by_identity")
+    else {
         return;
-    }
-    let (a, b) = (Netns::new(), Netns::new());
-    let link = support::veth(&a, &[&format!("{POD_A}/24")], &b, &[&format!("{POD_B}/24")]);
-    a.exec_ok(&["ip", "route", "add", "198.18.100.0/24", "dev", &link.a_if]);
+    };
     // The CA's files, the two pods' tokens, readable by the proxies' uid.
     let dir = support::TempDir::new();
     let d = |f: &str| dir.path().join(f).display().to_string();

@@ -781,18 +781,7 @@ async fn idle_opaque_connections_are_closed() {
 }
 
 /// Reads a response head (through the blank line) from `s`.
-async fn read_head(s: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut byte))
-            .await
-            .unwrap()
-            .unwrap();
-        head.push(byte[0]);
-    }
-    String::from_utf8_lossy(&head).to_lowercase()
-}
+use crate::support::read_head;
 
 #[tokio::test]
 async fn a_request_detected_after_the_drain_started_is_still_answered() {

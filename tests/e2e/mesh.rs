@@ -180,6 +180,11 @@ impl Mesh {
     }
 }
 
+/// The `demo/api` workload's policy: `port` allows `who` only (mesh callers only).
+fn allow_only(port: u16, who: &str) -> String {
+    format!("    servers:\n      - port: {port}\n        allow: [{who}]\n")
+}
+
 async fn admin_get(admin: SocketAddr, path: &str) -> String {
     let mut s = TcpStream::connect(admin).await.unwrap();
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes())
@@ -204,10 +209,7 @@ async fn body(rsp: http::Response<hyper::body::Incoming>) -> String {
 #[tokio::test]
 async fn http_crosses_the_mesh_in_mutual_tls_over_one_connection_and_the_app_hears_its_version() {
     let app = start_app().await;
-    let servers = format!(
-        "    servers:\n      - port: {}\n        allow: [{WEB}]\n",
-        app.port()
-    );
+    let servers = allow_only(app.port(), WEB);
     let mesh = start(app, "http1", &servers).await;
     let outbound = mesh.client.outbound.unwrap();
     let mut h1 = ClientConn::connect(outbound, false).await.unwrap();
@@ -266,10 +268,7 @@ async fn http_crosses_the_mesh_in_mutual_tls_over_one_connection_and_the_app_hea
 #[tokio::test]
 async fn a_caller_the_policy_does_not_allow_gets_403_and_a_policy_change_applies_live() {
     let app = start_app().await;
-    let deny_web = format!(
-        "    servers:\n      - port: {}\n        allow: [spiffe://outrider.local/ns/demo/sa/other]\n",
-        app.port()
-    );
+    let deny_web = allow_only(app.port(), "spiffe://outrider.local/ns/demo/sa/other");
     let mesh = start(app, "http1", &deny_web).await;
     let mut c = ClientConn::connect(mesh.client.outbound.unwrap(), false)
         .await
@@ -285,10 +284,7 @@ async fn a_caller_the_policy_does_not_allow_gets_403_and_a_policy_change_applies
         1.0
     );
     // Allow the namespace: the next request on the same connection passes.
-    let allow_ns = format!(
-        "    servers:\n      - port: {}\n        allow: ['spiffe://outrider.local/ns/demo/*']\n",
-        app.port()
-    );
+    let allow_ns = allow_only(app.port(), "'spiffe://outrider.local/ns/demo/*'");
     mesh.apply("http1", API, &allow_ns);
     let mut status = StatusCode::FORBIDDEN;
     for _ in 0..500 {
@@ -304,10 +300,7 @@ async fn a_caller_the_policy_does_not_allow_gets_403_and_a_policy_change_applies
 #[tokio::test]
 async fn a_plaintext_client_of_a_strict_port_is_refused_before_the_app() {
     let app = start_app().await;
-    let strict = format!(
-        "    servers:\n      - port: {}\n        allow: [{WEB}]\n",
-        app.port()
-    );
+    let strict = allow_only(app.port(), WEB);
     let mesh = start(app, "http1", &strict).await;
     // Straight to the server proxy's inbound listener, without TLS.
     let mut c = ClientConn::connect(mesh.server.inbound.unwrap(), false)
@@ -657,10 +650,7 @@ async fn call_with_leaf(
 #[tokio::test]
 async fn bad_certificates_stalled_handshakes_and_garbage_are_refused_and_counted() {
     let app = start_app().await;
-    let strict = format!(
-        "    servers:\n      - port: {}\n        allow: [{WEB}]\n",
-        app.port()
-    );
+    let strict = allow_only(app.port(), WEB);
     let mesh = start_tweaked(app, "http1", &strict, Duration::from_secs(3600), |c| {
         c.tls_handshake_timeout = Duration::from_millis(300);
     })
@@ -755,19 +745,6 @@ async fn bad_certificates_stalled_handshakes_and_garbage_are_refused_and_counted
     );
 }
 
-/// Reads a response head, lower-cased.
-async fn read_head(s: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
-        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte)).await {
-            Ok(Ok(1)) => head.push(byte[0]),
-            _ => break,
-        }
-    }
-    String::from_utf8_lossy(&head).to_lowercase()
-}
-
 /// Sends `msg` and expects it echoed back.
 async fn echoes(s: &mut TcpStream, msg: &[u8]) {
     s.write_all(msg).await.unwrap();
@@ -782,10 +759,7 @@ async fn echoes(s: &mut TcpStream, msg: &[u8]) {
 #[tokio::test]
 async fn websocket_upgrades_and_connect_tunnels_cross_two_meshed_sidecars() {
     let app = start_app().await;
-    let servers = format!(
-        "    servers:\n      - port: {}\n        allow: [{WEB}]\n",
-        app.port()
-    );
+    let servers = allow_only(app.port(), WEB);
     let mesh = start(app, "http1", &servers).await;
     let outbound = mesh.client.outbound.unwrap();
     let mut s = TcpStream::connect(outbound).await.unwrap();
@@ -794,7 +768,7 @@ async fn websocket_upgrades_and_connect_tunnels_cross_two_meshed_sidecars() {
     )
     .await
     .unwrap();
-    let head = read_head(&mut s).await;
+    let head = crate::support::read_head(&mut s).await;
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
     echoes(&mut s, b"\x81\x05hello").await;
@@ -802,7 +776,7 @@ async fn websocket_upgrades_and_connect_tunnels_cross_two_meshed_sidecars() {
     t.write_all(b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\n")
         .await
         .unwrap();
-    let head = read_head(&mut t).await;
+    let head = crate::support::read_head(&mut t).await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
     echoes(&mut t, b"tunnelled bytes").await;
     // Both crossed in mutual TLS (HTTP/1.1 connections: upgrades are not multiplexed), and the

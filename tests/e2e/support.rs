@@ -697,6 +697,21 @@ pub fn metric(metrics: &str, family: &str, labels: &[(&str, &str)]) -> Option<f6
     found
 }
 
+/// Reads a response head (up to the empty line), lower-cased; each byte within 5 s.
+pub async fn read_head(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).to_lowercase()
+}
+
 /// Like [`metric`], panicking (with the text) when no sample matches: a missing or misspelled
 /// family fails the test instead of reading as zero.
 pub fn sample(metrics: &str, family: &str, labels: &[(&str, &str)]) -> f64 {
