@@ -22,12 +22,13 @@
 # Usage (root): benches/mtls.sh   Knobs (env): ROUNDS=3 DURATION=10 RATE=1000 CONNS=10
 #   HS_N=3000 (connections per handshake run) HS_SECS=8 (time bound per handshake run)
 #   OUTRIDER_BIN=./target/release/outrider  REPORT=file.md (also write the tables there)
+#   PERF_DIR=dir (perf record -g of the server during each handshake run; perturbs the figures)
 # Prints markdown tables at the end. Everything started is stopped (trap), namespaces deleted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$(realpath -m "${OUTRIDER_BIN:-./target/release/outrider}")
 ROUNDS=${ROUNDS:-3}; DURATION=${DURATION:-10}; RATE=${RATE:-1000}; CONNS=${CONNS:-10}
-HS_N=${HS_N:-3000}; HS_SECS=${HS_SECS:-8}; REPORT=${REPORT:-}
+HS_N=${HS_N:-3000}; HS_SECS=${HS_SECS:-8}; REPORT=${REPORT:-}; PERF_DIR=${PERF_DIR:-}
 PY=/usr/bin/python3
 TICK=$(getconf CLK_TCK)
 [ "$(id -u)" = 0 ] || { echo "needs root (network namespaces, iptables)" >&2; exit 1; }
@@ -274,9 +275,15 @@ print(int(v["full"]), int(v["resumed"]), int(v["failed"]))'
 hs_run() {
   local name=$1 spid=$2 wrap=$3; shift 3
   local c0 c1 ca0 ca1 m0 m1 out
+  local perf=""
+  if [ -n "$PERF_DIR" ]; then # optional profile of the server (perturbs the figures a little)
+    perf record -q -F 2999 -g -p "$spid" -o "$PERF_DIR/$name-$r.data" >/dev/null 2>&1 &
+    perf=$!; PIDS+=("$perf"); sleep 0.5
+  fi
   c0=$(cpu "$spid"); ca0=$(cpu "$OA"); m0=$(hs_metrics)
   out=$(inA $wrap "$PY" "$W/hs.py" "$@")
   c1=$(cpu "$spid"); ca1=$(cpu "$OA"); m1=$(hs_metrics)
+  if [ -n "$perf" ]; then kill -INT "$perf"; wait "$perf" 2>/dev/null || true; fi
   echo -e "$name\t$out\t$((c1 - c0))\t$((ca1 - ca0))\t$m0\t$m1" >>"$W/hs.tsv"
   log "handshakes $name: $out server ${c1}-${c0} ticks, outrider B handshakes $m0 -> $m1"
 }

@@ -13,7 +13,7 @@ cd "$here"
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
 
-targets=(mesh_config watch_query duration workload_id_identity init_flags detect request_headers proxy_flags)
+targets=(mesh_config watch_query duration workload_id_identity init_flags detect request_headers proxy_flags mesh_input)
 echo "== building the fuzz targets"
 cargo +nightly fuzz build
 failed=()

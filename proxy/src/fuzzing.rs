@@ -1,5 +1,6 @@
-//! Entry points for the `fuzz/` targets (hidden from the docs; not an API): protocol detection and
-//! the request-header normalisation the proxy applies before forwarding. Each checks its own
+//! Entry points for the `fuzz/` targets (hidden from the docs; not an API): protocol detection,
+//! the request-header normalisation the proxy applies before forwarding, and the mesh's parsers of
+//! bytes from the network (a ClientHello's ALPN, a peer certificate's identity, a token's claim). Each checks its own
 //! invariants and panics when one breaks, which is what a fuzzer looks for.
 
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
@@ -60,4 +61,15 @@ pub fn normalize_request_headers(pairs: &[(&[u8], &[u8])], upgrade: bool) {
     }
     assert_eq!(headers.get_all(&HOP).iter().count(), hops_before + 1);
     assert!(headers.get_all(&HOP).iter().any(|v| v == token));
+}
+
+/// Feeds `data` to every parser of mesh input: the ALPN markers of a ClientHello (the inbound
+/// side reads them from any client), the SPIFFE identity of a certificate (a peer's), and the
+/// identity a bootstrap token claims. None may panic.
+pub fn mesh_input(data: &[u8]) {
+    let _ = crate::identity::tls::offered_alpn(data);
+    let _ = crate::identity::tls::identity_of(data);
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = crate::identity::certify::claimed_identity(text);
+    }
 }
