@@ -10,18 +10,21 @@
 #
 # 1. Handshakes: a bounded loop of new connections (python3, one HTTP/1.1 request with
 #    `Connection: close` per connection), measuring the server's CPU (utime+stime) and
-#    `outrider_tls_handshakes_total{direction="inbound"}`:
-#    - mesh:   app in A -> outrider A -> (opaque service: one TLS stream per connection) -> outrider B
-#              (the sidecars' own mix: TLS 1.3 resumption is on, so mostly resumed)
-#    - full:   a python TLS client with a mesh client certificate straight to outrider B's inbound
-#              (no session reuse: every handshake is full), and the same client to haproxy B (tcp).
+#    `outrider_tls_handshakes_total{direction="inbound"}` (haproxy B: ssl_fc_is_resumed in its log):
+#    - outrider-mesh: app in A -> outrider A -> (opaque service: one TLS stream per connection) ->
+#      outrider B; the sidecars' own mix (TLS 1.3 resumption is on by default: mostly resumed)
+#    - haproxy-mesh: app in A -> haproxy A (tcp) -> TLS -> haproxy B (tcp); haproxy A reuses
+#      sessions by default, so also mostly resumed
+#    - outrider-full / haproxy-full: a python TLS client with a mesh client certificate straight to
+#      B's inbound (no session reuse: every handshake is full)
 # 2. Latency and CPU per request at a fixed rate (h2load --h1, keep-alive, --rps per client),
 #    variants interleaved each round: direct (baseline), outrider A -> B, haproxy A -> B.
-# 3. VmRSS of each proxy at the end.
+# 3. VmRSS of each proxy: idle, after the handshake runs, at the end.
 #
 # Usage (root): benches/mtls.sh   Knobs (env): ROUNDS=3 DURATION=10 RATE=1000 CONNS=10
 #   HS_N=3000 (connections per handshake run) HS_SECS=8 (time bound per handshake run)
 #   OUTRIDER_BIN=./target/release/outrider  REPORT=file.md (also write the tables there)
+#   HAPROXY_THREADS=2 OUTRIDER_WORKERS=(unset: the cores)
 #   PERF_DIR=dir (perf record -g of the server during each handshake run; perturbs the figures)
 # Prints markdown tables at the end. Everything started is stopped (trap), namespaces deleted.
 set -euo pipefail
@@ -29,6 +32,7 @@ cd "$(dirname "$0")/.."
 BIN=$(realpath -m "${OUTRIDER_BIN:-./target/release/outrider}")
 ROUNDS=${ROUNDS:-3}; DURATION=${DURATION:-10}; RATE=${RATE:-1000}; CONNS=${CONNS:-10}
 HS_N=${HS_N:-3000}; HS_SECS=${HS_SECS:-8}; REPORT=${REPORT:-}; PERF_DIR=${PERF_DIR:-}
+HAPROXY_THREADS=${HAPROXY_THREADS:-2}  # outrider's workers: its default (the cores), or OUTRIDER_WORKERS
 PY=/usr/bin/python3
 TICK=$(getconf CLK_TCK)
 [ "$(id -u)" = 0 ] || { echo "needs root (network namespaces, iptables)" >&2; exit 1; }
@@ -159,7 +163,7 @@ wait_for "outrider B ready" 200 inB curl -sf http://127.0.0.1:15020/ready
 
 cat >"$W/haproxy-b.cfg" <<EOF
 global
-  nbthread 2
+  nbthread $HAPROXY_THREADS
   maxconn 1000
   stats socket $W/out/haproxy-b.sock mode 600 level user
 defaults
@@ -172,6 +176,8 @@ frontend mtls_http
   default_backend app
 frontend mtls_tcp
   mode tcp
+  log stdout format raw local0
+  log-format "resumed=%[ssl_fc_is_resumed]"
   bind $B:9444 ssl crt $W/hb.pem ca-file $W/ca/root.pem verify required ssl-min-ver TLSv1.3
   default_backend app_tcp
 backend app
@@ -182,7 +188,7 @@ backend app_tcp
 EOF
 cat >"$W/haproxy-a.cfg" <<EOF
 global
-  nbthread 2
+  nbthread $HAPROXY_THREADS
   maxconn 1000
 defaults
   mode http
@@ -192,8 +198,15 @@ defaults
 frontend plain
   bind 127.0.0.1:10080
   default_backend meshed
+frontend plain_tcp
+  mode tcp
+  bind 127.0.0.1:10081
+  default_backend meshed_tcp
 backend meshed
   server b $B:9443 ssl crt $W/ha.pem ca-file $W/ca/root.pem verify required ssl-min-ver TLSv1.3
+backend meshed_tcp
+  mode tcp
+  server b $B:9444 ssl crt $W/ha.pem ca-file $W/ca/root.pem verify required ssl-min-ver TLSv1.3
 EOF
 chmod a+r "$W"/*.cfg
 ip netns exec "$NS_B" setpriv --reuid 1337 --regid 1337 --clear-groups haproxy -db -f "$W/haproxy-b.cfg" >"$W/haproxy-b.log" 2>&1 &
@@ -206,6 +219,8 @@ wait_for "app direct" 100 inA $U1337 curl -sf --max-time 2 "http://$B:18080/"
 wait_for "outrider path" 100 inA curl -sf --max-time 2 http://198.18.100.1/
 wait_for "haproxy path" 100 inA curl -sf --max-time 2 http://127.0.0.1:10080/
 log "topology up: app $APP, outrider A $OA B $OB, haproxy A $HA B $HB"
+rss_snap() { for p in "$OA" "$OB" "$HA" "$HB"; do echo -n "$(rss "$p") "; done; echo; }
+RSS_IDLE=$(rss_snap)
 
 # --- 1. handshakes -----------------------------------------------------------------------------
 cat >"$W/hs.py" <<'EOF'
@@ -258,7 +273,11 @@ while True:
     b = s.recv(65536)
     if not b: break
     d += b
-print(next((l.split(":")[1].strip() for l in d.decode().splitlines() if l.startswith("CumSslConns:")), "0"))' "$W/out/haproxy-b.sock"
+info = dict(l.split(":", 1) for l in d.decode().splitlines() if ":" in l)
+print(info.get("CumSslConns", "0").strip())' "$W/out/haproxy-b.sock"
+}
+hb_hs_log() { # haproxy B's tcp frontend: full and resumed handshakes, from its log (one line per connection)
+  echo "$(grep -c '^resumed=0' "$W/haproxy-b.log") $(grep -c '^resumed=1' "$W/haproxy-b.log") 0"
 }
 hs_metrics() { # full resumed failed, outrider B inbound
   inB curl -s --max-time 5 http://127.0.0.1:15020/metrics | $PY -c '
@@ -271,31 +290,37 @@ for line in sys.stdin:
             v[m.group(1)] += float(line.rsplit(" ", 1)[1])
 print(int(v["full"]), int(v["resumed"]), int(v["failed"]))'
 }
-# hs_run NAME SERVER_PID WRAPPER HS.PY-ARGS...: one TSV row to $W/hs.tsv
+# hs_run NAME SERVER_PID CLIENT_PROXY_PID|0 WRAPPER HS.PY-ARGS...: one TSV row to $W/hs.tsv
 hs_run() {
-  local name=$1 spid=$2 wrap=$3; shift 3
+  local name=$1 spid=$2 cpid=$3 wrap=$4; shift 4
   local c0 c1 ca0 ca1 m0 m1 out
   local perf=""
   if [ -n "$PERF_DIR" ]; then # optional profile of the server (perturbs the figures a little)
     perf record -q -F 2999 -g -p "$spid" -o "$PERF_DIR/$name-$r.data" >/dev/null 2>&1 &
     perf=$!; PIDS+=("$perf"); sleep 0.5
   fi
-  c0=$(cpu "$spid"); ca0=$(cpu "$OA"); m0=$(hs_metrics)
+  local ms=hs_metrics; [ "$spid" = "$HB" ] && ms=hb_hs_log
+  ca0=0; ca1=0
+  c0=$(cpu "$spid"); [ "$cpid" = 0 ] || ca0=$(cpu "$cpid"); m0=$($ms)
   out=$(inA $wrap "$PY" "$W/hs.py" "$@")
-  c1=$(cpu "$spid"); ca1=$(cpu "$OA"); m1=$(hs_metrics)
+  c1=$(cpu "$spid"); [ "$cpid" = 0 ] || ca1=$(cpu "$cpid"); m1=$($ms)
   if [ -n "$perf" ]; then kill -INT "$perf"; wait "$perf" 2>/dev/null || true; fi
   echo -e "$name\t$out\t$((c1 - c0))\t$((ca1 - ca0))\t$m0\t$m1" >>"$W/hs.tsv"
-  log "handshakes $name: $out server ${c1}-${c0} ticks, outrider B handshakes $m0 -> $m1"
+  log "handshakes $name: $out server ${c1}-${c0} ticks, client proxy ${ca1}-${ca0} ticks, server handshake counters $m0 -> $m1"
 }
 PYCERT=("$W/pyc.chain" "$W/pyc.key" "$W/ca/root.pem" outrider.opaque)
 : >"$W/hs.tsv"
 for r in $(seq "$ROUNDS"); do
   # The mesh's own mix (app -> outrider A -> outrider B, one TLS stream per opaque connection).
-  hs_run outrider-mesh "$OB" env 198.18.100.2 7000 "$HS_N" "$HS_SECS"
+  hs_run outrider-mesh "$OB" "$OA" env 198.18.100.2 7000 "$HS_N" "$HS_SECS"
+  # The same through haproxy A -> haproxy B (tcp; haproxy A reuses TLS sessions by default).
+  hs_run haproxy-mesh "$HB" "$HA" env 127.0.0.1 10081 "$HS_N" "$HS_SECS"
   # Full handshakes only: the python TLS client (uid 1337: not captured in A) straight to B.
-  hs_run outrider-full "$OB" "$U1337" "$B" 8080 "$HS_N" "$HS_SECS" "${PYCERT[@]}"
-  hs_run haproxy-full "$HB" "$U1337" "$B" 9444 "$HS_N" "$HS_SECS" "${PYCERT[@]}"
+  hs_run outrider-full "$OB" 0 "$U1337" "$B" 8080 "$HS_N" "$HS_SECS" "${PYCERT[@]}"
+  hs_run haproxy-full "$HB" 0 "$U1337" "$B" 9444 "$HS_N" "$HS_SECS" "${PYCERT[@]}"
 done
+
+RSS_HS=$(rss_snap)
 
 # --- 2. latency and CPU per request at a fixed rate -------------------------------------------
 RPS_PER=$((RATE / CONNS))
@@ -337,15 +362,16 @@ for r in $(seq "$ROUNDS"); do
 done
 
 # --- 3. memory, then the report ----------------------------------------------------------------
-RSS="outrider A $(rss "$OA") KiB, outrider B $(rss "$OB") KiB, haproxy A $(rss "$HA") KiB, haproxy B $(rss "$HB") KiB"
-echo -e "outrider-a\t$(rss "$OA")\noutrider-b\t$(rss "$OB")\nhaproxy-a\t$(rss "$HA")\nhaproxy-b\t$(rss "$HB")" >"$W/rss.tsv"
-log "RSS: $RSS"
+RSS_END=$(rss_snap)
+paste <(printf '%s\n' outrider-a outrider-b haproxy-a haproxy-b) <(tr ' ' '\n' <<<"$RSS_IDLE" | grep .) \
+  <(tr ' ' '\n' <<<"$RSS_HS" | grep .) <(tr ' ' '\n' <<<"$RSS_END" | grep .) >"$W/rss.tsv"
+log "RSS KiB (A B haproxy-A haproxy-B): idle $RSS_IDLE; after handshakes $RSS_HS; at the end $RSS_END"
 {
   echo "### Run"
   echo
   echo "- $(date -u '+%F %T UTC'), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), kernel $(uname -r)"
   echo "- outrider $(git rev-parse --short HEAD 2>/dev/null || echo '?') (rustls/ring, TLS 1.3), $(haproxy -v | head -1 | cut -d' ' -f1-3) ($(haproxy -vv | grep 'Running on OpenSSL' | sed 's/.*: //')), $(h2load --version | head -1)"
-  echo "- ROUNDS=$ROUNDS DURATION=$DURATION RATE=$RATE CONNS=$CONNS HS_N=$HS_N HS_SECS=$HS_SECS; CPU from /proc/PID/stat utime+stime (1 tick = $((1000 / TICK)) ms)"
+  echo "- ROUNDS=$ROUNDS DURATION=$DURATION RATE=$RATE CONNS=$CONNS HS_N=$HS_N HS_SECS=$HS_SECS HAPROXY_THREADS=$HAPROXY_THREADS OUTRIDER_WORKERS=${OUTRIDER_WORKERS:-default}; CPU from /proc/PID/stat utime+stime (1 tick = $((1000 / TICK)) ms)"
   echo
 } | tee "${REPORT:-/dev/null}"
 $PY - "$W" "$TICK" "$RATE" "$DURATION" "$CONNS" <<'EOF' | tee -a "${REPORT:-/dev/null}"
@@ -354,21 +380,21 @@ w, tick, rate, dur, conns = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys
 ms = 1000 / tick
 med = st.median
 print("### Handshakes (server side: the inbound proxy terminating mutual TLS)\n")
-print("| run | connections ok/failed | conn/s (client-bound) | server CPU s | handshakes per server CPU-second | outrider B inbound: full / resumed / failed | client-side outrider CPU per conn |")
+print("| run | connections ok/failed | conn/s (client-bound) | server CPU s | handshakes per server CPU-second | handshakes at B: full / resumed / failed | client-side proxy CPU per conn |")
 print("|---|---|---|---|---|---|---|")
 rows = {}
 for line in open(f"{w}/hs.tsv"):
     name, out, cs, ca, m0, m1 = line.rstrip("\n").split("\t")
     o = json.loads(out)
-    m0 = [int(x) for x in m0.split()]; m1 = [int(x) for x in m1.split()]
-    d = [b - a for a, b in zip(m0, m1)]
+    m0 = m0.split(); m1 = m1.split()
+    d = [int(b) - int(a) if a.isdigit() and b.isdigit() else "?" for a, b in zip(m0, m1)]
     cpu_s = int(cs) / tick
     rows.setdefault(name, []).append((o, cpu_s, d, int(ca) / tick))
 for name, rs in rows.items():
     for o, cpu_s, d, ca in rs:
         per = o["ok"] / cpu_s if cpu_s else float("nan")
-        mix = f"{d[0]} / {d[1]} / {d[2]}" if name.startswith("outrider") else "n/a (haproxy)"
-        cl = f"{ca * 1e6 / o['ok']:.0f} µs" if name == "outrider-mesh" and o["ok"] else "-"
+        mix = f"{d[0]} / {d[1]} / {d[2]}" if name.startswith("outrider") else f"{d[0]} / {d[1]} / - (from its log)"
+        cl = f"{ca * 1e6 / o['ok']:.0f} µs" if name.endswith("-mesh") and o["ok"] else "-"
         print(f"| {name} | {o['ok']}/{o['bad']} | {o['ok'] / o['secs']:.0f} | {cpu_s:.2f} | {per:.0f} | {mix} | {cl} |")
 print()
 print("| run (median of rounds) | handshakes per server CPU-second | server CPU per handshake |")
@@ -379,8 +405,9 @@ for name, rs in rows.items():
     if pers:
         hs_med[name] = med(pers)
         print(f"| {name} | {med(pers):.0f} | {1e6 / med(pers):.0f} µs |")
-if "outrider-full" in hs_med and "haproxy-full" in hs_med:
-    print(f"\nFull handshakes per CPU-second, outrider/haproxy: {hs_med['outrider-full'] / hs_med['haproxy-full']:.2f}")
+for kind in ("mesh", "full"):
+    if f"outrider-{kind}" in hs_med and f"haproxy-{kind}" in hs_med:
+        print(f"\n{kind}: handshakes per server CPU-second, outrider/haproxy: {hs_med[f'outrider-{kind}'] / hs_med[f'haproxy-{kind}']:.2f}")
 
 print(f"\n### Fixed rate: {rate} req/s, HTTP/1.1 keep-alive, {conns} connections, {dur} s per run\n")
 print("| variant | round | requests ok | p50 ms | p99 ms | proxy CPU per request (A + B) | app CPU per request | TLS handshakes at B |")
@@ -408,9 +435,9 @@ if "outrider" in m and "haproxy" in m:
     print(f"\noutrider/haproxy: CPU per request {r(o[2], h[2])}, p50 {r(o[0], h[0])}, p99 {r(o[1], h[1])}, "
           f"added p50 {r(o[0] - base[0], h[0] - base[0]) if base else 'n/a'}, added p99 {r(o[1] - base[1], h[1] - base[1]) if base else 'n/a'}")
 print("\n### Memory after the runs (VmRSS)\n")
-print("| proxy | RSS |")
-print("|---|---|")
+print("| proxy | idle (certificate loaded) | after the handshake runs | after the fixed-rate runs |")
+print("|---|---|---|---|")
 for line in open(f"{w}/rss.tsv"):
-    n, k = line.split()
-    print(f"| {n} | {int(k) / 1024:.1f} MiB |")
+    n, *k = line.split()
+    print(f"| {n} | " + " | ".join(f"{int(x) / 1024:.1f} MiB" for x in k) + " |")
 EOF
