@@ -25,7 +25,8 @@
 #   HS_N=3000 (connections per handshake run) HS_SECS=8 (time bound per handshake run)
 #   OUTRIDER_BIN=./target/release/outrider  REPORT=file.md (also write the tables there)
 #   HAPROXY_THREADS=2 OUTRIDER_WORKERS=(unset: the cores)
-#   PERF_DIR=dir (perf record -g of the server during each handshake run; perturbs the figures)
+#   PERF_DIR=dir (perf record -g of the server during each handshake run, and perf record + perf
+#   stat (syscalls, context switches) of both proxies during each fixed-rate run; perturbs figures)
 # Prints markdown tables at the end. Everything started is stopped (trap), namespaces deleted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -341,7 +342,19 @@ lat_run() {
   [ "$p1" = 0 ] || { c1a=$(cpu "$p1"); c2a=$(cpu "$p2"); }
   a0=$(cpu "$APP")
   local h0 h1; h0=$(hb_hs "$v")
+  local prof=()
+  if [ -n "$PERF_DIR" ] && [ "$p1" != 0 ]; then # optional: profile, syscalls and switches per proxy
+    for p in "$p1" "$p2"; do
+      perf record -q -F 2999 -g -p "$p" -o "$PERF_DIR/lat-$v-$r-$p.data" >/dev/null 2>&1 &
+      prof+=("$!"); PIDS+=("$!")
+      perf stat -x, -e raw_syscalls:sys_enter,context-switches,cpu-migrations -p "$p" \
+        -o "$PERF_DIR/lat-$v-$r-$p.stat" >/dev/null 2>&1 &
+      prof+=("$!"); PIDS+=("$!")
+    done
+    sleep 0.5
+  fi
   out=$(inA $wrap h2load --h1 -t 1 -c "$CONNS" --rps "$RPS_PER" -D "$DURATION" --log-file "$lf" "$url")
+  for p in "${prof[@]}"; do kill -INT "$p"; wait "$p" 2>/dev/null || true; done
   [ "$p1" = 0 ] || { c1b=$(cpu "$p1"); c2b=$(cpu "$p2"); }
   a1=$(cpu "$APP")
   h1=$(hb_hs "$v")
@@ -370,7 +383,7 @@ log "RSS KiB (A B haproxy-A haproxy-B): idle $RSS_IDLE; after handshakes $RSS_HS
   echo "### Run"
   echo
   echo "- $(date -u '+%F %T UTC'), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), kernel $(uname -r)"
-  echo "- outrider $(git rev-parse --short HEAD 2>/dev/null || echo '?') (rustls/ring, TLS 1.3), $(haproxy -v | head -1 | cut -d' ' -f1-3) ($(haproxy -vv | grep 'Running on OpenSSL' | sed 's/.*: //')), $(h2load --version | head -1)"
+  echo "- outrider binary $BIN built $(date -u -r "$BIN" '+%F %T UTC') (checkout at $(git rev-parse --short HEAD 2>/dev/null || echo '?')) (rustls/ring, TLS 1.3), $(haproxy -v | head -1 | cut -d' ' -f1-3) ($(haproxy -vv | grep 'Running on OpenSSL' | sed 's/.*: //')), $(h2load --version | head -1)"
   echo "- ROUNDS=$ROUNDS DURATION=$DURATION RATE=$RATE CONNS=$CONNS HS_N=$HS_N HS_SECS=$HS_SECS HAPROXY_THREADS=$HAPROXY_THREADS OUTRIDER_WORKERS=${OUTRIDER_WORKERS:-default}; CPU from /proc/PID/stat utime+stime (1 tick = $((1000 / TICK)) ms)"
   echo
 } | tee "${REPORT:-/dev/null}"
@@ -434,6 +447,15 @@ if "outrider" in m and "haproxy" in m:
     r = lambda a, b: f"{a / b:.2f}" if b else "n/a"
     print(f"\noutrider/haproxy: CPU per request {r(o[2], h[2])}, p50 {r(o[0], h[0])}, p99 {r(o[1], h[1])}, "
           f"added p50 {r(o[0] - base[0], h[0] - base[0]) if base else 'n/a'}, added p99 {r(o[1] - base[1], h[1] - base[1]) if base else 'n/a'}")
+if "outrider" in lat and "haproxy" in lat and len(lat["outrider"]) == len(lat["haproxy"]):
+    # Paired per round (the rounds run back to back, so a drifting machine moves both alike).
+    pairs = list(zip(lat["outrider"], lat["haproxy"], lat.get("direct", [None] * len(lat["outrider"]))))
+    cpu_r = [o[2] / h[2] for o, h, _ in pairs if h[2]]
+    p50_r = [o[0] / h[0] for o, h, _ in pairs]
+    add_r = [(o[0] - d[0]) / (h[0] - d[0]) for o, h, d in pairs if d and h[0] > d[0]]
+    print(f"paired per round, median of the ratios outrider/haproxy: CPU per request {med(cpu_r):.2f} "
+          f"(rounds: {', '.join(f'{x:.2f}' for x in cpu_r)}), p50 {med(p50_r):.2f}"
+          + (f", added p50 {med(add_r):.2f} (rounds: {', '.join(f'{x:.2f}' for x in add_r)})" if add_r else ""))
 print("\n### Memory after the runs (VmRSS)\n")
 print("| proxy | idle (certificate loaded) | after the handshake runs | after the fixed-rate runs |")
 print("|---|---|---|---|")
