@@ -173,6 +173,11 @@ mod tests {
         assert_eq!(&buf, b"ping");
         let (_, conn) = s.get_ref();
         let peer = identity_of(&conn.peer_certificates().unwrap()[0]).unwrap();
+        assert_eq!(
+            conn.negotiated_cipher_suite().map(|c| c.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256),
+            "the mesh prefers AES-128-GCM with SHA-256"
+        );
         Ok((peer.to_string(), conn.alpn_protocol().unwrap().to_vec()))
     }
 

@@ -214,6 +214,9 @@ impl IdentityStore {
             .with_cert_resolver(self.resolver.clone());
         server.alpn_protocols = Alpn::ALL.iter().map(|a| a.id().to_vec()).collect();
         server.session_storage = ServerSessionMemoryCache::new(SERVER_SESSIONS);
+        // One ticket per handshake (rustls sends two by default): a mesh client redeems one at
+        // most, and each unused one holds a session, with the client's chain, in the cache.
+        server.send_tls13_tickets = 1;
         write(
             &self.trust,
             Arc::new(Trust {
