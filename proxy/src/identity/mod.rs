@@ -213,4 +213,80 @@ mod tests {
         assert_eq!(tls::offered_alpn(&hello[..20]).unwrap(), None, "incomplete");
         assert!(tls::offered_alpn(b"\x16\x03\x01\x00\x05hello").is_err());
     }
+
+    #[tokio::test]
+    async fn a_resumed_session_whose_peer_certificate_expired_is_noticed() {
+        let ca = TestCa::new("root").unwrap();
+        let web = store(&ca, WEB);
+        // The server's certificate expires in about two seconds (X.509 counts whole seconds).
+        let api = IdentityStore::new();
+        let now = std::time::SystemTime::now();
+        let leaf = ca
+            .leaf_with(
+                &[API],
+                now - Duration::from_secs(60),
+                now + Duration::from_secs(2),
+            )
+            .unwrap();
+        api.set_leaf(store::Leaf::from_pem(&leaf.chain_pem, leaf.key_der).unwrap());
+        api.set_anchors(&ca.root_pem()).unwrap();
+        let not_after = api.leaf().unwrap().not_after;
+        let connect = || async {
+            let (a, b) = tokio::io::duplex(64 * 1024);
+            let connector = tokio_rustls::TlsConnector::from(
+                web.client_config(&API.parse().unwrap(), Alpn::Opaque)
+                    .unwrap(),
+            );
+            let acceptor = tokio_rustls::TlsAcceptor::from(api.server_config().unwrap());
+            let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+            let (c, s) = tokio::join!(connector.connect(name, a), async {
+                let mut s = acceptor.accept(b).await.unwrap();
+                // Let the session ticket reach the client.
+                s.write_all(b"x").await.unwrap();
+                s.flush().await.unwrap();
+                s
+            });
+            let mut c = c.unwrap();
+            let mut one = [0u8; 1];
+            c.read_exact(&mut one).await.unwrap();
+            (c, s)
+        };
+        let (c, _s) = connect().await;
+        assert_eq!(
+            c.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Full)
+        );
+        assert!(!tls::resumed_with_expired_peer(c.get_ref().1));
+        let (c, _s) = connect().await;
+        assert_eq!(
+            c.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed)
+        );
+        assert!(
+            !tls::resumed_with_expired_peer(c.get_ref().1),
+            "still valid"
+        );
+        // A renewal of the client's own certificate drops its cached sessions (they would
+        // present the old certificate again).
+        let renewed = ca.leaf(WEB, Duration::from_secs(3600)).unwrap();
+        web.set_leaf(store::Leaf::from_pem(&renewed.chain_pem, renewed.key_der).unwrap());
+        let (c, _s) = connect().await;
+        assert_eq!(
+            c.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Full)
+        );
+        // Wait (bounded) for the certificate to expire, then resume again.
+        for _ in 0..100 {
+            if std::time::SystemTime::now() > not_after + Duration::from_secs(1) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (c, _s) = connect().await;
+        assert_eq!(
+            c.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed)
+        );
+        assert!(tls::resumed_with_expired_peer(c.get_ref().1));
+    }
 }

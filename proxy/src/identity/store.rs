@@ -180,11 +180,28 @@ impl IdentityStore {
         read(&self.trust).map(|t| t.pem.clone())
     }
 
-    /// Installs a new certificate; the next handshake presents it.
+    /// Installs a new certificate; the next handshake presents it. Client sessions cached so far
+    /// were established with the old certificate, which a resumption would present again (a
+    /// server refuses it once expired): they are dropped.
     pub fn set_leaf(&self, leaf: Leaf) {
         let leaf = Arc::new(leaf);
         write(&self.resolver.0, leaf.key.clone());
         write(&self.current, leaf);
+        if let Some(trust) = read(&self.trust) {
+            if let Ok(mut clients) = trust.clients.lock() {
+                clients.clear();
+            }
+        }
+    }
+
+    /// Drops the sessions cached for `peer` over `alpn` (its client configuration is built
+    /// anew), so the next connection does a full handshake.
+    pub fn forget_sessions(&self, peer: &Identity, alpn: Alpn) {
+        if let Some(trust) = read(&self.trust) {
+            if let Ok(mut clients) = trust.clients.lock() {
+                clients.remove(&(peer.clone(), alpn));
+            }
+        }
     }
 
     /// Installs a trust bundle (one or more roots, PEM); a bundle equal to the one in force

@@ -285,6 +285,23 @@ impl ClientCertVerifier for ClientIdVerifier {
     }
 }
 
+/// Whether `conn` resumed a session whose peer certificate has expired since the session began.
+/// A TLS 1.3 resumption does not verify the certificate again, so without this check a session
+/// ticket would outlive the short-lived certificate it was issued with; such a connection is
+/// refused like a failed handshake.
+pub fn resumed_with_expired_peer(conn: &rustls::CommonState) -> bool {
+    if conn.handshake_kind() != Some(rustls::HandshakeKind::Resumed) {
+        return false;
+    }
+    let valid_now = |der: &CertificateDer<'_>| {
+        x509_parser::parse_x509_certificate(der).is_ok_and(|(_, cert)| cert.validity().is_valid())
+    };
+    !conn
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .is_some_and(valid_now)
+}
+
 /// The mesh markers a ClientHello offers, read from the bytes of a TLS connection's start
 /// without consuming them: `Ok(None)` means more bytes are needed; `Err` means the bytes are not
 /// a ClientHello rustls understands (the connection is then not a mesh connection).

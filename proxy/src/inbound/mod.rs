@@ -291,6 +291,12 @@ impl Inbound {
             }
         };
         let (_, session) = tls.get_ref();
+        if crate::identity::tls::resumed_with_expired_peer(session) {
+            m.handshakes.failed.inc();
+            m.error(Reason::TlsFailed);
+            tracing::debug!("a resumed mesh session whose client certificate has expired");
+            return;
+        }
         if session.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
             m.handshakes.resumed.inc();
         } else {

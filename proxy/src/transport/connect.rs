@@ -90,6 +90,10 @@ impl Connect {
 
     /// Connects to `addr` and does a TLS 1.3 handshake that presents this proxy's certificate,
     /// offers `alpn` and accepts only `peer`. Fails with [`TlsFailed`] (or a connect error).
+    ///
+    /// A session resumed with a peer whose certificate has expired since (resumption does not
+    /// verify it again) is not used: the cached sessions for that peer are dropped and the
+    /// connection is made again with a full handshake.
     pub async fn connect_tls(
         &self,
         addr: SocketAddr,
@@ -104,40 +108,50 @@ impl Connect {
         let Some(tls) = &self.tls else {
             return Err(failed("this proxy has no identity configured".into()).into());
         };
-        let Some(config) = tls.store.client_config(peer, alpn) else {
-            tls.handshakes.failed.inc();
-            return Err(failed("this proxy has no certificate yet".into()).into());
-        };
-        let upstream = self.connect(addr).await?;
-        let Stream::Plain(tcp) = upstream.stream else {
-            return Err(failed("already TLS".into()).into());
-        };
-        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-        let handshake = tokio_rustls::TlsConnector::from(config).connect(name, tcp);
-        let stream = match tokio::time::timeout(self.timeout, handshake).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => {
+        for _ in 0..2 {
+            let Some(config) = tls.store.client_config(peer, alpn) else {
                 tls.handshakes.failed.inc();
-                return Err(failed(e.into()).into());
+                return Err(failed("this proxy has no certificate yet".into()).into());
+            };
+            let upstream = self.connect(addr).await?;
+            let Stream::Plain(tcp) = upstream.stream else {
+                return Err(failed("already TLS".into()).into());
+            };
+            let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+            let handshake = tokio_rustls::TlsConnector::from(config).connect(name, tcp);
+            let stream = match tokio::time::timeout(self.timeout, handshake).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    tls.handshakes.failed.inc();
+                    return Err(failed(e.into()).into());
+                }
+                Err(_) => {
+                    tls.handshakes.failed.inc();
+                    let after = outrider_control::duration::format(self.timeout);
+                    let why = format!("the handshake took longer than {after}");
+                    return Err(failed(why.into()).into());
+                }
+            };
+            let state = stream.get_ref().1;
+            if crate::identity::tls::resumed_with_expired_peer(state) {
+                tracing::debug!(%addr, %peer, "resumed a session whose peer certificate has expired; handshaking again");
+                tls.store.forget_sessions(peer, alpn);
+                continue;
             }
-            Err(_) => {
-                tls.handshakes.failed.inc();
-                let after = outrider_control::duration::format(self.timeout);
-                return Err(
-                    failed(format!("the handshake took longer than {after}").into()).into(),
-                );
+            if state.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                tls.handshakes.resumed.inc();
+            } else {
+                tls.handshakes.full.inc();
             }
-        };
-        if stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
-            tls.handshakes.resumed.inc();
-        } else {
-            tls.handshakes.full.inc();
+            return Ok(Upstream {
+                stream: Stream::Tls(Box::new(stream)),
+                pending: Bytes::new(),
+                _slot: upstream._slot,
+            });
         }
-        Ok(Upstream {
-            stream: Stream::Tls(Box::new(stream)),
-            pending: Bytes::new(),
-            _slot: upstream._slot,
-        })
+        tls.handshakes.failed.inc();
+        let why = "the peer's certificate has expired (a resumed session and a new handshake)";
+        Err(failed(why.into()).into())
     }
 
     /// The bound on open connections per upstream address.
