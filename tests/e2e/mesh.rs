@@ -745,17 +745,6 @@ async fn bad_certificates_stalled_handshakes_and_garbage_are_refused_and_counted
     );
 }
 
-/// Sends `msg` and expects it echoed back.
-async fn echoes(s: &mut TcpStream, msg: &[u8]) {
-    s.write_all(msg).await.unwrap();
-    let mut back = vec![0u8; msg.len()];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(back, msg);
-}
-
 #[tokio::test]
 async fn websocket_upgrades_and_connect_tunnels_cross_two_meshed_sidecars() {
     let app = start_app().await;
@@ -771,14 +760,14 @@ async fn websocket_upgrades_and_connect_tunnels_cross_two_meshed_sidecars() {
     let head = crate::support::read_head(&mut s).await;
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
-    echoes(&mut s, b"\x81\x05hello").await;
+    crate::support::echoes(&mut s, b"\x81\x05hello").await;
     let mut t = TcpStream::connect(outbound).await.unwrap();
     t.write_all(b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\n")
         .await
         .unwrap();
     let head = crate::support::read_head(&mut t).await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
-    echoes(&mut t, b"tunnelled bytes").await;
+    crate::support::echoes(&mut t, b"tunnelled bytes").await;
     // Both crossed in mutual TLS (HTTP/1.1 connections: upgrades are not multiplexed), and the
     // server side knew who called.
     assert!(

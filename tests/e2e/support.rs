@@ -712,6 +712,18 @@ pub async fn read_head(s: &mut tokio::net::TcpStream) -> String {
     String::from_utf8_lossy(&head).to_lowercase()
 }
 
+/// Sends `msg` on `s` and expects it echoed back within 5 s.
+pub async fn echoes(s: &mut tokio::net::TcpStream, msg: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(msg).await.unwrap();
+    let mut back = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, msg);
+}
+
 /// Like [`metric`], panicking (with the text) when no sample matches: a missing or misspelled
 /// family fails the test instead of reading as zero.
 pub fn sample(metrics: &str, family: &str, labels: &[(&str, &str)]) -> f64 {
