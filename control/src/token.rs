@@ -28,7 +28,6 @@ const PREFIX: &str = "v1.";
 pub const MAX_TOKEN_BYTES: usize = 4096;
 
 /// The secret that mints and verifies tokens: 32 random bytes.
-#[derive(Clone)]
 pub struct TokenKey {
     key: hmac::Key,
     bytes: [u8; 32],

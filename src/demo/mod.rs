@@ -157,7 +157,7 @@ const INTRUDER_ID: &str = "spiffe://outrider.local/ns/demo/sa/intruder";
 struct DemoControl {
     url: String,
     tls: Arc<rustls::ClientConfig>,
-    tokens: outrider_control::token::TokenKey,
+    authority: Arc<outrider_control::authority::Authority>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -176,8 +176,8 @@ impl DemoControl {
             vec![std::net::Ipv4Addr::LOCALHOST.into()],
             day,
         )?;
-        let authority = Authority::new(ca, tokens.clone(), day, "outrider.local".into())?;
-        let control = ControlPlane::with_authority(mesh, Some(authority))?;
+        let authority = Authority::new(ca, tokens, day, "outrider.local".into())?;
+        let control = ControlPlane::with_authority(mesh, Some(authority.clone()))?;
         let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
             .await
             .context("bind the control plane")?;
@@ -186,7 +186,7 @@ impl DemoControl {
         Ok(Self {
             url: format!("https://{addr}"),
             tls: outrider_control::client::client_tls(&anchors)?,
-            tokens,
+            authority,
             task,
         })
     }
@@ -209,8 +209,8 @@ impl DemoControl {
                 Some(self.tls.clone()),
             )?),
             token: outrider_proxy::identity::certify::TokenSource::Fixed(
-                self.tokens
-                    .mint(&identity, Duration::from_secs(3600))
+                self.authority
+                    .mint_token(&identity, Duration::from_secs(3600))
                     .into(),
             ),
         };

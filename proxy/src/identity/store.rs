@@ -98,7 +98,8 @@ struct Trust {
     pem: String,
     roots: Arc<RootCertStore>,
     server: Arc<ServerConfig>,
-    clients: Mutex<HashMap<(Identity, Alpn), Arc<ClientConfig>>>,
+    /// By peer, then by ALPN marker (indexed like [`Alpn::ALL`]).
+    clients: Mutex<HashMap<Identity, [Option<Arc<ClientConfig>>; 3]>>,
 }
 
 /// The proxy's identity: shared by the stacks (TLS), the renewal task and the admin server.
@@ -199,7 +200,9 @@ impl IdentityStore {
     pub fn forget_sessions(&self, peer: &Identity, alpn: Alpn) {
         if let Some(trust) = read(&self.trust) {
             if let Ok(mut clients) = trust.clients.lock() {
-                clients.remove(&(peer.clone(), alpn));
+                if let Some(slot) = clients.get_mut(peer) {
+                    slot[alpn.index()] = None;
+                }
             }
         }
     }
@@ -266,7 +269,10 @@ impl IdentityStore {
             Ok(c) => c,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if let Some(c) = clients.get(&(peer.clone(), alpn)) {
+        if let Some(c) = clients
+            .get(peer)
+            .and_then(|slot| slot[alpn.index()].as_ref())
+        {
             return Some(c.clone());
         }
         let verifier = ServerIdVerifier::new(trust.roots.clone(), peer.clone());
@@ -283,7 +289,7 @@ impl IdentityStore {
         if clients.len() >= 4096 {
             clients.clear();
         }
-        clients.insert((peer.clone(), alpn), config.clone());
+        clients.entry(peer.clone()).or_default()[alpn.index()] = Some(config.clone());
         Some(config)
     }
 }

@@ -38,6 +38,15 @@ impl Alpn {
     /// Every marker, in the server's order of preference.
     pub const ALL: [Alpn; 3] = [Alpn::H2, Alpn::Http1, Alpn::Opaque];
 
+    /// Its position in [`Alpn::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            Alpn::H2 => 0,
+            Alpn::Http1 => 1,
+            Alpn::Opaque => 2,
+        }
+    }
+
     /// The ALPN protocol id on the wire.
     pub fn id(self) -> &'static [u8] {
         match self {

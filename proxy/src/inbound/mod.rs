@@ -38,7 +38,7 @@ use crate::layers::rescue::{Rescue, RescueLayer};
 use crate::metrics::DirectionMetrics;
 use crate::transport;
 use crate::transport::connect::Connect;
-use crate::transport::io::{Activity, MeteredIo, PrefixedIo};
+use crate::transport::io::{MeteredIo, PrefixedIo};
 use crate::transport::listen::{Accepted, Serve};
 use crate::transport::orig_dst::{Lookup, OrigDst};
 
@@ -186,9 +186,10 @@ impl Serve for Inbound {
             Err(Reason::Loop) => return,
             Err(reason) => return self.metrics.error(reason),
         };
-        let policy = self.policies.describe(app.port());
+        // The policy's description is read only when the span is enabled (debug).
         let span = tracing::debug_span!("conn", direction = "inbound", peer = %conn.peer, app = %app,
-            policy, protocol = tracing::field::Empty, client_id = tracing::field::Empty);
+            policy = self.policies.describe(app.port()), protocol = tracing::field::Empty,
+            client_id = tracing::field::Empty);
         self.serve_app(conn, app).instrument(span).await
     }
 }
@@ -202,13 +203,7 @@ impl Inbound {
             ..
         } = conn;
         let m = &self.metrics;
-        let activity = Activity::new();
-        let mut io = MeteredIo::new(
-            socket,
-            m.tcp_received.clone(),
-            m.tcp_sent.clone(),
-            activity.clone(),
-        );
+        let (mut io, activity) = MeteredIo::accepted(socket, m);
         // An opaque port skips detection, except that a meshed proxy still looks for a mesh
         // ClientHello there (a meshed client always speaks first); whatever else arrives on it
         // stays opaque.

@@ -44,7 +44,7 @@ use crate::layers::timeout::{RequestTimeoutLayer, Timeout};
 use crate::metrics::{DirectionMetrics, Metrics};
 use crate::transport;
 use crate::transport::connect::Connect;
-use crate::transport::io::{Activity, MeteredIo, PrefixedIo};
+use crate::transport::io::{MeteredIo, PrefixedIo};
 use crate::transport::listen::{Accepted, Serve};
 use crate::transport::orig_dst::{Lookup, OrigDst};
 
@@ -181,13 +181,7 @@ impl Outbound {
         let m = &self.metrics;
         self.wait_first_view().await;
         let entry = self.destinations.get(dest);
-        let activity = Activity::new();
-        let mut io = MeteredIo::new(
-            socket,
-            m.tcp_received.clone(),
-            m.tcp_sent.clone(),
-            activity.clone(),
-        );
+        let (mut io, activity) = MeteredIo::accepted(socket, m);
         let skip = entry.dest.is_opaque() || self.config.opaque_ports.contains(&dest.port());
         let connect = || opaque::connect(&entry.dest, &self.connect);
         let mut bounds = self.config.detect_bounds();

@@ -138,14 +138,17 @@ pin_project! {
 }
 
 impl<T> MeteredIo<T> {
-    /// Wraps `io`.
-    pub fn new(io: T, received: IntCounter, sent: IntCounter, activity: Activity) -> Self {
-        Self {
+    /// Wraps an accepted connection's `io`, counting into its direction's TCP byte counters, with
+    /// a fresh activity clock (returned too, for the idle timeouts).
+    pub fn accepted(io: T, metrics: &crate::metrics::DirectionMetrics) -> (Self, Activity) {
+        let activity = Activity::new();
+        let io = Self {
             io,
-            received,
-            sent,
-            activity,
-        }
+            received: metrics.tcp_received.clone(),
+            sent: metrics.tcp_sent.clone(),
+            activity: activity.clone(),
+        };
+        (io, activity)
     }
 }
 
