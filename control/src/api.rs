@@ -150,8 +150,38 @@ pub struct RouteMatch {
 pub struct RetryPolicy {
     /// Attempts after the first, 0..=10.
     pub attempts: u32,
-    /// Retries as a share of requests, in percent (the retry budget).
+    /// Retries as a share of requests, in percent (the retry budget, kept per service: retries
+    /// may add this share of the service's request rate plus 10 per second, over 10 s).
     pub budget_percent: u32,
+    /// HTTP statuses retried (idempotent methods only, unless `non_idempotent`).
+    #[serde(default = "default_retry_statuses")]
+    pub statuses: Vec<u16>,
+    /// gRPC status codes retried, read from a trailers-only gRPC response (`grpc-status` in the
+    /// response headers).
+    #[serde(default = "default_retry_grpc_codes")]
+    pub grpc_codes: Vec<u16>,
+    /// Base of the jittered exponential backoff between attempts, in milliseconds.
+    #[serde(default = "default_retry_backoff_ms")]
+    pub backoff_ms: u64,
+    /// Whether responses to non-idempotent methods (POST, PATCH, CONNECT) are retried too.
+    /// Connect failures and refused streams are retried for every method: nothing was sent.
+    #[serde(default)]
+    pub non_idempotent: bool,
+}
+
+/// The statuses retried when a route names none: 502, 503 and 504.
+pub fn default_retry_statuses() -> Vec<u16> {
+    vec![502, 503, 504]
+}
+
+/// The gRPC codes retried when a route names none: `UNAVAILABLE` (14).
+pub fn default_retry_grpc_codes() -> Vec<u16> {
+    vec![14]
+}
+
+/// The retry backoff base when a route names none: 25 ms.
+pub fn default_retry_backoff_ms() -> u64 {
+    25
 }
 
 /// Circuit-breaker settings.
@@ -167,10 +197,11 @@ pub struct Breaker {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Balancer {
-    /// Weighted round robin.
-    #[default]
+    /// Weighted round robin (skipping endpoints that are not ready).
     RoundRobin,
-    /// Power of two choices over peak-EWMA latency.
+    /// Power of two choices over peak-EWMA load (latency × requests in flight, divided by the
+    /// endpoint's weight): the default.
+    #[default]
     P2cEwma,
 }
 

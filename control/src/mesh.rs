@@ -147,6 +147,10 @@ struct RawRetry {
     unknown: BTreeMap<String, serde_norway::Value>,
     attempts: Option<u32>,
     budget: Option<String>,
+    on: Option<Vec<u16>>,
+    grpc_on: Option<Vec<String>>,
+    backoff: Option<String>,
+    non_idempotent: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -726,7 +730,19 @@ fn validate_service(errors: &mut Errors, at: &str, s: RawService) -> Option<Serv
         });
         let retry = r.retry.map(|rt| {
             let rtat = format!("{rat}.retry");
-            unknown_keys(errors, &rtat, &rt.unknown, &["attempts", "budget"]);
+            unknown_keys(
+                errors,
+                &rtat,
+                &rt.unknown,
+                &[
+                    "attempts",
+                    "budget",
+                    "on",
+                    "grpc_on",
+                    "backoff",
+                    "non_idempotent",
+                ],
+            );
             let attempts = required(errors, &rtat, "attempts", rt.attempts).unwrap_or(0);
             if attempts > 10 {
                 errors.push(
@@ -751,9 +767,55 @@ fn validate_service(errors: &mut Errors, at: &str, s: RawService) -> Option<Serv
                     20
                 }
             };
+            let statuses = rt
+                .on
+                .unwrap_or_else(crate::api::default_retry_statuses);
+            for status in &statuses {
+                if !(500..=599).contains(status) {
+                    errors.push(
+                        format!("{rat}.retry.on"),
+                        format!("{status} is not a 5xx status (only server errors are retried)"),
+                    );
+                }
+            }
+            let grpc_codes = match rt.grpc_on {
+                None => crate::api::default_retry_grpc_codes(),
+                Some(names) => names
+                    .iter()
+                    .filter_map(|n| match grpc_code(n) {
+                        Some(c) => Some(c),
+                        None => {
+                            errors.push(
+                                format!("{rat}.retry.grpc_on"),
+                                format!(
+                                    "unknown gRPC status {}: expected a name such as unavailable or resource-exhausted",
+                                    Quoted(n)
+                                ),
+                            );
+                            None
+                        }
+                    })
+                    .collect(),
+            };
+            let backoff_ms = match rt.backoff.as_deref().map(duration::parse) {
+                None => crate::api::default_retry_backoff_ms(),
+                Some(Ok(d)) if d <= std::time::Duration::from_secs(10) => d.as_millis() as u64,
+                Some(Ok(_)) => {
+                    errors.push(format!("{rat}.retry.backoff"), "must be at most 10s");
+                    0
+                }
+                Some(Err(e)) => {
+                    errors.push(format!("{rat}.retry.backoff"), e);
+                    0
+                }
+            };
             RetryPolicy {
                 attempts,
                 budget_percent,
+                statuses,
+                grpc_codes,
+                backoff_ms,
+                non_idempotent: rt.non_idempotent.unwrap_or(false),
             }
         });
         routes.push(Route {
@@ -803,7 +865,7 @@ fn validate_service(errors: &mut Errors, at: &str, s: RawService) -> Option<Serv
             open_ms,
         }
     });
-    let balancer = match s.balancer.as_deref().unwrap_or("round-robin") {
+    let balancer = match s.balancer.as_deref().unwrap_or("p2c-ewma") {
         "round-robin" => Balancer::RoundRobin,
         "p2c-ewma" => Balancer::P2cEwma,
         other => {
@@ -814,7 +876,7 @@ fn validate_service(errors: &mut Errors, at: &str, s: RawService) -> Option<Serv
                     Quoted(other)
                 ),
             );
-            Balancer::RoundRobin
+            Balancer::P2cEwma
         }
     };
     (errors.0.len() == before).then_some(Service {
@@ -827,4 +889,30 @@ fn validate_service(errors: &mut Errors, at: &str, s: RawService) -> Option<Serv
         breaker,
         balancer,
     })
+}
+
+/// The gRPC status code of a retry condition's name (`unavailable`, `resource-exhausted`, ...,
+/// as the gRPC spec names them, in kebab case).
+fn grpc_code(name: &str) -> Option<u16> {
+    const NAMES: [&str; 17] = [
+        "ok",
+        "cancelled",
+        "unknown",
+        "invalid-argument",
+        "deadline-exceeded",
+        "not-found",
+        "already-exists",
+        "permission-denied",
+        "resource-exhausted",
+        "failed-precondition",
+        "aborted",
+        "out-of-range",
+        "unimplemented",
+        "internal",
+        "unavailable",
+        "data-loss",
+        "unauthenticated",
+    ];
+    let name = name.trim().to_ascii_lowercase().replace('_', "-");
+    NAMES.iter().position(|n| *n == name).map(|i| i as u16)
 }

@@ -42,7 +42,10 @@ fn the_demo_mesh_is_valid() {
     assert_eq!(s.routes[0].timeout_ms, Some(2000));
     assert_eq!(s.routes[1].retry.as_ref().unwrap().budget_percent, 20);
     assert_eq!(s.breaker.as_ref().unwrap().open_ms, 10_000);
-    assert_eq!(s.balancer, Balancer::RoundRobin);
+    assert_eq!(s.balancer, Balancer::P2cEwma);
+    let retry = s.routes[1].retry.as_ref().unwrap();
+    assert_eq!(retry.statuses, vec![502, 503, 504]);
+    assert_eq!((retry.backoff_ms, retry.non_idempotent), (25, false));
     let view = mesh.view(&id("demo/loadgen"), "v1").unwrap();
     assert_eq!(view.outbound.services.len(), 1);
     assert_eq!(

@@ -6,6 +6,7 @@
 //! | `/ready` | GET | 200 once nothing holds readiness back (listeners bound, with `--control` the first config); 503 naming what is missing, and while draining |
 //! | `/metrics` | GET | Prometheus text format |
 //! | `/config` | GET | the effective configuration and the mesh view, JSON (loopback peers only; the configuration holds no secrets: credentials and queries in `--control` are refused) |
+//! | `/endpoints` | GET | every outbound destination in use: its service, balancer and endpoints with their weight, requests in flight, latency estimate and breaker state, JSON (loopback peers only) |
 //! | `/identity` | GET | the proxy's SPIFFE identity, its chain's subjects and issuers, validity and next renewal, JSON (no key, no token) |
 //! | `/log-level` | GET, PUT | read or replace the log filter (loopback peers only) |
 //! | `/shutdown` | POST | start a graceful shutdown (loopback peers only) |
@@ -50,6 +51,26 @@ pub struct AdminState {
         Arc<crate::identity::IdentityStore>,
         crate::identity::certify::NextRenewal,
     )>,
+    /// The outbound stacks, shown on `/endpoints`.
+    pub outbounds: Vec<Arc<crate::outbound::Outbound>>,
+}
+
+/// A JSON response (500 if it cannot be encoded, never an empty 200).
+fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
+    match serde_json::to_string_pretty(value) {
+        Ok(body) => {
+            let mut rsp = text(StatusCode::OK, body);
+            rsp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            rsp
+        }
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode JSON: {e}\n"),
+        ),
+    }
 }
 
 /// Serves the admin API on `listener` until the task is dropped.
@@ -102,10 +123,15 @@ async fn route(
                 None => text(StatusCode::NOT_FOUND, "no such app probe\n"),
             }
         }
-        (_, "/config" | "/log-level" | "/shutdown") if !local_only(peer) => text(
+        (_, "/config" | "/endpoints" | "/log-level" | "/shutdown") if !local_only(peer) => text(
             StatusCode::FORBIDDEN,
             "only loopback peers may use this endpoint\n",
         ),
+        (Method::GET, "/endpoints") => {
+            let stacks: Vec<serde_json::Value> =
+                state.outbounds.iter().map(|o| o.endpoints_json()).collect();
+            json(&serde_json::json!({ "outbound": stacks }))
+        }
         (Method::GET, "/config") => {
             let mut config = state.config.clone();
             if let (Some(d), Some(obj)) = (&state.discovery, config.as_object_mut()) {
@@ -115,13 +141,7 @@ async fn route(
                     .map(|v| serde_json::json!({"outbound": v.outbound, "inbound": v.inbound}));
                 obj.insert("view".into(), view.unwrap_or(serde_json::Value::Null));
             }
-            let body = serde_json::to_string_pretty(&config).unwrap_or_default();
-            let mut rsp = text(StatusCode::OK, body);
-            rsp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("application/json"),
-            );
-            rsp
+            json(&config)
         }
 
         (Method::GET, "/identity") => {
@@ -135,15 +155,7 @@ async fn route(
                     "state": "no identity configured (--identity-token-file): plaintext only",
                 }),
             };
-            let mut rsp = text(
-                StatusCode::OK,
-                serde_json::to_string_pretty(&body).unwrap_or_default(),
-            );
-            rsp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("application/json"),
-            );
-            rsp
+            json(&body)
         }
         (Method::GET, "/log-level") => match &state.log {
             Some(log) => text(StatusCode::OK, format!("{}\n", log.current())),

@@ -304,6 +304,15 @@ impl Proxy {
         let (inbound_drain, inbound_watch) = drain::channel();
         let (outbound_drain, outbound_watch) = drain::channel();
         let mut has_outbound = false;
+        // The outbound stacks, for `/endpoints` (a twin listener shares its stack: once each).
+        let mut outbounds: Vec<Arc<Outbound>> = Vec::new();
+        for l in &listeners {
+            if let Stack::Outbound(s) = &l.stack {
+                if !outbounds.iter().any(|o| Arc::ptr_eq(o, s)) {
+                    outbounds.push(s.clone());
+                }
+            }
+        }
         for l in listeners {
             if let Ok(addr) = l.socket.local_addr() {
                 tracing::info!(direction = l.direction.as_str(), %addr, "listening");
@@ -337,6 +346,7 @@ impl Proxy {
             log,
             shutdown,
             identity: identity.map(|store| (store, next_renewal)),
+            outbounds,
         });
         let admin_task = tokio::spawn(admin::serve(admin, state));
         drop(listening);

@@ -163,6 +163,17 @@ pub struct ProxyArgs {
     #[arg(long, env = "OUTRIDER_MAX_UPSTREAM_CONNECTIONS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_upstream_connections: u32,
+    /// Outbound requests in flight to one endpoint (an HTTP/2 connection's queue included);
+    /// at the bound the endpoint is not ready and the balancer picks another, or, when none is
+    /// ready, the request is answered at once with 503 `overloaded`.
+    #[arg(long, env = "OUTRIDER_MAX_IN_FLIGHT_PER_ENDPOINT", default_value_t = 1_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight_per_endpoint: u32,
+    /// Outbound requests in flight to one service (all its endpoints); past it, 503
+    /// `overloaded` at once.
+    #[arg(long, env = "OUTRIDER_MAX_IN_FLIGHT_PER_SERVICE", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight_per_service: u32,
     /// After shutdown starts, how long outbound traffic keeps being served (the app may still be
     /// finishing its own work).
     #[arg(long, env = "OUTRIDER_DRAIN_WINDOW", value_name = "DUR", default_value = "5s",
@@ -240,6 +251,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Open connections per upstream address.
     pub max_upstream_connections: usize,
+    /// Outbound requests in flight per endpoint and per service.
+    pub in_flight: crate::outbound::endpoint::Limits,
     /// Outbound drain window after shutdown starts.
     pub drain_window: Duration,
     /// Hard shutdown deadline.
@@ -302,6 +315,10 @@ impl Config {
             connect_timeout: args.connect_timeout,
             max_connections: args.max_connections as usize,
             max_upstream_connections: args.max_upstream_connections as usize,
+            in_flight: crate::outbound::endpoint::Limits {
+                per_endpoint: args.max_in_flight_per_endpoint as usize,
+                per_service: args.max_in_flight_per_service as usize,
+            },
             drain_window: args.drain_window,
             shutdown_grace: args.shutdown_grace,
         };
@@ -523,6 +540,8 @@ impl Config {
             "connect_timeout": fmt_duration(self.connect_timeout),
             "max_connections": self.max_connections,
             "max_upstream_connections": self.max_upstream_connections,
+            "max_in_flight_per_endpoint": self.in_flight.per_endpoint,
+            "max_in_flight_per_service": self.in_flight.per_service,
             "drain_window": fmt_duration(self.drain_window),
             "shutdown_grace": fmt_duration(self.shutdown_grace),
         })
@@ -558,6 +577,7 @@ impl Config {
             connect_timeout: Duration::from_secs(3),
             max_connections: 10_000,
             max_upstream_connections: 10_000,
+            in_flight: Default::default(),
             drain_window: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(10),
         }

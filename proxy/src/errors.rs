@@ -57,6 +57,8 @@ pub enum Reason {
     TlsFailed = 14,
     /// The port's policy does not allow the caller.
     Denied = 15,
+    /// Every endpoint of the service has its circuit breaker open.
+    CircuitOpen = 16,
 }
 
 /// Which side a failure is blamed on (for logs, and so that later layers such as a breaker only
@@ -73,7 +75,7 @@ pub enum Side {
 
 impl Reason {
     /// Every reason, in discriminant order.
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 17] = [
         Reason::ConnectFailed,
         Reason::UpstreamFailed,
         Reason::BadRequest,
@@ -90,6 +92,7 @@ impl Reason {
         Reason::HeaderTimeout,
         Reason::TlsFailed,
         Reason::Denied,
+        Reason::CircuitOpen,
     ];
 
     /// The `outrider-error` header value and metric label.
@@ -111,6 +114,7 @@ impl Reason {
             Reason::HeaderTimeout => "header-timeout",
             Reason::TlsFailed => "tls-failed",
             Reason::Denied => "denied",
+            Reason::CircuitOpen => "circuit-open",
         }
     }
 
@@ -124,7 +128,7 @@ impl Reason {
             | Reason::UpstreamProtocol
             | Reason::TlsFailed => StatusCode::BAD_GATEWAY,
             Reason::Denied => StatusCode::FORBIDDEN,
-            Reason::NoEndpoints | Reason::NoConfig | Reason::Overloaded => {
+            Reason::NoEndpoints | Reason::NoConfig | Reason::Overloaded | Reason::CircuitOpen => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Reason::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -153,7 +157,8 @@ impl Reason {
             | Reason::NoEndpoints
             | Reason::RequestTimeout
             | Reason::NoConfig
-            | Reason::Overloaded => Side::Proxy,
+            | Reason::Overloaded
+            | Reason::CircuitOpen => Side::Proxy,
         }
     }
 
@@ -166,6 +171,7 @@ impl Reason {
             | Reason::NoEndpoints
             | Reason::NoConfig
             | Reason::Overloaded
+            | Reason::CircuitOpen
             | Reason::Loop
             | Reason::NoOrigDst
             | Reason::TlsFailed => 14,
@@ -335,6 +341,35 @@ pub struct NoEndpoints {
 }
 leaf!(NoEndpoints, Reason::NoEndpoints);
 
+/// Every endpoint of the service has its circuit breaker open.
+#[derive(Debug, thiserror::Error)]
+#[error("every endpoint of {service} has its circuit breaker open")]
+pub struct CircuitOpen {
+    /// `namespace/name` of the service (or the destination address).
+    pub service: Arc<str>,
+}
+leaf!(CircuitOpen, Reason::CircuitOpen);
+
+/// Every ready endpoint of the service (or the service itself) has as many requests in flight
+/// as it may: the request is shed instead of queued.
+#[derive(Debug, thiserror::Error)]
+#[error("{service} has as many requests in flight as it may (--max-in-flight-per-endpoint, --max-in-flight-per-service)")]
+pub struct EndpointsBusy {
+    /// `namespace/name` of the service (or the destination address).
+    pub service: Arc<str>,
+}
+leaf!(EndpointsBusy, Reason::Overloaded);
+
+/// An HTTP/2 upstream connection handed the request back unsent (it was going away), or the
+/// upstream refused the stream (`REFUSED_STREAM`): nothing was processed, so it may be retried.
+#[derive(Debug, thiserror::Error)]
+#[error("the HTTP/2 upstream {addr} refused the stream")]
+pub struct StreamRefused {
+    /// The endpoint.
+    pub addr: SocketAddr,
+}
+leaf!(StreamRefused, Reason::UpstreamFailed);
+
 /// The route's timeout passed before the response headers arrived.
 #[derive(Debug, thiserror::Error)]
 #[error("no response within the route timeout of {}", outrider_control::duration::format(*.after))]
@@ -402,7 +437,10 @@ fn leaf_reason(e: &(dyn StdError + 'static)) -> Option<Reason> {
         Loop,
         UnsupportedTransferCoding,
         TlsFailed,
-        Denied
+        Denied,
+        CircuitOpen,
+        EndpointsBusy,
+        StreamRefused
     );
     if e.is::<tower::timeout::error::Elapsed>() {
         return Some(Reason::RequestTimeout);
@@ -446,7 +484,8 @@ pub fn reason_of(error: &(dyn StdError + 'static)) -> Reason {
 
 /// Whether the request that failed with `error` may be sent again (to another endpoint): only
 /// when nothing of it reached an upstream (the dial failed or timed out, the per-upstream bound
-/// was reached, or the upstream turned out not to speak HTTP/2 before the request was written).
+/// was reached, the upstream turned out not to speak HTTP/2 before the request was written, or
+/// the HTTP/2 stream was refused).
 pub fn is_retryable(error: &(dyn StdError + 'static)) -> bool {
     let mut next: Option<&(dyn StdError + 'static)> = Some(error);
     while let Some(e) = next {
@@ -458,8 +497,14 @@ pub fn is_retryable(error: &(dyn StdError + 'static)) -> bool {
             || e.is::<UpstreamBusy>()
             || e.is::<NotHttp2>()
             || e.is::<TlsFailed>()
+            || e.is::<StreamRefused>()
         {
             return true;
+        }
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            if h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                return true;
+            }
         }
         next = e.source();
     }

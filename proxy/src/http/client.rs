@@ -44,7 +44,8 @@ use tokio::sync::oneshot;
 use super::server::ConnContext;
 use super::Body;
 use crate::errors::{
-    reason_of, BadRequest, BoxError, Chain, NotHttp2, Reason, ResponseBody, Side, UpstreamFailed,
+    reason_of, BadRequest, BoxError, Chain, NotHttp2, Reason, ResponseBody, Side, StreamRefused,
+    UpstreamFailed,
 };
 use crate::http::headers::{check_request, is_upgrade, strip_hop_by_hop};
 use crate::identity::Alpn;
@@ -166,6 +167,9 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE)
+            // No hidden retries: a request the pool could not send fails, and the retry layer
+            // decides (within the service's budget).
+            .retry_canceled_requests(false)
             .build(connector);
         // `SocketAddr`'s display form is always a valid authority.
         let authority = Authority::try_from(key.addr.to_string())
@@ -178,6 +182,7 @@ impl Upstream {
                 peer: key.identity.clone(),
                 connect,
                 current: Mutex::new(None),
+                generation: AtomicU64::new(0),
                 connecting: tokio::sync::Mutex::new(()),
                 failed: Mutex::new(None),
             },
@@ -195,15 +200,18 @@ impl Upstream {
         self.key.addr
     }
 
+    /// The identity the endpoint must present, if meshed.
+    pub fn identity(&self) -> Option<&Identity> {
+        self.key.identity.as_ref()
+    }
+
     /// Whether the upstream was found not to speak HTTP/2.
     pub fn is_http1_only(&self) -> bool {
         self.http1_only.load(Ordering::Relaxed)
     }
 
-    async fn send(&self, req: Request<Body>, h2: bool) -> Result<Response<Incoming>, BoxError> {
-        if h2 {
-            return self.h2.send(req).await;
-        }
+    /// Sends over HTTP/1.1 through the pool.
+    async fn send_h1(&self, req: Request<Body>) -> Result<Response<Incoming>, BoxError> {
         let addr = self.key.addr;
         self.h1.request(req).await.map_err(|e| {
             // Connect errors are ours (ConnectError / ConnectTimeout), found in the chain; a
@@ -241,7 +249,9 @@ struct H2Conn {
     addr: SocketAddr,
     peer: Option<Identity>,
     connect: Connect,
-    current: Mutex<Option<http2::SendRequest<Body>>>,
+    /// The open connection and its generation (a count of dials).
+    current: Mutex<Option<(u64, http2::SendRequest<Body>)>>,
+    generation: AtomicU64,
     connecting: tokio::sync::Mutex<()>,
     /// The last failed dial: requests that waited for it fail with it instead of dialling again
     /// (when, what, and the reason it was answered with).
@@ -262,15 +272,16 @@ impl std::fmt::Debug for H2Conn {
 struct SharedDialError(Arc<str>);
 
 impl H2Conn {
-    fn open(&self) -> Option<http2::SendRequest<Body>> {
+    fn open(&self) -> Option<(u64, http2::SendRequest<Body>)> {
         let current = match self.current.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         };
-        current.as_ref().filter(|s| !s.is_closed()).cloned()
+        current.as_ref().filter(|(_, s)| !s.is_closed()).cloned()
     }
 
-    async fn sender(&self) -> Result<http2::SendRequest<Body>, BoxError> {
+    /// The open connection (with its generation), dialled if there is none.
+    async fn sender(&self) -> Result<(u64, http2::SendRequest<Body>), BoxError> {
         if let Some(s) = self.open() {
             return Ok(s);
         }
@@ -313,7 +324,7 @@ impl H2Conn {
         }
     }
 
-    async fn dial(&self) -> Result<http2::SendRequest<Body>, BoxError> {
+    async fn dial(&self) -> Result<(u64, http2::SendRequest<Body>), BoxError> {
         let stream = self
             .connect
             .connect_to(self.addr, self.peer.as_ref(), Alpn::H2)
@@ -368,76 +379,75 @@ impl H2Conn {
                 .into())
             }
         }
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         match self.current.lock() {
-            Ok(mut guard) => *guard = Some(send.clone()),
-            Err(poisoned) => *poisoned.into_inner() = Some(send.clone()),
+            Ok(mut guard) => *guard = Some((generation, send.clone())),
+            Err(poisoned) => *poisoned.into_inner() = Some((generation, send.clone())),
         }
-        Ok(send)
+        Ok((generation, send))
     }
 
-    /// Drops the current connection when `all`, else only if it is closed.
-    fn forget(&self, all: bool) {
+    /// Drops the connection of `generation`, if it is still the current one (a request that
+    /// saw a connection go away never drops the one another request has just dialled).
+    fn forget(&self, generation: u64) {
         if let Ok(mut current) = self.current.lock() {
-            if all || current.as_ref().is_some_and(|c| c.is_closed()) {
+            if current.as_ref().is_some_and(|(g, _)| *g == generation) {
                 *current = None;
             }
         }
     }
 
-    async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, BoxError> {
+    /// Sends `req` over the current connection (`sender`, from [`H2Conn::sender`]). A request
+    /// the connection hands back unsent (it was going away) or a refused stream fails with
+    /// [`StreamRefused`], which the retry layer may send again within its budget: this client
+    /// never resends on its own.
+    async fn send(
+        &self,
+        (generation, mut sender): (u64, http2::SendRequest<Body>),
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, BoxError> {
         // hyper's HTTP/2 client resets the stream on a request body error and reports a failed
         // exchange without the body's error: remember it, so the client's fault stays the client's.
         let body_failed = Arc::new(AtomicU8::new(0));
         let watched = body_failed.clone();
-        let mut req = req.map(move |inner| {
+        let req = req.map(move |inner| {
             Watched {
                 inner,
                 failed: watched,
             }
             .boxed_unsync()
         });
-        // One retry, only for a request the connection handed back unsent (it was going away,
-        // e.g. after the upstream's GOAWAY): resending it cannot duplicate anything.
-        for attempt in 0..2 {
-            let mut sender = self.sender().await?;
-            if sender.ready().await.is_err() {
-                self.forget(false);
-                continue;
-            }
-            match sender.try_send_request(req).await {
-                Ok(rsp) => return Ok(rsp),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if attempt == 0 => {
-                        tracing::debug!(error = %e.error(), "HTTP/2 upstream refused the request unsent; redialling");
-                        self.forget(true);
-                        req = unsent;
-                    }
-                    _ => {
-                        let recorded = body_failed.load(Ordering::Relaxed);
-                        if let Some(reason) = recorded
-                            .checked_sub(1)
-                            .and_then(|i| Reason::ALL.get(usize::from(i)))
-                        {
-                            return Err(crate::errors::BodyFailed(*reason).into());
-                        }
-                        let source: BoxError = Box::new(e.into_error());
-                        if reason_of(&*source) != Reason::UpstreamFailed {
-                            return Err(source);
-                        }
-                        return Err(UpstreamFailed {
-                            addr: self.addr,
-                            source,
-                        }
-                        .into());
-                    }
-                },
+        if sender.ready().await.is_err() {
+            self.forget(generation);
+            return Err(StreamRefused { addr: self.addr }.into());
+        }
+        match sender.try_send_request(req).await {
+            Ok(rsp) => Ok(rsp),
+            Err(mut e) => {
+                if e.take_message().is_some() {
+                    tracing::debug!(error = %e.error(), "HTTP/2 upstream handed the request back unsent");
+                    // Only this connection: another request may have dialled a new one already.
+                    self.forget(generation);
+                    return Err(StreamRefused { addr: self.addr }.into());
+                }
+                let recorded = body_failed.load(Ordering::Relaxed);
+                if let Some(reason) = recorded
+                    .checked_sub(1)
+                    .and_then(|i| Reason::ALL.get(usize::from(i)))
+                {
+                    return Err(crate::errors::BodyFailed(*reason).into());
+                }
+                let source: BoxError = Box::new(e.into_error());
+                if reason_of(&*source) != Reason::UpstreamFailed {
+                    return Err(source);
+                }
+                Err(UpstreamFailed {
+                    addr: self.addr,
+                    source,
+                }
+                .into())
             }
         }
-        Err(UpstreamFailed {
-            addr: self.addr,
-            source: "the HTTP/2 upstream connection keeps closing".into(),
-        }
-        .into())
     }
 }
 
@@ -684,7 +694,7 @@ impl tower::Service<Request<Body>> for Forward {
             check_request(req.headers_mut(), token)?;
             strip_hop_by_hop(req.headers_mut(), upgrade.is_some() && !connect);
             let grpc = crate::errors::is_grpc(req.headers());
-            let mut h2 = this.wants_h2(&req, grpc) && upgrade.is_none();
+            let h2 = this.wants_h2(&req, grpc) && upgrade.is_none();
             let upstream = &this.upstream;
             if h2 && upstream.meshed && req.version() < Version::HTTP_2 {
                 let orig = if req.version() == Version::HTTP_10 {
@@ -713,17 +723,16 @@ impl tower::Service<Request<Body>> for Forward {
                             upstream.warn(&*e);
                             return Err(e);
                         }
-                        h2 = false;
                         unprepare_h2(&mut req, downstream_version);
                         prepare(&mut req, upstream, false)?;
-                        upstream.send(req, false).await
+                        upstream.send_h1(req).await
                     }
                     Err(e) => Err(e),
-                    Ok(_) => upstream.send(req, true).await,
+                    Ok(sender) => upstream.h2.send(sender, req).await,
                 }
             } else {
                 prepare(&mut req, upstream, false)?;
-                upstream.send(req, false).await
+                upstream.send_h1(req).await
             };
             let mut rsp = match rsp {
                 Ok(rsp) => rsp,
@@ -734,7 +743,6 @@ impl tower::Service<Request<Body>> for Forward {
                     return Err(e);
                 }
             };
-            let _ = h2;
             let switched = rsp.status() == StatusCode::SWITCHING_PROTOCOLS
                 || (connect && rsp.status().is_success());
             match (upgrade, ctx) {

@@ -3,4 +3,5 @@
 
 pub mod metrics;
 pub mod rescue;
+pub mod retry;
 pub mod timeout;

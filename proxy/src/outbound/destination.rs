@@ -13,15 +13,18 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use outrider_control::api::{ServiceProtocol, UnknownDestinations, WatchResponse};
+use outrider_control::api::{Balancer, ServiceProtocol, UnknownDestinations, WatchResponse};
 use prometheus::{IntCounter, IntGauge};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::backend::{diff, EndpointMeta, EndpointSet};
+use super::endpoint::{BreakerParams, Endpoint, ServiceLoad};
+use super::metrics::{ResilienceMetrics, ServiceMetrics};
 use super::route::Route;
 use crate::discovery::View;
 use crate::http::client::{EndpointKey, Upstreams, VersionHint};
+use crate::layers::retry::{Budget, RetryStats, Skipped};
 
 /// A destination with no connection for this long is evicted (checked every [`IDLE`] / 2).
 pub const IDLE: Duration = Duration::from_secs(300);
@@ -53,6 +56,10 @@ pub struct ServiceProfile {
     pub protocol: ServiceProtocol,
     /// Routes, first match wins.
     pub routes: Vec<Route>,
+    /// The balancing rule.
+    pub balancer: Balancer,
+    /// The endpoints' breaker settings, if any.
+    pub breaker: Option<BreakerParams>,
 }
 
 impl ServiceProfile {
@@ -73,6 +80,10 @@ pub struct Resolved {
     pub profile: Profile,
     /// Its endpoints.
     pub endpoints: EndpointSet,
+    /// The endpoints' breaker settings (a service's), if any.
+    pub breaker: Option<BreakerParams>,
+    /// The service's resilience metrics (none for a passthrough).
+    pub metrics: Option<Arc<ServiceMetrics>>,
 }
 
 /// One destination: its address and its latest resolution.
@@ -80,12 +91,36 @@ pub struct Resolved {
 pub struct Destination {
     addr: SocketAddr,
     state: RwLock<Arc<Resolved>>,
+    /// Requests in flight to it, bounded per service.
+    load: Arc<ServiceLoad>,
+    /// Its retry budget (kept across view updates).
+    budget: Arc<Budget>,
 }
 
 impl Destination {
     /// The destination's address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// A destination at `addr` with nothing resolved yet.
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            state: RwLock::new(Arc::default()),
+            load: Arc::default(),
+            budget: Arc::new(Budget::new()),
+        }
+    }
+
+    /// Requests in flight to it.
+    pub fn load(&self) -> &Arc<ServiceLoad> {
+        &self.load
+    }
+
+    /// Its retry budget.
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
     }
 
     /// The latest resolution (a cheap clone, read per request).
@@ -108,23 +143,57 @@ impl Destination {
 
     /// Resolves the destination again: against `view` when there is a control plane (`Some`),
     /// else as a passthrough.
-    fn update(&self, view: Option<Option<&Index<'_>>>, upstreams: &Upstreams) {
+    fn update(
+        &self,
+        view: Option<Option<&Index<'_>>>,
+        upstreams: &Upstreams,
+        resilience: &ResilienceMetrics,
+    ) {
         let (profile, wanted) = match view {
             Some(view) => resolve(self.addr, view),
             None => (Profile::Passthrough, vec![(self.addr, passthrough_meta())]),
         };
+        let (balancer, breaker, metrics) = match &profile {
+            Profile::Service(s) => (s.balancer, s.breaker, Some(resilience.service(&s.id))),
+            _ => (Balancer::P2cEwma, None, None),
+        };
         let current = self.resolved();
         let changes = diff(&current.endpoints, &wanted);
-        let endpoints = current.endpoints.apply(changes, |addr, meta| {
-            upstreams.get_or_insert(EndpointKey {
+        let endpoints = current.endpoints.apply(changes, balancer, |addr, meta| {
+            let upstream = upstreams.get_or_insert(EndpointKey {
                 addr,
                 identity: meta.identity.clone(),
-            })
+            });
+            Arc::new(Endpoint::new(
+                addr,
+                upstream,
+                metrics.as_ref().map(|m| m.endpoint(addr)),
+            ))
         });
-        let next = Arc::new(Resolved { profile, endpoints });
+        let next = Arc::new(Resolved {
+            profile,
+            endpoints,
+            breaker,
+            metrics,
+        });
         match self.state.write() {
             Ok(mut s) => *s = next,
             Err(poisoned) => *poisoned.into_inner() = next,
+        }
+    }
+}
+
+/// Retries are counted in the service's metrics (a passthrough has none).
+impl RetryStats for Destination {
+    fn retried(&self) {
+        if let Some(m) = &self.resolved().metrics {
+            m.retried();
+        }
+    }
+
+    fn skipped(&self, why: Skipped) {
+        if let Some(m) = &self.resolved().metrics {
+            m.skipped(why);
         }
     }
 }
@@ -157,6 +226,8 @@ fn resolve(
                 id: Arc::from(s.id()),
                 protocol: s.protocol,
                 routes: s.routes.iter().map(Route::new).collect(),
+                balancer: s.balancer,
+                breaker: s.breaker.as_ref().map(BreakerParams::from),
             });
             (profile, endpoints)
         }
@@ -208,6 +279,7 @@ pub struct Destinations<S> {
     map: Mutex<HashMap<SocketAddr, Arc<Entry<S>>>>,
     upstreams: Arc<Upstreams>,
     views: Option<watch::Receiver<View>>,
+    resilience: ResilienceMetrics,
     build: Box<dyn Fn(Arc<Destination>) -> S + Send + Sync>,
     alive: IntGauge,
     builds: IntCounter,
@@ -227,13 +299,17 @@ impl<S: Send + Sync + 'static> Destinations<S> {
         upstreams: Arc<Upstreams>,
         views: Option<watch::Receiver<View>>,
         build: impl Fn(Arc<Destination>) -> S + Send + Sync + 'static,
-        alive: IntGauge,
-        builds: IntCounter,
+        metrics: &crate::metrics::Metrics,
     ) -> Arc<Self> {
+        let (alive, builds) = (
+            metrics.destinations.clone(),
+            metrics.destination_builds.clone(),
+        );
         let this = Arc::new(Self {
             map: Mutex::new(HashMap::new()),
             upstreams,
             views,
+            resilience: metrics.resilience.clone(),
             build: Box::new(build),
             alive,
             builds,
@@ -257,13 +333,14 @@ impl<S: Send + Sync + 'static> Destinations<S> {
             }
             return entry.clone();
         }
-        let dest = Arc::new(Destination {
-            addr,
-            state: RwLock::new(Arc::default()),
-        });
+        let dest = Arc::new(Destination::new(addr));
         let view = self.views.as_ref().map(|v| v.borrow().clone());
         let index = view.as_ref().map(|v| v.as_deref().map(Index::new));
-        dest.update(index.as_ref().map(Option::as_ref), &self.upstreams);
+        dest.update(
+            index.as_ref().map(Option::as_ref),
+            &self.upstreams,
+            &self.resilience,
+        );
         if map.len() >= MAX_DESTINATIONS {
             let before = map.len();
             let mut unheld: Vec<(SocketAddr, Instant)> = map
@@ -293,7 +370,8 @@ impl<S: Send + Sync + 'static> Destinations<S> {
         entry
     }
 
-    fn entries(&self) -> Vec<Arc<Entry<S>>> {
+    /// Every cached destination.
+    pub fn entries(&self) -> Vec<Arc<Entry<S>>> {
         self.map
             .lock()
             .map(|m| m.values().cloned().collect())
@@ -323,7 +401,9 @@ async fn follow<S: Send + Sync + 'static>(
         let view = views.borrow_and_update().clone();
         let index = view.as_deref().map(Index::new);
         for entry in cache.entries() {
-            entry.dest.update(Some(index.as_ref()), &cache.upstreams);
+            entry
+                .dest
+                .update(Some(index.as_ref()), &cache.upstreams, &cache.resilience);
         }
     }
 }

@@ -4,11 +4,13 @@
 //! ```text
 //! accept → original destination (or the fixed one) → loop check → destination (cached, resolved
 //!   by discovery) → protocol detection
-//!   → HTTP: server → request metrics → rescue → load shed → route → request timeout → [retry]
-//!           → balancer (endpoint picked in poll_ready) → endpoint: [breaker] → client
-//!           (pooled HTTP/1.1 or multiplexed HTTP/2) → connect → mutual TLS (endpoints with an
-//!           identity; their HTTP multiplexed over one HTTP/2 connection)
-//!   → opaque TCP: balancer pick per connection → connect → byte copy
+//!   → HTTP: server → request metrics → rescue → load shed → route → request timeout → retry
+//!           (budgeted, replayable bodies) → balancer (P2C over peak-EWMA, picked in poll_ready
+//!           among ready endpoints; every attempt picks again) → endpoint (in-flight bound,
+//!           breaker, load: [`endpoint::Track`]) → client (pooled HTTP/1.1 or multiplexed
+//!           HTTP/2) → connect → mutual TLS (endpoints with an identity; their HTTP multiplexed
+//!           over one HTTP/2 connection)
+//!   → opaque TCP: balancer pick per connection (same rule; breaker) → connect → byte copy
 //! ```
 //!
 //! Everything right of "destination" is built once per destination ([`Destinations`]) and shared
@@ -16,7 +18,9 @@
 
 pub mod backend;
 pub mod destination;
+pub mod endpoint;
 pub mod errors;
+pub mod metrics;
 pub mod opaque;
 pub mod route;
 
@@ -40,6 +44,7 @@ use crate::http::client::Upstreams;
 use crate::http::server::{self, ConnContext, ServerConfig};
 use crate::layers::metrics::{RequestMetrics, RequestMetricsLayer};
 use crate::layers::rescue::{Rescue, RescueLayer};
+use crate::layers::retry::{Retry, RetryLayer};
 use crate::layers::timeout::{RequestTimeoutLayer, Timeout};
 use crate::metrics::{DirectionMetrics, Metrics};
 use crate::transport;
@@ -52,7 +57,7 @@ use crate::transport::orig_dst::{Lookup, OrigDst};
 const FIRST_VIEW_WAIT: Duration = Duration::from_secs(5);
 
 /// The HTTP stack of one destination (see the module docs).
-pub type HttpStack = RequestMetrics<Rescue<LoadShed<Router<Timeout<Balance>>>>>;
+pub type HttpStack = RequestMetrics<Rescue<LoadShed<Router<Timeout<Retry<Balance>>>>>>;
 
 /// How the outbound stack finds each connection's destination.
 #[derive(Clone)]
@@ -88,13 +93,13 @@ impl Outbound {
     ) -> Arc<Self> {
         let policy = config.upstream_http;
         let default_timeout = config.request_timeout;
+        let limits = config.in_flight;
         let stack_metrics = metrics.clone();
         let destinations = Destinations::new(
             upstreams.clone(),
             views.clone(),
-            move |dest| http_stack(dest, stack_metrics.clone(), policy, default_timeout),
-            all.destinations.clone(),
-            all.destination_builds.clone(),
+            move |dest| http_stack(dest, stack_metrics.clone(), policy, default_timeout, limits),
+            all,
         );
         Arc::new(Self {
             lookup: Lookup::new("outbound", config.own_ports(), metrics.clone()),
@@ -123,6 +128,53 @@ impl Outbound {
         }
     }
 
+    /// Every destination in use, with its endpoints' state (`/endpoints`).
+    pub fn endpoints_json(&self) -> serde_json::Value {
+        let now = tokio::time::Instant::now();
+        let dests: Vec<serde_json::Value> = self
+            .destinations
+            .entries()
+            .iter()
+            .map(|entry| {
+                let dest = &entry.dest;
+                let resolved = dest.resolved();
+                let (service, balancer) = match &resolved.profile {
+                    destination::Profile::Service(s) => (
+                        Some(s.id.to_string()),
+                        Some(serde_json::to_value(s.balancer).unwrap_or_default()),
+                    ),
+                    _ => (None, None),
+                };
+                let endpoints: Vec<serde_json::Value> = resolved
+                    .endpoints
+                    .iter()
+                    .map(|(e, meta)| {
+                        serde_json::json!({
+                            "address": e.addr,
+                            "identity": meta.identity,
+                            "weight": meta.weight,
+                            "in_flight": e.pending(),
+                            "latency_ms": e.rtt(now).as_secs_f64() * 1000.0,
+                            "breaker": e.breaker_state().as_str(),
+                        })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "destination": dest.addr(),
+                    "service": service,
+                    "balancer": balancer,
+                    "in_flight": dest.load().in_flight(),
+                    "breaker": resolved.breaker.map(|b| serde_json::json!({
+                        "consecutive_failures": b.consecutive_failures,
+                        "open_for_ms": b.open_for.as_millis() as u64,
+                    })),
+                    "endpoints": endpoints,
+                })
+            })
+            .collect();
+        serde_json::json!({ "destinations": dests })
+    }
+
     async fn wait_first_view(&self) {
         if let Some(views) = &self.views {
             // Before the first view, hold the connection (bounded) rather than bypass the mesh.
@@ -141,21 +193,25 @@ fn http_stack(
     metrics: Arc<DirectionMetrics>,
     policy: crate::http::client::UpstreamHttp,
     default_timeout: Option<Duration>,
+    limits: endpoint::Limits,
 ) -> HttpStack {
     ServiceBuilder::new()
         // Every request and response counted, local answers included.
         .layer(RequestMetricsLayer::new(metrics.clone()))
         // Errors become responses (503/504/502, gRPC statuses), counted by reason.
         .layer(RescueLayer::new(metrics, errors::rescue))
-        // Anything below that is not ready is answered at once, never queued (today only the
-        // balancer can fail readiness, and it fails rather than waits).
+        // Anything below that is not ready is answered at once, never queued (the balancer
+        // fails readiness when no endpoint is ready, rather than waits).
         .layer(LoadShedLayer::new())
-        // The matching route's timeout and name.
+        // The matching route's timeout, retry policy and name.
         .layer(RouterLayer::new(dest.clone(), default_timeout))
+        // The whole request, retries and their backoff included.
         .layer(RequestTimeoutLayer)
-        // [retry: budgeted, with a replayable body]
-        // The balancer picks an endpoint; its endpoint stack is [breaker] → client → connect.
-        .service(Balance::new(dest, policy))
+        // Budgeted per service; each attempt polls the balancer again, so it picks again.
+        .layer(RetryLayer::new(dest.budget().clone(), dest.clone()))
+        // The balancer picks a ready endpoint; the request is tracked there (load, breaker,
+        // in-flight bound), then the client → connect → mutual TLS.
+        .service(Balance::new(dest, policy, limits))
 }
 
 impl Serve for Outbound {
@@ -183,7 +239,7 @@ impl Outbound {
         let entry = self.destinations.get(dest);
         let (mut io, activity) = MeteredIo::accepted(socket, m);
         let skip = entry.dest.is_opaque() || self.config.opaque_ports.contains(&dest.port());
-        let connect = || opaque::connect(&entry.dest, &self.connect);
+        let connect = || opaque::connect(&entry.dest, &self.connect, self.config.in_flight);
         let mut bounds = self.config.detect_bounds();
         // A service declared HTTP has no server that speaks first: no dial for a silent client.
         bounds.server_may_speak_first = !entry.dest.is_declared_http();
@@ -213,8 +269,15 @@ impl Outbound {
                 // be asked to close, so a drain waits for them up to the grace deadline.
                 let _held = (drain, guard);
                 let idle = self.config.tcp_idle_timeout;
-                let forwarded =
-                    opaque::forward(&entry.dest, io, upstream, &self.connect, idle, &activity);
+                let forwarded = opaque::forward(
+                    &entry.dest,
+                    io,
+                    upstream,
+                    &self.connect,
+                    self.config.in_flight,
+                    idle,
+                    &activity,
+                );
                 match forwarded.await {
                     Ok((tx, rx)) => tracing::debug!(tx, rx, "TCP connection closed"),
                     Err(e) => {

@@ -1,11 +1,16 @@
-//! Opaque TCP to a destination: the balancer's choice of endpoint (per connection), one dial
-//! through the shared connect path, then a byte copy both ways. A destination that cannot be
-//! served (no config yet, refused, no endpoints) closes the connection, counted by reason.
+//! Opaque TCP to a destination: the balancer's choice of endpoint (per connection: the same P2C
+//! over peak-EWMA rule as requests, the connect time as latency sample, connects in flight as
+//! load; breakers count connect failures), one dial through the shared connect path, then a byte
+//! copy both ways. A destination that cannot be served (no config yet, refused, no endpoints,
+//! every breaker open) closes the connection, counted by reason.
 
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
 
+use super::backend::unavailable;
 use super::destination::{Destination, Profile};
-use crate::errors::{BoxError, NoConfig, NoEndpoints, NoRoute};
+use super::endpoint::Limits;
+use crate::errors::{BoxError, NoConfig, NoRoute};
 use crate::transport::connect::{Connect, Upstream};
 use crate::transport::io::Activity;
 
@@ -16,6 +21,7 @@ pub async fn forward<I>(
     io: I,
     upstream: Option<crate::transport::connect::Upstream>,
     connect: &Connect,
+    limits: Limits,
     idle_timeout: std::time::Duration,
     activity: &Activity,
 ) -> Result<(u64, u64), BoxError>
@@ -24,30 +30,42 @@ where
 {
     let upstream = match upstream {
         Some(u) => u,
-        None => self::connect(dest, connect).await?,
+        None => self::connect(dest, connect, limits).await?,
     };
     Ok(crate::transport::tcp::copy(io, upstream, idle_timeout, activity).await?)
 }
 
 /// Connects to an endpoint of `dest`, picked by the balancer.
-pub async fn connect(dest: &Destination, connect: &Connect) -> Result<Upstream, BoxError> {
+pub async fn connect(
+    dest: &Destination,
+    connect: &Connect,
+    limits: Limits,
+) -> Result<Upstream, BoxError> {
     let resolved = dest.resolved();
     match &resolved.profile {
         Profile::NoConfig => return Err(NoConfig.into()),
         Profile::Refused => return Err(NoRoute { dest: dest.addr() }.into()),
         Profile::Passthrough | Profile::Service(_) => {}
     }
-    let Some(endpoint) = resolved.endpoints.pick() else {
-        let service = match &resolved.profile {
-            Profile::Service(s) => s.id.clone(),
-            _ => dest.addr().to_string().into(),
-        };
-        return Err(NoEndpoints { service }.into());
+    // Connections are load, not requests: the per-endpoint request bound does not apply.
+    let pick = match resolved
+        .endpoints
+        .pick(Instant::now(), limits.per_endpoint, false)
+    {
+        Ok(pick) => pick,
+        Err(why) => return Err(unavailable(dest, why)),
     };
-    let addr = endpoint.addr;
-    let peer = endpoint.meta.identity.clone();
+    let breaker = resolved.breaker;
     drop(resolved);
-    connect
-        .connect_to(addr, peer.as_ref(), crate::identity::Alpn::Opaque)
-        .await
+    let endpoint = pick.endpoint;
+    let mut in_flight = endpoint.track(None, breaker, None, pick.probe);
+    let peer = endpoint.upstream.identity();
+    let result = connect
+        .connect_to(endpoint.addr, peer, crate::identity::Alpn::Opaque)
+        .await;
+    match &result {
+        Ok(_) => in_flight.connected(true),
+        Err(e) => in_flight.error(&**e),
+    }
+    result
 }

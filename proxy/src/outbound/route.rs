@@ -1,6 +1,6 @@
 //! Routes: the first of a service's routes that matches a request (path, path prefix, method,
-//! headers) attaches its timeout ([`RequestTimeout`], applied by the timeout layer below) and its
-//! name (for logs). Routes come from discovery and are read per request, so an update applies to
+//! headers) attaches its timeout ([`RequestTimeout`], applied by the timeout layer below), its
+//! retry policy ([`RetryRoute`], applied by the retry layer) and its name (for logs). Routes come from discovery and are read per request, so an update applies to
 //! the next request of every open connection; a destination that is not a service has no routes.
 
 use std::sync::Arc;
@@ -12,6 +12,7 @@ use http::Request;
 use outrider_control::api::RouteMatch;
 
 use super::destination::{Destination, Profile};
+use crate::layers::retry::{RetryParams, RetryRoute};
 use crate::layers::timeout::RequestTimeout;
 
 /// A compiled route.
@@ -22,6 +23,8 @@ pub struct Route {
     matches: RouteMatch,
     /// Timeout until the response headers arrive.
     pub timeout: Option<Duration>,
+    /// Retry policy.
+    pub retry: Option<Arc<RetryParams>>,
 }
 
 impl Route {
@@ -31,6 +34,11 @@ impl Route {
             name: Arc::from(route.name.as_str()),
             matches: route.matches.clone(),
             timeout: route.timeout_ms.map(Duration::from_millis),
+            retry: route
+                .retry
+                .as_ref()
+                .filter(|r| r.attempts > 0)
+                .map(|r| Arc::new(RetryParams::from(r))),
         }
     }
 
@@ -123,6 +131,9 @@ where
         }
         if let Some(route) = route {
             req.extensions_mut().insert(RouteName(route.name.clone()));
+            if let Some(retry) = &route.retry {
+                req.extensions_mut().insert(RetryRoute(retry.clone()));
+            }
         }
         self.inner.call(req)
     }
