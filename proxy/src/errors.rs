@@ -482,6 +482,29 @@ pub fn reason_of(error: &(dyn StdError + 'static)) -> Reason {
     first.unwrap_or(Reason::UpstreamFailed)
 }
 
+/// The upstream endpoint a failure happened at, if its cause chain names one.
+pub fn upstream_of(error: &(dyn StdError + 'static)) -> Option<SocketAddr> {
+    let mut next: Option<&(dyn StdError + 'static)> = Some(error);
+    while let Some(e) = next {
+        macro_rules! addr_of {
+            ($($t:ty),*) => {
+                $(if let Some(l) = e.downcast_ref::<$t>() { return Some(l.addr); })*
+            };
+        }
+        addr_of!(
+            ConnectError,
+            ConnectTimeout,
+            UpstreamBusy,
+            UpstreamFailed,
+            NotHttp2,
+            TlsFailed,
+            StreamRefused
+        );
+        next = e.source();
+    }
+    None
+}
+
 /// Whether the request that failed with `error` may be sent again (to another endpoint): only
 /// when nothing of it reached an upstream (the dial failed or timed out, the per-upstream bound
 /// was reached, the upstream turned out not to speak HTTP/2 before the request was written, or

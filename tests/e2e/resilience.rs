@@ -699,3 +699,22 @@ async fn endpoints_added_and_removed_under_load_fail_no_request() {
     let c_final = c.requests();
     assert!(c_final >= 20 && a_final >= 20);
 }
+
+#[tokio::test]
+async fn a_retry_goes_to_another_endpoint_than_the_one_that_failed() {
+    // One endpoint answers every request with a fast 503 (so latency alone would favour it);
+    // with one retry allowed, every GET still succeeds: the retry avoids the failed endpoint.
+    let (good, bad) = (backend(200).await, backend(200).await);
+    bad.fail_percent.store(100, Ordering::SeqCst);
+    let routes = "    routes:\n      - name: all\n        match: { path_prefix: / }\n        retry: { attempts: 1, budget: 100%, backoff: 1ms }\n";
+    let mesh = start(&mesh_yaml(&[&good, &bad], routes), |_| {}).await;
+    let target = format!("http://{}/", mesh.proxy);
+    let get = move || {
+        Request::get(target.as_str())
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let statuses = load(&mesh, 200, 2, get).await;
+    assert_eq!(failures(&statuses), 0, "{statuses:?}");
+    assert!(bad.requests() > 0, "the failing endpoint was tried");
+}

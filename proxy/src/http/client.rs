@@ -183,6 +183,7 @@ impl Upstream {
                 connect,
                 current: Mutex::new(None),
                 generation: AtomicU64::new(0),
+                resends: crate::layers::retry::Budget::new(),
                 connecting: tokio::sync::Mutex::new(()),
                 failed: Mutex::new(None),
             },
@@ -252,6 +253,8 @@ struct H2Conn {
     /// The open connection and its generation (a count of dials).
     current: Mutex<Option<(u64, http2::SendRequest<Body>)>>,
     generation: AtomicU64,
+    /// Budget for sending a request again that a going-away connection handed back unsent.
+    resends: crate::layers::retry::Budget,
     connecting: tokio::sync::Mutex<()>,
     /// The last failed dial: requests that waited for it fail with it instead of dialling again
     /// (when, what, and the reason it was answered with).
@@ -398,56 +401,71 @@ impl H2Conn {
     }
 
     /// Sends `req` over the current connection (`sender`, from [`H2Conn::sender`]). A request
-    /// the connection hands back unsent (it was going away) or a refused stream fails with
-    /// [`StreamRefused`], which the retry layer may send again within its budget: this client
-    /// never resends on its own.
+    /// the connection hands back unsent (it received the upstream's GOAWAY) is sent once more on
+    /// a new connection if this endpoint's resend budget allows (20% of its requests plus 10 a
+    /// second, as the retry layer's); otherwise, and for a refused stream, it fails with
+    /// [`StreamRefused`], which the retry layer may retry within the service's budget.
     async fn send(
         &self,
-        (generation, mut sender): (u64, http2::SendRequest<Body>),
+        (mut generation, mut sender): (u64, http2::SendRequest<Body>),
         req: Request<Body>,
     ) -> Result<Response<Incoming>, BoxError> {
+        self.resends.deposit(tokio::time::Instant::now());
         // hyper's HTTP/2 client resets the stream on a request body error and reports a failed
         // exchange without the body's error: remember it, so the client's fault stays the client's.
         let body_failed = Arc::new(AtomicU8::new(0));
         let watched = body_failed.clone();
-        let req = req.map(move |inner| {
+        let mut req = req.map(move |inner| {
             Watched {
                 inner,
                 failed: watched,
             }
             .boxed_unsync()
         });
-        if sender.ready().await.is_err() {
-            self.forget(generation);
-            return Err(StreamRefused { addr: self.addr }.into());
-        }
-        match sender.try_send_request(req).await {
-            Ok(rsp) => Ok(rsp),
-            Err(mut e) => {
-                if e.take_message().is_some() {
-                    tracing::debug!(error = %e.error(), "HTTP/2 upstream handed the request back unsent");
-                    // Only this connection: another request may have dialled a new one already.
-                    self.forget(generation);
+        for attempt in 0..2 {
+            if sender.ready().await.is_err() {
+                // Going away before this request was given to it: nothing was sent.
+                self.forget(generation);
+                (generation, sender) = self.sender().await?;
+                if sender.ready().await.is_err() {
                     return Err(StreamRefused { addr: self.addr }.into());
                 }
-                let recorded = body_failed.load(Ordering::Relaxed);
-                if let Some(reason) = recorded
-                    .checked_sub(1)
-                    .and_then(|i| Reason::ALL.get(usize::from(i)))
-                {
-                    return Err(crate::errors::BodyFailed(*reason).into());
+            }
+            match sender.try_send_request(req).await {
+                Ok(rsp) => return Ok(rsp),
+                Err(mut e) => {
+                    if let Some(unsent) = e.take_message() {
+                        // Only this connection: another request may have dialled a new one.
+                        self.forget(generation);
+                        let budget = tokio::time::Instant::now();
+                        if attempt == 0 && self.resends.try_withdraw(budget, 20) {
+                            tracing::debug!(error = %e.error(), "HTTP/2 upstream handed the request back unsent; sending it once more");
+                            req = unsent;
+                            (generation, sender) = self.sender().await?;
+                            continue;
+                        }
+                        return Err(StreamRefused { addr: self.addr }.into());
+                    }
+                    let recorded = body_failed.load(Ordering::Relaxed);
+                    if let Some(reason) = recorded
+                        .checked_sub(1)
+                        .and_then(|i| Reason::ALL.get(usize::from(i)))
+                    {
+                        return Err(crate::errors::BodyFailed(*reason).into());
+                    }
+                    let source: BoxError = Box::new(e.into_error());
+                    if reason_of(&*source) != Reason::UpstreamFailed {
+                        return Err(source);
+                    }
+                    return Err(UpstreamFailed {
+                        addr: self.addr,
+                        source,
+                    }
+                    .into());
                 }
-                let source: BoxError = Box::new(e.into_error());
-                if reason_of(&*source) != Reason::UpstreamFailed {
-                    return Err(source);
-                }
-                Err(UpstreamFailed {
-                    addr: self.addr,
-                    source,
-                }
-                .into())
             }
         }
+        Err(StreamRefused { addr: self.addr }.into())
     }
 }
 
@@ -640,6 +658,11 @@ impl Forward {
     /// The upstream's address.
     pub fn addr(&self) -> SocketAddr {
         self.upstream.addr()
+    }
+
+    /// The version hint it was built with.
+    pub fn hint(&self) -> VersionHint {
+        self.hint
     }
 
     /// Whether to speak HTTP/2 for `req`.

@@ -13,6 +13,8 @@
 //! - **The budget** ([`Budget`], per service): retries may add `budget_percent` of the service's
 //!   requests plus 10 per second, over a sliding 10 s window. When it is spent the client gets the
 //!   upstream's own last answer, never a synthetic one.
+//! - Each retry tells the balancer which endpoint the previous attempt failed at ([`Avoid`]); it
+//!   goes elsewhere when another endpoint is ready.
 //! - Attempts wait a jittered, exponentially growing backoff (on tokio's clock).
 //!
 //! The attempts themselves run in `tower::retry::Retry` with a [`Policy`] of ours. tower's
@@ -20,6 +22,7 @@
 //! `std::time::Instant`, which tests cannot pause; [`Budget`] is a ring of per-second atomics.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -33,7 +36,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use tokio::time::Instant;
 use tower::util::BoxCloneService;
 
-use crate::errors::{is_retryable, BoxError, ResponseBody};
+use crate::errors::{is_retryable, upstream_of, BoxError, ResponseBody};
 use crate::http::Body;
 
 /// The largest request body kept for replay.
@@ -74,6 +77,16 @@ impl From<&outrider_control::api::RetryPolicy> for RetryParams {
         }
     }
 }
+
+/// A response extension naming the endpoint that answered (set below the retry layer when the
+/// request has a retry policy), so a retry can go elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServedBy(pub SocketAddr);
+
+/// A request extension on a retry: the endpoint the previous attempt failed at, which the
+/// balancer avoids when another is ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Avoid(pub SocketAddr);
 
 /// The request extension carrying a route's [`RetryParams`].
 #[derive(Debug, Clone)]
@@ -436,6 +449,13 @@ impl tower::retry::Policy<Request<Body>, Response<ResponseBody>, BoxError> for P
         }
         self.attempt += 1;
         self.stats.retried();
+        let failed_at = match result {
+            Ok(rsp) => rsp.extensions().get::<ServedBy>().map(|s| s.0),
+            Err(e) => upstream_of(&**e),
+        };
+        if let Some(addr) = failed_at {
+            req.extensions_mut().insert(Avoid(addr));
+        }
         Some(Box::pin(tokio::time::sleep(backoff(
             self.params.backoff,
             self.attempt,

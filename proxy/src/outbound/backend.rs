@@ -38,6 +38,7 @@ use super::route::RouteName;
 use crate::errors::{BoxError, CircuitOpen, EndpointsBusy, NoConfig, NoEndpoints, NoRoute};
 use crate::http::client::{Forward, UpstreamHttp};
 use crate::http::Body;
+use crate::layers::retry::{Avoid, RetryRoute, ServedBy};
 use crate::layers::timeout::RequestTimeout;
 
 /// What discovery says about one endpoint.
@@ -95,11 +96,25 @@ impl EndpointSet {
     /// its breaker's probe. The cost does not grow with the number of endpoints unless most of
     /// them are unready (then one scan finds the last ready ones, or says why there are none).
     pub fn pick(&self, now: Instant, limit: usize, bounded: bool) -> Result<Pick, Unavailable> {
+        self.pick_avoiding(now, limit, bounded, None)
+    }
+
+    /// [`pick`](Self::pick), never choosing the endpoint at `avoid` (a retry's failed one).
+    pub fn pick_avoiding(
+        &self,
+        now: Instant,
+        limit: usize,
+        bounded: bool,
+        avoid: Option<SocketAddr>,
+    ) -> Result<Pick, Unavailable> {
         let n = self.list.len();
         if n == 0 {
             return Err(Unavailable::NoEndpoints);
         }
         let usable = |i: usize| -> Option<(usize, bool)> {
+            if Some(self.list[i].addr) == avoid {
+                return None;
+            }
             match self.list[i].readiness(now, limit, bounded) {
                 Readiness::Ready => Some((i, false)),
                 Readiness::Probe => Some((i, true)),
@@ -477,7 +492,7 @@ impl tower::Service<Request<Body>> for Balance {
             let not_ready: <Forward as tower::Service<Request<Body>>>::Future = Box::pin(
                 std::future::ready(Err("the balancer was called before it was ready".into())),
             );
-            return Track::new(not_ready, None).instrument(tracing::Span::none());
+            return Track::new(not_ready, None, None).instrument(tracing::Span::none());
         };
         // Method, version, route and endpoint; never the path or header values (secrets).
         // Field expressions are evaluated only when the span is enabled.
@@ -488,11 +503,39 @@ impl tower::Service<Request<Body>> for Balance {
             route = req.extensions().get::<RouteName>().map(|r| &*r.0),
             endpoint = %forward.addr(),
         );
+        // A retry goes to another endpoint than the one that just failed, if one is ready.
+        let avoid = req.extensions().get::<Avoid>().map(|a| a.0);
+        let mut pick = pick;
+        if avoid == Some(pick.endpoint.addr) {
+            let other = self.dest.resolved().endpoints.pick_avoiding(
+                Instant::now(),
+                self.limits.per_endpoint,
+                true,
+                avoid,
+            );
+            if let Ok(other) = other {
+                if pick.probe {
+                    pick.endpoint.abandon_probe();
+                }
+                forward =
+                    Forward::new(other.endpoint.upstream.clone(), self.policy, forward.hint());
+                pick = other;
+            }
+        }
         let timeout = req.extensions().get::<RequestTimeout>().map(|t| t.0);
         let in_flight =
             pick.endpoint
                 .track(Some(self.dest.load().clone()), breaker, timeout, pick.probe);
-        Track::new(tower::Service::call(&mut forward, req), Some(in_flight)).instrument(span)
+        let served = req
+            .extensions()
+            .get::<RetryRoute>()
+            .map(|_| ServedBy(pick.endpoint.addr));
+        Track::new(
+            tower::Service::call(&mut forward, req),
+            Some(in_flight),
+            served,
+        )
+        .instrument(span)
     }
 }
 #[cfg(test)]

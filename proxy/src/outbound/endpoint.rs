@@ -37,6 +37,7 @@ use tokio::time::Instant;
 use super::metrics::EndpointMetrics;
 use crate::errors::{reason_of, BoxError, ResponseBody, Side};
 use crate::http::client::Upstream;
+use crate::layers::retry::ServedBy;
 
 /// The latency an endpoint is assumed to have before its first response.
 const DEFAULT_RTT: Duration = Duration::from_millis(30);
@@ -359,8 +360,9 @@ impl Endpoint {
         }
     }
 
-    /// A probe that ended without an outcome (cancelled): let the next request probe.
-    fn abandon_probe(&self) {
+    /// A probe that ended without an outcome (cancelled, or not sent): let the next request
+    /// probe.
+    pub fn abandon_probe(&self) {
         self.breaker.until_ns.store(0, Ordering::Release);
         let _ = self.breaker.state.compare_exchange(
             BreakerState::HalfOpen as u8,
@@ -499,13 +501,19 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         in_flight: Option<InFlight>,
+        served: Option<ServedBy>,
     }
 }
 
 impl<F> Track<F> {
-    /// Tracks `inner` with `in_flight`.
-    pub fn new(inner: F, in_flight: Option<InFlight>) -> Self {
-        Self { inner, in_flight }
+    /// Tracks `inner` with `in_flight`; a response gets `served` as an extension (requests that
+    /// may be retried).
+    pub fn new(inner: F, in_flight: Option<InFlight>, served: Option<ServedBy>) -> Self {
+        Self {
+            inner,
+            in_flight,
+            served,
+        }
     }
 }
 
@@ -517,7 +525,10 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let result = std::task::ready!(this.inner.poll(cx));
+        let mut result = std::task::ready!(this.inner.poll(cx));
+        if let (Some(served), Ok(rsp)) = (this.served.take(), &mut result) {
+            rsp.extensions_mut().insert(served);
+        }
         if let Some(mut in_flight) = this.in_flight.take() {
             match &result {
                 Ok(rsp) => in_flight.response(rsp.status()),
