@@ -14,6 +14,7 @@
 //! | anything else | 200, a JSON line naming the service, instance, protocol and path |
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,8 +35,23 @@ fn full(b: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
+/// Faults a copy of the app injects into its plain answers (`outrider demo --faults`): changed
+/// while it runs.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Share of answers that are 503, in percent (at random).
+    pub fail_percent: AtomicU32,
+    /// Delay before every answer, in milliseconds.
+    pub delay_ms: AtomicU64,
+}
+
 /// Serves the demo app on `listener` forever; `instance` names this copy in every answer.
 pub async fn serve(listener: TcpListener, instance: String) {
+    serve_with_faults(listener, instance, Arc::default()).await
+}
+
+/// [`serve`], answering plain requests with the `faults` of the moment.
+pub async fn serve_with_faults(listener: TcpListener, instance: String, faults: Arc<Faults>) {
     let instance: Arc<str> = instance.into();
     loop {
         let Ok((socket, _)) = listener.accept().await else {
@@ -43,9 +59,11 @@ pub async fn serve(listener: TcpListener, instance: String) {
             continue;
         };
         let _ = socket.set_nodelay(true);
-        let instance = instance.clone();
+        let (instance, faults) = (instance.clone(), faults.clone());
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| handle(req, instance.clone()));
+            let svc = hyper::service::service_fn(move |req| {
+                handle(req, instance.clone(), faults.clone())
+            });
             let builder = auto::Builder::new(TokioExecutor::new());
             let _ = builder
                 .serve_connection_with_upgrades(TokioIo::new(socket), svc)
@@ -57,6 +75,7 @@ pub async fn serve(listener: TcpListener, instance: String) {
 async fn handle(
     mut req: Request<Incoming>,
     instance: Arc<str>,
+    faults: Arc<Faults>,
 ) -> Result<Response<Body>, Infallible> {
     if req.method() == http::Method::CONNECT {
         let on_upgrade = hyper::upgrade::on(&mut req);
@@ -118,6 +137,18 @@ async fn handle(
             ));
         }
         return Ok(Response::new(full(lines)));
+    }
+    let delay = faults.delay_ms.load(Ordering::Relaxed);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    if fastrand::u32(..100) < faults.fail_percent.load(Ordering::Relaxed) {
+        let mut rsp = Response::new(full("injected failure (outrider demo --faults)\n"));
+        *rsp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        if let Ok(v) = HeaderValue::from_str(&instance) {
+            rsp.headers_mut().insert("x-instance", v);
+        }
+        return Ok(rsp);
     }
     if path == "/slow" {
         let ms = req

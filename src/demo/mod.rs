@@ -44,6 +44,18 @@ pub struct DemoArgs {
     /// Concurrent client connections (half HTTP/1.1, half h2c).
     #[arg(long, env = "OUTRIDER_CONNECTIONS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub connections: u16,
+    /// Inject faults: payments-api-0 fails half its requests for the first 60% of the run, then
+    /// recovers; payments-api-2 answers 20 ms late. The summary shows retries, the breaker
+    /// opening and closing, and load moving away from the slow copy; the client must see no
+    /// failure.
+    #[arg(long, env = "OUTRIDER_FAULTS")]
+    pub faults: bool,
+}
+
+/// The demo mesh for `--faults`: the embedded one with a breaker that reopens in 500 ms (so a
+/// short run shows it open and close) and two retries on the payments route.
+fn faults_mesh() -> String {
+    DEMO_MESH.replace("open_for: 10s", "open_for: 500ms")
 }
 
 /// A keep-alive client connection, HTTP/1.1 or h2c prior knowledge.
@@ -162,10 +174,9 @@ struct DemoControl {
 }
 
 impl DemoControl {
-    async fn start() -> anyhow::Result<Self> {
+    async fn start(mesh: &str) -> anyhow::Result<Self> {
         use outrider_control::authority::{Authority, ServingCert};
-        let mesh =
-            Mesh::parse(DEMO_MESH).map_err(|e| anyhow::anyhow!("embedded demo mesh: {:?}", e))?;
+        let mesh = Mesh::parse(mesh).map_err(|e| anyhow::anyhow!("embedded demo mesh: {:?}", e))?;
         let ca = outrider_control::ca::Ca::generate("outrider.local")?;
         let anchors = ca.trust_anchors_pem().to_string();
         let tokens = outrider_control::token::TokenKey::generate()?;
@@ -238,12 +249,22 @@ async fn wait_ready(ready: &outrider_proxy::readiness::Readiness) -> anyhow::Res
 async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let duration = args.duration.min(Duration::from_secs(3600));
     let any = SocketAddr::from(([127, 0, 0, 1], 0));
-    let control = DemoControl::start().await?;
+    let mesh = if args.faults {
+        faults_mesh()
+    } else {
+        DEMO_MESH.to_string()
+    };
+    let control = DemoControl::start(&mesh).await?;
     let control_addr = control.url.clone();
 
     // Three copies of the app (127.0.0.2-4:8080, the port the mesh's policy names), each behind
     // its own server-side proxy whose inbound listener is an endpoint of the mesh.
     let mut apps = Vec::new();
+    let faults: Vec<Arc<app::Faults>> = (0..3).map(|_| Arc::default()).collect();
+    if args.faults {
+        faults[0].fail_percent.store(50, Ordering::Relaxed);
+        faults[2].delay_ms.store(20, Ordering::Relaxed);
+    }
     let mut servers = Vec::new();
     let mut server_registries = Vec::new();
     for (i, port) in DEMO_ENDPOINT_PORTS.iter().enumerate() {
@@ -251,7 +272,11 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let app = TcpListener::bind(app_addr)
             .await
             .with_context(|| format!("bind the demo app on {app_addr}"))?;
-        apps.push(tokio::spawn(app::serve(app, format!("payments-api-{i}"))));
+        apps.push(tokio::spawn(app::serve_with_faults(
+            app,
+            format!("payments-api-{i}"),
+            faults[i].clone(),
+        )));
         let mut config = Config::local(Vec::new());
         config.inbound = Some(SocketAddr::from(([127, 0, 0, 1], *port)));
         let (server, registry) = control
@@ -312,6 +337,15 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
         workers.push(tokio::spawn(drive(client_addr, h2, deadline, stop.clone())));
     }
     let started = Instant::now();
+    if args.faults {
+        // payments-api-0 recovers after 60% of the run: its breaker's next probe closes it.
+        let failing = faults[0].clone();
+        let recover = duration.mul_f64(0.6);
+        apps.push(tokio::spawn(async move {
+            tokio::time::sleep(recover).await;
+            failing.fail_percent.store(0, Ordering::Relaxed);
+        }));
+    }
     // Ctrl-C stops the load early; the summary still covers what was sent.
     let interrupt = stop.clone();
     let watcher = tokio::spawn(async move {
@@ -329,6 +363,9 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
     watcher.abort();
     let elapsed = started.elapsed();
     print_summary(&tally, elapsed, &client_registry, &server_registries);
+    if args.faults {
+        print_faults(&client_registry);
+    }
     // One call from an identity the payments-api policy does not name.
     let denied = match ClientConn::connect(intruder_addr, false).await {
         Ok(mut c) => match c.get("payments.demo", "/payments/1").await {
@@ -435,6 +472,55 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// The resilience part of the summary (`--faults`): retries, breakers, shedding, from the
+/// client-side proxy's metrics.
+fn print_faults(client: &prometheus::Registry) {
+    let sum = |family: &str, labels: &[(&str, &str)]| {
+        outrider_proxy::metrics::sum(client, family, labels)
+    };
+    let service = ("service", "demo/payments-api");
+    println!(
+        "retries    {} sent; skipped: {} budget, {} non-idempotent, {} body too large, {} out of attempts  (outrider_retries_total)",
+        sum("outrider_retries_total", &[service]),
+        sum("outrider_retries_skipped_total", &[service, ("reason", "budget")]),
+        sum("outrider_retries_skipped_total", &[service, ("reason", "non-idempotent")]),
+        sum("outrider_retries_skipped_total", &[service, ("reason", "body-too-large")]),
+        sum("outrider_retries_skipped_total", &[service, ("reason", "attempts")]),
+    );
+    for port in DEMO_ENDPOINT_PORTS {
+        let endpoint = format!("127.0.0.1:{port}");
+        let to = |state: &str| {
+            sum(
+                "outrider_breaker_transitions_total",
+                &[("endpoint", endpoint.as_str()), ("to", state)],
+            )
+        };
+        let now = match sum("outrider_breaker_state", &[("endpoint", endpoint.as_str())]) as i64 {
+            0 => "closed",
+            1 => "open",
+            _ => "half-open",
+        };
+        println!(
+            "breaker    {endpoint}: opened {} times, probed {}, closed {}; now {now}",
+            to("open"),
+            to("half-open"),
+            to("closed"),
+        );
+    }
+    println!(
+        "shed       {} overloaded, {} circuit-open  (outrider_requests_shed_total)",
+        sum(
+            "outrider_requests_shed_total",
+            &[service, ("reason", "overloaded")]
+        ),
+        sum(
+            "outrider_requests_shed_total",
+            &[service, ("reason", "circuit-open")]
+        ),
+    );
+    println!("faults     payments-api-0 failed 50% of its answers for the first 60% of the run; payments-api-2 answered 20 ms late (P2C over peak-EWMA sends it less)");
+}
+
 fn print_summary(
     t: &Tally,
     elapsed: Duration,
@@ -479,7 +565,7 @@ fn print_summary(
         .map(|(i, n)| format!("{i}: {n}"))
         .collect();
     println!(
-        "endpoints  {}  (weighted round robin over the control plane's endpoints)",
+        "endpoints  {}  (power of two choices over peak-EWMA latency)",
         spread.join(", ")
     );
     println!(

@@ -706,6 +706,54 @@ fn demo_runs_and_reports() {
         ),
         "{out}"
     );
+
+    // With faults (run after the plain demo: both use the demo mesh's fixed endpoint ports):
+    // retries and breakers keep every request successful, the failing copy's breaker opens and,
+    // once it recovers, closes; the slow copy gets less than a third of the load.
+    let out =
+        support::run_ok(Command::new(OUTRIDER).args(["demo", "--faults", "--duration", "4s"]));
+    assert!(out.contains("errors     0"), "{out}");
+    let line = |prefix: &str| -> String {
+        out.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let numbers = |l: &str| -> Vec<f64> {
+        l.split(|c: char| !c.is_ascii_digit() && c != '.')
+            .filter_map(|n| n.parse().ok())
+            .collect()
+    };
+    let retries = line("retries");
+    assert!(numbers(&retries)[0] > 0.0, "{out}");
+    let failing = line("breaker    127.0.0.1:18181");
+    // "…:18181: opened N times, probed N, closed N; now …": the last three numbers.
+    let n = numbers(&failing);
+    let (opened, closed) = (n[n.len() - 3], n[n.len() - 1]);
+    assert!(
+        opened >= 1.0 && closed >= 1.0,
+        "the breaker opened and closed: {out}"
+    );
+    assert!(failing.ends_with("now closed"), "{out}");
+    let spread = line("endpoints");
+    let share = |instance: &str| -> f64 {
+        let at = spread.find(instance).unwrap() + instance.len() + 2;
+        spread[at..]
+            .split(',')
+            .next()
+            .unwrap()
+            .trim()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let total = share("payments-api-0") + share("payments-api-1") + share("payments-api-2");
+    assert!(
+        share("payments-api-2") < total / 3.0,
+        "the slow copy: {spread}"
+    );
 }
 
 #[test]
