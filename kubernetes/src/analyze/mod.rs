@@ -11,8 +11,9 @@
 //!   for, in the order the kubelet starts containers, with the next command to run (see
 //!   [`status`]); `--admin URL` adds what the proxy's admin server says (see [`admin`]).
 //!
-//! Exit codes: 0 when nothing at or above `--fail-on` was found, 1 otherwise (and when a file
-//! cannot be read), 2 for bad usage or bad input (the document and field path are named).
+//! Exit codes: 0 when nothing at or above `--fail-on` was found, 1 otherwise, 2 for bad usage or
+//! bad input (a file that cannot be read; a document that does not parse, with the document and
+//! field path named), so a CI job can tell findings from a broken invocation.
 
 pub mod admin;
 pub mod checks;
@@ -51,7 +52,7 @@ pub struct AnalyzeArgs {
     pub kubernetes_version: Option<(u32, u32)>,
     /// With `--status`: the proxy's admin server (`http://127.0.0.1:15020` after `kubectl
     /// port-forward POD 15020`); its `/ready` and `/identity` are read.
-    #[arg(long, value_name = "URL", requires = "status", value_parser = crate::wait::parse_http_url)]
+    #[arg(long, value_name = "URL", conflicts_with = "file", value_parser = crate::wait::parse_http_url)]
     pub admin: Option<http::Uri>,
 }
 
@@ -203,8 +204,8 @@ pub fn fails(findings: &[Finding], fail_on: Severity) -> bool {
     findings.iter().any(|f| f.severity >= fail_on)
 }
 
-/// `outrider analyze`: the report on stdout; exit 0, 1 (findings at `--fail-on` or an unreadable
-/// file) or 2 (bad input).
+/// `outrider analyze`: the report on stdout; exit 0, 1 (findings at `--fail-on`) or 2 (bad
+/// input, an unreadable file).
 pub fn main(args: AnalyzeArgs) -> ExitCode {
     let (file, live) = match (&args.file, &args.status) {
         (Some(f), _) => (f.as_str(), false),
@@ -217,8 +218,9 @@ pub fn main(args: AnalyzeArgs) -> ExitCode {
     let text = match crate::read_input(file) {
         Ok(t) => t,
         Err(e) => {
+            // Exit 1 means "findings": a file that is not there is bad usage.
             eprintln!("outrider analyze: cannot read {file}: {e}");
-            return ExitCode::from(1);
+            return ExitCode::from(2);
         }
     };
     let result = if live {
