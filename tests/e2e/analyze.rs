@@ -3,9 +3,8 @@
 //! `--admin` against a real `outrider proxy` on loopback (admin on port 0, its control plane a
 //! held port that closes every connection, so the proxy is up but not ready).
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use crate::support::{self, run, ChildGuard, PortHold, TempDir};
@@ -23,20 +22,8 @@ fn analyze(args: &[&str]) -> Output {
 }
 
 fn analyze_stdin(args: &[&str], input: &str) -> Output {
-    let mut child = Command::new(OUTRIDER)
-        .arg("analyze")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let input = input.to_owned();
-    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap().unwrap();
-    out
+    let args: Vec<&str> = ["analyze"].iter().chain(args).copied().collect();
+    crate::kubernetes::outrider_stdin(&args, input)
 }
 
 fn code(out: &Output) -> Option<i32> {

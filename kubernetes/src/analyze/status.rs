@@ -20,7 +20,7 @@ use serde_norway::Value;
 
 use super::{Finding, Severity};
 use crate::inject;
-use crate::manifest::{self, InputError, Location};
+use crate::manifest::{self, typed, InputError, Location};
 
 /// Every pod of `text` diagnosed; events in the same input are matched to their pods.
 pub fn diagnose(text: &str) -> Result<Vec<Finding>, InputError> {
@@ -49,14 +49,6 @@ pub fn diagnose(text: &str) -> Result<Vec<Finding>, InputError> {
     Ok(findings)
 }
 
-fn typed<T: serde::de::DeserializeOwned>(object: &Value, at: &Location) -> Result<T, InputError> {
-    serde_path_to_error::deserialize(object.clone()).map_err(|e| {
-        let path = e.path().to_string();
-        let path = if path == "." { String::new() } else { path };
-        at.error(path, e.into_inner().to_string())
-    })
-}
-
 /// One pod's walk.
 struct Diagnosis<'a> {
     at: &'a Location,
@@ -66,6 +58,8 @@ struct Diagnosis<'a> {
     status: &'a PodStatus,
     /// Warning events about this pod, by container (`""` for the pod itself), oldest first.
     events: BTreeMap<String, Vec<&'a Event>>,
+    /// What `kubectl get pod` shows while the current init container runs (`Init:1/3`).
+    shown: String,
     out: Vec<Finding>,
 }
 
@@ -152,6 +146,7 @@ impl<'a> Diagnosis<'a> {
             spec,
             status,
             events: by_container,
+            shown: String::new(),
             out: Vec::new(),
         })
     }
@@ -252,7 +247,8 @@ impl<'a> Diagnosis<'a> {
                 );
                 return self.out;
             };
-            let position = format!("{} of {total}, the pod shows `Init:{i}/{total}`", i + 1);
+            let position = format!("{} of {total}", i + 1);
+            self.shown = format!("Init:{i}/{total}");
             if self.container(c, &st, kind, &path, &position) == Next::Stop {
                 self.proxy_note();
                 return self.out;
@@ -451,7 +447,7 @@ impl<'a> Diagnosis<'a> {
                         None => String::new(),
                     };
                     self.push(Severity::Warning, "init-running", format!("{path}.state.running"), [
-                        format!("init container `{name}` ({position}) is running{earlier}; the pod waits for it to exit 0"),
+                        format!("init container `{name}` ({position}) is running{earlier}; the pod (`{}` in `kubectl get pods`) waits for it to exit 0", self.shown),
                         format!("init containers run one at a time: what comes after `{name}` (and the app) starts only when it has finished; a wait for a dependency that never comes holds the pod here forever"),
                         format!("{} (what it is doing now)", self.logs(name, " -f")),
                     ]);
