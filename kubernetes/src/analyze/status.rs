@@ -197,6 +197,47 @@ impl<'a> Diagnosis<'a> {
     }
 
     fn run(mut self) -> Vec<Finding> {
+        if self.finished() == Next::Stop || self.unscheduled() == Next::Stop {
+            return self.out;
+        }
+        let apps: Vec<Container> = self.spec.containers.clone();
+        let statuses = self.status.container_statuses.clone().unwrap_or_default();
+        if self.init_containers() == Next::Go {
+            for (i, c) in apps.iter().enumerate() {
+                let path = format!("status.containerStatuses[{}]", index(&statuses, &c.name));
+                let Some(st) = statuses.iter().find(|s| s.name == c.name) else {
+                    continue;
+                };
+                let position = format!("{} of {}", i + 1, apps.len());
+                self.container(c, st, Kind::App, &path, &position);
+            }
+            self.job_held_by_sidecar(&apps, &statuses);
+        }
+        self.proxy_note();
+        if self.out.iter().all(|f| f.severity == Severity::Info) {
+            let phase = self.status.phase.clone().unwrap_or_default();
+            let ready = statuses.iter().filter(|s| s.ready).count();
+            let all = ready == apps.len() && phase == "Running";
+            self.push(
+                Severity::Info,
+                if all { "pod-running" } else { "pod-waiting" },
+                "status.phase".into(),
+                [
+                    format!("the pod is {phase}: {ready} of {} containers ready", apps.len()),
+                    if all {
+                        "nothing is waiting".into()
+                    } else {
+                        "no container reports a problem yet: the kubelet is still setting the pod up".into()
+                    },
+                    self.describe(),
+                ],
+            );
+        }
+        self.out
+    }
+
+    /// A pod that has finished: Succeeded, or Failed as a whole (evicted, deadline exceeded).
+    fn finished(&mut self) -> Next {
         let phase = self.status.phase.clone().unwrap_or_default();
         if phase == "Succeeded" {
             self.push(
@@ -209,11 +250,31 @@ impl<'a> Diagnosis<'a> {
                     self.logs("CONTAINER", ""),
                 ],
             );
-            return self.out;
+            return Next::Stop;
         }
-        if self.unscheduled() == Next::Stop {
-            return self.out;
-        }
+        let Some(reason) = self.status.reason.clone().filter(|_| phase == "Failed") else {
+            return Next::Go;
+        };
+        let message = self.status.message.clone().unwrap_or_default();
+        self.push(
+            Severity::Error,
+            "pod-failed",
+            "status.reason".into(),
+            [
+                format!("the pod failed: {reason}{}", colon(message.trim())),
+                match reason.as_str() {
+                    "Evicted" => "the kubelet evicted it under node pressure (memory, disk): pods using more than they request go first; a workload's controller makes a new pod".into(),
+                    "DeadlineExceeded" => "it ran past `activeDeadlineSeconds`: every container was stopped".into(),
+                    _ => "the pod as a whole failed and will not be restarted".into(),
+                },
+                format!("{} (and the events of its node)", self.describe()),
+            ],
+        );
+        Next::Stop
+    }
+
+    /// The init containers in order; `Stop` at the first that holds the rest back.
+    fn init_containers(&mut self) -> Next {
         let inits: Vec<Container> = self.spec.init_containers.clone().unwrap_or_default();
         let total = inits.len();
         for (i, c) in inits.iter().enumerate() {
@@ -245,50 +306,15 @@ impl<'a> Diagnosis<'a> {
                         self.describe(),
                     ],
                 );
-                return self.out;
+                return Next::Stop;
             };
             let position = format!("{} of {total}", i + 1);
             self.shown = format!("Init:{i}/{total}");
             if self.container(c, &st, kind, &path, &position) == Next::Stop {
-                self.proxy_note();
-                return self.out;
+                return Next::Stop;
             }
         }
-        let apps: Vec<Container> = self.spec.containers.clone();
-        let statuses = self.status.container_statuses.clone().unwrap_or_default();
-        let mut blocked = false;
-        for (i, c) in apps.iter().enumerate() {
-            let path = format!("status.containerStatuses[{}]", index(&statuses, &c.name));
-            let Some(st) = statuses.iter().find(|s| s.name == c.name) else {
-                continue;
-            };
-            let n = apps.len();
-            let position = format!("{} of {n}", i + 1);
-            if self.container(c, st, Kind::App, &path, &position) == Next::Stop {
-                blocked = true;
-            }
-        }
-        self.job_held_by_sidecar(&apps, &statuses);
-        if blocked {
-            self.proxy_note();
-        }
-        if self.out.iter().all(|f| f.severity == Severity::Info) {
-            let ready = statuses.iter().filter(|s| s.ready).count();
-            self.push(
-                Severity::Info,
-                "pod-running",
-                "status.phase".into(),
-                [
-                    format!(
-                        "the pod is {phase}: {ready} of {} containers ready",
-                        apps.len()
-                    ),
-                    "nothing is waiting".into(),
-                    self.describe(),
-                ],
-            );
-        }
-        self.out
+        Next::Go
     }
 
     /// `PodScheduled: False` stops the walk: no container has started.

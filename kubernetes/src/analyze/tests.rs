@@ -579,6 +579,30 @@ const STATES: &[(&str, &str, Severity, &str)] = &[
         Severity::Info,
         "kubectl describe pod payments-api-7c9d8b6f5-r2d2c -n production",
     ),
+    (
+        "evicted.yaml",
+        "pod-failed",
+        Severity::Error,
+        "kubectl describe pod reports-api-7d9f-5xk2b -n reports",
+    ),
+    (
+        "config-error.yaml",
+        "config-error",
+        Severity::Error,
+        "kubectl describe pod accounts-6b5c4-wq7zt -n identity",
+    ),
+    (
+        "legacy-proxy-not-ready.yaml",
+        "not-ready",
+        Severity::Warning,
+        "kubectl describe pod web-5c7d9-k2j4h -n shop",
+    ),
+    (
+        "legacy-proxy-not-ready.yaml",
+        "proxy-not-ready",
+        Severity::Warning,
+        "kubectl logs web-5c7d9-k2j4h -c outrider-proxy -n shop",
+    ),
 ];
 
 #[test]
@@ -644,4 +668,53 @@ fn cut_and_mangled_inputs_are_errors_or_findings_never_panics() {
             }
         }
     }
+}
+
+#[test]
+fn every_fixture_passes_kubernetes_validate() {
+    if !crate::tests::validator() {
+        return;
+    }
+    // Each object on its own (the validator has no schema for `List`).
+    let tmp = std::env::temp_dir().join(format!("outrider-analyze-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut files = Vec::new();
+    for sub in ["manifests", "status"] {
+        for input in inputs(&dir(sub)) {
+            let mut docs = crate::manifest::parse(&read(&input)).unwrap();
+            let mut objects = Vec::new();
+            crate::manifest::for_each_object::<crate::manifest::InputError>(&mut docs, |_, o| {
+                objects.push(o.clone());
+                Ok(())
+            })
+            .unwrap();
+            let name = format!(
+                "{sub}-{}.yaml",
+                input.file_stem().unwrap().to_string_lossy()
+            );
+            let file = tmp.join(name);
+            // As JSON documents: timestamps stay quoted strings for the validator's YAML 1.1.
+            let text: Vec<String> = objects
+                .iter()
+                .map(|o| serde_json::to_string(o).unwrap())
+                .collect();
+            std::fs::write(&file, text.join("\n---\n")).unwrap();
+            files.push(file);
+        }
+    }
+    let out = crate::tests::validate(&files);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "kubernetes-validate failed:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in &files {
+        assert!(
+            stdout.contains(&format!("{} passed", f.display())),
+            "{} not validated:\n{stdout}",
+            f.display()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
 }
