@@ -37,7 +37,7 @@ use outrider_iptables_init::ports;
 use serde_norway::Value;
 
 use super::{Finding, Severity};
-use crate::inject;
+use crate::inject::{self, InjectOptions};
 use crate::manifest::{self, InputError, Location, Workload, WorkloadKind};
 use crate::resources::{self, Role};
 
@@ -87,7 +87,14 @@ pub fn analyze(text: &str, opts: &Options) -> Result<Vec<Finding>, InputError> {
             opts,
             out: &mut findings,
         };
-        pod.check(&report);
+        // The figures with the proxy, as `outrider resources --with-proxy` computes them, for
+        // a pod the injector would change.
+        let with_proxy = (pod.is_meshed() && !inject::is_injected(&w.pod)).then(|| {
+            let mut one = [object.clone()];
+            inject::inject_docs(&mut one, &InjectOptions::default(), &mut Vec::new())
+                .and_then(|()| resources::report(&Workload::check(kind, &one[0], at)?, at))
+        });
+        pod.check(&report, with_proxy);
         Ok::<(), InputError>(())
     })?;
     Ok(findings)
@@ -156,7 +163,11 @@ impl Pod<'_> {
         ann.as_deref() != Some("disabled") && self.w.pod.host_network != Some(true)
     }
 
-    fn check(&mut self, report: &resources::Report) {
+    fn check(
+        &mut self,
+        report: &resources::Report,
+        with_proxy: Option<Result<resources::Report, InputError>>,
+    ) {
         let slots = self.slots();
         let first = self.out.len();
         for (c, role, path) in &slots {
@@ -165,7 +176,7 @@ impl Pod<'_> {
             }
         }
         self.sidecar_checks(&slots);
-        self.resource_checks(&slots, report);
+        self.resource_checks(&slots, report, with_proxy);
         self.mesh_checks(&slots);
         self.migration_and_secret_checks(&slots);
         // Errors first, then warnings, then infos; in field order within each.
@@ -393,7 +404,12 @@ impl Pod<'_> {
 
     // ---- resources --------------------------------------------------------------------------
 
-    fn resource_checks(&mut self, slots: &[(Container, Role, String)], report: &resources::Report) {
+    fn resource_checks(
+        &mut self,
+        slots: &[(Container, Role, String)],
+        report: &resources::Report,
+        with_proxy: Option<Result<resources::Report, InputError>>,
+    ) {
         let several = self.w.pod.containers.len() > 1;
         for ((c, role, path), row) in slots.iter().zip(&report.rows) {
             let missing: Vec<&str> = resources::RESOURCES
@@ -454,15 +470,30 @@ impl Pod<'_> {
             "pod-resources",
             self.pfx.clone(),
             [
-                format!("the pod requests {} (init max {}; app containers and sidecars {}); QoS class {qos}", pair(report.pod), pair(report.init_max), pair(report.app_sum)),
+                format!("the pod requests {} (init max {}; app containers and sidecars {}); QoS class {qos}{}", pair(report.pod), pair(report.init_max), pair(report.app_sum), match &with_proxy {
+                    Some(Ok(r)) => format!("; with the Outrider proxy injected: {}, QoS class {}", pair(r.pod), qos_class(&r.rows)),
+                    _ => String::new(),
+                }),
                 format!("the scheduler places the pod by the larger of its init and running phases; {}", match qos {
                     "Guaranteed" => "Guaranteed pods are the last to be evicted",
                     "BestEffort" => "BestEffort pods are the first to be evicted under node pressure",
                     _ => "Burstable pods are evicted after BestEffort ones, by how far they use more than they request",
                 }),
-                "`outrider resources -f FILE --with-proxy` shows the figures with the proxy added".to_owned(),
+                "`outrider resources -f FILE --with-proxy` shows the figures per container".to_owned(),
             ],
         );
+        if let Some(Err(e)) = with_proxy {
+            self.push(
+                Severity::Error,
+                "inject-refused",
+                e.path.clone(),
+                [
+                    format!("`outrider inject` refuses this workload: {}", e.message),
+                    "the injector stops at the first bad field and writes nothing (exit 2): no workload of the file is meshed".to_owned(),
+                    "correct the field (the proxy's annotations are in the README's `outrider inject` section)".to_owned(),
+                ],
+            );
+        }
     }
 
     // ---- the mesh ---------------------------------------------------------------------------

@@ -81,6 +81,13 @@ fn manifest_goldens_match() {
 /// (file, check, severity, object, path): what each hand-made case must find.
 const MUST: &[(&str, &str, Severity, &str, &str)] = &[
     (
+        "mesh.yaml",
+        "inject-refused",
+        Severity::Error,
+        "Deployment edge/search",
+        "spec.template.metadata.annotations[\"outrider.io/proxy-memory-limit\"]",
+    ),
+    (
         "wait-loops.yaml",
         "wait-without-dns-check",
         Severity::Warning,
@@ -317,7 +324,10 @@ fn the_pod_resources_come_from_outrider_resources() {
         ledger
             .message
             .starts_with("the pod requests cpu 500m, memory 1Gi ")
-            && ledger.message.ends_with("QoS class Guaranteed"),
+            // The proxy's requests are below its limits: injected, the pod is Burstable.
+            && ledger.message.ends_with(
+                "QoS class Guaranteed; with the Outrider proxy injected: cpu 600m, memory 1152Mi, QoS class Burstable"
+            ),
         "{}",
         ledger.message
     );
