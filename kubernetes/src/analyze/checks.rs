@@ -21,7 +21,8 @@
 //! | `sidecar-after-dependent-init` | error | an init container uses a native sidecar that starts after it |
 //! | `no-requests` | warning (sidecars), info | no CPU or memory request |
 //! | `limit-below-request` | error | a limit under its request (the API server refuses the pod) |
-//! | `pod-resources` | info | the pod's effective request and QoS class |
+//! | `pod-resources` | info | the pod's effective request and QoS class, and with the proxy injected |
+//! | `inject-refused` | error | a field `outrider inject` refuses (it would write nothing) |
 //! | `tcp-probe-meshed` | warning | a TCP probe: the proxy accepts every connection, so it always passes |
 //! | `probe-on-proxy-port` | error | a probe on 15001/15006/15020 that is not the injector's |
 //! | `port-collision` | error | a container port the proxy owns |
