@@ -664,18 +664,27 @@ fn a_manifest_or_garbage_given_as_status_is_an_error() {
 
 #[test]
 fn cut_and_mangled_inputs_are_errors_or_findings_never_panics() {
-    let mut files = inputs(&dir("status"));
-    files.extend(inputs(&dir("manifests")));
-    for input in files {
-        let text = read(&input);
+    // Every fixture cut at every line, and with each line dropped in turn: an error or a
+    // report, never a panic (statuses through --status, manifests through -f).
+    let mangled = |input: &Path| {
+        let text = read(input);
         let lines: Vec<&str> = text.lines().collect();
-        for i in 0..lines.len() {
-            let cut = lines[..i].join("\n");
-            let dropped = [&lines[..i], &lines[i + 1..]].concat().join("\n");
-            for t in [cut, dropped] {
-                let _ = status::diagnose(&t);
-                let _ = checks::analyze(&t, &Options::default());
-            }
+        (0..lines.len())
+            .flat_map(|i| {
+                let cut = lines[..i].join("\n");
+                let dropped = [&lines[..i], &lines[i + 1..]].concat().join("\n");
+                [cut, dropped]
+            })
+            .collect::<Vec<_>>()
+    };
+    for input in inputs(&dir("status")) {
+        for t in mangled(&input) {
+            let _ = status::diagnose(&t);
+        }
+    }
+    for input in inputs(&dir("manifests")) {
+        for t in mangled(&input) {
+            let _ = checks::analyze(&t, &Options::default());
         }
     }
 }
