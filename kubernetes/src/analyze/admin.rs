@@ -49,16 +49,20 @@ pub fn findings(url: &http::Uri, before: &[Finding]) -> Vec<Finding> {
                 [
                     "the proxy is ready (/ready answers 200)".into(),
                     "it has its certificate and the control plane's view".into(),
-                    "if the pod still waits, the app or another container holds it (see above)".into(),
+                    "if the pod still waits, the app or another container holds it (see \
+                        above)"
+                        .into(),
                 ],
             )),
             Ok((status, body)) => {
                 let body = body.trim();
                 let what = body.strip_prefix("not ready: ").unwrap_or(body);
                 let why = if what.contains("certificate") {
-                    "no certificate yet: the control plane has not signed the proxy's CSR (unreachable, or it refused the bootstrap token)"
+                    "no certificate yet: the control plane has not signed the proxy's CSR \
+                        (unreachable, or it refused the bootstrap token)"
                 } else if what.contains("control plane") {
-                    "no view yet: the control plane is unreachable from the pod, or has not answered the first watch"
+                    "no view yet: the control plane is unreachable from the pod, or has not \
+                        answered the first watch"
                 } else if what.contains("draining") {
                     "the proxy is shutting down (SIGTERM or /shutdown)"
                 } else {
@@ -73,7 +77,10 @@ pub fn findings(url: &http::Uri, before: &[Finding]) -> Vec<Finding> {
                     [
                         format!("the proxy's /ready answers {status}: {what}"),
                         why.into(),
-                        "check the control plane: `kubectl -n outrider-system get pods,svc outrider-control`, then the proxy's log (`kubectl logs POD -c outrider-proxy`)".into(),
+                        "check the control plane: `kubectl -n outrider-system get pods,svc \
+                            outrider-control`, then the proxy's log (`kubectl logs POD -c \
+                            outrider-proxy`)"
+                            .into(),
                     ],
                 ));
             }
@@ -94,15 +101,23 @@ pub fn findings(url: &http::Uri, before: &[Finding]) -> Vec<Finding> {
                 (None, None) => "the proxy's /identity answer is not what Outrider writes".into(),
             };
             out.push(finding(
-                if id.is_some() { Severity::Info } else { Severity::Warning },
+                if id.is_some() {
+                    Severity::Info
+                } else {
+                    Severity::Warning
+                },
                 "proxy-identity",
                 &object,
                 url,
                 "/identity",
                 [
                     message,
-                    "without a certificate the proxy cannot originate or accept mTLS: meshed peers refuse it".into(),
-                    "an identity is issued by the control plane for the pod's service account; see the control plane's log".into(),
+                    "without a certificate the proxy cannot originate or accept mTLS: meshed \
+                        peers refuse it"
+                        .into(),
+                    "an identity is issued by the control plane for the pod's service \
+                        account; see the control plane's log"
+                        .into(),
                 ],
             ));
         }
@@ -140,8 +155,12 @@ fn unreachable(url: &http::Uri, e: &str) -> Finding {
         "/ready",
         [
             format!("the proxy's admin server does not answer: {e}"),
-            "either the proxy is not running (see its container above), or the port-forward is not up".into(),
-            "`kubectl port-forward pod/POD 15020 -n NS`, then run again with `--admin http://127.0.0.1:15020`".into(),
+            "either the proxy is not running (see its container above), or the \
+                port-forward is not up"
+                .into(),
+            "`kubectl port-forward pod/POD 15020 -n NS`, then run again with `--admin \
+                http://127.0.0.1:15020`"
+                .into(),
         ],
     )
 }

@@ -227,9 +227,22 @@ impl Pod<'_> {
                 "wait-without-dns-check",
                 format!("{path}.{field}"),
                 [
-                    format!("init container `{name}` waits for {what} in a loop of `{tool}`, which never checks that the name resolves"),
-                    "a name that does not resolve (a Service in another namespace, a typo, cluster DNS not up yet) fails the same way as a dependency that is down: the loop spins and the pod stays in Init with nothing in its status to say why".to_owned(),
-                    format!("use `outrider wait --tcp {}` (it resolves the name first and says when it does not), or resolve with `nslookup` before the loop", hosts.first().map_or("HOST:PORT".to_owned(), |h| format!("{h}:PORT"))),
+                    format!(
+                        "init container `{name}` waits for {what} in a loop of `{tool}`, which \
+                        never checks that the name resolves"
+                    ),
+                    "a name that does not resolve (a Service in another namespace, a typo, \
+                        cluster DNS not up yet) fails the same way as a dependency that is down: \
+                        the loop spins and the pod stays in Init with nothing in its status to \
+                        say why"
+                        .to_owned(),
+                    format!(
+                        "use `outrider wait --tcp {}` (it resolves the name first and says when \
+                        it does not), or resolve with `nslookup` before the loop",
+                        hosts
+                            .first()
+                            .map_or("HOST:PORT".to_owned(), |h| format!("{h}:PORT"))
+                    ),
                 ],
             );
         }
@@ -240,8 +253,13 @@ impl Pod<'_> {
                 format!("{path}.{field}"),
                 [
                     format!("init container `{name}` waits for {what} in a loop with no timeout"),
-                    "when the dependency never comes the pod waits forever in `Init:N/M`, never restarts, and nothing fails loudly enough to alert".to_owned(),
-                    "bound the wait: `outrider wait ... --timeout 5m` exits 1 naming what is unreachable (the kubelet then restarts it with backoff, visible as CrashLoopBackOff), or wrap the loop in `timeout 300 sh -c '...'`".to_owned(),
+                    "when the dependency never comes the pod waits forever in `Init:N/M`, \
+                        never restarts, and nothing fails loudly enough to alert"
+                        .to_owned(),
+                    "bound the wait: `outrider wait ... --timeout 5m` exits 1 naming what is \
+                        unreachable (the kubelet then restarts it with backoff, visible as \
+                        CrashLoopBackOff), or wrap the loop in `timeout 300 sh -c '...'`"
+                        .to_owned(),
                 ],
             );
         }
@@ -287,8 +305,12 @@ impl Pod<'_> {
                     format!("{path}.{field}"),
                     [
                         format!("init container `{}`: {flag} {e}", c.name),
-                        "`outrider wait` refuses it and exits 2: the init container crash-loops and the pod never starts".to_owned(),
-                        "write the target as HOST:PORT (`--tcp postgres-service.db:5432`) or http://HOST[:PORT]/PATH (`--http`)".to_owned(),
+                        "`outrider wait` refuses it and exits 2: the init container crash-loops \
+                            and the pod never starts"
+                            .to_owned(),
+                        "write the target as HOST:PORT (`--tcp postgres-service.db:5432`) or \
+                            http://HOST[:PORT]/PATH (`--http`)"
+                            .to_owned(),
                     ],
                 ),
             }
@@ -315,8 +337,16 @@ impl Pod<'_> {
             "wait-target-namespace",
             path.to_owned(),
             [
-                format!("init container `{container}` waits for `{host}`, a Service in namespace `{}`, but the pod runs in `{ns}`", others.join("`, `")),
-                format!("a bare name resolves in the pod's own namespace only (`{host}.{ns}.svc.cluster.local`): it never resolves and the pod stays in Init"),
+                format!(
+                    "init container `{container}` waits for `{host}`, a Service in namespace \
+                    `{}`, but the pod runs in `{ns}`",
+                    others.join("`, `")
+                ),
+                format!(
+                    "a bare name resolves in the pod's own namespace only \
+                    (`{host}.{ns}.svc.cluster.local`): it never resolves and the pod stays \
+                    in Init"
+                ),
                 format!("write `{host}.{other}` (or `{host}.{other}.svc.cluster.local`)"),
             ],
         );
@@ -335,9 +365,14 @@ impl Pod<'_> {
                         "job-legacy-sidecar",
                         path.clone(),
                         [
-                            format!("`{}` runs beside the {kind:?}'s work in `containers` and does not exit by itself", c.name),
-                            "a Job's pod completes only when all of its containers have exited: the work finishes, this container keeps running, and the Job never completes (nor does the next CronJob run, with `concurrencyPolicy: Forbid`)".to_owned(),
-                            format!("make `{}` a native sidecar: move it to `initContainers` with `restartPolicy: Always` (Kubernetes 1.29+); the kubelet stops it when the work is done", c.name),
+                            format!("`{}` runs beside the {kind:?}'s work in `containers` and does not exit \
+                                by itself", c.name),
+                            "a Job's pod completes only when all of its containers have exited: the \
+                                work finishes, this container keeps running, and the Job never completes \
+                                (nor does the next CronJob run, with `concurrencyPolicy: Forbid`)".to_owned(),
+                            format!("make `{}` a native sidecar: move it to `initContainers` with \
+                                `restartPolicy: Always` (Kubernetes 1.29+); the kubelet stops it when \
+                                the work is done", c.name),
                         ],
                     );
                 }
@@ -349,11 +384,18 @@ impl Pod<'_> {
         if let Some(first) = natives.first() {
             let names: Vec<&str> = natives.iter().map(|s| s.0.name.as_str()).collect();
             let message = format!(
-                "native sidecar(s) `{}` (`initContainers` with `restartPolicy: Always`) need Kubernetes 1.29 or newer",
+                "native sidecar(s) `{}` (`initContainers` with `restartPolicy: Always`) \
+                    need Kubernetes 1.29 or newer",
                 names.join("`, `")
             );
-            let why = "before 1.29 (1.28 without the SidecarContainers feature gate) the API server refuses `restartPolicy` on an init container or drops it: the sidecar then runs as an ordinary init container that never exits, and the pod stays in `Init:1/N` forever".to_owned();
-            let fix = "run on 1.29+; for older clusters use `outrider inject --legacy-sidecar` (the proxy as a regular container)".to_owned();
+            let why = "before 1.29 (1.28 without the SidecarContainers feature gate) the API \
+                server refuses `restartPolicy` on an init container or drops it: the \
+                sidecar then runs as an ordinary init container that never exits, and \
+                the pod stays in `Init:1/N` forever"
+                .to_owned();
+            let fix = "run on 1.29+; for older clusters use `outrider inject --legacy-sidecar` \
+                (the proxy as a regular container)"
+                .to_owned();
             match self.opts.kubernetes_version {
                 Some(v) if v < (1, 29) => self.push(
                     Severity::Error,
@@ -393,8 +435,11 @@ impl Pod<'_> {
                         "sidecar-after-dependent-init",
                         path.clone(),
                         [
-                            format!("init container `{}` {how} native sidecar `{}`, which starts after it ({spath})", init.name, sidecar.name),
-                            "init containers and native sidecars start one at a time in the order written: the sidecar is not running yet when this init container needs it, so it fails or waits forever".to_owned(),
+                            format!("init container `{}` {how} native sidecar `{}`, which starts after it \
+                                ({spath})", init.name, sidecar.name),
+                            "init containers and native sidecars start one at a time in the order \
+                                written: the sidecar is not running yet when this init container needs \
+                                it, so it fails or waits forever".to_owned(),
                             format!("move `{}` above `{}` in `initContainers`", sidecar.name, init.name),
                         ],
                     );
@@ -429,8 +474,11 @@ impl Pod<'_> {
                     format!("{path}.resources"),
                     [
                         format!("{what} `{}` has no {} request", c.name, missing.join(" or ")),
-                        format!("the scheduler counts 0 for it, so the node may have no room for what it really uses; without a memory request it is the first to be OOM-killed or evicted under pressure{}", if sidecar { ", and a killed sidecar takes the app's logs, secrets or network with it" } else { "" }),
-                        format!("set `resources.requests` ({} at what it uses under load; `kubectl top pod --containers` shows it)", missing.join(" and ")),
+                        format!("the scheduler counts 0 for it, so the node may have no room for what it \
+                            really uses; without a memory request it is the first to be OOM-killed \
+                            or evicted under pressure{}", if sidecar { ", and a killed sidecar takes the app's logs, secrets or network with it" } else { "" }),
+                        format!("set `resources.requests` ({} at what it uses under load; `kubectl top \
+                            pod --containers` shows it)", missing.join(" and ")),
                     ],
                 );
             }
@@ -454,9 +502,18 @@ impl Pod<'_> {
                         "limit-below-request",
                         format!("{path}.resources.limits.{r}"),
                         [
-                            format!("`{}` has a {r} limit of {} below its request of {}", c.name, show(*lim), show(*req)),
-                            "the API server refuses the pod (`must be less than or equal to ... limit`): the workload's controller creates no pod at all".to_owned(),
-                            format!("raise the {r} limit to at least the request, or lower the request"),
+                            format!(
+                                "`{}` has a {r} limit of {} below its request of {}",
+                                c.name,
+                                show(*lim),
+                                show(*req)
+                            ),
+                            "the API server refuses the pod (`must be less than or equal to ... \
+                                limit`): the workload's controller creates no pod at all"
+                                .to_owned(),
+                            format!(
+                                "raise the {r} limit to at least the request, or lower the request"
+                            ),
                         ],
                     );
                 }
@@ -471,16 +528,36 @@ impl Pod<'_> {
             "pod-resources",
             self.pfx.clone(),
             [
-                format!("the pod requests {} (init max {}; app containers and sidecars {}); QoS class {qos}{}", pair(report.pod), pair(report.init_max), pair(report.app_sum), match &with_proxy {
-                    Some(Ok(r)) => format!("; with the Outrider proxy injected: {}, QoS class {}", pair(r.pod), qos_class(&r.rows)),
-                    _ => String::new(),
-                }),
-                format!("the scheduler places the pod by the larger of its init and running phases; {}", match qos {
-                    "Guaranteed" => "Guaranteed pods are the last to be evicted",
-                    "BestEffort" => "BestEffort pods are the first to be evicted under node pressure",
-                    _ => "Burstable pods are evicted after BestEffort ones, by how far they use more than they request",
-                }),
-                "`outrider resources -f FILE --with-proxy` shows the figures per container".to_owned(),
+                format!(
+                    "the pod requests {} (init max {}; app containers and sidecars {}); QoS \
+                    class {qos}{}",
+                    pair(report.pod),
+                    pair(report.init_max),
+                    pair(report.app_sum),
+                    match &with_proxy {
+                        Some(Ok(r)) => format!(
+                            "; with the Outrider proxy injected: {}, QoS class {}",
+                            pair(r.pod),
+                            qos_class(&r.rows)
+                        ),
+                        _ => String::new(),
+                    }
+                ),
+                format!(
+                    "the scheduler places the pod by the larger of its init and running \
+                    phases; {}",
+                    match qos {
+                        "Guaranteed" => "Guaranteed pods are the last to be evicted",
+                        "BestEffort" =>
+                            "BestEffort pods are the first to be evicted under node pressure",
+                        _ =>
+                            "Burstable pods are evicted after BestEffort ones, by how far they use \
+                        more than they request",
+                    }
+                ),
+                "`outrider resources -f FILE --with-proxy` shows the figures per \
+                    container"
+                    .to_owned(),
             ],
         );
         if let Some(Err(e)) = with_proxy {
@@ -490,8 +567,12 @@ impl Pod<'_> {
                 e.path.clone(),
                 [
                     format!("`outrider inject` refuses this workload: {}", e.message),
-                    "the injector stops at the first bad field and writes nothing (exit 2): no workload of the file is meshed".to_owned(),
-                    "correct the field (the proxy's annotations are in the README's `outrider inject` section)".to_owned(),
+                    "the injector stops at the first bad field and writes nothing (exit 2): \
+                        no workload of the file is meshed"
+                        .to_owned(),
+                    "correct the field (the proxy's annotations are in the README's `outrider \
+                        inject` section)"
+                        .to_owned(),
                 ],
             );
         }
@@ -508,9 +589,14 @@ impl Pod<'_> {
                     "host-network",
                     format!("{}.hostNetwork", self.pfx),
                     [
-                        "`hostNetwork: true`: the pod shares the node's network, so the mesh cannot be added (`outrider inject` skips it)".to_owned(),
-                        "its calls to meshed services arrive as plaintext from the node's address: a port with `default_policy: deny` or `plaintext: false` refuses them, and its own ports get no mTLS".to_owned(),
-                        format!("drop `hostNetwork` if the pod does not need the node's network; otherwise annotate it `{}: disabled` and allow its node addresses in the policy of the services it calls", inject::ANN_INJECT),
+                        "`hostNetwork: true`: the pod shares the node's network, so the mesh \
+                            cannot be added (`outrider inject` skips it)".to_owned(),
+                        "its calls to meshed services arrive as plaintext from the node's \
+                            address: a port with `default_policy: deny` or `plaintext: false` \
+                            refuses them, and its own ports get no mTLS".to_owned(),
+                        format!("drop `hostNetwork` if the pod does not need the node's network; \
+                            otherwise annotate it `{}: disabled` and allow its node addresses in the \
+                            policy of the services it calls", inject::ANN_INJECT),
                     ],
                 );
             }
@@ -531,7 +617,8 @@ impl Pod<'_> {
                         format!("{path}.ports[{j}].containerPort"),
                         [
                             format!("`{}` listens on {port}, a port of the Outrider proxy", c.name),
-                            format!("the proxy owns {} (inbound, outbound, admin) in every meshed pod: one of the two fails to bind, and traffic to it is captured by iptables", join_ports()),
+                            format!("the proxy owns {} (inbound, outbound, admin) in every meshed pod: one of \
+                                the two fails to bind, and traffic to it is captured by iptables", join_ports()),
                             "move the container to another port".to_owned(),
                         ],
                     );
@@ -561,8 +648,14 @@ impl Pod<'_> {
                 format!("{path}.tcpSocket"),
                 [
                     format!("`{}` has a TCP probe", c.name),
-                    "in a meshed pod the kubelet's connection is redirected to the proxy, which accepts every connection: the probe passes even when the app is down or not listening".to_owned(),
-                    "probe over HTTP (`httpGet`, which the injector forwards to the app through `/app-probe/`) or `exec`; or exclude the port with `outrider.io/skip-inbound-ports`".to_owned(),
+                    "in a meshed pod the kubelet's connection is redirected to the proxy, \
+                        which accepts every connection: the probe passes even when the app is \
+                        down or not listening"
+                        .to_owned(),
+                    "probe over HTTP (`httpGet`, which the injector forwards to the app \
+                        through `/app-probe/`) or `exec`; or exclude the port with \
+                        `outrider.io/skip-inbound-ports`"
+                        .to_owned(),
                 ],
             );
         }
@@ -590,9 +683,17 @@ impl Pod<'_> {
             "probe-on-proxy-port",
             path.to_owned(),
             [
-                format!("`{}` is probed on {port}, a port of the Outrider proxy", c.name),
-                "the probe then checks the proxy, not the container: the app can be dead while the pod looks healthy (or healthy while the pod restarts for the proxy)".to_owned(),
-                "probe the container's own port; the injector rewrites HTTP probes to the proxy's `/app-probe/` for you".to_owned(),
+                format!(
+                    "`{}` is probed on {port}, a port of the Outrider proxy",
+                    c.name
+                ),
+                "the probe then checks the proxy, not the container: the app can be dead \
+                    while the pod looks healthy (or healthy while the pod restarts for the \
+                    proxy)"
+                    .to_owned(),
+                "probe the container's own port; the injector rewrites HTTP probes to the \
+                    proxy's `/app-probe/` for you"
+                    .to_owned(),
             ],
         );
     }
@@ -634,9 +735,20 @@ impl Pod<'_> {
                 "migration-init",
                 path.clone(),
                 [
-                    format!("init container `{}` runs the app's image `{image}` to migrate before the app starts, with no deadline", c.name),
-                    format!("a migration that hangs holds every new pod in `Init` with no timeout, and one that fails crash-loops with backoff up to 5 minutes per attempt while the rollout stalls{concurrent}"),
-                    "run the migration once per release in a Job with `backoffLimit` and `activeDeadlineSeconds` before the rollout, or make it idempotent, take a lock, and bound it (`timeout`)".to_owned(),
+                    format!(
+                        "init container `{}` runs the app's image `{image}` to migrate before the \
+                        app starts, with no deadline",
+                        c.name
+                    ),
+                    format!(
+                        "a migration that hangs holds every new pod in `Init` with no timeout, \
+                        and one that fails crash-loops with backoff up to 5 minutes per attempt \
+                        while the rollout stalls{concurrent}"
+                    ),
+                    "run the migration once per release in a Job with `backoffLimit` and \
+                        `activeDeadlineSeconds` before the rollout, or make it idempotent, take \
+                        a lock, and bound it (`timeout`)"
+                        .to_owned(),
                 ],
             );
         }
@@ -655,8 +767,11 @@ impl Pod<'_> {
                     format!("{path}.env[{j}]"),
                     [
                         format!("`{}` reads Secret `{}` (key `{}`) into `{}`", c.name, secret.name, secret.key, e.name),
-                        "an environment variable is read once when the container starts: a rotated Secret reaches it only on a restart, while a Secret volume is refreshed in place by the kubelet".to_owned(),
-                        format!("where the Secret rotates, mount it as a volume and have `{}` re-read the file", c.name),
+                        "an environment variable is read once when the container starts: a \
+                            rotated Secret reaches it only on a restart, while a Secret volume is \
+                            refreshed in place by the kubelet".to_owned(),
+                        format!("where the Secret rotates, mount it as a volume and have `{}` re-read the \
+                            file", c.name),
                     ],
                 );
             }
@@ -668,8 +783,11 @@ impl Pod<'_> {
                         format!("{path}.envFrom[{j}]"),
                         [
                             format!("`{}` reads every key of Secret `{}` into environment variables", c.name, secret.name),
-                            "an environment variable is read once when the container starts: a rotated Secret reaches it only on a restart, while a Secret volume is refreshed in place by the kubelet".to_owned(),
-                            format!("where the Secret rotates, mount it as a volume and have `{}` re-read the file", c.name),
+                            "an environment variable is read once when the container starts: a \
+                                rotated Secret reaches it only on a restart, while a Secret volume is \
+                                refreshed in place by the kubelet".to_owned(),
+                            format!("where the Secret rotates, mount it as a volume and have `{}` re-read the \
+                                file", c.name),
                         ],
                     );
                 }

@@ -39,7 +39,8 @@ pub fn diagnose(text: &str) -> Result<Vec<Finding>, InputError> {
     if pods.is_empty() {
         return Err(Location::new("input").error(
             "",
-            "no Pod: give `kubectl get pod NAME -o yaml` (or -o json), optionally with `kubectl get events -o json`",
+            "no Pod: give `kubectl get pod NAME -o yaml` (or -o json), optionally \
+                with `kubectl get events -o json`",
         ));
     }
     let mut findings = Vec::new();
@@ -105,12 +106,17 @@ impl<'a> Diagnosis<'a> {
             .spec
             .as_ref()
             .ok_or_else(|| at.error("spec", "missing: a pod has a spec"))?;
-        let status = pod.status.as_ref().filter(|s| s.phase.is_some()).ok_or_else(|| {
-            at.error(
-                "status",
-                "missing: this is a manifest, not a live pod (`kubectl get pod NAME -o yaml` has a status; for manifests use -f)",
-            )
-        })?;
+        let status = pod
+            .status
+            .as_ref()
+            .filter(|s| s.phase.is_some())
+            .ok_or_else(|| {
+                at.error(
+                    "status",
+                    "missing: this is a manifest, not a live pod (`kubectl get pod NAME -o \
+                    yaml` has a status; for manifests use -f)",
+                )
+            })?;
         let ns = pod
             .metadata
             .namespace
@@ -223,11 +229,16 @@ impl<'a> Diagnosis<'a> {
                 if all { "pod-running" } else { "pod-waiting" },
                 "status.phase".into(),
                 [
-                    format!("the pod is {phase}: {ready} of {} containers ready", apps.len()),
+                    format!(
+                        "the pod is {phase}: {ready} of {} containers ready",
+                        apps.len()
+                    ),
                     if all {
                         "nothing is waiting".into()
                     } else {
-                        "no container reports a problem yet: the kubelet is still setting the pod up".into()
+                        "no container reports a problem yet: the kubelet is still setting the pod \
+                            up"
+                        .into()
                     },
                     self.describe(),
                 ],
@@ -263,8 +274,14 @@ impl<'a> Diagnosis<'a> {
             [
                 format!("the pod failed: {reason}{}", colon(message.trim())),
                 match reason.as_str() {
-                    "Evicted" => "the kubelet evicted it under node pressure (memory, disk): pods using more than they request go first; a workload's controller makes a new pod".into(),
-                    "DeadlineExceeded" => "it ran past `activeDeadlineSeconds`: every container was stopped".into(),
+                    "Evicted" => {
+                        "the kubelet evicted it under node pressure (memory, disk): pods using \
+                        more than they request go first; a workload's controller makes a new pod"
+                            .into()
+                    }
+                    "DeadlineExceeded" => {
+                        "it ran past `activeDeadlineSeconds`: every container was stopped".into()
+                    }
                     _ => "the pod as a whole failed and will not be restarted".into(),
                 },
                 format!("{} (and the events of its node)", self.describe()),
@@ -330,11 +347,26 @@ impl<'a> Diagnosis<'a> {
         let Some((i, reason, message)) = cond else {
             return Next::Go;
         };
-        self.push(Severity::Error, "unschedulable", format!("status.conditions[{i}]"), [
-            format!("the pod is not scheduled: {}: {}", reason.as_deref().unwrap_or("?"), message.as_deref().unwrap_or("").trim()),
-            "no node has room for the pod's effective request (the larger of its init and running phases, see `outrider resources`) or fits its selectors and taints: no container starts".into(),
-            format!("{} (the FailedScheduling event says which nodes were rejected and why)", self.describe()),
-        ]);
+        self.push(
+            Severity::Error,
+            "unschedulable",
+            format!("status.conditions[{i}]"),
+            [
+                format!(
+                    "the pod is not scheduled: {}: {}",
+                    reason.as_deref().unwrap_or("?"),
+                    message.as_deref().unwrap_or("").trim()
+                ),
+                "no node has room for the pod's effective request (the larger of its init \
+                and running phases, see `outrider resources`) or fits its selectors and \
+                taints: no container starts"
+                    .into(),
+                format!(
+                    "{} (the FailedScheduling event says which nodes were rejected and why)",
+                    self.describe()
+                ),
+            ],
+        );
         Next::Stop
     }
 
@@ -380,24 +412,36 @@ impl<'a> Diagnosis<'a> {
             if PULL_REASONS.contains(&reason) {
                 let image = c.image.as_deref().unwrap_or("?");
                 self.push(Severity::Error, "image-pull", format!("{path}.state.waiting"), [
-                    format!("{word} `{name}` ({position}) cannot pull image `{image}`: {reason}{}{event}", colon(detail)),
-                    format!("the image name or tag is wrong, the registry is unreachable, or it needs an `imagePullSecret`; the kubelet retries with backoff up to 5 minutes{}", if blocks_start { ", and every container after it waits" } else { "" }),
-                    format!("{} (the Failed event gives the registry's answer); check the image exists: `crane manifest {image}` or `docker pull {image}`", self.describe()),
+                    format!("{word} `{name}` ({position}) cannot pull image `{image}`: \
+                        {reason}{}{event}", colon(detail)),
+                    format!("the image name or tag is wrong, the registry is unreachable, or it needs \
+                        an `imagePullSecret`; the kubelet retries with backoff up to 5 minutes{}", if blocks_start { ", and every container after it waits" } else { "" }),
+                    format!("{} (the Failed event gives the registry's answer); check the image \
+                        exists: `crane manifest {image}` or `docker pull {image}`", self.describe()),
                 ]);
                 return Next::Stop;
             }
             if reason == "CrashLoopBackOff" || (restarts > 0 && last.is_some()) {
                 let (check, why) = if oom {
                     let limit = memory_limit(c);
-                    ("oom-killed", format!("it was killed for using more memory than its limit ({limit}); the kubelet restarts it with a backoff doubling up to 5 minutes"))
+                    (
+                        "oom-killed",
+                        format!(
+                            "it was killed for using more memory than its limit ({limit}); the \
+                        kubelet restarts it with a backoff doubling up to 5 minutes"
+                        ),
+                    )
                 } else {
-                    ("crash-loop", format!("it keeps exiting; the kubelet restarts it with a backoff doubling up to 5 minutes{}", if blocks_start { ", and the pod does not get past it" } else { "" }))
+                    ("crash-loop", format!("it keeps exiting; the kubelet restarts it with a backoff doubling up to \
+                        5 minutes{}", if blocks_start { ", and the pod does not get past it" } else { "" }))
                 };
                 self.push(Severity::Error, check, format!("{path}.lastState.terminated"), [
-                    format!("{word} `{name}` ({position}) is crash-looping: {reason}, restarted {restarts} time(s), last {}{event}", last_text.clone().unwrap_or_else(|| "termination unknown".into())),
+                    format!("{word} `{name}` ({position}) is crash-looping: {reason}, restarted \
+                        {restarts} time(s), last {}{event}", last_text.clone().unwrap_or_else(|| "termination unknown".into())),
                     why,
                     if oom {
-                        format!("{} (what it did before it was killed); raise `resources.limits.memory` of `{name}` (and its request)", self.logs(name, " --previous"))
+                        format!("{} (what it did before it was killed); raise `resources.limits.memory` \
+                            of `{name}` (and its request)", self.logs(name, " --previous"))
                     } else {
                         format!("{} (the output of the run that failed)", self.logs(name, " --previous"))
                     },
@@ -419,15 +463,25 @@ impl<'a> Diagnosis<'a> {
             } else {
                 Severity::Warning
             };
-            self.push(severity, check, format!("{path}.state.waiting"), [
-                format!("{word} `{name}` ({position}) is waiting: {reason}{}{event}", colon(detail)),
-                if check == "config-error" {
-                    "the container cannot be created: a Secret, ConfigMap or key it references is missing, or its command is not found".into()
-                } else {
-                    "the kubelet is still preparing it (volumes, image, sandbox)".into()
-                },
-                self.describe(),
-            ]);
+            self.push(
+                severity,
+                check,
+                format!("{path}.state.waiting"),
+                [
+                    format!(
+                        "{word} `{name}` ({position}) is waiting: {reason}{}{event}",
+                        colon(detail)
+                    ),
+                    if check == "config-error" {
+                        "the container cannot be created: a Secret, ConfigMap or key it \
+                        references is missing, or its command is not found"
+                            .into()
+                    } else {
+                        "the kubelet is still preparing it (volumes, image, sandbox)".into()
+                    },
+                    self.describe(),
+                ],
+            );
             return Next::Stop;
         }
         if let Some(t) = &state.terminated {
@@ -461,8 +515,10 @@ impl<'a> Diagnosis<'a> {
         if state.running.is_some() {
             if oom {
                 self.push(Severity::Error, "oom-killed", format!("{path}.lastState.terminated"), [
-                    format!("{word} `{name}` is running again, but was OOM-killed before: restarted {restarts} time(s), last {}", last_text.clone().unwrap_or_default()),
-                    format!("its memory limit ({}) is below what it uses; each kill loses its work in flight{}", memory_limit(c), if kind == Kind::Sidecar || name == inject::PROXY_NAME { " and, for a sidecar, the app's logs, secrets or network with it" } else { "" }),
+                    format!("{word} `{name}` is running again, but was OOM-killed before: restarted \
+                        {restarts} time(s), last {}", last_text.clone().unwrap_or_default()),
+                    format!("its memory limit ({}) is below what it uses; each kill loses its work in \
+                        flight{}", memory_limit(c), if kind == Kind::Sidecar || name == inject::PROXY_NAME { "and, for a sidecar, the app's logs, secrets or network with it" } else { "" }),
                     format!("{}; raise `resources.limits.memory` of `{name}` (and its request)", self.logs(name, " --previous")),
                 ]);
             }
@@ -473,8 +529,11 @@ impl<'a> Diagnosis<'a> {
                         None => String::new(),
                     };
                     self.push(Severity::Warning, "init-running", format!("{path}.state.running"), [
-                        format!("init container `{name}` ({position}) is running{earlier}; the pod (`{}` in `kubectl get pods`) waits for it to exit 0", self.shown),
-                        format!("init containers run one at a time: what comes after `{name}` (and the app) starts only when it has finished; a wait for a dependency that never comes holds the pod here forever"),
+                        format!("init container `{name}` ({position}) is running{earlier}; the pod (`{}` \
+                            in `kubectl get pods`) waits for it to exit 0", self.shown),
+                        format!("init containers run one at a time: what comes after `{name}` (and the \
+                            app) starts only when it has finished; a wait for a dependency that \
+                            never comes holds the pod here forever"),
                         format!("{} (what it is doing now)", self.logs(name, " -f")),
                     ]);
                     Next::Stop
@@ -487,8 +546,10 @@ impl<'a> Diagnosis<'a> {
                             "it has not started yet"
                         };
                         self.push(Severity::Warning, "sidecar-not-started", format!("{path}.started"), [
-                            format!("native sidecar `{name}` ({position}) is running but not started: {probe}{event}"),
-                            "the containers after a native sidecar start only once it has started (its startup probe passed): the app waits for it".into(),
+                            format!("native sidecar `{name}` ({position}) is running but not started: \
+                                {probe}{event}"),
+                            "the containers after a native sidecar start only once it has started \
+                                (its startup probe passed): the app waits for it".into(),
                             format!("{} (probe failures are in the events); {}", self.describe(), self.logs(name, "")),
                         ]);
                         return Next::Stop;
@@ -496,7 +557,8 @@ impl<'a> Diagnosis<'a> {
                     if !st.ready {
                         self.push(Severity::Warning, "sidecar-not-ready", format!("{path}.ready"), [
                             format!("native sidecar `{name}` ({position}) is running but not ready{event}"),
-                            "it does not hold back the containers after it, but the pod is not Ready (no traffic from Services) until it is".into(),
+                            "it does not hold back the containers after it, but the pod is not Ready \
+                                (no traffic from Services) until it is".into(),
                             format!("{}; {}", self.describe(), self.logs(name, "")),
                         ]);
                     }
@@ -505,8 +567,11 @@ impl<'a> Diagnosis<'a> {
                 Kind::App => {
                     if st.started == Some(false) && c.startup_probe.is_some() {
                         self.push(Severity::Warning, "startup-probe", format!("{path}.started"), [
-                            format!("container `{name}` is running but its startup probe has not passed{}{event}", if restarts > 0 { format!(" (restarted {restarts} time(s))") } else { String::new() }),
-                            "until the startup probe passes, liveness and readiness are not checked and the pod is not Ready; when it fails `failureThreshold` times the kubelet kills and restarts the container".into(),
+                            format!("container `{name}` is running but its startup probe has not \
+                                passed{}{event}", if restarts > 0 { format!(" (restarted {restarts} time(s))") } else { String::new() }),
+                            "until the startup probe passes, liveness and readiness are not checked \
+                                and the pod is not Ready; when it fails `failureThreshold` times the \
+                                kubelet kills and restarts the container".into(),
                             format!("{} (the Unhealthy events show the probe's answer); {}", self.describe(), self.logs(name, "")),
                         ]);
                         return Next::Stop;
@@ -555,11 +620,28 @@ impl<'a> Diagnosis<'a> {
         let done_names: Vec<String> = done.iter().map(|c| format!("`{}`", c.name)).collect();
         for (_, c) in running {
             let path = format!("status.containerStatuses[{}]", index(statuses, &c.name));
-            self.push(Severity::Error, "job-legacy-sidecar", format!("{path}.state.running"), [
-                format!("{} completed, but `{}` is still running: the pod cannot complete", done_names.join(", "), c.name),
-                "a pod that runs to completion (a Job's) finishes only when every container in `containers` has exited; a sidecar there never does, so the Job never completes".into(),
-                format!("make `{}` a native sidecar (`initContainers` with `restartPolicy: Always`, Kubernetes 1.29+; `outrider analyze -f` on the Job shows where); to free this pod now: `kubectl delete pod {} -n {}`", c.name, self.name, self.ns),
-            ]);
+            self.push(
+                Severity::Error,
+                "job-legacy-sidecar",
+                format!("{path}.state.running"),
+                [
+                    format!(
+                        "{} completed, but `{}` is still running: the pod cannot complete",
+                        done_names.join(", "),
+                        c.name
+                    ),
+                    "a pod that runs to completion (a Job's) finishes only when every \
+                    container in `containers` has exited; a sidecar there never does, so the \
+                    Job never completes"
+                        .into(),
+                    format!(
+                        "make `{}` a native sidecar (`initContainers` with `restartPolicy: \
+                    Always`, Kubernetes 1.29+; `outrider analyze -f` on the Job shows \
+                    where); to free this pod now: `kubectl delete pod {} -n {}`",
+                        c.name, self.name, self.ns
+                    ),
+                ],
+            );
         }
     }
 
@@ -581,11 +663,29 @@ impl<'a> Diagnosis<'a> {
         if st.ready || st.state.as_ref().is_none_or(|s| s.running.is_none()) {
             return;
         }
-        self.push(Severity::Warning, "proxy-not-ready", "status".into(), [
-            format!("the Outrider proxy `{}` is running but not ready{}", inject::PROXY_NAME, self.event(inject::PROXY_NAME)),
-            "its /ready answers 503 until it has its first certificate (the control plane accepted its token) and the first view from the control plane: either the control plane is unreachable, or it refuses the proxy's token".into(),
-            format!("{}; or `kubectl port-forward pod/{} 15020 -n {}` and `outrider analyze --status FILE --admin http://127.0.0.1:15020`", self.logs(inject::PROXY_NAME, ""), self.name, self.ns),
-        ]);
+        self.push(
+            Severity::Warning,
+            "proxy-not-ready",
+            "status".into(),
+            [
+                format!(
+                    "the Outrider proxy `{}` is running but not ready{}",
+                    inject::PROXY_NAME,
+                    self.event(inject::PROXY_NAME)
+                ),
+                "its /ready answers 503 until it has its first certificate (the control \
+                plane accepted its token) and the first view from the control plane: \
+                either the control plane is unreachable, or it refuses the proxy's token"
+                    .into(),
+                format!(
+                    "{}; or `kubectl port-forward pod/{} 15020 -n {}` and `outrider analyze \
+                --status FILE --admin http://127.0.0.1:15020`",
+                    self.logs(inject::PROXY_NAME, ""),
+                    self.name,
+                    self.ns
+                ),
+            ],
+        );
     }
 }
 
