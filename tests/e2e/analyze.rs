@@ -56,6 +56,19 @@ fn exit_codes_follow_fail_on() {
     assert_eq!(code(&out), Some(0));
     let out = analyze_stdin(&["-f", "-", "--fail-on", "info"], ledger);
     assert_eq!(code(&out), Some(1));
+    // The flag from the environment (OUTRIDER_FAIL_ON), and the flag winning over it.
+    let dir = TempDir::new();
+    let file = dir.path().join("ledger.yaml");
+    std::fs::write(&file, ledger).unwrap();
+    let file = file.to_str().unwrap();
+    let env = |args: &[&str]| {
+        run(Command::new(OUTRIDER)
+            .env("OUTRIDER_FAIL_ON", "info")
+            .arg("analyze")
+            .args(args))
+    };
+    assert_eq!(code(&env(&["-f", file])), Some(1));
+    assert_eq!(code(&env(&["-f", file, "--fail-on", "error"])), Some(0));
     // Warnings only (the seed): 0 by default, 1 with --fail-on warning.
     let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples/payments-api.yaml");
     let seed = seed.to_str().unwrap();

@@ -40,18 +40,25 @@ pub struct AnalyzeArgs {
     #[arg(
         short = 'o',
         long = "output",
+        env = "OUTRIDER_OUTPUT",
         value_name = "FORMAT",
         default_value = "text"
     )]
     pub output: Format,
     /// Exit 1 when a finding of this severity or above is found.
-    #[arg(long, value_name = "SEVERITY", default_value = "error")]
+    #[arg(
+        long,
+        env = "OUTRIDER_FAIL_ON",
+        value_name = "SEVERITY",
+        default_value = "error"
+    )]
     pub fail_on: Severity,
     /// The cluster's Kubernetes version (`1.28`, `v1.30.2`): native sidecars need 1.29.
-    #[arg(long, value_name = "VERSION", value_parser = parse_version)]
+    #[arg(long, env = "OUTRIDER_KUBERNETES_VERSION", value_name = "VERSION", value_parser = parse_version)]
     pub kubernetes_version: Option<(u32, u32)>,
     /// With `--status`: the proxy's admin server (`http://127.0.0.1:15020` after `kubectl
-    /// port-forward POD 15020`); its `/ready` and `/identity` are read.
+    /// port-forward POD 15020`); its `/ready` and `/identity` are read. (No `OUTRIDER_ADMIN`:
+    /// in a meshed container that variable is the proxy's own listen address.)
     #[arg(long, value_name = "URL", conflicts_with = "file", value_parser = crate::wait::parse_http_url)]
     pub admin: Option<http::Uri>,
 }
