@@ -649,6 +649,49 @@ fn events_beside_the_pod_are_quoted() {
 }
 
 #[test]
+fn a_list_of_pods_is_diagnosed_pod_by_pod_and_events_stay_with_their_pod() {
+    // `kubectl get pods -o yaml`: a List whose items are pods.
+    let mut items = Vec::new();
+    for file in ["running.yaml", "init-crashloop.yaml"] {
+        items.extend(crate::manifest::parse(&read(&dir("status").join(file))).unwrap());
+    }
+    let mut list = serde_norway::Mapping::new();
+    list.insert("apiVersion".into(), "v1".into());
+    list.insert("kind".into(), "List".into());
+    list.insert("items".into(), serde_norway::Value::Sequence(items));
+    let text = crate::manifest::write(&[serde_norway::Value::Mapping(list)]).unwrap();
+    let findings = status::diagnose(&text).unwrap();
+    let seen: Vec<(&str, &str)> = findings
+        .iter()
+        .map(|f| (f.document.as_str(), f.check))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("document 1, items[0]", "pod-running"),
+            ("document 1, items[1]", "crash-loop")
+        ]
+    );
+    // The events beside a pod of another name are not quoted for this one.
+    let other = read(&dir("status/sidecar-not-started.yaml")).replacen(
+        "  name: payments-api-7c9d8b6f5-q8w4n\n  namespace: production\n  ownerReferences",
+        "  name: payments-api-7c9d8b6f5-zzzzz\n  namespace: production\n  ownerReferences",
+        1,
+    );
+    let findings = status::diagnose(&other).unwrap();
+    let sidecar = findings
+        .iter()
+        .find(|f| f.check == "sidecar-not-started")
+        .unwrap();
+    assert!(sidecar.object.ends_with("zzzzz"), "{}", sidecar.object);
+    assert!(
+        !sidecar.message.contains("last event"),
+        "{}",
+        sidecar.message
+    );
+}
+
+#[test]
 fn a_manifest_or_garbage_given_as_status_is_an_error() {
     let seed = include_str!("../../../deploy/examples/payments-api.yaml");
     let e = status::diagnose(seed).unwrap_err();
