@@ -518,9 +518,21 @@ impl<'a> Diagnosis<'a> {
                     format!("{word} `{name}` is running again, but was OOM-killed before: restarted \
                         {restarts} time(s), last {}", last_text.clone().unwrap_or_default()),
                     format!("its memory limit ({}) is below what it uses; each kill loses its work in \
-                        flight{}", memory_limit(c), if kind == Kind::Sidecar || name == inject::PROXY_NAME { "and, for a sidecar, the app's logs, secrets or network with it" } else { "" }),
+                        flight{}", memory_limit(c), if kind == Kind::Sidecar || name == inject::PROXY_NAME { " and, for a sidecar, the app's logs, secrets or network with it" } else { "" }),
                     format!("{}; raise `resources.limits.memory` of `{name}` (and its request)", self.logs(name, " --previous")),
                 ]);
+            }
+            if !oom && kind != Kind::Init && restarts > 0 {
+                if let Some(l) = &last_text {
+                    self.push(Severity::Warning, "restarted", format!("{path}.lastState.terminated"), [
+                        format!("{word} `{name}` is running, but has restarted {restarts} time(s), last \
+                            {l}{event}"),
+                        "a container that restarts loses its work in flight; exit code 137 without \
+                            OOMKilled is a kill from outside (a failed liveness probe, a stop)".into(),
+                        format!("{} (the run before the restart); {} (Unhealthy events)",
+                            self.logs(name, " --previous"), self.describe()),
+                    ]);
+                }
             }
             match kind {
                 Kind::Init => {

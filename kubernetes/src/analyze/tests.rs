@@ -613,6 +613,18 @@ const STATES: &[(&str, &str, Severity, &str)] = &[
         Severity::Warning,
         "kubectl logs web-5c7d9-k2j4h -c outrider-proxy -n shop",
     ),
+    (
+        "restarted.yaml",
+        "oom-killed",
+        Severity::Error,
+        "kubectl logs checkout-6d4f8-9vt5m -c log-forwarder -n shop --previous",
+    ),
+    (
+        "restarted.yaml",
+        "restarted",
+        Severity::Warning,
+        "kubectl logs checkout-6d4f8-9vt5m -c checkout -n shop --previous",
+    ),
 ];
 
 #[test]
