@@ -761,38 +761,41 @@ impl Pod<'_> {
                 else {
                     continue;
                 };
-                self.push(
-                    Severity::Info,
-                    "secret-in-env",
-                    format!("{path}.env[{j}]"),
-                    [
-                        format!("`{}` reads Secret `{}` (key `{}`) into `{}`", c.name, secret.name, secret.key, e.name),
-                        "an environment variable is read once when the container starts: a \
-                            rotated Secret reaches it only on a restart, while a Secret volume is \
-                            refreshed in place by the kubelet".to_owned(),
-                        format!("where the Secret rotates, mount it as a volume and have `{}` re-read the \
-                            file", c.name),
-                    ],
+                let what = format!(
+                    "Secret `{}` (key `{}`) into `{}`",
+                    secret.name, secret.key, e.name
                 );
+                self.secret_in_env(c, format!("{path}.env[{j}]"), &what);
             }
             for (j, from) in c.env_from.iter().flatten().enumerate() {
                 if let Some(secret) = &from.secret_ref {
-                    self.push(
-                        Severity::Info,
-                        "secret-in-env",
-                        format!("{path}.envFrom[{j}]"),
-                        [
-                            format!("`{}` reads every key of Secret `{}` into environment variables", c.name, secret.name),
-                            "an environment variable is read once when the container starts: a \
-                                rotated Secret reaches it only on a restart, while a Secret volume is \
-                                refreshed in place by the kubelet".to_owned(),
-                            format!("where the Secret rotates, mount it as a volume and have `{}` re-read the \
-                                file", c.name),
-                        ],
+                    let what = format!(
+                        "every key of Secret `{}` into environment variables",
+                        secret.name
                     );
+                    self.secret_in_env(c, format!("{path}.envFrom[{j}]"), &what);
                 }
             }
         }
+    }
+
+    fn secret_in_env(&mut self, c: &Container, path: String, what: &str) {
+        self.push(
+            Severity::Info,
+            "secret-in-env",
+            path,
+            [
+                format!("`{}` reads {what}", c.name),
+                "an environment variable is read once when the container starts: a rotated \
+                    Secret reaches it only on a restart, while a Secret volume is refreshed in \
+                    place by the kubelet"
+                    .to_owned(),
+                format!(
+                    "where the Secret rotates, mount it as a volume and have `{}` re-read the file",
+                    c.name
+                ),
+            ],
+        );
     }
 }
 
