@@ -195,7 +195,7 @@ impl Pod<'_> {
         let words = words(&script);
         let tool = words
             .iter()
-            .find(|w| WAIT_TOOLS.contains(&w.as_str()))
+            .find(|w| WAIT_TOOLS.contains(&w.as_str()) || DNS_TOOLS.contains(&w.as_str()))
             .cloned();
         let looping = words
             .iter()
@@ -866,7 +866,7 @@ fn words(script: &str) -> Vec<String> {
 }
 
 /// Host names a wait loop targets: URL hosts, `-h HOST`/`--host[=]HOST`, `HOST:PORT`, and the
-/// first operand of `nc`/`telnet`.
+/// first operand of `nc`/`telnet` and of the DNS tools.
 fn hosts(words: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     let mut add = |h: &str| {
@@ -891,8 +891,15 @@ fn hosts(words: &[String]) -> Vec<String> {
             add(next);
         } else if let Some(h) = w.strip_prefix("--host=") {
             add(h);
-        } else if ["nc", "ncat", "netcat", "telnet"].contains(&w.as_str()) {
-            if let Some(operand) = words[i + 1..].iter().find(|o| !o.starts_with('-')) {
+        } else if [
+            "nc", "ncat", "netcat", "telnet", "nslookup", "dig", "host", "getent",
+        ]
+        .contains(&w.as_str())
+        {
+            // The first operand (`getent hosts NAME`: after the database).
+            let operands = words[i + 1..].iter().filter(|o| !o.starts_with('-'));
+            let mut operands = operands.skip_while(|o| w == "getent" && *o == "hosts");
+            if let Some(operand) = operands.next() {
                 add(operand);
             }
         } else if let Some((h, p)) = w.rsplit_once(':') {

@@ -241,6 +241,20 @@ const MUST: &[(&str, &str, Severity, &str, &str)] = &[
         "Deployment identity/accounts",
         "spec.template.spec.containers[0].env[0]",
     ),
+    (
+        "wait-loops.yaml",
+        "wait-without-timeout",
+        Severity::Warning,
+        "Deployment shop/orders",
+        "spec.template.spec.initContainers[4].command",
+    ),
+    (
+        "wait-loops.yaml",
+        "wait-target-namespace",
+        Severity::Error,
+        "Deployment shop/orders",
+        "spec.template.spec.initContainers[4].command",
+    ),
 ];
 
 /// (file, check, object): what a case must not find (the negative half of each check).
@@ -283,6 +297,12 @@ const MUST_NOT: &[(&str, &str, &str)] = &[
         "resources.yaml",
         "no-requests",
         "StatefulSet finance/ledger",
+    ),
+    // nslookup resolves: no DNS-check finding for it.
+    (
+        "wait-loops.yaml",
+        "wait-without-dns-check",
+        "spec.template.spec.initContainers[4]",
     ),
 ];
 
