@@ -14,6 +14,7 @@
 //! |---|---|---|
 //! | `wait-without-dns-check` | warning | a shell loop waits for a host with `nc`/`curl`/`wget`/... and never resolves it first |
 //! | `wait-without-timeout` | warning | a shell wait loop with no bound |
+//! | `wait-passes-through-proxy` | error | a wait the proxy answers itself: `nc`, `curl` without `-f` |
 //! | `wait-target-namespace` | error | a bare name whose Service is in another namespace of the input |
 //! | `wait-bad-target` | error | an `outrider wait` target that `outrider wait` refuses (exit 2) |
 //! | `job-legacy-sidecar` | error | a long-running container in `containers` of a Job or CronJob |
@@ -171,9 +172,10 @@ impl Pod<'_> {
     ) {
         let slots = self.slots();
         let first = self.out.len();
-        for (c, role, path) in &slots {
+        let proxy_first = self.proxy_first();
+        for (i, (c, role, path)) in slots.iter().enumerate() {
             if *role == Role::Init {
-                self.wait_checks(c, path);
+                self.wait_checks(c, path, proxy_first.is_some_and(|first| i >= first));
             }
         }
         self.sidecar_checks(&slots);
@@ -186,9 +188,27 @@ impl Pod<'_> {
 
     // ---- init containers that wait --------------------------------------------------------
 
-    fn wait_checks(&mut self, c: &Container, path: &str) {
+    /// The first init container that runs with the proxy already up: the one after the native
+    /// sidecar `outrider-proxy` of an injected pod, or the first of all when `outrider inject`
+    /// would inject the pod (it puts the proxy before the app's init containers). `None` when
+    /// no init container runs behind the proxy (not meshed, or the legacy form).
+    fn proxy_first(&self) -> Option<usize> {
+        if inject::is_injected(&self.w.pod) {
+            let inits = self.w.pod.init_containers.as_deref().unwrap_or_default();
+            inits
+                .iter()
+                .position(|c| c.name == inject::PROXY_NAME && is_native_sidecar(c))
+                .map(|p| p + 1)
+        } else if self.is_meshed() {
+            Some(0)
+        } else {
+            None
+        }
+    }
+
+    fn wait_checks(&mut self, c: &Container, path: &str, behind_proxy: bool) {
         if is_outrider(c) {
-            self.outrider_wait_checks(c, path);
+            self.outrider_wait_checks(c, path, behind_proxy);
             return;
         }
         let script = with_env(c, &script(c));
@@ -208,7 +228,10 @@ impl Pod<'_> {
         }
         let hosts = hosts(&words);
         let name = &c.name;
-        let field = if c.args.is_some() { "args" } else { "command" };
+        if behind_proxy {
+            self.through_proxy(c, path, &tool, &words, &hosts);
+        }
+        let field = script_field(c);
         let checks_dns = words.iter().any(|w| DNS_TOOLS.contains(&w.as_str()));
         // `timeout`, a counted `for i in ...` loop, or a counter compared in the loop.
         let counted = words.windows(3).any(|w| w[0] == "for" && w[2] == "in");
@@ -268,7 +291,66 @@ impl Pod<'_> {
         }
     }
 
-    fn outrider_wait_checks(&mut self, c: &Container, path: &str) {
+    /// A check that the proxy answers in place of the dependency: a bare TCP connect, or an
+    /// HTTP request that takes the proxy's 502/503 for an answer.
+    fn through_proxy(
+        &mut self,
+        c: &Container,
+        path: &str,
+        tool: &str,
+        words: &[String],
+        hosts: &[String],
+    ) {
+        let connect_only = ["nc", "ncat", "netcat", "telnet"].contains(&tool);
+        let fails_on_5xx = words.iter().any(|w| {
+            w == "--fail"
+                || w == "--fail-with-body"
+                || (w.starts_with('-') && !w.starts_with("--") && w.contains('f'))
+        });
+        let lenient_curl = tool == "curl" && !fails_on_5xx;
+        if !connect_only && !lenient_curl {
+            return;
+        }
+        let what = match hosts.first() {
+            Some(h) => format!("`{h}`"),
+            None => "its dependency".to_owned(),
+        };
+        let field = script_field(c);
+        let (how, fix) = if connect_only {
+            (
+                format!("with a bare TCP connect (`{tool}`)"),
+                "use `outrider wait --tcp HOST:PORT` (it keeps the connection open for \
+                    `--settle`, and the proxy closes it when the target is unreachable), or a \
+                    check the dependency itself answers (`pg_isready`, `redis-cli ping`)",
+            )
+        } else {
+            (
+                "with `curl` without `-f`".to_owned(),
+                "add `-f` (`--fail`): curl then exits non-zero on a 5xx; or use `outrider wait \
+                    --http URL` (2xx only)",
+            )
+        };
+        self.push(
+            Severity::Error,
+            "wait-passes-through-proxy",
+            format!("{path}.{field}"),
+            [
+                format!(
+                    "init container `{}` checks {what} {how}, which the Outrider proxy answers \
+                        for every destination",
+                    c.name
+                ),
+                "in a meshed pod the proxy starts before this init container and iptables \
+                    sends its connections to the proxy, which accepts them at once (and answers \
+                    HTTP with 502/503 when the target is down): the wait passes while the \
+                    dependency is down"
+                    .to_owned(),
+                fix.to_owned(),
+            ],
+        );
+    }
+
+    fn outrider_wait_checks(&mut self, c: &Container, path: &str, behind_proxy: bool) {
         let argv: Vec<&str> = c
             .command
             .iter()
@@ -279,19 +361,27 @@ impl Pod<'_> {
         let Some(start) = argv.iter().position(|a| *a == "wait") else {
             return;
         };
-        let field = if c.args.is_some() { "args" } else { "command" };
+        let field = script_field(c);
         let mut it = argv[start + 1..].iter();
+        let (mut tcp, mut no_settle) = (None, false);
         while let Some(flag) = it.next() {
             let (flag, value): (&str, Option<&str>) = match flag.split_once('=') {
                 Some((f, v)) => (f, Some(v)),
                 None => (flag, None),
             };
-            if flag != "--tcp" && flag != "--http" {
+            if flag != "--tcp" && flag != "--http" && flag != "--settle" {
                 continue;
             }
             let Some(value) = value.or_else(|| it.next().copied()) else {
                 continue;
             };
+            if flag == "--settle" {
+                no_settle = outrider_control::duration::parse(value).is_ok_and(|d| d.is_zero());
+                continue;
+            }
+            if flag == "--tcp" {
+                tcp = Some(value);
+            }
             let host = if flag == "--tcp" {
                 crate::wait::parse_host_port(value).map(|hp| hp.host)
             } else {
@@ -314,6 +404,27 @@ impl Pod<'_> {
                     ],
                 ),
             }
+        }
+        if let Some(target) = tcp.filter(|_| behind_proxy && no_settle) {
+            self.push(
+                Severity::Error,
+                "wait-passes-through-proxy",
+                format!("{path}.{field}"),
+                [
+                    format!(
+                        "init container `{}` waits for `{target}` with `--settle 0`, a bare TCP \
+                            connect that the Outrider proxy answers for every destination",
+                        c.name
+                    ),
+                    "in a meshed pod the proxy starts before this init container and accepts \
+                        every connection at once: without --settle the wait passes while the \
+                        dependency is down"
+                        .to_owned(),
+                    "drop `--settle 0` (the default 500ms holds the connection until the proxy \
+                        closes it when the target is unreachable)"
+                        .to_owned(),
+                ],
+            );
         }
     }
 
@@ -828,6 +939,15 @@ fn is_outrider(c: &Container) -> bool {
         .next()
         .is_some_and(|i| i.starts_with("outrider:") || i == "outrider")
         || cmd0.is_some_and(|c| c == "outrider" || c.ends_with("/outrider"))
+}
+
+/// The field a container's script is in: `args` when it has them, else `command`.
+fn script_field(c: &Container) -> &'static str {
+    if c.args.is_some() {
+        "args"
+    } else {
+        "command"
+    }
 }
 
 /// The container's command and args as one string (a `sh -c` script is in there).

@@ -255,6 +255,34 @@ const MUST: &[(&str, &str, Severity, &str, &str)] = &[
         "Deployment shop/orders",
         "spec.template.spec.initContainers[4].command",
     ),
+    (
+        "wait-loops.yaml",
+        "wait-passes-through-proxy",
+        Severity::Error,
+        "Deployment shop/orders",
+        "spec.template.spec.initContainers[0].command",
+    ),
+    (
+        "wait-loops.yaml",
+        "wait-passes-through-proxy",
+        Severity::Error,
+        "Deployment shop/orders",
+        "spec.template.spec.initContainers[5].command",
+    ),
+    (
+        "wait-loops.yaml",
+        "wait-passes-through-proxy",
+        Severity::Error,
+        "Deployment shop/orders",
+        "spec.template.spec.initContainers[6].args",
+    ),
+    (
+        "wait-loops.yaml",
+        "wait-without-dns-check",
+        Severity::Warning,
+        "Deployment shop/batch-import",
+        "spec.template.spec.initContainers[0].command",
+    ),
 ];
 
 /// (file, check, object): what a case must not find (the negative half of each check).
@@ -303,6 +331,27 @@ const MUST_NOT: &[(&str, &str, &str)] = &[
         "wait-loops.yaml",
         "wait-without-dns-check",
         "spec.template.spec.initContainers[4]",
+    ),
+    // wget fails on a 5xx, `outrider wait` settles, and no proxy runs in an opted-out pod.
+    (
+        "wait-loops.yaml",
+        "wait-passes-through-proxy",
+        "spec.template.spec.initContainers[3]",
+    ),
+    (
+        "wait-loops.yaml",
+        "wait-passes-through-proxy",
+        "spec.template.spec.initContainers[1]",
+    ),
+    (
+        "wait-loops.yaml",
+        "wait-passes-through-proxy",
+        "Deployment shop/batch-import",
+    ),
+    (
+        "native-sidecars.yaml",
+        "wait-passes-through-proxy",
+        "Pod finance/billing",
     ),
 ];
 
