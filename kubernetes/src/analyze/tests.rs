@@ -383,6 +383,35 @@ fn every_check_fires_where_it_should_and_not_elsewhere() {
 }
 
 #[test]
+fn waits_behind_the_proxy_follow_the_injected_form() {
+    let text = read(&dir("manifests/wait-loops.yaml"));
+    let through = |text: &str| -> Vec<String> {
+        analyze(text)
+            .into_iter()
+            .filter(|f| f.check == "wait-passes-through-proxy")
+            .map(|f| f.path)
+            .collect()
+    };
+    // Native form: outrider-init, outrider-proxy, then the app's init containers, behind it.
+    let native = crate::inject::inject(&text, &crate::inject::InjectOptions::default()).unwrap();
+    assert_eq!(
+        through(&native.yaml),
+        [
+            "spec.template.spec.initContainers[2].command",
+            "spec.template.spec.initContainers[7].command",
+            "spec.template.spec.initContainers[8].args"
+        ]
+    );
+    // Legacy form: the app's init containers run as the proxy's uid, not captured.
+    let legacy = crate::inject::InjectOptions {
+        legacy_sidecar: true,
+        ..crate::inject::InjectOptions::default()
+    };
+    let legacy = crate::inject::inject(&text, &legacy).unwrap();
+    assert_eq!(through(&legacy.yaml), Vec::<String>::new());
+}
+
+#[test]
 fn the_pod_resources_come_from_outrider_resources() {
     let findings = analyze(&read(&dir("manifests/resources.yaml")));
     let ledger = findings
