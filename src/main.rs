@@ -1,6 +1,6 @@
 //! `outrider`: one binary for the whole mesh. Each subcommand is one component:
 //! `init` (traffic capture), `proxy` (the sidecar), `control` (the control plane), `demo`
-//! (everything on loopback); and for Kubernetes `inject`, `wait` and `resources`.
+//! (everything on loopback); and for Kubernetes `inject`, `wait`, `resources` and `analyze`.
 
 use std::process::ExitCode;
 
@@ -30,6 +30,8 @@ enum Command {
     Wait(outrider_kubernetes::WaitArgs),
     /// Report each workload's container resources and the pod's effective request.
     Resources(outrider_kubernetes::ResourcesArgs),
+    /// Why a pod will not start: findings on manifests (-f), or a diagnosis of live pods (--status).
+    Analyze(outrider_kubernetes::AnalyzeArgs),
     /// Run the whole data path on loopback (no root): load → proxy → proxy → app, then a summary.
     Demo(demo::DemoArgs),
     /// Run only the demo's built-in app (HTTP/1.1 + h2c, upgrade echo); used by the tests.
@@ -60,6 +62,7 @@ fn main() -> ExitCode {
         Command::Inject(args) => outrider_kubernetes::inject_main(args),
         Command::Wait(args) => outrider_kubernetes::wait::main(args),
         Command::Resources(args) => outrider_kubernetes::resources::main(args),
+        Command::Analyze(args) => outrider_kubernetes::analyze::main(args),
         Command::Demo(args) => demo::main(args),
         Command::DemoApp { listen, instance } => demo::app::main(listen, instance),
     }

@@ -1,6 +1,7 @@
 //! Outrider on Kubernetes, without a cluster connection: `outrider inject` (the mesh added to
 //! workload YAML), `outrider wait` (the dependency-wait init container) and `outrider resources`
-//! (what a pod requests, with and without the mesh).
+//! (what a pod requests, with and without the mesh), `outrider analyze` (why a pod will not
+//! start, from its manifest or its live status).
 //!
 //! Everything here reads files or stdin and writes stdout; nothing talks to an API server.
 //! Kubernetes objects are checked against the typed structs of `k8s-openapi` (API 1.30) and
@@ -8,6 +9,7 @@
 //! 0 done, 1 runtime failure (a file that cannot be read, a dependency not reachable in time),
 //! 2 bad usage or bad input (with the document and the field path).
 
+pub mod analyze;
 pub mod inject;
 pub mod manifest;
 pub mod quantity;
@@ -17,6 +19,7 @@ pub mod wait;
 use std::io::{Read as _, Write as _};
 use std::process::ExitCode;
 
+pub use analyze::AnalyzeArgs;
 pub use resources::ResourcesArgs;
 pub use wait::WaitArgs;
 

@@ -327,7 +327,8 @@ pub fn prefix(kind: WorkloadKind) -> String {
         .collect()
 }
 
-fn typed<T: DeserializeOwned>(object: &Value, at: &Location) -> Result<T, InputError> {
+/// `object` as the typed `T`, or the field path that does not fit.
+pub fn typed<T: DeserializeOwned>(object: &Value, at: &Location) -> Result<T, InputError> {
     serde_path_to_error::deserialize(object.clone()).map_err(|e| {
         let path = e.path().to_string();
         let path = if path == "." { String::new() } else { path };

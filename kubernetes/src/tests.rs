@@ -231,7 +231,7 @@ fn bad_annotations_and_fields_name_the_document_and_path() {
 }
 
 /// Whether `kubernetes-validate` can run; a loud skip otherwise, a failure under `CI=true`.
-fn validator() -> bool {
+pub(crate) fn validator() -> bool {
     let found = Command::new("kubernetes-validate")
         .arg("--version")
         .output()
@@ -248,7 +248,7 @@ fn validator() -> bool {
     found
 }
 
-fn validate(files: &[PathBuf]) -> std::process::Output {
+pub(crate) fn validate(files: &[PathBuf]) -> std::process::Output {
     Command::new("kubernetes-validate")
         .args(["--kubernetes-version", KUBERNETES_VERSION, "--strict"])
         .args(files)

@@ -26,7 +26,7 @@ fn text(bytes: &[u8]) -> String {
 }
 
 /// Runs `outrider args` with `input` on stdin.
-fn outrider_stdin(args: &[&str], input: &str) -> Output {
+pub(crate) fn outrider_stdin(args: &[&str], input: &str) -> Output {
     let mut child = Command::new(OUTRIDER)
         .args(args)
         .stdin(Stdio::piped())

@@ -7,6 +7,7 @@
 // Test code: a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod analyze;
 mod capture;
 mod control;
 mod dataplane;
