@@ -718,3 +718,51 @@ async fn a_retry_goes_to_another_endpoint_than_the_one_that_failed() {
     assert_eq!(failures(&statuses), 0, "{statuses:?}");
     assert!(bad.requests() > 0, "the failing endpoint was tried");
 }
+
+#[tokio::test]
+async fn a_thousand_endpoints_cost_no_connection_before_their_first_request() {
+    // One backend on every loopback address (0.0.0.0), named by 1,000 endpoints at
+    // 127.0.x.y: the first request opens one connection, not 1,000.
+    let l = TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let endpoints: String = (0..1_000u32)
+        .map(|i| {
+            format!(
+                "      - address: 127.0.{}.{}:{port}\n",
+                1 + i / 250,
+                1 + i % 250
+            )
+        })
+        .collect();
+    let yaml = format!(
+        "services:\n  - name: api\n    namespace: t\n    addresses: [198.18.77.1:80]\n    endpoints:\n{endpoints}workloads:\n  - name: t/client\n"
+    );
+    let mesh = start(&yaml, |_| {}).await;
+    let rsp = mesh
+        .client()
+        .request(mesh.request(Method::GET, "/", Bytes::new()))
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), StatusCode::OK);
+    assert_eq!(mesh.metric("outrider_upstream_connects_total", &[]), 1.0);
+    assert_eq!(
+        mesh.metric(
+            "outrider_balancer_endpoints",
+            &[("service", "t/api"), ("state", "ready")]
+        ),
+        1_000.0
+    );
+}
