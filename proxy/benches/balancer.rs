@@ -2,6 +2,9 @@
 //! the cost must not grow with the number of endpoints. `cargo bench -p outrider-proxy --bench
 //! balancer --features test-util`.
 
+// criterion's macros generate undocumented public functions.
+#![allow(missing_docs)]
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use outrider_proxy::test_util::PickBench;
 

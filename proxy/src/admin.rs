@@ -31,7 +31,7 @@ use crate::log::LogHandle;
 use crate::readiness::Readiness;
 
 /// What the admin endpoints read and act on.
-pub struct AdminState {
+pub(crate) struct AdminState {
     /// The proxy's metric registry.
     pub registry: Registry,
     /// What readiness waits for.
@@ -74,7 +74,7 @@ fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
 }
 
 /// Serves the admin API on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+pub(crate) async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     serve_http1(listener, move |req, peer| {
         let state = state.clone();
         async move { route(req, peer, &state).await }

@@ -19,7 +19,7 @@ use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 
 /// A boxed error, the error type inside the request stacks.
-pub type BoxError = Box<dyn StdError + Send + Sync>;
+pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// Why the proxy answered instead of the upstream: the `outrider-error` value and the label of
 /// `outrider_errors_total`. The discriminant indexes the metric handles.
@@ -204,7 +204,7 @@ trait Leaf {
 /// request may be sent elsewhere.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot connect to {addr}")]
-pub struct ConnectError {
+pub(crate) struct ConnectError {
     /// The address dialled.
     pub addr: SocketAddr,
     /// What the kernel said.
@@ -216,7 +216,7 @@ leaf!(ConnectError, Reason::ConnectFailed);
 /// The per-upstream connection bound is reached.
 #[derive(Debug, thiserror::Error)]
 #[error("{max} connections to {addr} are open already (the per-upstream bound)")]
-pub struct UpstreamBusy {
+pub(crate) struct UpstreamBusy {
     /// The upstream.
     pub addr: SocketAddr,
     /// The bound.
@@ -227,7 +227,7 @@ leaf!(UpstreamBusy, Reason::Overloaded);
 /// The upstream did not accept the connection within the connect timeout.
 #[derive(Debug, thiserror::Error)]
 #[error("connecting to {addr} timed out after {}", outrider_control::duration::format(*.after))]
-pub struct ConnectTimeout {
+pub(crate) struct ConnectTimeout {
     /// The address dialled.
     pub addr: SocketAddr,
     /// The connect timeout.
@@ -238,7 +238,7 @@ leaf!(ConnectTimeout, Reason::ConnectFailed);
 /// The upstream connection failed after it was established, before a whole response head.
 #[derive(Debug, thiserror::Error)]
 #[error("the upstream {addr} failed")]
-pub struct UpstreamFailed {
+pub(crate) struct UpstreamFailed {
     /// The endpoint.
     pub addr: SocketAddr,
     /// What hyper saw.
@@ -250,7 +250,7 @@ leaf!(UpstreamFailed, Reason::UpstreamFailed);
 /// The upstream answered an HTTP/2 connection preface with HTTP/1.
 #[derive(Debug, thiserror::Error)]
 #[error("the upstream {addr} does not speak HTTP/2 (it answered the HTTP/2 preface with something else than SETTINGS, e.g. HTTP/1)")]
-pub struct NotHttp2 {
+pub(crate) struct NotHttp2 {
     /// The endpoint.
     pub addr: SocketAddr,
 }
@@ -259,14 +259,14 @@ leaf!(NotHttp2, Reason::UpstreamProtocol);
 /// The request cannot be forwarded as received.
 #[derive(Debug, thiserror::Error)]
 #[error("bad request: {0}")]
-pub struct BadRequest(pub BoxError);
+pub(crate) struct BadRequest(pub BoxError);
 leaf!(BadRequest, Reason::BadRequest);
 
 /// Reading the client's request body failed: a malformed body (a bad chunk size) is the
 /// client's fault; an aborted upload is the client going away. Never the upstream's.
 #[derive(Debug, thiserror::Error)]
 #[error("reading the request body failed")]
-pub struct RequestBodyError(#[source] pub hyper::Error);
+pub(crate) struct RequestBodyError(#[source] pub hyper::Error);
 impl Leaf for RequestBodyError {
     fn reason(&self) -> Reason {
         if self.0.is_incomplete_message() || self.0.is_canceled() || is_abort(&self.0) {
@@ -304,7 +304,7 @@ fn is_abort(error: &(dyn StdError + 'static)) -> bool {
 /// body's own error): the reason the body's error had.
 #[derive(Debug, thiserror::Error)]
 #[error("the request body failed ({})", .0.as_str())]
-pub struct BodyFailed(pub Reason);
+pub(crate) struct BodyFailed(pub Reason);
 impl Leaf for BodyFailed {
     fn reason(&self) -> Reason {
         self.0
@@ -314,19 +314,19 @@ impl Leaf for BodyFailed {
 /// The request uses a transfer coding other than `chunked` (RFC 9112 6.1: 501).
 #[derive(Debug, thiserror::Error)]
 #[error("a transfer coding other than chunked is not supported")]
-pub struct UnsupportedTransferCoding;
+pub(crate) struct UnsupportedTransferCoding;
 leaf!(UnsupportedTransferCoding, Reason::UnsupportedTransferCoding);
 
 /// No view from the control plane has arrived yet.
 #[derive(Debug, thiserror::Error)]
 #[error("no config from the control plane yet")]
-pub struct NoConfig;
+pub(crate) struct NoConfig;
 leaf!(NoConfig, Reason::NoConfig);
 
 /// The destination is not a known service, and the view refuses unknown destinations.
 #[derive(Debug, thiserror::Error)]
 #[error("{dest} is not a known service address (unknown destinations are refused)")]
-pub struct NoRoute {
+pub(crate) struct NoRoute {
     /// The original destination.
     pub dest: SocketAddr,
 }
@@ -335,7 +335,7 @@ leaf!(NoRoute, Reason::NoRoute);
 /// The service has no endpoints.
 #[derive(Debug, thiserror::Error)]
 #[error("service {service} has no endpoints")]
-pub struct NoEndpoints {
+pub(crate) struct NoEndpoints {
     /// `namespace/name` of the service.
     pub service: Arc<str>,
 }
@@ -344,7 +344,7 @@ leaf!(NoEndpoints, Reason::NoEndpoints);
 /// Every endpoint of the service has its circuit breaker open.
 #[derive(Debug, thiserror::Error)]
 #[error("every endpoint of {service} has its circuit breaker open")]
-pub struct CircuitOpen {
+pub(crate) struct CircuitOpen {
     /// `namespace/name` of the service (or the destination address).
     pub service: Arc<str>,
 }
@@ -354,7 +354,7 @@ leaf!(CircuitOpen, Reason::CircuitOpen);
 /// as it may: the request is shed instead of queued.
 #[derive(Debug, thiserror::Error)]
 #[error("{service} has as many requests in flight as it may (--max-in-flight-per-endpoint, --max-in-flight-per-service)")]
-pub struct EndpointsBusy {
+pub(crate) struct EndpointsBusy {
     /// `namespace/name` of the service (or the destination address).
     pub service: Arc<str>,
 }
@@ -364,7 +364,7 @@ leaf!(EndpointsBusy, Reason::Overloaded);
 /// upstream refused the stream (`REFUSED_STREAM`): nothing was processed, so it may be retried.
 #[derive(Debug, thiserror::Error)]
 #[error("the HTTP/2 upstream {addr} refused the stream")]
-pub struct StreamRefused {
+pub(crate) struct StreamRefused {
     /// The endpoint.
     pub addr: SocketAddr,
 }
@@ -373,7 +373,7 @@ leaf!(StreamRefused, Reason::UpstreamFailed);
 /// The route's timeout passed before the response headers arrived.
 #[derive(Debug, thiserror::Error)]
 #[error("no response within the route timeout of {}", outrider_control::duration::format(*.after))]
-pub struct RouteTimeout {
+pub(crate) struct RouteTimeout {
     /// The route's timeout.
     pub after: Duration,
 }
@@ -382,7 +382,7 @@ leaf!(RouteTimeout, Reason::RequestTimeout);
 /// The request's target is this proxy itself.
 #[derive(Debug, thiserror::Error)]
 #[error("the target is this proxy itself")]
-pub struct Loop;
+pub(crate) struct Loop;
 leaf!(Loop, Reason::Loop);
 
 /// The mutual TLS handshake with an upstream failed: its certificate is not the identity
@@ -390,7 +390,7 @@ leaf!(Loop, Reason::Loop);
 /// has no certificate yet. Nothing of the request was sent.
 #[derive(Debug, thiserror::Error)]
 #[error("mutual TLS with {addr} (expected {peer}) failed")]
-pub struct TlsFailed {
+pub(crate) struct TlsFailed {
     /// The endpoint.
     pub addr: SocketAddr,
     /// The identity expected.
@@ -404,7 +404,7 @@ leaf!(TlsFailed, Reason::TlsFailed);
 /// The port's policy does not allow the caller.
 #[derive(Debug, thiserror::Error)]
 #[error("{peer} may not call port {port}: {why}")]
-pub struct Denied {
+pub(crate) struct Denied {
     /// The caller's identity, or `plaintext client`.
     pub peer: String,
     /// The app port.
@@ -453,7 +453,7 @@ fn leaf_reason(e: &(dyn StdError + 'static)) -> Option<Reason> {
 
 /// The outermost known leaf error in `error`'s cause chain (else `error` itself): what a log
 /// line should start from, without the wrappers' own prefixes.
-pub fn leaf<'a>(error: &'a (dyn StdError + 'static)) -> &'a (dyn StdError + 'static) {
+pub(crate) fn leaf<'a>(error: &'a (dyn StdError + 'static)) -> &'a (dyn StdError + 'static) {
     let mut next: Option<&'a (dyn StdError + 'static)> = Some(error);
     while let Some(e) = next {
         if leaf_reason(e).is_some() || e.is::<RequestBodyError>() {
@@ -467,7 +467,7 @@ pub fn leaf<'a>(error: &'a (dyn StdError + 'static)) -> &'a (dyn StdError + 'sta
 /// The reason `error` is answered with: the outermost known leaf in its cause chain. A request
 /// body error anywhere in the chain wins (hyper reports it as a failed exchange, but the client
 /// caused it); an unknown error is an upstream failure.
-pub fn reason_of(error: &(dyn StdError + 'static)) -> Reason {
+pub(crate) fn reason_of(error: &(dyn StdError + 'static)) -> Reason {
     let mut first = None;
     let mut next: Option<&(dyn StdError + 'static)> = Some(error);
     while let Some(e) = next {
@@ -483,7 +483,7 @@ pub fn reason_of(error: &(dyn StdError + 'static)) -> Reason {
 }
 
 /// The upstream endpoint a failure happened at, if its cause chain names one.
-pub fn upstream_of(error: &(dyn StdError + 'static)) -> Option<SocketAddr> {
+pub(crate) fn upstream_of(error: &(dyn StdError + 'static)) -> Option<SocketAddr> {
     let mut next: Option<&(dyn StdError + 'static)> = Some(error);
     while let Some(e) = next {
         macro_rules! addr_of {
@@ -509,7 +509,7 @@ pub fn upstream_of(error: &(dyn StdError + 'static)) -> Option<SocketAddr> {
 /// when nothing of it reached an upstream (the dial failed or timed out, the per-upstream bound
 /// was reached, the upstream turned out not to speak HTTP/2 before the request was written, or
 /// the HTTP/2 stream was refused).
-pub fn is_retryable(error: &(dyn StdError + 'static)) -> bool {
+pub(crate) fn is_retryable(error: &(dyn StdError + 'static)) -> bool {
     let mut next: Option<&(dyn StdError + 'static)> = Some(error);
     while let Some(e) = next {
         if e.is::<RequestBodyError>() {
@@ -535,13 +535,13 @@ pub fn is_retryable(error: &(dyn StdError + 'static)) -> bool {
 }
 
 /// The response body type of the proxy's HTTP servers: the upstream's body, or a local one.
-pub type ResponseBody = Either<hyper::body::Incoming, Full<Bytes>>;
+pub(crate) type ResponseBody = Either<hyper::body::Incoming, Full<Bytes>>;
 
 /// The header naming the reason of a locally generated response.
-pub const ERROR_HEADER: &str = "outrider-error";
+pub(crate) const ERROR_HEADER: &str = "outrider-error";
 
 /// Whether a request is gRPC (`content-type: application/grpc[+proto|...]`).
-pub fn is_grpc(headers: &HeaderMap) -> bool {
+pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
@@ -549,7 +549,7 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 
 /// Builds the local response for `reason`: plain text with the reason's status, or for a gRPC
 /// request a trailers-only gRPC response (HTTP 200, `grpc-status`, `grpc-message`).
-pub fn error_response(reason: Reason, grpc: bool) -> Response<ResponseBody> {
+pub(crate) fn error_response(reason: Reason, grpc: bool) -> Response<ResponseBody> {
     let text = format!("outrider: {}", reason.as_str());
     let mut rsp = if grpc {
         let mut rsp = Response::new(Either::Right(Full::new(Bytes::new())));
@@ -577,7 +577,7 @@ pub fn error_response(reason: Reason, grpc: bool) -> Response<ResponseBody> {
     rsp
 }
 
-pub use outrider_control::runtime::Chain;
+pub(crate) use outrider_control::runtime::Chain;
 
 #[cfg(test)]
 mod tests {

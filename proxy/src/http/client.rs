@@ -64,7 +64,7 @@ const WARN_INTERVAL: Duration = Duration::from_secs(30);
 
 /// What makes an upstream connection distinct.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct EndpointKey {
+pub(crate) struct EndpointKey {
     /// Where to connect.
     pub addr: SocketAddr,
     /// The identity the endpoint must present: with one (and an identity of this proxy's own),
@@ -74,7 +74,7 @@ pub struct EndpointKey {
 
 impl EndpointKey {
     /// A plaintext endpoint.
-    pub fn plain(addr: SocketAddr) -> Self {
+    pub(crate) fn plain(addr: SocketAddr) -> Self {
         Self {
             addr,
             identity: None,
@@ -85,13 +85,13 @@ impl EndpointKey {
 /// The request header that carries the HTTP/1 version an app spoke across a multiplexed
 /// HTTP/2 mesh connection, so the inbound proxy gives the app back what it sent (Linkerd's
 /// `l5d-orig-proto`). Never forwarded to an app.
-pub const ORIG_PROTO: &str = "outrider-orig-proto";
+pub(crate) const ORIG_PROTO: &str = "outrider-orig-proto";
 
-pub use crate::config::UpstreamHttp;
+pub(crate) use crate::config::UpstreamHttp;
 
 /// The table of upstreams, keyed by [`EndpointKey`].
 #[derive(Debug)]
-pub struct Upstreams {
+pub(crate) struct Upstreams {
     by_key: Mutex<HashMap<EndpointKey, Arc<Upstream>>>,
     connect: Connect,
     hop: HeaderValue,
@@ -100,7 +100,7 @@ pub struct Upstreams {
 impl Upstreams {
     /// An empty table whose upstreams dial with `connect`. Requests sent through it carry a hop
     /// marker of its own (one table per proxy).
-    pub fn new(connect: Connect) -> Self {
+    pub(crate) fn new(connect: Connect) -> Self {
         Self {
             by_key: Mutex::new(HashMap::new()),
             connect,
@@ -109,13 +109,13 @@ impl Upstreams {
     }
 
     /// The connect path (opaque TCP dials through it too).
-    pub fn connect(&self) -> &Connect {
+    pub(crate) fn connect(&self) -> &Connect {
         &self.connect
     }
 
     /// The upstream for `key`, created on first use. Called when a destination learns an
     /// endpoint, never per request.
-    pub fn get_or_insert(&self, key: EndpointKey) -> Arc<Upstream> {
+    pub(crate) fn get_or_insert(&self, key: EndpointKey) -> Arc<Upstream> {
         let mut map = match self.by_key.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
@@ -139,7 +139,7 @@ impl Upstreams {
 
 /// One upstream endpoint: its HTTP/1 pool and its HTTP/2 connection.
 #[derive(Debug)]
-pub struct Upstream {
+pub(crate) struct Upstream {
     key: EndpointKey,
     authority: Authority,
     h1: Client<FixedConnector, Body>,
@@ -197,17 +197,17 @@ impl Upstream {
     }
 
     /// The endpoint's address.
-    pub fn addr(&self) -> SocketAddr {
+    pub(crate) fn addr(&self) -> SocketAddr {
         self.key.addr
     }
 
     /// The identity the endpoint must present, if meshed.
-    pub fn identity(&self) -> Option<&Identity> {
+    pub(crate) fn identity(&self) -> Option<&Identity> {
         self.key.identity.as_ref()
     }
 
     /// Whether the upstream was found not to speak HTTP/2.
-    pub fn is_http1_only(&self) -> bool {
+    pub(crate) fn is_http1_only(&self) -> bool {
         self.http1_only.load(Ordering::Relaxed)
     }
 
@@ -586,7 +586,7 @@ impl<T: AsyncWrite> AsyncWrite for FirstBytes<T> {
 
 /// Dials one fixed upstream address, whatever the URI says (the HTTP/1 pool's connector).
 #[derive(Debug, Clone)]
-pub struct FixedConnector {
+pub(crate) struct FixedConnector {
     addr: SocketAddr,
     peer: Option<Identity>,
     connect: Connect,
@@ -614,7 +614,7 @@ impl tower::Service<Uri> for FixedConnector {
 
 /// The HTTP version a destination declares for its endpoints (from discovery).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum VersionHint {
+pub(crate) enum VersionHint {
     /// None: the `--upstream-http` policy decides.
     #[default]
     None,
@@ -638,7 +638,7 @@ pub struct Forward {
 impl Forward {
     /// Forwards to `upstream` (outbound: requests carry the hop marker), choosing the version
     /// by `hint`, else by `policy`.
-    pub fn new(upstream: Arc<Upstream>, policy: UpstreamHttp, hint: VersionHint) -> Self {
+    pub(crate) fn new(upstream: Arc<Upstream>, policy: UpstreamHttp, hint: VersionHint) -> Self {
         Self {
             upstream,
             policy,
@@ -648,7 +648,7 @@ impl Forward {
     }
 
     /// Forwards to the app in the pod: hop markers are removed, none is added.
-    pub fn to_app(upstream: Arc<Upstream>, policy: UpstreamHttp) -> Self {
+    pub(crate) fn to_app(upstream: Arc<Upstream>, policy: UpstreamHttp) -> Self {
         Self {
             mark_hop: false,
             ..Self::new(upstream, policy, VersionHint::None)
@@ -656,12 +656,12 @@ impl Forward {
     }
 
     /// The upstream's address.
-    pub fn addr(&self) -> SocketAddr {
+    pub(crate) fn addr(&self) -> SocketAddr {
         self.upstream.addr()
     }
 
     /// The version hint it was built with.
-    pub fn hint(&self) -> VersionHint {
+    pub(crate) fn hint(&self) -> VersionHint {
         self.hint
     }
 

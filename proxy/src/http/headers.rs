@@ -18,10 +18,10 @@ use crate::errors::{BadRequest, BoxError, Loop, UnsupportedTransferCoding};
 /// The hop marker (in the spirit of `Via`, RFC 9110 7.6.3): every request a proxy forwards
 /// carries that proxy's own token ([`hop_token`]), so a request that comes back to it is refused
 /// (508).
-pub const HOP: HeaderName = HeaderName::from_static("outrider-hop");
+pub(crate) const HOP: HeaderName = HeaderName::from_static("outrider-hop");
 
 /// A new random hop token, one per proxy.
-pub fn hop_token() -> HeaderValue {
+pub(crate) fn hop_token() -> HeaderValue {
     HeaderValue::from(fastrand::u64(1..u64::MAX))
 }
 
@@ -31,7 +31,10 @@ pub fn hop_token() -> HeaderValue {
 /// forwarding loop); then adds the hop marker. Without a token (inbound, towards the app) every
 /// hop marker is removed: the app is a new start, and a request that went through an app and
 /// comes back is an ordinary call chain (A → B → A), not a loop.
-pub fn check_request(headers: &mut HeaderMap, token: Option<&HeaderValue>) -> Result<(), BoxError> {
+pub(crate) fn check_request(
+    headers: &mut HeaderMap,
+    token: Option<&HeaderValue>,
+) -> Result<(), BoxError> {
     if headers.get_all(HOST).iter().nth(1).is_some() {
         return Err(BadRequest("more than one Host field".into()).into());
     }
@@ -67,7 +70,7 @@ const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Whether `headers` ask to switch protocols (`Connection: upgrade` plus `Upgrade`).
-pub fn is_upgrade(headers: &HeaderMap) -> bool {
+pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(UPGRADE) && connection_has(headers, "upgrade")
 }
 
@@ -80,7 +83,7 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 }
 
 /// Removes hop-by-hop fields. With `keep_upgrade`, the upgrade handshake fields stay.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Fields named in Connection are hop-by-hop too. Most messages have no Connection header, so
     // this allocates nothing on the common path.
     if headers.contains_key(CONNECTION) {

@@ -17,13 +17,13 @@ use crate::metrics::DirectionMetrics;
 
 /// Builds [`RequestMetrics`].
 #[derive(Debug, Clone)]
-pub struct RequestMetricsLayer {
+pub(crate) struct RequestMetricsLayer {
     metrics: Arc<DirectionMetrics>,
 }
 
 impl RequestMetricsLayer {
     /// Records into `metrics`.
-    pub fn new(metrics: Arc<DirectionMetrics>) -> Self {
+    pub(crate) fn new(metrics: Arc<DirectionMetrics>) -> Self {
         Self { metrics }
     }
 }
@@ -40,7 +40,7 @@ impl<S> tower::Layer<S> for RequestMetricsLayer {
 
 /// Records request and response metrics around `S`.
 #[derive(Debug, Clone)]
-pub struct RequestMetrics<S> {
+pub(crate) struct RequestMetrics<S> {
     inner: S,
     metrics: Arc<DirectionMetrics>,
 }

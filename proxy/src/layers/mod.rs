@@ -1,7 +1,7 @@
 //! Reusable tower layers of the request stacks. None of them knows about inbound, outbound,
 //! discovery or the clients below it; each layer's config, metrics and tests live in its module.
 
-pub mod metrics;
-pub mod rescue;
-pub mod retry;
-pub mod timeout;
+pub(crate) mod metrics;
+pub(crate) mod rescue;
+pub(crate) mod retry;
+pub(crate) mod timeout;

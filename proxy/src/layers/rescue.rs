@@ -23,18 +23,18 @@ use crate::errors::{error_response, is_grpc, is_retryable, BoxError, Chain, Reas
 use crate::metrics::DirectionMetrics;
 
 /// Maps an error to the reason it is answered with.
-pub type Mapping = fn(&(dyn StdError + 'static)) -> Reason;
+pub(crate) type Mapping = fn(&(dyn StdError + 'static)) -> Reason;
 
 /// Builds [`Rescue`].
 #[derive(Debug, Clone)]
-pub struct RescueLayer {
+pub(crate) struct RescueLayer {
     metrics: Arc<DirectionMetrics>,
     mapping: Mapping,
 }
 
 impl RescueLayer {
     /// Answers errors as `mapping` says, counting them into `metrics`.
-    pub fn new(metrics: Arc<DirectionMetrics>, mapping: Mapping) -> Self {
+    pub(crate) fn new(metrics: Arc<DirectionMetrics>, mapping: Mapping) -> Self {
         Self { metrics, mapping }
     }
 }
@@ -53,7 +53,7 @@ impl<S> tower::Layer<S> for RescueLayer {
 
 /// Turns `S`'s errors into responses; never fails.
 #[derive(Debug)]
-pub struct Rescue<S> {
+pub(crate) struct Rescue<S> {
     inner: S,
     metrics: Arc<DirectionMetrics>,
     mapping: Mapping,

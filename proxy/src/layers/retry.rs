@@ -40,7 +40,7 @@ use crate::errors::{is_retryable, upstream_of, BoxError, ResponseBody};
 use crate::http::Body;
 
 /// The largest request body kept for replay.
-pub const MAX_REPLAY: usize = 64 * 1024;
+pub(crate) const MAX_REPLAY: usize = 64 * 1024;
 
 /// Length of the budget's sliding window, in seconds.
 const WINDOW_SECS: u64 = 10;
@@ -50,7 +50,7 @@ const RESERVE_PER_SEC: u64 = 10;
 
 /// A route's retry policy, as a request extension (attached by the router).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RetryParams {
+pub(crate) struct RetryParams {
     /// Attempts after the first.
     pub attempts: u32,
     /// The budget's share of requests, in percent.
@@ -81,16 +81,16 @@ impl From<&outrider_control::api::RetryPolicy> for RetryParams {
 /// A response extension naming the endpoint that answered (set below the retry layer when the
 /// request has a retry policy), so a retry can go elsewhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ServedBy(pub SocketAddr);
+pub(crate) struct ServedBy(pub SocketAddr);
 
 /// A request extension on a retry: the endpoint the previous attempt failed at, which the
 /// balancer avoids when another is ready.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Avoid(pub SocketAddr);
+pub(crate) struct Avoid(pub SocketAddr);
 
 /// The request extension carrying a route's [`RetryParams`].
 #[derive(Debug, Clone)]
-pub struct RetryRoute(pub Arc<RetryParams>);
+pub(crate) struct RetryRoute(pub Arc<RetryParams>);
 
 /// Why a retryable outcome was not retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,7 +106,7 @@ pub enum Skipped {
 }
 
 /// Where retries are counted (a service's metrics).
-pub trait RetryStats: Send + Sync {
+pub(crate) trait RetryStats: Send + Sync {
     /// A retry was sent.
     fn retried(&self);
     /// A retryable outcome was not retried.
@@ -115,7 +115,7 @@ pub trait RetryStats: Send + Sync {
 
 /// A retry budget: requests and retries per second in a ring of [`WINDOW_SECS`] slots.
 #[derive(Debug)]
-pub struct Budget {
+pub(crate) struct Budget {
     born: Instant,
     slots: [Slot; WINDOW_SECS as usize],
 }
@@ -136,7 +136,7 @@ impl Default for Budget {
 
 impl Budget {
     /// An empty budget whose window starts now.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             born: Instant::now(),
             slots: Default::default(),
@@ -161,12 +161,12 @@ impl Budget {
     }
 
     /// Counts a request.
-    pub fn deposit(&self, now: Instant) {
+    pub(crate) fn deposit(&self, now: Instant) {
         self.slot(now).1.requests.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes one retry if the window has room for `percent` of its requests plus the reserve.
-    pub fn try_withdraw(&self, now: Instant, percent: u32) -> bool {
+    pub(crate) fn try_withdraw(&self, now: Instant, percent: u32) -> bool {
         let (second, slot) = self.slot(now);
         let (mut requests, mut retries) = (0u64, 0u64);
         for s in &self.slots {
@@ -189,7 +189,7 @@ impl Budget {
 
 /// Builds [`Retry`].
 #[derive(Clone)]
-pub struct RetryLayer {
+pub(crate) struct RetryLayer {
     budget: Arc<Budget>,
     stats: Arc<dyn RetryStats>,
 }
@@ -202,7 +202,7 @@ impl std::fmt::Debug for RetryLayer {
 
 impl RetryLayer {
     /// Retries within `budget`, counted in `stats`.
-    pub fn new(budget: Arc<Budget>, stats: Arc<dyn RetryStats>) -> Self {
+    pub(crate) fn new(budget: Arc<Budget>, stats: Arc<dyn RetryStats>) -> Self {
         Self { budget, stats }
     }
 }
@@ -220,7 +220,7 @@ impl<S> tower::Layer<S> for RetryLayer {
 
 /// Retries requests whose route has a [`RetryRoute`]; the rest pass through without a box.
 #[derive(Clone)]
-pub struct Retry<S> {
+pub(crate) struct Retry<S> {
     inner: S,
     budget: Arc<Budget>,
     stats: Arc<dyn RetryStats>,
@@ -235,7 +235,7 @@ impl<S: std::fmt::Debug> std::fmt::Debug for Retry<S> {
 }
 
 /// The response future of [`Retry`].
-pub type RetryFuture<F> =
+pub(crate) type RetryFuture<F> =
     Either<F, Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, BoxError>> + Send>>>;
 
 impl<S> tower::Service<Request<Body>> for Retry<S>

@@ -15,11 +15,11 @@ use crate::errors::{BoxError, RouteTimeout};
 
 /// The time a request's response headers may take, as a request extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RequestTimeout(pub Duration);
+pub(crate) struct RequestTimeout(pub Duration);
 
 /// Builds [`Timeout`].
 #[derive(Debug, Clone, Copy, Default)]
-pub struct RequestTimeoutLayer;
+pub(crate) struct RequestTimeoutLayer;
 
 impl<S> tower::Layer<S> for RequestTimeoutLayer {
     type Service = Timeout<S>;
@@ -30,7 +30,7 @@ impl<S> tower::Layer<S> for RequestTimeoutLayer {
 
 /// Applies each request's [`RequestTimeout`].
 #[derive(Debug, Clone)]
-pub struct Timeout<S> {
+pub(crate) struct Timeout<S> {
     inner: S,
 }
 

@@ -43,7 +43,7 @@ use crate::layers::timeout::RequestTimeout;
 
 /// What discovery says about one endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EndpointMeta {
+pub(crate) struct EndpointMeta {
     /// The identity it must present (mTLS).
     pub identity: Option<outrider_control::api::Identity>,
     /// Relative share of traffic.
@@ -52,7 +52,7 @@ pub struct EndpointMeta {
 
 /// Why no endpoint could be picked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Unavailable {
+pub(crate) enum Unavailable {
     /// The set is empty.
     NoEndpoints,
     /// Every endpoint's breaker is open.
@@ -63,7 +63,7 @@ pub enum Unavailable {
 
 /// An endpoint picked for one request.
 #[derive(Debug, Clone)]
-pub struct Pick {
+pub(crate) struct Pick {
     /// The endpoint.
     pub endpoint: Arc<Endpoint>,
     /// The request is the probe of its half-open breaker.
@@ -72,7 +72,7 @@ pub struct Pick {
 
 /// A destination's endpoints: the same endpoint objects across updates, indexed by address.
 #[derive(Debug, Default)]
-pub struct EndpointSet {
+pub(crate) struct EndpointSet {
     list: Vec<Arc<Endpoint>>,
     meta: Vec<EndpointMeta>,
     by_addr: HashMap<SocketAddr, usize>,
@@ -85,7 +85,7 @@ pub struct EndpointSet {
 
 impl EndpointSet {
     /// The endpoints, in discovery order.
-    pub fn iter(&self) -> impl Iterator<Item = (&Arc<Endpoint>, &EndpointMeta)> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&Arc<Endpoint>, &EndpointMeta)> {
         self.list.iter().zip(&self.meta)
     }
 
@@ -95,12 +95,17 @@ impl EndpointSet {
     /// with an open breaker are skipped; a half-open one whose open time has passed is picked as
     /// its breaker's probe. The cost does not grow with the number of endpoints unless most of
     /// them are unready (then one scan finds the last ready ones, or says why there are none).
-    pub fn pick(&self, now: Instant, limit: usize, bounded: bool) -> Result<Pick, Unavailable> {
+    pub(crate) fn pick(
+        &self,
+        now: Instant,
+        limit: usize,
+        bounded: bool,
+    ) -> Result<Pick, Unavailable> {
         self.pick_avoiding(now, limit, bounded, None)
     }
 
     /// [`pick`](Self::pick), never choosing the endpoint at `avoid` (a retry's failed one).
-    pub fn pick_avoiding(
+    pub(crate) fn pick_avoiding(
         &self,
         now: Instant,
         limit: usize,
@@ -220,7 +225,7 @@ impl EndpointSet {
 
     /// The set after `changes`, balanced by `balancer`: an endpoint re-inserted with the same
     /// identity keeps its object (its new weight applies); `make` builds a new one.
-    pub fn apply(
+    pub(crate) fn apply(
         &self,
         changes: Vec<Change<SocketAddr, EndpointMeta>>,
         balancer: Balancer,
@@ -299,7 +304,7 @@ impl EndpointSet {
 /// The changes that turn `current` into `wanted`: a removal for every endpoint no longer named,
 /// an insertion for every new endpoint and for every endpoint whose metadata changed. Linear in
 /// the two lists.
-pub fn diff(
+pub(crate) fn diff(
     current: &EndpointSet,
     wanted: &[(SocketAddr, EndpointMeta)],
 ) -> Vec<Change<SocketAddr, EndpointMeta>> {
@@ -391,7 +396,7 @@ impl Schedule {
 /// The balancer: picks a destination's endpoint in `poll_ready`, sends to it in `call`. A clone
 /// has not picked (every request, and every retry, picks anew).
 #[derive(Debug)]
-pub struct Balance {
+pub(crate) struct Balance {
     dest: Arc<Destination>,
     policy: UpstreamHttp,
     limits: Limits,
@@ -412,7 +417,7 @@ impl Clone for Balance {
 impl Balance {
     /// Balances over `dest`'s endpoints within `limits`, speaking HTTP as `policy` says where
     /// the destination does not declare a protocol.
-    pub fn new(dest: Arc<Destination>, policy: UpstreamHttp, limits: Limits) -> Self {
+    pub(crate) fn new(dest: Arc<Destination>, policy: UpstreamHttp, limits: Limits) -> Self {
         Self {
             dest,
             policy,

@@ -27,15 +27,15 @@ use crate::http::client::{EndpointKey, Upstreams, VersionHint};
 use crate::layers::retry::{Budget, RetryStats, Skipped};
 
 /// A destination with no connection for this long is evicted (checked every [`IDLE`] / 2).
-pub const IDLE: Duration = Duration::from_secs(300);
+pub(crate) const IDLE: Duration = Duration::from_secs(300);
 
 /// Destinations cached per stack at most: past it, the least recently used that no connection
 /// holds make room (an app that fans out to many addresses cannot grow the cache without bound).
-pub const MAX_DESTINATIONS: usize = 10_000;
+pub(crate) const MAX_DESTINATIONS: usize = 10_000;
 
 /// What discovery says a destination is.
 #[derive(Debug, Clone, Default)]
-pub enum Profile {
+pub(crate) enum Profile {
     /// No view from the control plane yet.
     #[default]
     NoConfig,
@@ -49,7 +49,7 @@ pub enum Profile {
 
 /// A service's routing data.
 #[derive(Debug, Clone)]
-pub struct ServiceProfile {
+pub(crate) struct ServiceProfile {
     /// `namespace/name`.
     pub id: Arc<str>,
     /// Protocol hint.
@@ -64,7 +64,7 @@ pub struct ServiceProfile {
 
 impl ServiceProfile {
     /// The HTTP version the service declares for its endpoints.
-    pub fn version_hint(&self) -> VersionHint {
+    pub(crate) fn version_hint(&self) -> VersionHint {
         match self.protocol {
             ServiceProtocol::Http1 => VersionHint::Http1,
             ServiceProtocol::Http2 | ServiceProtocol::Grpc => VersionHint::Http2,
@@ -75,7 +75,7 @@ impl ServiceProfile {
 
 /// A destination as resolved by the latest view.
 #[derive(Debug, Default)]
-pub struct Resolved {
+pub(crate) struct Resolved {
     /// What it is.
     pub profile: Profile,
     /// Its endpoints.
@@ -88,7 +88,7 @@ pub struct Resolved {
 
 /// One destination: its address and its latest resolution.
 #[derive(Debug)]
-pub struct Destination {
+pub(crate) struct Destination {
     addr: SocketAddr,
     state: RwLock<Arc<Resolved>>,
     /// Requests in flight to it, bounded per service.
@@ -99,12 +99,12 @@ pub struct Destination {
 
 impl Destination {
     /// The destination's address.
-    pub fn addr(&self) -> SocketAddr {
+    pub(crate) fn addr(&self) -> SocketAddr {
         self.addr
     }
 
     /// A destination at `addr` with nothing resolved yet.
-    pub fn new(addr: SocketAddr) -> Self {
+    pub(crate) fn new(addr: SocketAddr) -> Self {
         Self {
             addr,
             state: RwLock::new(Arc::default()),
@@ -114,17 +114,17 @@ impl Destination {
     }
 
     /// Requests in flight to it.
-    pub fn load(&self) -> &Arc<ServiceLoad> {
+    pub(crate) fn load(&self) -> &Arc<ServiceLoad> {
         &self.load
     }
 
     /// Its retry budget.
-    pub fn budget(&self) -> &Arc<Budget> {
+    pub(crate) fn budget(&self) -> &Arc<Budget> {
         &self.budget
     }
 
     /// The latest resolution (a cheap clone, read per request).
-    pub fn resolved(&self) -> Arc<Resolved> {
+    pub(crate) fn resolved(&self) -> Arc<Resolved> {
         match self.state.read() {
             Ok(s) => s.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
@@ -132,12 +132,12 @@ impl Destination {
     }
 
     /// Whether it is a service whose protocol is declared HTTP (`http1`, `http2`, `grpc`).
-    pub fn is_declared_http(&self) -> bool {
+    pub(crate) fn is_declared_http(&self) -> bool {
         matches!(&self.resolved().profile, Profile::Service(s) if s.version_hint() != VersionHint::None)
     }
 
     /// Whether connections to it skip protocol detection (an opaque service).
-    pub fn is_opaque(&self) -> bool {
+    pub(crate) fn is_opaque(&self) -> bool {
         matches!(&self.resolved().profile, Profile::Service(s) if s.protocol == ServiceProtocol::Opaque)
     }
 
@@ -266,7 +266,7 @@ impl<'a> Index<'a> {
 
 /// A cached destination with the stack built for it.
 #[derive(Debug)]
-pub struct Entry<S> {
+pub(crate) struct Entry<S> {
     /// The destination.
     pub dest: Arc<Destination>,
     /// Its HTTP request stack (cloned per connection).
@@ -275,7 +275,7 @@ pub struct Entry<S> {
 }
 
 /// The destination cache of one outbound stack.
-pub struct Destinations<S> {
+pub(crate) struct Destinations<S> {
     map: Mutex<HashMap<SocketAddr, Arc<Entry<S>>>>,
     upstreams: Arc<Upstreams>,
     views: Option<watch::Receiver<View>>,
@@ -295,7 +295,7 @@ impl<S: Send + Sync + 'static> Destinations<S> {
     /// A cache whose destinations resolve against `views` (none: passthrough) and get their
     /// stack from `build`. With views, a task follows them and re-resolves every destination;
     /// another evicts idle ones.
-    pub fn new(
+    pub(crate) fn new(
         upstreams: Arc<Upstreams>,
         views: Option<watch::Receiver<View>>,
         build: impl Fn(Arc<Destination>) -> S + Send + Sync + 'static,
@@ -322,7 +322,7 @@ impl<S: Send + Sync + 'static> Destinations<S> {
     }
 
     /// The destination at `addr` with its stack, built on first use.
-    pub fn get(&self, addr: SocketAddr) -> Arc<Entry<S>> {
+    pub(crate) fn get(&self, addr: SocketAddr) -> Arc<Entry<S>> {
         let mut map = match self.map.lock() {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
@@ -371,7 +371,7 @@ impl<S: Send + Sync + 'static> Destinations<S> {
     }
 
     /// Every cached destination.
-    pub fn entries(&self) -> Vec<Arc<Entry<S>>> {
+    pub(crate) fn entries(&self) -> Vec<Arc<Entry<S>>> {
         self.map
             .lock()
             .map(|m| m.values().cloned().collect())

@@ -46,7 +46,7 @@ const DEFAULT_RTT: Duration = Duration::from_millis(30);
 const DECAY: Duration = Duration::from_secs(10);
 
 /// The longest a breaker stays open.
-pub const MAX_OPEN: Duration = Duration::from_secs(60);
+pub(crate) const MAX_OPEN: Duration = Duration::from_secs(60);
 
 /// Bounds on requests in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,7 +68,7 @@ impl Default for Limits {
 
 /// A service's breaker settings (from discovery).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BreakerParams {
+pub(crate) struct BreakerParams {
     /// Consecutive failures that open the breaker.
     pub consecutive_failures: u32,
     /// How long it stays open the first time (doubled per failed probe, at most [`MAX_OPEN`]).
@@ -116,7 +116,7 @@ impl BreakerState {
 
 /// Whether an endpoint can take a request now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Readiness {
+pub(crate) enum Readiness {
     /// It can.
     Ready,
     /// Its breaker is open and its open time has passed: the next request is its probe.
@@ -129,7 +129,7 @@ pub enum Readiness {
 
 /// A per-endpoint circuit breaker: all atomics.
 #[derive(Debug, Default)]
-pub struct Breaker {
+pub(crate) struct Breaker {
     state: AtomicU8,
     failures: AtomicU32,
     /// Times opened in a row without closing (the backoff exponent).
@@ -140,14 +140,14 @@ pub struct Breaker {
 
 impl Breaker {
     /// The current state.
-    pub fn state(&self) -> BreakerState {
+    pub(crate) fn state(&self) -> BreakerState {
         BreakerState::from_u8(self.state.load(Ordering::Acquire))
     }
 }
 
 /// One endpoint of a destination: see the module docs.
 #[derive(Debug)]
-pub struct Endpoint {
+pub(crate) struct Endpoint {
     /// Where to connect.
     pub addr: SocketAddr,
     /// Its connections, shared with every destination that names the same endpoint.
@@ -164,7 +164,7 @@ pub struct Endpoint {
 impl Endpoint {
     /// A new endpoint at `addr`, reached through `upstream`, counting into `metrics` (service
     /// endpoints from discovery; none for a passthrough).
-    pub fn new(
+    pub(crate) fn new(
         addr: SocketAddr,
         upstream: Arc<Upstream>,
         metrics: Option<EndpointMetrics>,
@@ -186,17 +186,17 @@ impl Endpoint {
     }
 
     /// Requests (or opaque connections) in flight now.
-    pub fn pending(&self) -> usize {
+    pub(crate) fn pending(&self) -> usize {
         self.pending.load(Ordering::Relaxed)
     }
 
     /// The breaker's state.
-    pub fn breaker_state(&self) -> BreakerState {
+    pub(crate) fn breaker_state(&self) -> BreakerState {
         self.breaker.state()
     }
 
     /// The latency estimate at `now` (decayed since the last sample).
-    pub fn rtt(&self, now: Instant) -> Duration {
+    pub(crate) fn rtt(&self, now: Instant) -> Duration {
         Duration::from_nanos(self.rtt_now(self.ns(now)) as u64)
     }
 
@@ -208,7 +208,7 @@ impl Endpoint {
 
     /// The load the balancer compares: the latency estimate times the requests in flight plus
     /// one, divided by the weight discovery gives the endpoint.
-    pub fn cost(&self, now: Instant, weight: u32) -> f64 {
+    pub(crate) fn cost(&self, now: Instant, weight: u32) -> f64 {
         let pending = self.pending() as f64 + 1.0;
         // An estimate that decayed to nothing still ranks endpoints by their requests in flight.
         let rtt = self.rtt_now(self.ns(now)).max(1.0);
@@ -216,7 +216,7 @@ impl Endpoint {
     }
 
     /// Sets the latency estimate (a new endpoint of a service that has others).
-    pub fn seed_rtt(&self, rtt: Duration, now: Instant) {
+    pub(crate) fn seed_rtt(&self, rtt: Duration, now: Instant) {
         self.rtt_ns
             .store((rtt.as_nanos() as f64).to_bits(), Ordering::Relaxed);
         self.rtt_at_ns.store(self.ns(now), Ordering::Relaxed);
@@ -243,7 +243,7 @@ impl Endpoint {
 
     /// Whether the endpoint can take a request at `now` (the in-flight bound applies to
     /// requests, `bounded`; opaque connections only count as load).
-    pub fn readiness(&self, now: Instant, limit: usize, bounded: bool) -> Readiness {
+    pub(crate) fn readiness(&self, now: Instant, limit: usize, bounded: bool) -> Readiness {
         match self.breaker.state() {
             BreakerState::Closed => {}
             BreakerState::HalfOpen => return Readiness::Open,
@@ -263,7 +263,7 @@ impl Endpoint {
 
     /// Claims the probe of an open breaker whose time has passed; `false` if another request
     /// claimed it first.
-    pub fn claim_probe(&self) -> bool {
+    pub(crate) fn claim_probe(&self) -> bool {
         let claimed = self
             .breaker
             .state
@@ -281,7 +281,7 @@ impl Endpoint {
     }
 
     /// Starts tracking one request (or opaque connection) sent to this endpoint.
-    pub fn track(
+    pub(crate) fn track(
         self: &Arc<Self>,
         service: Option<Arc<ServiceLoad>>,
         breaker: Option<BreakerParams>,
@@ -362,7 +362,7 @@ impl Endpoint {
 
     /// A probe that ended without an outcome (cancelled, or not sent): let the next request
     /// probe.
-    pub fn abandon_probe(&self) {
+    pub(crate) fn abandon_probe(&self) {
         self.breaker.until_ns.store(0, Ordering::Release);
         let _ = self.breaker.state.compare_exchange(
             BreakerState::HalfOpen as u8,
@@ -406,13 +406,13 @@ fn open_time(open_for: Duration, opens: u32) -> Duration {
 
 /// Requests in flight to one service (all its endpoints), shared by its destination's requests.
 #[derive(Debug, Default)]
-pub struct ServiceLoad {
+pub(crate) struct ServiceLoad {
     in_flight: AtomicUsize,
 }
 
 impl ServiceLoad {
     /// Requests in flight to the service now.
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
     }
 }
@@ -420,7 +420,7 @@ impl ServiceLoad {
 /// One request (or opaque connection) in flight to an endpoint: releases its counts when dropped,
 /// and records the outcome (once).
 #[derive(Debug)]
-pub struct InFlight {
+pub(crate) struct InFlight {
     endpoint: Arc<Endpoint>,
     service: Option<Arc<ServiceLoad>>,
     breaker: Option<BreakerParams>,
@@ -438,12 +438,12 @@ impl InFlight {
     }
 
     /// Records a response head: its latency, and a 5xx as a failure.
-    pub fn response(&mut self, status: http::StatusCode) {
+    pub(crate) fn response(&mut self, status: http::StatusCode) {
         self.finish(status.is_server_error(), true);
     }
 
     /// Records an error: a failure when the upstream side caused it.
-    pub fn error(&mut self, error: &(dyn std::error::Error + 'static)) {
+    pub(crate) fn error(&mut self, error: &(dyn std::error::Error + 'static)) {
         let reason = reason_of(error);
         if reason.side() == Side::Upstream {
             self.finish(true, false);
@@ -458,7 +458,7 @@ impl InFlight {
     }
 
     /// Records a successful opaque connect (its latency) or a failed one.
-    pub fn connected(&mut self, ok: bool) {
+    pub(crate) fn connected(&mut self, ok: bool) {
         self.finish(!ok, ok);
     }
 
@@ -508,7 +508,7 @@ pin_project_lite::pin_project! {
 impl<F> Track<F> {
     /// Tracks `inner` with `in_flight`; a response gets `served` as an extension (requests that
     /// may be retried).
-    pub fn new(inner: F, in_flight: Option<InFlight>, served: Option<ServedBy>) -> Self {
+    pub(crate) fn new(inner: F, in_flight: Option<InFlight>, served: Option<ServedBy>) -> Self {
         Self {
             inner,
             in_flight,

@@ -16,13 +16,13 @@
 //! Everything right of "destination" is built once per destination ([`Destinations`]) and shared
 //! by every connection and worker; a connection only clones handles.
 
-pub mod backend;
-pub mod destination;
-pub mod endpoint;
-pub mod errors;
-pub mod metrics;
-pub mod opaque;
-pub mod route;
+pub(crate) mod backend;
+pub(crate) mod destination;
+pub(crate) mod endpoint;
+pub(crate) mod errors;
+pub(crate) mod metrics;
+pub(crate) mod opaque;
+pub(crate) mod route;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -57,11 +57,11 @@ use crate::transport::orig_dst::{Lookup, OrigDst};
 const FIRST_VIEW_WAIT: Duration = Duration::from_secs(5);
 
 /// The HTTP stack of one destination (see the module docs).
-pub type HttpStack = RequestMetrics<Rescue<LoadShed<Router<Timeout<Retry<Balance>>>>>>;
+pub(crate) type HttpStack = RequestMetrics<Rescue<LoadShed<Router<Timeout<Retry<Balance>>>>>>;
 
 /// How the outbound stack finds each connection's destination.
 #[derive(Clone)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// The original destination of each redirected connection (sidecar mode).
     OrigDst(Arc<dyn OrigDst>),
     /// A fixed destination (local mode's `--forward LISTEN=UPSTREAM`).
@@ -69,7 +69,7 @@ pub enum Mode {
 }
 
 /// One outbound stack: a listener's connections, its destinations and their request stacks.
-pub struct Outbound {
+pub(crate) struct Outbound {
     mode: Mode,
     lookup: Lookup,
     metrics: Arc<DirectionMetrics>,
@@ -83,7 +83,7 @@ pub struct Outbound {
 impl Outbound {
     /// An outbound stack in `mode`, counting into `metrics` (the outbound or forward handles),
     /// with endpoints from `upstreams` and, with a control plane, destinations resolved by `views`.
-    pub fn new(
+    pub(crate) fn new(
         mode: Mode,
         metrics: Arc<DirectionMetrics>,
         all: &Metrics,
@@ -129,7 +129,7 @@ impl Outbound {
     }
 
     /// Every destination in use, with its endpoints' state (`/endpoints`).
-    pub fn endpoints_json(&self) -> serde_json::Value {
+    pub(crate) fn endpoints_json(&self) -> serde_json::Value {
         let now = tokio::time::Instant::now();
         let dests: Vec<serde_json::Value> = self
             .destinations

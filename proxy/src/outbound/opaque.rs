@@ -16,7 +16,7 @@ use crate::transport::io::Activity;
 
 /// Forwards `io` to an endpoint of `dest` (over `upstream` when it is already connected) until
 /// either side is done; returns the bytes sent upstream and downstream.
-pub async fn forward<I>(
+pub(crate) async fn forward<I>(
     dest: &Destination,
     io: I,
     upstream: Option<crate::transport::connect::Upstream>,
@@ -36,7 +36,7 @@ where
 }
 
 /// Connects to an endpoint of `dest`, picked by the balancer.
-pub async fn connect(
+pub(crate) async fn connect(
     dest: &Destination,
     connect: &Connect,
     limits: Limits,

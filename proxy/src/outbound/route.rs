@@ -17,7 +17,7 @@ use crate::layers::timeout::RequestTimeout;
 
 /// A compiled route.
 #[derive(Debug, Clone)]
-pub struct Route {
+pub(crate) struct Route {
     /// Route name (shared: requests carry it without copying).
     pub name: Arc<str>,
     matches: RouteMatch,
@@ -29,7 +29,7 @@ pub struct Route {
 
 impl Route {
     /// Compiles a route from the view.
-    pub fn new(route: &outrider_control::api::Route) -> Self {
+    pub(crate) fn new(route: &outrider_control::api::Route) -> Self {
         Self {
             name: Arc::from(route.name.as_str()),
             matches: route.matches.clone(),
@@ -43,7 +43,7 @@ impl Route {
     }
 
     /// Whether the request matches (every condition given holds).
-    pub fn matches(&self, req: &Parts) -> bool {
+    pub(crate) fn matches(&self, req: &Parts) -> bool {
         let m = &self.matches;
         let path = req.uri.path();
         m.path.as_ref().is_none_or(|p| p == path)
@@ -64,18 +64,18 @@ impl Route {
 /// The name of the request's route, as a request extension (for logs and, later, per-route
 /// metrics).
 #[derive(Debug, Clone)]
-pub struct RouteName(pub Arc<str>);
+pub(crate) struct RouteName(pub Arc<str>);
 
 /// Builds [`Router`].
 #[derive(Debug, Clone)]
-pub struct RouterLayer {
+pub(crate) struct RouterLayer {
     dest: Arc<Destination>,
     default_timeout: Option<Duration>,
 }
 
 impl RouterLayer {
     /// Routes requests to `dest`; a request no route gives a timeout gets `default_timeout`.
-    pub fn new(dest: Arc<Destination>, default_timeout: Option<Duration>) -> Self {
+    pub(crate) fn new(dest: Arc<Destination>, default_timeout: Option<Duration>) -> Self {
         Self {
             dest,
             default_timeout,
@@ -96,7 +96,7 @@ impl<S> tower::Layer<S> for RouterLayer {
 
 /// Attaches the matching route's parameters to each request.
 #[derive(Debug, Clone)]
-pub struct Router<S> {
+pub(crate) struct Router<S> {
     inner: S,
     dest: Arc<Destination>,
     default_timeout: Option<Duration>,

@@ -34,7 +34,7 @@ const MAX_TRACKED: usize = 4096;
 
 /// Dials upstream endpoints; cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Connect {
+pub(crate) struct Connect {
     timeout: Duration,
     connects: IntCounter,
     max_per_upstream: usize,
@@ -52,7 +52,7 @@ struct MeshClient {
 impl Connect {
     /// Dials within `timeout`, counting every dial in `connects`, with at most
     /// `max_per_upstream` connections open to one address.
-    pub fn new(timeout: Duration, connects: IntCounter, max_per_upstream: usize) -> Self {
+    pub(crate) fn new(timeout: Duration, connects: IntCounter, max_per_upstream: usize) -> Self {
         Self {
             timeout,
             connects,
@@ -64,19 +64,19 @@ impl Connect {
 
     /// Originates mutual TLS with `store`'s certificate to endpoints that have an identity,
     /// counting handshakes in `handshakes`.
-    pub fn with_tls(mut self, store: Arc<IdentityStore>, handshakes: Handshakes) -> Self {
+    pub(crate) fn with_tls(mut self, store: Arc<IdentityStore>, handshakes: Handshakes) -> Self {
         self.tls = Some(MeshClient { store, handshakes });
         self
     }
 
     /// Whether this proxy originates mTLS (it has an identity configured).
-    pub fn is_meshed(&self) -> bool {
+    pub(crate) fn is_meshed(&self) -> bool {
         self.tls.is_some()
     }
 
     /// Connects to `addr`, in mutual TLS carrying `alpn` when `peer` names the endpoint's
     /// identity and this proxy has one (else in plaintext, as before mTLS).
-    pub async fn connect_to(
+    pub(crate) async fn connect_to(
         &self,
         addr: SocketAddr,
         peer: Option<&Identity>,
@@ -94,7 +94,7 @@ impl Connect {
     /// A session resumed with a peer whose certificate has expired since (resumption does not
     /// verify it again) is not used: the cached sessions for that peer are dropped and the
     /// connection is made again with a full handshake.
-    pub async fn connect_tls(
+    pub(crate) async fn connect_tls(
         &self,
         addr: SocketAddr,
         peer: &Identity,
@@ -155,7 +155,7 @@ impl Connect {
     }
 
     /// The bound on open connections per upstream address.
-    pub fn max_per_upstream(&self) -> usize {
+    pub(crate) fn max_per_upstream(&self) -> usize {
         self.max_per_upstream
     }
 
@@ -186,7 +186,7 @@ impl Connect {
     /// Connects to `addr` with Nagle off and TCP keepalive on (probes after 30 s idle, every
     /// 10 s, so an upstream that vanished without a FIN is found). Fails with [`UpstreamBusy`],
     /// [`ConnectError`] or [`ConnectTimeout`].
-    pub async fn connect(&self, addr: SocketAddr) -> Result<Upstream, BoxError> {
+    pub(crate) async fn connect(&self, addr: SocketAddr) -> Result<Upstream, BoxError> {
         let permit = self.slot(addr)?;
         self.connects.inc();
         let stream = match tokio::time::timeout(self.timeout, TcpStream::connect(addr)).await {
@@ -225,7 +225,7 @@ enum Stream {
 
 /// An upstream connection; its slot in the per-upstream bound is freed when it closes.
 #[derive(Debug)]
-pub struct Upstream {
+pub(crate) struct Upstream {
     stream: Stream,
     /// Application bytes read while waiting for the upstream to speak first (TLS only).
     pending: Bytes,

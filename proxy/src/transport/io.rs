@@ -30,7 +30,7 @@ pin_project! {
 
 impl<T> PrefixedIo<T> {
     /// Wraps `io`, replaying `prefix` before its own bytes.
-    pub fn new(prefix: Bytes, io: T) -> Self {
+    pub(crate) fn new(prefix: Bytes, io: T) -> Self {
         Self { prefix, io }
     }
 }
@@ -80,7 +80,7 @@ impl<T: AsyncWrite> AsyncWrite for PrefixedIo<T> {
 
 /// The last time a connection moved a byte, readable from another task.
 #[derive(Debug, Clone)]
-pub struct Activity {
+pub(crate) struct Activity {
     start: Instant,
     last_ms: Arc<AtomicU64>,
 }
@@ -93,7 +93,7 @@ impl Default for Activity {
 
 impl Activity {
     /// A clock that starts now.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             start: Instant::now(),
             last_ms: Arc::new(AtomicU64::new(0)),
@@ -101,19 +101,19 @@ impl Activity {
     }
 
     /// Records activity now.
-    pub fn touch(&self) {
+    pub(crate) fn touch(&self) {
         let ms = self.start.elapsed().as_millis() as u64;
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 
     /// How long since the last recorded activity.
-    pub fn idle_for(&self) -> Duration {
+    pub(crate) fn idle_for(&self) -> Duration {
         let now = self.start.elapsed().as_millis() as u64;
         Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
     }
 
     /// Resolves once nothing has moved for `timeout` and `is_busy` says no work is in flight.
-    pub async fn idle(&self, timeout: Duration, is_busy: impl Fn() -> bool) {
+    pub(crate) async fn idle(&self, timeout: Duration, is_busy: impl Fn() -> bool) {
         loop {
             let idle = self.idle_for();
             if idle >= timeout && !is_busy() {
@@ -140,7 +140,7 @@ pin_project! {
 impl<T> MeteredIo<T> {
     /// Wraps an accepted connection's `io`, counting into its direction's TCP byte counters, with
     /// a fresh activity clock (returned too, for the idle timeouts).
-    pub fn accepted(io: T, metrics: &crate::metrics::DirectionMetrics) -> (Self, Activity) {
+    pub(crate) fn accepted(io: T, metrics: &crate::metrics::DirectionMetrics) -> (Self, Activity) {
         let activity = Activity::new();
         let io = Self {
             io,

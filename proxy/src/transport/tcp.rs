@@ -11,7 +11,7 @@ use crate::transport::io::Activity;
 
 /// Copies between `downstream` and `upstream` until both close or nothing moves for
 /// `idle_timeout`. Returns the bytes sent upstream and downstream.
-pub async fn copy<D, U>(
+pub(crate) async fn copy<D, U>(
     mut downstream: D,
     mut upstream: U,
     idle_timeout: Duration,
