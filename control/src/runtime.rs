@@ -25,6 +25,30 @@ pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>>
     rsp
 }
 
+/// A 200 JSON response of `value` (compact, or `pretty` for people), or a 500 saying why it
+/// could not be encoded (never an empty 200).
+pub fn json(value: &impl serde::Serialize, pretty: bool) -> Response<Full<Bytes>> {
+    let body = if pretty {
+        serde_json::to_vec_pretty(value)
+    } else {
+        serde_json::to_vec(value)
+    };
+    match body {
+        Ok(body) => {
+            let mut rsp = text(StatusCode::OK, body);
+            rsp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            rsp
+        }
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode JSON: {e}\n"),
+        ),
+    }
+}
+
 /// Serves HTTP/1.1 on `listener` with `handler(request, peer)` until the task is dropped. Headers
 /// must arrive within 10 s; a failed accept is logged and retried after 50 ms.
 pub async fn serve_http1<H, Fut>(listener: TcpListener, handler: H)

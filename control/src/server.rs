@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{header, Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use prometheus::{Encoder, IntCounter, IntGauge, Registry, TextEncoder};
@@ -349,17 +349,7 @@ impl ControlPlane {
 
     fn json(&self, view: &crate::api::WatchResponse) -> Response<Full<Bytes>> {
         self.metrics.responses.inc();
-        match serde_json::to_vec(view) {
-            Ok(body) => {
-                let mut rsp = text(StatusCode::OK, body);
-                rsp.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    header::HeaderValue::from_static("application/json"),
-                );
-                rsp
-            }
-            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
-        }
+        crate::runtime::json(view, false)
     }
 }
 

@@ -55,22 +55,9 @@ pub(crate) struct AdminState {
     pub outbounds: Vec<Arc<crate::outbound::Outbound>>,
 }
 
-/// A JSON response (500 if it cannot be encoded, never an empty 200).
+/// A JSON response for people (500 if it cannot be encoded, never an empty 200).
 fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
-    match serde_json::to_string_pretty(value) {
-        Ok(body) => {
-            let mut rsp = text(StatusCode::OK, body);
-            rsp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("application/json"),
-            );
-            rsp
-        }
-        Err(e) => text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot encode JSON: {e}\n"),
-        ),
-    }
+    outrider_control::runtime::json(value, true)
 }
 
 /// Serves the admin API on `listener` until the task is dropped.

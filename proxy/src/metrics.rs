@@ -326,13 +326,26 @@ impl DirectionMetrics {
     }
 }
 
-fn counter_vec(
+/// Registers a counter family with `labels`.
+pub(crate) fn counter_vec(
     registry: &Registry,
     name: &str,
     help: &str,
     labels: &[&str],
 ) -> prometheus::Result<IntCounterVec> {
     let v = IntCounterVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(v.clone()))?;
+    Ok(v)
+}
+
+/// Registers a gauge family with `labels`.
+pub(crate) fn gauge_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntGaugeVec> {
+    let v = IntGaugeVec::new(Opts::new(name, help), labels)?;
     registry.register(Box::new(v.clone()))?;
     Ok(v)
 }

@@ -275,6 +275,7 @@ impl Endpoint {
             )
             .is_ok();
         if claimed {
+            tracing::info!(endpoint = %self.addr, "circuit breaker half-open: probing");
             self.transition(BreakerState::HalfOpen, None);
         }
         claimed

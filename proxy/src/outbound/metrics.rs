@@ -11,9 +11,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Registry,
 };
+
+use crate::metrics::{counter_vec, gauge_vec};
 
 use super::endpoint::BreakerState;
 use crate::layers::retry::Skipped;
@@ -59,28 +61,6 @@ pub struct ResilienceMetrics {
     transitions: IntCounterVec,
     latency: HistogramVec,
     services: Arc<Mutex<HashMap<String, Weak<ServiceMetrics>>>>,
-}
-
-fn counter_vec(
-    r: &Registry,
-    name: &str,
-    help: &str,
-    labels: &[&str],
-) -> prometheus::Result<IntCounterVec> {
-    let v = IntCounterVec::new(Opts::new(name, help), labels)?;
-    r.register(Box::new(v.clone()))?;
-    Ok(v)
-}
-
-fn gauge_vec(
-    r: &Registry,
-    name: &str,
-    help: &str,
-    labels: &[&str],
-) -> prometheus::Result<IntGaugeVec> {
-    let v = IntGaugeVec::new(Opts::new(name, help), labels)?;
-    r.register(Box::new(v.clone()))?;
-    Ok(v)
 }
 
 impl ResilienceMetrics {
