@@ -9,6 +9,7 @@ pub mod ca;
 pub mod cli;
 pub mod client;
 pub mod duration;
+pub mod kubernetes;
 pub mod mesh;
 pub mod nesting;
 pub mod quoted;

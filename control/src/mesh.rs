@@ -305,7 +305,28 @@ impl Mesh {
 
     /// The view of `workload` at `version`; `None` if the workload is unknown.
     pub fn view(&self, workload: &WorkloadId, version: &str) -> Option<WatchResponse> {
-        let w = self.workloads.get(workload)?;
+        self.view_or_default(workload, version, false)
+    }
+
+    /// [`Mesh::view`]; with `open`, a workload the config does not name gets the view of a
+    /// workload with no entry: it may call every service, its ports have the default policy.
+    pub fn view_or_default(
+        &self,
+        workload: &WorkloadId,
+        version: &str,
+        open: bool,
+    ) -> Option<WatchResponse> {
+        let fallback = Workload {
+            calls: None,
+            unknown_destinations: None,
+            servers: Vec::new(),
+            default_policy: DefaultPolicy::default(),
+        };
+        let w = match self.workloads.get(workload) {
+            Some(w) => w,
+            None if open => &fallback,
+            None => return None,
+        };
         let services = self
             .services
             .iter()

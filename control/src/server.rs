@@ -88,6 +88,9 @@ impl Metrics {
 /// A running control plane's shared state.
 pub struct ControlPlane {
     snapshots: watch::Sender<Arc<Snapshot>>,
+    /// The sources of the view: the mesh file's last good config, and the services the
+    /// Kubernetes API describes (`None` until it has been listed, or without `--kubernetes`).
+    sources: std::sync::Mutex<Sources>,
     authority: Option<Arc<Authority>>,
     epoch: String,
     registry: Registry,
@@ -122,9 +125,14 @@ impl ControlPlane {
             version: format!("{epoch}-1"),
             mesh,
         });
+        let sources = std::sync::Mutex::new(Sources {
+            file: first.mesh.clone(),
+            discovered: None,
+        });
         let (snapshots, _) = watch::channel(first);
         Ok(Arc::new(Self {
             snapshots,
+            sources,
             authority,
             epoch,
             registry,
@@ -144,28 +152,15 @@ impl ControlPlane {
         self.install(Mesh::parse(yaml))
     }
 
-    /// Makes a parsed mesh the new version, or counts and logs the rejection.
+    /// Makes a parsed mesh file the new version (merged with the discovered services), or
+    /// counts and logs the rejection.
     fn install(&self, parsed: Result<Mesh, Vec<ConfigError>>) -> Result<String, Vec<ConfigError>> {
         match parsed {
             Ok(mesh) => {
-                let mut version = String::new();
-                self.snapshots.send_modify(|snap| {
-                    let n = snap
-                        .version
-                        .rsplit('-')
-                        .next()
-                        .and_then(|n| n.parse::<u64>().ok())
-                        .unwrap_or(0)
-                        + 1;
-                    version = format!("{}-{n}", self.epoch);
-                    tracing::info!(%version, "config applied: {}", mesh.summary());
-                    *snap = Arc::new(Snapshot {
-                        version: version.clone(),
-                        mesh,
-                    });
-                });
-                self.metrics.applied.inc();
-                Ok(version)
+                let mut sources = self.lock_sources();
+                let merged = sources.merged_with(&mesh);
+                sources.file = mesh;
+                Ok(self.publish(merged, "config applied"))
             }
             Err(errors) => {
                 self.metrics.rejected.inc();
@@ -175,6 +170,41 @@ impl ControlPlane {
                 Err(errors)
             }
         }
+    }
+
+    /// The sources, even if a thread panicked while holding them (they are replaced whole).
+    fn lock_sources(&self) -> std::sync::MutexGuard<'_, Sources> {
+        self.sources
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Serves `mesh` as the next version; returns the version.
+    fn publish(&self, mesh: Mesh, what: &str) -> String {
+        let mut version = String::new();
+        self.snapshots.send_modify(|snap| {
+            let n = snap
+                .version
+                .rsplit('-')
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0)
+                + 1;
+            version = format!("{}-{n}", self.epoch);
+            tracing::info!(%version, "{what}: {}", mesh.summary());
+            *snap = Arc::new(Snapshot {
+                version: version.clone(),
+                mesh,
+            });
+        });
+        self.metrics.applied.inc();
+        version
+    }
+
+    /// Whether a workload the mesh file does not name gets the default view (with
+    /// `--kubernetes`, once the API has been listed: injected workloads need no entry).
+    fn open_workloads(&self) -> bool {
+        self.lock_sources().discovered.is_some()
     }
 
     /// Follows `path`, whose text `last` is in force: every change is applied or rejected (see
@@ -295,7 +325,8 @@ impl ControlPlane {
         };
         let mut rx = self.snapshots.subscribe();
         let snap = rx.borrow_and_update().clone();
-        let Some(mut view) = snap.mesh.view(&q.workload, &snap.version) else {
+        let open = self.open_workloads();
+        let Some(mut view) = snap.mesh.view_or_default(&q.workload, &snap.version, open) else {
             return text(
                 StatusCode::NOT_FOUND,
                 format!(
@@ -316,7 +347,9 @@ impl ControlPlane {
                 Err(_) | Ok(Err(_)) => return not_modified(),
                 Ok(Ok(())) => {
                     let snap = rx.borrow_and_update().clone();
-                    let Some(next) = snap.mesh.view(&q.workload, &snap.version) else {
+                    let open = self.open_workloads();
+                    let Some(next) = snap.mesh.view_or_default(&q.workload, &snap.version, open)
+                    else {
                         return text(
                             StatusCode::NOT_FOUND,
                             format!(
@@ -359,6 +392,35 @@ impl ControlPlane {
                 rsp
             }
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        }
+    }
+}
+
+/// The sources of the view.
+struct Sources {
+    /// The mesh file's last good config.
+    file: Mesh,
+    /// The services the Kubernetes API describes, once listed.
+    discovered: Option<Vec<crate::api::Service>>,
+}
+
+impl Sources {
+    /// `file` merged with the discovered services, if any.
+    fn merged_with(&self, file: &Mesh) -> Mesh {
+        match &self.discovered {
+            Some(d) => crate::kubernetes::view::merge(file, d),
+            None => file.clone(),
+        }
+    }
+}
+
+impl crate::kubernetes::watch::Sink for ControlPlane {
+    fn discovered(&self, services: Vec<crate::api::Service>) {
+        let mut sources = self.lock_sources();
+        sources.discovered = Some(services);
+        let merged = sources.merged_with(&sources.file);
+        if merged != self.current().mesh {
+            self.publish(merged, "Kubernetes API change applied");
         }
     }
 }
@@ -561,6 +623,14 @@ pub struct ControlArgs {
     #[arg(long = "server-name", env = "OUTRIDER_SERVER_NAME", value_name = "NAME", value_delimiter = ',',
           default_values_t = DEFAULT_SERVER_NAMES.iter().map(|s| s.to_string()).collect::<Vec<_>>())]
     pub server_names: Vec<String>,
+    /// Discover services, endpoints and identities from the Kubernetes API server (in-cluster
+    /// configuration when KUBERNETES_SERVICE_HOST is set, else --kubeconfig, KUBECONFIG or
+    /// ~/.kube/config); the mesh file adds routes, policy and services outside the cluster.
+    #[arg(long, env = "OUTRIDER_KUBERNETES")]
+    pub kubernetes: bool,
+    /// The kubeconfig to reach the API server with (with --kubernetes).
+    #[arg(long, value_name = "FILE", requires = "kubernetes")]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// What `outrider control` does before it serves: `--check` (the exit code), or the mesh to serve.
@@ -697,6 +767,19 @@ pub async fn serve(
     );
     if let Some(path) = args.config.clone() {
         tokio::spawn(cp.clone().follow(path, text));
+    }
+    if args.kubernetes {
+        match crate::kubernetes::client(args.kubeconfig.as_deref()).await {
+            Ok(client) => crate::kubernetes::watch::spawn(
+                client,
+                started.authority.trust_domain().to_string(),
+                cp.clone(),
+            ),
+            Err(e) => {
+                eprintln!("outrider control: --kubernetes: {e:#}");
+                return ExitCode::from(2);
+            }
+        }
     }
     let (serving, config) = match tls {
         Some((serving, config)) => (Some(serving), Some(config)),

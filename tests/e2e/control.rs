@@ -15,16 +15,16 @@ use std::time::{Duration, Instant};
 
 use crate::support::{self, ChildGuard, PortHold, TempDir};
 
-const OUTRIDER: &str = env!("CARGO_BIN_EXE_outrider");
+pub(crate) const OUTRIDER: &str = env!("CARGO_BIN_EXE_outrider");
 const VIP: &str = "198.18.100.1:80";
 /// How long a change may take to reach the proxy or show in its traffic.
-const CHANGE_TIMEOUT: Duration = Duration::from_secs(15);
+pub(crate) const CHANGE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A minimal HTTP/1.1 response: status, headers (lower-case names), body.
-struct Answer {
-    status: u16,
+pub(crate) struct Answer {
+    pub(crate) status: u16,
     headers: Vec<(String, String)>,
-    body: String,
+    pub(crate) body: String,
 }
 
 impl Answer {
@@ -85,7 +85,7 @@ fn connect(addr: SocketAddr) -> BufReader<TcpStream> {
 }
 
 /// One request on a fresh connection.
-fn get(addr: SocketAddr, path: &str) -> Answer {
+pub(crate) fn get(addr: SocketAddr, path: &str) -> Answer {
     exchange(&mut connect(addr), "GET", path).unwrap()
 }
 
@@ -109,14 +109,14 @@ fn write_mesh(dir: &TempDir, yaml: &str) -> Instant {
 
 /// One answer of the load: when its request started, its status, and the instance that served it.
 #[derive(Debug)]
-struct Sent {
-    started: Instant,
-    status: u16,
-    instance: String,
+pub(crate) struct Sent {
+    pub(crate) started: Instant,
+    pub(crate) status: u16,
+    pub(crate) instance: String,
 }
 
 /// The constant load: one keep-alive connection, a request every 2 ms, every answer recorded.
-struct Load {
+pub(crate) struct Load {
     stop: Arc<AtomicBool>,
     started: Arc<AtomicU64>,
     log: Arc<Mutex<Vec<Sent>>>,
@@ -124,7 +124,7 @@ struct Load {
 }
 
 impl Load {
-    fn start(addr: SocketAddr) -> Load {
+    pub(crate) fn start(addr: SocketAddr) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let started = Arc::new(AtomicU64::new(0));
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -168,13 +168,18 @@ impl Load {
     }
 
     /// How many requests the load has started so far.
-    fn started(&self) -> u64 {
+    pub(crate) fn started(&self) -> u64 {
         self.started.load(Ordering::SeqCst)
     }
 
     /// Waits (at most `within`) for an answer from `instance` to a request started at or after
     /// `since`; returns when that request started.
-    fn wait_for(&self, instance: &str, since: Instant, within: Duration) -> Option<Instant> {
+    pub(crate) fn wait_for(
+        &self,
+        instance: &str,
+        since: Instant,
+        within: Duration,
+    ) -> Option<Instant> {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             let found = self
@@ -194,7 +199,7 @@ impl Load {
     }
 
     /// Answers from `instance` to requests started at or after `since`.
-    fn count_since(&self, instance: &str, since: Instant) -> usize {
+    pub(crate) fn count_since(&self, instance: &str, since: Instant) -> usize {
         self.log
             .lock()
             .unwrap()
@@ -203,7 +208,7 @@ impl Load {
             .count()
     }
 
-    fn finish(mut self) -> Vec<Sent> {
+    pub(crate) fn finish(mut self) -> Vec<Sent> {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             t.join().unwrap();
@@ -213,7 +218,7 @@ impl Load {
 }
 
 /// A demo app instance on a loopback port of its own; returns once it listens.
-fn start_app(instance: &str) -> (u16, ChildGuard) {
+pub(crate) fn start_app(instance: &str) -> (u16, ChildGuard) {
     support::spawn_listening(
         instance,
         None,
@@ -240,7 +245,7 @@ fn start_control(dir: Option<&TempDir>, port: Option<u16>) -> (SocketAddr, Child
 }
 
 /// [`start_control`] with `extra` flags instead of `--plaintext`.
-fn start_control_with(
+pub(crate) fn start_control_with(
     dir: Option<&TempDir>,
     port: Option<u16>,
     extra: &[&str],
@@ -266,7 +271,7 @@ fn start_control_with(
 
 /// A proxy with `args`, its admin server and listeners on port 0; returns it with the addresses
 /// it bound (from its log).
-fn start_proxy(args: &[&str]) -> (ChildGuard, support::ProxyAddrs) {
+pub(crate) fn start_proxy(args: &[&str]) -> (ChildGuard, support::ProxyAddrs) {
     let mut proxy = ChildGuard::spawn(
         Command::new(OUTRIDER)
             .arg("proxy")
@@ -281,24 +286,24 @@ fn start_proxy(args: &[&str]) -> (ChildGuard, support::ProxyAddrs) {
 }
 
 /// The sum of `family`'s samples with `labels` on `addr`'s `/metrics`; a missing family fails.
-fn metric(addr: SocketAddr, family: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn metric(addr: SocketAddr, family: &str, labels: &[(&str, &str)]) -> f64 {
     support::sample(&get(addr, "/metrics").body, family, labels)
 }
 
 /// The version the control plane serves now.
-fn control_version(cp: SocketAddr) -> String {
+pub(crate) fn control_version(cp: SocketAddr) -> String {
     let a = get(cp, "/v1/version");
     assert_eq!(a.status, 200, "{}", a.body);
     a.body.trim().to_owned()
 }
 
 /// The control-plane version the proxy applied last (its `/config`).
-fn proxy_version(admin: SocketAddr) -> Option<String> {
+pub(crate) fn proxy_version(admin: SocketAddr) -> Option<String> {
     let config: serde_json::Value = serde_json::from_str(&get(admin, "/config").body).ok()?;
     config["control"]["version"].as_str().map(str::to_owned)
 }
 
-fn wait_until(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+pub(crate) fn wait_until(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
         if check() {
@@ -312,7 +317,7 @@ fn wait_until(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
 
 /// Waits until the control plane serves a version other than `old` and the proxy has applied it;
 /// returns that version and when the proxy was first seen with it.
-fn wait_applied(cp: SocketAddr, admin: SocketAddr, old: &str) -> (String, Instant) {
+pub(crate) fn wait_applied(cp: SocketAddr, admin: SocketAddr, old: &str) -> (String, Instant) {
     let mut new = String::new();
     wait_until(
         "the control plane has a new version",

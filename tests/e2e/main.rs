@@ -10,8 +10,10 @@
 mod capture;
 mod control;
 mod dataplane;
+mod discovery;
 mod hardening;
 mod inprocess;
+mod kubeapi;
 mod kubernetes;
 mod mesh;
 mod support;

@@ -1,0 +1,221 @@
+//! `outrider control --kubernetes` end to end, on loopback (no root): the real control plane
+//! reaches the stand-in API server ([`crate::kubeapi`]) through a kubeconfig the test writes,
+//! and a real proxy carries a keep-alive load to two demo apps while the API's EndpointSlices
+//! change, the API server goes down and comes back having forgotten its history (410), and RBAC
+//! forbids a resource.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::control::{
+    control_version, get, proxy_version, start_app, start_control_with, start_proxy, wait_applied,
+    wait_until, Load, CHANGE_TIMEOUT,
+};
+use crate::kubeapi::KubeApi;
+use crate::support::{ChildGuard, TempDir};
+
+const VIP: &str = "198.18.100.2:80";
+
+fn service() -> Value {
+    json!({"metadata": {"namespace": "test", "name": "payments"},
+           "spec": {"clusterIP": "198.18.100.2", "clusterIPs": ["198.18.100.2"],
+                    "ports": [{"name": "http", "port": 80, "targetPort": "web", "appProtocol": "http"}]}})
+}
+
+/// An EndpointSlice of `payments` with one endpoint, 127.0.0.1:`port` (its named port `http`
+/// resolved as the API resolves `targetPort: web`), in the given state.
+fn slice(name: &str, port: u16, ready: bool, terminating: bool) -> Value {
+    json!({"metadata": {"namespace": "test", "name": name,
+                        "labels": {"kubernetes.io/service-name": "payments"}},
+           "addressType": "IPv4",
+           "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+           "endpoints": [{"addresses": ["127.0.0.1"],
+                          "conditions": {"ready": ready, "serving": true, "terminating": terminating},
+                          "targetRef": {"kind": "Pod", "namespace": "test", "name": name}}]})
+}
+
+/// The control plane on the stand-in (`--kubernetes --kubeconfig`), plain HTTP, with an empty
+/// mesh file.
+fn start_control(api: &KubeApi, dir: &TempDir) -> (std::net::SocketAddr, ChildGuard) {
+    std::fs::write(dir.path().join("mesh.yaml"), "{}\n").unwrap();
+    let kubeconfig = api.kubeconfig(dir.path());
+    start_control_with(
+        Some(dir),
+        None,
+        &[
+            "--plaintext",
+            "--kubernetes",
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+        ],
+    )
+}
+
+/// Requests the stand-in recorded from `since` on.
+fn count(api: &KubeApi, since: usize, what: impl Fn(&crate::kubeapi::Recorded) -> bool) -> usize {
+    api.requests()
+        .iter()
+        .skip(since)
+        .filter(|r| what(r))
+        .count()
+}
+
+#[test]
+fn the_api_server_moves_a_proxys_traffic_and_an_outage_keeps_the_last_view() {
+    let api = KubeApi::start();
+    let dir = TempDir::new();
+    let (p1, _e1) = start_app("e1");
+    let (p2, _e2) = start_app("e2");
+    api.apply("services", service());
+    api.apply("endpointslices", slice("payments-a", p1, true, false));
+    api.apply("endpointslices", slice("payments-b", p2, false, false));
+    let (cp, mut control) = start_control(&api, &dir);
+    let (_proxy, addrs) = start_proxy(&[
+        "--forward",
+        &format!("127.0.0.1:0={VIP}"),
+        "--control",
+        &format!("http://{cp}"),
+        "--workload",
+        "test/client",
+    ]);
+    let (listen, admin) = (addrs.forwards[0], addrs.admin);
+    // The workload is in no mesh file: with --kubernetes it gets the default view once the API
+    // has been listed.
+    wait_until("the proxy is ready", CHANGE_TIMEOUT, || {
+        get(admin, "/ready").status == 200
+    });
+    let mut version = control_version(cp);
+    let load = Load::start(listen);
+    let t0 = Instant::now();
+    assert!(
+        load.wait_for("e1", t0, CHANGE_TIMEOUT).is_some(),
+        "the ready endpoint e1 serves"
+    );
+
+    // e1 starts terminating (still serving), e2 becomes ready: new requests go to e2 only.
+    api.apply("endpointslices", slice("payments-a", p1, false, true));
+    api.apply("endpointslices", slice("payments-b", p2, true, false));
+    let (v, applied) = wait_applied(cp, admin, &version);
+    version = v;
+    assert!(load.wait_for("e2", applied, CHANGE_TIMEOUT).is_some());
+    assert_eq!(
+        load.count_since("e1", applied),
+        0,
+        "a terminating endpoint got new requests"
+    );
+
+    // The API server goes down: the control plane keeps its view, the proxy stays ready and
+    // its traffic goes on.
+    let before = api.requests().len();
+    api.set_down(true);
+    wait_until("a watcher meets the outage", CHANGE_TIMEOUT, || {
+        count(&api, before, |r| {
+            r.is_watch_of("endpointslices") || r.is_list_of("endpointslices")
+        }) > 0
+    });
+    control.expect_stderr("the last good view stays", CHANGE_TIMEOUT);
+    let during = Instant::now();
+    assert!(load.wait_for("e2", during, CHANGE_TIMEOUT).is_some());
+    assert_eq!(control_version(cp), version, "the outage changed the view");
+    assert_eq!(get(admin, "/ready").status, 200);
+    assert_eq!(proxy_version(admin).as_deref(), Some(version.as_str()));
+
+    // While it is down the endpoints change and the API forgets its history: back up, the
+    // watchers' versions are too old (410), they list again, and the traffic moves back to e1.
+    api.apply("endpointslices", slice("payments-a", p1, true, false));
+    api.delete("endpointslices", "test", "payments-b");
+    api.compact();
+    let before = api.requests().len();
+    api.set_down(false);
+    let (v, applied) = wait_applied(cp, admin, &version);
+    version = v;
+    assert!(load.wait_for("e1", applied, CHANGE_TIMEOUT).is_some());
+    assert_eq!(
+        load.count_since("e2", applied),
+        0,
+        "a deleted endpoint got requests"
+    );
+    assert!(
+        count(&api, before, |r| r.is_list_of("endpointslices")) >= 1,
+        "no relist after 410: {:?}",
+        api.requests().iter().skip(before).collect::<Vec<_>>()
+    );
+
+    // A bookmark moves the watchers' version without a change of theirs: after the watches
+    // end, the Service watch resumes from the bookmark's version.
+    api.apply(
+        "pods",
+        json!({"metadata": {"namespace": "test", "name": "unrelated"},
+                             "spec": {"containers": [{"name": "app"}]}}),
+    );
+    let marked = api.version().to_string();
+    let resumed = (0..20).any(|_| {
+        let before = api.requests().len();
+        api.bookmark();
+        // Give the client a moment to read the bookmark before its watch is ended.
+        std::thread::sleep(Duration::from_millis(200));
+        api.end_watches();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let found = api.requests().iter().skip(before).any(|r| {
+                r.is_watch_of("services") && r.query.get("resourceVersion") == Some(&marked)
+            });
+            if found {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    });
+    assert!(
+        resumed,
+        "the Service watch did not resume from the bookmark's version"
+    );
+    assert_eq!(control_version(cp), version, "a bookmark changed the view");
+
+    let sent = load.finish();
+    let failed: Vec<_> = sent.iter().filter(|s| s.status != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {:?}",
+        failed.len(),
+        sent.len(),
+        &failed[..failed.len().min(5)]
+    );
+}
+
+#[test]
+fn a_resource_rbac_forbids_is_logged_once_and_discovery_starts_once_granted() {
+    let api = KubeApi::start();
+    let dir = TempDir::new();
+    api.apply("services", service());
+    api.forbid("list", "pods", true);
+    let (cp, mut control) = start_control(&api, &dir);
+    wait_until(
+        "three refused lists of pods",
+        Duration::from_secs(30),
+        || count(&api, 0, |r| r.is_list_of("pods")) >= 3,
+    );
+    let line = "forbids the control plane to list pods";
+    control.expect_stderr(line, CHANGE_TIMEOUT);
+    assert_eq!(
+        control.stderr().matches(line).count(),
+        1,
+        "{}",
+        control.stderr()
+    );
+    // Without every resource listed, the view is the file's alone.
+    let view = get(cp, "/v1/watch?workload=test/client");
+    assert_eq!(view.status, 404, "{}", view.body);
+
+    api.forbid("list", "pods", false);
+    wait_until(
+        "the view has the discovered service",
+        Duration::from_secs(60),
+        || {
+            let view = get(cp, "/v1/watch?workload=test/client");
+            view.status == 200 && view.body.contains("198.18.100.2:80")
+        },
+    );
+}
