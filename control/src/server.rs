@@ -770,11 +770,16 @@ pub async fn serve(
     }
     if args.kubernetes {
         match crate::kubernetes::client(args.kubeconfig.as_deref()).await {
-            Ok(client) => crate::kubernetes::watch::spawn(
-                client,
-                started.authority.trust_domain().to_string(),
-                cp.clone(),
-            ),
+            Ok(client) => {
+                started
+                    .authority
+                    .set_reviewer(crate::kubernetes::review::Reviewer::new(client.clone()));
+                crate::kubernetes::watch::spawn(
+                    client,
+                    started.authority.trust_domain().to_string(),
+                    cp.clone(),
+                );
+            }
             Err(e) => {
                 eprintln!("outrider control: --kubernetes: {e:#}");
                 return ExitCode::from(2);

@@ -2,7 +2,8 @@
 //! reaches the stand-in API server ([`crate::kubeapi`]) through a kubeconfig the test writes,
 //! and a real proxy carries a keep-alive load to two demo apps while the API's EndpointSlices
 //! change, the API server goes down and comes back having forgotten its history (410), and RBAC
-//! forbids a resource.
+//! forbids a resource; and `POST /v1/certify` with projected ServiceAccount tokens the stand-in's
+//! TokenReview API judges.
 
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,7 @@ use crate::control::{
     control_version, get, proxy_version, start_app, start_control_with, start_proxy, wait_applied,
     wait_until, Load, CHANGE_TIMEOUT,
 };
-use crate::kubeapi::KubeApi;
+use crate::kubeapi::{KubeApi, Reviewed, API_AUDIENCE};
 use crate::support::{ChildGuard, TempDir};
 
 const VIP: &str = "198.18.100.2:80";
@@ -218,4 +219,92 @@ fn a_resource_rbac_forbids_is_logged_once_and_discovery_starts_once_granted() {
             view.status == 200 && view.body.contains("198.18.100.2:80")
         },
     );
+}
+
+/// A token shaped like a projected ServiceAccount token (a JWT); only the stand-in knows it.
+fn jwt(tag: &str) -> String {
+    format!(
+        "eyJhbGciOiJSUzI1NiJ9.eyJ0YWciOiJ{tag}{}.c2lnbmF0dXJl",
+        crate::support::unique()
+    )
+}
+
+#[test]
+fn projected_service_account_tokens_get_certificates_only_for_their_own_account() {
+    use outrider_control::api::Identity;
+    use outrider_control::client::{Certifier, CertifyError};
+    let api = KubeApi::start();
+    let dir = TempDir::new();
+    api.apply(
+        "pods",
+        json!({"metadata": {"namespace": "test", "name": "web-1"},
+               "spec": {"serviceAccountName": "web", "containers": [{"name": "app"}]}}),
+    );
+    let reviewed = |sa: &str, pod: Option<&str>, audience: &str| Reviewed {
+        namespace: "test".into(),
+        service_account: sa.into(),
+        pod: pod.map(str::to_string),
+        audiences: vec![audience.into()],
+    };
+    let (good, api_only, gone_pod, wrong_pod, forged) =
+        (jwt("a"), jwt("b"), jwt("c"), jwt("d"), jwt("e"));
+    api.review(&good, reviewed("web", Some("web-1"), "outrider"));
+    api.review(&api_only, reviewed("web", None, API_AUDIENCE));
+    api.review(&gone_pod, reviewed("web", Some("web-2"), "outrider"));
+    api.review(&wrong_pod, reviewed("admin", Some("web-1"), "outrider"));
+    let (cp, mut control) = start_control(&api, &dir);
+    let certifier = Certifier::new(&format!("http://{cp}"), None).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let csr = |sa: &str| {
+        let id = Identity::new("outrider.local", "test", sa).unwrap();
+        outrider_proxy::identity::certify::new_csr(&id).unwrap().0
+    };
+    let refused = |token: &str, sa: &str| match rt.block_on(certifier.certify(token, &csr(sa))) {
+        Err(CertifyError::Refused { status, message }) => (status.as_u16(), message),
+        other => panic!("{sa}: {other:?}"),
+    };
+
+    // The reviewed account gets its certificate, naming the reviewed namespace and account.
+    let issued = rt.block_on(certifier.certify(&good, &csr("web"))).unwrap();
+    assert_eq!(
+        issued.identity.as_str(),
+        "spiffe://outrider.local/ns/test/sa/web"
+    );
+    // A CSR for another account with that token: 403.
+    assert_eq!(refused(&good, "admin").0, 403);
+    // A token the review rejects (forged, or for the API server's audience only): 401.
+    let (status, message) = refused(&forged, "web");
+    assert_eq!(status, 401, "{message}");
+    assert!(message.contains("token review rejected"), "{message}");
+    assert_eq!(refused(&api_only, "web").0, 401);
+    // A token bound to a pod that is gone, or that runs under another account: 403.
+    let (status, message) = refused(&gone_pod, "web");
+    assert_eq!(
+        (status, message.contains("does not exist")),
+        (403, true),
+        "{message}"
+    );
+    let (status, message) = refused(&wrong_pod, "admin");
+    assert_eq!(
+        (status, message.contains("runs under")),
+        (403, true),
+        "{message}"
+    );
+    // The API server down: the review cannot be made (503), nothing is issued.
+    api.set_down(true);
+    assert_eq!(refused(&good, "web").0, 503);
+    api.set_down(false);
+    assert!(rt.block_on(certifier.certify(&good, &csr("web"))).is_ok());
+
+    control.expect_stderr("pod_mismatch", CHANGE_TIMEOUT);
+    let log = control.stderr();
+    for token in [&good, &api_only, &gone_pod, &wrong_pod, &forged] {
+        assert!(
+            !log.contains(token.as_str()),
+            "a token leaked into the log:\n{log}"
+        );
+    }
 }

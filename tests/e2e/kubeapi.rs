@@ -47,6 +47,9 @@ const RESOURCES: [(&str, &str, &str, &str); 3] = [
     ("pods", "/api/v1", "Pod", "v1"),
 ];
 
+/// The API server's own audience, the one a review asking for none checks.
+pub const API_AUDIENCE: &str = "https://kubernetes.default.svc";
+
 /// One recorded request: method, path and query.
 #[derive(Debug, Clone)]
 pub struct Recorded {
@@ -285,7 +288,6 @@ impl KubeApi {
     }
 
     /// Makes the TokenReview API accept `token` for `reviewed`.
-    #[allow(dead_code)] // TODO(issue 21 step 2): the certify tests use it.
     pub fn review(&self, token: &str, reviewed: Reviewed) {
         self.with(|s| {
             s.reviews.insert(token.to_string(), reviewed);
@@ -406,6 +408,9 @@ impl Server {
             let body = req.into_body().collect().await.map(|b| b.to_bytes());
             return self.token_review(body.ok());
         }
+        if let Some(found) = self.get_one(&method, &path) {
+            return found;
+        }
         let Some((resource, _, kind, api_version)) = RESOURCES
             .into_iter()
             .find(|(r, prefix, _, _)| path == format!("{prefix}/{r}"))
@@ -521,12 +526,32 @@ impl Server {
         rsp
     }
 
+    /// `GET /api/v1/namespaces/NS/pods/NAME` (and the other resources by their path); `None`
+    /// for another path.
+    fn get_one(&self, method: &Method, path: &str) -> Option<Response<Body>> {
+        let (resource, ns, name) = RESOURCES.into_iter().find_map(|(r, prefix, _, _)| {
+            let rest = path.strip_prefix(prefix)?.strip_prefix("/namespaces/")?;
+            let (ns, rest) = rest.split_once('/')?;
+            let name = rest.strip_prefix(r)?.strip_prefix('/')?;
+            Some((r, ns, name))
+        })?;
+        if method != Method::GET {
+            return Some(status(405, "MethodNotAllowed", "GET only"));
+        }
+        let s = self.state.lock().unwrap();
+        let key = (resource.to_string(), ns.to_string(), name.to_string());
+        Some(match s.objects.get(&key) {
+            Some(o) => ok_json(o.clone()),
+            None => status(404, "NotFound", &format!("{resource} \"{name}\" not found")),
+        })
+    }
+
     fn token_review(&self, body: Option<Bytes>) -> Response<Body> {
         let Some(review) = body.and_then(|b| serde_json::from_slice::<Value>(&b).ok()) else {
             return status(400, "BadRequest", "not a TokenReview");
         };
         let token = review["spec"]["token"].as_str().unwrap_or("");
-        let wanted: Vec<String> = review["spec"]["audiences"]
+        let mut wanted: Vec<String> = review["spec"]["audiences"]
             .as_array()
             .map(|a| {
                 a.iter()
@@ -534,6 +559,10 @@ impl Server {
                     .collect()
             })
             .unwrap_or_default();
+        // As the API server: no audiences asked for means its own.
+        if wanted.is_empty() {
+            wanted.push(API_AUDIENCE.to_string());
+        }
         let found = self.state.lock().unwrap().reviews.get(token).cloned();
         let status = match found {
             Some(r) if wanted.iter().all(|a| r.audiences.contains(a)) => {

@@ -5,10 +5,13 @@
 //!   `KUBECONFIG`, else `~/.kube/config`; a `certificate-authority-data`, `server` and bearer
 //!   `token` one is enough). TLS is rustls on ring.
 //! - [`watch`]: runtime watchers of Services, EndpointSlices and Pods feeding the view.
+//! - [`review`]: projected ServiceAccount tokens checked with the TokenReview API, for
+//!   `POST /v1/certify`.
 //! - [`view`]: the rules that turn those objects into the mesh's services, and the merge with
 //!   the mesh file (which keeps routes, retries, breakers, policy and services outside the
 //!   cluster).
 
+pub mod review;
 pub mod view;
 pub mod watch;
 
