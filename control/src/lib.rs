@@ -20,4 +20,4 @@ pub mod token;
 #[cfg(test)]
 mod tests;
 
-pub use server::{prepare, serve, ControlArgs, ControlPlane, Prepared};
+pub use server::{prepare, serve, serve_with, ControlArgs, ControlPlane, Prepared};

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use prometheus::{Encoder, IntCounter, IntGauge, Registry, TextEncoder};
 use tokio::net::TcpListener;
@@ -27,6 +27,7 @@ use crate::api::{WorkloadId, CERTIFY_PATH, WATCH_PATH};
 use crate::authority::{json_error, Authority, CaPaths, ServingCert};
 use crate::ca::Ca;
 use crate::duration;
+use crate::kubernetes::webhook::{Injector, Webhook, INJECT_PATH, MAX_REVIEW_BYTES};
 use crate::mesh::{ConfigError, Mesh, DEMO_MESH, MAX_MESH_BYTES};
 use crate::quoted::Quoted;
 use crate::runtime::{serve_http1_over, text};
@@ -38,6 +39,8 @@ const MAX_WAIT: Duration = Duration::from_secs(300);
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 /// How often the config file is checked.
 const POLL: Duration = Duration::from_millis(250);
+/// How long a webhook request may take to send its body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One version of the mesh.
 #[derive(Debug)]
@@ -91,6 +94,8 @@ pub struct ControlPlane {
     /// The sources of the view: the mesh file's last good config, and the services the
     /// Kubernetes API describes (`None` until it has been listed, or without `--kubernetes`).
     sources: std::sync::Mutex<Sources>,
+    /// `POST /v1/inject`, when the binary hands in the inject code (set once, at start).
+    webhook: std::sync::OnceLock<crate::kubernetes::webhook::Webhook>,
     authority: Option<Arc<Authority>>,
     epoch: String,
     registry: Registry,
@@ -133,6 +138,7 @@ impl ControlPlane {
         Ok(Arc::new(Self {
             snapshots,
             sources,
+            webhook: std::sync::OnceLock::new(),
             authority,
             epoch,
             registry,
@@ -277,6 +283,12 @@ impl ControlPlane {
         .await
     }
 
+    /// Serves `POST /v1/inject` with `webhook` from now on (set once; a second call changes
+    /// nothing).
+    pub fn set_webhook(&self, webhook: crate::kubernetes::webhook::Webhook) {
+        let _ = self.webhook.set(webhook);
+    }
+
     /// The certificate authority, if this control plane is one.
     pub fn authority(&self) -> Option<&Arc<Authority>> {
         self.authority.as_ref()
@@ -294,6 +306,31 @@ impl ControlPlane {
             (_, CERTIFY_PATH) => json_error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed: POST a {\"csr\": \"<PEM>\"} with authorization: Bearer TOKEN",
+            ),
+            (&Method::POST, INJECT_PATH) => match self.webhook.get() {
+                Some(webhook) => {
+                    let body = tokio::time::timeout(
+                        BODY_TIMEOUT,
+                        Limited::new(req.into_body(), MAX_REVIEW_BYTES).collect(),
+                    )
+                    .await;
+                    match body {
+                        Ok(Ok(body)) => webhook.handle(&body.to_bytes()).await,
+                        Ok(Err(e)) => text(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            format!("cannot read the AdmissionReview (at most {MAX_REVIEW_BYTES} bytes): {e}\n"),
+                        ),
+                        Err(_) => text(StatusCode::REQUEST_TIMEOUT, "the body took too long\n"),
+                    }
+                }
+                None => text(
+                    StatusCode::NOT_FOUND,
+                    "this control plane serves no injection webhook\n",
+                ),
+            },
+            (_, INJECT_PATH) => text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed: POST an AdmissionReview\n",
             ),
             (&Method::GET, WATCH_PATH) => self.watch(req.uri().query().unwrap_or("")).await,
             (&Method::GET, "/live" | "/ready") => text(StatusCode::OK, "ok\n"),
@@ -704,6 +741,18 @@ pub async fn serve(
     text: String,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::process::ExitCode {
+    serve_with(args, mesh, text, None, shutdown).await
+}
+
+/// [`serve`], also serving the injection webhook `POST /v1/inject` with `injector` (the
+/// binary's `outrider inject` code) when given.
+pub async fn serve_with(
+    args: ControlArgs,
+    mesh: Mesh,
+    text: String,
+    injector: Option<Arc<dyn Injector>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::process::ExitCode {
     use std::process::ExitCode;
     let trust_domain = args
         .trust_domain
@@ -768,9 +817,12 @@ pub async fn serve(
     if let Some(path) = args.config.clone() {
         tokio::spawn(cp.clone().follow(path, text));
     }
+    let mut client = None;
     if args.kubernetes {
         match crate::kubernetes::client(args.kubeconfig.as_deref()).await {
-            Ok(client) => {
+            Ok(c) => {
+                client = Some(c.clone());
+                let client = c;
                 started
                     .authority
                     .set_reviewer(crate::kubernetes::review::Reviewer::new(client.clone()));
@@ -785,6 +837,9 @@ pub async fn serve(
                 return ExitCode::from(2);
             }
         }
+    }
+    if let Some(injector) = injector {
+        cp.set_webhook(Webhook::new(injector, client));
     }
     let (serving, config) = match tls {
         Some((serving, config)) => (Some(serving), Some(config)),

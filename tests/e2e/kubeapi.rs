@@ -12,7 +12,8 @@
 //! - [`KubeApi::set_down`] answers `503` to everything and ends the open watches (an API server
 //!   that is unreachable for a while);
 //! - `POST /apis/authentication.k8s.io/v1/tokenreviews` answers from the tokens registered with
-//!   [`KubeApi::review`].
+//!   [`KubeApi::review`];
+//! - `GET` of one object by its path (a pod, a namespace) answers it or `404`.
 //!
 //! Every request is recorded ([`KubeApi::requests`]) so tests can see the client's protocol
 //! (relists, watch versions). [`KubeApi::kubeconfig`] writes the kubeconfig file that reaches
@@ -36,7 +37,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
 /// The resources served: (plural, path prefix, kind, apiVersion).
-const RESOURCES: [(&str, &str, &str, &str); 3] = [
+const RESOURCES: [(&str, &str, &str, &str); 4] = [
     ("services", "/api/v1", "Service", "v1"),
     (
         "endpointslices",
@@ -45,6 +46,7 @@ const RESOURCES: [(&str, &str, &str, &str); 3] = [
         "discovery.k8s.io/v1",
     ),
     ("pods", "/api/v1", "Pod", "v1"),
+    ("namespaces", "/api/v1", "Namespace", "v1"),
 ];
 
 /// The API server's own audience, the one a review asking for none checks.
@@ -205,9 +207,10 @@ impl KubeApi {
     /// `MODIFIED`.
     pub fn apply(&self, resource: &str, mut object: Value) {
         let (_, _, kind, api_version) = resource_of(resource);
+        // Cluster-scoped objects (namespaces) have none.
         let ns = object["metadata"]["namespace"]
             .as_str()
-            .unwrap()
+            .unwrap_or("")
             .to_string();
         let name = object["metadata"]["name"].as_str().unwrap().to_string();
         self.with(|s| {
@@ -529,12 +532,17 @@ impl Server {
     /// `GET /api/v1/namespaces/NS/pods/NAME` (and the other resources by their path); `None`
     /// for another path.
     fn get_one(&self, method: &Method, path: &str) -> Option<Response<Body>> {
-        let (resource, ns, name) = RESOURCES.into_iter().find_map(|(r, prefix, _, _)| {
+        let namespaced = RESOURCES.into_iter().find_map(|(r, prefix, _, _)| {
             let rest = path.strip_prefix(prefix)?.strip_prefix("/namespaces/")?;
             let (ns, rest) = rest.split_once('/')?;
             let name = rest.strip_prefix(r)?.strip_prefix('/')?;
             Some((r, ns, name))
-        })?;
+        });
+        let namespace = || {
+            let name = path.strip_prefix("/api/v1/namespaces/")?;
+            (!name.is_empty() && !name.contains('/')).then_some(("namespaces", "", name))
+        };
+        let (resource, ns, name) = namespaced.or_else(namespace)?;
         if method != Method::GET {
             return Some(status(405, "MethodNotAllowed", "GET only"));
         }

@@ -17,3 +17,4 @@ mod kubeapi;
 mod kubernetes;
 mod mesh;
 mod support;
+mod webhook;

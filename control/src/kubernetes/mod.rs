@@ -7,6 +7,7 @@
 //! - [`watch`]: runtime watchers of Services, EndpointSlices and Pods feeding the view.
 //! - [`review`]: projected ServiceAccount tokens checked with the TokenReview API, for
 //!   `POST /v1/certify`.
+//! - [`webhook`]: the mutating admission webhook `POST /v1/inject`.
 //! - [`view`]: the rules that turn those objects into the mesh's services, and the merge with
 //!   the mesh file (which keeps routes, retries, breakers, policy and services outside the
 //!   cluster).
@@ -14,6 +15,7 @@
 pub mod review;
 pub mod view;
 pub mod watch;
+pub mod webhook;
 
 use std::path::Path;
 
