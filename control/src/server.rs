@@ -668,6 +668,15 @@ pub struct ControlArgs {
     /// The kubeconfig to reach the API server with (with --kubernetes).
     #[arg(long, value_name = "FILE", requires = "kubernetes")]
     pub kubeconfig: Option<PathBuf>,
+    /// The MutatingWebhookConfiguration whose caBundle the control plane keeps equal to its
+    /// trust anchors (with --kubernetes; deploy/injector.yaml).
+    #[arg(
+        long,
+        env = "OUTRIDER_WEBHOOK_CONFIGURATION",
+        value_name = "NAME",
+        default_value = "outrider-injector"
+    )]
+    pub webhook_configuration: String,
 }
 
 /// What `outrider control` does before it serves: `--check` (the exit code), or the mesh to serve.
@@ -839,6 +848,13 @@ pub async fn serve_with(
         }
     }
     if let Some(injector) = injector {
+        if let Some(client) = &client {
+            tokio::spawn(crate::kubernetes::ca_bundle::keep(
+                client.clone(),
+                args.webhook_configuration.clone(),
+                started.authority.clone(),
+            ));
+        }
         cp.set_webhook(Webhook::new(injector, client));
     }
     let (serving, config) = match tls {

@@ -735,7 +735,7 @@ fn refused_unknown_destinations_empty_services_and_readiness() {
 }
 
 /// `outrider control ca init` into `dir`; returns its stdout.
-fn ca_init(dir: &std::path::Path) -> String {
+pub(crate) fn ca_init(dir: &std::path::Path) -> String {
     support::run_ok(
         Command::new(OUTRIDER)
             .args(["control", "ca", "init", "--dir"])
@@ -744,7 +744,7 @@ fn ca_init(dir: &std::path::Path) -> String {
 }
 
 /// `--issuer-cert`, `--issuer-key`, `--trust-anchors`, `--token-key` for the files of `ca init`.
-fn ca_flags(dir: &std::path::Path) -> Vec<String> {
+pub(crate) fn ca_flags(dir: &std::path::Path) -> Vec<String> {
     let file = |name: &str| dir.join(name).display().to_string();
     vec![
         "--issuer-cert".into(),

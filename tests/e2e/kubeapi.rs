@@ -13,7 +13,8 @@
 //!   that is unreachable for a while);
 //! - `POST /apis/authentication.k8s.io/v1/tokenreviews` answers from the tokens registered with
 //!   [`KubeApi::review`];
-//! - `GET` of one object by its path (a pod, a namespace) answers it or `404`.
+//! - `GET` of one object by its path (a pod, a namespace) answers it or `404`; `PUT` replaces
+//!   it (`409` unless it carries the stored `resourceVersion`).
 //!
 //! Every request is recorded ([`KubeApi::requests`]) so tests can see the client's protocol
 //! (relists, watch versions). [`KubeApi::kubeconfig`] writes the kubeconfig file that reaches
@@ -37,7 +38,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
 /// The resources served: (plural, path prefix, kind, apiVersion).
-const RESOURCES: [(&str, &str, &str, &str); 4] = [
+const RESOURCES: [(&str, &str, &str, &str); 5] = [
     ("services", "/api/v1", "Service", "v1"),
     (
         "endpointslices",
@@ -47,7 +48,16 @@ const RESOURCES: [(&str, &str, &str, &str); 4] = [
     ),
     ("pods", "/api/v1", "Pod", "v1"),
     ("namespaces", "/api/v1", "Namespace", "v1"),
+    (
+        "mutatingwebhookconfigurations",
+        "/apis/admissionregistration.k8s.io/v1",
+        "MutatingWebhookConfiguration",
+        "admissionregistration.k8s.io/v1",
+    ),
 ];
+
+/// The cluster-scoped ones among them.
+const CLUSTER_SCOPED: [&str; 2] = ["namespaces", "mutatingwebhookconfigurations"];
 
 /// The API server's own audience, the one a review asking for none checks.
 pub const API_AUDIENCE: &str = "https://kubernetes.default.svc";
@@ -205,29 +215,18 @@ impl KubeApi {
     /// Creates or replaces an object of `resource` (`services`, `endpointslices`, `pods`),
     /// stamping its `apiVersion`, `kind` and a new `resourceVersion`; watches see `ADDED` or
     /// `MODIFIED`.
-    pub fn apply(&self, resource: &str, mut object: Value) {
-        let (_, _, kind, api_version) = resource_of(resource);
-        // Cluster-scoped objects (namespaces) have none.
-        let ns = object["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or("")
-            .to_string();
-        let name = object["metadata"]["name"].as_str().unwrap().to_string();
-        self.with(|s| {
-            s.rv += 1;
-            object["apiVersion"] = json!(api_version);
-            object["kind"] = json!(kind);
-            object["metadata"]["resourceVersion"] = json!(s.rv.to_string());
-            let key = (resource.to_string(), ns, name);
-            let kind = if s.objects.contains_key(&key) {
-                "MODIFIED"
-            } else {
-                "ADDED"
-            };
-            let line = json!({"type": kind, "object": object}).to_string();
-            s.objects.insert(key, object);
-            s.history.push((s.rv, resource.to_string(), line));
-        });
+    pub fn apply(&self, resource: &str, object: Value) {
+        self.with(|s| store(s, resource, object));
+    }
+
+    /// The object stored as `resource` `namespace`/`name` (`""` for a cluster-scoped one).
+    pub fn get(&self, resource: &str, namespace: &str, name: &str) -> Option<Value> {
+        let key = (
+            resource.to_string(),
+            namespace.to_string(),
+            name.to_string(),
+        );
+        self.state.lock().unwrap().objects.get(&key).cloned()
     }
 
     /// Deletes an object; watches see `DELETED`.
@@ -314,6 +313,34 @@ impl Drop for KubeApi {
             rt.shutdown_background();
         }
     }
+}
+
+/// Stores `object` as a new version (see [`KubeApi::apply`]); returns it as stored.
+fn store(s: &mut State, resource: &str, mut object: Value) -> Value {
+    let (_, _, kind, api_version) = resource_of(resource);
+    // Cluster-scoped objects (namespaces, webhook configurations) have none.
+    let ns = object["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let name = object["metadata"]["name"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    s.rv += 1;
+    object["apiVersion"] = json!(api_version);
+    object["kind"] = json!(kind);
+    object["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+    let key = (resource.to_string(), ns, name);
+    let event = if s.objects.contains_key(&key) {
+        "MODIFIED"
+    } else {
+        "ADDED"
+    };
+    let line = json!({"type": event, "object": object}).to_string();
+    s.objects.insert(key, object.clone());
+    s.history.push((s.rv, resource.to_string(), line));
+    object
 }
 
 fn resource_of(resource: &str) -> (&'static str, &'static str, &'static str, &'static str) {
@@ -411,8 +438,8 @@ impl Server {
             let body = req.into_body().collect().await.map(|b| b.to_bytes());
             return self.token_review(body.ok());
         }
-        if let Some(found) = self.get_one(&method, &path) {
-            return found;
+        if let Ok(answered) = self.one(req).await {
+            return answered;
         }
         let Some((resource, _, kind, api_version)) = RESOURCES
             .into_iter()
@@ -529,29 +556,63 @@ impl Server {
         rsp
     }
 
-    /// `GET /api/v1/namespaces/NS/pods/NAME` (and the other resources by their path); `None`
-    /// for another path.
-    fn get_one(&self, method: &Method, path: &str) -> Option<Response<Body>> {
+    /// `GET` of one object by its path (`/api/v1/namespaces/NS/pods/NAME`,
+    /// `/api/v1/namespaces/NAME`, ...) and `PUT` of one (a replace, which must carry the
+    /// stored `resourceVersion`: else `409 Conflict`); `None` for another path.
+    async fn one(&self, req: Request<Incoming>) -> Result<Response<Body>, Request<Incoming>> {
+        let path = req.uri().path().to_string();
         let namespaced = RESOURCES.into_iter().find_map(|(r, prefix, _, _)| {
             let rest = path.strip_prefix(prefix)?.strip_prefix("/namespaces/")?;
             let (ns, rest) = rest.split_once('/')?;
             let name = rest.strip_prefix(r)?.strip_prefix('/')?;
-            Some((r, ns, name))
+            Some((r, ns.to_string(), name.to_string()))
         });
-        let namespace = || {
-            let name = path.strip_prefix("/api/v1/namespaces/")?;
-            (!name.is_empty() && !name.contains('/')).then_some(("namespaces", "", name))
+        let cluster = || {
+            RESOURCES.into_iter().find_map(|(r, prefix, _, _)| {
+                let name = path
+                    .strip_prefix(prefix)?
+                    .strip_prefix('/')?
+                    .strip_prefix(r)?;
+                let name = name.strip_prefix('/')?;
+                (CLUSTER_SCOPED.contains(&r) && !name.is_empty() && !name.contains('/'))
+                    .then(|| (r, String::new(), name.to_string()))
+            })
         };
-        let (resource, ns, name) = namespaced.or_else(namespace)?;
-        if method != Method::GET {
-            return Some(status(405, "MethodNotAllowed", "GET only"));
+        let Some((resource, ns, name)) = namespaced.or_else(cluster) else {
+            return Err(req);
+        };
+        let key = (resource.to_string(), ns, name.clone());
+        match *req.method() {
+            Method::GET => {
+                let s = self.state.lock().unwrap();
+                Ok(match s.objects.get(&key) {
+                    Some(o) => ok_json(o.clone()),
+                    None => status(404, "NotFound", &format!("{resource} \"{name}\" not found")),
+                })
+            }
+            Method::PUT => {
+                let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                let Some(object) = body
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                else {
+                    return Ok(status(400, "BadRequest", "not JSON"));
+                };
+                let mut s = self.state.lock().unwrap();
+                let stored = s
+                    .objects
+                    .get(&key)
+                    .map(|o| o["metadata"]["resourceVersion"].clone());
+                if stored.as_ref() != Some(&object["metadata"]["resourceVersion"]) {
+                    return Ok(status(409, "Conflict", "the object has been modified"));
+                }
+                let stored = store(&mut s, resource, object);
+                drop(s);
+                self.tick.send_modify(|(n, _)| *n += 1);
+                Ok(ok_json(stored))
+            }
+            _ => Ok(status(405, "MethodNotAllowed", "GET and PUT only")),
         }
-        let s = self.state.lock().unwrap();
-        let key = (resource.to_string(), ns.to_string(), name.to_string());
-        Some(match s.objects.get(&key) {
-            Some(o) => ok_json(o.clone()),
-            None => status(404, "NotFound", &format!("{resource} \"{name}\" not found")),
-        })
     }
 
     fn token_review(&self, body: Option<Bytes>) -> Response<Body> {

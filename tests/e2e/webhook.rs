@@ -3,7 +3,10 @@
 //! controllers make them: `generateName`, owner references, `pod-template-hash`), sent to the
 //! real `outrider control --kubernetes` over HTTP; the JSON patch it answers, applied to the
 //! pod, must give the pod template that the real `outrider inject` makes of the workload.
-//! Namespace labels come from the stand-in API server.
+//! Namespace labels come from the stand-in API server. Also: the control plane writes its trust
+//! anchors into deploy/injector.yaml's `caBundle` and serves the webhook over TLS to a client
+//! that trusts only that bundle, and every manifest under `deploy/` passes `kubernetes-validate
+//! --strict` for Kubernetes 1.29 and the newest version the validator knows.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -14,7 +17,7 @@ use std::time::Duration;
 use base64::Engine;
 use serde_json::{json, Value};
 
-use crate::control::{start_control_with, OUTRIDER};
+use crate::control::{ca_flags, ca_init, start_control_with, wait_until, CHANGE_TIMEOUT, OUTRIDER};
 use crate::kubeapi::KubeApi;
 use crate::support::{self, TempDir};
 
@@ -265,4 +268,156 @@ fn the_webhook_patches_corpus_pods_into_what_outrider_inject_makes() {
     );
     // Not an AdmissionReview: 400.
     assert_eq!(post(cp, "/v1/inject", b"{\"kind\": 3}").0, 400);
+}
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
+}
+
+#[test]
+fn deploy_manifests_pass_kubernetes_validate_for_1_29_and_the_newest() {
+    if !support::require_bin("kubernetes-validate") {
+        return;
+    }
+    let mut files = Vec::new();
+    for dir in [deploy_dir(), deploy_dir().join("examples")] {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    assert!(files.iter().any(|f| f.ends_with("deploy/injector.yaml")));
+    // No -k: the validator's newest version.
+    for version in [Some("1.29"), None] {
+        let mut cmd = Command::new("kubernetes-validate");
+        cmd.arg("--strict");
+        if let Some(v) = version {
+            cmd.args(["--kubernetes-version", v]);
+        }
+        let out = support::run(cmd.args(&files));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{version:?}:\n{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for f in &files {
+            assert!(
+                stdout.contains(&format!("{} passed", f.display())),
+                "{version:?}: {} not validated:\n{stdout}",
+                f.display()
+            );
+        }
+    }
+}
+
+/// One POST over TLS to `addr`, verified against `anchors` for `server_name`; the status and
+/// the body.
+fn post_tls(addr: SocketAddr, server_name: &str, anchors: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tls = outrider_control::client::client_tls(anchors).unwrap();
+        let connector = tokio_rustls::TlsConnector::from(tls);
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from(server_name.to_string()).unwrap();
+        let mut s = tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
+            .await
+            .unwrap()
+            .unwrap();
+        let head = format!(
+            "POST /v1/inject HTTP/1.1\r\nHost: {server_name}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(body).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        let split = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8_lossy(&out[..split]).to_string();
+        (
+            head.split(' ').nth(1).unwrap().parse().unwrap(),
+            out[split + 4..].to_vec(),
+        )
+    })
+}
+
+#[test]
+fn the_control_plane_writes_its_ca_bundle_and_serves_the_webhook_over_tls() {
+    let api = KubeApi::start();
+    api.apply(
+        "namespaces",
+        json!({"metadata": {"name": "shop", "labels": {"outrider.io/inject": "enabled"}}}),
+    );
+    // The webhook configuration exactly as deploy/ has it.
+    let text = std::fs::read_to_string(deploy_dir().join("injector.yaml")).unwrap();
+    let docs = outrider_kubernetes::manifest::parse(&text).unwrap();
+    let configuration = serde_json::to_value(&docs[0]).unwrap();
+    assert!(configuration["webhooks"][0]["clientConfig"]
+        .get("caBundle")
+        .is_none());
+    api.apply("mutatingwebhookconfigurations", configuration);
+    let dir = TempDir::new();
+    let ca = dir.path().join("ca");
+    ca_init(&ca);
+    let anchors = std::fs::read_to_string(ca.join("root.pem")).unwrap();
+    std::fs::write(dir.path().join("mesh.yaml"), "{}\n").unwrap();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let mut flags = ca_flags(&ca);
+    flags.extend([
+        "--kubernetes".into(),
+        "--kubeconfig".into(),
+        kubeconfig.display().to_string(),
+    ]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (cp, _control) = start_control_with(Some(&dir), None, &flags);
+
+    let bundles = || -> Vec<Option<String>> {
+        let c = api
+            .get("mutatingwebhookconfigurations", "", "outrider-injector")
+            .unwrap();
+        c["webhooks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| {
+                w["clientConfig"]["caBundle"].as_str().map(|b| {
+                    let bytes = base64::engine::general_purpose::STANDARD.decode(b).unwrap();
+                    String::from_utf8(bytes).unwrap()
+                })
+            })
+            .collect()
+    };
+    wait_until(
+        "both webhooks carry the trust anchors",
+        CHANGE_TIMEOUT,
+        || {
+            bundles()
+                .iter()
+                .all(|b| b.as_deref() == Some(anchors.as_str()))
+        },
+    );
+    assert_eq!(bundles().len(), 2);
+
+    // The API server's view: it trusts only that bundle and calls the Service's DNS name.
+    let pod = json!({"apiVersion": "v1", "kind": "Pod",
+                     "metadata": {"generateName": "web-", "namespace": "shop"},
+                     "spec": {"containers": [{"name": "app", "image": "app:1"}]}});
+    let (status, body) = post_tls(
+        cp,
+        "outrider-control.outrider-system.svc",
+        &anchors,
+        &review("tls-1", "shop", &pod),
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(answer["response"]["allowed"], true);
+    assert!(answer["response"]["patch"].is_string(), "{answer}");
 }

@@ -7,11 +7,13 @@
 //! - [`watch`]: runtime watchers of Services, EndpointSlices and Pods feeding the view.
 //! - [`review`]: projected ServiceAccount tokens checked with the TokenReview API, for
 //!   `POST /v1/certify`.
-//! - [`webhook`]: the mutating admission webhook `POST /v1/inject`.
+//! - [`webhook`]: the mutating admission webhook `POST /v1/inject`, and [`ca_bundle`], which
+//!   keeps its configuration's `caBundle` equal to the control plane's trust anchors.
 //! - [`view`]: the rules that turn those objects into the mesh's services, and the merge with
 //!   the mesh file (which keeps routes, retries, breakers, policy and services outside the
 //!   cluster).
 
+pub mod ca_bundle;
 pub mod review;
 pub mod view;
 pub mod watch;
