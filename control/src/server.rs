@@ -165,6 +165,13 @@ impl ControlPlane {
             Ok(mesh) => {
                 let mut sources = self.lock_sources();
                 let merged = sources.merged_with(&mesh);
+                if sources.discovered.is_some() {
+                    if let Some(e) = merged.oversize_view(true) {
+                        self.metrics.rejected.inc();
+                        tracing::warn!("config rejected, last good version stays: {e}");
+                        return Err(vec![e]);
+                    }
+                }
                 sources.file = mesh;
                 Ok(self.publish(merged, "config applied"))
             }
@@ -420,6 +427,16 @@ impl ControlPlane {
     fn json(&self, view: &crate::api::WatchResponse) -> Response<Full<Bytes>> {
         self.metrics.responses.inc();
         match serde_json::to_vec(view) {
+            Ok(body) if body.len() > crate::api::MAX_VIEW_BYTES => text(
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!(
+                    "view too large: the view of workload \"{}\" is {} bytes, more than the \
+                     proxies' limit of {} bytes (16 MiB); narrow its `calls`\n",
+                    view.workload,
+                    body.len(),
+                    crate::api::MAX_VIEW_BYTES
+                ),
+            ),
             Ok(body) => {
                 let mut rsp = text(StatusCode::OK, body);
                 rsp.headers_mut().insert(
@@ -454,8 +471,13 @@ impl Sources {
 impl crate::kubernetes::watch::Sink for ControlPlane {
     fn discovered(&self, services: Vec<crate::api::Service>) {
         let mut sources = self.lock_sources();
+        let merged = crate::kubernetes::view::merge(&sources.file, &services);
+        if let Some(e) = merged.oversize_view(true) {
+            self.metrics.rejected.inc();
+            tracing::error!("Kubernetes API change not applied, the last good view stays: {e}");
+            return;
+        }
         sources.discovered = Some(services);
-        let merged = sources.merged_with(&sources.file);
         if merged != self.current().mesh {
             self.publish(merged, "Kubernetes API change applied");
         }
@@ -1052,6 +1074,44 @@ mod tests {
             tokio::time::sleep(POLL).await;
         }
         panic!("timed out waiting for {what}");
+    }
+
+    #[tokio::test]
+    async fn a_view_over_the_proxies_limit_is_refused_by_name_and_never_sent() {
+        use crate::api::MAX_VIEW_BYTES;
+        let mut mesh = Mesh::parse(
+            "services:\n  - name: s\n    addresses: [198.18.0.1:80]\n    endpoints: \
+             [{address: 198.18.1.1:80}]\nworkloads:\n  - name: default/big\n  - name: \
+             default/small\n    calls: [s]\n",
+        )
+        .unwrap();
+        let one = mesh.services[0].clone();
+        let copies = MAX_VIEW_BYTES / crate::mesh::json_size(&one) + 10;
+        mesh.services.extend((0..copies).map(|i| {
+            let mut s = one.clone();
+            s.name = format!("s{i}");
+            s
+        }));
+        let e = mesh.oversize_view(false).expect("the big view is found");
+        assert_eq!(e.path, "workloads[0]");
+        assert!(
+            e.message.contains("\"default/big\"") && e.message.contains("narrow its `calls`"),
+            "{e}"
+        );
+        // The watch answers 507 with the reason instead of the view; a small view is served.
+        let cp = ControlPlane::new(mesh).unwrap();
+        let rsp = cp.watch("workload=default/big").await;
+        assert_eq!(rsp.status(), StatusCode::INSUFFICIENT_STORAGE);
+        let body = rsp.into_body().collect().await.unwrap().to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        assert!(
+            body.starts_with("view too large") && body.len() < 400,
+            "{body}"
+        );
+        assert_eq!(
+            cp.watch("workload=default/small").await.status(),
+            StatusCode::OK
+        );
     }
 
     #[tokio::test(start_paused = true)]
