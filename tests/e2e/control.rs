@@ -285,6 +285,27 @@ pub(crate) fn start_proxy(args: &[&str]) -> (ChildGuard, support::ProxyAddrs) {
     (proxy, addrs)
 }
 
+/// A proxy for workload `test/client` forwarding a loopback port to `vip`, watching the plain
+/// HTTP control plane `cp`; returns once it is ready, with its forward and admin addresses.
+pub(crate) fn start_client_proxy(
+    cp: SocketAddr,
+    vip: &str,
+) -> (ChildGuard, SocketAddr, SocketAddr) {
+    let (proxy, addrs) = start_proxy(&[
+        "--forward",
+        &format!("127.0.0.1:0={vip}"),
+        "--control",
+        &format!("http://{cp}"),
+        "--workload",
+        "test/client",
+    ]);
+    let (listen, admin) = (addrs.forwards[0], addrs.admin);
+    wait_until("proxy ready with its first config", CHANGE_TIMEOUT, || {
+        get(admin, "/ready").status == 200
+    });
+    (proxy, listen, admin)
+}
+
 /// The sum of `family`'s samples with `labels` on `addr`'s `/metrics`; a missing family fails.
 pub(crate) fn metric(addr: SocketAddr, family: &str, labels: &[(&str, &str)]) -> f64 {
     support::sample(&get(addr, "/metrics").body, family, labels)
@@ -343,18 +364,7 @@ fn proxies_follow_the_control_plane_live_under_load() {
     write_mesh(&dir, &mesh(&ports[..2], "10s"));
     let (cp, control) = start_control(Some(&dir), None);
 
-    let (mut proxy, addrs) = start_proxy(&[
-        "--forward",
-        &format!("127.0.0.1:0={VIP}"),
-        "--control",
-        &format!("http://{cp}"),
-        "--workload",
-        "test/client",
-    ]);
-    let (listen, admin) = (addrs.forwards[0], addrs.admin);
-    wait_until("proxy ready with its first config", CHANGE_TIMEOUT, || {
-        get(admin, "/ready").status == 200
-    });
+    let (mut proxy, listen, admin) = start_client_proxy(cp, VIP);
     let mut version = control_version(cp);
     assert_eq!(proxy_version(admin), Some(version.clone()));
 

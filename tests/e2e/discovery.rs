@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::control::{
-    control_version, get, proxy_version, start_app, start_control_with, start_proxy, wait_applied,
-    wait_until, Load, CHANGE_TIMEOUT,
+    control_version, get, proxy_version, start_app, start_client_proxy, start_control_with,
+    wait_applied, wait_until, Load, CHANGE_TIMEOUT,
 };
 use crate::kubeapi::{KubeApi, Reviewed, API_AUDIENCE};
 use crate::support::{ChildGuard, TempDir};
@@ -72,20 +72,9 @@ fn the_api_server_moves_a_proxys_traffic_and_an_outage_keeps_the_last_view() {
     api.apply("endpointslices", slice("payments-a", p1, true, false));
     api.apply("endpointslices", slice("payments-b", p2, false, false));
     let (cp, mut control) = start_control(&api, &dir);
-    let (_proxy, addrs) = start_proxy(&[
-        "--forward",
-        &format!("127.0.0.1:0={VIP}"),
-        "--control",
-        &format!("http://{cp}"),
-        "--workload",
-        "test/client",
-    ]);
-    let (listen, admin) = (addrs.forwards[0], addrs.admin);
-    // The workload is in no mesh file: with --kubernetes it gets the default view once the API
-    // has been listed.
-    wait_until("the proxy is ready", CHANGE_TIMEOUT, || {
-        get(admin, "/ready").status == 200
-    });
+    // The workload is in no mesh file: with --kubernetes it gets the default view (and the
+    // proxy gets ready) once the API has been listed.
+    let (_proxy, listen, admin) = start_client_proxy(cp, VIP);
     let mut version = control_version(cp);
     let load = Load::start(listen);
     let t0 = Instant::now();

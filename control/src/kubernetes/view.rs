@@ -358,6 +358,15 @@ mod tests {
                "targetRef": {"kind": "Pod", "namespace": "shop", "name": pod}})
     }
 
+    /// Service `web` (10.0.0.5:80) and its slice of `endpoints` on port 8080.
+    fn web_on_8080(endpoints: serde_json::Value) -> (KubeService, EndpointSlice) {
+        let svc = service(
+            "web",
+            json!({"clusterIP": "10.0.0.5", "ports": [{"port": 80}]}),
+        );
+        (svc, slice("web", json!([{"port": 8080}]), endpoints))
+    }
+
     fn build(svcs: &[KubeService], slices: &[EndpointSlice], pods: &[Pod]) -> Vec<Service> {
         let objects = Objects {
             services: svcs.iter().collect(),
@@ -421,26 +430,18 @@ mod tests {
 
     #[test]
     fn terminating_endpoints_serve_only_when_none_is_ready() {
-        let svc = service(
-            "web",
-            json!({"clusterIP": "10.0.0.5", "ports": [{"port": 80}]}),
-        );
-        let s = slice(
-            "web",
-            json!([{"port": 8080}]),
-            json!([
-                ep(
-                    "10.1.0.3",
-                    "c",
-                    json!({"ready": false, "serving": true, "terminating": true})
-                ),
-                ep(
-                    "10.1.0.4",
-                    "d",
-                    json!({"ready": false, "serving": false, "terminating": true})
-                ),
-            ]),
-        );
+        let (svc, s) = web_on_8080(json!([
+            ep(
+                "10.1.0.3",
+                "c",
+                json!({"ready": false, "serving": true, "terminating": true})
+            ),
+            ep(
+                "10.1.0.4",
+                "d",
+                json!({"ready": false, "serving": false, "terminating": true})
+            ),
+        ]));
         let out = build(&[svc], &[s], &[]);
         assert_eq!(addrs(&out[0]), ["10.1.0.3:8080"]);
     }
@@ -501,15 +502,7 @@ mod tests {
              timeout: 1s\n  - name: outside\n    addresses: [198.18.0.2:80]\nworkloads:\n  - name: shop/w\n",
         )
         .unwrap();
-        let svc = service(
-            "web",
-            json!({"clusterIP": "10.0.0.5", "ports": [{"port": 80}]}),
-        );
-        let s = slice(
-            "web",
-            json!([{"port": 8080}]),
-            json!([ep("10.1.0.1", "a", json!({}))]),
-        );
+        let (svc, s) = web_on_8080(json!([ep("10.1.0.1", "a", json!({}))]));
         let merged = merge(&file, &build(&[svc], &[s], &[]));
         let ids: Vec<String> = merged.services.iter().map(Service::id).collect();
         assert_eq!(ids, ["shop/web", "default/outside"]);
