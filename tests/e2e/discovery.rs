@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::control::{
-    control_version, get, proxy_version, start_app, start_client_proxy, start_control_with,
+    control_version, get, metric, proxy_version, start_app, start_client_proxy, start_control_with,
     wait_applied, wait_until, Load, CHANGE_TIMEOUT,
 };
 use crate::kubeapi::{KubeApi, Reviewed, API_AUDIENCE};
@@ -296,4 +296,109 @@ fn projected_service_account_tokens_get_certificates_only_for_their_own_account(
             "a token leaked into the log:\n{log}"
         );
     }
+}
+
+#[test]
+fn a_rolling_update_under_load_fails_no_request_and_drains_the_old_pods() {
+    let api = KubeApi::start();
+    let dir = TempDir::new();
+    // Three old pods, three new: each pod its own EndpointSlice (its own port on loopback).
+    let mut old: Vec<Option<(u16, ChildGuard)>> = ["o1", "o2", "o3"]
+        .iter()
+        .map(|n| Some(start_app(n)))
+        .collect();
+    let new: Vec<(u16, ChildGuard)> = ["n1", "n2", "n3"].iter().map(|n| start_app(n)).collect();
+    api.apply("services", service());
+    for (i, pod) in old.iter().enumerate() {
+        let port = pod.as_ref().unwrap().0;
+        api.apply(
+            "endpointslices",
+            slice(&format!("o{}", i + 1), port, true, false),
+        );
+    }
+    let (cp, _control) = start_control(&api, &dir);
+    let (_proxy, listen, admin) = start_client_proxy(cp, VIP);
+    let mut version = control_version(cp);
+    let load = Load::start(listen);
+    let mut drained = 0;
+    for k in 0..3 {
+        let (o, n) = (format!("o{}", k + 1), format!("n{}", k + 1));
+        // The new pod becomes ready and gets traffic.
+        api.apply("endpointslices", slice(&n, new[k].0, true, false));
+        let (v, applied) = wait_applied(cp, admin, &version);
+        version = v;
+        assert!(
+            load.wait_for(&n, applied, CHANGE_TIMEOUT).is_some(),
+            "{n} serves"
+        );
+        // Slow requests in flight, some on the old pod; then it starts terminating.
+        let port = old[k].as_ref().unwrap().0;
+        let forwarded = || {
+            metric(
+                admin,
+                "outrider_requests_total",
+                &[("direction", "forward")],
+            )
+        };
+        let (requests_before, load_before) = (forwarded(), load.started());
+        let slow: Vec<_> = (0..6)
+            .map(|_| std::thread::spawn(move || get(listen, "/slow?ms=1500")))
+            .collect();
+        wait_until(
+            "the six slow requests reach the proxy",
+            CHANGE_TIMEOUT,
+            || {
+                // The proxy's count first: the load's requests among it are at most those it has
+                // started by the time that is read.
+                let requests = forwarded();
+                requests - requests_before - (load.started() - load_before) as f64 >= 6.0
+            },
+        );
+        api.apply("endpointslices", slice(&o, port, false, true));
+        let (v, applied) = wait_applied(cp, admin, &version);
+        version = v;
+        // Terminating: no new request goes to it; the ones in flight finish.
+        assert_eq!(
+            load.count_since(&o, applied),
+            0,
+            "{o} got a new request while terminating"
+        );
+        for t in slow {
+            let answer = t.join().unwrap();
+            assert_eq!(
+                answer.status, 200,
+                "a request in flight on a terminating pod was cut"
+            );
+            if answer.header("x-instance") == Some(o.as_str()) {
+                drained += 1;
+            }
+        }
+        // Removed (the view is already without it: no new version), then its process ends.
+        api.delete("endpointslices", "test", &o);
+        old[k] = None;
+    }
+    let end = Instant::now();
+    for n in ["n1", "n2", "n3"] {
+        assert!(
+            load.wait_for(n, end, CHANGE_TIMEOUT).is_some(),
+            "{n} serves at the end"
+        );
+    }
+    let sent = load.finish();
+    let failed: Vec<_> = sent.iter().filter(|s| s.status != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed during the rollout: {:?}",
+        failed.len(),
+        sent.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(
+        drained > 0,
+        "no slow request ran on a pod as it was drained"
+    );
+    eprintln!(
+        "rollout: {} requests, none failed; {drained} slow requests finished on draining pods",
+        sent.len()
+    );
 }
