@@ -94,6 +94,9 @@ pub struct ControlPlane {
     /// The sources of the view: the mesh file's last good config, and the services the
     /// Kubernetes API describes (`None` until it has been listed, or without `--kubernetes`).
     sources: std::sync::Mutex<Sources>,
+    /// Whether the Kubernetes API has been listed (then unnamed workloads get the default view);
+    /// read by every watch, so not behind the sources' lock.
+    open: std::sync::atomic::AtomicBool,
     /// `POST /v1/inject`, when the binary hands in the inject code (set once, at start).
     webhook: std::sync::OnceLock<crate::kubernetes::webhook::Webhook>,
     authority: Option<Arc<Authority>>,
@@ -138,6 +141,7 @@ impl ControlPlane {
         Ok(Arc::new(Self {
             snapshots,
             sources,
+            open: std::sync::atomic::AtomicBool::new(false),
             webhook: std::sync::OnceLock::new(),
             authority,
             epoch,
@@ -217,7 +221,7 @@ impl ControlPlane {
     /// Whether a workload the mesh file does not name gets the default view (with
     /// `--kubernetes`, once the API has been listed: injected workloads need no entry).
     fn open_workloads(&self) -> bool {
-        self.lock_sources().discovered.is_some()
+        self.open.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Follows `path`, whose text `last` is in force: every change is applied or rejected (see
@@ -265,7 +269,11 @@ impl ControlPlane {
                 Ok(None) => problem = None,
                 Ok(Some(parsed)) => {
                     problem = None;
-                    let _ = self.install(parsed);
+                    // Merging and measuring the views cost as much as parsing: off the runtime.
+                    let cp = self.clone();
+                    if let Err(e) = tokio::task::spawn_blocking(move || cp.install(parsed)).await {
+                        tracing::error!(error = %e, "applying the config file failed; keeping the last good config");
+                    }
                 }
             }
         }
@@ -468,6 +476,7 @@ impl Sources {
     }
 }
 
+/// Called on a blocking thread (merging and measuring the views grow with the cluster).
 impl crate::kubernetes::watch::Sink for ControlPlane {
     fn discovered(&self, services: Vec<crate::api::Service>) {
         let mut sources = self.lock_sources();
@@ -478,6 +487,7 @@ impl crate::kubernetes::watch::Sink for ControlPlane {
             return;
         }
         sources.discovered = Some(services);
+        self.open.store(true, std::sync::atomic::Ordering::Relaxed);
         if merged != self.current().mesh {
             self.publish(merged, "Kubernetes API change applied");
         }

@@ -27,7 +27,7 @@ use crate::api::Service;
 
 /// Where the discovered services go.
 pub trait Sink: Send + Sync + 'static {
-    /// Replaces the discovered services with `services`.
+    /// Replaces the discovered services with `services`. Called on a blocking thread.
     fn discovered(&self, services: Vec<Service>);
 }
 
@@ -197,19 +197,18 @@ async fn build(
     tracing::info!("the Kubernetes API is listed; discovered services join the view");
     loop {
         let (s, e, p) = (services.state(), slices.state(), pods.state());
-        let td = trust_domain.clone();
+        let (td, to) = (trust_domain.clone(), sink.clone());
         let built = tokio::task::spawn_blocking(move || {
             let objects = Objects {
                 services: s.iter().map(AsRef::as_ref).collect(),
                 slices: e.iter().map(AsRef::as_ref).collect(),
                 pods: p.iter().map(AsRef::as_ref).collect(),
             };
-            view::services(&objects, &td)
+            to.discovered(view::services(&objects, &td));
         })
         .await;
-        match built {
-            Ok(services) => sink.discovered(services),
-            Err(e) => tracing::error!(error = %e, "building the discovered view failed"),
+        if let Err(e) = built {
+            tracing::error!(error = %e, "building the discovered view failed");
         }
         changed.notified().await;
     }
