@@ -867,6 +867,10 @@ pub async fn serve_with(
                 started
                     .authority
                     .set_reviewer(crate::kubernetes::review::Reviewer::new(client.clone()));
+                tokio::spawn(crate::kubernetes::anchors::publish(
+                    client.clone(),
+                    started.authority.clone(),
+                ));
                 crate::kubernetes::watch::spawn(
                     client,
                     started.authority.trust_domain().to_string(),

@@ -14,7 +14,8 @@
 //! - `POST /apis/authentication.k8s.io/v1/tokenreviews` answers from the tokens registered with
 //!   [`KubeApi::review`];
 //! - `GET` of one object by its path (a pod, a namespace) answers it or `404`; `PUT` replaces
-//!   it (`409` unless it carries the stored `resourceVersion`).
+//!   it (`409` unless it carries the stored `resourceVersion`); `PATCH` (server-side apply)
+//!   stores the applied object; lists honour an equality `labelSelector`.
 //!
 //! Every request is recorded ([`KubeApi::requests`]) so tests can see the client's protocol
 //! (relists, watch versions). [`KubeApi::kubeconfig`] writes the kubeconfig file that reaches
@@ -38,7 +39,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
 /// The resources served: (plural, path prefix, kind, apiVersion).
-const RESOURCES: [(&str, &str, &str, &str); 5] = [
+const RESOURCES: [(&str, &str, &str, &str); 6] = [
     ("services", "/api/v1", "Service", "v1"),
     (
         "endpointslices",
@@ -48,6 +49,7 @@ const RESOURCES: [(&str, &str, &str, &str); 5] = [
     ),
     ("pods", "/api/v1", "Pod", "v1"),
     ("namespaces", "/api/v1", "Namespace", "v1"),
+    ("configmaps", "/api/v1", "ConfigMap", "v1"),
     (
         "mutatingwebhookconfigurations",
         "/apis/admissionregistration.k8s.io/v1",
@@ -343,6 +345,30 @@ fn store(s: &mut State, resource: &str, mut object: Value) -> Value {
     object
 }
 
+/// A query value with its `%XX` escapes decoded.
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn resource_of(resource: &str) -> (&'static str, &'static str, &'static str, &'static str) {
     RESOURCES
         .into_iter()
@@ -471,11 +497,25 @@ impl Server {
         }
         if !watching {
             let s = self.state.lock().unwrap();
+            // `labelSelector=k=v,k2=v2` (equality only).
+            let selector: Vec<(String, String)> = query
+                .get("labelSelector")
+                .map(|s| decode(s))
+                .unwrap_or_default()
+                .split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
             let items: Vec<&Value> = s
                 .objects
                 .iter()
                 .filter(|((r, _, _), _)| r == resource)
                 .map(|(_, o)| o)
+                .filter(|o| {
+                    selector
+                        .iter()
+                        .all(|(k, v)| o["metadata"]["labels"][k].as_str() == Some(v.as_str()))
+                })
                 .collect();
             return ok_json(
                 json!({"kind": format!("{kind}List"), "apiVersion": api_version,
@@ -590,6 +630,23 @@ impl Server {
                     None => status(404, "NotFound", &format!("{resource} \"{name}\" not found")),
                 })
             }
+            // Server-side apply, as far as the tests need it: the applied object is stored whole.
+            Method::PATCH => {
+                let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                let Some(mut object) = body
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                else {
+                    return Ok(status(400, "BadRequest", "not JSON"));
+                };
+                object["metadata"]["name"] = json!(key.2);
+                if !key.1.is_empty() {
+                    object["metadata"]["namespace"] = json!(key.1);
+                }
+                let stored = store(&mut self.state.lock().unwrap(), resource, object);
+                self.tick.send_modify(|(n, _)| *n += 1);
+                Ok(ok_json(stored))
+            }
             Method::PUT => {
                 let body = req.into_body().collect().await.map(|b| b.to_bytes());
                 let Some(object) = body
@@ -611,7 +668,7 @@ impl Server {
                 self.tick.send_modify(|(n, _)| *n += 1);
                 Ok(ok_json(stored))
             }
-            _ => Ok(status(405, "MethodNotAllowed", "GET and PUT only")),
+            _ => Ok(status(405, "MethodNotAllowed", "GET, PUT and PATCH only")),
         }
     }
 

@@ -350,12 +350,13 @@ fn post_tls(addr: SocketAddr, server_name: &str, anchors: &str, body: &[u8]) -> 
 }
 
 #[test]
-fn the_control_plane_writes_its_ca_bundle_and_serves_the_webhook_over_tls() {
+fn the_control_plane_writes_its_ca_bundle_and_trust_anchors_and_serves_the_webhook_over_tls() {
     let api = KubeApi::start();
     api.apply(
         "namespaces",
         json!({"metadata": {"name": "shop", "labels": {"outrider.io/inject": "enabled"}}}),
     );
+    api.apply("namespaces", json!({"metadata": {"name": "plain"}}));
     // The webhook configuration exactly as deploy/ has it.
     let text = std::fs::read_to_string(deploy_dir().join("injector.yaml")).unwrap();
     let docs = outrider_kubernetes::manifest::parse(&text).unwrap();
@@ -420,4 +421,18 @@ fn the_control_plane_writes_its_ca_bundle_and_serves_the_webhook_over_tls() {
     let answer: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(answer["response"]["allowed"], true);
     assert!(answer["response"]["patch"].is_string(), "{answer}");
+
+    // The labelled namespace gets the trust-anchors ConfigMap the injected proxies mount; the
+    // unlabelled one does not.
+    wait_until(
+        "the trust anchors are published in shop",
+        CHANGE_TIMEOUT,
+        || {
+            api.get("configmaps", "shop", "outrider-trust-anchors")
+                .is_some_and(|cm| cm["data"]["trust-anchors.pem"] == anchors.as_str())
+        },
+    );
+    assert!(api
+        .get("configmaps", "plain", "outrider-trust-anchors")
+        .is_none());
 }

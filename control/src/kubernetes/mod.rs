@@ -7,12 +7,14 @@
 //! - [`watch`]: runtime watchers of Services, EndpointSlices and Pods feeding the view.
 //! - [`review`]: projected ServiceAccount tokens checked with the TokenReview API, for
 //!   `POST /v1/certify`.
+//! - [`anchors`]: the trust-anchors ConfigMap in every namespace labelled for injection.
 //! - [`webhook`]: the mutating admission webhook `POST /v1/inject`, and [`ca_bundle`], which
 //!   keeps its configuration's `caBundle` equal to the control plane's trust anchors.
 //! - [`view`]: the rules that turn those objects into the mesh's services, and the merge with
 //!   the mesh file (which keeps routes, retries, breakers, policy and services outside the
 //!   cluster).
 
+pub mod anchors;
 pub mod ca_bundle;
 pub mod review;
 pub mod view;
