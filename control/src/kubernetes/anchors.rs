@@ -27,6 +27,8 @@ pub const CONFIGMAP: &str = "outrider-trust-anchors";
 pub const KEY: &str = "trust-anchors.pem";
 /// How often the labelled namespaces are listed.
 pub const CHECK: Duration = Duration::from_secs(10);
+/// How long one API call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a write is trusted before it is made again.
 pub const REFRESH: Duration = Duration::from_secs(600);
 
@@ -40,12 +42,14 @@ pub async fn publish(client: Client, authority: Arc<Authority>) {
     let mut last: Option<String> = None;
     loop {
         let anchors = authority.ca().trust_anchors_pem().to_string();
-        let outcome = match namespaces.list(&params).await {
-            Err(e) => format!(
+        let listed = tokio::time::timeout(CALL_TIMEOUT, namespaces.list(&params)).await;
+        let outcome = match listed {
+            Err(_) => "cannot list the namespaces: no answer in time".to_string(),
+            Ok(Err(e)) => format!(
                 "cannot list the namespaces labelled {INJECT_KEY}=enabled: {}",
                 crate::runtime::Chain(&e)
             ),
-            Ok(list) => {
+            Ok(Ok(list)) => {
                 let mut failed = Vec::new();
                 let names: Vec<String> = list
                     .items
@@ -83,11 +87,14 @@ pub async fn publish(client: Client, authority: Arc<Authority>) {
                         ..Default::default()
                     };
                     let api = Api::<ConfigMap>::namespaced(client.clone(), ns);
-                    match api.patch(CONFIGMAP, &apply, &Patch::Apply(&cm)).await {
-                        Ok(_) => {
+                    let body = Patch::Apply(&cm);
+                    let patch = api.patch(CONFIGMAP, &apply, &body);
+                    match tokio::time::timeout(CALL_TIMEOUT, patch).await {
+                        Ok(Ok(_)) => {
                             written.insert(ns.clone(), (anchors.clone(), Instant::now()));
                         }
-                        Err(e) => failed.push(format!("{ns}: {}", crate::runtime::Chain(&e))),
+                        Ok(Err(e)) => failed.push(format!("{ns}: {}", crate::runtime::Chain(&e))),
+                        Err(_) => failed.push(format!("{ns}: no answer in time")),
                     }
                 }
                 written.retain(|ns, _| names.contains(ns));

@@ -27,7 +27,9 @@ pub async fn keep(client: Client, name: String, authority: Arc<Authority>) {
     let mut last: Option<String> = None;
     loop {
         let anchors = authority.ca().trust_anchors_pem().as_bytes().to_vec();
-        let outcome = sync(&api, &name, anchors).await;
+        let outcome = tokio::time::timeout(CHECK * 3, sync(&api, &name, anchors))
+            .await
+            .unwrap_or_else(|_| "cannot read or update it: no answer in time".to_string());
         if last.as_deref() != Some(outcome.as_str()) {
             if outcome.starts_with("cannot") || outcome.starts_with("no ") {
                 tracing::warn!(configuration = %name, "webhook caBundle: {outcome}");

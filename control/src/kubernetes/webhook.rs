@@ -40,6 +40,9 @@ pub const INJECT_KEY: &str = "outrider.io/inject";
 /// The largest AdmissionReview accepted, in bytes (the API server's own request limit is 3 MiB).
 pub const MAX_REVIEW_BYTES: usize = 3 * 1024 * 1024;
 
+/// How long reading a namespace's labels may take.
+const NAMESPACE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
+
 /// The inject code: a pod in, the injected pod out.
 pub trait Injector: Send + Sync + 'static {
     /// Injects `pod` (a Pod as JSON, `metadata.name` set); `Ok(None)` when it is left alone
@@ -193,9 +196,12 @@ impl Webhook {
         let Some(client) = &self.client else {
             return Ok(true);
         };
-        let ns = Api::<Namespace>::all(client.clone())
-            .get_opt(namespace)
+        let api = Api::<Namespace>::all(client.clone());
+        let lookup = api.get_opt(namespace);
+        // Within the API server's own wait for the webhook (deploy/injector.yaml: 5-10 s).
+        let ns = tokio::time::timeout(NAMESPACE_TIMEOUT, lookup)
             .await
+            .map_err(|_| format!("the labels of namespace {namespace} took too long to read"))?
             .map_err(|e| {
                 format!(
                     "cannot read the labels of namespace {namespace}: {}",
