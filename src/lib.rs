@@ -1,6 +1,8 @@
 //! The `outrider` binary's own code: the process plumbing every serving subcommand shares
-//! ([`runtime`]) and `outrider demo` with its built-in app ([`demo`]). It uses only the public
-//! APIs of the proxy, control and init crates.
+//! ([`runtime`]), `outrider demo` with its built-in app ([`demo`]), and the inject code the
+//! control plane's admission webhook calls ([`inject_hook`]). It uses only the public APIs of the
+//! proxy, control, init and kubernetes crates.
 
 pub mod demo;
+pub mod inject_hook;
 pub mod runtime;

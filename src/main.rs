@@ -81,7 +81,15 @@ fn control(mut args: outrider_control::ControlArgs) -> ExitCode {
             runtime::block_on(
                 "outrider control",
                 1,
-                outrider_control::serve(args, mesh, text, runtime::shutdown_signal()),
+                outrider_control::serve_with(
+                    args,
+                    mesh,
+                    text,
+                    Some(std::sync::Arc::new(
+                        outrider::inject_hook::InjectHook::default(),
+                    )),
+                    runtime::shutdown_signal(),
+                ),
             )
         }
     }

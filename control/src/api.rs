@@ -27,6 +27,11 @@ use crate::quoted::Quoted;
 /// The path of the watch endpoint.
 pub const WATCH_PATH: &str = "/v1/watch";
 
+/// The largest view (JSON) a proxy accepts, in bytes (16 MiB). The control plane refuses a
+/// config that would give a workload a larger one, and answers a watch whose view is larger
+/// with `507` and the reason instead of sending it.
+pub const MAX_VIEW_BYTES: usize = 16 * 1024 * 1024;
+
 /// One workload's view of the mesh at one version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WatchResponse {

@@ -2,8 +2,10 @@
 //! issuer and trust-anchor files followed on disk, and the control plane's own serving
 //! certificate.
 //!
-//! A certify request is granted only when its bearer token verifies ([`crate::token`]) and its
-//! CSR asks for exactly the token's identity ([`Ca::certify`]). Every refusal is answered with a
+//! A certify request is granted only when its bearer token verifies ([`crate::token`]; with
+//! `--kubernetes`, a projected ServiceAccount token reviewed by the API server,
+//! [`crate::kubernetes::review`]) and its CSR asks for exactly the token's identity
+//! ([`Ca::certify`]). Every refusal is answered with a
 //! JSON `{"error": ...}`, counted by reason in `outrider_control_certify_refused_total`, and
 //! logged once with the reason and the identity the token claims (if it parses) — never the
 //! token.
@@ -50,6 +52,10 @@ const REASONS: &[&str] = &[
     "bad_csr",
     "wrong_identity",
     "wrong_trust_domain",
+    "review_rejected",
+    "not_service_account",
+    "pod_mismatch",
+    "review_failed",
     "internal",
 ];
 
@@ -71,6 +77,8 @@ pub struct Authority {
     tokens: TokenKey,
     lifetime: Duration,
     trust_domain: String,
+    /// With `--kubernetes`: checks projected ServiceAccount tokens (set once, at start).
+    reviewer: std::sync::OnceLock<crate::kubernetes::review::Reviewer>,
     pub(crate) issued: IntCounter,
     pub(crate) refused: IntCounterVec,
 }
@@ -179,6 +187,7 @@ impl Authority {
             tokens,
             lifetime,
             trust_domain,
+            reviewer: std::sync::OnceLock::new(),
             issued,
             refused,
         }))
@@ -217,6 +226,13 @@ impl Authority {
         self.tokens.mint(identity, ttl)
     }
 
+    /// From now on, tokens that are not Outrider bootstrap tokens (`v1.`) are projected
+    /// ServiceAccount tokens, checked with `reviewer` (see [`crate::kubernetes::review`]). Set
+    /// once; a second call changes nothing.
+    pub fn set_reviewer(&self, reviewer: crate::kubernetes::review::Reviewer) {
+        let _ = self.reviewer.set(reviewer);
+    }
+
     /// The lifetime of the certificates issued.
     pub fn lifetime(&self) -> Duration {
         self.lifetime
@@ -252,16 +268,25 @@ impl Authority {
         claimed: &mut Option<Identity>,
     ) -> Result<CertifyResponse, Refusal> {
         let token = bearer(req.headers())?;
-        *claimed = claimed_identity(token);
-        let identity = self.tokens.verify(token, SystemTime::now()).map_err(|e| {
-            let reason = match e {
-                TokenError::Malformed(_) => "malformed_token",
-                TokenError::BadSignature => "bad_signature",
-                TokenError::Expired(_) => "expired",
-                TokenError::BadIdentity => "bad_identity",
-            };
-            refusal(StatusCode::UNAUTHORIZED, reason, e.to_string())
-        })?;
+        let identity = match self.reviewer.get() {
+            Some(reviewer) if !crate::token::is_bootstrap_token(token) => {
+                let identity = self.reviewed_identity(reviewer, token).await?;
+                *claimed = Some(identity.clone());
+                identity
+            }
+            _ => {
+                *claimed = claimed_identity(token);
+                self.tokens.verify(token, SystemTime::now()).map_err(|e| {
+                    let reason = match e {
+                        TokenError::Malformed(_) => "malformed_token",
+                        TokenError::BadSignature => "bad_signature",
+                        TokenError::Expired(_) => "expired",
+                        TokenError::BadIdentity => "bad_identity",
+                    };
+                    refusal(StatusCode::UNAUTHORIZED, reason, e.to_string())
+                })?
+            }
+        };
         if identity.trust_domain() != self.trust_domain {
             return Err(refusal(
                 StatusCode::FORBIDDEN,
@@ -321,6 +346,35 @@ impl Authority {
             not_before: unix(issued.not_before),
             not_after: unix(issued.not_after),
         })
+    }
+
+    /// The identity a projected ServiceAccount token is reviewed for.
+    async fn reviewed_identity(
+        &self,
+        reviewer: &crate::kubernetes::review::Reviewer,
+        token: &str,
+    ) -> Result<Identity, Refusal> {
+        use crate::kubernetes::review::ReviewError;
+        let reviewed = reviewer.review(token).await.map_err(|e| match &e {
+            ReviewError::Rejected(_) => {
+                refusal(StatusCode::UNAUTHORIZED, "review_rejected", e.to_string())
+            }
+            ReviewError::NotServiceAccount(_) => {
+                refusal(StatusCode::FORBIDDEN, "not_service_account", e.to_string())
+            }
+            ReviewError::Pod(_) => refusal(StatusCode::FORBIDDEN, "pod_mismatch", e.to_string()),
+            ReviewError::Unavailable(_) => refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "review_failed",
+                e.to_string(),
+            ),
+        })?;
+        Identity::new(
+            &self.trust_domain,
+            &reviewed.namespace,
+            &reviewed.service_account,
+        )
+        .map_err(|e| refusal(StatusCode::FORBIDDEN, "bad_identity", e.to_string()))
     }
 
     /// Follows the CA files (see the module docs); `texts` are the files' contents in force, and

@@ -31,7 +31,7 @@ use crate::quoted::Quoted;
 use crate::runtime::Chain;
 
 /// Largest watch response accepted.
-const MAX_BODY: usize = 16 * 1024 * 1024;
+const MAX_BODY: usize = crate::api::MAX_VIEW_BYTES;
 /// Largest error explanation kept (it is logged and shown on `/config`).
 const MAX_ERROR_BODY: usize = 1024;
 

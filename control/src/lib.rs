@@ -9,6 +9,7 @@ pub mod ca;
 pub mod cli;
 pub mod client;
 pub mod duration;
+pub mod kubernetes;
 pub mod mesh;
 pub mod nesting;
 pub mod quoted;
@@ -19,4 +20,4 @@ pub mod token;
 #[cfg(test)]
 mod tests;
 
-pub use server::{prepare, serve, ControlArgs, ControlPlane, Prepared};
+pub use server::{prepare, serve, serve_with, ControlArgs, ControlPlane, Prepared};

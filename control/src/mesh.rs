@@ -19,6 +19,7 @@ use crate::api::{
     check_trust_domain, is_dns_label, Balancer, Breaker, DefaultPolicy, Endpoint, Identity,
     IdentityMatch, InboundView, OutboundView, RetryPolicy, Route, RouteMatch, ServerPolicy,
     Service, ServiceProtocol, UnknownDestinations, WatchResponse, WorkloadId, DEFAULT_TRUST_DOMAIN,
+    MAX_VIEW_BYTES,
 };
 use crate::duration;
 use crate::nesting;
@@ -301,6 +302,11 @@ impl Mesh {
         let mut errors = Errors(Vec::new());
         let mesh = validate(raw, &mut errors);
         if errors.0.is_empty() {
+            if let Some(e) = mesh.oversize_view(false) {
+                errors.0.push(e);
+            }
+        }
+        if errors.0.is_empty() {
             Ok(mesh)
         } else {
             Err(errors.0)
@@ -309,7 +315,28 @@ impl Mesh {
 
     /// The view of `workload` at `version`; `None` if the workload is unknown.
     pub fn view(&self, workload: &WorkloadId, version: &str) -> Option<WatchResponse> {
-        let w = self.workloads.get(workload)?;
+        self.view_or_default(workload, version, false)
+    }
+
+    /// [`Mesh::view`]; with `open`, a workload the config does not name gets the view of a
+    /// workload with no entry: it may call every service, its ports have the default policy.
+    pub fn view_or_default(
+        &self,
+        workload: &WorkloadId,
+        version: &str,
+        open: bool,
+    ) -> Option<WatchResponse> {
+        let fallback = Workload {
+            calls: None,
+            unknown_destinations: None,
+            servers: Vec::new(),
+            default_policy: DefaultPolicy::default(),
+        };
+        let w = match self.workloads.get(workload) {
+            Some(w) => w,
+            None if open => &fallback,
+            None => return None,
+        };
         let services = self
             .services
             .iter()
@@ -331,6 +358,42 @@ impl Mesh {
         })
     }
 
+    /// The first workload whose view would be larger than [`MAX_VIEW_BYTES`] (with `open`,
+    /// the default view of a workload the config does not name too), as an error naming it.
+    /// Each view is measured by serializing it into a counter, never held whole.
+    pub fn oversize_view(&self, open: bool) -> Option<ConfigError> {
+        let unnamed: WorkloadId = "default/unnamed".parse().ok()?;
+        let named = self
+            .workloads
+            .keys()
+            .enumerate()
+            .map(|(i, id)| (Some(i), id));
+        let fallback = open.then_some((None, &unnamed));
+        for (index, id) in named.chain(fallback) {
+            let view = self.view_or_default(id, "0", open)?;
+            let size = json_size(&view);
+            if size > MAX_VIEW_BYTES {
+                let (path, who) = match index {
+                    Some(i) => (format!("workloads[{i}]"), format!("workload \"{id}\"")),
+                    None => (
+                        "workloads".to_string(),
+                        "a workload the config does not name (it may call every service)"
+                            .to_string(),
+                    ),
+                };
+                return Some(ConfigError {
+                    path,
+                    message: format!(
+                        "the view of {who} would be {size} bytes, more than the proxies' limit \
+                         of {MAX_VIEW_BYTES} bytes (16 MiB): narrow its `calls` to the services \
+                         it uses"
+                    ),
+                });
+            }
+        }
+        None
+    }
+
     /// A one-line summary for logs and `--check`.
     pub fn summary(&self) -> String {
         let endpoints: usize = self.services.iter().map(|s| s.endpoints.len()).sum();
@@ -342,6 +405,26 @@ impl Mesh {
             routes,
             self.workloads.len()
         )
+    }
+}
+
+/// The size of `value` as JSON, counted without holding the text.
+pub fn json_size(value: &impl serde::Serialize) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Serializing these types cannot fail; a failure counts as too large.
+    match serde_json::to_writer(&mut count, value) {
+        Ok(()) => count.0,
+        Err(_) => usize::MAX,
     }
 }
 

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use prometheus::{Encoder, IntCounter, IntGauge, Registry, TextEncoder};
 use tokio::net::TcpListener;
@@ -27,6 +27,7 @@ use crate::api::{WorkloadId, CERTIFY_PATH, WATCH_PATH};
 use crate::authority::{json_error, Authority, CaPaths, ServingCert};
 use crate::ca::Ca;
 use crate::duration;
+use crate::kubernetes::webhook::{Injector, Webhook, INJECT_PATH, MAX_REVIEW_BYTES};
 use crate::mesh::{ConfigError, Mesh, DEMO_MESH, MAX_MESH_BYTES};
 use crate::quoted::Quoted;
 use crate::runtime::{serve_http1_over, text};
@@ -38,6 +39,8 @@ const MAX_WAIT: Duration = Duration::from_secs(300);
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 /// How often the config file is checked.
 const POLL: Duration = Duration::from_millis(250);
+/// How long a webhook request may take to send its body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One version of the mesh.
 #[derive(Debug)]
@@ -88,6 +91,14 @@ impl Metrics {
 /// A running control plane's shared state.
 pub struct ControlPlane {
     snapshots: watch::Sender<Arc<Snapshot>>,
+    /// The sources of the view: the mesh file's last good config, and the services the
+    /// Kubernetes API describes (`None` until it has been listed, or without `--kubernetes`).
+    sources: std::sync::Mutex<Sources>,
+    /// Whether the Kubernetes API has been listed (then unnamed workloads get the default view);
+    /// read by every watch, so not behind the sources' lock.
+    open: std::sync::atomic::AtomicBool,
+    /// `POST /v1/inject`, when the binary hands in the inject code (set once, at start).
+    webhook: std::sync::OnceLock<crate::kubernetes::webhook::Webhook>,
     authority: Option<Arc<Authority>>,
     epoch: String,
     registry: Registry,
@@ -122,9 +133,16 @@ impl ControlPlane {
             version: format!("{epoch}-1"),
             mesh,
         });
+        let sources = std::sync::Mutex::new(Sources {
+            file: first.mesh.clone(),
+            discovered: None,
+        });
         let (snapshots, _) = watch::channel(first);
         Ok(Arc::new(Self {
             snapshots,
+            sources,
+            open: std::sync::atomic::AtomicBool::new(false),
+            webhook: std::sync::OnceLock::new(),
             authority,
             epoch,
             registry,
@@ -144,28 +162,22 @@ impl ControlPlane {
         self.install(Mesh::parse(yaml))
     }
 
-    /// Makes a parsed mesh the new version, or counts and logs the rejection.
+    /// Makes a parsed mesh file the new version (merged with the discovered services), or
+    /// counts and logs the rejection.
     fn install(&self, parsed: Result<Mesh, Vec<ConfigError>>) -> Result<String, Vec<ConfigError>> {
         match parsed {
             Ok(mesh) => {
-                let mut version = String::new();
-                self.snapshots.send_modify(|snap| {
-                    let n = snap
-                        .version
-                        .rsplit('-')
-                        .next()
-                        .and_then(|n| n.parse::<u64>().ok())
-                        .unwrap_or(0)
-                        + 1;
-                    version = format!("{}-{n}", self.epoch);
-                    tracing::info!(%version, "config applied: {}", mesh.summary());
-                    *snap = Arc::new(Snapshot {
-                        version: version.clone(),
-                        mesh,
-                    });
-                });
-                self.metrics.applied.inc();
-                Ok(version)
+                let mut sources = self.lock_sources();
+                let merged = sources.merged_with(&mesh);
+                if sources.discovered.is_some() {
+                    if let Some(e) = merged.oversize_view(true) {
+                        self.metrics.rejected.inc();
+                        tracing::warn!("config rejected, last good version stays: {e}");
+                        return Err(vec![e]);
+                    }
+                }
+                sources.file = mesh;
+                Ok(self.publish(merged, "config applied"))
             }
             Err(errors) => {
                 self.metrics.rejected.inc();
@@ -175,6 +187,41 @@ impl ControlPlane {
                 Err(errors)
             }
         }
+    }
+
+    /// The sources, even if a thread panicked while holding them (they are replaced whole).
+    fn lock_sources(&self) -> std::sync::MutexGuard<'_, Sources> {
+        self.sources
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Serves `mesh` as the next version; returns the version.
+    fn publish(&self, mesh: Mesh, what: &str) -> String {
+        let mut version = String::new();
+        self.snapshots.send_modify(|snap| {
+            let n = snap
+                .version
+                .rsplit('-')
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0)
+                + 1;
+            version = format!("{}-{n}", self.epoch);
+            tracing::info!(%version, "{what}: {}", mesh.summary());
+            *snap = Arc::new(Snapshot {
+                version: version.clone(),
+                mesh,
+            });
+        });
+        self.metrics.applied.inc();
+        version
+    }
+
+    /// Whether a workload the mesh file does not name gets the default view (with
+    /// `--kubernetes`, once the API has been listed: injected workloads need no entry).
+    fn open_workloads(&self) -> bool {
+        self.open.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Follows `path`, whose text `last` is in force: every change is applied or rejected (see
@@ -222,7 +269,11 @@ impl ControlPlane {
                 Ok(None) => problem = None,
                 Ok(Some(parsed)) => {
                     problem = None;
-                    let _ = self.install(parsed);
+                    // Merging and measuring the views cost as much as parsing: off the runtime.
+                    let cp = self.clone();
+                    if let Err(e) = tokio::task::spawn_blocking(move || cp.install(parsed)).await {
+                        tracing::error!(error = %e, "applying the config file failed; keeping the last good config");
+                    }
                 }
             }
         }
@@ -247,6 +298,12 @@ impl ControlPlane {
         .await
     }
 
+    /// Serves `POST /v1/inject` with `webhook` from now on (set once; a second call changes
+    /// nothing).
+    pub fn set_webhook(&self, webhook: crate::kubernetes::webhook::Webhook) {
+        let _ = self.webhook.set(webhook);
+    }
+
     /// The certificate authority, if this control plane is one.
     pub fn authority(&self) -> Option<&Arc<Authority>> {
         self.authority.as_ref()
@@ -264,6 +321,31 @@ impl ControlPlane {
             (_, CERTIFY_PATH) => json_error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed: POST a {\"csr\": \"<PEM>\"} with authorization: Bearer TOKEN",
+            ),
+            (&Method::POST, INJECT_PATH) => match self.webhook.get() {
+                Some(webhook) => {
+                    let body = tokio::time::timeout(
+                        BODY_TIMEOUT,
+                        Limited::new(req.into_body(), MAX_REVIEW_BYTES).collect(),
+                    )
+                    .await;
+                    match body {
+                        Ok(Ok(body)) => webhook.handle(&body.to_bytes()).await,
+                        Ok(Err(e)) => text(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            format!("cannot read the AdmissionReview (at most {MAX_REVIEW_BYTES} bytes): {e}\n"),
+                        ),
+                        Err(_) => text(StatusCode::REQUEST_TIMEOUT, "the body took too long\n"),
+                    }
+                }
+                None => text(
+                    StatusCode::NOT_FOUND,
+                    "this control plane serves no injection webhook\n",
+                ),
+            },
+            (_, INJECT_PATH) => text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed: POST an AdmissionReview\n",
             ),
             (&Method::GET, WATCH_PATH) => self.watch(req.uri().query().unwrap_or("")).await,
             (&Method::GET, "/live" | "/ready") => text(StatusCode::OK, "ok\n"),
@@ -295,7 +377,8 @@ impl ControlPlane {
         };
         let mut rx = self.snapshots.subscribe();
         let snap = rx.borrow_and_update().clone();
-        let Some(mut view) = snap.mesh.view(&q.workload, &snap.version) else {
+        let open = self.open_workloads();
+        let Some(mut view) = snap.mesh.view_or_default(&q.workload, &snap.version, open) else {
             return text(
                 StatusCode::NOT_FOUND,
                 format!(
@@ -316,7 +399,9 @@ impl ControlPlane {
                 Err(_) | Ok(Err(_)) => return not_modified(),
                 Ok(Ok(())) => {
                     let snap = rx.borrow_and_update().clone();
-                    let Some(next) = snap.mesh.view(&q.workload, &snap.version) else {
+                    let open = self.open_workloads();
+                    let Some(next) = snap.mesh.view_or_default(&q.workload, &snap.version, open)
+                    else {
                         return text(
                             StatusCode::NOT_FOUND,
                             format!(
@@ -349,7 +434,63 @@ impl ControlPlane {
 
     fn json(&self, view: &crate::api::WatchResponse) -> Response<Full<Bytes>> {
         self.metrics.responses.inc();
-        crate::runtime::json(view, false)
+        match serde_json::to_vec(view) {
+            Ok(body) if body.len() > crate::api::MAX_VIEW_BYTES => text(
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!(
+                    "view too large: the view of workload \"{}\" is {} bytes, more than the \
+                     proxies' limit of {} bytes (16 MiB); narrow its `calls`\n",
+                    view.workload,
+                    body.len(),
+                    crate::api::MAX_VIEW_BYTES
+                ),
+            ),
+            Ok(body) => {
+                let mut rsp = text(StatusCode::OK, body);
+                rsp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("application/json"),
+                );
+                rsp
+            }
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        }
+    }
+}
+
+/// The sources of the view.
+struct Sources {
+    /// The mesh file's last good config.
+    file: Mesh,
+    /// The services the Kubernetes API describes, once listed.
+    discovered: Option<Vec<crate::api::Service>>,
+}
+
+impl Sources {
+    /// `file` merged with the discovered services, if any.
+    fn merged_with(&self, file: &Mesh) -> Mesh {
+        match &self.discovered {
+            Some(d) => crate::kubernetes::view::merge(file, d),
+            None => file.clone(),
+        }
+    }
+}
+
+/// Called on a blocking thread (merging and measuring the views grow with the cluster).
+impl crate::kubernetes::watch::Sink for ControlPlane {
+    fn discovered(&self, services: Vec<crate::api::Service>) {
+        let mut sources = self.lock_sources();
+        let merged = crate::kubernetes::view::merge(&sources.file, &services);
+        if let Some(e) = merged.oversize_view(true) {
+            self.metrics.rejected.inc();
+            tracing::error!("Kubernetes API change not applied, the last good view stays: {e}");
+            return;
+        }
+        sources.discovered = Some(services);
+        self.open.store(true, std::sync::atomic::Ordering::Relaxed);
+        if merged != self.current().mesh {
+            self.publish(merged, "Kubernetes API change applied");
+        }
     }
 }
 
@@ -551,6 +692,23 @@ pub struct ControlArgs {
     #[arg(long = "server-name", env = "OUTRIDER_SERVER_NAME", value_name = "NAME", value_delimiter = ',',
           default_values_t = DEFAULT_SERVER_NAMES.iter().map(|s| s.to_string()).collect::<Vec<_>>())]
     pub server_names: Vec<String>,
+    /// Discover services, endpoints and identities from the Kubernetes API server (in-cluster
+    /// configuration when KUBERNETES_SERVICE_HOST is set, else --kubeconfig, KUBECONFIG or
+    /// ~/.kube/config); the mesh file adds routes, policy and services outside the cluster.
+    #[arg(long, env = "OUTRIDER_KUBERNETES")]
+    pub kubernetes: bool,
+    /// The kubeconfig to reach the API server with (with --kubernetes).
+    #[arg(long, value_name = "FILE", requires = "kubernetes")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The MutatingWebhookConfiguration whose caBundle the control plane keeps equal to its
+    /// trust anchors (with --kubernetes; deploy/injector.yaml).
+    #[arg(
+        long,
+        env = "OUTRIDER_WEBHOOK_CONFIGURATION",
+        value_name = "NAME",
+        default_value = "outrider-injector"
+    )]
+    pub webhook_configuration: String,
 }
 
 /// What `outrider control` does before it serves: `--check` (the exit code), or the mesh to serve.
@@ -624,6 +782,18 @@ pub async fn serve(
     text: String,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::process::ExitCode {
+    serve_with(args, mesh, text, None, shutdown).await
+}
+
+/// [`serve`], also serving the injection webhook `POST /v1/inject` with `injector` (the
+/// binary's `outrider inject` code) when given.
+pub async fn serve_with(
+    args: ControlArgs,
+    mesh: Mesh,
+    text: String,
+    injector: Option<Arc<dyn Injector>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::process::ExitCode {
     use std::process::ExitCode;
     let trust_domain = args
         .trust_domain
@@ -687,6 +857,41 @@ pub async fn serve(
     );
     if let Some(path) = args.config.clone() {
         tokio::spawn(cp.clone().follow(path, text));
+    }
+    let mut client = None;
+    if args.kubernetes {
+        match crate::kubernetes::client(args.kubeconfig.as_deref()).await {
+            Ok(c) => {
+                client = Some(c.clone());
+                let client = c;
+                started
+                    .authority
+                    .set_reviewer(crate::kubernetes::review::Reviewer::new(client.clone()));
+                tokio::spawn(crate::kubernetes::anchors::publish(
+                    client.clone(),
+                    started.authority.clone(),
+                ));
+                crate::kubernetes::watch::spawn(
+                    client,
+                    started.authority.trust_domain().to_string(),
+                    cp.clone(),
+                );
+            }
+            Err(e) => {
+                eprintln!("outrider control: --kubernetes: {e:#}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if let Some(injector) = injector {
+        if let Some(client) = &client {
+            tokio::spawn(crate::kubernetes::ca_bundle::keep(
+                client.clone(),
+                args.webhook_configuration.clone(),
+                started.authority.clone(),
+            ));
+        }
+        cp.set_webhook(Webhook::new(injector, client));
     }
     let (serving, config) = match tls {
         Some((serving, config)) => (Some(serving), Some(config)),
@@ -883,6 +1088,44 @@ mod tests {
             tokio::time::sleep(POLL).await;
         }
         panic!("timed out waiting for {what}");
+    }
+
+    #[tokio::test]
+    async fn a_view_over_the_proxies_limit_is_refused_by_name_and_never_sent() {
+        use crate::api::MAX_VIEW_BYTES;
+        let mut mesh = Mesh::parse(
+            "services:\n  - name: s\n    addresses: [198.18.0.1:80]\n    endpoints: \
+             [{address: 198.18.1.1:80}]\nworkloads:\n  - name: default/big\n  - name: \
+             default/small\n    calls: [s]\n",
+        )
+        .unwrap();
+        let one = mesh.services[0].clone();
+        let copies = MAX_VIEW_BYTES / crate::mesh::json_size(&one) + 10;
+        mesh.services.extend((0..copies).map(|i| {
+            let mut s = one.clone();
+            s.name = format!("s{i}");
+            s
+        }));
+        let e = mesh.oversize_view(false).expect("the big view is found");
+        assert_eq!(e.path, "workloads[0]");
+        assert!(
+            e.message.contains("\"default/big\"") && e.message.contains("narrow its `calls`"),
+            "{e}"
+        );
+        // The watch answers 507 with the reason instead of the view; a small view is served.
+        let cp = ControlPlane::new(mesh).unwrap();
+        let rsp = cp.watch("workload=default/big").await;
+        assert_eq!(rsp.status(), StatusCode::INSUFFICIENT_STORAGE);
+        let body = rsp.into_body().collect().await.unwrap().to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        assert!(
+            body.starts_with("view too large") && body.len() < 400,
+            "{body}"
+        );
+        assert_eq!(
+            cp.watch("workload=default/small").await.status(),
+            StatusCode::OK
+        );
     }
 
     #[tokio::test(start_paused = true)]

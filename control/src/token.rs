@@ -24,6 +24,12 @@ use crate::api::Identity;
 
 /// The version prefix of every token.
 const PREFIX: &str = "v1.";
+/// Whether `token` has the form of an Outrider bootstrap token (`v1.`), as opposed to, say, a
+/// projected ServiceAccount token (a JWT).
+pub fn is_bootstrap_token(token: &str) -> bool {
+    token.starts_with(PREFIX)
+}
+
 /// The longest token looked at, in bytes.
 pub const MAX_TOKEN_BYTES: usize = 4096;
 

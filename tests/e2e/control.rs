@@ -15,20 +15,20 @@ use std::time::{Duration, Instant};
 
 use crate::support::{self, ChildGuard, PortHold, TempDir};
 
-const OUTRIDER: &str = env!("CARGO_BIN_EXE_outrider");
+pub(crate) const OUTRIDER: &str = env!("CARGO_BIN_EXE_outrider");
 const VIP: &str = "198.18.100.1:80";
 /// How long a change may take to reach the proxy or show in its traffic.
-const CHANGE_TIMEOUT: Duration = Duration::from_secs(15);
+pub(crate) const CHANGE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A minimal HTTP/1.1 response: status, headers (lower-case names), body.
-struct Answer {
-    status: u16,
+pub(crate) struct Answer {
+    pub(crate) status: u16,
     headers: Vec<(String, String)>,
-    body: String,
+    pub(crate) body: String,
 }
 
 impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(k, _)| k == name)
@@ -85,7 +85,7 @@ fn connect(addr: SocketAddr) -> BufReader<TcpStream> {
 }
 
 /// One request on a fresh connection.
-fn get(addr: SocketAddr, path: &str) -> Answer {
+pub(crate) fn get(addr: SocketAddr, path: &str) -> Answer {
     exchange(&mut connect(addr), "GET", path).unwrap()
 }
 
@@ -109,14 +109,14 @@ fn write_mesh(dir: &TempDir, yaml: &str) -> Instant {
 
 /// One answer of the load: when its request started, its status, and the instance that served it.
 #[derive(Debug)]
-struct Sent {
-    started: Instant,
-    status: u16,
-    instance: String,
+pub(crate) struct Sent {
+    pub(crate) started: Instant,
+    pub(crate) status: u16,
+    pub(crate) instance: String,
 }
 
 /// The constant load: one keep-alive connection, a request every 2 ms, every answer recorded.
-struct Load {
+pub(crate) struct Load {
     stop: Arc<AtomicBool>,
     started: Arc<AtomicU64>,
     log: Arc<Mutex<Vec<Sent>>>,
@@ -124,7 +124,7 @@ struct Load {
 }
 
 impl Load {
-    fn start(addr: SocketAddr) -> Load {
+    pub(crate) fn start(addr: SocketAddr) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let started = Arc::new(AtomicU64::new(0));
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -168,13 +168,18 @@ impl Load {
     }
 
     /// How many requests the load has started so far.
-    fn started(&self) -> u64 {
+    pub(crate) fn started(&self) -> u64 {
         self.started.load(Ordering::SeqCst)
     }
 
     /// Waits (at most `within`) for an answer from `instance` to a request started at or after
     /// `since`; returns when that request started.
-    fn wait_for(&self, instance: &str, since: Instant, within: Duration) -> Option<Instant> {
+    pub(crate) fn wait_for(
+        &self,
+        instance: &str,
+        since: Instant,
+        within: Duration,
+    ) -> Option<Instant> {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             let found = self
@@ -194,7 +199,7 @@ impl Load {
     }
 
     /// Answers from `instance` to requests started at or after `since`.
-    fn count_since(&self, instance: &str, since: Instant) -> usize {
+    pub(crate) fn count_since(&self, instance: &str, since: Instant) -> usize {
         self.log
             .lock()
             .unwrap()
@@ -203,7 +208,7 @@ impl Load {
             .count()
     }
 
-    fn finish(mut self) -> Vec<Sent> {
+    pub(crate) fn finish(mut self) -> Vec<Sent> {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             t.join().unwrap();
@@ -213,7 +218,7 @@ impl Load {
 }
 
 /// A demo app instance on a loopback port of its own; returns once it listens.
-fn start_app(instance: &str) -> (u16, ChildGuard) {
+pub(crate) fn start_app(instance: &str) -> (u16, ChildGuard) {
     support::spawn_listening(
         instance,
         None,
@@ -240,7 +245,7 @@ fn start_control(dir: Option<&TempDir>, port: Option<u16>) -> (SocketAddr, Child
 }
 
 /// [`start_control`] with `extra` flags instead of `--plaintext`.
-fn start_control_with(
+pub(crate) fn start_control_with(
     dir: Option<&TempDir>,
     port: Option<u16>,
     extra: &[&str],
@@ -266,7 +271,7 @@ fn start_control_with(
 
 /// A proxy with `args`, its admin server and listeners on port 0; returns it with the addresses
 /// it bound (from its log).
-fn start_proxy(args: &[&str]) -> (ChildGuard, support::ProxyAddrs) {
+pub(crate) fn start_proxy(args: &[&str]) -> (ChildGuard, support::ProxyAddrs) {
     let mut proxy = ChildGuard::spawn(
         Command::new(OUTRIDER)
             .arg("proxy")
@@ -280,25 +285,46 @@ fn start_proxy(args: &[&str]) -> (ChildGuard, support::ProxyAddrs) {
     (proxy, addrs)
 }
 
+/// A proxy for workload `test/client` forwarding a loopback port to `vip`, watching the plain
+/// HTTP control plane `cp`; returns once it is ready, with its forward and admin addresses.
+pub(crate) fn start_client_proxy(
+    cp: SocketAddr,
+    vip: &str,
+) -> (ChildGuard, SocketAddr, SocketAddr) {
+    let (proxy, addrs) = start_proxy(&[
+        "--forward",
+        &format!("127.0.0.1:0={vip}"),
+        "--control",
+        &format!("http://{cp}"),
+        "--workload",
+        "test/client",
+    ]);
+    let (listen, admin) = (addrs.forwards[0], addrs.admin);
+    wait_until("proxy ready with its first config", CHANGE_TIMEOUT, || {
+        get(admin, "/ready").status == 200
+    });
+    (proxy, listen, admin)
+}
+
 /// The sum of `family`'s samples with `labels` on `addr`'s `/metrics`; a missing family fails.
-fn metric(addr: SocketAddr, family: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn metric(addr: SocketAddr, family: &str, labels: &[(&str, &str)]) -> f64 {
     support::sample(&get(addr, "/metrics").body, family, labels)
 }
 
 /// The version the control plane serves now.
-fn control_version(cp: SocketAddr) -> String {
+pub(crate) fn control_version(cp: SocketAddr) -> String {
     let a = get(cp, "/v1/version");
     assert_eq!(a.status, 200, "{}", a.body);
     a.body.trim().to_owned()
 }
 
 /// The control-plane version the proxy applied last (its `/config`).
-fn proxy_version(admin: SocketAddr) -> Option<String> {
+pub(crate) fn proxy_version(admin: SocketAddr) -> Option<String> {
     let config: serde_json::Value = serde_json::from_str(&get(admin, "/config").body).ok()?;
     config["control"]["version"].as_str().map(str::to_owned)
 }
 
-fn wait_until(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+pub(crate) fn wait_until(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
         if check() {
@@ -312,7 +338,7 @@ fn wait_until(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
 
 /// Waits until the control plane serves a version other than `old` and the proxy has applied it;
 /// returns that version and when the proxy was first seen with it.
-fn wait_applied(cp: SocketAddr, admin: SocketAddr, old: &str) -> (String, Instant) {
+pub(crate) fn wait_applied(cp: SocketAddr, admin: SocketAddr, old: &str) -> (String, Instant) {
     let mut new = String::new();
     wait_until(
         "the control plane has a new version",
@@ -338,18 +364,7 @@ fn proxies_follow_the_control_plane_live_under_load() {
     write_mesh(&dir, &mesh(&ports[..2], "10s"));
     let (cp, control) = start_control(Some(&dir), None);
 
-    let (mut proxy, addrs) = start_proxy(&[
-        "--forward",
-        &format!("127.0.0.1:0={VIP}"),
-        "--control",
-        &format!("http://{cp}"),
-        "--workload",
-        "test/client",
-    ]);
-    let (listen, admin) = (addrs.forwards[0], addrs.admin);
-    wait_until("proxy ready with its first config", CHANGE_TIMEOUT, || {
-        get(admin, "/ready").status == 200
-    });
+    let (mut proxy, listen, admin) = start_client_proxy(cp, VIP);
     let mut version = control_version(cp);
     assert_eq!(proxy_version(admin), Some(version.clone()));
 
@@ -730,7 +745,7 @@ fn refused_unknown_destinations_empty_services_and_readiness() {
 }
 
 /// `outrider control ca init` into `dir`; returns its stdout.
-fn ca_init(dir: &std::path::Path) -> String {
+pub(crate) fn ca_init(dir: &std::path::Path) -> String {
     support::run_ok(
         Command::new(OUTRIDER)
             .args(["control", "ca", "init", "--dir"])
@@ -739,7 +754,7 @@ fn ca_init(dir: &std::path::Path) -> String {
 }
 
 /// `--issuer-cert`, `--issuer-key`, `--trust-anchors`, `--token-key` for the files of `ca init`.
-fn ca_flags(dir: &std::path::Path) -> Vec<String> {
+pub(crate) fn ca_flags(dir: &std::path::Path) -> Vec<String> {
     let file = |name: &str| dir.join(name).display().to_string();
     vec![
         "--issuer-cert".into(),
