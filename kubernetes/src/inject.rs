@@ -1,7 +1,8 @@
 //! `outrider inject`: adds the mesh to the pod templates of Kubernetes workloads, and
 //! `--uninject` takes it out again.
 //!
-//! Per workload (Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob) it adds, in
+//! Per workload (Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, ReplicationController, Job,
+//! CronJob) it adds, in
 //! this order:
 //!
 //! - `initContainers[0]`: `outrider-init` (`outrider init`), root with `NET_ADMIN` and `NET_RAW`
@@ -12,7 +13,9 @@
 //!   (their traffic is then not captured: there is no proxy yet when they run);
 //! - the `outrider-identity` projected volume (the service account's Outrider token and the trust
 //!   anchors, see [`IDENTITY_DIR`]);
-//! - HTTP probes of the app rewritten to `:15020/app-probe/<container>/<kind>`, the originals kept
+//! - the app's probes and lifecycle hooks (`httpGet` over HTTP or HTTPS, `tcpSocket`, `grpc`; app
+//!   containers and native sidecars) rewritten to `:15020/app-probe/<container>/<kind>`, where
+//!   the proxy performs the original check (see `outrider_proxy::app_probe`), the originals kept
 //!   in the `outrider.io/original-probes` annotation.
 //!
 //! Everything else in the input (other documents, other fields, key order) comes back as it was.
@@ -33,7 +36,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use outrider_iptables_init::cidr::Cidr;
 use outrider_iptables_init::config::Port;
 use outrider_iptables_init::ports;
-use outrider_proxy::app_probe::{AppProbe, AppProbes, ProbeHeader};
+use outrider_proxy::app_probe::{AppProbe, AppProbes, ProbeHeader, ProbeKind};
 use serde_norway::{Mapping, Value};
 
 use crate::manifest::{self, InputError, Location, Workload, WorkloadKind};
@@ -63,7 +66,8 @@ pub const DEFAULT_IMAGE: &str = concat!("outrider:", env!("CARGO_PKG_VERSION"));
 pub const ANN_INJECT: &str = "outrider.io/inject";
 /// Annotation written by the injector: `native` or `legacy`.
 pub const ANN_INJECTED: &str = "outrider.io/injected";
-/// Annotation written by the injector: the app's original `httpGet` probe actions (JSON).
+/// Annotation written by the injector: the app's original probe and hook handlers (JSON: an
+/// `httpGet` action as it was, other kinds as `{"tcpSocket": ...}` or `{"grpc": ...}`).
 pub const ANN_ORIGINAL_PROBES: &str = "outrider.io/original-probes";
 /// Annotation written by `--legacy-sidecar`: the app's init containers' original
 /// `securityContext`s (JSON; `null` where there was none).
@@ -562,14 +566,51 @@ fn identity_volume(pod: &PodSpec) -> Volume {
     }
 }
 
-/// The probe kinds and their field names in a container.
-const PROBE_FIELDS: [(&str, &str); 3] = [
-    ("liveness", "livenessProbe"),
-    ("readiness", "readinessProbe"),
-    ("startup", "startupProbe"),
+/// Where a container's checks sit: the key suffix (`<container>/<kind>`) and the field path
+/// of the handler's mapping (a probe, or a lifecycle hook under `lifecycle`).
+const CHECKS: [(&str, &[&str]); 5] = [
+    ("liveness", &["livenessProbe"]),
+    ("readiness", &["readinessProbe"]),
+    ("startup", &["startupProbe"]),
+    ("post-start", &["lifecycle", "postStart"]),
+    ("pre-stop", &["lifecycle", "preStop"]),
 ];
 
-/// The app containers' HTTP probes to forward (`<container>/<kind>` → target).
+/// The handler kinds the proxy performs in the kubelet's place.
+const HANDLERS: [&str; 3] = ["httpGet", "tcpSocket", "grpc"];
+
+/// The containers whose checks are forwarded: app containers and native sidecars (init
+/// containers with `restartPolicy: Always`), with their field path.
+fn checked_containers<'a>(
+    pod: &'a PodSpec,
+    pfx: &'a str,
+) -> impl Iterator<Item = (String, &'a Container)> + 'a {
+    let sidecars = pod.init_containers.iter().flatten().enumerate();
+    let sidecars = sidecars
+        .filter(|(_, c)| c.restart_policy.as_deref() == Some("Always"))
+        .map(move |(i, c)| (format!("{pfx}spec.initContainers[{i}]"), c));
+    let apps = pod.containers.iter().enumerate();
+    let apps = apps.map(move |(i, c)| (format!("{pfx}spec.containers[{i}]"), c));
+    apps.chain(sidecars)
+}
+
+/// A container's named port.
+fn resolve_port(c: &Container, port: &IntOrString) -> Option<u16> {
+    match port {
+        IntOrString::Int(p) => u16::try_from(*p).ok().filter(|p| *p != 0),
+        IntOrString::String(name) => c
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name.as_str()))
+            .and_then(|p| u16::try_from(p.container_port).ok())
+            .filter(|p| *p != 0),
+    }
+}
+
+/// The app's probes and lifecycle hooks the proxy performs (`<container>/<kind>` → target):
+/// `httpGet` (HTTP or HTTPS), `tcpSocket` and `grpc`; `exec` and `sleep` stay with the kubelet.
+/// A check aimed at another `host` is left as it is, with a warning.
 fn app_probes(
     pod: &PodSpec,
     pfx: &str,
@@ -578,89 +619,199 @@ fn app_probes(
     warnings: &mut Vec<String>,
 ) -> Result<AppProbes, InputError> {
     let mut table = AppProbes::new();
-    for (i, c) in pod.containers.iter().enumerate() {
-        for (kind, field) in PROBE_FIELDS {
-            let probe = match kind {
-                "liveness" => &c.liveness_probe,
-                "readiness" => &c.readiness_probe,
-                _ => &c.startup_probe,
+    for (cpath, c) in checked_containers(pod, pfx) {
+        let lifecycle = c.lifecycle.as_ref();
+        for (kind, field) in CHECKS {
+            let (http, tcp, grpc) = match kind {
+                "post-start" | "pre-stop" => {
+                    let h = lifecycle.and_then(|l| {
+                        if kind == "post-start" {
+                            l.post_start.as_ref()
+                        } else {
+                            l.pre_stop.as_ref()
+                        }
+                    });
+                    let Some(h) = h else { continue };
+                    (h.http_get.as_ref(), h.tcp_socket.as_ref(), None)
+                }
+                _ => {
+                    let p = match kind {
+                        "liveness" => &c.liveness_probe,
+                        "readiness" => &c.readiness_probe,
+                        _ => &c.startup_probe,
+                    };
+                    let Some(p) = p else { continue };
+                    (p.http_get.as_ref(), p.tcp_socket.as_ref(), p.grpc.as_ref())
+                }
             };
-            let Some(get) = probe.as_ref().and_then(|p| p.http_get.as_ref()) else {
-                continue;
-            };
-            let path = format!("{pfx}spec.containers[{i}].{field}.httpGet");
-            if get.scheme.as_deref().is_some_and(|s| s != "HTTP") || get.host.is_some() {
-                warnings.push(format!(
-                    "{what}: {path}: HTTPS or a host is not forwarded by the proxy; left as it is"
-                ));
-                continue;
-            }
-            let port = match &get.port {
-                IntOrString::Int(p) => u16::try_from(*p).ok().filter(|p| *p != 0),
-                IntOrString::String(name) => c
-                    .ports
-                    .iter()
-                    .flatten()
-                    .find(|p| p.name.as_deref() == Some(name.as_str()))
-                    .and_then(|p| u16::try_from(p.container_port).ok()),
-            }
-            .ok_or_else(|| {
+            let path = format!("{cpath}.{}", field.join("."));
+            let port_error = |handler: &str| {
                 at.error(
-                    format!("{path}.port"),
+                    format!("{path}.{handler}.port"),
                     "not a port number nor the name of one of the container's ports",
                 )
-            })?;
-            let key = format!("{}/{kind}", c.name);
-            let headers = get.http_headers.iter().flatten();
-            table.insert(
-                key.clone(),
+            };
+            let probe = if let Some(get) = http {
+                if get.host.as_deref().is_some_and(|h| !h.is_empty()) {
+                    warnings.push(format!(
+                        "{what}: {path}.httpGet: a probe of another host is not forwarded by \
+                         the proxy; left as it is"
+                    ));
+                    continue;
+                }
+                let kind = match get.scheme.as_deref() {
+                    None | Some("HTTP") => ProbeKind::Http,
+                    Some("HTTPS") => ProbeKind::Https,
+                    Some(other) => {
+                        return Err(at.error(
+                            format!("{path}.httpGet.scheme"),
+                            format!("`{other}` is neither HTTP nor HTTPS"),
+                        ))
+                    }
+                };
                 AppProbe {
-                    port,
+                    kind,
+                    port: resolve_port(c, &get.port).ok_or_else(|| port_error("httpGet"))?,
                     path: match get.path.as_deref() {
                         Some(p) if p.starts_with('/') => p.into(),
                         Some(p) => format!("/{p}"),
                         None => "/".into(),
                     },
-                    headers: headers
+                    service: None,
+                    headers: get
+                        .http_headers
+                        .iter()
+                        .flatten()
                         .map(|h| ProbeHeader {
                             name: h.name.clone(),
                             value: h.value.clone(),
                         })
                         .collect(),
-                },
-            );
+                }
+            } else if let Some(tcp) = tcp {
+                if tcp.host.as_deref().is_some_and(|h| !h.is_empty()) {
+                    warnings.push(format!(
+                        "{what}: {path}.tcpSocket: a probe of another host is not forwarded by \
+                         the proxy; left as it is"
+                    ));
+                    continue;
+                }
+                AppProbe {
+                    kind: ProbeKind::Tcp,
+                    port: resolve_port(c, &tcp.port).ok_or_else(|| port_error("tcpSocket"))?,
+                    ..AppProbe::default()
+                }
+            } else if let Some(grpc) = grpc {
+                AppProbe {
+                    kind: ProbeKind::Grpc,
+                    port: u16::try_from(grpc.port)
+                        .ok()
+                        .filter(|p| *p != 0)
+                        .ok_or_else(|| {
+                            at.error(format!("{path}.grpc.port"), "not a port number")
+                        })?,
+                    service: grpc.service.clone().filter(|s| !s.is_empty()),
+                    ..AppProbe::default()
+                }
+            } else {
+                continue;
+            };
+            table.insert(format!("{}/{kind}", c.name), probe);
         }
     }
     Ok(table)
 }
 
-/// Points each probe in `probes` at the admin port; returns the original `httpGet`s as they
-/// were written, by `<container>/<kind>`, for the annotation.
+/// The mapping at `path` under `map`, if there is one.
+fn mapping_at<'a>(map: &'a mut Mapping, path: &[&str]) -> Option<&'a mut Mapping> {
+    let mut m = map;
+    for key in path {
+        m = m.get_mut(*key)?.as_mapping_mut()?;
+    }
+    Some(m)
+}
+
+/// Replaces the entry `old` of `map` by `new` = `value` at the same place (key order kept).
+fn replace_entry(map: &mut Mapping, old: &str, new: &str, value: Value) {
+    let entries = std::mem::take(map);
+    *map = entries
+        .into_iter()
+        .map(|(k, v)| {
+            if k.as_str() == Some(old) {
+                (Value::from(new), value.clone())
+            } else {
+                (k, v)
+            }
+        })
+        .collect();
+}
+
+/// The container mappings of a pod spec whose checks may be forwarded.
+fn container_maps(spec: &mut Mapping) -> impl Iterator<Item = &mut Mapping> {
+    spec.iter_mut()
+        .filter(|(k, _)| matches!(k.as_str(), Some("containers" | "initContainers")))
+        .filter_map(|(_, v)| v.as_sequence_mut())
+        .flatten()
+        .filter_map(Value::as_mapping_mut)
+}
+
+/// Points each check in `probes` at the admin port (an `httpGet` in place of its handler);
+/// returns the original handlers as they were written, by `<container>/<kind>`, for the
+/// annotation: an `httpGet` action as it is, another kind as `{tcpSocket: ...}`/`{grpc: ...}`.
 fn rewrite_probes(spec: &mut Mapping, probes: &AppProbes) -> Mapping {
     let mut originals = Mapping::new();
-    let Some(Value::Sequence(containers)) = spec.get_mut("containers") else {
-        return originals;
-    };
-    for c in containers.iter_mut() {
+    for c in container_maps(spec) {
         let Some(name) = c.get("name").and_then(Value::as_str).map(str::to_owned) else {
             continue;
         };
-        for (kind, field) in PROBE_FIELDS {
+        for (kind, field) in CHECKS {
             let key = format!("{name}/{kind}");
             if !probes.contains_key(&key) {
                 continue;
             }
-            if let Some(Value::Mapping(probe)) = c.get_mut(field) {
-                let mut get = Mapping::new();
-                get.insert("path".into(), format!("/app-probe/{key}").into());
-                get.insert("port".into(), Value::Number(ports::ADMIN.into()));
-                if let Some(old) = probe.insert("httpGet".into(), Value::Mapping(get)) {
-                    originals.insert(key.into(), old);
-                }
-            }
+            let Some(handler) = mapping_at(c, field) else {
+                continue;
+            };
+            let Some(old) = HANDLERS.into_iter().find(|h| handler.contains_key(*h)) else {
+                continue;
+            };
+            let mut get = Mapping::new();
+            get.insert("path".into(), format!("/app-probe/{key}").into());
+            get.insert("port".into(), Value::Number(ports::ADMIN.into()));
+            let original = handler.get(old).cloned().unwrap_or(Value::Null);
+            replace_entry(handler, old, "httpGet", Value::Mapping(get));
+            let saved = if old == "httpGet" {
+                original
+            } else {
+                let mut wrapped = Mapping::new();
+                wrapped.insert(old.into(), original);
+                Value::Mapping(wrapped)
+            };
+            originals.insert(key.into(), saved);
         }
     }
     originals
+}
+
+/// Puts back the handlers [`rewrite_probes`] saved.
+fn restore_probes(spec: &mut Mapping, saved: &Mapping) {
+    for c in container_maps(spec) {
+        let name = c.get("name").and_then(Value::as_str).unwrap_or_default();
+        let name = name.to_owned();
+        for (kind, field) in CHECKS {
+            let key = format!("{name}/{kind}");
+            let (Some(old), Some(handler)) = (saved.get(key.as_str()), mapping_at(c, field)) else {
+                continue;
+            };
+            let wrapped = old.as_mapping().filter(|m| m.len() == 1).and_then(|m| {
+                let (k, v) = m.iter().next()?;
+                let k = k.as_str().filter(|k| HANDLERS.contains(k))?;
+                Some((k.to_owned(), v.clone()))
+            });
+            let (name, value) = wrapped.unwrap_or_else(|| ("httpGet".into(), old.clone()));
+            replace_entry(handler, "httpGet", &name, value);
+        }
+    }
 }
 
 /// `--legacy-sidecar`: the app's init containers run as the proxy's uid (not captured: there
@@ -745,32 +896,18 @@ fn uninject_object(at: &Location, object: &mut Value) -> Result<(), InputError> 
             items.retain(|v| !ours(v));
         }
     }
-    for (list, restore) in [("containers", &probes), ("initContainers", &security)] {
-        let Some(Value::Sequence(items)) = spec.get_mut(list) else {
-            continue;
-        };
+    restore_probes(spec, &probes);
+    if let Some(Value::Sequence(items)) = spec.get_mut("initContainers") {
         for c in items.iter_mut().filter_map(Value::as_mapping_mut) {
             let name = c.get("name").and_then(Value::as_str).unwrap_or_default();
-            let name = name.to_owned();
-            if list == "initContainers" {
-                match security.get(name.as_str()) {
-                    Some(Value::Null) => {
-                        c.remove("securityContext");
-                    }
-                    Some(old) => {
-                        c.insert("securityContext".into(), old.clone());
-                    }
-                    None => {}
+            match security.get(name) {
+                Some(Value::Null) => {
+                    c.remove("securityContext");
                 }
-                continue;
-            }
-            for (kind, field) in PROBE_FIELDS {
-                let key = format!("{name}/{kind}");
-                if let (Some(old), Some(Value::Mapping(probe))) =
-                    (restore.get(key.as_str()), c.get_mut(field))
-                {
-                    probe.insert("httpGet".into(), old.clone());
+                Some(old) => {
+                    c.insert("securityContext".into(), old.clone());
                 }
+                None => {}
             }
         }
     }

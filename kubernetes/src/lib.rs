@@ -101,4 +101,6 @@ pub fn inject_main(args: InjectArgs) -> ExitCode {
 }
 
 #[cfg(test)]
+mod corpus_tests;
+#[cfg(test)]
 mod tests;
