@@ -398,3 +398,84 @@ fn cut_and_mangled_inputs_are_errors_or_output_never_panics() {
         }
     }
 }
+
+/// The uid and groups a container runs as, and whether it can read a file the kubelet wrote for
+/// a Secret or ConfigMap volume: owned by root, group `fsGroup` when the pod sets one, mode the
+/// item's `mode`, else the volume's `defaultMode`, else 0644.
+fn can_read(
+    pod: &k8s_openapi::api::core::v1::PodSpec,
+    c: &k8s_openapi::api::core::v1::Container,
+    mode: i32,
+) -> bool {
+    let psc = pod.security_context.clone().unwrap_or_default();
+    let csc = c.security_context.clone().unwrap_or_default();
+    let uid = csc.run_as_user.or(psc.run_as_user).unwrap_or(0);
+    let gid = csc.run_as_group.or(psc.run_as_group).unwrap_or(0);
+    let mut groups = vec![gid];
+    groups.extend(psc.fs_group);
+    groups.extend(psc.supplemental_groups.into_iter().flatten());
+    let file_group = psc.fs_group.unwrap_or(0);
+    uid == 0 || (groups.contains(&file_group) && mode & 0o040 != 0) || mode & 0o004 != 0
+}
+
+#[test]
+fn deploy_manifests_inject_report_and_their_secrets_are_readable_by_their_containers() {
+    let mut checked = 0;
+    for file in deploy_manifests() {
+        let text = read(&file);
+        // The project's own manifests are what users run inject and resources on first.
+        inject::inject(&text, &opts(false)).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        crate::resources::reports(&text, true)
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let mut docs = manifest::parse(&text).unwrap();
+        manifest::for_each_object::<manifest::InputError>(&mut docs, |at, object| {
+            let Some(kind) = manifest::WorkloadKind::of(object) else {
+                return Ok(());
+            };
+            let w = manifest::Workload::check(kind, object, at)?;
+            for c in w
+                .pod
+                .containers
+                .iter()
+                .chain(w.pod.init_containers.iter().flatten())
+            {
+                for m in c.volume_mounts.iter().flatten() {
+                    let v = w
+                        .pod
+                        .volumes
+                        .iter()
+                        .flatten()
+                        .find(|v| v.name == m.name)
+                        .unwrap();
+                    let (default, items) = if let Some(s) = &v.secret {
+                        (s.default_mode, s.items.clone())
+                    } else if let Some(cm) = &v.config_map {
+                        (cm.default_mode, cm.items.clone())
+                    } else {
+                        continue;
+                    };
+                    let modes: Vec<i32> = match items {
+                        Some(items) => items
+                            .iter()
+                            .map(|i| i.mode.or(default).unwrap_or(0o644))
+                            .collect(),
+                        None => vec![default.unwrap_or(0o644)],
+                    };
+                    for mode in modes {
+                        assert!(
+                            can_read(&w.pod, c, mode),
+                            "{}: {} cannot read volume {} (mode {mode:o})",
+                            file.display(),
+                            c.name,
+                            v.name
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+    }
+    assert!(checked >= 2, "{checked}");
+}
