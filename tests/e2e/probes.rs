@@ -12,6 +12,8 @@ use crate::support::{self, ChildGuard, Netns};
 const OUTRIDER: &str = env!("CARGO_BIN_EXE_outrider");
 const NODE: &str = "198.18.0.1";
 const POD: &str = "198.18.0.2";
+const NODE6: &str = "2001:db8::1";
+const POD6: &str = "2001:db8::2";
 
 /// An HTTP app: 200 when the request has exactly one `Host: www.example.com` and one
 /// `User-Agent: my-probe`, else 400 (as nginx answers a duplicate Host); prints what it saw.
@@ -69,9 +71,9 @@ impl Probed {
         let (node, pod) = (Netns::new(), Netns::new());
         support::veth(
             &node,
-            &[&format!("{NODE}/24")],
+            &[&format!("{NODE}/24"), &format!("{NODE6}/64")],
             &pod,
-            &[&format!("{POD}/24")],
+            &[&format!("{POD}/24"), &format!("{POD6}/64")],
         );
         let init = pod.exec(&[OUTRIDER, "init"]);
         assert!(
@@ -107,12 +109,18 @@ impl Probed {
 
     /// The status the kubelet (in the node namespace) gets for `path` on the pod's admin port.
     fn status(&self, path: &str) -> String {
-        let url = format!("http://{POD}:15020{path}");
+        self.status_at(POD, path)
+    }
+
+    /// [`status`](Self::status) at the pod address `ip` (`[v6]` in brackets).
+    fn status_at(&self, ip: &str, path: &str) -> String {
+        let url = format!("http://{ip}:15020{path}");
         let out = self.node.exec(&[
             "curl",
             "--max-time",
             "10",
-            "-s",
+            "-g",
+            "-sS",
             "-o",
             "/dev/null",
             "-w",
@@ -155,4 +163,19 @@ fn a_probe_with_a_host_header_reaches_the_app_with_exactly_one_host() {
         seen.trim(),
         "host=['www.example.com'] user-agent=['my-probe']"
     );
+}
+
+#[test]
+fn the_admin_port_answers_the_kubelet_over_ipv6_too() {
+    // `OUTRIDER_ADMIN=0.0.0.0:15020`, as injected: an IPv6-only cluster probes `[podIP]:15020`.
+    let Some(p) = Probed::new("the_admin_port_answers_the_kubelet_over_ipv6_too") else {
+        return;
+    };
+    let v6 = format!("[{POD6}]");
+    assert_eq!(p.status_at(&v6, "/live"), "200", "{}", p._proxy.stderr());
+    assert_eq!(p.status_at(&v6, "/app-probe/app/liveness"), "503");
+    let _app = p.app(PY_TCP_APP, "8080");
+    assert_eq!(p.status_at(&v6, "/app-probe/app/liveness"), "200");
+    // `/config` stays loopback-only on the twin as on the IPv4 listener.
+    assert_eq!(p.status_at(&v6, "/config"), "403");
 }
