@@ -72,6 +72,9 @@ pub const ANN_ORIGINAL_PROBES: &str = "outrider.io/original-probes";
 /// Annotation written by `--legacy-sidecar`: the app's init containers' original
 /// `securityContext`s (JSON; `null` where there was none).
 pub const ANN_ORIGINAL_INIT_SECURITY: &str = "outrider.io/original-init-security";
+/// Annotation written by the injector when the pod sets pod-level `spec.resources`: the
+/// original (JSON), for `--uninject`.
+pub const ANN_ORIGINAL_POD_RESOURCES: &str = "outrider.io/original-pod-resources";
 /// Annotation: inbound ports that bypass the proxy (comma-separated).
 pub const ANN_SKIP_INBOUND_PORTS: &str = "outrider.io/skip-inbound-ports";
 /// Annotation: outbound ports that bypass the proxy (comma-separated).
@@ -109,6 +112,9 @@ pub struct InjectOptions {
     pub control: String,
     /// The pre-1.29 form: the proxy as the first regular container.
     pub legacy_sidecar: bool,
+    /// Inject what is otherwise skipped with a warning: workloads in `kube-system` or
+    /// `kube-public`, and pods that another mesh (Istio, Linkerd) has injected or will inject.
+    pub force: bool,
 }
 
 impl Default for InjectOptions {
@@ -117,6 +123,7 @@ impl Default for InjectOptions {
             image: DEFAULT_IMAGE.into(),
             control: DEFAULT_CONTROL.into(),
             legacy_sidecar: false,
+            force: false,
         }
     }
 }
@@ -184,9 +191,15 @@ fn inject_object(
     let template = manifest::template_mut(object, kind)
         .ok_or_else(|| at.error(pfx.trim_end_matches('.'), "missing pod template"))?;
     let ann = Annotations::read(template, &pfx);
-    if ann.get(ANN_INJECT).is_some_and(|v| v.1 == "disabled") {
-        warnings.push(format!("{what}: {ANN_INJECT}: disabled, left as it is"));
-        return Ok(());
+    match ann.get(ANN_INJECT) {
+        Some((_, v)) if v == "disabled" => {
+            warnings.push(format!("{what}: {ANN_INJECT}: disabled, left as it is"));
+            return Ok(());
+        }
+        Some((path, v)) if v != "enabled" => {
+            return Err(at.error(path, format!("`{v}` is neither `enabled` nor `disabled`")));
+        }
+        _ => {}
     }
     if w.pod.host_network == Some(true) {
         warnings.push(format!(
@@ -194,12 +207,57 @@ fn inject_object(
         ));
         return Ok(());
     }
-    if is_injected(&w.pod) {
+    if w.pod.os.as_ref().is_some_and(|os| os.name == "windows") {
+        warnings.push(format!(
+            "{what}: spec.os.name: windows, left as it is (the proxy and its capture are Linux only)"
+        ));
         return Ok(());
     }
-    let init = init_container(&ann, opts, at)?;
+    if is_injected(&w.pod) {
+        return reinject(at, object, opts, &what, warnings);
+    }
+    if !opts.force {
+        if let Some(mesh) = other_mesh(&w.pod, template) {
+            warnings.push(format!(
+                "{what}: {mesh}; left as it is (two meshes would both capture the pod's \
+                 traffic; --force injects anyway)"
+            ));
+            return Ok(());
+        }
+        let ns = w.namespace.as_deref().unwrap_or_default();
+        if ns == "kube-system" || ns == "kube-public" {
+            warnings.push(format!(
+                "{what}: in {ns}, left as it is (the cluster's own components stay out of the \
+                 mesh; --force injects anyway)"
+            ));
+            return Ok(());
+        }
+    }
+    check_ports(&w.pod, &pfx, at)?;
+    let guaranteed = crate::resources::qos(&w.pod, w.pod_resources.as_ref())
+        == crate::resources::Qos::Guaranteed
+        && w.pod_resources.is_none();
+    let mut init = init_container(&ann, opts, at)?;
     let probes = app_probes(&w.pod, &pfx, at, &what, warnings)?;
     let proxy = proxy_container(&w, &ann, &probes, opts, at)?;
+    if guaranteed {
+        // A Guaranteed pod stays Guaranteed only if every container requests its limits: the
+        // capture container's cost nothing (it runs for a moment); the proxy's are the user's
+        // call.
+        if let Some(res) = init.resources.as_mut() {
+            res.requests.clone_from(&res.limits);
+        }
+        let res = proxy.resources.clone().unwrap_or_default();
+        if res.requests != res.limits {
+            warnings.push(format!(
+                "{what}: the pod is Guaranteed and the proxy's requests are below its limits, \
+                 so it becomes Burstable (evicted earlier, no exclusive CPUs): set \
+                 outrider.io/proxy-cpu-request = outrider.io/proxy-cpu-limit and \
+                 outrider.io/proxy-memory-request = outrider.io/proxy-memory-limit to keep it \
+                 Guaranteed"
+            ));
+        }
+    }
     let to_value = |c: &Container| {
         serde_norway::to_value(c).map_err(|e| at.error(&pfx, format!("cannot write: {e}")))
     };
@@ -256,6 +314,184 @@ fn inject_object(
     for (k, v) in annotations {
         map.insert(k.into(), Value::String(v));
     }
+    pod_level_resources(at, object, kind, &what, warnings)?;
+    Ok(())
+}
+
+/// An injected workload injected again: taken out and put back with the current options, so a
+/// new `--image`, annotations or sidecar form take effect; left byte for byte when nothing
+/// changes.
+fn reinject(
+    at: &Location,
+    object: &mut Value,
+    opts: &InjectOptions,
+    what: &str,
+    warnings: &mut Vec<String>,
+) -> Result<(), InputError> {
+    let mut fresh = object.clone();
+    uninject_object(at, &mut fresh)?;
+    let Some(kind) = WorkloadKind::of(&fresh) else {
+        return Ok(());
+    };
+    if is_injected(&Workload::check(kind, &fresh, at)?.pod) {
+        return Err(at.error(
+            format!("{}spec", manifest::prefix(kind)),
+            format!("has more than one set of {INIT_NAME}/{PROXY_NAME} containers"),
+        ));
+    }
+    let mut inner = Vec::new();
+    inject_object(at, &mut fresh, opts, &mut inner)?;
+    if fresh != *object {
+        *object = fresh;
+        warnings.push(format!(
+            "{what}: already injected; updated to this run's image, options and annotations"
+        ));
+        warnings.extend(inner);
+    }
+    Ok(())
+}
+
+/// Another mesh's sidecar in the pod, or the annotation that has its webhook add one.
+fn other_mesh(pod: &PodSpec, template: &Mapping) -> Option<String> {
+    const SIDECARS: [&str; 4] = ["istio-proxy", "istio-init", "linkerd-proxy", "linkerd-init"];
+    let containers = pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.iter().flatten());
+    if let Some(c) = containers
+        .map(|c| c.name.as_str())
+        .find(|n| SIDECARS.contains(n))
+    {
+        return Some(format!("already has another mesh's sidecar `{c}`"));
+    }
+    let meta = template.get("metadata");
+    let field = |map: &str, key: &str| {
+        meta.and_then(|m| m.get(map))
+            .and_then(|m| m.get(key))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    for (map, key, injects) in [
+        ("annotations", "sidecar.istio.io/status", None),
+        ("annotations", "linkerd.io/proxy-version", None),
+        ("annotations", "linkerd.io/inject", Some("enabled")),
+        ("labels", "sidecar.istio.io/inject", Some("true")),
+        ("annotations", "sidecar.istio.io/inject", Some("true")),
+    ] {
+        if let Some(v) = field(map, key) {
+            if injects.is_none_or(|want| v == want) {
+                return Some(format!("its {map} have `{key}: {v}` (another mesh)"));
+            }
+        }
+    }
+    None
+}
+
+/// App ports the proxy binds itself are an error: the proxy could not start.
+fn check_ports(pod: &PodSpec, pfx: &str, at: &Location) -> Result<(), InputError> {
+    let ours = [
+        (ports::INBOUND, "inbound"),
+        (ports::OUTBOUND, "outbound"),
+        (ports::ADMIN, "admin"),
+    ];
+    let none = Vec::new();
+    let lists = [
+        ("containers", &pod.containers),
+        (
+            "initContainers",
+            pod.init_containers.as_ref().unwrap_or(&none),
+        ),
+    ];
+    for (list, containers) in lists {
+        for (i, c) in containers.iter().enumerate() {
+            for (j, p) in c.ports.iter().flatten().enumerate() {
+                if let Some((port, name)) = ours
+                    .iter()
+                    .find(|(port, _)| i32::from(*port) == p.container_port)
+                {
+                    return Err(at.error(
+                        format!("{pfx}spec.{list}[{i}].ports[{j}].containerPort"),
+                        format!("{port} is the proxy's {name} port: move the app off it"),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Pod-level `spec.resources` (Kubernetes 1.32+): the API server refuses a pod whose containers
+/// request more than it, so the proxy's requests and limits are added to the pod's own (the app
+/// keeps its share), raised further to the containers' aggregate where needed; a warning says
+/// what changed, and the original is kept for `--uninject`.
+fn pod_level_resources(
+    at: &Location,
+    object: &mut Value,
+    kind: WorkloadKind,
+    what: &str,
+    warnings: &mut Vec<String>,
+) -> Result<(), InputError> {
+    let pfx = manifest::prefix(kind);
+    let w = Workload::check(kind, object, at)?;
+    let Some(pod_res) = w.pod_resources.clone() else {
+        return Ok(());
+    };
+    let report = crate::resources::report(&w, at)?;
+    let proxy = report
+        .rows
+        .iter()
+        .find(|r| r.name == PROXY_NAME)
+        .cloned()
+        .ok_or_else(|| at.error(&pfx, "no proxy after injection"))?;
+    let template = manifest::template_mut(object, kind)
+        .ok_or_else(|| at.error(pfx.trim_end_matches('.'), "missing pod template"))?;
+    let spec = manifest::child_map(template, "spec").ok_or_else(|| at.error(&pfx, "no spec"))?;
+    let original = spec.get("resources").cloned().unwrap_or(Value::Null);
+    let mut changed = Vec::new();
+    for (side, pod_side) in [("requests", &pod_res.requests), ("limits", &pod_res.limits)] {
+        for (r, name) in crate::resources::RESOURCES.iter().enumerate() {
+            let Some(current) = pod_side.as_ref().and_then(|m| m.get(*name)) else {
+                continue;
+            };
+            let path = format!("{pfx}spec.resources.{side}.{name}");
+            let current: Quantity = current
+                .0
+                .parse()
+                .map_err(|e| at.error(&path, format!("{e}")))?;
+            let (add, floor) = if side == "requests" {
+                (proxy.requests[r], report.pod[r])
+            } else {
+                (proxy.limits[r], Quantity::ZERO)
+            };
+            let new = (current + add.unwrap_or_default()).max(floor);
+            if new == current {
+                continue;
+            }
+            let text = if r == 0 { new.cpu() } else { new.memory() };
+            let from = if r == 0 {
+                current.cpu()
+            } else {
+                current.memory()
+            };
+            changed.push(format!("{side}.{name} {from} → {text}"));
+            let res = manifest::child_map(spec, "resources")
+                .and_then(|m| manifest::child_map(m, side))
+                .ok_or_else(|| at.error(&path, "must be a mapping"))?;
+            res.insert((*name).into(), Value::String(text));
+        }
+    }
+    if changed.is_empty() {
+        return Ok(());
+    }
+    warnings.push(format!(
+        "{what}: pod-level spec.resources raised for the proxy: {}",
+        changed.join(", ")
+    ));
+    let saved = json(&original, at, &pfx)?;
+    let meta = manifest::child_map(template, "metadata")
+        .and_then(|m| manifest::child_map(m, "annotations"))
+        .ok_or_else(|| at.error(format!("{pfx}metadata.annotations"), "must be a mapping"))?;
+    meta.insert(ANN_ORIGINAL_POD_RESOURCES.into(), Value::String(saved));
     Ok(())
 }
 
@@ -859,6 +1095,7 @@ fn uninject_object(at: &Location, object: &mut Value) -> Result<(), InputError> 
                 ANN_INJECTED,
                 ANN_ORIGINAL_PROBES,
                 ANN_ORIGINAL_INIT_SECURITY,
+                ANN_ORIGINAL_POD_RESOURCES,
             ] {
                 if let Some(v) = map.remove(key) {
                     ann.insert(key.into(), v);
@@ -897,6 +1134,16 @@ fn uninject_object(at: &Location, object: &mut Value) -> Result<(), InputError> 
         }
     }
     restore_probes(spec, &probes);
+    if let Some(text) = ann.get(ANN_ORIGINAL_POD_RESOURCES).and_then(Value::as_str) {
+        let path = format!("{pfx}metadata.annotations[\"{ANN_ORIGINAL_POD_RESOURCES}\"]");
+        let old: Value = serde_norway::from_str(text)
+            .map_err(|e| at.error(path, format!("not what outrider inject wrote: {e}")))?;
+        if old.is_null() {
+            spec.remove("resources");
+        } else {
+            spec.insert("resources".into(), old);
+        }
+    }
     if let Some(Value::Sequence(items)) = spec.get_mut("initContainers") {
         for c in items.iter_mut().filter_map(Value::as_mapping_mut) {
             let name = c.get("name").and_then(Value::as_str).unwrap_or_default();

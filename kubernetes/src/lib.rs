@@ -43,6 +43,10 @@ pub struct InjectArgs {
     /// The control plane URL the proxies connect to.
     #[arg(long, value_name = "URL", default_value = inject::DEFAULT_CONTROL)]
     pub control: String,
+    /// Inject workloads otherwise skipped with a warning: in kube-system or kube-public, or
+    /// meshed (or to be meshed) by Istio or Linkerd.
+    #[arg(long, conflicts_with = "uninject")]
+    pub force: bool,
 }
 
 /// Reads `file` (`-` is stdin).
@@ -73,6 +77,7 @@ pub fn inject_main(args: InjectArgs) -> ExitCode {
             image: args.image,
             control: args.control,
             legacy_sidecar: args.legacy_sidecar,
+            force: args.force,
         };
         inject::inject(&text, &opts)
     };

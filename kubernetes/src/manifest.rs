@@ -11,7 +11,7 @@ use std::fmt;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
-use k8s_openapi::api::core::v1::{Pod, PodSpec, ReplicationController};
+use k8s_openapi::api::core::v1::{Pod, PodSpec, ReplicationController, ResourceRequirements};
 use serde::de::DeserializeOwned;
 use serde::Deserialize as _;
 use serde_norway::{Mapping, Value};
@@ -435,6 +435,8 @@ pub struct Workload {
     pub namespace: Option<String>,
     /// The pod template's spec, typed.
     pub pod: PodSpec,
+    /// Pod-level `spec.resources` (Kubernetes 1.32+; not in the 1.30 types of `pod`).
+    pub pod_resources: Option<ResourceRequirements>,
 }
 
 impl Workload {
@@ -490,11 +492,23 @@ impl Workload {
             .and_then(|m| m.get("namespace"))
             .and_then(Value::as_str)
             .map(str::to_owned);
+        let mut template = object;
+        for key in kind.template_path() {
+            template = template.get(*key).unwrap_or(&Value::Null);
+        }
+        let pod_resources = match template.get("spec").and_then(|s| s.get("resources")) {
+            None | Some(Value::Null) => None,
+            Some(r) => Some(typed::<ResourceRequirements>(r, at).map_err(|e| {
+                let path = format!("{}spec.resources.{}", prefix(kind), e.path);
+                at.error(path.trim_end_matches('.'), e.message)
+            })?),
+        };
         Ok(Workload {
             kind,
             name,
             namespace,
             pod,
+            pod_resources,
         })
     }
 }

@@ -19,7 +19,7 @@
 use std::fmt::Write as _;
 use std::process::ExitCode;
 
-use k8s_openapi::api::core::v1::Container;
+use k8s_openapi::api::core::v1::{Container, PodSpec, ResourceRequirements};
 
 use crate::inject::{self, InjectOptions};
 use crate::manifest::{self, InputError, Location, Workload, WorkloadKind};
@@ -38,6 +38,65 @@ pub struct ResourcesArgs {
 
 /// The resources reported: CPU and memory.
 pub const RESOURCES: [&str; 2] = ["cpu", "memory"];
+
+/// A pod's quality-of-service class, as the kubelet derives it (eviction order, CPU manager).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Qos {
+    /// Every container has CPU and memory limits, and requests equal to them.
+    Guaranteed,
+    /// Some requests or limits, not Guaranteed.
+    Burstable,
+    /// No CPU or memory request or limit anywhere: evicted first.
+    BestEffort,
+}
+
+/// The QoS class of a pod: from pod-level `resources` when set (Kubernetes 1.32+), else from
+/// every container's, init containers included. A quantity that does not parse counts as
+/// missing (the report names it elsewhere).
+pub fn qos(pod: &PodSpec, pod_resources: Option<&ResourceRequirements>) -> Qos {
+    let side = |res: Option<&ResourceRequirements>, limits: bool, r: &str| {
+        res.and_then(|res| {
+            if limits {
+                res.limits.as_ref()
+            } else {
+                res.requests.as_ref()
+            }
+        })
+        .and_then(|m| m.get(r))
+        .and_then(|q| q.0.parse::<Quantity>().ok())
+    };
+    let guaranteed = |res: Option<&ResourceRequirements>| {
+        RESOURCES.iter().all(|r| {
+            let limit = side(res, true, r);
+            limit.is_some() && side(res, false, r).or(limit) == limit
+        })
+    };
+    let any = |res: Option<&ResourceRequirements>| {
+        RESOURCES
+            .iter()
+            .any(|r| side(res, true, r).is_some() || side(res, false, r).is_some())
+    };
+    if let Some(res) = pod_resources.filter(|r| any(Some(r))) {
+        return if guaranteed(Some(res)) {
+            Qos::Guaranteed
+        } else {
+            Qos::Burstable
+        };
+    }
+    let all: Vec<Option<&ResourceRequirements>> = pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.iter().flatten())
+        .map(|c| c.resources.as_ref())
+        .collect();
+    if !all.iter().any(|r| any(*r)) {
+        Qos::BestEffort
+    } else if all.iter().all(|r| guaranteed(*r)) {
+        Qos::Guaranteed
+    } else {
+        Qos::Burstable
+    }
+}
 
 /// How a container runs in the pod.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

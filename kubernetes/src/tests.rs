@@ -90,10 +90,256 @@ fn injecting_injected_output_changes_nothing_byte_for_byte() {
         let injected = read(&expected);
         let again = inject::inject(&injected, &opts(legacy)).unwrap();
         assert_eq!(again.yaml, injected, "{}", expected.display());
-        // Either form leaves an injected workload alone.
+        assert!(again
+            .warnings
+            .iter()
+            .all(|w| !w.contains("already injected")));
+        // The other form re-injects, says so, and is then stable too.
         let other = inject::inject(&injected, &opts(!legacy)).unwrap();
-        assert_eq!(other.yaml, injected, "{}", expected.display());
+        assert_ne!(other.yaml, injected, "{}", expected.display());
+        assert!(other
+            .warnings
+            .iter()
+            .any(|w| w.contains("already injected; updated")));
+        let form = if legacy { "native" } else { "legacy" };
+        assert!(other
+            .yaml
+            .contains(&format!("outrider.io/injected: {form}")));
+        assert_eq!(
+            inject::inject(&other.yaml, &opts(!legacy)).unwrap().yaml,
+            other.yaml
+        );
     }
+}
+
+#[test]
+fn reinjecting_with_a_new_image_or_annotations_updates_the_workload() {
+    let seed = read(&root().join("../deploy/examples/payments-api.injected.yaml"));
+    let new = InjectOptions {
+        image: "registry.example/outrider:0.2.0".into(),
+        ..opts(false)
+    };
+    let out = inject::inject(&seed, &new).unwrap();
+    assert_eq!(
+        out.yaml
+            .matches("image: registry.example/outrider:0.2.0")
+            .count(),
+        2
+    );
+    let old = |t: &str| t.matches("image: outrider:0.1.0").count();
+    assert_eq!(
+        old(&out.yaml) + 2,
+        old(&seed),
+        "only the mesh's containers change"
+    );
+    assert!(out.warnings[0].contains("(Deployment payments-api): already injected; updated"));
+    // A changed annotation takes effect the same way.
+    let annotated = seed.replacen(
+        "outrider.io/injected: native",
+        "outrider.io/injected: native\n        outrider.io/proxy-memory-limit: 512Mi",
+        1,
+    );
+    assert_ne!(annotated, seed);
+    let out = inject::inject(&annotated, &opts(false)).unwrap();
+    assert!(out.yaml.contains("memory: 512Mi"), "{}", out.yaml);
+    // Uninjecting the update gives the original back.
+    let original = manifest::write(
+        &manifest::parse(&read(&root().join("../deploy/examples/payments-api.yaml"))).unwrap(),
+    )
+    .unwrap();
+    let back = inject::uninject(&inject::inject(&seed, &new).unwrap().yaml).unwrap();
+    assert_eq!(back.yaml, original);
+}
+
+fn pod(namespace: &str, meta: &str, spec: &str) -> String {
+    format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  namespace: {namespace}\n{meta}spec:\n{spec}  containers:\n  - name: app\n    image: app:1\n")
+}
+
+#[test]
+fn system_windows_and_other_meshes_pods_are_skipped_with_a_warning_unless_forced() {
+    let cases = [
+        (pod("kube-system", "", ""), "in kube-system", true),
+        (pod("kube-public", "", ""), "in kube-public", true),
+        (
+            pod("shop", "  annotations: {linkerd.io/inject: enabled}\n", ""),
+            "linkerd.io/inject: enabled",
+            true,
+        ),
+        (
+            pod(
+                "shop",
+                "  labels: {sidecar.istio.io/inject: \"true\"}\n",
+                "",
+            ),
+            "sidecar.istio.io/inject: true",
+            true,
+        ),
+        (
+            pod(
+                "shop",
+                "  annotations: {sidecar.istio.io/status: \"{}\"}\n",
+                "",
+            ),
+            "sidecar.istio.io/status",
+            true,
+        ),
+        (
+            pod(
+                "shop",
+                "",
+                "  initContainers: [{name: istio-proxy, image: x, restartPolicy: Always}]\n",
+            ),
+            "another mesh's sidecar `istio-proxy`",
+            true,
+        ),
+        (
+            pod("shop", "", "  os: {name: windows}\n"),
+            "spec.os.name: windows",
+            false,
+        ),
+    ];
+    for (text, reason, forceable) in cases {
+        let out = inject::inject(&text, &opts(false)).unwrap();
+        assert!(!out.yaml.contains(inject::PROXY_NAME), "{reason}");
+        assert_eq!(out.warnings.len(), 1, "{reason}: {:?}", out.warnings);
+        assert!(
+            out.warnings[0].contains(reason),
+            "{reason}: {:?}",
+            out.warnings
+        );
+        assert!(out.warnings[0].contains("(Pod p)"), "{:?}", out.warnings);
+        let forced = InjectOptions {
+            force: true,
+            ..opts(false)
+        };
+        let out = inject::inject(&text, &forced).unwrap();
+        assert_eq!(out.yaml.contains(inject::PROXY_NAME), forceable, "{reason}");
+    }
+    // Annotations that say "no" to the other mesh are no reason to skip.
+    let out = inject::inject(
+        &pod(
+            "shop",
+            "  labels: {sidecar.istio.io/inject: \"false\"}\n",
+            "",
+        ),
+        &opts(false),
+    )
+    .unwrap();
+    assert!(out.yaml.contains(inject::PROXY_NAME) && out.warnings.is_empty());
+}
+
+#[test]
+fn the_inject_annotation_and_app_ports_are_checked() {
+    for bad in ["\"false\"", "\"no\"", "Enabled"] {
+        let text = deployment_with(&format!("outrider.io/inject: {bad}"), "");
+        let e = inject::inject(&text, &opts(false)).unwrap_err();
+        assert_eq!(
+            e.path,
+            "spec.template.metadata.annotations[\"outrider.io/inject\"]"
+        );
+        assert!(
+            e.message.contains("neither `enabled` nor `disabled`"),
+            "{e}"
+        );
+    }
+    assert!(inject::inject(
+        &deployment_with("outrider.io/inject: enabled", ""),
+        &opts(false)
+    )
+    .unwrap()
+    .yaml
+    .contains(inject::PROXY_NAME));
+    for (port, name) in [(15001, "outbound"), (15006, "inbound"), (15020, "admin")] {
+        let text = deployment_with(
+            "",
+            &format!("        ports: [{{containerPort: 80}}, {{containerPort: {port}}}]\n"),
+        );
+        let e = inject::inject(&text, &opts(false)).unwrap_err();
+        assert_eq!(
+            e.path,
+            "spec.template.spec.containers[0].ports[1].containerPort"
+        );
+        assert!(
+            e.message
+                .contains(&format!("{port} is the proxy's {name} port")),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn guaranteed_pods_keep_their_class_or_the_injector_says_why_not() {
+    use crate::resources::{qos, Qos};
+    let spec = |ann: &str| {
+        pod("shop", &format!("  annotations: {{{ann}}}\n"), "").replace(
+            "    image: app:1\n",
+            "    image: app:1\n    resources: {limits: {cpu: 500m, memory: 1Gi}}\n",
+        )
+    };
+    let class = |yaml: &str| {
+        let docs = manifest::parse(yaml).unwrap();
+        let w = manifest::Workload::check(
+            manifest::WorkloadKind::Pod,
+            &docs[0],
+            &manifest::Location::new("d"),
+        )
+        .unwrap();
+        qos(&w.pod, w.pod_resources.as_ref())
+    };
+    assert_eq!(class(&spec("")), Qos::Guaranteed);
+    let out = inject::inject(&spec(""), &opts(false)).unwrap();
+    assert_eq!(class(&out.yaml), Qos::Burstable);
+    assert!(
+        out.warnings[0].contains("the pod is Guaranteed"),
+        "{:?}",
+        out.warnings
+    );
+    let equal = "outrider.io/proxy-cpu-request: 200m, outrider.io/proxy-cpu-limit: 200m, outrider.io/proxy-memory-request: 128Mi, outrider.io/proxy-memory-limit: 128Mi";
+    let out = inject::inject(&spec(equal), &opts(false)).unwrap();
+    assert_eq!(class(&out.yaml), Qos::Guaranteed, "{}", out.yaml);
+    assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+    // A Burstable pod is left Burstable without a word.
+    let out = inject::inject(&pod("shop", "", ""), &opts(false)).unwrap();
+    assert_eq!(class(&out.yaml), Qos::Burstable);
+    assert!(out.warnings.is_empty());
+}
+
+#[test]
+fn pod_level_resources_grow_by_the_proxys_share() {
+    let text = pod("shop", "", "  resources: {requests: {cpu: \"1\", memory: 100Mi}, limits: {cpu: \"1\", memory: 200Mi}}\n")
+        .replace("    image: app:1\n", "    image: app:1\n    resources: {requests: {cpu: 500m, memory: 50Mi}}\n");
+    let out = inject::inject(&text, &opts(false)).unwrap();
+    let docs = manifest::parse(&out.yaml).unwrap();
+    let w = manifest::Workload::check(
+        manifest::WorkloadKind::Pod,
+        &docs[0],
+        &manifest::Location::new("d"),
+    )
+    .unwrap();
+    let res = w.pod_resources.clone().unwrap();
+    let get = |m: &Option<
+        std::collections::BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+    >,
+               k: &str| m.as_ref().unwrap()[k].0.clone();
+    // 1 + 100m, 100Mi + 128Mi; limits 1 + 1, 200Mi + 256Mi.
+    assert_eq!(get(&res.requests, "cpu"), "1100m");
+    assert_eq!(get(&res.requests, "memory"), "228Mi");
+    assert_eq!(get(&res.limits, "cpu"), "2");
+    assert_eq!(get(&res.limits, "memory"), "456Mi");
+    // The API server's rule: the pod requests at least what its containers do.
+    let report = crate::resources::report(&w, &manifest::Location::new("d")).unwrap();
+    assert!(report.pod[1] <= get(&res.requests, "memory").parse().unwrap());
+    assert!(
+        out.warnings[0]
+            .contains("pod-level spec.resources raised for the proxy: requests.cpu 1 → 1100m"),
+        "{:?}",
+        out.warnings
+    );
+    let back = inject::uninject(&out.yaml).unwrap();
+    assert_eq!(
+        back.yaml,
+        manifest::write(&manifest::parse(&text).unwrap()).unwrap()
+    );
 }
 
 #[test]
