@@ -1,6 +1,9 @@
 //! Logging: `tracing` to stderr, plain or JSON, with the level filter taken from `OUTRIDER_LOG`
 //! (RUST_LOG syntax, default `info`) and changeable at run time through the admin `/log-level`.
 //!
+//! Colours (ANSI escapes) only when stderr is a terminal and `NO_COLOR` is unset, so a log file,
+//! a pipe or `kubectl logs` gets plain lines.
+//!
 //! Nothing on the request path logs header values or bodies at any level.
 
 use std::sync::Mutex;
@@ -63,11 +66,13 @@ pub fn init_with(format: LogFormat, spec: &str) -> Result<LogHandle, String> {
     let plain = (format == LogFormat::Plain).then(|| {
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            .with_ansi(outrider_control::runtime::log_colours())
             .with_target(false)
     });
     let json = (format == LogFormat::Json).then(|| {
         tracing_subscriber::fmt::layer()
             .json()
+            .with_ansi(false)
             .with_writer(std::io::stderr)
     });
     tracing_subscriber::registry()

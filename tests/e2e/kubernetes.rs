@@ -424,3 +424,32 @@ fn wait_does_not_take_a_connection_closed_at_once_for_a_dependency() {
     let out = outrider(&["wait", "--tcp", &target, "--timeout", "5s", "--settle", "0"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+#[test]
+fn logs_to_a_pipe_carry_no_terminal_escapes() {
+    // What `kubectl logs` and `2>file` get: stderr is a pipe here.
+    let mut proxy = ChildGuard::spawn(
+        Command::new(OUTRIDER)
+            .args(["proxy", "--forward", "127.0.0.1:0=127.0.0.1:9"])
+            .env("OUTRIDER_ADMIN", "127.0.0.1:0")
+            .env("OUTRIDER_LOG", "info")
+            .env_remove("NO_COLOR"),
+        "proxy",
+    );
+    proxy.expect_stderr("proxy started", Duration::from_secs(10));
+    let mut control = ChildGuard::spawn(
+        Command::new(OUTRIDER)
+            .args(["control", "--plaintext", "--listen", "127.0.0.1:0"])
+            .env("OUTRIDER_LOG", "info")
+            .env_remove("NO_COLOR"),
+        "control",
+    );
+    control.expect_stderr("control plane ready", Duration::from_secs(10));
+    for (name, log) in [("proxy", proxy.stderr()), ("control", control.stderr())] {
+        assert!(log.contains(" INFO "), "{name}: {log}");
+        assert!(
+            !log.contains('\x1b'),
+            "{name} wrote terminal escapes to a pipe: {log:?}"
+        );
+    }
+}
