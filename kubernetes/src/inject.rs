@@ -467,7 +467,11 @@ fn pod_level_resources(
             if new == current {
                 continue;
             }
-            let text = if r == 0 { new.cpu() } else { new.memory() };
+            let text = if r == 0 {
+                new.cpu()
+            } else {
+                new.memory_exact()
+            };
             let from = if r == 0 {
                 current.cpu()
             } else {

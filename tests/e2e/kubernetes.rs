@@ -133,7 +133,7 @@ fn resources_reports_the_seed_with_and_without_the_proxy() {
         "{report}"
     );
     assert!(
-        report.contains("  warning: secrets-refresh: no requests"),
+        report.contains("  warning: secrets-refresh: no cpu or memory request"),
         "{report}"
     );
     let out = outrider(&["resources", "-f", seed.to_str().unwrap(), "--with-proxy"]);
