@@ -83,16 +83,47 @@ pub const ANN_SKIP_OUTBOUND_PORTS: &str = "outrider.io/skip-outbound-ports";
 pub const ANN_SKIP_OUTBOUND_CIDRS: &str = "outrider.io/skip-outbound-cidrs";
 /// Annotation: ports that skip protocol detection, added to the proxy's defaults.
 pub const ANN_OPAQUE_PORTS: &str = "outrider.io/opaque-ports";
+/// Annotation: only traffic to these networks is captured outbound (comma-separated CIDRs).
+pub const ANN_INCLUDE_OUTBOUND_CIDRS: &str = "outrider.io/include-outbound-cidrs";
+/// Annotation: the proxy's log filter (`OUTRIDER_LOG`, e.g. `debug` or
+/// `outrider_proxy=debug,info`).
+pub const ANN_LOG_LEVEL: &str = "outrider.io/proxy-log-level";
+/// Annotation: the proxy's log format, `plain` or `json` (`OUTRIDER_LOG_FORMAT`).
+pub const ANN_LOG_FORMAT: &str = "outrider.io/proxy-log-format";
+/// Annotation: the image of the mesh's containers for this workload (beats `--image`).
+pub const ANN_IMAGE: &str = "outrider.io/proxy-image";
+/// Annotation: their `imagePullPolicy`: `Always`, `IfNotPresent` (the default) or `Never`.
+pub const ANN_PULL_POLICY: &str = "outrider.io/proxy-image-pull-policy";
+/// Annotation: how long outbound keeps serving after SIGTERM (`OUTRIDER_DRAIN_WINDOW`, `5s`).
+pub const ANN_DRAIN_WINDOW: &str = "outrider.io/proxy-drain-window";
+/// Annotation: the longest graceful shutdown (`OUTRIDER_SHUTDOWN_GRACE`, `30s`).
+pub const ANN_SHUTDOWN_GRACE: &str = "outrider.io/proxy-shutdown-grace";
+/// Annotation: `"false"` injects this workload in the legacy form (proxy as the first
+/// container), `"true"` as a native sidecar, whatever `--legacy-sidecar` says.
+pub const ANN_NATIVE_SIDECAR: &str = "outrider.io/native-sidecar";
+/// Written by `--legacy-sidecar` when it set `kubectl.kubernetes.io/default-container` (so
+/// `kubectl logs/exec` default to the app, not the proxy in front of it).
+pub const ANN_DEFAULT_CONTAINER_ADDED: &str = "outrider.io/default-container-added";
+/// `kubectl logs`, `exec` and `attach` use this container when none is named.
+pub const ANN_DEFAULT_CONTAINER: &str = "kubectl.kubernetes.io/default-container";
 
 /// The proxy's resources when no annotation says otherwise: requests `100m` CPU and `128Mi`
 /// memory, limits `1` CPU and `256Mi` memory (never zero: a sidecar starved of memory is
 /// OOM-killed and takes the pod's network with it). Annotations
 /// `outrider.io/proxy-{cpu,memory}-{request,limit}` override each.
-pub const PROXY_RESOURCES: [(&str, &str, &str); 4] = [
+/// `outrider.io/proxy-cpu-limit: none` removes the CPU limit (no throttling; the pod leaves
+/// Guaranteed), and `outrider.io/proxy-ephemeral-storage-{request,limit}` add those (no default).
+pub const PROXY_RESOURCES: [(&str, &str, &str); 6] = [
     ("outrider.io/proxy-cpu-request", "requests", "100m"),
     ("outrider.io/proxy-memory-request", "requests", "128Mi"),
+    (
+        "outrider.io/proxy-ephemeral-storage-request",
+        "requests",
+        "",
+    ),
     ("outrider.io/proxy-cpu-limit", "limits", "1"),
     ("outrider.io/proxy-memory-limit", "limits", "256Mi"),
+    ("outrider.io/proxy-ephemeral-storage-limit", "limits", ""),
 ];
 /// `outrider-init`'s resources (it runs for a moment): requests `10m`/`16Mi`, limits
 /// `100m`/`64Mi`.
@@ -234,6 +265,16 @@ fn inject_object(
         }
     }
     check_ports(&w.pod, &pfx, at)?;
+    let legacy = match ann.get(ANN_NATIVE_SIDECAR) {
+        None => opts.legacy_sidecar,
+        Some((_, v)) if v == "true" => false,
+        Some((_, v)) if v == "false" => true,
+        Some((path, v)) => return Err(at.error(path, format!("`{v}` is neither true nor false"))),
+    };
+    let opts = &InjectOptions {
+        legacy_sidecar: legacy,
+        ..opts.clone()
+    };
     let guaranteed = crate::resources::qos(&w.pod, w.pod_resources.as_ref())
         == crate::resources::Qos::Guaranteed
         && w.pod_resources.is_none();
@@ -298,6 +339,10 @@ fn inject_object(
         let containers = manifest::child_seq(spec, "containers")
             .ok_or_else(|| at.error(format!("{pfx}spec.containers"), "must be a list"))?;
         containers.insert(0, proxy);
+        if let (None, Some(app)) = (ann.get(ANN_DEFAULT_CONTAINER), w.pod.containers.first()) {
+            annotations.push((ANN_DEFAULT_CONTAINER, app.name.clone()));
+            annotations.push((ANN_DEFAULT_CONTAINER_ADDED, "true".into()));
+        }
     } else {
         let inits = manifest::child_seq(spec, "initContainers")
             .ok_or_else(|| at.error(format!("{pfx}spec.initContainers"), "must be a list"))?;
@@ -566,13 +611,15 @@ fn init_container(
         "--proxy-uid".into(),
         ports::PROXY_UID.to_string(),
     ];
-    let inbound: Vec<Port> = ann.list(ANN_SKIP_INBOUND_PORTS, at)?;
-    let outbound: Vec<Port> = ann.list(ANN_SKIP_OUTBOUND_PORTS, at)?;
+    let inbound = port_list(ann, ANN_SKIP_INBOUND_PORTS, at)?;
+    let outbound = port_list(ann, ANN_SKIP_OUTBOUND_PORTS, at)?;
     let cidrs: Vec<Cidr> = ann.list(ANN_SKIP_OUTBOUND_CIDRS, at)?;
+    let include: Vec<Cidr> = ann.list(ANN_INCLUDE_OUTBOUND_CIDRS, at)?;
     for (flag, list) in [
         ("--exclude-inbound-ports", join(&inbound)),
         ("--exclude-outbound-ports", join(&outbound)),
         ("--exclude-outbound-cidrs", join(&cidrs)),
+        ("--include-outbound-cidrs", join(&include)),
     ] {
         if !list.is_empty() {
             args.extend([flag.to_owned(), list]);
@@ -588,10 +635,11 @@ fn init_container(
         };
         map.insert(name.into(), K8sQuantity(value.into()));
     }
+    let (image, pull) = image(ann, opts, at)?;
     Ok(Container {
         name: INIT_NAME.into(),
-        image: Some(opts.image.clone()),
-        image_pull_policy: Some("IfNotPresent".into()),
+        image: Some(image),
+        image_pull_policy: Some(pull),
         args: Some(args),
         resources: Some(resources),
         security_context: Some(SecurityContext {
@@ -657,6 +705,26 @@ fn proxy_container(
             format!("{IDENTITY_DIR}/trust-anchors.pem"),
         ),
     ];
+    if let Some((path, level)) = ann.get(ANN_LOG_LEVEL) {
+        outrider_proxy::log::check_filter(level).map_err(|e| at.error(path, e))?;
+        env.push(plain("OUTRIDER_LOG", level.trim().to_owned()));
+    }
+    match ann.get(ANN_LOG_FORMAT) {
+        Some((_, f)) if f == "plain" || f == "json" => {
+            env.push(plain("OUTRIDER_LOG_FORMAT", f.clone()));
+        }
+        Some((path, f)) => return Err(at.error(path, format!("`{f}` is neither plain nor json"))),
+        None => {}
+    }
+    for (key, var) in [
+        (ANN_DRAIN_WINDOW, "OUTRIDER_DRAIN_WINDOW"),
+        (ANN_SHUTDOWN_GRACE, "OUTRIDER_SHUTDOWN_GRACE"),
+    ] {
+        if let Some((path, d)) = ann.get(key) {
+            outrider_proxy::config::parse_duration(d.trim()).map_err(|e| at.error(path, e))?;
+            env.push(plain(var, d.trim().to_owned()));
+        }
+    }
     let opaque: Vec<Port> = ann.list(ANN_OPAQUE_PORTS, at)?;
     if !opaque.is_empty() {
         let mut all: Vec<u16> = outrider_proxy::config::DEFAULT_OPAQUE_PORTS.to_vec();
@@ -674,10 +742,11 @@ fn proxy_container(
         port: IntOrString::Int(i32::from(ports::ADMIN)),
         ..Default::default()
     };
+    let (image, pull) = image(ann, opts, at)?;
     Ok(Container {
         name: PROXY_NAME.into(),
-        image: Some(opts.image.clone()),
-        image_pull_policy: Some("IfNotPresent".into()),
+        image: Some(image),
+        image_pull_policy: Some(pull),
         args: Some(vec!["proxy".into()]),
         restart_policy: (!opts.legacy_sidecar).then(|| "Always".into()),
         env: Some(env),
@@ -697,6 +766,13 @@ fn proxy_container(
         liveness_probe: Some(Probe {
             http_get: Some(admin_get("/live")),
             period_seconds: Some(10),
+            ..Default::default()
+        }),
+        // Not ready while draining or without a certificate or config: the pod leaves the
+        // Service's endpoints.
+        readiness_probe: Some(Probe {
+            http_get: Some(admin_get("/ready")),
+            period_seconds: Some(5),
             ..Default::default()
         }),
         security_context: Some(SecurityContext {
@@ -731,6 +807,13 @@ fn proxy_resources(ann: &Annotations, at: &Location) -> Result<ResourceRequireme
             Some((path, v)) => (path.clone(), v.trim().to_owned()),
             None => (String::new(), default.to_owned()),
         };
+        let resource = ["cpu", "memory", "ephemeral-storage"]
+            .into_iter()
+            .find(|r| key.contains(r))
+            .unwrap_or("cpu");
+        if text.is_empty() || (key == "outrider.io/proxy-cpu-limit" && text == "none") {
+            continue;
+        }
         let q: Quantity = text.parse().map_err(|e| at.error(&path, format!("{e}")))?;
         if q.is_zero() {
             return Err(at.error(
@@ -738,11 +821,10 @@ fn proxy_resources(ann: &Annotations, at: &Location) -> Result<ResourceRequireme
                 "must be more than 0 (a starved proxy takes the pod's network with it)",
             ));
         }
-        let resource = if key.contains("cpu") { "cpu" } else { "memory" };
         parsed.insert((side, resource), (q, text, path));
     }
     let mut req = ResourceRequirements::default();
-    for resource in ["cpu", "memory"] {
+    for resource in ["cpu", "memory", "ephemeral-storage"] {
         if let (Some(r), Some(l)) = (
             parsed.get(&("requests", resource)),
             parsed.get(&("limits", resource)),
@@ -766,6 +848,58 @@ fn proxy_resources(ann: &Annotations, at: &Location) -> Result<ResourceRequireme
     }
     Ok(req)
 }
+
+/// The image and pull policy of the mesh's containers: annotations, else the options.
+fn image(
+    ann: &Annotations,
+    opts: &InjectOptions,
+    at: &Location,
+) -> Result<(String, String), InputError> {
+    let image = match ann.get(ANN_IMAGE) {
+        Some((path, v)) if v.trim().is_empty() || v.contains(char::is_whitespace) => {
+            return Err(at.error(path, "must be an image reference"));
+        }
+        Some((_, v)) => v.clone(),
+        None => opts.image.clone(),
+    };
+    let policy = match ann.get(ANN_PULL_POLICY) {
+        Some((_, v)) if ["Always", "IfNotPresent", "Never"].contains(&v.as_str()) => v.clone(),
+        Some((path, v)) => {
+            return Err(at.error(path, format!("`{v}` is not Always, IfNotPresent or Never")))
+        }
+        None => "IfNotPresent".into(),
+    };
+    Ok((image, policy))
+}
+
+/// Port lists with ranges (`5432,9000-9010`), each port checked; a range of more than
+/// [`MAX_RANGE`] ports is refused (each becomes an iptables rule).
+fn port_list(ann: &Annotations, key: &str, at: &Location) -> Result<Vec<Port>, InputError> {
+    let Some((path, value)) = ann.get(key) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (a, b) = item.split_once('-').unwrap_or((item, item));
+        let a: Port = a.parse().map_err(|e: String| at.error(path, e))?;
+        let b: Port = b.parse().map_err(|e: String| at.error(path, e))?;
+        if a.get() > b.get() || usize::from(b.get() - a.get()) >= MAX_RANGE {
+            return Err(at.error(
+                path,
+                format!("`{item}`: a range is low-high, at most {MAX_RANGE} ports"),
+            ));
+        }
+        for p in a.get()..=b.get() {
+            out.extend(Port::new(p));
+        }
+    }
+    out.sort_unstable_by_key(|p| p.get());
+    out.dedup_by_key(|p| p.get());
+    Ok(out)
+}
+
+/// The most ports one range of a `skip-*-ports` annotation may cover.
+pub const MAX_RANGE: usize = 256;
 
 fn identity_volume(pod: &PodSpec) -> Volume {
     let account = pod
@@ -1100,10 +1234,14 @@ fn uninject_object(at: &Location, object: &mut Value) -> Result<(), InputError> 
                 ANN_ORIGINAL_PROBES,
                 ANN_ORIGINAL_INIT_SECURITY,
                 ANN_ORIGINAL_POD_RESOURCES,
+                ANN_DEFAULT_CONTAINER_ADDED,
             ] {
                 if let Some(v) = map.remove(key) {
                     ann.insert(key.into(), v);
                 }
+            }
+            if ann.contains_key(ANN_DEFAULT_CONTAINER_ADDED) {
+                map.remove(ANN_DEFAULT_CONTAINER);
             }
         }
         manifest::drop_if_empty(meta, "annotations");

@@ -725,3 +725,114 @@ fn deploy_manifests_inject_report_and_their_secrets_are_readable_by_their_contai
     }
     assert!(checked >= 2, "{checked}");
 }
+
+fn env_of(c: &k8s_openapi::api::core::v1::Container, name: &str) -> Option<String> {
+    c.env
+        .iter()
+        .flatten()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.clone())
+}
+
+#[test]
+fn per_workload_annotations_reach_the_mesh_containers() {
+    let ann = "outrider.io/proxy-log-level: debug, outrider.io/proxy-log-format: json, \
+        outrider.io/proxy-image: registry.example/outrider:9, \
+        outrider.io/proxy-image-pull-policy: Always, outrider.io/proxy-drain-window: 10s, \
+        outrider.io/proxy-shutdown-grace: 1m, outrider.io/native-sidecar: \"false\", \
+        outrider.io/skip-inbound-ports: \"9000-9003,22\", outrider.io/skip-outbound-ports: \"5432\", \
+        outrider.io/include-outbound-cidrs: 10.0.0.0/8, outrider.io/proxy-cpu-limit: none, \
+        outrider.io/proxy-ephemeral-storage-request: 100Mi, \
+        outrider.io/proxy-ephemeral-storage-limit: 1Gi";
+    let out = inject::inject(&deployment_with(ann, ""), &opts(false)).unwrap();
+    let docs = manifest::parse(&out.yaml).unwrap();
+    let w = manifest::Workload::check(
+        manifest::WorkloadKind::Deployment,
+        &docs[0],
+        &manifest::Location::new("d"),
+    )
+    .unwrap();
+    // native-sidecar: "false": the legacy form, with kubectl's default container on the app.
+    let proxy = &w.pod.containers[0];
+    assert_eq!(proxy.name, inject::PROXY_NAME);
+    assert!(
+        out.yaml
+            .contains("kubectl.kubernetes.io/default-container: a\n"),
+        "{}",
+        out.yaml
+    );
+    let init = &w.pod.init_containers.as_ref().unwrap()[0];
+    for c in [proxy, init] {
+        assert_eq!(c.image.as_deref(), Some("registry.example/outrider:9"));
+        assert_eq!(c.image_pull_policy.as_deref(), Some("Always"));
+    }
+    assert_eq!(env_of(proxy, "OUTRIDER_LOG").as_deref(), Some("debug"));
+    assert_eq!(
+        env_of(proxy, "OUTRIDER_LOG_FORMAT").as_deref(),
+        Some("json")
+    );
+    assert_eq!(
+        env_of(proxy, "OUTRIDER_DRAIN_WINDOW").as_deref(),
+        Some("10s")
+    );
+    assert_eq!(
+        env_of(proxy, "OUTRIDER_SHUTDOWN_GRACE").as_deref(),
+        Some("1m")
+    );
+    let args = init.args.clone().unwrap().join(" ");
+    assert!(
+        args.contains("--exclude-inbound-ports 22,9000,9001,9002,9003"),
+        "{args}"
+    );
+    assert!(args.contains("--exclude-outbound-ports 5432"), "{args}");
+    assert!(
+        args.contains("--include-outbound-cidrs 10.0.0.0/8"),
+        "{args}"
+    );
+    let res = proxy.resources.clone().unwrap();
+    let limits = res.limits.unwrap();
+    assert!(!limits.contains_key("cpu"));
+    assert_eq!(limits["ephemeral-storage"].0, "1Gi");
+    assert_eq!(res.requests.unwrap()["ephemeral-storage"].0, "100Mi");
+    assert!(proxy.readiness_probe.is_some());
+    // And all of it comes out again.
+    let back = inject::uninject(&out.yaml).unwrap();
+    let original = deployment_with(ann, "");
+    assert_eq!(
+        back.yaml,
+        manifest::write(&manifest::parse(&original).unwrap()).unwrap()
+    );
+
+    let bad = [
+        ("outrider.io/proxy-log-level: \"debug[\"", "proxy-log-level"),
+        ("outrider.io/proxy-log-format: yaml", "proxy-log-format"),
+        (
+            "outrider.io/proxy-image-pull-policy: Sometimes",
+            "proxy-image-pull-policy",
+        ),
+        ("outrider.io/proxy-image: \"a b\"", "proxy-image"),
+        ("outrider.io/proxy-drain-window: soon", "proxy-drain-window"),
+        ("outrider.io/native-sidecar: maybe", "native-sidecar"),
+        (
+            "outrider.io/skip-inbound-ports: \"9010-9000\"",
+            "skip-inbound-ports",
+        ),
+        (
+            "outrider.io/skip-inbound-ports: \"1-60000\"",
+            "skip-inbound-ports",
+        ),
+        (
+            "outrider.io/include-outbound-cidrs: 10.0.0.0/40",
+            "include-outbound-cidrs",
+        ),
+        ("outrider.io/proxy-memory-limit: none", "proxy-memory-limit"),
+    ];
+    for (ann, key) in bad {
+        let e = inject::inject(&deployment_with(ann, ""), &opts(false)).unwrap_err();
+        assert_eq!(
+            e.path,
+            format!("spec.template.metadata.annotations[\"outrider.io/{key}\"]"),
+            "{e}"
+        );
+    }
+}

@@ -54,6 +54,11 @@ fn directives(spec: &str) -> String {
     full
 }
 
+/// Checks a filter (`info`, `outrider_proxy=debug,info`) the way the proxy will read it.
+pub fn check_filter(spec: &str) -> Result<(), String> {
+    filter(spec).map(drop)
+}
+
 fn filter(spec: &str) -> Result<EnvFilter, String> {
     EnvFilter::try_new(directives(spec))
         .map_err(|e| format!("invalid log filter `{}`: {e}", spec.trim()))
