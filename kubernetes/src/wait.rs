@@ -5,8 +5,12 @@
 //! for `--settle` (a sidecar proxy accepts every connection, and closes it when it cannot reach
 //! the target). Failed attempts are retried with
 //! jittered exponential backoff (100 ms doubling up to 5 s), one progress line per target per
-//! attempt on stderr. Exit 0 when every target answered, 1 at `--timeout` with the targets still
-//! unreachable and why, 2 on bad usage.
+//! attempt on stderr, each with the time since the start. Exit 0 when every target answered, 1
+//! at `--timeout` with the targets still unreachable and why, 2 on bad usage; on SIGTERM or
+//! Ctrl-C one line names what was still pending (exit 143 or 130).
+//!
+//! What is echoed is safe to log: credentials in a URL (`http://user:pass@host/`) are never
+//! printed, and control characters (terminal escapes) are shown escaped.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -54,17 +58,50 @@ pub struct HostPort {
 
 impl fmt::Display for HostPort {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let host = safe(&self.host);
         if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
+            write!(f, "[{host}]:{}", self.port)
         } else {
-            write!(f, "{}:{}", self.host, self.port)
+            write!(f, "{host}:{}", self.port)
         }
     }
 }
 
+/// `s` with control characters escaped (`\u{1b}`), so no input reaches the terminal raw.
+pub fn safe(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
+/// A URL as it may be logged: without its credentials (`user:password@`), escaped.
+pub fn redacted(uri: &http::Uri) -> String {
+    let host = uri.host().unwrap_or_default();
+    let port = uri.port_u16().map(|p| format!(":{p}")).unwrap_or_default();
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let scheme = uri.scheme_str().unwrap_or("http");
+    let user = if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        "***@"
+    } else {
+        ""
+    };
+    safe(&format!("{scheme}://{user}{host}{port}{path}"))
+}
+
 /// Parses `HOST:PORT` (`[::1]:80` for IPv6).
 pub fn parse_host_port(s: &str) -> Result<HostPort, String> {
-    let bad = || format!("`{s}` is not HOST:PORT (e.g. postgres-service:5432)");
+    let bad = || {
+        format!(
+            "`{}` is not HOST:PORT (e.g. postgres-service:5432)",
+            safe(s)
+        )
+    };
     let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
     let host = host
         .strip_prefix('[')
@@ -82,14 +119,25 @@ pub fn parse_host_port(s: &str) -> Result<HostPort, String> {
 
 /// Parses an `http://` URL with a host.
 pub fn parse_http_url(s: &str) -> Result<http::Uri, String> {
-    let uri: http::Uri = s.parse().map_err(|e| format!("`{s}` is not a URL: {e}"))?;
+    // Errors name the URL without what could be a password.
+    let shown = match s.split_once('@') {
+        Some((before, after)) => match before.split_once("://") {
+            Some((scheme, _)) => format!("{scheme}://***@{after}"),
+            None => format!("***@{after}"),
+        },
+        None => s.to_owned(),
+    };
+    let shown = safe(&shown);
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|e| format!("`{shown}` is not a URL: {e}"))?;
     if uri.scheme_str() != Some("http") {
         return Err(format!(
-            "`{s}`: only http:// URLs are supported (https is not)"
+            "`{shown}`: only http:// URLs are supported (https is not)"
         ));
     }
     if uri.host().is_none_or(str::is_empty) {
-        return Err(format!("`{s}`: no host"));
+        return Err(format!("`{shown}`: no host"));
     }
     Ok(uri)
 }
@@ -124,7 +172,7 @@ impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Target::Tcp(hp) => write!(f, "tcp {hp}"),
-            Target::Http(uri) => write!(f, "http {uri}"),
+            Target::Http(uri) => write!(f, "http {}", redacted(uri)),
         }
     }
 }
@@ -134,10 +182,12 @@ impl fmt::Display for Target {
 pub enum Failure {
     /// The name does not resolve (or resolves to nothing).
     Dns(String),
+    /// No DNS answer at all: the server is unreachable or failing (not "no such name").
+    DnsUnavailable(String),
     /// Every address refused the connection.
     Refused(SocketAddr),
-    /// The attempt did not finish in time.
-    TimedOut(&'static str),
+    /// A step did not finish in time: which (`connect to 10.0.0.7:5432`), and the limit.
+    TimedOut(String, Duration),
     /// Another connect or HTTP error.
     Io(String),
     /// The HTTP answer was not a 2xx.
@@ -151,8 +201,13 @@ impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Failure::Dns(e) => write!(f, "DNS: {e}"),
+            Failure::DnsUnavailable(e) => write!(f, "DNS server unreachable or failing: {e}"),
             Failure::Refused(a) => write!(f, "connection refused by {a}"),
-            Failure::TimedOut(what) => write!(f, "timed out ({what})"),
+            Failure::TimedOut(what, after) => write!(
+                f,
+                "timed out after {} ({what})",
+                outrider_control::duration::format(*after)
+            ),
             Failure::Io(e) => write!(f, "{e}"),
             Failure::Status(s) => write!(f, "HTTP status {s} (2xx expected)"),
             Failure::ClosedAtOnce(a) => write!(
@@ -176,16 +231,8 @@ pub async fn attempt(
         tokio::net::lookup_host((hp.host.as_str(), hp.port)),
     )
     .await
-    .map_err(|_| Failure::TimedOut("DNS lookup"))?
-    .map_err(|e| {
-        // The usual mistake: a Service of another namespace named without its namespace.
-        let hint = if hp.host.contains('.') || hp.host.parse::<std::net::IpAddr>().is_ok() {
-            ""
-        } else {
-            "; a Service in another namespace is NAME.NAMESPACE"
-        };
-        Failure::Dns(format!("`{}` does not resolve ({e}){hint}", hp.host))
-    })?
+    .map_err(|_| Failure::TimedOut(format!("DNS lookup of {}", safe(&hp.host)), timeout))?
+    .map_err(|e| dns_failure(&hp.host, &e))?
     .collect();
     if addrs.is_empty() {
         return Err(Failure::Dns(format!(
@@ -197,7 +244,7 @@ pub async fn attempt(
     for addr in addrs {
         let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
             Err(_) => {
-                last = Failure::TimedOut("connect");
+                last = Failure::TimedOut(format!("connect to {addr}"), timeout);
                 continue;
             }
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
@@ -213,7 +260,10 @@ pub async fn attempt(
         return match target {
             Target::Tcp(_) => settled(&stream, addr, settle).await,
             Target::Http(uri) => match tokio::time::timeout(timeout, get(stream, uri)).await {
-                Err(_) => Err(Failure::TimedOut("HTTP answer")),
+                Err(_) => Err(Failure::TimedOut(
+                    format!("HTTP answer from {addr}"),
+                    timeout,
+                )),
                 Ok(Err(e)) => Err(e),
                 Ok(Ok(status)) if (200..300).contains(&status) => Ok(addr),
                 Ok(Ok(status)) => Err(Failure::Status(status)),
@@ -221,6 +271,26 @@ pub async fn attempt(
         };
     }
     Err(last)
+}
+
+/// A failed lookup: "no such name" (with the namespace hint for a bare name) told apart from a
+/// resolver that could not get an answer (`EAI_AGAIN`: the DNS server is down or unreachable).
+fn dns_failure(host: &str, e: &std::io::Error) -> Failure {
+    let text = e.to_string();
+    let host = safe(host);
+    if text.contains("Temporary failure")
+        || text.contains("try again")
+        || text.contains("Try again")
+    {
+        return Failure::DnsUnavailable(format!("no answer for `{host}` ({text})"));
+    }
+    // The usual mistake: a Service of another namespace named without its namespace.
+    let hint = if host.contains('.') || host.parse::<std::net::IpAddr>().is_ok() {
+        ""
+    } else {
+        "; a Service in another namespace is NAME.NAMESPACE"
+    };
+    Failure::Dns(format!("`{host}` does not resolve ({text}){hint}"))
 }
 
 /// `Ok` unless the peer closes or resets the connection within `settle` (data, or silence,
@@ -247,7 +317,9 @@ async fn get(stream: TcpStream, uri: &http::Uri) -> Result<u16, Failure> {
         .map_err(|e| Failure::Io(format!("HTTP: {e}")))?;
     let conn = tokio::spawn(conn);
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    // The Host header never carries the URL's credentials.
     let host = uri.authority().map_or("", |a| a.as_str());
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
     let req = http::Request::get(path)
         .header(http::header::HOST, host)
         .header(http::header::USER_AGENT, "outrider-wait")
@@ -268,6 +340,27 @@ pub async fn wait_all(
     args: &WaitArgs,
     log: impl Fn(String) + Send + Sync + 'static,
 ) -> Result<(), Vec<(Target, Failure)>> {
+    wait_until(targets, args, log, std::future::pending())
+        .await
+        .map_err(|e| e.pending)
+}
+
+/// How a wait ended without every target reached.
+#[derive(Debug)]
+pub struct Unreached {
+    /// `stop` ended it (a signal), not `--timeout`.
+    pub stopped: bool,
+    /// The targets not reached, each with its last failure.
+    pub pending: Vec<(Target, Failure)>,
+}
+
+/// [`wait_all`], ended early when `stop` completes (SIGTERM).
+pub async fn wait_until(
+    targets: Vec<Target>,
+    args: &WaitArgs,
+    log: impl Fn(String) + Send + Sync + 'static,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), Unreached> {
     let log = Arc::new(log);
     // Per target: None until an attempt ends, then its outcome.
     type Outcomes = Vec<Option<Result<(), Failure>>>;
@@ -303,9 +396,15 @@ pub async fn wait_all(
         });
     }
     let all = async { while tasks.join_next().await.is_some() {} };
-    if tokio::time::timeout(args.timeout, all).await.is_ok() {
-        return Ok(());
-    }
+    let stopped = tokio::select! {
+        done = tokio::time::timeout(args.timeout, all) => {
+            if done.is_ok() {
+                return Ok(());
+            }
+            false
+        }
+        () = stop => true,
+    };
     tasks.abort_all();
     let last = last.lock().map(|l| l.clone()).unwrap_or_default();
     let mut unreachable = Vec::new();
@@ -313,10 +412,19 @@ pub async fn wait_all(
         match outcome {
             Some(Ok(())) => {}
             Some(Err(f)) => unreachable.push((target, f)),
-            None => unreachable.push((target, Failure::TimedOut("first attempt"))),
+            None if stopped => {
+                unreachable.push((target, Failure::Io("no attempt has finished yet".into())));
+            }
+            None => unreachable.push((
+                target,
+                Failure::TimedOut("the first attempt".into(), args.timeout),
+            )),
         }
     }
-    Err(unreachable)
+    Err(Unreached {
+        stopped,
+        pending: unreachable,
+    })
 }
 
 /// `outrider wait`.
@@ -337,19 +445,44 @@ pub fn main(args: WaitArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let result = runtime.block_on(wait_all(targets, &args, |line| {
-        eprintln!("outrider wait: {line}");
-    }));
+    let start = std::time::Instant::now();
+    let stamp = move || format!("[{:6.1}s]", start.elapsed().as_secs_f64());
+    // 143 for SIGTERM, 130 for Ctrl-C, as a shell reports them.
+    let signal = Arc::new(std::sync::atomic::AtomicU8::new(0));
+    let stop = {
+        let signal = signal.clone();
+        async move {
+            let code = terminated().await;
+            signal.store(code, std::sync::atomic::Ordering::SeqCst);
+        }
+    };
+    let result = runtime.block_on(wait_until(
+        targets,
+        &args,
+        move |line| eprintln!("outrider wait: {} {line}", stamp()),
+        stop,
+    ));
     // A DNS lookup still running in a blocking thread must not hold the exit up.
     runtime.shutdown_timeout(Duration::from_millis(100));
+    let elapsed = outrider_control::duration::format(Duration::from_millis(
+        u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+    ));
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(unreachable) => {
+        Err(Unreached { stopped, pending }) => {
+            if stopped {
+                let what: Vec<String> = pending.iter().map(|(t, f)| format!("{t} ({f})")).collect();
+                eprintln!(
+                    "outrider wait: stopped by a signal after {elapsed}; still waiting for: {}",
+                    what.join("; ")
+                );
+                return ExitCode::from(signal.load(std::sync::atomic::Ordering::SeqCst).max(1));
+            }
             eprintln!(
                 "outrider wait: gave up after {}; not reachable:",
                 outrider_control::duration::format(args.timeout)
             );
-            for (target, why) in unreachable {
+            for (target, why) in pending {
                 eprintln!("  {target}: {why}");
             }
             ExitCode::from(1)
@@ -357,10 +490,71 @@ pub fn main(args: WaitArgs) -> ExitCode {
     }
 }
 
+/// Completes on SIGTERM (143) or Ctrl-C (130), with the exit code a shell would give.
+async fn terminated() -> u8 {
+    #[cfg(unix)]
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    {
+        return tokio::select! {
+            _ = term.recv() => 143,
+            _ = tokio::signal::ctrl_c() => 130,
+        };
+    }
+    match tokio::signal::ctrl_c().await {
+        Ok(()) => 130,
+        Err(_) => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn what_is_echoed_has_no_credentials_nor_escapes() {
+        let uri = parse_http_url("http://admin:hunter2@config:8080/ready?x=1").unwrap();
+        let shown = Target::Http(uri).to_string();
+        assert_eq!(shown, "http http://***@config:8080/ready?x=1");
+        let e = parse_http_url("https://admin:hunter2@config/").unwrap_err();
+        assert!(
+            !e.contains("hunter2") && e.contains("https://***@config/"),
+            "{e}"
+        );
+        let e = parse_host_port("db\u{1b}[31m").unwrap_err();
+        assert!(!e.contains('\u{1b}') && e.contains("\\u{1b}"), "{e}");
+        let hp = HostPort {
+            host: "a\u{1b}]0;x\u{7}".into(),
+            port: 1,
+        };
+        assert!(!hp.to_string().chars().any(char::is_control), "{hp}");
+    }
+
+    #[test]
+    fn failures_say_where_how_long_and_which_dns_trouble() {
+        let t = Failure::TimedOut("connect to 10.0.0.7:5432".into(), Duration::from_secs(2));
+        assert_eq!(
+            t.to_string(),
+            "timed out after 2s (connect to 10.0.0.7:5432)"
+        );
+        let again = std::io::Error::other(
+            "failed to lookup address information: Temporary failure in name resolution",
+        );
+        let f = dns_failure("postgres", &again);
+        assert!(matches!(f, Failure::DnsUnavailable(_)), "{f}");
+        assert!(
+            f.to_string()
+                .starts_with("DNS server unreachable or failing"),
+            "{f}"
+        );
+        assert!(!f.to_string().contains("NAME.NAMESPACE"), "{f}");
+        let none = std::io::Error::other(
+            "failed to lookup address information: Name or service not known",
+        );
+        let f = dns_failure("postgres", &none);
+        assert!(matches!(f, Failure::Dns(_)), "{f}");
+        assert!(f.to_string().contains("NAME.NAMESPACE"), "{f}");
+    }
 
     #[test]
     fn targets_parse_or_say_why_not() {

@@ -453,3 +453,52 @@ fn logs_to_a_pipe_carry_no_terminal_escapes() {
         );
     }
 }
+
+#[test]
+fn wait_lines_carry_the_elapsed_time_and_sigterm_names_what_was_pending() {
+    let port = free_port();
+    let mut wait = ChildGuard::spawn(
+        Command::new(OUTRIDER).args([
+            "wait",
+            "--tcp",
+            &format!("127.0.0.1:{port}"),
+            "--http",
+            &format!("http://user:s3cret@127.0.0.1:{port}/ready"),
+            "--timeout",
+            "60s",
+        ]),
+        "outrider wait",
+    );
+    wait.expect_stderr(
+        "attempt 1 failed: connection refused",
+        Duration::from_secs(10),
+    );
+    let out = Command::new("kill")
+        .args(["-TERM", &wait.pid().to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let status = wait
+        .wait_timeout(Duration::from_secs(10))
+        .expect("wait did not stop on SIGTERM");
+    let err = wait.stderr();
+    assert_eq!(status.code(), Some(143), "{err}");
+    // Every progress line starts with the time since the start.
+    let first = err.lines().next().unwrap();
+    assert!(
+        first.starts_with("outrider wait: [") && first.contains("s] "),
+        "{err}"
+    );
+    let last = err.lines().last().unwrap();
+    assert!(last.contains("stopped by a signal after"), "{err}");
+    assert!(
+        last.contains(&format!(
+            "still waiting for: tcp 127.0.0.1:{port} (connection refused"
+        )),
+        "{err}"
+    );
+    assert!(
+        !err.contains("s3cret") && err.contains("http://***@127.0.0.1"),
+        "{err}"
+    );
+}
