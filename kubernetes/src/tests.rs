@@ -724,6 +724,22 @@ fn deploy_manifests_inject_report_and_their_secrets_are_readable_by_their_contai
         .unwrap();
     }
     assert!(checked >= 2, "{checked}");
+    // The control plane survives a node drain: two replicas, a budget, HTTP probes.
+    let text = read(&root().join("../deploy/control-plane.yaml"));
+    let docs = manifest::parse(&text).unwrap();
+    let kind = |k: &str| docs.iter().find(|d| d["kind"].as_str() == Some(k)).unwrap();
+    let deployment = kind("Deployment");
+    assert!(deployment["spec"]["replicas"].as_u64().unwrap() >= 2);
+    let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    let pdb = kind("PodDisruptionBudget");
+    assert_eq!(pdb["spec"]["minAvailable"].as_u64(), Some(1));
+    for (k, v) in pdb["spec"]["selector"]["matchLabels"].as_mapping().unwrap() {
+        assert_eq!(&labels[k], v);
+    }
+    let c = &deployment["spec"]["template"]["spec"]["containers"][0];
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(c[probe]["httpGet"]["scheme"].as_str(), Some("HTTPS"), "{probe}");
+    }
 }
 
 fn env_of(c: &k8s_openapi::api::core::v1::Container, name: &str) -> Option<String> {
