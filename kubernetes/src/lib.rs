@@ -49,6 +49,14 @@ pub struct InjectArgs {
     pub force: bool,
 }
 
+/// Whether an image reference names its registry (`registry.example/outrider:1`,
+/// `localhost:5000/outrider`), as opposed to a Docker Hub short name (`outrider:0.1.0`).
+pub fn has_registry(image: &str) -> bool {
+    image.split_once('/').is_some_and(|(first, _)| {
+        first.contains('.') || first.contains(':') || first == "localhost"
+    })
+}
+
 /// Reads `file` (`-` is stdin).
 pub fn read_input(file: &str) -> std::io::Result<String> {
     if file == "-" {
@@ -70,11 +78,29 @@ pub fn inject_main(args: InjectArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if args.image.trim().is_empty() || args.image.contains(char::is_whitespace) {
+        eprintln!(
+            "outrider inject: --image: `{}` is not an image reference",
+            args.image
+        );
+        return ExitCode::from(2);
+    }
+    let control_ok = args
+        .control
+        .parse::<http::Uri>()
+        .is_ok_and(|u| matches!(u.scheme_str(), Some("https" | "http")) && u.host().is_some());
+    if !control_ok {
+        eprintln!(
+            "outrider inject: --control: `{}` is not an http(s):// URL with a host",
+            args.control
+        );
+        return ExitCode::from(2);
+    }
     let result = if args.uninject {
         inject::uninject(&text)
     } else {
         let opts = inject::InjectOptions {
-            image: args.image,
+            image: args.image.clone(),
             control: args.control,
             legacy_sidecar: args.legacy_sidecar,
             force: args.force,
@@ -85,6 +111,15 @@ pub fn inject_main(args: InjectArgs) -> ExitCode {
         Ok(out) => {
             for w in &out.warnings {
                 eprintln!("outrider inject: warning: {w}");
+            }
+            if !args.uninject && !has_registry(&args.image) && out.yaml.contains(inject::PROXY_NAME)
+            {
+                eprintln!(
+                    "outrider inject: warning: the image {} names no registry: a cluster pulls it \
+                     from Docker Hub and fails (ErrImagePull) unless it was loaded onto the nodes \
+                     (kind load); give --image REGISTRY/outrider:TAG",
+                    args.image
+                );
             }
             let mut stdout = std::io::stdout().lock();
             match stdout

@@ -738,7 +738,11 @@ fn deploy_manifests_inject_report_and_their_secrets_are_readable_by_their_contai
     }
     let c = &deployment["spec"]["template"]["spec"]["containers"][0];
     for probe in ["readinessProbe", "livenessProbe"] {
-        assert_eq!(c[probe]["httpGet"]["scheme"].as_str(), Some("HTTPS"), "{probe}");
+        assert_eq!(
+            c[probe]["httpGet"]["scheme"].as_str(),
+            Some("HTTPS"),
+            "{probe}"
+        );
     }
 }
 

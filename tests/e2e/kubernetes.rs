@@ -502,3 +502,36 @@ fn wait_lines_carry_the_elapsed_time_and_sigterm_names_what_was_pending() {
         "{err}"
     );
 }
+
+#[test]
+fn inject_checks_its_flags_and_warns_about_an_image_without_a_registry() {
+    let seed = std::fs::read_to_string(repo("deploy/examples/payments-api.yaml")).unwrap();
+    let out = outrider_stdin(&["inject"], &seed);
+    assert!(out.status.success());
+    assert!(
+        text(&out.stderr).contains("the image outrider:0.1.0 names no registry"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = outrider_stdin(
+        &["inject", "--image", "registry.example/outrider:0.1.0"],
+        &seed,
+    );
+    assert!(out.status.success());
+    assert!(
+        !text(&out.stderr).contains("names no registry"),
+        "{}",
+        text(&out.stderr)
+    );
+    for (flag, value) in [
+        ("--image", ""),
+        ("--image", "a b"),
+        ("--control", "not a url"),
+        ("--control", "ftp://x/"),
+    ] {
+        let out = outrider_stdin(&["inject", flag, value], &seed);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value:?}");
+        assert!(text(&out.stderr).contains(flag), "{}", text(&out.stderr));
+        assert!(out.stdout.is_empty());
+    }
+}
