@@ -170,26 +170,20 @@ pub struct Output {
 
 /// Injects every workload of the YAML stream `text`.
 pub fn inject(text: &str, opts: &InjectOptions) -> Result<Output, InputError> {
-    let mut docs = manifest::parse(text)?;
     let mut warnings = Vec::new();
-    inject_docs(&mut docs, opts, &mut warnings)?;
-    finish(&docs, warnings)
+    let yaml = manifest::transform(text, |at, object| {
+        inject_object(at, object, opts, &mut warnings)
+    })?;
+    Ok(Output { yaml, warnings })
 }
 
 /// Takes the mesh out of every workload of `text` (the inverse of [`inject`]).
 pub fn uninject(text: &str) -> Result<Output, InputError> {
-    let mut docs = manifest::parse(text)?;
-    manifest::for_each_object(&mut docs, uninject_object)?;
-    finish(&docs, Vec::new())
-}
-
-fn finish(docs: &[Value], warnings: Vec<String>) -> Result<Output, InputError> {
-    let yaml = manifest::write(docs).map_err(|e| InputError {
-        document: "output".into(),
-        path: String::new(),
-        message: e,
-    })?;
-    Ok(Output { yaml, warnings })
+    let yaml = manifest::transform(text, uninject_object)?;
+    Ok(Output {
+        yaml,
+        warnings: Vec::new(),
+    })
 }
 
 /// Injects every workload of parsed documents in place.
@@ -207,7 +201,8 @@ pub fn is_injected(pod: &PodSpec) -> bool {
     pod.containers.iter().any(named) || pod.init_containers.iter().flatten().any(named)
 }
 
-fn inject_object(
+/// Injects one object (a workload; anything else is left alone).
+pub(crate) fn inject_object(
     at: &Location,
     object: &mut Value,
     opts: &InjectOptions,
@@ -359,7 +354,9 @@ fn inject_object(
     for (k, v) in annotations {
         map.insert(k.into(), Value::String(v));
     }
-    pod_level_resources(at, object, kind, &what, warnings)?;
+    if w.pod_resources.is_some() {
+        pod_level_resources(at, object, kind, &what, warnings)?;
+    }
     Ok(())
 }
 

@@ -76,22 +76,34 @@ pub const MAX_FLOW_DEPTH: usize = 128;
 /// (`<<: *base`, merged into the mapping), and octal file modes (`defaultMode: 0400`, written
 /// back as the number they mean).
 pub fn parse(text: &str) -> Result<Vec<Value>, InputError> {
+    documents(text)?.map(|d| d.map(|(_, v)| v)).collect()
+}
+
+/// [`parse`], one document at a time (with its 0-based index among all documents, empty ones
+/// included), so a large stream is never held whole as values.
+pub fn documents(
+    text: &str,
+) -> Result<impl Iterator<Item = Result<(usize, Value), InputError>> + '_, InputError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     check_flow_depth(text)?;
-    let mut docs = Vec::new();
-    for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
+    let docs = serde_norway::Deserializer::from_str(text).enumerate();
+    Ok(docs.filter_map(|(i, doc)| {
         let at = Location(format!("document {}", i + 1));
-        let mut value =
-            Value::deserialize(doc).map_err(|e| at.error("", format!("not YAML: {e}")))?;
-        value
-            .apply_merge()
-            .map_err(|e| at.error("", format!("bad merge key (`<<`): {e}")))?;
-        octal_modes(&mut value);
-        if !value.is_null() {
-            docs.push(value);
+        let read = || {
+            let mut value =
+                Value::deserialize(doc).map_err(|e| at.error("", format!("not YAML: {e}")))?;
+            value
+                .apply_merge()
+                .map_err(|e| at.error("", format!("bad merge key (`<<`): {e}")))?;
+            octal_modes(&mut value);
+            Ok(value)
+        };
+        match read() {
+            Ok(v) if v.is_null() => None,
+            Ok(v) => Some(Ok((i, v))),
+            Err(e) => Some(Err(e)),
         }
-    }
-    Ok(docs)
+    }))
 }
 
 /// Refuses `[`/`{` nested deeper than [`MAX_FLOW_DEPTH`], in one pass over the text (quoted
@@ -349,22 +361,59 @@ where
     E: From<InputError>,
 {
     for (i, doc) in docs.iter_mut().enumerate() {
-        let at = Location(format!("document {}", i + 1));
-        if is_list(doc) {
-            match doc.get_mut("items") {
-                Some(Value::Sequence(items)) => {
-                    for (j, item) in items.iter_mut().enumerate() {
-                        f(&Location(format!("{at}, items[{j}]")), item)?;
-                    }
-                }
-                Some(Value::Null) | None => {}
-                Some(_) => return Err(at.error("items", "must be a list").into()),
-            }
-        } else {
-            f(&at, doc)?;
-        }
+        visit(i, doc, &mut f)?;
     }
     Ok(())
+}
+
+/// Calls `f` on the object(s) of document `index` (0-based): the document, or each item of a
+/// `List`.
+pub fn visit<E>(
+    index: usize,
+    doc: &mut Value,
+    f: &mut impl FnMut(&Location, &mut Value) -> Result<(), E>,
+) -> Result<(), E>
+where
+    E: From<InputError>,
+{
+    let at = Location(format!("document {}", index + 1));
+    if is_list(doc) {
+        match doc.get_mut("items") {
+            Some(Value::Sequence(items)) => {
+                for (j, item) in items.iter_mut().enumerate() {
+                    f(&Location(format!("{at}, items[{j}]")), item)?;
+                }
+            }
+            Some(Value::Null) | None => {}
+            Some(_) => return Err(at.error("items", "must be a list").into()),
+        }
+    } else {
+        f(&at, doc)?;
+    }
+    Ok(())
+}
+
+/// Reads `text` one document at a time, calls `f` on each object, and writes each document
+/// back as soon as it is done: the stream as [`write`] would give it.
+pub fn transform(
+    text: &str,
+    mut f: impl FnMut(&Location, &mut Value) -> Result<(), InputError>,
+) -> Result<String, InputError> {
+    let mut out = String::with_capacity(text.len() + text.len() / 2);
+    for (n, doc) in documents(text)?.enumerate() {
+        let (i, mut doc) = doc?;
+        visit(i, &mut doc, &mut f)?;
+        if n > 0 {
+            out.push_str("---\n");
+        }
+        let one = write(std::slice::from_ref(&doc)).map_err(|e| InputError {
+            document: format!("document {}", i + 1),
+            path: String::new(),
+            message: e,
+        })?;
+        out.push_str(&one);
+    }
+    Ok(out)
 }
 
 fn is_list(doc: &Value) -> bool {

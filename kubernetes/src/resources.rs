@@ -174,17 +174,24 @@ pub struct Report {
 
 /// Reports every workload of `text`, injected first when `with_proxy`.
 pub fn reports(text: &str, with_proxy: bool) -> Result<Vec<Report>, InputError> {
-    let mut docs = manifest::parse(text)?;
-    if with_proxy {
-        inject::inject_docs(&mut docs, &InjectOptions::default(), &mut Vec::new())?;
-    }
     let mut out = Vec::new();
-    manifest::for_each_object(&mut docs, |at, object| {
-        if let Some(kind) = WorkloadKind::of(object) {
-            out.push(report(&Workload::check(kind, object, at)?, at)?);
-        }
-        Ok::<(), InputError>(())
-    })?;
+    let opts = InjectOptions::default();
+    for doc in manifest::documents(text)? {
+        let (i, mut doc) = doc?;
+        manifest::visit(
+            i,
+            &mut doc,
+            &mut |at: &Location, object: &mut serde_norway::Value| {
+                if with_proxy {
+                    inject::inject_object(at, object, &opts, &mut Vec::new())?;
+                }
+                if let Some(kind) = WorkloadKind::of(object) {
+                    out.push(report(&Workload::check(kind, object, at)?, at)?);
+                }
+                Ok::<(), InputError>(())
+            },
+        )?;
+    }
     Ok(out)
 }
 
