@@ -242,6 +242,7 @@ pub(crate) fn inject_object(
     if is_injected(&w.pod) {
         return reinject(at, object, opts, &what, warnings);
     }
+    unknown_fields(&w.pod, template, &pfx, &what, warnings);
     if !opts.force {
         if let Some(mesh) = other_mesh(&w.pod, template) {
             warnings.push(format!(
@@ -391,6 +392,49 @@ fn reinject(
         warnings.extend(inner);
     }
     Ok(())
+}
+
+/// Fields of the pod spec and its containers that Kubernetes 1.30 does not know, each named
+/// in a warning: a misspelled `readinessprobe` is neither rewritten nor refused otherwise
+/// (kubectl's strict validation would refuse it). Newer fields are kept as they are.
+fn unknown_fields(
+    pod: &PodSpec,
+    template: &Mapping,
+    pfx: &str,
+    what: &str,
+    warnings: &mut Vec<String>,
+) {
+    fn known(typed: &impl serde::Serialize) -> Vec<String> {
+        match serde_json::to_value(typed) {
+            Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+    let mut report = |path: String, given: Option<&Value>, known: &[String], extra: &[&str]| {
+        let Some(Value::Mapping(given)) = given else {
+            return;
+        };
+        for (k, v) in given {
+            let Some(k) = k.as_str() else { continue };
+            if !v.is_null() && !known.iter().any(|n| n == k) && !extra.contains(&k) {
+                warnings.push(format!(
+                    "{what}: {path}.{k}: not a field Kubernetes 1.30 knows (misspelled? kubectl \
+                     --validate=strict refuses unknown fields); left as it is"
+                ));
+            }
+        }
+    };
+    let spec = template.get("spec");
+    report(format!("{pfx}spec"), spec, &known(pod), &["resources"]);
+    for (list, containers) in [
+        ("containers", Some(&pod.containers)),
+        ("initContainers", pod.init_containers.as_ref()),
+    ] {
+        for (i, c) in containers.into_iter().flatten().enumerate() {
+            let given = spec.and_then(|s| s.get(list)).and_then(|l| l.get(i));
+            report(format!("{pfx}spec.{list}[{i}]"), given, &known(c), &[]);
+        }
+    }
 }
 
 /// Another mesh's sidecar in the pod, or the annotation that has its webhook add one.

@@ -856,3 +856,33 @@ fn per_workload_annotations_reach_the_mesh_containers() {
         );
     }
 }
+
+#[test]
+fn misspelled_fields_are_named_in_a_warning() {
+    let text = deployment_with(
+        "",
+        "        readinessprobe: {httpGet: {port: 80}}\n        env: []\n        args: null\n",
+    )
+    .replace(
+        "      containers:\n",
+        "      restartpolicy: Never\n      containers:\n",
+    );
+    let out = inject::inject(&text, &opts(false)).unwrap();
+    assert_eq!(out.warnings.len(), 2, "{:?}", out.warnings);
+    assert!(
+        out.warnings[0].contains("spec.template.spec.restartpolicy: not a field"),
+        "{:?}",
+        out.warnings
+    );
+    assert!(
+        out.warnings[1].contains("spec.template.spec.containers[0].readinessprobe: not a field"),
+        "{:?}",
+        out.warnings
+    );
+    // Every corpus-like real field is known: the seed injects without a word.
+    let seed = read(&root().join("../deploy/examples/payments-api.yaml"));
+    assert!(inject::inject(&seed, &opts(false))
+        .unwrap()
+        .warnings
+        .is_empty());
+}
