@@ -12,6 +12,16 @@ use std::str::FromStr;
 
 const NANO: i128 = 1_000_000_000;
 
+/// The binary suffixes, largest first, with their power of two.
+const BINARY_UNITS: [(&str, u32); 6] = [
+    ("Ei", 60),
+    ("Pi", 50),
+    ("Ti", 40),
+    ("Gi", 30),
+    ("Mi", 20),
+    ("Ki", 10),
+];
+
 /// A non-negative resource quantity, in nano-units (nano-cores for CPU, nano-bytes for memory).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Quantity {
