@@ -209,6 +209,20 @@ pub(crate) fn inject_object(
     warnings: &mut Vec<String>,
 ) -> Result<(), InputError> {
     let Some(kind) = WorkloadKind::of(object) else {
+        // A custom resource with a pod template (Argo Rollout, OpenShift DeploymentConfig).
+        let containers = object
+            .get("spec")
+            .and_then(|s| s.get("template"))
+            .and_then(|t| t.get("spec"))
+            .and_then(|s| s.get("containers"));
+        if containers.is_some_and(Value::is_sequence) {
+            let kind = object.get("kind").and_then(Value::as_str).unwrap_or("?");
+            warnings.push(format!(
+                "{at} ({}): a {} with a pod template outrider inject does not know; left as it is",
+                crate::wait::safe(kind),
+                crate::wait::safe(kind)
+            ));
+        }
         return Ok(());
     };
     let w = Workload::check(kind, object, at)?;

@@ -69,14 +69,7 @@ impl Quantity {
         if let Some(exact) = Self::exact_unit(bytes) {
             return exact;
         }
-        for (suffix, shift) in [
-            ("Ei", 60),
-            ("Pi", 50),
-            ("Ti", 40),
-            ("Gi", 30),
-            ("Mi", 20),
-            ("Ki", 10),
-        ] {
+        for (suffix, shift) in BINARY_UNITS {
             let unit = 1i128 << shift;
             if bytes >= unit {
                 let tenths = (bytes * 10 + unit / 2) / unit;
@@ -98,14 +91,7 @@ impl Quantity {
     }
 
     fn exact_unit(bytes: i128) -> Option<String> {
-        for (suffix, shift) in [
-            ("Ei", 60),
-            ("Pi", 50),
-            ("Ti", 40),
-            ("Gi", 30),
-            ("Mi", 20),
-            ("Ki", 10),
-        ] {
+        for (suffix, shift) in BINARY_UNITS {
             let unit = 1i128 << shift;
             if bytes != 0 && bytes % unit == 0 {
                 return Some(format!("{}{suffix}", bytes / unit));

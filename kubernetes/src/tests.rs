@@ -886,3 +886,14 @@ fn misspelled_fields_are_named_in_a_warning() {
         .warnings
         .is_empty());
 }
+
+#[test]
+fn pod_templates_of_unknown_kinds_are_named() {
+    let text = "apiVersion: argoproj.io/v1alpha1\nkind: Rollout\nmetadata: {name: r}\nspec:\n  template:\n    spec:\n      containers: [{name: a, image: x}]\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n";
+    let out = inject::inject(text, &opts(false)).unwrap();
+    assert_eq!(out.warnings, ["document 1 (Rollout): a Rollout with a pod template outrider inject does not know; left as it is"]);
+    assert_eq!(
+        out.yaml,
+        manifest::write(&manifest::parse(text).unwrap()).unwrap()
+    );
+}
