@@ -1,11 +1,11 @@
 //! `outrider wait`: the dependency-wait init container. Every target is tried at once, each
 //! attempt in two steps so the failure says which: resolve the name (a name that does not resolve
 //! is the common mistake: a Service in another namespace, a typo), then connect (`--tcp`) or
-//! `GET` and expect a 2xx (`--http`, plain `http://` only); a TCP connection must stay open
-//! for `--settle` (a sidecar proxy accepts every connection, and closes it when it cannot reach
-//! the target). Failed attempts are retried with
-//! jittered exponential backoff (100 ms doubling up to 5 s), one progress line per target per
-//! attempt on stderr, each with the time since the start. Exit 0 when every target answered, 1
+//! `GET` and expect a 2xx, or the `--http-status` range (`--http`, plain `http://` only); a TCP
+//! connection must stay open for `--settle` (a sidecar proxy accepts every connection, and
+//! closes it when it cannot reach the target). Failed attempts are retried with jittered
+//! exponential backoff (100 ms doubling up to 5 s), one progress line per target per attempt
+//! on stderr, each with the time since the start. Exit 0 when every target answered, 1
 //! at `--timeout` with the targets still unreachable and why, 2 on bad usage; on SIGTERM or
 //! Ctrl-C one line names what was still pending (exit 143 or 130).
 //!
@@ -34,6 +34,9 @@ pub struct WaitArgs {
     /// (repeatable; plain HTTP only).
     #[arg(long = "http", value_name = "URL", value_parser = parse_http_url)]
     pub http: Vec<http::Uri>,
+    /// The HTTP statuses that count as up, `LOW-HIGH` (e.g. `200-399` to accept redirects).
+    #[arg(long, value_name = "LOW-HIGH", default_value = "200-299", value_parser = parse_status_range)]
+    pub http_status: StatusRange,
     /// Give up after this long (e.g. 30s, 5m).
     #[arg(long, value_name = "DUR", default_value = "5m", value_parser = outrider_control::duration::parse)]
     pub timeout: Duration,
@@ -45,6 +48,58 @@ pub struct WaitArgs {
     /// target, so a bare connect would always succeed.
     #[arg(long, value_name = "DUR", default_value = "500ms", value_parser = outrider_control::duration::parse)]
     pub settle: Duration,
+}
+
+/// The HTTP statuses an `--http` target may answer, inclusive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusRange {
+    /// Lowest accepted status.
+    pub low: u16,
+    /// Highest accepted status.
+    pub high: u16,
+}
+
+impl StatusRange {
+    /// 2xx.
+    pub const SUCCESS: StatusRange = StatusRange {
+        low: 200,
+        high: 299,
+    };
+
+    fn contains(self, status: u16) -> bool {
+        (self.low..=self.high).contains(&status)
+    }
+}
+
+impl fmt::Display for StatusRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if *self == StatusRange::SUCCESS {
+            f.write_str("2xx")
+        } else {
+            write!(f, "{}-{}", self.low, self.high)
+        }
+    }
+}
+
+/// Parses `200-399` (or one status, `204`).
+pub fn parse_status_range(s: &str) -> Result<StatusRange, String> {
+    let bad = || {
+        format!(
+            "`{}` is not a status range LOW-HIGH (e.g. 200-399)",
+            safe(s)
+        )
+    };
+    let (low, high) = s.split_once('-').unwrap_or((s, s));
+    let status = |t: &str| {
+        t.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|c| (100..=599).contains(c))
+    };
+    match (status(low), status(high)) {
+        (Some(low), Some(high)) if low <= high => Ok(StatusRange { low, high }),
+        _ => Err(bad()),
+    }
 }
 
 /// A `HOST:PORT` target.
@@ -190,8 +245,8 @@ pub enum Failure {
     TimedOut(String, Duration),
     /// Another connect or HTTP error.
     Io(String),
-    /// The HTTP answer was not a 2xx.
-    Status(u16),
+    /// The HTTP answer was not in the accepted range.
+    Status(u16, StatusRange),
     /// The connection was closed right after it opened (a sidecar proxy that could not reach
     /// the target does this).
     ClosedAtOnce(SocketAddr),
@@ -209,7 +264,7 @@ impl fmt::Display for Failure {
                 outrider_control::duration::format(*after)
             ),
             Failure::Io(e) => write!(f, "{e}"),
-            Failure::Status(s) => write!(f, "HTTP status {s} (2xx expected)"),
+            Failure::Status(s, ok) => write!(f, "HTTP status {s} ({ok} expected)"),
             Failure::ClosedAtOnce(a) => write!(
                 f,
                 "connected to {a} but it closed at once (a proxy in front could not reach the target?)"
@@ -219,11 +274,12 @@ impl fmt::Display for Failure {
 }
 
 /// One attempt at `target`, each step bounded by `timeout`; a TCP connection must then stay
-/// open for `settle`. `Ok` with the address that answered.
+/// open for `settle`, an HTTP answer must be in `ok`. `Ok` with the address that answered.
 pub async fn attempt(
     target: &Target,
     timeout: Duration,
     settle: Duration,
+    ok: StatusRange,
 ) -> Result<SocketAddr, Failure> {
     let hp = target.host_port();
     let addrs: Vec<SocketAddr> = tokio::time::timeout(
@@ -265,8 +321,8 @@ pub async fn attempt(
                     timeout,
                 )),
                 Ok(Err(e)) => Err(e),
-                Ok(Ok(status)) if (200..300).contains(&status) => Ok(addr),
-                Ok(Ok(status)) => Err(Failure::Status(status)),
+                Ok(Ok(status)) if ok.contains(status) => Ok(addr),
+                Ok(Ok(status)) => Err(Failure::Status(status, ok)),
             },
         };
     }
@@ -368,11 +424,11 @@ pub async fn wait_until(
     let mut tasks = tokio::task::JoinSet::new();
     for (i, target) in targets.iter().cloned().enumerate() {
         let (log, last) = (log.clone(), last.clone());
-        let (per, settle) = (args.attempt_timeout, args.settle);
+        let (per, settle, ok) = (args.attempt_timeout, args.settle, args.http_status);
         tasks.spawn(async move {
             let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
             for n in 1u64.. {
-                match attempt(&target, per, settle).await {
+                match attempt(&target, per, settle, ok).await {
                     Ok(addr) => {
                         if let Ok(mut last) = last.lock() {
                             last[i] = Some(Ok(()));
@@ -528,6 +584,40 @@ mod tests {
             port: 1,
         };
         assert!(!hp.to_string().chars().any(char::is_control), "{hp}");
+    }
+
+    #[test]
+    fn status_ranges_parse_and_say_what_was_expected() {
+        assert_eq!(
+            parse_status_range("200-399"),
+            Ok(StatusRange {
+                low: 200,
+                high: 399
+            })
+        );
+        assert_eq!(
+            parse_status_range("204"),
+            Ok(StatusRange {
+                low: 204,
+                high: 204
+            })
+        );
+        for bad in ["", "300-200", "99-200", "200-600", "2xx", "200-"] {
+            assert!(parse_status_range(bad).is_err(), "{bad}");
+        }
+        let range = StatusRange {
+            low: 200,
+            high: 399,
+        };
+        assert!(range.contains(302) && !range.contains(404));
+        assert_eq!(
+            Failure::Status(503, StatusRange::SUCCESS).to_string(),
+            "HTTP status 503 (2xx expected)"
+        );
+        assert_eq!(
+            Failure::Status(404, range).to_string(),
+            "HTTP status 404 (200-399 expected)"
+        );
     }
 
     #[test]

@@ -535,3 +535,28 @@ fn inject_checks_its_flags_and_warns_about_an_image_without_a_registry() {
         assert!(out.stdout.is_empty());
     }
 }
+
+#[test]
+fn wait_accepts_a_redirect_only_when_told_to() {
+    let port = http_server(302);
+    let url = format!("http://127.0.0.1:{port}/");
+    let out = outrider(&["wait", "--http", &url, "--timeout", "1s"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("HTTP status 302 (2xx expected)"),
+        "{}",
+        text(&out.stderr)
+    );
+    let port = http_server(302);
+    let url = format!("http://127.0.0.1:{port}/");
+    let out = outrider(&[
+        "wait",
+        "--http",
+        &url,
+        "--http-status",
+        "200-399",
+        "--timeout",
+        "10s",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
