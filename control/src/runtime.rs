@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -127,5 +128,32 @@ impl std::fmt::Display for Chain<'_> {
             source = e.source();
         }
         Ok(())
+    }
+}
+
+/// Whether log lines on stderr get colours (ANSI escapes): only on a terminal, and never with
+/// `NO_COLOR` set to something (<https://no-color.org>). A file, a pipe or `kubectl logs` gets
+/// plain text.
+pub fn log_colours() -> bool {
+    colours(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    )
+}
+
+fn colours(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+#[cfg(test)]
+mod colour_tests {
+    use super::colours;
+
+    #[test]
+    fn colours_only_on_a_terminal_without_no_color() {
+        assert!(colours(true, None));
+        assert!(colours(true, Some("".as_ref())));
+        assert!(!colours(true, Some("1".as_ref())));
+        assert!(!colours(false, None));
     }
 }

@@ -751,6 +751,7 @@ pub fn prepare(args: &ControlArgs) -> Prepared {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(crate::runtime::log_colours())
         .try_init();
     let text = match &args.config {
         Some(path) => match read_mesh_file(path) {

@@ -1,7 +1,8 @@
 //! `outrider inject`: adds the mesh to the pod templates of Kubernetes workloads, and
 //! `--uninject` takes it out again.
 //!
-//! Per workload (Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob) it adds, in
+//! Per workload (Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, ReplicationController, Job,
+//! CronJob) it adds, in
 //! this order:
 //!
 //! - `initContainers[0]`: `outrider-init` (`outrider init`), root with `NET_ADMIN` and `NET_RAW`
@@ -12,7 +13,9 @@
 //!   (their traffic is then not captured: there is no proxy yet when they run);
 //! - the `outrider-identity` projected volume (the service account's Outrider token and the trust
 //!   anchors, see [`IDENTITY_DIR`]);
-//! - HTTP probes of the app rewritten to `:15020/app-probe/<container>/<kind>`, the originals kept
+//! - the app's probes and lifecycle hooks (`httpGet` over HTTP or HTTPS, `tcpSocket`, `grpc`; app
+//!   containers and native sidecars) rewritten to `:15020/app-probe/<container>/<kind>`, where
+//!   the proxy performs the original check (see `outrider_proxy::app_probe`), the originals kept
 //!   in the `outrider.io/original-probes` annotation.
 //!
 //! Everything else in the input (other documents, other fields, key order) comes back as it was.
@@ -33,7 +36,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use outrider_iptables_init::cidr::Cidr;
 use outrider_iptables_init::config::Port;
 use outrider_iptables_init::ports;
-use outrider_proxy::app_probe::{AppProbe, AppProbes, ProbeHeader};
+use outrider_proxy::app_probe::{AppProbe, AppProbes, ProbeHeader, ProbeKind};
 use serde_norway::{Mapping, Value};
 
 use crate::manifest::{self, InputError, Location, Workload, WorkloadKind};
@@ -63,11 +66,15 @@ pub const DEFAULT_IMAGE: &str = concat!("outrider:", env!("CARGO_PKG_VERSION"));
 pub const ANN_INJECT: &str = "outrider.io/inject";
 /// Annotation written by the injector: `native` or `legacy`.
 pub const ANN_INJECTED: &str = "outrider.io/injected";
-/// Annotation written by the injector: the app's original `httpGet` probe actions (JSON).
+/// Annotation written by the injector: the app's original probe and hook handlers (JSON: an
+/// `httpGet` action as it was, other kinds as `{"tcpSocket": ...}` or `{"grpc": ...}`).
 pub const ANN_ORIGINAL_PROBES: &str = "outrider.io/original-probes";
 /// Annotation written by `--legacy-sidecar`: the app's init containers' original
 /// `securityContext`s (JSON; `null` where there was none).
 pub const ANN_ORIGINAL_INIT_SECURITY: &str = "outrider.io/original-init-security";
+/// Annotation written by the injector when the pod sets pod-level `spec.resources`: the
+/// original (JSON), for `--uninject`.
+pub const ANN_ORIGINAL_POD_RESOURCES: &str = "outrider.io/original-pod-resources";
 /// Annotation: inbound ports that bypass the proxy (comma-separated).
 pub const ANN_SKIP_INBOUND_PORTS: &str = "outrider.io/skip-inbound-ports";
 /// Annotation: outbound ports that bypass the proxy (comma-separated).
@@ -76,16 +83,47 @@ pub const ANN_SKIP_OUTBOUND_PORTS: &str = "outrider.io/skip-outbound-ports";
 pub const ANN_SKIP_OUTBOUND_CIDRS: &str = "outrider.io/skip-outbound-cidrs";
 /// Annotation: ports that skip protocol detection, added to the proxy's defaults.
 pub const ANN_OPAQUE_PORTS: &str = "outrider.io/opaque-ports";
+/// Annotation: only traffic to these networks is captured outbound (comma-separated CIDRs).
+pub const ANN_INCLUDE_OUTBOUND_CIDRS: &str = "outrider.io/include-outbound-cidrs";
+/// Annotation: the proxy's log filter (`OUTRIDER_LOG`, e.g. `debug` or
+/// `outrider_proxy=debug,info`).
+pub const ANN_LOG_LEVEL: &str = "outrider.io/proxy-log-level";
+/// Annotation: the proxy's log format, `plain` or `json` (`OUTRIDER_LOG_FORMAT`).
+pub const ANN_LOG_FORMAT: &str = "outrider.io/proxy-log-format";
+/// Annotation: the image of the mesh's containers for this workload (beats `--image`).
+pub const ANN_IMAGE: &str = "outrider.io/proxy-image";
+/// Annotation: their `imagePullPolicy`: `Always`, `IfNotPresent` (the default) or `Never`.
+pub const ANN_PULL_POLICY: &str = "outrider.io/proxy-image-pull-policy";
+/// Annotation: how long outbound keeps serving after SIGTERM (`OUTRIDER_DRAIN_WINDOW`, `5s`).
+pub const ANN_DRAIN_WINDOW: &str = "outrider.io/proxy-drain-window";
+/// Annotation: the longest graceful shutdown (`OUTRIDER_SHUTDOWN_GRACE`, `30s`).
+pub const ANN_SHUTDOWN_GRACE: &str = "outrider.io/proxy-shutdown-grace";
+/// Annotation: `"false"` injects this workload in the legacy form (proxy as the first
+/// container), `"true"` as a native sidecar, whatever `--legacy-sidecar` says.
+pub const ANN_NATIVE_SIDECAR: &str = "outrider.io/native-sidecar";
+/// Written by `--legacy-sidecar` when it set `kubectl.kubernetes.io/default-container` (so
+/// `kubectl logs/exec` default to the app, not the proxy in front of it).
+pub const ANN_DEFAULT_CONTAINER_ADDED: &str = "outrider.io/default-container-added";
+/// `kubectl logs`, `exec` and `attach` use this container when none is named.
+pub const ANN_DEFAULT_CONTAINER: &str = "kubectl.kubernetes.io/default-container";
 
 /// The proxy's resources when no annotation says otherwise: requests `100m` CPU and `128Mi`
 /// memory, limits `1` CPU and `256Mi` memory (never zero: a sidecar starved of memory is
 /// OOM-killed and takes the pod's network with it). Annotations
 /// `outrider.io/proxy-{cpu,memory}-{request,limit}` override each.
-pub const PROXY_RESOURCES: [(&str, &str, &str); 4] = [
+/// `outrider.io/proxy-cpu-limit: none` removes the CPU limit (no throttling; the pod leaves
+/// Guaranteed), and `outrider.io/proxy-ephemeral-storage-{request,limit}` add those (no default).
+pub const PROXY_RESOURCES: [(&str, &str, &str); 6] = [
     ("outrider.io/proxy-cpu-request", "requests", "100m"),
     ("outrider.io/proxy-memory-request", "requests", "128Mi"),
+    (
+        "outrider.io/proxy-ephemeral-storage-request",
+        "requests",
+        "",
+    ),
     ("outrider.io/proxy-cpu-limit", "limits", "1"),
     ("outrider.io/proxy-memory-limit", "limits", "256Mi"),
+    ("outrider.io/proxy-ephemeral-storage-limit", "limits", ""),
 ];
 /// `outrider-init`'s resources (it runs for a moment): requests `10m`/`16Mi`, limits
 /// `100m`/`64Mi`.
@@ -105,6 +143,9 @@ pub struct InjectOptions {
     pub control: String,
     /// The pre-1.29 form: the proxy as the first regular container.
     pub legacy_sidecar: bool,
+    /// Inject what is otherwise skipped with a warning: workloads in `kube-system` or
+    /// `kube-public`, and pods that another mesh (Istio, Linkerd) has injected or will inject.
+    pub force: bool,
 }
 
 impl Default for InjectOptions {
@@ -113,6 +154,7 @@ impl Default for InjectOptions {
             image: DEFAULT_IMAGE.into(),
             control: DEFAULT_CONTROL.into(),
             legacy_sidecar: false,
+            force: false,
         }
     }
 }
@@ -128,26 +170,20 @@ pub struct Output {
 
 /// Injects every workload of the YAML stream `text`.
 pub fn inject(text: &str, opts: &InjectOptions) -> Result<Output, InputError> {
-    let mut docs = manifest::parse(text)?;
     let mut warnings = Vec::new();
-    inject_docs(&mut docs, opts, &mut warnings)?;
-    finish(&docs, warnings)
+    let yaml = manifest::transform(text, |at, object| {
+        inject_object(at, object, opts, &mut warnings)
+    })?;
+    Ok(Output { yaml, warnings })
 }
 
 /// Takes the mesh out of every workload of `text` (the inverse of [`inject`]).
 pub fn uninject(text: &str) -> Result<Output, InputError> {
-    let mut docs = manifest::parse(text)?;
-    manifest::for_each_object(&mut docs, uninject_object)?;
-    finish(&docs, Vec::new())
-}
-
-fn finish(docs: &[Value], warnings: Vec<String>) -> Result<Output, InputError> {
-    let yaml = manifest::write(docs).map_err(|e| InputError {
-        document: "output".into(),
-        path: String::new(),
-        message: e,
-    })?;
-    Ok(Output { yaml, warnings })
+    let yaml = manifest::transform(text, uninject_object)?;
+    Ok(Output {
+        yaml,
+        warnings: Vec::new(),
+    })
 }
 
 /// Injects every workload of parsed documents in place.
@@ -165,13 +201,28 @@ pub fn is_injected(pod: &PodSpec) -> bool {
     pod.containers.iter().any(named) || pod.init_containers.iter().flatten().any(named)
 }
 
-fn inject_object(
+/// Injects one object (a workload; anything else is left alone).
+pub(crate) fn inject_object(
     at: &Location,
     object: &mut Value,
     opts: &InjectOptions,
     warnings: &mut Vec<String>,
 ) -> Result<(), InputError> {
     let Some(kind) = WorkloadKind::of(object) else {
+        // A custom resource with a pod template (Argo Rollout, OpenShift DeploymentConfig).
+        let containers = object
+            .get("spec")
+            .and_then(|s| s.get("template"))
+            .and_then(|t| t.get("spec"))
+            .and_then(|s| s.get("containers"));
+        if containers.is_some_and(Value::is_sequence) {
+            let kind = object.get("kind").and_then(Value::as_str).unwrap_or("?");
+            warnings.push(format!(
+                "{at} ({}): a {} with a pod template outrider inject does not know; left as it is",
+                crate::wait::safe(kind),
+                crate::wait::safe(kind)
+            ));
+        }
         return Ok(());
     };
     let w = Workload::check(kind, object, at)?;
@@ -180,9 +231,15 @@ fn inject_object(
     let template = manifest::template_mut(object, kind)
         .ok_or_else(|| at.error(pfx.trim_end_matches('.'), "missing pod template"))?;
     let ann = Annotations::read(template, &pfx);
-    if ann.get(ANN_INJECT).is_some_and(|v| v.1 == "disabled") {
-        warnings.push(format!("{what}: {ANN_INJECT}: disabled, left as it is"));
-        return Ok(());
+    match ann.get(ANN_INJECT) {
+        Some((_, v)) if v == "disabled" => {
+            warnings.push(format!("{what}: {ANN_INJECT}: disabled, left as it is"));
+            return Ok(());
+        }
+        Some((path, v)) if v != "enabled" => {
+            return Err(at.error(path, format!("`{v}` is neither `enabled` nor `disabled`")));
+        }
+        _ => {}
     }
     if w.pod.host_network == Some(true) {
         warnings.push(format!(
@@ -190,12 +247,68 @@ fn inject_object(
         ));
         return Ok(());
     }
-    if is_injected(&w.pod) {
+    if w.pod.os.as_ref().is_some_and(|os| os.name == "windows") {
+        warnings.push(format!(
+            "{what}: spec.os.name: windows, left as it is (the proxy and its capture are Linux only)"
+        ));
         return Ok(());
     }
-    let init = init_container(&ann, opts, at)?;
+    if is_injected(&w.pod) {
+        return reinject(at, object, opts, &what, warnings);
+    }
+    unknown_fields(&w.pod, template, &pfx, &what, warnings);
+    if !opts.force {
+        if let Some(mesh) = other_mesh(&w.pod, template) {
+            warnings.push(format!(
+                "{what}: {mesh}; left as it is (two meshes would both capture the pod's \
+                 traffic; --force injects anyway)"
+            ));
+            return Ok(());
+        }
+        let ns = w.namespace.as_deref().unwrap_or_default();
+        if ns == "kube-system" || ns == "kube-public" {
+            warnings.push(format!(
+                "{what}: in {ns}, left as it is (the cluster's own components stay out of the \
+                 mesh; --force injects anyway)"
+            ));
+            return Ok(());
+        }
+    }
+    check_ports(&w.pod, &pfx, at)?;
+    let legacy = match ann.get(ANN_NATIVE_SIDECAR) {
+        None => opts.legacy_sidecar,
+        Some((_, v)) if v == "true" => false,
+        Some((_, v)) if v == "false" => true,
+        Some((path, v)) => return Err(at.error(path, format!("`{v}` is neither true nor false"))),
+    };
+    let opts = &InjectOptions {
+        legacy_sidecar: legacy,
+        ..opts.clone()
+    };
+    let guaranteed = crate::resources::qos(&w.pod, w.pod_resources.as_ref())
+        == crate::resources::Qos::Guaranteed
+        && w.pod_resources.is_none();
+    let mut init = init_container(&ann, opts, at)?;
     let probes = app_probes(&w.pod, &pfx, at, &what, warnings)?;
     let proxy = proxy_container(&w, &ann, &probes, opts, at)?;
+    if guaranteed {
+        // A Guaranteed pod stays Guaranteed only if every container requests its limits: the
+        // capture container's cost nothing (it runs for a moment); the proxy's are the user's
+        // call.
+        if let Some(res) = init.resources.as_mut() {
+            res.requests.clone_from(&res.limits);
+        }
+        let res = proxy.resources.clone().unwrap_or_default();
+        if res.requests != res.limits {
+            warnings.push(format!(
+                "{what}: the pod is Guaranteed and the proxy's requests are below its limits, \
+                 so it becomes Burstable (evicted earlier, no exclusive CPUs): set \
+                 outrider.io/proxy-cpu-request = outrider.io/proxy-cpu-limit and \
+                 outrider.io/proxy-memory-request = outrider.io/proxy-memory-limit to keep it \
+                 Guaranteed"
+            ));
+        }
+    }
     let to_value = |c: &Container| {
         serde_norway::to_value(c).map_err(|e| at.error(&pfx, format!("cannot write: {e}")))
     };
@@ -236,6 +349,10 @@ fn inject_object(
         let containers = manifest::child_seq(spec, "containers")
             .ok_or_else(|| at.error(format!("{pfx}spec.containers"), "must be a list"))?;
         containers.insert(0, proxy);
+        if let (None, Some(app)) = (ann.get(ANN_DEFAULT_CONTAINER), w.pod.containers.first()) {
+            annotations.push((ANN_DEFAULT_CONTAINER, app.name.clone()));
+            annotations.push((ANN_DEFAULT_CONTAINER_ADDED, "true".into()));
+        }
     } else {
         let inits = manifest::child_seq(spec, "initContainers")
             .ok_or_else(|| at.error(format!("{pfx}spec.initContainers"), "must be a list"))?;
@@ -252,6 +369,233 @@ fn inject_object(
     for (k, v) in annotations {
         map.insert(k.into(), Value::String(v));
     }
+    if w.pod_resources.is_some() {
+        pod_level_resources(at, object, kind, &what, warnings)?;
+    }
+    Ok(())
+}
+
+/// An injected workload injected again: taken out and put back with the current options, so a
+/// new `--image`, annotations or sidecar form take effect; left byte for byte when nothing
+/// changes.
+fn reinject(
+    at: &Location,
+    object: &mut Value,
+    opts: &InjectOptions,
+    what: &str,
+    warnings: &mut Vec<String>,
+) -> Result<(), InputError> {
+    let mut fresh = object.clone();
+    uninject_object(at, &mut fresh)?;
+    let Some(kind) = WorkloadKind::of(&fresh) else {
+        return Ok(());
+    };
+    if is_injected(&Workload::check(kind, &fresh, at)?.pod) {
+        return Err(at.error(
+            format!("{}spec", manifest::prefix(kind)),
+            format!("has more than one set of {INIT_NAME}/{PROXY_NAME} containers"),
+        ));
+    }
+    let mut inner = Vec::new();
+    inject_object(at, &mut fresh, opts, &mut inner)?;
+    if fresh != *object {
+        *object = fresh;
+        warnings.push(format!(
+            "{what}: already injected; updated to this run's image, options and annotations"
+        ));
+        warnings.extend(inner);
+    }
+    Ok(())
+}
+
+/// Fields of the pod spec and its containers that Kubernetes 1.30 does not know, each named
+/// in a warning: a misspelled `readinessprobe` is neither rewritten nor refused otherwise
+/// (kubectl's strict validation would refuse it). Newer fields are kept as they are.
+fn unknown_fields(
+    pod: &PodSpec,
+    template: &Mapping,
+    pfx: &str,
+    what: &str,
+    warnings: &mut Vec<String>,
+) {
+    fn known(typed: &impl serde::Serialize) -> Vec<String> {
+        match serde_json::to_value(typed) {
+            Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+    let mut report = |path: String, given: Option<&Value>, known: &[String], extra: &[&str]| {
+        let Some(Value::Mapping(given)) = given else {
+            return;
+        };
+        for (k, v) in given {
+            let Some(k) = k.as_str() else { continue };
+            if !v.is_null() && !known.iter().any(|n| n == k) && !extra.contains(&k) {
+                warnings.push(format!(
+                    "{what}: {path}.{k}: not a field Kubernetes 1.30 knows (misspelled? kubectl \
+                     --validate=strict refuses unknown fields); left as it is"
+                ));
+            }
+        }
+    };
+    let spec = template.get("spec");
+    report(format!("{pfx}spec"), spec, &known(pod), &["resources"]);
+    for (list, containers) in [
+        ("containers", Some(&pod.containers)),
+        ("initContainers", pod.init_containers.as_ref()),
+    ] {
+        for (i, c) in containers.into_iter().flatten().enumerate() {
+            let given = spec.and_then(|s| s.get(list)).and_then(|l| l.get(i));
+            report(format!("{pfx}spec.{list}[{i}]"), given, &known(c), &[]);
+        }
+    }
+}
+
+/// Another mesh's sidecar in the pod, or the annotation that has its webhook add one.
+fn other_mesh(pod: &PodSpec, template: &Mapping) -> Option<String> {
+    const SIDECARS: [&str; 4] = ["istio-proxy", "istio-init", "linkerd-proxy", "linkerd-init"];
+    let containers = pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.iter().flatten());
+    if let Some(c) = containers
+        .map(|c| c.name.as_str())
+        .find(|n| SIDECARS.contains(n))
+    {
+        return Some(format!("already has another mesh's sidecar `{c}`"));
+    }
+    let meta = template.get("metadata");
+    let field = |map: &str, key: &str| {
+        meta.and_then(|m| m.get(map))
+            .and_then(|m| m.get(key))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    for (map, key, injects) in [
+        ("annotations", "sidecar.istio.io/status", None),
+        ("annotations", "linkerd.io/proxy-version", None),
+        ("annotations", "linkerd.io/inject", Some("enabled")),
+        ("labels", "sidecar.istio.io/inject", Some("true")),
+        ("annotations", "sidecar.istio.io/inject", Some("true")),
+    ] {
+        if let Some(v) = field(map, key) {
+            if injects.is_none_or(|want| v == want) {
+                return Some(format!("its {map} have `{key}: {v}` (another mesh)"));
+            }
+        }
+    }
+    None
+}
+
+/// App ports the proxy binds itself are an error: the proxy could not start.
+fn check_ports(pod: &PodSpec, pfx: &str, at: &Location) -> Result<(), InputError> {
+    let ours = [
+        (ports::INBOUND, "inbound"),
+        (ports::OUTBOUND, "outbound"),
+        (ports::ADMIN, "admin"),
+    ];
+    let none = Vec::new();
+    let lists = [
+        ("containers", &pod.containers),
+        (
+            "initContainers",
+            pod.init_containers.as_ref().unwrap_or(&none),
+        ),
+    ];
+    for (list, containers) in lists {
+        for (i, c) in containers.iter().enumerate() {
+            for (j, p) in c.ports.iter().flatten().enumerate() {
+                if let Some((port, name)) = ours
+                    .iter()
+                    .find(|(port, _)| i32::from(*port) == p.container_port)
+                {
+                    return Err(at.error(
+                        format!("{pfx}spec.{list}[{i}].ports[{j}].containerPort"),
+                        format!("{port} is the proxy's {name} port: move the app off it"),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Pod-level `spec.resources` (Kubernetes 1.32+): the API server refuses a pod whose containers
+/// request more than it, so the proxy's requests and limits are added to the pod's own (the app
+/// keeps its share), raised further to the containers' aggregate where needed; a warning says
+/// what changed, and the original is kept for `--uninject`.
+fn pod_level_resources(
+    at: &Location,
+    object: &mut Value,
+    kind: WorkloadKind,
+    what: &str,
+    warnings: &mut Vec<String>,
+) -> Result<(), InputError> {
+    let pfx = manifest::prefix(kind);
+    let w = Workload::check(kind, object, at)?;
+    let Some(pod_res) = w.pod_resources.clone() else {
+        return Ok(());
+    };
+    let report = crate::resources::report(&w, at)?;
+    let proxy = report
+        .rows
+        .iter()
+        .find(|r| r.name == PROXY_NAME)
+        .cloned()
+        .ok_or_else(|| at.error(&pfx, "no proxy after injection"))?;
+    let template = manifest::template_mut(object, kind)
+        .ok_or_else(|| at.error(pfx.trim_end_matches('.'), "missing pod template"))?;
+    let spec = manifest::child_map(template, "spec").ok_or_else(|| at.error(&pfx, "no spec"))?;
+    let original = spec.get("resources").cloned().unwrap_or(Value::Null);
+    let mut changed = Vec::new();
+    for (side, pod_side) in [("requests", &pod_res.requests), ("limits", &pod_res.limits)] {
+        for (r, name) in crate::resources::RESOURCES.iter().enumerate() {
+            let Some(current) = pod_side.as_ref().and_then(|m| m.get(*name)) else {
+                continue;
+            };
+            let path = format!("{pfx}spec.resources.{side}.{name}");
+            let current: Quantity = current
+                .0
+                .parse()
+                .map_err(|e| at.error(&path, format!("{e}")))?;
+            let (add, floor) = if side == "requests" {
+                (proxy.requests[r], report.pod[r])
+            } else {
+                (proxy.limits[r], Quantity::ZERO)
+            };
+            let new = (current + add.unwrap_or_default()).max(floor);
+            if new == current {
+                continue;
+            }
+            let text = if r == 0 {
+                new.cpu()
+            } else {
+                new.memory_exact()
+            };
+            let from = if r == 0 {
+                current.cpu()
+            } else {
+                current.memory()
+            };
+            changed.push(format!("{side}.{name} {from} → {text}"));
+            let res = manifest::child_map(spec, "resources")
+                .and_then(|m| manifest::child_map(m, side))
+                .ok_or_else(|| at.error(&path, "must be a mapping"))?;
+            res.insert((*name).into(), Value::String(text));
+        }
+    }
+    if changed.is_empty() {
+        return Ok(());
+    }
+    warnings.push(format!(
+        "{what}: pod-level spec.resources raised for the proxy: {}",
+        changed.join(", ")
+    ));
+    let saved = json(&original, at, &pfx)?;
+    let meta = manifest::child_map(template, "metadata")
+        .and_then(|m| manifest::child_map(m, "annotations"))
+        .ok_or_else(|| at.error(format!("{pfx}metadata.annotations"), "must be a mapping"))?;
+    meta.insert(ANN_ORIGINAL_POD_RESOURCES.into(), Value::String(saved));
     Ok(())
 }
 
@@ -322,13 +666,15 @@ fn init_container(
         "--proxy-uid".into(),
         ports::PROXY_UID.to_string(),
     ];
-    let inbound: Vec<Port> = ann.list(ANN_SKIP_INBOUND_PORTS, at)?;
-    let outbound: Vec<Port> = ann.list(ANN_SKIP_OUTBOUND_PORTS, at)?;
+    let inbound = port_list(ann, ANN_SKIP_INBOUND_PORTS, at)?;
+    let outbound = port_list(ann, ANN_SKIP_OUTBOUND_PORTS, at)?;
     let cidrs: Vec<Cidr> = ann.list(ANN_SKIP_OUTBOUND_CIDRS, at)?;
+    let include: Vec<Cidr> = ann.list(ANN_INCLUDE_OUTBOUND_CIDRS, at)?;
     for (flag, list) in [
         ("--exclude-inbound-ports", join(&inbound)),
         ("--exclude-outbound-ports", join(&outbound)),
         ("--exclude-outbound-cidrs", join(&cidrs)),
+        ("--include-outbound-cidrs", join(&include)),
     ] {
         if !list.is_empty() {
             args.extend([flag.to_owned(), list]);
@@ -344,10 +690,11 @@ fn init_container(
         };
         map.insert(name.into(), K8sQuantity(value.into()));
     }
+    let (image, pull) = image(ann, opts, at)?;
     Ok(Container {
         name: INIT_NAME.into(),
-        image: Some(opts.image.clone()),
-        image_pull_policy: Some("IfNotPresent".into()),
+        image: Some(image),
+        image_pull_policy: Some(pull),
         args: Some(args),
         resources: Some(resources),
         security_context: Some(SecurityContext {
@@ -413,6 +760,26 @@ fn proxy_container(
             format!("{IDENTITY_DIR}/trust-anchors.pem"),
         ),
     ];
+    if let Some((path, level)) = ann.get(ANN_LOG_LEVEL) {
+        outrider_proxy::log::check_filter(level).map_err(|e| at.error(path, e))?;
+        env.push(plain("OUTRIDER_LOG", level.trim().to_owned()));
+    }
+    match ann.get(ANN_LOG_FORMAT) {
+        Some((_, f)) if f == "plain" || f == "json" => {
+            env.push(plain("OUTRIDER_LOG_FORMAT", f.clone()));
+        }
+        Some((path, f)) => return Err(at.error(path, format!("`{f}` is neither plain nor json"))),
+        None => {}
+    }
+    for (key, var) in [
+        (ANN_DRAIN_WINDOW, "OUTRIDER_DRAIN_WINDOW"),
+        (ANN_SHUTDOWN_GRACE, "OUTRIDER_SHUTDOWN_GRACE"),
+    ] {
+        if let Some((path, d)) = ann.get(key) {
+            outrider_proxy::config::parse_duration(d.trim()).map_err(|e| at.error(path, e))?;
+            env.push(plain(var, d.trim().to_owned()));
+        }
+    }
     let opaque: Vec<Port> = ann.list(ANN_OPAQUE_PORTS, at)?;
     if !opaque.is_empty() {
         let mut all: Vec<u16> = outrider_proxy::config::DEFAULT_OPAQUE_PORTS.to_vec();
@@ -430,10 +797,11 @@ fn proxy_container(
         port: IntOrString::Int(i32::from(ports::ADMIN)),
         ..Default::default()
     };
+    let (image, pull) = image(ann, opts, at)?;
     Ok(Container {
         name: PROXY_NAME.into(),
-        image: Some(opts.image.clone()),
-        image_pull_policy: Some("IfNotPresent".into()),
+        image: Some(image),
+        image_pull_policy: Some(pull),
         args: Some(vec!["proxy".into()]),
         restart_policy: (!opts.legacy_sidecar).then(|| "Always".into()),
         env: Some(env),
@@ -453,6 +821,13 @@ fn proxy_container(
         liveness_probe: Some(Probe {
             http_get: Some(admin_get("/live")),
             period_seconds: Some(10),
+            ..Default::default()
+        }),
+        // Not ready while draining or without a certificate or config: the pod leaves the
+        // Service's endpoints.
+        readiness_probe: Some(Probe {
+            http_get: Some(admin_get("/ready")),
+            period_seconds: Some(5),
             ..Default::default()
         }),
         security_context: Some(SecurityContext {
@@ -487,6 +862,13 @@ fn proxy_resources(ann: &Annotations, at: &Location) -> Result<ResourceRequireme
             Some((path, v)) => (path.clone(), v.trim().to_owned()),
             None => (String::new(), default.to_owned()),
         };
+        let resource = ["cpu", "memory", "ephemeral-storage"]
+            .into_iter()
+            .find(|r| key.contains(r))
+            .unwrap_or("cpu");
+        if text.is_empty() || (key == "outrider.io/proxy-cpu-limit" && text == "none") {
+            continue;
+        }
         let q: Quantity = text.parse().map_err(|e| at.error(&path, format!("{e}")))?;
         if q.is_zero() {
             return Err(at.error(
@@ -494,11 +876,10 @@ fn proxy_resources(ann: &Annotations, at: &Location) -> Result<ResourceRequireme
                 "must be more than 0 (a starved proxy takes the pod's network with it)",
             ));
         }
-        let resource = if key.contains("cpu") { "cpu" } else { "memory" };
         parsed.insert((side, resource), (q, text, path));
     }
     let mut req = ResourceRequirements::default();
-    for resource in ["cpu", "memory"] {
+    for resource in ["cpu", "memory", "ephemeral-storage"] {
         if let (Some(r), Some(l)) = (
             parsed.get(&("requests", resource)),
             parsed.get(&("limits", resource)),
@@ -522,6 +903,58 @@ fn proxy_resources(ann: &Annotations, at: &Location) -> Result<ResourceRequireme
     }
     Ok(req)
 }
+
+/// The image and pull policy of the mesh's containers: annotations, else the options.
+fn image(
+    ann: &Annotations,
+    opts: &InjectOptions,
+    at: &Location,
+) -> Result<(String, String), InputError> {
+    let image = match ann.get(ANN_IMAGE) {
+        Some((path, v)) if v.trim().is_empty() || v.contains(char::is_whitespace) => {
+            return Err(at.error(path, "must be an image reference"));
+        }
+        Some((_, v)) => v.clone(),
+        None => opts.image.clone(),
+    };
+    let policy = match ann.get(ANN_PULL_POLICY) {
+        Some((_, v)) if ["Always", "IfNotPresent", "Never"].contains(&v.as_str()) => v.clone(),
+        Some((path, v)) => {
+            return Err(at.error(path, format!("`{v}` is not Always, IfNotPresent or Never")))
+        }
+        None => "IfNotPresent".into(),
+    };
+    Ok((image, policy))
+}
+
+/// Port lists with ranges (`5432,9000-9010`), each port checked; a range of more than
+/// [`MAX_RANGE`] ports is refused (each becomes an iptables rule).
+fn port_list(ann: &Annotations, key: &str, at: &Location) -> Result<Vec<Port>, InputError> {
+    let Some((path, value)) = ann.get(key) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (a, b) = item.split_once('-').unwrap_or((item, item));
+        let a: Port = a.parse().map_err(|e: String| at.error(path, e))?;
+        let b: Port = b.parse().map_err(|e: String| at.error(path, e))?;
+        if a.get() > b.get() || usize::from(b.get() - a.get()) >= MAX_RANGE {
+            return Err(at.error(
+                path,
+                format!("`{item}`: a range is low-high, at most {MAX_RANGE} ports"),
+            ));
+        }
+        for p in a.get()..=b.get() {
+            out.extend(Port::new(p));
+        }
+    }
+    out.sort_unstable_by_key(|p| p.get());
+    out.dedup_by_key(|p| p.get());
+    Ok(out)
+}
+
+/// The most ports one range of a `skip-*-ports` annotation may cover.
+pub const MAX_RANGE: usize = 256;
 
 fn identity_volume(pod: &PodSpec) -> Volume {
     let account = pod
@@ -562,14 +995,51 @@ fn identity_volume(pod: &PodSpec) -> Volume {
     }
 }
 
-/// The probe kinds and their field names in a container.
-const PROBE_FIELDS: [(&str, &str); 3] = [
-    ("liveness", "livenessProbe"),
-    ("readiness", "readinessProbe"),
-    ("startup", "startupProbe"),
+/// Where a container's checks sit: the key suffix (`<container>/<kind>`) and the field path
+/// of the handler's mapping (a probe, or a lifecycle hook under `lifecycle`).
+const CHECKS: [(&str, &[&str]); 5] = [
+    ("liveness", &["livenessProbe"]),
+    ("readiness", &["readinessProbe"]),
+    ("startup", &["startupProbe"]),
+    ("post-start", &["lifecycle", "postStart"]),
+    ("pre-stop", &["lifecycle", "preStop"]),
 ];
 
-/// The app containers' HTTP probes to forward (`<container>/<kind>` → target).
+/// The handler kinds the proxy performs in the kubelet's place.
+const HANDLERS: [&str; 3] = ["httpGet", "tcpSocket", "grpc"];
+
+/// The containers whose checks are forwarded: app containers and native sidecars (init
+/// containers with `restartPolicy: Always`), with their field path.
+fn checked_containers<'a>(
+    pod: &'a PodSpec,
+    pfx: &'a str,
+) -> impl Iterator<Item = (String, &'a Container)> + 'a {
+    let sidecars = pod.init_containers.iter().flatten().enumerate();
+    let sidecars = sidecars
+        .filter(|(_, c)| c.restart_policy.as_deref() == Some("Always"))
+        .map(move |(i, c)| (format!("{pfx}spec.initContainers[{i}]"), c));
+    let apps = pod.containers.iter().enumerate();
+    let apps = apps.map(move |(i, c)| (format!("{pfx}spec.containers[{i}]"), c));
+    apps.chain(sidecars)
+}
+
+/// A container's named port.
+fn resolve_port(c: &Container, port: &IntOrString) -> Option<u16> {
+    match port {
+        IntOrString::Int(p) => u16::try_from(*p).ok().filter(|p| *p != 0),
+        IntOrString::String(name) => c
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name.as_str()))
+            .and_then(|p| u16::try_from(p.container_port).ok())
+            .filter(|p| *p != 0),
+    }
+}
+
+/// The app's probes and lifecycle hooks the proxy performs (`<container>/<kind>` → target):
+/// `httpGet` (HTTP or HTTPS), `tcpSocket` and `grpc`; `exec` and `sleep` stay with the kubelet.
+/// A check aimed at another `host` is left as it is, with a warning.
 fn app_probes(
     pod: &PodSpec,
     pfx: &str,
@@ -578,89 +1048,199 @@ fn app_probes(
     warnings: &mut Vec<String>,
 ) -> Result<AppProbes, InputError> {
     let mut table = AppProbes::new();
-    for (i, c) in pod.containers.iter().enumerate() {
-        for (kind, field) in PROBE_FIELDS {
-            let probe = match kind {
-                "liveness" => &c.liveness_probe,
-                "readiness" => &c.readiness_probe,
-                _ => &c.startup_probe,
+    for (cpath, c) in checked_containers(pod, pfx) {
+        let lifecycle = c.lifecycle.as_ref();
+        for (kind, field) in CHECKS {
+            let (http, tcp, grpc) = match kind {
+                "post-start" | "pre-stop" => {
+                    let h = lifecycle.and_then(|l| {
+                        if kind == "post-start" {
+                            l.post_start.as_ref()
+                        } else {
+                            l.pre_stop.as_ref()
+                        }
+                    });
+                    let Some(h) = h else { continue };
+                    (h.http_get.as_ref(), h.tcp_socket.as_ref(), None)
+                }
+                _ => {
+                    let p = match kind {
+                        "liveness" => &c.liveness_probe,
+                        "readiness" => &c.readiness_probe,
+                        _ => &c.startup_probe,
+                    };
+                    let Some(p) = p else { continue };
+                    (p.http_get.as_ref(), p.tcp_socket.as_ref(), p.grpc.as_ref())
+                }
             };
-            let Some(get) = probe.as_ref().and_then(|p| p.http_get.as_ref()) else {
-                continue;
-            };
-            let path = format!("{pfx}spec.containers[{i}].{field}.httpGet");
-            if get.scheme.as_deref().is_some_and(|s| s != "HTTP") || get.host.is_some() {
-                warnings.push(format!(
-                    "{what}: {path}: HTTPS or a host is not forwarded by the proxy; left as it is"
-                ));
-                continue;
-            }
-            let port = match &get.port {
-                IntOrString::Int(p) => u16::try_from(*p).ok().filter(|p| *p != 0),
-                IntOrString::String(name) => c
-                    .ports
-                    .iter()
-                    .flatten()
-                    .find(|p| p.name.as_deref() == Some(name.as_str()))
-                    .and_then(|p| u16::try_from(p.container_port).ok()),
-            }
-            .ok_or_else(|| {
+            let path = format!("{cpath}.{}", field.join("."));
+            let port_error = |handler: &str| {
                 at.error(
-                    format!("{path}.port"),
+                    format!("{path}.{handler}.port"),
                     "not a port number nor the name of one of the container's ports",
                 )
-            })?;
-            let key = format!("{}/{kind}", c.name);
-            let headers = get.http_headers.iter().flatten();
-            table.insert(
-                key.clone(),
+            };
+            let probe = if let Some(get) = http {
+                if get.host.as_deref().is_some_and(|h| !h.is_empty()) {
+                    warnings.push(format!(
+                        "{what}: {path}.httpGet: a probe of another host is not forwarded by \
+                         the proxy; left as it is"
+                    ));
+                    continue;
+                }
+                let kind = match get.scheme.as_deref() {
+                    None | Some("HTTP") => ProbeKind::Http,
+                    Some("HTTPS") => ProbeKind::Https,
+                    Some(other) => {
+                        return Err(at.error(
+                            format!("{path}.httpGet.scheme"),
+                            format!("`{other}` is neither HTTP nor HTTPS"),
+                        ))
+                    }
+                };
                 AppProbe {
-                    port,
+                    kind,
+                    port: resolve_port(c, &get.port).ok_or_else(|| port_error("httpGet"))?,
                     path: match get.path.as_deref() {
                         Some(p) if p.starts_with('/') => p.into(),
                         Some(p) => format!("/{p}"),
                         None => "/".into(),
                     },
-                    headers: headers
+                    service: None,
+                    headers: get
+                        .http_headers
+                        .iter()
+                        .flatten()
                         .map(|h| ProbeHeader {
                             name: h.name.clone(),
                             value: h.value.clone(),
                         })
                         .collect(),
-                },
-            );
+                }
+            } else if let Some(tcp) = tcp {
+                if tcp.host.as_deref().is_some_and(|h| !h.is_empty()) {
+                    warnings.push(format!(
+                        "{what}: {path}.tcpSocket: a probe of another host is not forwarded by \
+                         the proxy; left as it is"
+                    ));
+                    continue;
+                }
+                AppProbe {
+                    kind: ProbeKind::Tcp,
+                    port: resolve_port(c, &tcp.port).ok_or_else(|| port_error("tcpSocket"))?,
+                    ..AppProbe::default()
+                }
+            } else if let Some(grpc) = grpc {
+                AppProbe {
+                    kind: ProbeKind::Grpc,
+                    port: u16::try_from(grpc.port)
+                        .ok()
+                        .filter(|p| *p != 0)
+                        .ok_or_else(|| {
+                            at.error(format!("{path}.grpc.port"), "not a port number")
+                        })?,
+                    service: grpc.service.clone().filter(|s| !s.is_empty()),
+                    ..AppProbe::default()
+                }
+            } else {
+                continue;
+            };
+            table.insert(format!("{}/{kind}", c.name), probe);
         }
     }
     Ok(table)
 }
 
-/// Points each probe in `probes` at the admin port; returns the original `httpGet`s as they
-/// were written, by `<container>/<kind>`, for the annotation.
+/// The mapping at `path` under `map`, if there is one.
+fn mapping_at<'a>(map: &'a mut Mapping, path: &[&str]) -> Option<&'a mut Mapping> {
+    let mut m = map;
+    for key in path {
+        m = m.get_mut(*key)?.as_mapping_mut()?;
+    }
+    Some(m)
+}
+
+/// Replaces the entry `old` of `map` by `new` = `value` at the same place (key order kept).
+fn replace_entry(map: &mut Mapping, old: &str, new: &str, value: Value) {
+    let entries = std::mem::take(map);
+    *map = entries
+        .into_iter()
+        .map(|(k, v)| {
+            if k.as_str() == Some(old) {
+                (Value::from(new), value.clone())
+            } else {
+                (k, v)
+            }
+        })
+        .collect();
+}
+
+/// The container mappings of a pod spec whose checks may be forwarded.
+fn container_maps(spec: &mut Mapping) -> impl Iterator<Item = &mut Mapping> {
+    spec.iter_mut()
+        .filter(|(k, _)| matches!(k.as_str(), Some("containers" | "initContainers")))
+        .filter_map(|(_, v)| v.as_sequence_mut())
+        .flatten()
+        .filter_map(Value::as_mapping_mut)
+}
+
+/// Points each check in `probes` at the admin port (an `httpGet` in place of its handler);
+/// returns the original handlers as they were written, by `<container>/<kind>`, for the
+/// annotation: an `httpGet` action as it is, another kind as `{tcpSocket: ...}`/`{grpc: ...}`.
 fn rewrite_probes(spec: &mut Mapping, probes: &AppProbes) -> Mapping {
     let mut originals = Mapping::new();
-    let Some(Value::Sequence(containers)) = spec.get_mut("containers") else {
-        return originals;
-    };
-    for c in containers.iter_mut() {
+    for c in container_maps(spec) {
         let Some(name) = c.get("name").and_then(Value::as_str).map(str::to_owned) else {
             continue;
         };
-        for (kind, field) in PROBE_FIELDS {
+        for (kind, field) in CHECKS {
             let key = format!("{name}/{kind}");
             if !probes.contains_key(&key) {
                 continue;
             }
-            if let Some(Value::Mapping(probe)) = c.get_mut(field) {
-                let mut get = Mapping::new();
-                get.insert("path".into(), format!("/app-probe/{key}").into());
-                get.insert("port".into(), Value::Number(ports::ADMIN.into()));
-                if let Some(old) = probe.insert("httpGet".into(), Value::Mapping(get)) {
-                    originals.insert(key.into(), old);
-                }
-            }
+            let Some(handler) = mapping_at(c, field) else {
+                continue;
+            };
+            let Some(old) = HANDLERS.into_iter().find(|h| handler.contains_key(*h)) else {
+                continue;
+            };
+            let mut get = Mapping::new();
+            get.insert("path".into(), format!("/app-probe/{key}").into());
+            get.insert("port".into(), Value::Number(ports::ADMIN.into()));
+            let original = handler.get(old).cloned().unwrap_or(Value::Null);
+            replace_entry(handler, old, "httpGet", Value::Mapping(get));
+            let saved = if old == "httpGet" {
+                original
+            } else {
+                let mut wrapped = Mapping::new();
+                wrapped.insert(old.into(), original);
+                Value::Mapping(wrapped)
+            };
+            originals.insert(key.into(), saved);
         }
     }
     originals
+}
+
+/// Puts back the handlers [`rewrite_probes`] saved.
+fn restore_probes(spec: &mut Mapping, saved: &Mapping) {
+    for c in container_maps(spec) {
+        let name = c.get("name").and_then(Value::as_str).unwrap_or_default();
+        let name = name.to_owned();
+        for (kind, field) in CHECKS {
+            let key = format!("{name}/{kind}");
+            let (Some(old), Some(handler)) = (saved.get(key.as_str()), mapping_at(c, field)) else {
+                continue;
+            };
+            let wrapped = old.as_mapping().filter(|m| m.len() == 1).and_then(|m| {
+                let (k, v) = m.iter().next()?;
+                let k = k.as_str().filter(|k| HANDLERS.contains(k))?;
+                Some((k.to_owned(), v.clone()))
+            });
+            let (name, value) = wrapped.unwrap_or_else(|| ("httpGet".into(), old.clone()));
+            replace_entry(handler, "httpGet", &name, value);
+        }
+    }
 }
 
 /// `--legacy-sidecar`: the app's init containers run as the proxy's uid (not captured: there
@@ -708,10 +1288,15 @@ fn uninject_object(at: &Location, object: &mut Value) -> Result<(), InputError> 
                 ANN_INJECTED,
                 ANN_ORIGINAL_PROBES,
                 ANN_ORIGINAL_INIT_SECURITY,
+                ANN_ORIGINAL_POD_RESOURCES,
+                ANN_DEFAULT_CONTAINER_ADDED,
             ] {
                 if let Some(v) = map.remove(key) {
                     ann.insert(key.into(), v);
                 }
+            }
+            if ann.contains_key(ANN_DEFAULT_CONTAINER_ADDED) {
+                map.remove(ANN_DEFAULT_CONTAINER);
             }
         }
         manifest::drop_if_empty(meta, "annotations");
@@ -745,32 +1330,28 @@ fn uninject_object(at: &Location, object: &mut Value) -> Result<(), InputError> 
             items.retain(|v| !ours(v));
         }
     }
-    for (list, restore) in [("containers", &probes), ("initContainers", &security)] {
-        let Some(Value::Sequence(items)) = spec.get_mut(list) else {
-            continue;
-        };
+    restore_probes(spec, &probes);
+    if let Some(text) = ann.get(ANN_ORIGINAL_POD_RESOURCES).and_then(Value::as_str) {
+        let path = format!("{pfx}metadata.annotations[\"{ANN_ORIGINAL_POD_RESOURCES}\"]");
+        let old: Value = serde_norway::from_str(text)
+            .map_err(|e| at.error(path, format!("not what outrider inject wrote: {e}")))?;
+        if old.is_null() {
+            spec.remove("resources");
+        } else {
+            spec.insert("resources".into(), old);
+        }
+    }
+    if let Some(Value::Sequence(items)) = spec.get_mut("initContainers") {
         for c in items.iter_mut().filter_map(Value::as_mapping_mut) {
             let name = c.get("name").and_then(Value::as_str).unwrap_or_default();
-            let name = name.to_owned();
-            if list == "initContainers" {
-                match security.get(name.as_str()) {
-                    Some(Value::Null) => {
-                        c.remove("securityContext");
-                    }
-                    Some(old) => {
-                        c.insert("securityContext".into(), old.clone());
-                    }
-                    None => {}
+            match security.get(name) {
+                Some(Value::Null) => {
+                    c.remove("securityContext");
                 }
-                continue;
-            }
-            for (kind, field) in PROBE_FIELDS {
-                let key = format!("{name}/{kind}");
-                if let (Some(old), Some(Value::Mapping(probe))) =
-                    (restore.get(key.as_str()), c.get_mut(field))
-                {
-                    probe.insert("httpGet".into(), old.clone());
+                Some(old) => {
+                    c.insert("securityContext".into(), old.clone());
                 }
+                None => {}
             }
         }
     }

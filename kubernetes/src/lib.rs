@@ -46,6 +46,18 @@ pub struct InjectArgs {
     /// The control plane URL the proxies connect to.
     #[arg(long, value_name = "URL", default_value = inject::DEFAULT_CONTROL)]
     pub control: String,
+    /// Inject workloads otherwise skipped with a warning: in kube-system or kube-public, or
+    /// meshed (or to be meshed) by Istio or Linkerd.
+    #[arg(long, conflicts_with = "uninject")]
+    pub force: bool,
+}
+
+/// Whether an image reference names its registry (`registry.example/outrider:1`,
+/// `localhost:5000/outrider`), as opposed to a Docker Hub short name (`outrider:0.1.0`).
+pub fn has_registry(image: &str) -> bool {
+    image.split_once('/').is_some_and(|(first, _)| {
+        first.contains('.') || first.contains(':') || first == "localhost"
+    })
 }
 
 /// Reads `file` (`-` is stdin).
@@ -69,13 +81,32 @@ pub fn inject_main(args: InjectArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if args.image.trim().is_empty() || args.image.contains(char::is_whitespace) {
+        eprintln!(
+            "outrider inject: --image: `{}` is not an image reference",
+            args.image
+        );
+        return ExitCode::from(2);
+    }
+    let control_ok = args
+        .control
+        .parse::<http::Uri>()
+        .is_ok_and(|u| matches!(u.scheme_str(), Some("https" | "http")) && u.host().is_some());
+    if !control_ok {
+        eprintln!(
+            "outrider inject: --control: `{}` is not an http(s):// URL with a host",
+            args.control
+        );
+        return ExitCode::from(2);
+    }
     let result = if args.uninject {
         inject::uninject(&text)
     } else {
         let opts = inject::InjectOptions {
-            image: args.image,
+            image: args.image.clone(),
             control: args.control,
             legacy_sidecar: args.legacy_sidecar,
+            force: args.force,
         };
         inject::inject(&text, &opts)
     };
@@ -83,6 +114,15 @@ pub fn inject_main(args: InjectArgs) -> ExitCode {
         Ok(out) => {
             for w in &out.warnings {
                 eprintln!("outrider inject: warning: {w}");
+            }
+            if !args.uninject && !has_registry(&args.image) && out.yaml.contains(inject::PROXY_NAME)
+            {
+                eprintln!(
+                    "outrider inject: warning: the image {} names no registry: a cluster pulls it \
+                     from Docker Hub and fails (ErrImagePull) unless it was loaded onto the nodes \
+                     (kind load); give --image REGISTRY/outrider:TAG",
+                    args.image
+                );
             }
             let mut stdout = std::io::stdout().lock();
             match stdout
@@ -103,5 +143,7 @@ pub fn inject_main(args: InjectArgs) -> ExitCode {
     }
 }
 
+#[cfg(test)]
+mod corpus_tests;
 #[cfg(test)]
 mod tests;

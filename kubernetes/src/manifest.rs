@@ -11,7 +11,7 @@ use std::fmt;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
-use k8s_openapi::api::core::v1::{Pod, PodSpec};
+use k8s_openapi::api::core::v1::{Pod, PodSpec, ReplicationController, ResourceRequirements};
 use serde::de::DeserializeOwned;
 use serde::Deserialize as _;
 use serde_norway::{Mapping, Value};
@@ -66,20 +66,140 @@ impl fmt::Display for Location {
     }
 }
 
+/// How deep `[`/`{` may nest in the input (the YAML reader's own limit is as deep; checking
+/// first keeps a hostile input from costing the reader time quadratic in its depth).
+pub const MAX_FLOW_DEPTH: usize = 128;
+
 /// Reads every YAML document of `text`; empty documents (a stray `---`) are dropped.
+///
+/// What kubectl (a YAML 1.1 reader) accepts is accepted: a UTF-8 byte-order mark, merge keys
+/// (`<<: *base`, merged into the mapping), and octal file modes (`defaultMode: 0400`, written
+/// back as the number they mean).
 pub fn parse(text: &str) -> Result<Vec<Value>, InputError> {
-    let mut docs = Vec::new();
-    for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
-        let value = Value::deserialize(doc).map_err(|e| InputError {
-            document: format!("document {}", i + 1),
-            path: String::new(),
-            message: format!("not YAML: {e}"),
-        })?;
-        if !value.is_null() {
-            docs.push(value);
+    documents(text)?.map(|d| d.map(|(_, v)| v)).collect()
+}
+
+/// [`parse`], one document at a time (with its 0-based index among all documents, empty ones
+/// included), so a large stream is never held whole as values.
+pub fn documents(
+    text: &str,
+) -> Result<impl Iterator<Item = Result<(usize, Value), InputError>> + '_, InputError> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    check_flow_depth(text)?;
+    let docs = serde_norway::Deserializer::from_str(text).enumerate();
+    Ok(docs.filter_map(|(i, doc)| {
+        let at = Location(format!("document {}", i + 1));
+        let read = || {
+            let mut value =
+                Value::deserialize(doc).map_err(|e| at.error("", format!("not YAML: {e}")))?;
+            value
+                .apply_merge()
+                .map_err(|e| at.error("", format!("bad merge key (`<<`): {e}")))?;
+            octal_modes(&mut value);
+            Ok(value)
+        };
+        match read() {
+            Ok(v) if v.is_null() => None,
+            Ok(v) => Some(Ok((i, v))),
+            Err(e) => Some(Err(e)),
+        }
+    }))
+}
+
+/// Refuses `[`/`{` nested deeper than [`MAX_FLOW_DEPTH`], in one pass over the text (quoted
+/// strings and comments skipped).
+fn check_flow_depth(text: &str) -> Result<(), InputError> {
+    #[derive(PartialEq)]
+    enum State {
+        Plain,
+        Single,
+        Double,
+        Comment,
+    }
+    let (mut state, mut depth, mut doc, mut prev) = (State::Plain, 0usize, 1usize, b'\n');
+    let mut content = false;
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        match state {
+            State::Plain => match b {
+                b'[' | b'{' => {
+                    (depth, content) = (depth + 1, true);
+                    if depth > MAX_FLOW_DEPTH {
+                        return Err(InputError {
+                            document: format!("document {doc}"),
+                            path: String::new(),
+                            message: format!(
+                                "not YAML: nested deeper than {MAX_FLOW_DEPTH} levels"
+                            ),
+                        });
+                    }
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                b'\'' | b'"'
+                    if matches!(prev, b' ' | b'\t' | b'\n' | b'[' | b'{' | b',' | b':') =>
+                {
+                    state = if b == b'"' {
+                        State::Double
+                    } else {
+                        State::Single
+                    };
+                }
+                b'#' if matches!(prev, b' ' | b'\t' | b'\n') => state = State::Comment,
+                b'-' if prev == b'\n' && bytes[i..].starts_with(b"---") => {
+                    doc += usize::from(content);
+                    (depth, content) = (0, false);
+                    i += 2;
+                }
+                b' ' | b'\t' | b'\r' | b'\n' => {}
+                _ => content = true,
+            },
+            State::Single if b == b'\'' => state = State::Plain,
+            State::Double if b == b'\\' => i += 1,
+            State::Double if b == b'"' => state = State::Plain,
+            State::Comment if b == b'\n' => state = State::Plain,
+            _ => {}
+        }
+        prev = b;
+        i += 1;
+    }
+    Ok(())
+}
+
+/// File modes written the YAML 1.1 way, `defaultMode: 0400` (octal, as kubectl reads them;
+/// a YAML 1.2 reader sees the string "0400"), become the numbers they mean.
+fn octal_modes(value: &mut Value) {
+    let mut stack = vec![value];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Mapping(map) => {
+                for (k, v) in map.iter_mut() {
+                    let mode = matches!(k.as_str(), Some("defaultMode" | "mode"));
+                    match v {
+                        Value::String(s) if mode => {
+                            if let Some(n) = yaml11_octal(s) {
+                                *v = Value::Number(n.into());
+                            }
+                        }
+                        _ => stack.push(v),
+                    }
+                }
+            }
+            Value::Sequence(items) => stack.extend(items.iter_mut()),
+            Value::Tagged(t) => stack.push(&mut t.value),
+            _ => {}
         }
     }
-    Ok(docs)
+}
+
+/// `0755` → 493: a YAML 1.1 octal integer.
+fn yaml11_octal(s: &str) -> Option<u64> {
+    let digits = s.strip_prefix('0')?.replace('_', "");
+    if digits.is_empty() || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+        return None;
+    }
+    u64::from_str_radix(&digits, 8).ok()
 }
 
 /// Writes documents back as one multi-document YAML stream.
@@ -111,6 +231,13 @@ pub fn is_yaml11_ambiguous(s: &str) -> bool {
     }
     let t = s.strip_prefix(['+', '-']).unwrap_or(s);
     let digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit() || b == b'_');
+    // Octal `0400` (YAML 1.1 reads it as 256; Go's reader as a number even when it is `08`).
+    if t.len() > 1 && t.starts_with('0') && digits(t) {
+        return true;
+    }
+    if is_yaml11_timestamp(s) {
+        return true;
+    }
     if t.contains('_') {
         let u = t.replace('_', "");
         let radix = |prefix: &str, ok: fn(&u8) -> bool| {
@@ -134,6 +261,55 @@ pub fn is_yaml11_ambiguous(s: &str) -> bool {
         return digits(head) && digits(frac) && parts.iter().all(|p| p.len() <= 2 && digits(p));
     }
     false
+}
+
+/// Whether YAML 1.1 reads `s` as a timestamp: `2001-12-14`, `2001-12-14T21:59:43.10Z`,
+/// `2001-12-14 21:59:43.10 -5` (the `timestamp` type's pattern).
+pub fn is_yaml11_timestamp(s: &str) -> bool {
+    fn num(s: &str, min: usize, max: usize) -> Option<&str> {
+        let n = s.bytes().take_while(u8::is_ascii_digit).count();
+        (min..=max).contains(&n).then(|| &s[n..])
+    }
+    fn time(s: &str) -> Option<&str> {
+        let s = num(s, 1, 2)?.strip_prefix(':')?;
+        let s = num(s, 2, 2)?.strip_prefix(':')?;
+        let s = num(s, 2, 2)?;
+        Some(match s.strip_prefix('.') {
+            Some(f) => num(f, 0, usize::MAX)?,
+            None => s,
+        })
+    }
+    fn zone(s: &str) -> bool {
+        let s = s.trim_start_matches([' ', '\t']);
+        if s.is_empty() || s == "Z" {
+            return true;
+        }
+        let Some(s) = s.strip_prefix(['+', '-']).and_then(|s| num(s, 1, 2)) else {
+            return false;
+        };
+        s.is_empty() || s.strip_prefix(':').and_then(|s| num(s, 2, 2)) == Some("")
+    }
+    let Some(rest) = num(s, 4, 4).and_then(|r| r.strip_prefix('-')) else {
+        return false;
+    };
+    // The date alone needs two-digit month and day; with a time, one digit will do.
+    let short = num(rest, 1, 2)
+        .and_then(|r| r.strip_prefix('-'))
+        .and_then(|r| num(r, 1, 2));
+    let Some(after) = short else {
+        return false;
+    };
+    if after.is_empty() {
+        return s.len() == 10;
+    }
+    let t = if let Some(t) = after.strip_prefix(['T', 't']) {
+        t
+    } else if after.starts_with([' ', '\t']) {
+        after.trim_start_matches([' ', '\t'])
+    } else {
+        return false;
+    };
+    time(t).is_some_and(zone)
 }
 
 /// A NUL appended to a string forces the writer to double-quote it (as `..\0"`); [`unmark`]
@@ -185,22 +361,59 @@ where
     E: From<InputError>,
 {
     for (i, doc) in docs.iter_mut().enumerate() {
-        let at = Location(format!("document {}", i + 1));
-        if is_list(doc) {
-            match doc.get_mut("items") {
-                Some(Value::Sequence(items)) => {
-                    for (j, item) in items.iter_mut().enumerate() {
-                        f(&Location(format!("{at}, items[{j}]")), item)?;
-                    }
-                }
-                Some(Value::Null) | None => {}
-                Some(_) => return Err(at.error("items", "must be a list").into()),
-            }
-        } else {
-            f(&at, doc)?;
-        }
+        visit(i, doc, &mut f)?;
     }
     Ok(())
+}
+
+/// Calls `f` on the object(s) of document `index` (0-based): the document, or each item of a
+/// `List`.
+pub fn visit<E>(
+    index: usize,
+    doc: &mut Value,
+    f: &mut impl FnMut(&Location, &mut Value) -> Result<(), E>,
+) -> Result<(), E>
+where
+    E: From<InputError>,
+{
+    let at = Location(format!("document {}", index + 1));
+    if is_list(doc) {
+        match doc.get_mut("items") {
+            Some(Value::Sequence(items)) => {
+                for (j, item) in items.iter_mut().enumerate() {
+                    f(&Location(format!("{at}, items[{j}]")), item)?;
+                }
+            }
+            Some(Value::Null) | None => {}
+            Some(_) => return Err(at.error("items", "must be a list").into()),
+        }
+    } else {
+        f(&at, doc)?;
+    }
+    Ok(())
+}
+
+/// Reads `text` one document at a time, calls `f` on each object, and writes each document
+/// back as soon as it is done: the stream as [`write`] would give it.
+pub fn transform(
+    text: &str,
+    mut f: impl FnMut(&Location, &mut Value) -> Result<(), InputError>,
+) -> Result<String, InputError> {
+    let mut out = String::with_capacity(text.len() + text.len() / 2);
+    for (n, doc) in documents(text)?.enumerate() {
+        let (i, mut doc) = doc?;
+        visit(i, &mut doc, &mut f)?;
+        if n > 0 {
+            out.push_str("---\n");
+        }
+        let one = write(std::slice::from_ref(&doc)).map_err(|e| InputError {
+            document: format!("document {}", i + 1),
+            path: String::new(),
+            message: e,
+        })?;
+        out.push_str(&one);
+    }
+    Ok(out)
 }
 
 fn is_list(doc: &Value) -> bool {
@@ -221,6 +434,8 @@ pub enum WorkloadKind {
     DaemonSet,
     /// apps/v1 ReplicaSet.
     ReplicaSet,
+    /// core/v1 ReplicationController (the ReplicaSet's predecessor, still served).
+    ReplicationController,
     /// batch/v1 Job.
     Job,
     /// batch/v1 CronJob (the template under `spec.jobTemplate.spec.template`).
@@ -236,6 +451,7 @@ impl WorkloadKind {
             "StatefulSet" => WorkloadKind::StatefulSet,
             "DaemonSet" => WorkloadKind::DaemonSet,
             "ReplicaSet" => WorkloadKind::ReplicaSet,
+            "ReplicationController" => WorkloadKind::ReplicationController,
             "Job" => WorkloadKind::Job,
             "CronJob" => WorkloadKind::CronJob,
             _ => return None,
@@ -268,6 +484,8 @@ pub struct Workload {
     pub namespace: Option<String>,
     /// The pod template's spec, typed.
     pub pod: PodSpec,
+    /// Pod-level `spec.resources` (Kubernetes 1.32+; not in the 1.30 types of `pod`).
+    pub pod_resources: Option<ResourceRequirements>,
 }
 
 impl Workload {
@@ -292,6 +510,9 @@ impl Workload {
             WorkloadKind::ReplicaSet => typed::<ReplicaSet>(object, at)?
                 .spec
                 .and_then(|s| s.template?.spec),
+            WorkloadKind::ReplicationController => typed::<ReplicationController>(object, at)?
+                .spec
+                .and_then(|s| s.template?.spec),
             WorkloadKind::Job => typed::<Job>(object, at)?.spec.and_then(|s| s.template.spec),
             WorkloadKind::CronJob => typed::<CronJob>(object, at)?
                 .spec
@@ -300,21 +521,43 @@ impl Workload {
         let spec_path = format!("{}spec", prefix(kind));
         let pod = pod.ok_or_else(|| at.error(spec_path, "missing: a workload needs a pod spec"))?;
         let meta = object.get("metadata");
-        let name = meta
-            .and_then(|m| m.get("name"))
-            .and_then(Value::as_str)
+        let field = |key: &str| {
+            meta.and_then(|m| m.get(key))
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty())
+        };
+        // `generateName: job-` (the API server appends a suffix): the prefix names the workload.
+        let name = field("name")
+            .or_else(|| field("generateName").map(|g| g.trim_end_matches(['-', '.'])))
             .filter(|n| !n.is_empty())
-            .ok_or_else(|| at.error("metadata.name", "missing: the workload needs a name"))?
+            .ok_or_else(|| {
+                at.error(
+                    "metadata.name",
+                    "missing: the workload needs a name (or a generateName)",
+                )
+            })?
             .to_owned();
         let namespace = meta
             .and_then(|m| m.get("namespace"))
             .and_then(Value::as_str)
             .map(str::to_owned);
+        let mut template = object;
+        for key in kind.template_path() {
+            template = template.get(*key).unwrap_or(&Value::Null);
+        }
+        let pod_resources = match template.get("spec").and_then(|s| s.get("resources")) {
+            None | Some(Value::Null) => None,
+            Some(r) => Some(typed::<ResourceRequirements>(r, at).map_err(|e| {
+                let path = format!("{}spec.resources.{}", prefix(kind), e.path);
+                at.error(path.trim_end_matches('.'), e.message)
+            })?),
+        };
         Ok(Workload {
             kind,
             name,
             namespace,
             pod,
+            pod_resources,
         })
     }
 }
@@ -329,11 +572,42 @@ pub fn prefix(kind: WorkloadKind) -> String {
 
 /// `object` as the typed `T`, or the field path that does not fit.
 pub fn typed<T: DeserializeOwned>(object: &Value, at: &Location) -> Result<T, InputError> {
-    serde_path_to_error::deserialize(object.clone()).map_err(|e| {
+    serde_path_to_error::deserialize(quantities_as_strings(object.clone())).map_err(|e| {
         let path = e.path().to_string();
         let path = if path == "." { String::new() } else { path };
         at.error(path, e.into_inner().to_string())
     })
+}
+
+/// Quantities written as bare numbers (`cpu: 0.5`, `memory: 1e3`), which kubectl and the API
+/// server accept, as the strings `k8s-openapi`'s `Quantity` reads: every number in a
+/// `requests`, `limits` or `overhead` mapping, and `sizeLimit`.
+fn quantities_as_strings(mut value: Value) -> Value {
+    fn string(v: &mut Value) {
+        if let Value::Number(n) = v {
+            *v = Value::String(n.to_string());
+        }
+    }
+    let mut stack = vec![&mut value];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Mapping(map) => {
+                for (k, v) in map.iter_mut() {
+                    match (k.as_str(), v) {
+                        (Some("requests" | "limits" | "overhead"), Value::Mapping(m)) => {
+                            m.values_mut().for_each(string);
+                        }
+                        (Some("sizeLimit"), v) => string(v),
+                        (_, v) => stack.push(v),
+                    }
+                }
+            }
+            Value::Sequence(items) => stack.extend(items.iter_mut()),
+            Value::Tagged(t) => stack.push(&mut t.value),
+            _ => {}
+        }
+    }
+    value
 }
 
 /// The pod template (`metadata` + `spec`) of a workload object, mutable.
@@ -440,6 +714,113 @@ mod tests {
         assert_eq!(write(&parse(&text).unwrap()).unwrap(), text);
         assert_eq!(unmark(r#""a\\0""#), r#""a\\0""#);
         assert_eq!(unmark(r#""a\0" "b\\\0""#), r#""a" "b\\""#);
+    }
+
+    #[test]
+    fn what_kubectl_reads_is_read_alike() {
+        // BOM, octal modes (plain: YAML 1.1 octal), merge keys.
+        let text = "\u{feff}apiVersion: v1\nkind: Pod\nmetadata: {generateName: job-}\nspec:\n  volumes:\n  - {name: s, secret: {secretName: s, defaultMode: 0400, items: [{key: k, path: k, mode: 0755}]}}\n  - {name: c, configMap: {name: c, defaultMode: 420}}\n  containers:\n  - &base {name: a, image: x, resources: {limits: {cpu: 0.5, memory: 1e3}, requests: {memory: 129e6}}}\n  - <<: *base\n    name: b\n";
+        let docs = parse(text).unwrap();
+        let spec = &docs[0]["spec"];
+        assert_eq!(
+            spec["volumes"][0]["secret"]["defaultMode"],
+            Value::from(256)
+        );
+        assert_eq!(
+            spec["volumes"][0]["secret"]["items"][0]["mode"],
+            Value::from(493)
+        );
+        assert_eq!(
+            spec["volumes"][1]["configMap"]["defaultMode"],
+            Value::from(420)
+        );
+        assert_eq!(spec["containers"][1]["name"], Value::from("b"));
+        assert_eq!(spec["containers"][1]["image"], Value::from("x"));
+        assert!(spec["containers"][1].get("<<").is_none());
+        let at = Location::new("document 1");
+        let w = Workload::check(WorkloadKind::Pod, &docs[0], &at).unwrap();
+        assert_eq!(w.name, "job");
+        let limits = w.pod.containers[1]
+            .resources
+            .clone()
+            .unwrap()
+            .limits
+            .unwrap();
+        let cpu: crate::quantity::Quantity = limits["cpu"].0.parse().unwrap();
+        assert_eq!(cpu.cpu(), "500m");
+        let memory: crate::quantity::Quantity = limits["memory"].0.parse().unwrap();
+        assert_eq!(memory.memory(), "1000");
+        // Written back: numbers stay numbers (kubectl reads them), the mode as its value.
+        let out = write(&docs).unwrap();
+        assert!(out.contains("defaultMode: 256\n"), "{out}");
+        assert!(out.contains("cpu: 0.5\n"), "{out}");
+        // A quoted "0400" elsewhere stays a quoted string.
+        let cm = parse("kind: ConfigMap\ndata: {a: \"0400\", b: \"08\"}\n").unwrap();
+        let out = write(&cm).unwrap();
+        assert!(
+            out.contains("a: \"0400\"\n") && out.contains("b: \"08\"\n"),
+            "{out}"
+        );
+        // A ReplicationController is a workload.
+        let rc = parse("apiVersion: v1\nkind: ReplicationController\nmetadata: {name: r}\nspec:\n  template:\n    spec: {containers: [{name: a, image: x}]}\n").unwrap();
+        let kind = WorkloadKind::of(&rc[0]).unwrap();
+        assert_eq!(kind, WorkloadKind::ReplicationController);
+        assert_eq!(
+            Workload::check(kind, &rc[0], &at).unwrap().pod.containers[0].name,
+            "a"
+        );
+        // Neither name nor generateName.
+        let e = Workload::check(WorkloadKind::Pod, &parse("apiVersion: v1\nkind: Pod\nmetadata: {generateName: \"-\"}\nspec: {containers: []}\n").unwrap()[0], &at).unwrap_err();
+        assert_eq!(e.path, "metadata.name");
+    }
+
+    #[test]
+    fn timestamps_yaml_1_1_reads_stay_quoted() {
+        for t in [
+            "2001-12-14",
+            "2001-12-14T21:59:43Z",
+            "2001-12-14t21:59:43.10-05:00",
+            "2001-12-14 21:59:43.10 -5",
+            "2001-1-4 1:59:43",
+            "2001-12-14T21:59:43",
+        ] {
+            assert!(is_yaml11_timestamp(t), "{t}");
+            let text = write(&[Value::from(t)]).unwrap();
+            assert_eq!(text, format!("\"{t}\"\n"));
+        }
+        for t in [
+            "2001-1-4",
+            "2001-12-14T",
+            "2001-12-14x",
+            "20011-12-14",
+            "2001-12-14T21:59",
+            "2001-12-14T21:59:43Q",
+            "v2001-12-14",
+        ] {
+            assert!(!is_yaml11_timestamp(t), "{t}");
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_the_reader_sees_it() {
+        let deep = format!(
+            "a: 1\n---\nx: {}{}\n",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        let e = parse(&deep).unwrap_err();
+        assert_eq!(e.document, "document 2", "{e}");
+        assert!(e.message.contains("nested deeper than 128"), "{e}");
+        // Brackets in quotes and comments do not count; 128 levels are fine.
+        let ok = format!(
+            "a: '{}'\nb: \"{}\" # {}\nc: {}{}\n",
+            "[".repeat(200),
+            "{".repeat(200),
+            "[".repeat(200),
+            "[".repeat(100),
+            "]".repeat(100)
+        );
+        assert!(parse(&ok).is_ok());
     }
 
     #[test]

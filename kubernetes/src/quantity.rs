@@ -12,6 +12,16 @@ use std::str::FromStr;
 
 const NANO: i128 = 1_000_000_000;
 
+/// The binary suffixes, largest first, with their power of two.
+const BINARY_UNITS: [(&str, u32); 6] = [
+    ("Ei", 60),
+    ("Pi", 50),
+    ("Ti", 40),
+    ("Gi", 30),
+    ("Mi", 20),
+    ("Ki", 10),
+];
+
 /// A non-negative resource quantity, in nano-units (nano-cores for CPU, nano-bytes for memory).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Quantity {
@@ -51,16 +61,43 @@ impl Quantity {
         }
     }
 
-    /// Memory form: the largest binary unit that divides it exactly (`640Mi`), else bytes.
+    /// Memory as a person reads it: the largest binary unit that divides it exactly (`640Mi`),
+    /// else the largest one it reaches, to one decimal (`2.2Gi` for 2331717672 bytes); bytes
+    /// below 1Ki.
     pub fn memory(self) -> String {
-        let bytes = (self.nanos + NANO - 1) / NANO;
-        for (suffix, shift) in [("Ti", 40), ("Gi", 30), ("Mi", 20), ("Ki", 10)] {
+        let bytes = self.bytes();
+        if let Some(exact) = Self::exact_unit(bytes) {
+            return exact;
+        }
+        for (suffix, shift) in BINARY_UNITS {
             let unit = 1i128 << shift;
-            if bytes != 0 && bytes % unit == 0 {
-                return format!("{}{suffix}", bytes / unit);
+            if bytes >= unit {
+                let tenths = (bytes * 10 + unit / 2) / unit;
+                return format!("{}.{}{suffix}", tenths / 10, tenths % 10);
             }
         }
         format!("{bytes}")
+    }
+
+    /// Memory written exactly, for a manifest: the largest binary unit that divides it
+    /// (`640Mi`), else bytes.
+    pub fn memory_exact(self) -> String {
+        let bytes = self.bytes();
+        Self::exact_unit(bytes).unwrap_or_else(|| format!("{bytes}"))
+    }
+
+    fn bytes(self) -> i128 {
+        (self.nanos + NANO - 1) / NANO
+    }
+
+    fn exact_unit(bytes: i128) -> Option<String> {
+        for (suffix, shift) in BINARY_UNITS {
+            let unit = 1i128 << shift;
+            if bytes != 0 && bytes % unit == 0 {
+                return Some(format!("{}{suffix}", bytes / unit));
+            }
+        }
+        None
     }
 }
 
@@ -196,5 +233,9 @@ mod tests {
         assert_eq!((q("512Mi") + q("128Mi")).memory(), "640Mi");
         assert_eq!(q("1000").memory(), "1000");
         assert_eq!(q("1Gi").memory(), "1Gi");
+        assert_eq!(q("2331717672").memory(), "2.2Gi");
+        assert_eq!(q("2331717672").memory_exact(), "2331717672");
+        assert_eq!(q("1500").memory(), "1.5Ki");
+        assert_eq!(q("228Mi").memory_exact(), "228Mi");
     }
 }

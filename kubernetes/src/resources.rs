@@ -13,13 +13,20 @@
 //! ```
 //!
 //! A container with a limit and no request requests its limit (the API server's default).
-//! `--with-proxy` reports the workload as `outrider inject` would leave it. Pod overhead
-//! (RuntimeClass) is not counted.
+//! The same rule gives the pod's limit, unbounded when a container has none. Pod-level
+//! `spec.resources` (Kubernetes 1.32+), where set, is what the scheduler uses instead; the
+//! RuntimeClass `overhead` is added on top. Besides CPU and memory, ephemeral-storage,
+//! hugepages and extended resources (`nvidia.com/gpu`) are summed the same way. The report
+//! shows the pod's QoS class and names each container without a CPU or memory request or
+//! limit. `--with-proxy` reports the workload as `outrider inject` would leave it.
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
 
-use k8s_openapi::api::core::v1::Container;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Container, PodSpec, ResourceRequirements};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity as K8sQuantity;
 
 use crate::inject::{self, InjectOptions};
 use crate::manifest::{self, InputError, Location, Workload, WorkloadKind};
@@ -38,6 +45,65 @@ pub struct ResourcesArgs {
 
 /// The resources reported: CPU and memory.
 pub const RESOURCES: [&str; 2] = ["cpu", "memory"];
+
+/// A pod's quality-of-service class, as the kubelet derives it (eviction order, CPU manager).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Qos {
+    /// Every container has CPU and memory limits, and requests equal to them.
+    Guaranteed,
+    /// Some requests or limits, not Guaranteed.
+    Burstable,
+    /// No CPU or memory request or limit anywhere: evicted first.
+    BestEffort,
+}
+
+/// The QoS class of a pod: from pod-level `resources` when set (Kubernetes 1.32+), else from
+/// every container's, init containers included. A quantity that does not parse counts as
+/// missing (the report names it elsewhere).
+pub fn qos(pod: &PodSpec, pod_resources: Option<&ResourceRequirements>) -> Qos {
+    let side = |res: Option<&ResourceRequirements>, limits: bool, r: &str| {
+        res.and_then(|res| {
+            if limits {
+                res.limits.as_ref()
+            } else {
+                res.requests.as_ref()
+            }
+        })
+        .and_then(|m| m.get(r))
+        .and_then(|q| q.0.parse::<Quantity>().ok())
+    };
+    let guaranteed = |res: Option<&ResourceRequirements>| {
+        RESOURCES.iter().all(|r| {
+            let limit = side(res, true, r);
+            limit.is_some() && side(res, false, r).or(limit) == limit
+        })
+    };
+    let any = |res: Option<&ResourceRequirements>| {
+        RESOURCES
+            .iter()
+            .any(|r| side(res, true, r).is_some() || side(res, false, r).is_some())
+    };
+    if let Some(res) = pod_resources.filter(|r| any(Some(r))) {
+        return if guaranteed(Some(res)) {
+            Qos::Guaranteed
+        } else {
+            Qos::Burstable
+        };
+    }
+    let all: Vec<Option<&ResourceRequirements>> = pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.iter().flatten())
+        .map(|c| c.resources.as_ref())
+        .collect();
+    if !all.iter().any(|r| any(*r)) {
+        Qos::BestEffort
+    } else if all.iter().all(|r| guaranteed(*r)) {
+        Qos::Guaranteed
+    } else {
+        Qos::Burstable
+    }
+}
 
 /// How a container runs in the pod.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +127,23 @@ pub struct Row {
     pub requests: [Option<Quantity>; 2],
     /// Limits.
     pub limits: [Option<Quantity>; 2],
+    /// Every resource's request (a limit without a request counts), CPU and memory included.
+    pub all_requests: BTreeMap<String, Quantity>,
+    /// Every resource's limit.
+    pub all_limits: BTreeMap<String, Quantity>,
+}
+
+/// A resource summed over the pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Total {
+    /// `cpu`, `memory`, `ephemeral-storage`, `hugepages-2Mi`, `nvidia.com/gpu`, ...
+    pub resource: String,
+    /// What the scheduler reserves: the pod-level request where set, else the containers'
+    /// aggregate; plus the overhead.
+    pub request: Quantity,
+    /// The pod's limit: pod-level where set, else the containers' aggregate (`None`: a
+    /// container has no limit, so the pod has none); plus the overhead.
+    pub limit: Option<Quantity>,
 }
 
 /// One workload's report; the sums are `[cpu, memory]`.
@@ -74,25 +157,41 @@ pub struct Report {
     pub init_max: [Quantity; 2],
     /// App containers plus sidecars.
     pub app_sum: [Quantity; 2],
-    /// The pod's effective request: the larger of the two.
+    /// The containers' aggregate request: the larger of the two.
     pub pod: [Quantity; 2],
-    /// Containers without requests or limits.
+    /// Every resource the pod asks for, as the scheduler counts it (pod-level resources and
+    /// overhead included), CPU and memory first.
+    pub totals: Vec<Total>,
+    /// The RuntimeClass overhead (`spec.overhead`), included in `totals`.
+    pub overhead: BTreeMap<String, Quantity>,
+    /// Whether pod-level `spec.resources` set the totals.
+    pub pod_level: bool,
+    /// The QoS class.
+    pub qos: Qos,
+    /// Containers without CPU or memory requests or limits.
     pub warnings: Vec<String>,
 }
 
 /// Reports every workload of `text`, injected first when `with_proxy`.
 pub fn reports(text: &str, with_proxy: bool) -> Result<Vec<Report>, InputError> {
-    let mut docs = manifest::parse(text)?;
-    if with_proxy {
-        inject::inject_docs(&mut docs, &InjectOptions::default(), &mut Vec::new())?;
-    }
     let mut out = Vec::new();
-    manifest::for_each_object(&mut docs, |at, object| {
-        if let Some(kind) = WorkloadKind::of(object) {
-            out.push(report(&Workload::check(kind, object, at)?, at)?);
-        }
-        Ok::<(), InputError>(())
-    })?;
+    let opts = InjectOptions::default();
+    for doc in manifest::documents(text)? {
+        let (i, mut doc) = doc?;
+        manifest::visit(
+            i,
+            &mut doc,
+            &mut |at: &Location, object: &mut serde_norway::Value| {
+                if with_proxy {
+                    inject::inject_object(at, object, &opts, &mut Vec::new())?;
+                }
+                if let Some(kind) = WorkloadKind::of(object) {
+                    out.push(report(&Workload::check(kind, object, at)?, at)?);
+                }
+                Ok::<(), InputError>(())
+            },
+        )?;
+    }
     Ok(out)
 }
 
@@ -118,21 +217,75 @@ pub fn report(w: &Workload, at: &Location) -> Result<Report, InputError> {
     let mut init_max = [Quantity::ZERO; 2];
     let mut app_sum = [Quantity::ZERO; 2];
     let mut pod = [Quantity::ZERO; 2];
-    for r in 0..2 {
-        let mut sidecars = Quantity::ZERO;
-        for row in &rows {
-            let q = row.requests[r].unwrap_or_default();
-            match row.role {
-                Role::Sidecar => {
-                    sidecars = sidecars + q;
-                    init_max[r] = init_max[r].max(sidecars);
-                }
-                Role::Init => init_max[r] = init_max[r].max(q + sidecars),
-                Role::App => app_sum[r] = app_sum[r] + q,
-            }
+    for (r, name) in RESOURCES.iter().enumerate() {
+        let (i, a) = aggregate(&rows, name, false);
+        (init_max[r], app_sum[r], pod[r]) = (
+            i.unwrap_or_default(),
+            a.unwrap_or_default(),
+            i.unwrap_or_default().max(a.unwrap_or_default()),
+        );
+    }
+    let parse_map = |map: Option<&BTreeMap<String, K8sQuantity>>, path: &str| {
+        let mut out = BTreeMap::new();
+        for (k, q) in map.into_iter().flatten() {
+            let v: Quantity =
+                q.0.parse()
+                    .map_err(|e| at.error(format!("{path}.{k}"), format!("{e}")))?;
+            out.insert(k.clone(), v);
         }
-        app_sum[r] = app_sum[r] + sidecars;
-        pod[r] = init_max[r].max(app_sum[r]);
+        Ok::<_, InputError>(out)
+    };
+    let overhead = parse_map(w.pod.overhead.as_ref(), &format!("{pfx}spec.overhead"))?;
+    let pod_res = w.pod_resources.as_ref();
+    let pod_requests = parse_map(
+        pod_res.and_then(|r| r.requests.as_ref()),
+        &format!("{pfx}spec.resources.requests"),
+    )?;
+    let pod_limits = parse_map(
+        pod_res.and_then(|r| r.limits.as_ref()),
+        &format!("{pfx}spec.resources.limits"),
+    )?;
+    let mut names: Vec<String> = RESOURCES.iter().map(|r| (*r).to_owned()).collect();
+    let mut others: Vec<String> = rows
+        .iter()
+        .flat_map(|r| r.all_requests.keys().chain(r.all_limits.keys()))
+        .chain(pod_requests.keys().chain(pod_limits.keys()))
+        .filter(|k| !RESOURCES.contains(&k.as_str()))
+        .cloned()
+        .collect();
+    others.sort();
+    others.dedup();
+    names.extend(others);
+    let mut totals = Vec::new();
+    for name in names {
+        let (ri, ra) = aggregate(&rows, &name, false);
+        let (li, la) = aggregate(&rows, &name, true);
+        let over = overhead.get(&name).copied();
+        let request = pod_requests
+            .get(&name)
+            .copied()
+            .or_else(|| pod_limits.get(&name).copied())
+            .unwrap_or_else(|| ri.unwrap_or_default().max(ra.unwrap_or_default()));
+        // A container without the limit leaves the pod without one.
+        let unbounded = rows.iter().any(|r| !r.all_limits.contains_key(&name));
+        let limit = pod_limits.get(&name).copied().or(if unbounded {
+            None
+        } else {
+            Some(li.unwrap_or_default().max(la.unwrap_or_default()))
+        });
+        let add = |q: Quantity| q + over.unwrap_or_default();
+        if request.is_zero()
+            && limit.is_none()
+            && over.is_none()
+            && !RESOURCES.contains(&name.as_str())
+        {
+            continue;
+        }
+        totals.push(Total {
+            resource: name,
+            request: add(request),
+            limit: limit.map(add),
+        });
     }
     let namespace = w.namespace.as_deref().unwrap_or("default");
     Ok(Report {
@@ -141,8 +294,48 @@ pub fn report(w: &Workload, at: &Location) -> Result<Report, InputError> {
         init_max,
         app_sum,
         pod,
+        totals,
+        overhead,
+        pod_level: pod_res.is_some_and(|r| r.requests.is_some() || r.limits.is_some()),
+        qos: qos(&w.pod, pod_res),
         warnings,
     })
+}
+
+/// The KEP-753 rule for one resource over the rows: (init-phase maximum, app phase with the
+/// sidecars); `None` where no container of that phase names the resource.
+fn aggregate(rows: &[Row], name: &str, limits: bool) -> (Option<Quantity>, Option<Quantity>) {
+    let (mut init_max, mut app, mut sidecars) =
+        (None::<Quantity>, None::<Quantity>, Quantity::ZERO);
+    let mut any_sidecar = false;
+    for row in rows {
+        let map = if limits {
+            &row.all_limits
+        } else {
+            &row.all_requests
+        };
+        let q = map.get(name).copied();
+        match row.role {
+            Role::Sidecar => {
+                sidecars = sidecars + q.unwrap_or_default();
+                any_sidecar |= q.is_some();
+                init_max = Some(init_max.unwrap_or_default().max(sidecars));
+            }
+            Role::Init => {
+                init_max = Some(
+                    init_max
+                        .unwrap_or_default()
+                        .max(q.unwrap_or_default() + sidecars),
+                );
+            }
+            Role::App => app = Some(app.unwrap_or_default() + q.unwrap_or_default()),
+        }
+    }
+    let app = match (app, any_sidecar) {
+        (None, false) => None,
+        (a, _) => Some(a.unwrap_or_default() + sidecars),
+    };
+    (init_max, app)
 }
 
 fn row(
@@ -176,21 +369,51 @@ fn row(
         limits[i] = get("limits", r)?;
         requests[i] = get("requests", r)?.or(limits[i]);
     }
-    let mut missing = Vec::new();
-    if requests.iter().all(Option::is_none) {
-        missing.push("no requests (the scheduler counts 0 for it)");
+    let mut all_requests = BTreeMap::new();
+    let mut all_limits = BTreeMap::new();
+    let names = res
+        .iter()
+        .flat_map(|r| r.requests.iter().chain(r.limits.iter()))
+        .flat_map(|m| m.keys().cloned())
+        .collect::<std::collections::BTreeSet<String>>();
+    for name in names {
+        let limit = get("limits", &name)?;
+        if let Some(l) = limit {
+            all_limits.insert(name.clone(), l);
+        }
+        if let Some(q) = get("requests", &name)?.or(limit) {
+            all_requests.insert(name, q);
+        }
     }
-    if limits.iter().all(Option::is_none) {
-        missing.push("no limits (it may use all the node has)");
+    let missing = |q: &[Option<Quantity>; 2]| {
+        let names: Vec<&str> = RESOURCES
+            .iter()
+            .zip(q)
+            .filter(|(_, q)| q.is_none())
+            .map(|(n, _)| *n)
+            .collect();
+        names.join(" or ")
+    };
+    let mut said = Vec::new();
+    let (no_req, no_lim) = (missing(&requests), missing(&limits));
+    if !no_req.is_empty() {
+        said.push(format!(
+            "no {no_req} request (the scheduler counts 0 for it)"
+        ));
     }
-    if !missing.is_empty() {
-        warnings.push(format!("{}: {}", c.name, missing.join(", ")));
+    if !no_lim.is_empty() {
+        said.push(format!("no {no_lim} limit (it may use all the node has)"));
+    }
+    if !said.is_empty() {
+        warnings.push(format!("{}: {}", c.name, said.join(", ")));
     }
     Ok(Row {
         name: c.name.clone(),
         role,
         requests,
         limits,
+        all_requests,
+        all_limits,
     })
 }
 
@@ -243,7 +466,72 @@ pub fn render(reports: &[Report]) -> String {
             "  app sum:     {} (sidecars included)",
             pair(rep.app_sum)
         );
-        let _ = writeln!(out, "  pod request: {}", pair(rep.pod));
+        let show = |t: &Total, q: Quantity| {
+            if t.resource == "cpu" {
+                q.cpu()
+            } else if t.resource == "memory"
+                || t.resource == "ephemeral-storage"
+                || t.resource.starts_with("hugepages-")
+            {
+                q.memory()
+            } else {
+                q.cpu()
+            }
+        };
+        let list = |limit: bool| {
+            rep.totals
+                .iter()
+                .filter(|t| RESOURCES.contains(&t.resource.as_str()))
+                .map(|t| {
+                    let v = if limit {
+                        t.limit.map_or("none".into(), |q| show(t, q))
+                    } else {
+                        show(t, t.request)
+                    };
+                    format!("{} {v}", t.resource)
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let from = if rep.pod_level {
+            " (pod-level spec.resources)"
+        } else {
+            ""
+        };
+        let _ = writeln!(out, "  pod request: {}{from}", list(false));
+        let _ = writeln!(out, "  pod limit:   {}", list(true));
+        if !rep.overhead.is_empty() {
+            let over: Vec<String> = rep
+                .overhead
+                .iter()
+                .map(|(k, q)| {
+                    let t = Total {
+                        resource: k.clone(),
+                        request: *q,
+                        limit: None,
+                    };
+                    format!("{k} {}", show(&t, *q))
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "  overhead:    {} (RuntimeClass; included above)",
+                over.join(", ")
+            );
+        }
+        let others: Vec<String> = rep
+            .totals
+            .iter()
+            .filter(|t| !RESOURCES.contains(&t.resource.as_str()))
+            .map(|t| {
+                let limit = t.limit.map_or("none".into(), |q| show(t, q));
+                format!("{} {} (limit {limit})", t.resource, show(t, t.request))
+            })
+            .collect();
+        if !others.is_empty() {
+            let _ = writeln!(out, "  other:       {}", others.join(", "));
+        }
+        let _ = writeln!(out, "  QoS class:   {:?}", rep.qos);
         for w in &rep.warnings {
             let _ = writeln!(out, "  warning: {w}");
         }
@@ -303,7 +591,7 @@ mod tests {
         );
         assert_eq!(
             r.warnings,
-            ["secrets-refresh: no requests (the scheduler counts 0 for it), no limits (it may use all the node has)"]
+            ["secrets-refresh: no cpu or memory request (the scheduler counts 0 for it), no cpu or memory limit (it may use all the node has)"]
         );
         let text = render(&reports);
         assert!(
@@ -359,14 +647,111 @@ spec:
             figures(r),
             ["350m", "250Mi", "250m", "330Mi", "350m", "330Mi"]
         );
-        // Every container but `metrics` has no limits; `metrics` has no explicit request, but
-        // requests its limit.
-        assert_eq!(r.warnings.len(), 5, "{:?}", r.warnings);
-        assert!(r
-            .warnings
+        // Every container but `metrics` has no limits; `metrics` requests its memory limit
+        // and is named for its missing CPU request and limit.
+        assert_eq!(r.warnings.len(), 6, "{:?}", r.warnings);
+        assert!(r.warnings[..5]
             .iter()
-            .all(|w| w.ends_with(": no limits (it may use all the node has)")));
-        assert!(!r.warnings.iter().any(|w| w.starts_with("metrics")));
+            .all(|w| w.ends_with(": no cpu or memory limit (it may use all the node has)")));
+        assert_eq!(
+            r.warnings[5],
+            "metrics: no cpu request (the scheduler counts 0 for it), no cpu limit (it may use all the node has)"
+        );
+    }
+
+    fn total(r: &Report, name: &str) -> (String, Option<String>) {
+        let t = r.totals.iter().find(|t| t.resource == name).unwrap();
+        let f = |q: Quantity| {
+            if name == "cpu" || name.contains('/') {
+                q.cpu()
+            } else {
+                q.memory()
+            }
+        };
+        (f(t.request), t.limit.map(f))
+    }
+
+    #[test]
+    fn limits_overhead_pod_level_and_other_resources_as_the_audit_worked_them() {
+        // r09: limits by the same rule: init max(4, 500m, 3 + 500m) = 4; app 1 + 200m + 500m.
+        let r09 = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: r09}
+spec:
+  initContainers:
+  - {name: i1, image: x, resources: {limits: {cpu: "4", memory: 2Gi}}}
+  - {name: s1, image: x, restartPolicy: Always, resources: {limits: {cpu: 500m, memory: 256Mi}}}
+  - {name: i2, image: x, resources: {limits: {cpu: "3", memory: 1Gi}}}
+  containers:
+  - {name: a, image: x, resources: {limits: {cpu: "1", memory: 1Gi}}}
+  - {name: b, image: x, resources: {limits: {cpu: 200m, memory: 128Mi}}}
+"#;
+        let r = &reports(r09, false).unwrap()[0];
+        assert_eq!(total(r, "cpu"), ("4".into(), Some("4".into())));
+        assert_eq!(total(r, "memory"), ("2Gi".into(), Some("2Gi".into())));
+        assert_eq!(r.qos, Qos::Guaranteed);
+        // r06: RuntimeClass overhead on top; r05: other resources; a container without a
+        // limit leaves the pod without one.
+        let r06 = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: r06}
+spec:
+  overhead: {cpu: 250m, memory: 120Mi}
+  initContainers:
+  - {name: i, image: x, resources: {requests: {ephemeral-storage: 10Gi}}}
+  containers:
+  - {name: a, image: x, resources: {requests: {cpu: 500m, memory: 512Mi, ephemeral-storage: 2Gi, hugepages-2Mi: 100Mi}, limits: {nvidia.com/gpu: 1, hugepages-2Mi: 100Mi}}}
+  - {name: b, image: x, resources: {requests: {ephemeral-storage: 1Gi, example.com/foo: 2}}}
+"#;
+        let r = &reports(r06, false).unwrap()[0];
+        assert_eq!(total(r, "cpu"), ("750m".into(), None));
+        assert_eq!(total(r, "memory"), ("632Mi".into(), None));
+        assert_eq!(total(r, "ephemeral-storage").0, "10Gi");
+        assert_eq!(total(r, "hugepages-2Mi").0, "100Mi");
+        assert_eq!(total(r, "nvidia.com/gpu"), ("1".into(), None));
+        assert_eq!(total(r, "example.com/foo").0, "2");
+        assert_eq!(r.qos, Qos::Burstable);
+        let text = render(std::slice::from_ref(r));
+        assert!(
+            text.contains("  pod request: cpu 750m, memory 632Mi\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  pod limit:   cpu none, memory none\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  overhead:    cpu 250m, memory 120Mi (RuntimeClass; included above)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ephemeral-storage 10Gi (limit none)"),
+            "{text}"
+        );
+        assert!(text.contains("  QoS class:   Burstable\n"), "{text}");
+        // r07: pod-level requests win over the containers'.
+        let r07 = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: r07}
+spec:
+  resources: {requests: {cpu: 1, memory: 100Mi}, limits: {cpu: 1, memory: 200Mi}}
+  containers:
+  - {name: a, image: x, resources: {requests: {cpu: 500m, memory: 50Mi}}}
+  - {name: b, image: x}
+"#;
+        let r = &reports(r07, false).unwrap()[0];
+        assert_eq!(total(r, "cpu"), ("1".into(), Some("1".into())));
+        assert_eq!(total(r, "memory"), ("100Mi".into(), Some("200Mi".into())));
+        assert!(render(std::slice::from_ref(r)).contains("memory 100Mi (pod-level spec.resources)"));
+        // r04, unquoted: memory sums in binary units.
+        let r04 = "apiVersion: v1\nkind: Pod\nmetadata: {name: r04}\nspec:\n  containers:\n  - {name: a, image: x, resources: {requests: {cpu: 0.5, memory: 1G}}}\n  - {name: b, image: x, resources: {requests: {cpu: 500m, memory: 1Gi}}}\n  - {name: c, image: x, resources: {requests: {cpu: 0.1, memory: 1e3}}}\n  - {name: d, image: x, resources: {requests: {cpu: 100000u, memory: 129e6}}}\n  - {name: e, image: x, resources: {requests: {cpu: 250000000n, memory: 128974848000m}}}\n";
+        let r = &reports(r04, false).unwrap()[0];
+        assert_eq!(total(r, "cpu").0, "1450m");
+        assert_eq!(total(r, "memory").0, "2.2Gi");
+        assert_eq!(r.pod[1].memory_exact(), "2331717672");
     }
 
     #[test]

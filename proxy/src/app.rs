@@ -50,6 +50,9 @@ pub struct Proxy {
     config: Arc<Config>,
     registry: Registry,
     admin: TcpListener,
+    /// The admin listener's IPv6 twin, where the namespace has IPv6 (IPv6-only clusters probe
+    /// `[podIP]:15020`).
+    admin_v6: Option<TcpListener>,
     listeners: Vec<Listener>,
     log: Option<Arc<LogHandle>>,
     shutdown: ShutdownHandle,
@@ -160,6 +163,13 @@ impl Proxy {
         };
         let views = discovery.as_ref().map(Discovery::views);
         let admin = bind(config.admin, "admin").await?;
+        let admin_v6 = ipv6_twin(config.admin).and_then(|twin| match bind_v6_only(twin) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::info!(%twin, error = %e, "no IPv6 admin listener (IPv6 unavailable?)");
+                None
+            }
+        });
 
         let mut listeners = Vec::new();
         let mut add = |socket, direction: Direction, stack: &Stack, limit: &Arc<Limit>| {
@@ -243,6 +253,7 @@ impl Proxy {
             config,
             registry,
             admin,
+            admin_v6,
             listeners,
             log: log.map(Arc::new),
             discovery,
@@ -291,6 +302,7 @@ impl Proxy {
             config,
             registry,
             admin,
+            admin_v6,
             listeners,
             log,
             shutdown,
@@ -348,6 +360,7 @@ impl Proxy {
             identity: identity.map(|store| (store, next_renewal)),
             outbounds,
         });
+        let admin_v6_task = admin_v6.map(|l| tokio::spawn(admin::serve(l, state.clone())));
         let admin_task = tokio::spawn(admin::serve(admin, state));
         drop(listening);
         tracing::info!(admin = %admin_addr, "proxy started");
@@ -375,6 +388,9 @@ impl Proxy {
             ),
         }
         admin_task.abort();
+        if let Some(t) = admin_v6_task {
+            t.abort();
+        }
         Ok(())
     }
 }

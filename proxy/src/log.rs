@@ -1,6 +1,9 @@
 //! Logging: `tracing` to stderr, plain or JSON, with the level filter taken from `OUTRIDER_LOG`
 //! (RUST_LOG syntax, default `info`) and changeable at run time through the admin `/log-level`.
 //!
+//! Colours (ANSI escapes) only when stderr is a terminal and `NO_COLOR` is unset, so a log file,
+//! a pipe or `kubectl logs` gets plain lines.
+//!
 //! Nothing on the request path logs header values or bodies at any level.
 
 use std::sync::Mutex;
@@ -51,6 +54,11 @@ fn directives(spec: &str) -> String {
     full
 }
 
+/// Checks a filter (`info`, `outrider_proxy=debug,info`) the way the proxy will read it.
+pub fn check_filter(spec: &str) -> Result<(), String> {
+    filter(spec).map(drop)
+}
+
 fn filter(spec: &str) -> Result<EnvFilter, String> {
     EnvFilter::try_new(directives(spec))
         .map_err(|e| format!("invalid log filter `{}`: {e}", spec.trim()))
@@ -63,11 +71,13 @@ pub fn init_with(format: LogFormat, spec: &str) -> Result<LogHandle, String> {
     let plain = (format == LogFormat::Plain).then(|| {
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            .with_ansi(outrider_control::runtime::log_colours())
             .with_target(false)
     });
     let json = (format == LogFormat::Json).then(|| {
         tracing_subscriber::fmt::layer()
             .json()
+            .with_ansi(false)
             .with_writer(std::io::stderr)
     });
     tracing_subscriber::registry()

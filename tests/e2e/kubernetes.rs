@@ -133,7 +133,7 @@ fn resources_reports_the_seed_with_and_without_the_proxy() {
         "{report}"
     );
     assert!(
-        report.contains("  warning: secrets-refresh: no requests"),
+        report.contains("  warning: secrets-refresh: no cpu or memory request"),
         "{report}"
     );
     let out = outrider(&["resources", "-f", seed.to_str().unwrap(), "--with-proxy"]);
@@ -422,5 +422,141 @@ fn wait_does_not_take_a_connection_closed_at_once_for_a_dependency() {
         "{err}"
     );
     let out = outrider(&["wait", "--tcp", &target, "--timeout", "5s", "--settle", "0"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[test]
+fn logs_to_a_pipe_carry_no_terminal_escapes() {
+    // What `kubectl logs` and `2>file` get: stderr is a pipe here.
+    let mut proxy = ChildGuard::spawn(
+        Command::new(OUTRIDER)
+            .args(["proxy", "--forward", "127.0.0.1:0=127.0.0.1:9"])
+            .env("OUTRIDER_ADMIN", "127.0.0.1:0")
+            .env("OUTRIDER_LOG", "info")
+            .env_remove("NO_COLOR"),
+        "proxy",
+    );
+    proxy.expect_stderr("proxy started", Duration::from_secs(10));
+    let mut control = ChildGuard::spawn(
+        Command::new(OUTRIDER)
+            .args(["control", "--plaintext", "--listen", "127.0.0.1:0"])
+            .env("OUTRIDER_LOG", "info")
+            .env_remove("NO_COLOR"),
+        "control",
+    );
+    control.expect_stderr("control plane ready", Duration::from_secs(10));
+    for (name, log) in [("proxy", proxy.stderr()), ("control", control.stderr())] {
+        assert!(log.contains(" INFO "), "{name}: {log}");
+        assert!(
+            !log.contains('\x1b'),
+            "{name} wrote terminal escapes to a pipe: {log:?}"
+        );
+    }
+}
+
+#[test]
+fn wait_lines_carry_the_elapsed_time_and_sigterm_names_what_was_pending() {
+    let port = free_port();
+    let mut wait = ChildGuard::spawn(
+        Command::new(OUTRIDER).args([
+            "wait",
+            "--tcp",
+            &format!("127.0.0.1:{port}"),
+            "--http",
+            &format!("http://user:s3cret@127.0.0.1:{port}/ready"),
+            "--timeout",
+            "60s",
+        ]),
+        "outrider wait",
+    );
+    wait.expect_stderr(
+        "attempt 1 failed: connection refused",
+        Duration::from_secs(10),
+    );
+    let out = Command::new("kill")
+        .args(["-TERM", &wait.pid().to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let status = wait
+        .wait_timeout(Duration::from_secs(10))
+        .expect("wait did not stop on SIGTERM");
+    let err = wait.stderr();
+    assert_eq!(status.code(), Some(143), "{err}");
+    // Every progress line starts with the time since the start.
+    let first = err.lines().next().unwrap();
+    assert!(
+        first.starts_with("outrider wait: [") && first.contains("s] "),
+        "{err}"
+    );
+    let last = err.lines().last().unwrap();
+    assert!(last.contains("stopped by a signal after"), "{err}");
+    assert!(
+        last.contains(&format!(
+            "still waiting for: tcp 127.0.0.1:{port} (connection refused"
+        )),
+        "{err}"
+    );
+    assert!(
+        !err.contains("s3cret") && err.contains("http://***@127.0.0.1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn inject_checks_its_flags_and_warns_about_an_image_without_a_registry() {
+    let seed = std::fs::read_to_string(repo("deploy/examples/payments-api.yaml")).unwrap();
+    let out = outrider_stdin(&["inject"], &seed);
+    assert!(out.status.success());
+    assert!(
+        text(&out.stderr).contains("the image outrider:0.1.0 names no registry"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = outrider_stdin(
+        &["inject", "--image", "registry.example/outrider:0.1.0"],
+        &seed,
+    );
+    assert!(out.status.success());
+    assert!(
+        !text(&out.stderr).contains("names no registry"),
+        "{}",
+        text(&out.stderr)
+    );
+    for (flag, value) in [
+        ("--image", ""),
+        ("--image", "a b"),
+        ("--control", "not a url"),
+        ("--control", "ftp://x/"),
+    ] {
+        let out = outrider_stdin(&["inject", flag, value], &seed);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value:?}");
+        assert!(text(&out.stderr).contains(flag), "{}", text(&out.stderr));
+        assert!(out.stdout.is_empty());
+    }
+}
+
+#[test]
+fn wait_accepts_a_redirect_only_when_told_to() {
+    let port = http_server(302);
+    let url = format!("http://127.0.0.1:{port}/");
+    let out = outrider(&["wait", "--http", &url, "--timeout", "1s"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("HTTP status 302 (2xx expected)"),
+        "{}",
+        text(&out.stderr)
+    );
+    let port = http_server(302);
+    let url = format!("http://127.0.0.1:{port}/");
+    let out = outrider(&[
+        "wait",
+        "--http",
+        &url,
+        "--http-status",
+        "200-399",
+        "--timeout",
+        "10s",
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 }

@@ -17,6 +17,7 @@ mod inprocess;
 mod kubeapi;
 mod kubernetes;
 mod mesh;
+mod probes;
 mod resilience;
 mod support;
 mod webhook;
