@@ -21,15 +21,22 @@ impl PickBench {
             Ok(m) => m,
             Err(e) => panic!("metrics: {e}"),
         };
-        let upstreams = crate::http::client::Upstreams::new(crate::transport::connect::Connect::new(
-            std::time::Duration::from_secs(1),
-            metrics.upstream_connects,
-            10,
-        ));
+        let upstreams =
+            crate::http::client::Upstreams::new(crate::transport::connect::Connect::new(
+                std::time::Duration::from_secs(1),
+                metrics.upstream_connects,
+                10,
+            ));
         let wanted: Vec<_> = (0..n)
             .map(|i| {
                 let addr = std::net::SocketAddr::from(([198, 18, (i >> 8) as u8, i as u8], 80));
-                (addr, EndpointMeta { identity: None, weight: 1 })
+                (
+                    addr,
+                    EndpointMeta {
+                        identity: None,
+                        weight: 1,
+                    },
+                )
             })
             .collect();
         let empty = EndpointSet::default();
