@@ -6,11 +6,13 @@
 //! The installed plugin is the `outrider` binary itself under the name the conflist uses,
 //! `outrider-cni`: `main` dispatches on argv[0] (no wrapper script), and `outrider cni` with
 //! no subcommand does the same. Modules: [`spec`] (the CNI protocol: environment, stdin, versions,
-//! error objects), [`lookup`] (the bounded pod lookup), [`plugin`] (ADD, DEL, CHECK).
+//! error objects), [`lookup`] (the bounded pod lookup), [`plugin`] (ADD, DEL, CHECK),
+//! [`validate`] (`outrider cni validate`, the CNI mode's init container).
 
 pub mod lookup;
 pub mod plugin;
 pub mod spec;
+pub mod validate;
 
 use std::io::Read as _;
 use std::process::ExitCode;
@@ -26,11 +28,25 @@ const MAX_STDIN: u64 = 1 << 20;
 /// `outrider cni`: with no subcommand, the CNI plugin itself (as the runtime calls it: `CNI_*`
 /// environment, configuration on stdin).
 #[derive(Debug, Clone, clap::Args)]
-pub struct CniArgs {}
+pub struct CniArgs {
+    /// What to run instead of the plugin.
+    #[command(subcommand)]
+    pub command: Option<CniCommand>,
+}
+
+/// The subcommands of `outrider cni`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum CniCommand {
+    /// In a pod (init container, no privileges): exit 1 unless its outbound TCP is captured.
+    Validate(validate::ValidateArgs),
+}
 
 /// Runs `outrider cni`.
-pub fn main(_args: CniArgs) -> ExitCode {
-    plugin_main()
+pub fn main(args: CniArgs) -> ExitCode {
+    match args.command {
+        None => plugin_main(),
+        Some(CniCommand::Validate(v)) => validate::main(&v),
+    }
 }
 
 /// The plugin entry point: reads the environment and stdin, runs the command, prints the result

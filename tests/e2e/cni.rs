@@ -38,6 +38,7 @@ const TOKEN: &str = "test-token-not-secret";
 fn requirements() -> bool {
     support::require_root(&support::test_name())
         && support::require_bin("ip")
+        && support::require_bin("setpriv")
         && support::require_bin("python3")
         && support::require_bin("iptables-nft-restore")
         && (Path::new(CNI_BIN).join("bridge").exists()
@@ -242,6 +243,7 @@ impl Node {
                     "type": "bridge",
                     "bridge": format!("obr{n}"),
                     "isGateway": true,
+                    "isDefaultGateway": true,
                     "ipMasq": false,
                     "ipam": {
                         "type": "host-local",
@@ -422,6 +424,26 @@ fn foreign_rules(pod: &Pod) {
     ]);
 }
 
+/// `outrider cni validate` in the pod as the injected container runs it: uid 2102, no
+/// capabilities (setpriv drops them all).
+fn validate(pod: &Pod) -> Output {
+    let uid = "2102";
+    let mut cmd = pod.ns.command("setpriv");
+    cmd.args([
+        &format!("--reuid={uid}"),
+        &format!("--regid={uid}"),
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        OUTRIDER,
+        "cni",
+        "validate",
+        "--timeout",
+        "5",
+    ]);
+    support::run(&mut cmd)
+}
+
 fn meshed_api() -> ApiServer {
     let mut pods = BTreeMap::new();
     pods.insert(
@@ -457,6 +479,14 @@ fn cni_chain_captures_a_meshed_pod_and_del_restores_the_nat_table() {
     assert_eq!(result["cniVersion"], "1.0.0");
     let (pod_ip, gw) = (pod_ipv4(result), gateway(result));
     assert!(pod_ip.starts_with("198.19."), "{result}");
+
+    // The CNI mode's init container, unprivileged in the pod, sees the capture.
+    let out = validate(&pod);
+    assert!(
+        out.status.success(),
+        "validate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let _servers: Vec<ChildGuard> = vec![
         capture::server(&pod.ns, "pod", "15001,15006,15020,8080,9090"),
@@ -535,6 +565,15 @@ fn cni_chain_passes_an_unmeshed_pod_through_untouched() {
     assert_eq!(results[1], results[0]);
     assert_eq!(results[1]["cniVersion"], "0.4.0");
     assert_eq!(nat(&pod), before, "an unmeshed pod's nat table was changed");
+    // A pod the plugin skipped does not start: the validator names the cause.
+    let out = validate(&pod);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the capture rules are missing")
+            && stderr.contains("outrider-cni plugin did not program this pod"),
+        "{stderr}"
+    );
     let gw = gateway(&results[1]);
     let _server = capture::server(&node.ns, "node", "80");
     capture::assert_direct(&pod.ns, &gw, 80, APP_UID, "node");
