@@ -7,8 +7,10 @@
 //! `outrider-cni`: `main` dispatches on argv[0] (no wrapper script), and `outrider cni` with
 //! no subcommand does the same. Modules: [`spec`] (the CNI protocol: environment, stdin, versions,
 //! error objects), [`lookup`] (the bounded pod lookup), [`plugin`] (ADD, DEL, CHECK),
-//! [`validate`] (`outrider cni validate`, the CNI mode's init container).
+//! [`validate`] (`outrider cni validate`, the CNI mode's init container), [`install`] (`outrider
+//! cni install`, the node agent).
 
+pub mod install;
 pub mod lookup;
 pub mod plugin;
 pub mod spec;
@@ -39,6 +41,8 @@ pub struct CniArgs {
 pub enum CniCommand {
     /// In a pod (init container, no privileges): exit 1 unless its outbound TCP is captured.
     Validate(validate::ValidateArgs),
+    /// On the node (the DaemonSet): install the plugin, keep it chained, remove it on exit.
+    Install(install::InstallArgs),
 }
 
 /// Runs `outrider cni`.
@@ -46,6 +50,7 @@ pub fn main(args: CniArgs) -> ExitCode {
     match args.command {
         None => plugin_main(),
         Some(CniCommand::Validate(v)) => validate::main(&v),
+        Some(CniCommand::Install(i)) => install::main(i),
     }
 }
 

@@ -26,8 +26,9 @@ pub const DEFAULT_API_TIMEOUT_SECS: u64 = 3;
 /// The largest bound accepted: the kubelet must never wait long on us.
 pub const MAX_API_TIMEOUT_SECS: u64 = 10;
 /// Namespaces whose pods are passed through by default: the system's and the mesh's own (the
-/// installer's DaemonSet runs there and must come up before the plugin works).
-pub const DEFAULT_EXCLUDE_NAMESPACES: [&str; 2] = ["kube-system", "outrider-system"];
+/// control plane, and the installer's DaemonSet, which must come up before the plugin works).
+pub const DEFAULT_EXCLUDE_NAMESPACES: [&str; 3] =
+    ["kube-system", "outrider-system", "outrider-cni"];
 
 /// The spec's well-known error codes we use, and our own (100 and up).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
