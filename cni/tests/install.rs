@@ -1,6 +1,6 @@
 //! `outrider cni install` on a config directory of the test's own: golden conflists in and out
 //! (calico-like, flannel-like, a single `.conf`), uninstall restoring the original byte for byte,
-//! and another CNI rewriting the file while the installer runs. `OUTRIDER_UPDATE_GOLDEN=1`
+//! and another CNI rewriting the file while the installer runs. `OUTRIDER_BLESS=1`
 //! rewrites the `.out` files (review the diff).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -71,7 +71,7 @@ fn golden_conflists_in_and_out_and_uninstall_restores_bytes() {
         let done = install::ensure(&dir, &entry(), &mut state).unwrap();
         assert!(done.is_some(), "{input}");
         let got = std::fs::read_to_string(dir.join(active)).unwrap();
-        if std::env::var_os("OUTRIDER_UPDATE_GOLDEN").is_some() {
+        if std::env::var_os("OUTRIDER_BLESS").is_some() {
             std::fs::write(golden(expected), &got).unwrap();
         }
         let want = std::fs::read_to_string(golden(expected)).unwrap();
