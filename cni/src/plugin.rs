@@ -169,6 +169,20 @@ fn enter_netns(path: &str) -> Result<(), CniError> {
     })
 }
 
+/// Checks `argv` as `outrider init` flags, enters the pod's namespace and runs `step` there (apply,
+/// clean up or verify); a failure is code 101 with `what` and the step's reason.
+fn in_pod(
+    env: &Env,
+    argv: &[String],
+    action: Action,
+    step: fn(&Config) -> Result<(), outrider_iptables_init::backend::Failure>,
+    what: String,
+) -> Result<(), CniError> {
+    let config = init_config(argv, action)?;
+    enter_netns(&env.netns)?;
+    step(&config).map_err(|e| CniError::new(Code::Rules, what).with_details(e.to_string()))
+}
+
 /// Runs one command; `Ok(Some(text))` is printed on stdout.
 pub fn run(
     env: &Env,
@@ -201,15 +215,13 @@ pub fn run(
                     eprintln!("outrider-cni: ADD {who}: passed through ({why})");
                 }
                 Verdict::Meshed(argv) => {
-                    let config = init_config(&argv, Action::Apply)?;
-                    enter_netns(&env.netns)?;
-                    outrider_iptables_init::execute(&config).map_err(|e| {
-                        CniError::new(
-                            Code::Rules,
-                            format!("programming the capture rules for {who} failed; nothing was left applied"),
-                        )
-                        .with_details(e.to_string())
-                    })?;
+                    in_pod(
+                        env,
+                        &argv,
+                        Action::Apply,
+                        outrider_iptables_init::execute,
+                        format!("programming the capture rules for {who} failed; nothing was left applied"),
+                    )?;
                     eprintln!(
                         "outrider-cni: ADD {who}: capture rules applied ({})",
                         argv[1..].join(" ")
@@ -223,15 +235,13 @@ pub fn run(
                 eprintln!("outrider-cni: DEL {who}: network namespace gone, nothing to remove");
                 return Ok(None);
             }
-            let config = init_config(&init_argv(&BTreeMap::new()), Action::Cleanup)?;
-            enter_netns(&env.netns)?;
-            outrider_iptables_init::execute(&config).map_err(|e| {
-                CniError::new(
-                    Code::Rules,
-                    format!("removing the capture rules of {who} failed"),
-                )
-                .with_details(e.to_string())
-            })?;
+            in_pod(
+                env,
+                &init_argv(&BTreeMap::new()),
+                Action::Cleanup,
+                outrider_iptables_init::execute,
+                format!("removing the capture rules of {who} failed"),
+            )?;
             Ok(None)
         }
         Command::Check => {
@@ -242,15 +252,13 @@ pub fn run(
                 ));
             }
             if let Verdict::Meshed(argv) = verdict(&conf, env, lookup(&conf).as_ref())? {
-                let config = init_config(&argv, Action::Apply)?;
-                enter_netns(&env.netns)?;
-                outrider_iptables_init::check(&config).map_err(|e| {
-                    CniError::new(
-                        Code::Rules,
-                        format!("the capture rules of {who} are not in place"),
-                    )
-                    .with_details(e.to_string())
-                })?;
+                in_pod(
+                    env,
+                    &argv,
+                    Action::Apply,
+                    outrider_iptables_init::check,
+                    format!("the capture rules of {who} are not in place"),
+                )?;
             }
             Ok(None)
         }

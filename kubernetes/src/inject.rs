@@ -360,9 +360,16 @@ fn validate_container(
         "--probe".into(),
         format!("198.18.255.254:{probe_port}"),
     ]);
-    c.security_context = Some(SecurityContext {
-        run_as_user: Some(i64::from(VALIDATE_UID)),
-        run_as_group: Some(i64::from(VALIDATE_UID)),
+    c.security_context = Some(unprivileged(VALIDATE_UID));
+    Ok(c)
+}
+
+/// Non-root as `uid`, no capabilities, read-only root, `RuntimeDefault` seccomp: what Pod
+/// Security `restricted` asks of a container.
+fn unprivileged(uid: u32) -> SecurityContext {
+    SecurityContext {
+        run_as_user: Some(i64::from(uid)),
+        run_as_group: Some(i64::from(uid)),
         run_as_non_root: Some(true),
         read_only_root_filesystem: Some(true),
         allow_privilege_escalation: Some(false),
@@ -372,8 +379,7 @@ fn validate_container(
         }),
         seccomp_profile: Some(runtime_default()),
         ..Default::default()
-    });
-    Ok(c)
+    }
 }
 
 fn init_container(
@@ -519,19 +525,7 @@ fn proxy_container(
             period_seconds: Some(10),
             ..Default::default()
         }),
-        security_context: Some(SecurityContext {
-            run_as_user: Some(i64::from(ports::PROXY_UID)),
-            run_as_group: Some(i64::from(ports::PROXY_UID)),
-            run_as_non_root: Some(true),
-            read_only_root_filesystem: Some(true),
-            allow_privilege_escalation: Some(false),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                ..Default::default()
-            }),
-            seccomp_profile: Some(runtime_default()),
-            ..Default::default()
-        }),
+        security_context: Some(unprivileged(ports::PROXY_UID)),
         volume_mounts: Some(vec![VolumeMount {
             name: IDENTITY_VOLUME.into(),
             mount_path: IDENTITY_DIR.into(),
