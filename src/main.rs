@@ -32,6 +32,8 @@ enum Command {
     Resources(outrider_kubernetes::ResourcesArgs),
     /// Why a pod will not start: findings on manifests (-f), or a diagnosis of live pods (--status).
     Analyze(outrider_kubernetes::AnalyzeArgs),
+    /// The CNI plugin (installed as `outrider-cni`): programs meshed pods' capture from the node.
+    Cni(outrider_cni::CniArgs),
     /// Run the whole data path on loopback (no root): load → proxy → proxy → app, then a summary.
     Demo(demo::DemoArgs),
     /// Run only the demo's built-in app (HTTP/1.1 + h2c, upgrade echo); used by the tests.
@@ -47,6 +49,18 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Installed as `outrider-cni` in the CNI bin directory, the binary is the CNI plugin.
+    if std::env::args_os()
+        .next()
+        .and_then(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map(|n| n == outrider_cni::PLUGIN_NAME)
+        })
+        .unwrap_or(false)
+    {
+        return outrider_cni::plugin_main();
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -63,6 +77,7 @@ fn main() -> ExitCode {
         Command::Wait(args) => outrider_kubernetes::wait::main(args),
         Command::Resources(args) => outrider_kubernetes::resources::main(args),
         Command::Analyze(args) => outrider_kubernetes::analyze::main(args),
+        Command::Cni(args) => outrider_cni::main(args),
         Command::Demo(args) => demo::main(args),
         Command::DemoApp { listen, instance } => demo::app::main(listen, instance),
     }

@@ -58,7 +58,7 @@ pub fn main(args: InitArgs) -> ExitCode {
         print!("{}", dry_run(&config));
         return ExitCode::SUCCESS;
     }
-    match run(&config) {
+    match execute(&config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("outrider init: error: {e}");
@@ -144,7 +144,10 @@ fn live_families(config: &Config) -> Vec<Family> {
     }
 }
 
-fn run(config: &Config) -> Result<(), Failure> {
+/// Applies (or, with `--cleanup`, removes) the rule set in the current network namespace, as
+/// `outrider init` does; progress lines go to stderr. The CNI plugin calls this after entering
+/// the pod's namespace, so both paths program exactly the same rules.
+pub fn execute(config: &Config) -> Result<(), Failure> {
     let choice = backend::choose(config.backend);
     eprintln!(
         "outrider init: using the {} backend ({})",
@@ -180,6 +183,27 @@ fn run(config: &Config) -> Result<(), Failure> {
             }
         }
     }
+}
+
+/// Verifies, without changing anything, that the current network namespace holds exactly the
+/// rule set `config` describes (the same check `outrider init` runs after applying), for every
+/// family it would program.
+pub fn check(config: &Config) -> Result<(), Failure> {
+    let choice = backend::choose(config.backend);
+    let families = live_families(config);
+    backend::preflight(choice.backend, &families)?;
+    for family in families {
+        let rules = RuleSet::new(config, family);
+        let state = NatState::parse(&backend::save_nat(choice.backend, family)?);
+        rules::verify(&rules, &state).map_err(|problems| {
+            Failure(format!(
+                "{family}: the outrider rules are missing or differ ({} backend):\n  {}",
+                choice.backend.name(),
+                problems.join("\n  ")
+            ))
+        })?;
+    }
+    Ok(())
 }
 
 fn report_cleanup(family: Family, (rules, chains): (usize, usize)) {

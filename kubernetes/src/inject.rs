@@ -6,7 +6,10 @@
 //! this order:
 //!
 //! - `initContainers[0]`: `outrider-init` (`outrider init`), root with `NET_ADMIN` and `NET_RAW`
-//!   only, the port and CIDR exclusions from the pod's annotations;
+//!   only, the port and CIDR exclusions from the pod's annotations; or, in CNI mode (`--cni`, or
+//!   the pod annotation `outrider.io/capture: cni`), `outrider-cni-validate` (`outrider cni
+//!   validate`: non-root, no capabilities), which fails the pod's start when the node's CNI
+//!   plugin did not program the rules (docs/cni.md);
 //! - `initContainers[1]`: `outrider-proxy` as a native sidecar (`restartPolicy: Always`, Kubernetes
 //!   1.29+), before the app's own init containers, so they reach the network through it; or, with
 //!   `--legacy-sidecar`, `containers[0]` and the app's init containers run as the proxy's uid
@@ -44,6 +47,11 @@ use crate::quantity::Quantity;
 
 /// Name of the traffic-capture init container.
 pub const INIT_NAME: &str = "outrider-init";
+/// Name of the CNI mode's validation init container (in place of [`INIT_NAME`]).
+pub const VALIDATE_NAME: &str = "outrider-cni-validate";
+/// The uid the validation container runs as: not root, not the proxy's (its probe must be
+/// captured).
+pub const VALIDATE_UID: u32 = 2102;
 /// Name of the proxy container.
 pub const PROXY_NAME: &str = "outrider-proxy";
 /// Name of the identity volume.
@@ -81,6 +89,9 @@ pub const ANN_SKIP_INBOUND_PORTS: &str = "outrider.io/skip-inbound-ports";
 pub const ANN_SKIP_OUTBOUND_PORTS: &str = "outrider.io/skip-outbound-ports";
 /// Annotation: outbound networks that bypass the proxy (comma-separated CIDRs).
 pub const ANN_SKIP_OUTBOUND_CIDRS: &str = "outrider.io/skip-outbound-cidrs";
+/// Annotation: `cni` captures through the node's CNI plugin (no `outrider-init`), `init` through
+/// `outrider-init` even when injecting with `--cni`.
+pub const ANN_CAPTURE: &str = "outrider.io/capture";
 /// Annotation: ports that skip protocol detection, added to the proxy's defaults.
 pub const ANN_OPAQUE_PORTS: &str = "outrider.io/opaque-ports";
 /// Annotation: only traffic to these networks is captured outbound (comma-separated CIDRs).
@@ -146,6 +157,8 @@ pub struct InjectOptions {
     /// Inject what is otherwise skipped with a warning: workloads in `kube-system` or
     /// `kube-public`, and pods that another mesh (Istio, Linkerd) has injected or will inject.
     pub force: bool,
+    /// CNI mode: no `outrider-init`, a validation init container instead.
+    pub cni: bool,
 }
 
 impl Default for InjectOptions {
@@ -155,6 +168,7 @@ impl Default for InjectOptions {
             control: DEFAULT_CONTROL.into(),
             legacy_sidecar: false,
             force: false,
+            cni: false,
         }
     }
 }
@@ -197,7 +211,8 @@ pub fn inject_docs(
 
 /// Whether a pod spec already holds the injected containers.
 pub fn is_injected(pod: &PodSpec) -> bool {
-    let named = |c: &Container| c.name == INIT_NAME || c.name == PROXY_NAME;
+    let named =
+        |c: &Container| c.name == INIT_NAME || c.name == PROXY_NAME || c.name == VALIDATE_NAME;
     pod.containers.iter().any(named) || pod.init_containers.iter().flatten().any(named)
 }
 
@@ -288,7 +303,19 @@ pub(crate) fn inject_object(
     let guaranteed = crate::resources::qos(&w.pod, w.pod_resources.as_ref())
         == crate::resources::Qos::Guaranteed
         && w.pod_resources.is_none();
-    let mut init = init_container(&ann, opts, at)?;
+    let cni = match ann.get(ANN_CAPTURE) {
+        None => opts.cni,
+        Some((_, v)) if v == "cni" => true,
+        Some((_, v)) if v == "init" => false,
+        Some((path, v)) => {
+            return Err(at.error(path, format!("`{v}` is not a capture mode (cni or init)")))
+        }
+    };
+    let mut init = if cni {
+        validate_container(&ann, opts, at)?
+    } else {
+        init_container(&ann, opts, at)?
+    };
     let probes = app_probes(&w.pod, &pfx, at, &what, warnings)?;
     let proxy = proxy_container(&w, &ann, &probes, opts, at)?;
     if guaranteed {
@@ -656,6 +683,49 @@ fn join<T: ToString>(items: &[T]) -> String {
         .join(",")
 }
 
+/// The CNI mode's init container: `outrider cni validate`, non-root (uid [`VALIDATE_UID`]), no
+/// capabilities, its probe on a port the pod's `skip-outbound-ports` do not exempt.
+fn validate_container(
+    ann: &Annotations,
+    opts: &InjectOptions,
+    at: &Location,
+) -> Result<Container, InputError> {
+    let skipped: Vec<Port> = ann.list(ANN_SKIP_OUTBOUND_PORTS, at)?;
+    let probe_port = (1..=u16::MAX)
+        .find(|p| !skipped.iter().any(|s| s.get() == *p))
+        .unwrap_or(1);
+    let mut c = init_container(ann, opts, at)?;
+    c.name = VALIDATE_NAME.into();
+    c.args = Some(vec![
+        "cni".into(),
+        "validate".into(),
+        "--outbound-port".into(),
+        ports::OUTBOUND.to_string(),
+        "--probe".into(),
+        format!("198.18.255.254:{probe_port}"),
+    ]);
+    c.security_context = Some(unprivileged(VALIDATE_UID));
+    Ok(c)
+}
+
+/// Non-root as `uid`, no capabilities, read-only root, `RuntimeDefault` seccomp: what Pod
+/// Security `restricted` asks of a container.
+fn unprivileged(uid: u32) -> SecurityContext {
+    SecurityContext {
+        run_as_user: Some(i64::from(uid)),
+        run_as_group: Some(i64::from(uid)),
+        run_as_non_root: Some(true),
+        read_only_root_filesystem: Some(true),
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        seccomp_profile: Some(runtime_default()),
+        ..Default::default()
+    }
+}
+
 fn init_container(
     ann: &Annotations,
     opts: &InjectOptions,
@@ -830,19 +900,7 @@ fn proxy_container(
             period_seconds: Some(5),
             ..Default::default()
         }),
-        security_context: Some(SecurityContext {
-            run_as_user: Some(i64::from(ports::PROXY_UID)),
-            run_as_group: Some(i64::from(ports::PROXY_UID)),
-            run_as_non_root: Some(true),
-            read_only_root_filesystem: Some(true),
-            allow_privilege_escalation: Some(false),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                ..Default::default()
-            }),
-            seccomp_profile: Some(runtime_default()),
-            ..Default::default()
-        }),
+        security_context: Some(unprivileged(ports::PROXY_UID)),
         volume_mounts: Some(vec![VolumeMount {
             name: IDENTITY_VOLUME.into(),
             mount_path: IDENTITY_DIR.into(),
@@ -1323,7 +1381,7 @@ fn uninject_object(at: &Location, object: &mut Value) -> Result<(), InputError> 
     let ours = |v: &Value| {
         v.get("name")
             .and_then(Value::as_str)
-            .is_some_and(|n| n == INIT_NAME || n == PROXY_NAME || n == IDENTITY_VOLUME)
+            .is_some_and(|n| [INIT_NAME, PROXY_NAME, IDENTITY_VOLUME, VALIDATE_NAME].contains(&n))
     };
     for list in ["initContainers", "containers", "volumes"] {
         if let Some(Value::Sequence(items)) = spec.get_mut(list) {

@@ -40,6 +40,10 @@ pub struct InjectArgs {
     /// The pre-1.29 form: the proxy as the first regular container, not a native sidecar.
     #[arg(long, conflicts_with = "uninject")]
     pub legacy_sidecar: bool,
+    /// CNI mode: capture by the node's `outrider-cni` plugin; no `outrider-init`, no
+    /// capabilities in the pod (Pod Security `restricted`), a validation init container instead.
+    #[arg(long, conflicts_with = "uninject")]
+    pub cni: bool,
     /// The image with the `outrider` binary.
     #[arg(long, value_name = "IMAGE", default_value = inject::DEFAULT_IMAGE)]
     pub image: String,
@@ -107,6 +111,7 @@ pub fn inject_main(args: InjectArgs) -> ExitCode {
             control: args.control,
             legacy_sidecar: args.legacy_sidecar,
             force: args.force,
+            cni: args.cni,
         };
         inject::inject(&text, &opts)
     };
@@ -145,5 +150,7 @@ pub fn inject_main(args: InjectArgs) -> ExitCode {
 
 #[cfg(test)]
 mod corpus_tests;
+#[cfg(test)]
+mod restricted;
 #[cfg(test)]
 mod tests;

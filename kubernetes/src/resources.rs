@@ -41,6 +41,9 @@ pub struct ResourcesArgs {
     /// Count the containers `outrider inject` adds (native sidecar form).
     #[arg(long)]
     pub with_proxy: bool,
+    /// With `--with-proxy`: count CNI mode's containers (`outrider inject --cni`).
+    #[arg(long, requires = "with_proxy")]
+    pub cni: bool,
 }
 
 /// The resources reported: CPU and memory.
@@ -174,16 +177,23 @@ pub struct Report {
 
 /// Reports every workload of `text`, injected first when `with_proxy`.
 pub fn reports(text: &str, with_proxy: bool) -> Result<Vec<Report>, InputError> {
+    reports_with(text, with_proxy.then(InjectOptions::default).as_ref())
+}
+
+/// Reports every workload of `text`, injected with `opts` first when given (`--cni` too).
+pub fn reports_with(
+    text: &str,
+    with_proxy: Option<&InjectOptions>,
+) -> Result<Vec<Report>, InputError> {
     let mut out = Vec::new();
-    let opts = InjectOptions::default();
     for doc in manifest::documents(text)? {
         let (i, mut doc) = doc?;
         manifest::visit(
             i,
             &mut doc,
             &mut |at: &Location, object: &mut serde_norway::Value| {
-                if with_proxy {
-                    inject::inject_object(at, object, &opts, &mut Vec::new())?;
+                if let Some(opts) = with_proxy {
+                    inject::inject_object(at, object, opts, &mut Vec::new())?;
                 }
                 if let Some(kind) = WorkloadKind::of(object) {
                     out.push(report(&Workload::check(kind, object, at)?, at)?);
@@ -548,7 +558,11 @@ pub fn main(args: ResourcesArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match reports(&text, args.with_proxy) {
+    let opts = InjectOptions {
+        cni: args.cni,
+        ..InjectOptions::default()
+    };
+    match reports_with(&text, args.with_proxy.then_some(&opts)) {
         Ok(reports) => {
             print!("{}", render(&reports));
             ExitCode::SUCCESS

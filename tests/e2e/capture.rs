@@ -16,8 +16,8 @@ use std::time::Duration;
 use crate::support::{self, ChildGuard, Netns, TempDir};
 
 const OUTRIDER: &str = env!("CARGO_BIN_EXE_outrider");
-const APP_UID: &str = "1000";
-const PROXY_UID: &str = "1337";
+pub(crate) const APP_UID: &str = "1000";
+pub(crate) const PROXY_UID: &str = "1337";
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Answers every connection with its label, listening port and original destination.
@@ -169,7 +169,7 @@ impl Topology {
     }
 }
 
-fn server(ns: &Netns, label: &str, ports: &str) -> ChildGuard {
+pub(crate) fn server(ns: &Netns, label: &str, ports: &str) -> ChildGuard {
     let mut child = ns.spawn(&[&support::python(), "-c", SERVER_PY, label, ports]);
     let line = child.expect_line(READY_TIMEOUT);
     assert_eq!(
@@ -182,7 +182,7 @@ fn server(ns: &Netns, label: &str, ports: &str) -> ChildGuard {
 }
 
 /// Connects from `ns` as `uid` ("-1" = root) to host:port; returns the client's one-line verdict.
-fn connect(ns: &Netns, host: &str, port: u16, uid: &str) -> String {
+pub(crate) fn connect(ns: &Netns, host: &str, port: u16, uid: &str) -> String {
     let out = ns.exec(&[
         &support::python(),
         "-c",
@@ -200,7 +200,7 @@ fn connect(ns: &Netns, host: &str, port: u16, uid: &str) -> String {
     text
 }
 
-fn assert_conn(ns: &Netns, host: &str, port: u16, uid: &str, expected: &str) {
+pub(crate) fn assert_conn(ns: &Netns, host: &str, port: u16, uid: &str, expected: &str) {
     let got = connect(ns, host, port, uid);
     assert_eq!(
         got,
@@ -212,7 +212,7 @@ fn assert_conn(ns: &Netns, host: &str, port: u16, uid: &str, expected: &str) {
 
 /// Asserts the connection reached `label`'s server on the port dialed: not redirected. (Its
 /// SO_ORIGINAL_DST is not checked: without NAT rules the namespace may have no conntrack entry.)
-fn assert_direct(ns: &Netns, host: &str, port: u16, uid: &str, label: &str) {
+pub(crate) fn assert_direct(ns: &Netns, host: &str, port: u16, uid: &str, label: &str) {
     let got = connect(ns, host, port, uid);
     let expected = format!("ok {label} port={port} ");
     assert!(
@@ -243,7 +243,7 @@ fn init_ok(ns: &Netns, args: &[&str]) -> String {
 }
 
 /// `iptables-save` output without comments and with counters zeroed.
-fn normalized_save(ns: &Netns, save: &str, table: Option<&str>) -> String {
+pub(crate) fn normalized_save(ns: &Netns, save: &str, table: Option<&str>) -> String {
     let mut args = vec![save];
     if let Some(t) = table {
         args.extend(["-t", t]);

@@ -9,6 +9,7 @@
 
 mod analyze;
 mod capture;
+mod cni;
 mod control;
 mod dataplane;
 mod discovery;

@@ -314,10 +314,17 @@ pub struct Netns {
 impl Netns {
     /// Creates `outrider-<pid>-<n>` and brings its loopback up.
     pub fn new() -> Netns {
+        let ns = Netns::bare();
+        ns.exec_ok(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Creates `outrider-<pid>-<n>` as a container runtime does: loopback still down (the CNI
+    /// `loopback` plugin brings it up).
+    pub fn bare() -> Netns {
         let name = format!("outrider-{}-{}", std::process::id(), unique());
         run_ok(Command::new(ip()).args(["netns", "add", &name]));
         let ns = Netns { name };
-        ns.exec_ok(&["ip", "link", "set", "lo", "up"]);
         // Interfaces made later skip IPv6 duplicate address detection, link-local included, so
         // IPv6 neighbours answer at once instead of after a second of "tentative".
         ns.exec_ok(&["sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0"]);
