@@ -6,7 +6,11 @@ use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
+use outrider_control::api::DefaultPolicy;
 use outrider_iptables_init::ports;
+
+/// How long an inbound connection that arrives before the first view is held for it.
+pub const FIRST_VIEW_WAIT: Duration = Duration::from_secs(5);
 
 /// Ports that skip protocol detection by default: server-speaks-first and binary protocols
 /// (SMTP, submission, MySQL, Galera, PostgreSQL, Redis, Elasticsearch transport, memcached).
@@ -82,6 +86,13 @@ pub struct ProxyArgs {
     /// meshed endpoints; /ready waits for the first certificate. Read again at every renewal.
     #[arg(long, env = "OUTRIDER_IDENTITY_TOKEN_FILE", value_name = "FILE")]
     pub identity_token_file: Option<std::path::PathBuf>,
+    /// Who may call the inbound ports before the first view from the control plane arrives (a
+    /// connection is first held up to 5 s for it): `deny` (fail closed), `mesh-only` (any mesh
+    /// identity, no plaintext caller) or `allow-all`. App probes on the admin port are not
+    /// affected.
+    #[arg(long, env = "OUTRIDER_DEFAULT_INBOUND_POLICY", value_name = "POLICY",
+          default_value = "deny", value_parser = parse_default_policy)]
+    pub default_inbound_policy: DefaultPolicy,
     /// How long an inbound mutual TLS handshake may take.
     #[arg(long, env = "OUTRIDER_TLS_HANDSHAKE_TIMEOUT", value_name = "DUR", default_value = "5s",
           value_parser = parse_duration)]
@@ -204,6 +215,10 @@ pub struct Config {
     pub workload: Option<String>,
     /// The identity bootstrap token's file.
     pub identity_token_file: Option<std::path::PathBuf>,
+    /// Who may call the inbound ports before the first view.
+    pub default_inbound_policy: DefaultPolicy,
+    /// How long an inbound connection is held for the first view before that default applies.
+    pub first_view_wait: Duration,
     /// Inbound mutual TLS handshake timeout.
     pub tls_handshake_timeout: Duration,
     /// Worker threads.
@@ -281,6 +296,8 @@ impl Config {
             trust_anchors: args.trust_anchors,
             workload: args.workload,
             identity_token_file: args.identity_token_file,
+            default_inbound_policy: args.default_inbound_policy,
+            first_view_wait: FIRST_VIEW_WAIT,
             tls_handshake_timeout: args.tls_handshake_timeout,
             workers: args
                 .workers
@@ -352,6 +369,17 @@ impl Config {
             error(
                 "--identity-token-file",
                 "needs --control URL (the control plane issues the certificate)".into(),
+            );
+        }
+        if self.identity_token_file.is_some()
+            && self
+                .control
+                .as_deref()
+                .is_some_and(|url| !url.trim().to_ascii_lowercase().starts_with("https://"))
+        {
+            error(
+                "--identity-token-file",
+                "needs an https:// --control (with --trust-anchors): over plaintext http:// the token would cross the network in clear and the mesh's trust anchors would come back unauthenticated".into(),
             );
         }
         match (&self.control, &self.workload) {
@@ -507,6 +535,7 @@ impl Config {
             "workload": self.workload,
             // The path only: the token itself is a secret and never shown.
             "identity_token_file": self.identity_token_file.as_ref().map(|p| p.display().to_string()),
+            "default_inbound_policy": self.default_inbound_policy.as_str(),
             "tls_handshake_timeout": fmt_duration(self.tls_handshake_timeout),
             "detect_timeout": fmt_duration(self.detect_timeout),
             "detect_max_bytes": self.detect_max_bytes,
@@ -540,6 +569,8 @@ impl Config {
             control_tls: None,
             workload: None,
             identity_token_file: None,
+            default_inbound_policy: DefaultPolicy::Deny,
+            first_view_wait: FIRST_VIEW_WAIT,
             tls_handshake_timeout: Duration::from_secs(5),
             workers: 1,
             log_format: LogFormat::Plain,
@@ -611,6 +642,11 @@ fn resolve(s: &str) -> Option<SocketAddr> {
         return Some(addr);
     }
     s.to_socket_addrs().ok()?.next()
+}
+
+/// Parses `deny`, `mesh-only` or `allow-all`.
+pub fn parse_default_policy(s: &str) -> Result<DefaultPolicy, String> {
+    s.trim().parse()
 }
 
 /// Parses a port in 1..=65535.
@@ -707,5 +743,32 @@ mod tests {
         let mut c = Config::local(vec![spec("127.0.0.1:9030", "127.0.0.1:9031")]);
         c.drain_window = Duration::from_secs(60);
         assert!(c.validate().is_empty());
+    }
+
+    #[test]
+    fn a_token_is_never_sent_to_a_plaintext_control_plane() {
+        let with = |url: &str| {
+            let mut c = Config::local(vec![]);
+            c.control = Some(url.into());
+            c.workload = Some("demo/web".into());
+            c.identity_token_file = Some("token".into());
+            c.validate()
+        };
+        let errors = with("http://127.0.0.1:15012");
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.flag == "--identity-token-file" && e.reason.contains("https://")),
+            "{errors:?}"
+        );
+        assert!(with("HTTP://127.0.0.1:15012")
+            .iter()
+            .any(|e| e.flag == "--identity-token-file"));
+        // https:// is fine as far as the token goes (it then needs --trust-anchors).
+        let errors = with("https://127.0.0.1:15012");
+        assert!(
+            errors.iter().all(|e| e.flag != "--identity-token-file"),
+            "{errors:?}"
+        );
     }
 }

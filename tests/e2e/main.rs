@@ -14,4 +14,5 @@ mod hardening;
 mod inprocess;
 mod kubernetes;
 mod mesh;
+mod security;
 mod support;

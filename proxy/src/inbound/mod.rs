@@ -29,7 +29,7 @@ use crate::config::{Config, InboundTarget};
 use crate::detect::{Detected, Protocol};
 use crate::discovery::View;
 use crate::errors::{reason_of, Chain, Reason};
-use crate::http::client::{EndpointKey, Forward, Upstreams};
+use crate::http::client::{EndpointKey, Forward, Upstreams, ORIG_PROTO};
 use crate::http::server::{self, ConnContext, ServerConfig};
 use crate::identity::tls::{identity_of, offered_alpn};
 use crate::identity::{Alpn, IdentityStore};
@@ -91,8 +91,12 @@ impl tower::Service<http::Request<crate::http::Body>> for Authorize {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<crate::http::Body>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<crate::http::Body>) -> Self::Future {
         use futures_util::future::Either;
+        if self.peer.is_none() {
+            // The proxies' own hop headers are honoured only from an authenticated mesh peer.
+            req.headers_mut().remove(ORIG_PROTO);
+        }
         match self.policies.check(self.port, self.peer.as_deref()) {
             Ok(()) => Either::Left(self.inner.call(req)),
             Err(denied) => Either::Right(std::future::ready(Err(denied.into()))),
@@ -117,9 +121,9 @@ impl Inbound {
             server: ServerConfig::from(&*config),
             connect: upstreams.connect().clone(),
             metrics,
-            config,
             upstreams,
-            policies: Policies::new(views, peers.clone()),
+            policies: Policies::new(views, config.default_inbound_policy, peers.clone()),
+            config,
             identity,
             peers,
             stacks: Mutex::new(HashMap::new()),
@@ -203,6 +207,10 @@ impl Inbound {
             ..
         } = conn;
         let m = &self.metrics;
+        // Before the first view the port's policy is unknown: hold the caller (bounded).
+        self.policies
+            .wait_first_view(self.config.first_view_wait)
+            .await;
         let (mut io, activity) = MeteredIo::accepted(socket, m);
         // An opaque port skips detection, except that a meshed proxy still looks for a mesh
         // ClientHello there (a meshed client always speaks first); whatever else arrives on it
@@ -210,7 +218,11 @@ impl Inbound {
         let opaque_port = self.config.opaque_ports.contains(&app.port());
         let skip = opaque_port && self.identity.is_none();
         let connect = || self.connect.connect(app);
-        let bounds = self.config.detect_bounds();
+        let mut bounds = self.config.detect_bounds();
+        // A silent client may wait for a server that speaks first, but the app is dialled for
+        // it only where a plaintext caller could be admitted: nothing reaches the app, not even
+        // a TCP handshake, before its caller is authorized (a mesh client speaks first).
+        bounds.server_may_speak_first = self.policies.may_admit_plaintext(app.port());
         let Some(detected) = transport::detect(&mut io, skip, bounds, connect, m).await else {
             return;
         };

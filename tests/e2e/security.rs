@@ -1,0 +1,194 @@
+//! Where the mesh must fail closed, in process: a meshed inbound before its first view, a silent
+//! plaintext caller of a strict port, the proxies' internal headers from outside the mesh, and
+//! HTTP-looking first lines that are not HTTP.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::Empty;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use outrider::demo::ClientConn;
+use outrider_control::api::DefaultPolicy;
+use outrider_proxy::app::IdentitySource;
+use outrider_proxy::config::Config;
+use outrider_proxy::identity::certify::TokenSource;
+use outrider_proxy::identity::testing::{token_for, SigningCa, TestCa};
+use outrider_proxy::metrics::Direction;
+use outrider_proxy::test_util::FixedOrigDst;
+use outrider_proxy::Proxy;
+
+use crate::mesh::{
+    admin_get, allow_only, body, sidecar_config, start_app, start_echo, start_tweaked, Node, API,
+    WEB,
+};
+
+/// A meshed server proxy (`demo/api`, with a certificate) whose control plane accepts
+/// connections but never answers: it never gets a view. Not waited for (it never gets ready).
+async fn server_without_view(
+    app: SocketAddr,
+    tweak: impl FnOnce(&mut Config),
+) -> (Node, TcpListener) {
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut config = sidecar_config(silent.local_addr().unwrap(), "demo/api");
+    config.inbound = Some("127.0.0.1:0".parse().unwrap());
+    config.first_view_wait = Duration::from_millis(300);
+    tweak(&mut config);
+    let ca = Arc::new(SigningCa::new(
+        TestCa::new("test mesh root").unwrap(),
+        Duration::from_secs(3600),
+    ));
+    let registry = prometheus::Registry::new();
+    let source = IdentitySource {
+        ca,
+        token: TokenSource::Fixed(token_for(API).into()),
+    };
+    let proxy = Proxy::bind_with_identity(
+        config,
+        Arc::new(FixedOrigDst(app)),
+        None,
+        registry.clone(),
+        Some(source),
+    )
+    .await
+    .unwrap();
+    let node = Node {
+        registry,
+        admin: proxy.admin_addr(),
+        inbound: proxy.listener_addrs(Direction::Inbound).first().copied(),
+        outbound: None,
+        forward: None,
+        stop: proxy.shutdown_handle(),
+    };
+    tokio::spawn(proxy.run());
+    (node, silent)
+}
+
+#[tokio::test]
+async fn before_the_first_view_the_inbound_fails_closed_unless_the_flag_opens_it() {
+    let app = start_app().await;
+    let probes = format!(
+        "{{\"app/readiness\": {{\"port\": {}, \"path\": \"/ready\"}}}}",
+        app.port()
+    );
+    let probes = outrider_proxy::app_probe::parse(&probes).unwrap();
+    let (server, _silent) = server_without_view(app, |c| c.app_probes = probes).await;
+    let inbound = server.inbound.unwrap();
+    // A plaintext HTTP caller: held for the first view, then refused; the app never hears it.
+    let mut c = ClientConn::connect(inbound, false).await.unwrap();
+    let rsp = c.get("api.demo", "/").await.unwrap();
+    assert_eq!(rsp.status(), StatusCode::FORBIDDEN);
+    assert_eq!(rsp.headers()["outrider-error"], "denied");
+    // An opaque caller (a server-speaks-first port) is closed.
+    let mut s = TcpStream::connect(inbound).await.unwrap();
+    s.write_all(b"\x00\x01binary").await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
+    assert_eq!(
+        server.sum("outrider_authz_denied_total", &[("rule", "no-config")]),
+        2.0
+    );
+    assert_eq!(
+        server.sum("outrider_upstream_connects_total", &[]),
+        0.0,
+        "nothing reached the app"
+    );
+    // The app's probes through the admin port still work.
+    let probe = admin_get(server.admin, "/app-probe/app/readiness").await;
+    assert!(probe.starts_with("HTTP/1.1 200"), "{probe}");
+    assert!(admin_get(server.admin, "/ready")
+        .await
+        .starts_with("HTTP/1.1 503"));
+
+    // `--default-inbound-policy allow-all` opens the window (the operator's choice).
+    let (open, _silent) =
+        server_without_view(app, |c| c.default_inbound_policy = DefaultPolicy::AllowAll).await;
+    let mut c = ClientConn::connect(open.inbound.unwrap(), false)
+        .await
+        .unwrap();
+    let rsp = c.get("api.demo", "/").await.unwrap();
+    assert_eq!(rsp.status(), StatusCode::OK);
+    // `mesh-only` refuses the plaintext caller.
+    let (mesh_only, _silent) =
+        server_without_view(app, |c| c.default_inbound_policy = DefaultPolicy::MeshOnly).await;
+    let mut c = ClientConn::connect(mesh_only.inbound.unwrap(), false)
+        .await
+        .unwrap();
+    let rsp = c.get("api.demo", "/").await.unwrap();
+    assert_eq!(rsp.status(), StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn a_silent_plaintext_caller_of_a_strict_port_never_makes_the_inbound_dial_the_app() {
+    let (echo, accepted) = start_echo().await;
+    let strict = allow_only(echo.port(), WEB);
+    let mesh = start_tweaked(echo, "opaque", &strict, Duration::from_secs(3600), |c| {
+        c.detect_timeout = Duration::from_millis(100);
+        c.header_read_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let inbound = mesh.server.inbound.unwrap();
+    // Five silent callers: each is closed at the silence limit, and the app sees none of them.
+    let mut silent = Vec::new();
+    for _ in 0..5 {
+        silent.push(TcpStream::connect(inbound).await.unwrap());
+    }
+    for mut s in silent {
+        let mut one = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read(&mut one)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(
+        mesh.server.sum("outrider_upstream_connects_total", &[]),
+        0.0
+    );
+    // The meshed client still reaches it.
+    let mut s = TcpStream::connect(mesh.client.forward.unwrap())
+        .await
+        .unwrap();
+    crate::support::echoes(&mut s, b"meshed").await;
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+/// Sends `POST /x` over plaintext HTTP/2 to `addr` with `outrider-orig-proto: HTTP/1.0` and a
+/// streamed body; the app's answer.
+async fn h2_with_orig_proto(addr: SocketAddr) -> (StatusCode, String) {
+    let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post("http://api.demo/x")
+        .header("outrider-orig-proto", "HTTP/1.0")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let rsp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    (rsp.status(), body(rsp).await)
+}
+
+#[tokio::test]
+async fn internal_headers_from_outside_the_mesh_are_removed() {
+    let app = start_app().await;
+    let open = format!(
+        "    servers:\n      - port: {}\n        plaintext: true\n",
+        app.port()
+    );
+    let mesh = start_tweaked(app, "http1", &open, Duration::from_secs(3600), |_| {}).await;
+    // Straight to the inbound over plaintext h2c: the marker is not the caller's to set.
+    let (status, text) = h2_with_orig_proto(mesh.server.inbound.unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert!(
+        text.contains("\"protocol\":\"HTTP/2.0\""),
+        "the app hears the caller's own version: {text}"
+    );
+}
