@@ -192,3 +192,67 @@ async fn internal_headers_from_outside_the_mesh_are_removed() {
         "the app hears the caller's own version: {text}"
     );
 }
+
+/// Writes `req`, half-closes, and reads the answer (bounded).
+async fn exchange(addr: SocketAddr, req: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(req).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "no answer in 10 s");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn malformed_http_request_lines_are_answered_400_never_tunnelled() {
+    let (echo, accepted) = start_echo().await;
+    let mut config = Config::local(vec![outrider_proxy::config::ForwardSpec {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        upstream: echo,
+    }]);
+    config.detect_timeout = Duration::from_secs(5);
+    let registry = prometheus::Registry::new();
+    let proxy = Proxy::bind(
+        config,
+        Arc::new(outrider_proxy::transport::orig_dst::SoOriginalDst),
+        None,
+        registry.clone(),
+    )
+    .await
+    .unwrap();
+    let listen = proxy.listener_addrs(Direction::Forward)[0];
+    let stop = proxy.shutdown_handle();
+    tokio::spawn(proxy.run());
+    let http1 = || {
+        outrider_proxy::metrics::sum(&registry, "outrider_detect_total", &[("outcome", "http1")])
+    };
+    for line in [
+        &b"GET\t/a\tHTTP/1.1\r\nHost: a\r\n\r\n"[..],
+        b"GET /nine\r\nHost: a\r\n\r\n",
+        b"GET / SPDY/3\r\nHost: a\r\n\r\n",
+    ] {
+        let before = http1();
+        let rsp = exchange(listen, line).await;
+        assert!(
+            rsp.starts_with("HTTP/1.1 400"),
+            "{:?}: {rsp:?}",
+            String::from_utf8_lossy(line)
+        );
+        assert_eq!(http1(), before + 1.0, "{:?}", String::from_utf8_lossy(line));
+    }
+    // An unknown method with a request line longer than detection reads is HTTP too.
+    let before = http1();
+    let long = format!("FOO /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(9000));
+    let _ = exchange(listen, long.as_bytes()).await;
+    assert_eq!(http1(), before + 1.0);
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "only the well-formed request reached the upstream"
+    );
+    // Other protocols' inline commands stay opaque.
+    let mut s = TcpStream::connect(listen).await.unwrap();
+    crate::support::echoes(&mut s, b"get key\r\n").await;
+    stop.trigger("test over");
+}
