@@ -256,3 +256,154 @@ async fn malformed_http_request_lines_are_answered_400_never_tunnelled() {
     crate::support::echoes(&mut s, b"get key\r\n").await;
     stop.trigger("test over");
 }
+
+/// Waits (bounded: 10 s) until the peer closes `s` (EOF or a reset); how long it took.
+async fn closed_within(s: &mut TcpStream) -> Duration {
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!("still open 10 s later"),
+        }
+    }
+}
+
+/// Waits (bounded: 10 s) until an HTTP client connection is closed by the proxy.
+async fn http_closed_within(c: &ClientConn) -> Duration {
+    let started = std::time::Instant::now();
+    let closed = || match c {
+        ClientConn::Http1(s) => s.is_closed(),
+        ClientConn::Http2(s) => s.is_closed(),
+    };
+    // Bounded: 1,000 looks, 10 ms apart.
+    for _ in 0..1000 {
+        if closed() {
+            return started.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("still open 10 s later");
+}
+
+/// An upgraded (`Upgrade: echo`) stream to the demo app through `addr`, checked to echo.
+async fn upgraded(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"GET /up HTTP/1.1\r\nHost: api.demo\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = crate::support::read_head(&mut s).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    crate::support::echoes(&mut s, b"upgraded").await;
+    s
+}
+
+#[tokio::test]
+async fn open_http_and_upgraded_connections_of_a_revoked_caller_are_closed() {
+    let app = start_app().await;
+    let open = format!(
+        "    servers:\n      - port: {}\n        plaintext: true\n",
+        app.port()
+    );
+    let mesh = start_tweaked(app, "http1", &open, Duration::from_secs(3600), |_| {}).await;
+    let inbound = mesh.server.inbound.unwrap();
+    // Plaintext callers, straight to the inbound: HTTP/1.1, HTTP/2 and an upgraded stream.
+    let mut h1 = ClientConn::connect(inbound, false).await.unwrap();
+    let mut h2 = ClientConn::connect(inbound, true).await.unwrap();
+    for c in [&mut h1, &mut h2] {
+        assert_eq!(
+            c.get("api.demo", "/").await.unwrap().status(),
+            StatusCode::OK
+        );
+    }
+    let mut up = upgraded(inbound).await;
+    // And a meshed caller that stays allowed.
+    let mut meshed = ClientConn::connect(mesh.client.outbound.unwrap(), true)
+        .await
+        .unwrap();
+    assert_eq!(
+        meshed.get("api.demo", "/").await.unwrap().status(),
+        StatusCode::OK
+    );
+    // The port now admits `web` only, over mTLS.
+    mesh.apply("http1", API, &allow_only(app.port(), WEB));
+    let t1 = http_closed_within(&h1).await;
+    let t2 = http_closed_within(&h2).await;
+    let tu = closed_within(&mut up).await;
+    eprintln!("closed after the change: HTTP/1.1 {t1:?}, HTTP/2 {t2:?}, upgraded {tu:?}");
+    assert!(
+        mesh.server.sum(
+            "outrider_authz_denied_total",
+            &[("rule", "plaintext-not-allowed")]
+        ) >= 3.0
+    );
+    // A new plaintext connection gets 403; the meshed caller is untouched.
+    let mut again = ClientConn::connect(inbound, false).await.unwrap();
+    assert_eq!(
+        again.get("api.demo", "/").await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+    for _ in 0..5 {
+        assert_eq!(
+            meshed.get("api.demo", "/").await.unwrap().status(),
+            StatusCode::OK
+        );
+    }
+}
+
+#[tokio::test]
+async fn open_tcp_connections_of_a_revoked_caller_are_closed_meshed_or_not() {
+    let (echo, _) = start_echo().await;
+    let both = format!(
+        "    servers:\n      - port: {}\n        plaintext: true\n",
+        echo.port()
+    );
+    let mesh = start_tweaked(echo, "opaque", &both, Duration::from_secs(3600), |_| {}).await;
+    // A meshed TCP connection (mTLS, opaque ALPN) and a plaintext one.
+    let mut meshed = TcpStream::connect(mesh.client.forward.unwrap())
+        .await
+        .unwrap();
+    crate::support::echoes(&mut meshed, b"meshed").await;
+    let mut plain = TcpStream::connect(mesh.server.inbound.unwrap())
+        .await
+        .unwrap();
+    crate::support::echoes(&mut plain, b"\x00plain").await;
+    // Plaintext callers lose the port: the plaintext connection closes, the meshed one stays.
+    mesh.apply("opaque", API, &allow_only(echo.port(), WEB));
+    let tp = closed_within(&mut plain).await;
+    crate::support::echoes(&mut meshed, b"still allowed").await;
+    // Then `web` loses it too.
+    mesh.apply(
+        "opaque",
+        API,
+        &allow_only(echo.port(), "spiffe://outrider.local/ns/demo/sa/other"),
+    );
+    let tm = closed_within(&mut meshed).await;
+    eprintln!("closed after the change: plaintext {tp:?}, meshed {tm:?}");
+    assert!(
+        mesh.server.sum(
+            "outrider_authz_denied_total",
+            &[("rule", "identity-not-allowed")]
+        ) >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn an_open_mesh_connection_ends_when_the_callers_certificate_expires() {
+    let (echo, _) = start_echo().await;
+    let mesh = start_tweaked(echo, "opaque", "", Duration::from_secs(2), |_| {}).await;
+    let mut s = TcpStream::connect(mesh.client.forward.unwrap())
+        .await
+        .unwrap();
+    crate::support::echoes(&mut s, b"before expiry").await;
+    let t = closed_within(&mut s).await;
+    eprintln!("closed {t:?} after the first echo (certificates live 2 s)");
+    // The client proxy has renewed: a new connection works.
+    let mut s = TcpStream::connect(mesh.client.forward.unwrap())
+        .await
+        .unwrap();
+    crate::support::echoes(&mut s, b"after renewal").await;
+}

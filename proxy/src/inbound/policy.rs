@@ -121,6 +121,38 @@ impl Policies {
         let _ = tokio::time::timeout(bound, views.wait_for(|v| v.is_some())).await;
     }
 
+    /// Whether decisions can change (there is a control plane).
+    pub fn can_change(&self) -> bool {
+        self.views.is_some()
+    }
+
+    /// Resolves when a new view refuses `peer` on `port` (counted and logged like any refusal);
+    /// never without a control plane.
+    pub async fn until_denied(&self, port: u16, peer: Option<&Identity>) {
+        let Some(views) = &self.views else {
+            return std::future::pending().await;
+        };
+        let mut views = views.clone();
+        // Only changes from now on: the connection's own check read the view in force.
+        views.borrow_and_update();
+        loop {
+            if views.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            let denied = {
+                let view = views.borrow_and_update();
+                match view.as_ref() {
+                    None => decide_without_view(self.before_view, peer),
+                    Some(view) => decide(&view.inbound, port, peer),
+                }
+            }
+            .is_err();
+            if denied && self.check(port, peer).is_err() {
+                return;
+            }
+        }
+    }
+
     /// Whether a plaintext caller could be admitted on `port` now (nothing is counted): a
     /// silent plaintext client of a port that refuses plaintext callers is never worth dialling
     /// the app for.
