@@ -141,6 +141,7 @@ impl Proxy {
                     metrics: IdentityMetrics::register(&registry)
                         .context("cannot register metrics")?,
                     next: next_renewal.clone(),
+                    readiness: readiness.clone(),
                 };
                 tokio::spawn(renewal.run(readiness.block("the first certificate")));
                 Some(store)

@@ -407,3 +407,112 @@ async fn an_open_mesh_connection_ends_when_the_callers_certificate_expires() {
         .unwrap();
     crate::support::echoes(&mut s, b"after renewal").await;
 }
+
+/// A body that sends one chunk, then nothing, ever.
+struct Stalls(bool);
+
+impl hyper::body::Body for Stalls {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        if self.0 {
+            return std::task::Poll::Pending;
+        }
+        self.0 = true;
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(
+            b"first chunk",
+        )))))
+    }
+}
+
+/// An upstream that reads a POST's whole body before answering, and answers a GET with a body
+/// that stalls after its first chunk.
+async fn start_stalling_upstream() -> SocketAddr {
+    use http_body_util::BodyExt;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let body = if req.method() == http::Method::POST {
+                            let _ = req.into_body().collect().await;
+                            http_body_util::Either::Left(http_body_util::Full::new(
+                                Bytes::from_static(b"read"),
+                            ))
+                        } else {
+                            http_body_util::Either::Right(Stalls(false))
+                        };
+                        Ok::<_, std::convert::Infallible>(http::Response::new(body))
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_stalled_http2_body_ends_at_the_stream_idle_timeout() {
+    use http_body_util::BodyExt;
+    let upstream = start_stalling_upstream().await;
+    let mut config = Config::local(vec![outrider_proxy::config::ForwardSpec {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        upstream,
+    }]);
+    config.stream_idle_timeout = Duration::from_millis(300);
+    let proxy = Proxy::bind(
+        config,
+        Arc::new(outrider_proxy::transport::orig_dst::SoOriginalDst),
+        None,
+        prometheus::Registry::new(),
+    )
+    .await
+    .unwrap();
+    let listen = proxy.listener_addrs(Direction::Forward)[0];
+    let stop = proxy.shutdown_handle();
+    tokio::spawn(proxy.run());
+    let io = TokioIo::new(TcpStream::connect(listen).await.unwrap());
+    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    // A stalled upload: the stream ends (reset or an error answer) instead of waiting forever.
+    type Either = http_body_util::Either<Stalls, http_body_util::Full<Bytes>>;
+    let req = http::Request::post("http://a/upload")
+        .body(Either::Left(Stalls(false)))
+        .unwrap();
+    let upload = tokio::time::timeout(Duration::from_secs(10), send.send_request(req)).await;
+    match upload {
+        Ok(Ok(rsp)) => assert_ne!(rsp.status(), StatusCode::OK, "the upload never completed"),
+        Ok(Err(_)) => {}
+        Err(_) => panic!("a stalled upload held its stream for 10 s"),
+    }
+    // A stalled download: the response body fails after its first chunk.
+    let req = http::Request::get("http://a/download")
+        .body(Either::Right(http_body_util::Full::new(Bytes::new())))
+        .unwrap();
+    let rsp = send.send_request(req).await.unwrap();
+    assert_eq!(rsp.status(), StatusCode::OK);
+    let read = tokio::time::timeout(Duration::from_secs(10), rsp.into_body().collect()).await;
+    assert!(
+        matches!(read, Ok(Err(_))),
+        "a stalled download held its stream: {read:?}"
+    );
+    // The connection still serves other streams.
+    let req = http::Request::post("http://a/upload")
+        .body(Either::Right(http_body_util::Full::new(
+            Bytes::from_static(b"whole"),
+        )))
+        .unwrap();
+    let rsp = send.send_request(req).await.unwrap();
+    assert_eq!(rsp.status(), StatusCode::OK);
+    stop.trigger("test over");
+}

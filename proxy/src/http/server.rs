@@ -27,7 +27,7 @@ use tower::ServiceExt;
 
 use crate::detect::Protocol;
 use crate::drain;
-use crate::errors::{RequestBodyError, ResponseBody};
+use crate::errors::{BoxError, RequestBodyError, ResponseBody};
 use crate::metrics::DirectionMetrics;
 use crate::transport::io::Activity;
 
@@ -338,6 +338,7 @@ where
         in_flight: in_flight.clone(),
         requests: requests.clone(),
         head: head.clone(),
+        body_idle: (protocol == Protocol::Http2).then_some(config.stream_idle_timeout),
     };
     let io = TokioIo::new(io);
     let busy = in_flight.clone();
@@ -353,9 +354,8 @@ where
         let conn = builder.serve_connection(io, svc);
         let requests = requests.unwrap_or_default();
         let idle = requests.idle(config.idle_timeout, is_busy);
-        // The stream idle timeout is for HTTP/1 (no byte either way); HTTP/2's pings keep the
-        // socket busy, and a long gRPC stream is legitimately quiet: route and request timeouts
-        // bound HTTP/2 requests.
+        // HTTP/2's pings keep the socket busy, so the stream idle timeout applies per stream,
+        // to each request and response body (`IdleBody`), not to the connection.
         let stuck = std::future::pending();
         drive(
             conn,
@@ -408,6 +408,8 @@ struct ConnService<S> {
     /// HTTP/2: stamped when requests start and end.
     requests: Option<Activity>,
     head: Option<Arc<Head>>,
+    /// HTTP/2: how long a request or response body may stay without a frame.
+    body_idle: Option<Duration>,
 }
 
 /// Decrements the in-flight counts when the request ends, however it ends.
@@ -430,7 +432,7 @@ impl Drop for InFlight {
 }
 
 impl<S: Stack> hyper::service::Service<Request<Incoming>> for ConnService<S> {
-    type Response = Response<ResponseBody>;
+    type Response = Response<IdleBody<ResponseBody>>;
     type Error = Infallible;
     type Future = Counted<tower::util::Oneshot<S, Request<Body>>>;
 
@@ -443,7 +445,14 @@ impl<S: Stack> hyper::service::Service<Request<Incoming>> for ConnService<S> {
             head.in_flight.fetch_add(1, Ordering::Relaxed);
             head.complete();
         }
-        let mut req = req.map(|b| b.map_err(|e| RequestBodyError(e).into()).boxed_unsync());
+        let body_idle = self.body_idle;
+        let mut req = req.map(|b| {
+            let b = b.map_err(|e| BoxError::from(RequestBodyError(e)));
+            match body_idle {
+                Some(idle) => IdleBody::new(b, Some(idle)).boxed_unsync(),
+                None => b.boxed_unsync(),
+            }
+        });
         // Only a request that may become a byte stream needs the connection's context (and an
         // extension map allocated for it).
         let may_upgrade = req.method() == http::Method::CONNECT
@@ -453,6 +462,7 @@ impl<S: Stack> hyper::service::Service<Request<Incoming>> for ConnService<S> {
         }
         Counted {
             inner: self.stack.clone().oneshot(req),
+            body_idle,
             _in_flight: InFlight {
                 count: self.in_flight.clone(),
                 requests: self.requests.clone(),
@@ -467,14 +477,97 @@ pin_project_lite::pin_project! {
     pub struct Counted<F> {
         #[pin]
         inner: F,
+        body_idle: Option<Duration>,
         _in_flight: InFlight,
     }
 }
 
-impl<F: Future> Future for Counted<F> {
-    type Output = F::Output;
-    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
-        self.project().inner.poll(cx)
+impl<F> Future for Counted<F>
+where
+    F: Future<Output = Result<Response<ResponseBody>, Infallible>>,
+{
+    type Output = Result<Response<IdleBody<ResponseBody>>, Infallible>;
+    fn poll(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        let idle = *this.body_idle;
+        this.inner
+            .poll(cx)
+            .map(|r| r.map(|rsp| rsp.map(|b| IdleBody::new(b, idle))))
+    }
+}
+
+/// A body that stayed without a frame for the stream idle timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("no body data for the stream idle timeout ({0:?})")]
+pub struct BodyIdle(Duration);
+
+pin_project_lite::pin_project! {
+    /// A body that fails with [`BodyIdle`] once no frame has come for its idle timeout (none:
+    /// no bound), so a stalled HTTP/2 upload or download does not hold its stream forever.
+    pub struct IdleBody<B> {
+        #[pin]
+        inner: B,
+        idle: Option<Duration>,
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl<B> IdleBody<B> {
+    /// `inner`, failing after `idle` without a frame.
+    pub fn new(inner: B, idle: Option<Duration>) -> Self {
+        Self {
+            inner,
+            idle,
+            timer: None,
+        }
+    }
+}
+
+impl<B> http_body::Body for IdleBody<B>
+where
+    B: http_body::Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        use std::task::Poll;
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                if let (Some(timer), Some(idle)) = (this.timer.as_mut(), *this.idle) {
+                    timer.as_mut().reset(tokio::time::Instant::now() + idle);
+                }
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let Some(idle) = *this.idle else {
+                    return Poll::Pending;
+                };
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(BodyIdle(idle).into()))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use outrider_control::api::{DefaultPolicy, Identity, InboundView};
+use outrider_control::api::{DefaultPolicy, Identity, InboundView, WatchResponse};
 use tokio::sync::watch;
 
 use crate::discovery::View;
@@ -40,6 +40,8 @@ pub enum Rule {
     DefaultDeny,
     /// No view has arrived yet and `--default-inbound-policy` refuses this caller.
     NoConfig,
+    /// "Any mesh identity" admits the mesh's own trust domain only.
+    ForeignTrustDomain,
 }
 
 impl Rule {
@@ -51,6 +53,7 @@ impl Rule {
             Rule::MeshOnly => "default-mesh-only",
             Rule::DefaultDeny => "default-deny",
             Rule::NoConfig => "no-config",
+            Rule::ForeignTrustDomain => "foreign-trust-domain",
         }
     }
 }
@@ -63,18 +66,25 @@ pub fn decide_without_view(policy: DefaultPolicy, peer: Option<&Identity>) -> Re
     }
 }
 
-/// What `inbound` says of a caller `peer` (`None`: plaintext) of `port`.
-pub fn decide(inbound: &InboundView, port: u16, peer: Option<&Identity>) -> Result<(), Rule> {
+/// What `view` says of a caller `peer` (`None`: plaintext) of `port`. "Any mesh identity" (an
+/// empty `allow`, `mesh-only`) means any identity of the mesh's own trust domain: an identity
+/// of another trust domain whose root the bundle holds (federation) is admitted only where an
+/// `allow` list names it.
+pub fn decide(view: &WatchResponse, port: u16, peer: Option<&Identity>) -> Result<(), Rule> {
+    let inbound: &InboundView = &view.inbound;
+    let foreign = |id: &Identity| id.trust_domain() != view.trust_domain;
     match inbound.servers.iter().find(|s| s.port == port) {
         Some(server) => match peer {
             None if server.plaintext => Ok(()),
             None => Err(Rule::PlaintextNotAllowed),
-            Some(_) if server.allow.is_empty() => Ok(()),
             Some(id) if server.allow.iter().any(|a| a.matches(id)) => Ok(()),
+            Some(id) if server.allow.is_empty() && foreign(id) => Err(Rule::ForeignTrustDomain),
+            Some(_) if server.allow.is_empty() => Ok(()),
             Some(_) => Err(Rule::IdentityNotAllowed),
         },
         None => match (inbound.default_policy, peer) {
             (DefaultPolicy::AllowAll, _) => Ok(()),
+            (DefaultPolicy::MeshOnly, Some(id)) if foreign(id) => Err(Rule::ForeignTrustDomain),
             (DefaultPolicy::MeshOnly, Some(_)) => Ok(()),
             (DefaultPolicy::MeshOnly, None) => Err(Rule::MeshOnly),
             (DefaultPolicy::Deny, _) => Err(Rule::DefaultDeny),
@@ -143,7 +153,7 @@ impl Policies {
                 let view = views.borrow_and_update();
                 match view.as_ref() {
                     None => decide_without_view(self.before_view, peer),
-                    Some(view) => decide(&view.inbound, port, peer),
+                    Some(view) => decide(view, port, peer),
                 }
             }
             .is_err();
@@ -163,7 +173,7 @@ impl Policies {
         let view = views.borrow();
         match view.as_ref() {
             None => decide_without_view(self.before_view, None).is_ok(),
-            Some(view) => decide(&view.inbound, port, None).is_ok(),
+            Some(view) => decide(view, port, None).is_ok(),
         }
     }
 
@@ -197,7 +207,7 @@ impl Policies {
             let view = views.borrow();
             match view.as_ref() {
                 None => decide_without_view(self.before_view, peer),
-                Some(view) => decide(&view.inbound, port, peer),
+                Some(view) => decide(view, port, peer),
             }
         };
         let Err(rule) = decision else {
@@ -246,11 +256,9 @@ mod tests {
     use super::*;
     use outrider_control::mesh::Mesh;
 
-    fn inbound(yaml: &str) -> InboundView {
+    fn inbound(yaml: &str) -> WatchResponse {
         let mesh = Mesh::parse(yaml).unwrap();
-        mesh.view(&"demo/api".parse().unwrap(), "v1")
-            .unwrap()
-            .inbound
+        mesh.view(&"demo/api".parse().unwrap(), "v1").unwrap()
     }
 
     fn id(s: &str) -> Identity {
@@ -327,6 +335,31 @@ mod tests {
         assert!(Policies::new(None, DefaultPolicy::Deny, metrics.peers)
             .check(8080, None)
             .is_ok());
+    }
+
+    #[test]
+    fn any_mesh_identity_means_the_meshs_own_trust_domain() {
+        let view = inbound(
+            "workloads:\n  - name: demo/api\n    default_policy: mesh-only\n    servers:\n      - port: 8080\n        allow: []\n      - port: 9090\n        allow: [spiffe://other.td/ns/demo/sa/web]\n",
+        );
+        let ours = id("spiffe://outrider.local/ns/demo/sa/web");
+        let foreign = id("spiffe://other.td/ns/demo/sa/web");
+        assert_eq!(decide(&view, 8080, Some(&ours)), Ok(()));
+        assert_eq!(
+            decide(&view, 8080, Some(&foreign)),
+            Err(Rule::ForeignTrustDomain)
+        );
+        assert_eq!(
+            decide(&view, 7000, Some(&foreign)),
+            Err(Rule::ForeignTrustDomain),
+            "mesh-only"
+        );
+        assert_eq!(decide(&view, 7000, Some(&ours)), Ok(()));
+        assert_eq!(
+            decide(&view, 9090, Some(&foreign)),
+            Ok(()),
+            "named explicitly"
+        );
     }
 
     #[test]
