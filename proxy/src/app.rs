@@ -31,6 +31,9 @@ use crate::transport::connect::Connect;
 use crate::transport::listen::{accept_loop, Limit};
 use crate::transport::orig_dst::OrigDst;
 
+/// How often the `--trust-anchors` file is checked for a change.
+const CONTROL_TRUST_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// One bound listener and the stack that serves it.
 enum Stack {
     Inbound(Arc<Inbound>),
@@ -148,6 +151,9 @@ impl Proxy {
             }
             None => None,
         };
+        if let Some(trust) = &config.control_trust {
+            tokio::spawn(trust.clone().follow(store.clone(), CONTROL_TRUST_CHECK));
+        }
         let upstreams = Arc::new(Upstreams::new(connect));
         let discovery = match (&config.control, &config.workload) {
             (Some(url), Some(workload)) => Some(Discovery::spawn(

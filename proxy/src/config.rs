@@ -209,8 +209,11 @@ pub struct Config {
     pub control: Option<String>,
     /// The trust anchors file (`--trust-anchors`).
     pub trust_anchors: Option<std::path::PathBuf>,
-    /// TLS towards the control plane, verified against the trust anchors.
+    /// TLS towards the control plane, verified against the roots of `control_trust`.
     pub control_tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// The roots the control plane's certificate may chain to (they follow the trust anchors
+    /// file and the served bundle).
+    pub control_trust: Option<std::sync::Arc<crate::identity::control_trust::ControlTrust>>,
     /// This proxy's workload.
     pub workload: Option<String>,
     /// The identity bootstrap token's file.
@@ -293,6 +296,7 @@ impl Config {
             forwards: args.forwards,
             control: args.control,
             control_tls: None,
+            control_trust: None,
             trust_anchors: args.trust_anchors,
             workload: args.workload,
             identity_token_file: args.identity_token_file,
@@ -324,12 +328,21 @@ impl Config {
         };
         let mut errors = Vec::new();
         if let Some(path) = &config.trust_anchors {
+            use crate::identity::control_trust::ControlTrust;
             match std::fs::read_to_string(path)
                 .map_err(|e| e.to_string())
                 .and_then(|pem| {
-                    outrider_control::client::client_tls(&pem).map_err(|e| e.to_string())
+                    // The same checks as the control plane's own client (PEM, usable roots).
+                    outrider_control::client::client_tls(&pem).map_err(|e| e.to_string())?;
+                    let trust =
+                        ControlTrust::new(Some(path.clone()), &pem).map_err(|e| e.to_string())?;
+                    let tls = trust.client_config().map_err(|e| e.to_string())?;
+                    Ok((trust, tls))
                 }) {
-                Ok(tls) => config.control_tls = Some(tls),
+                Ok((trust, tls)) => {
+                    config.control_trust = Some(trust);
+                    config.control_tls = Some(tls);
+                }
                 Err(e) => errors.push(ConfigError {
                     flag: "--trust-anchors",
                     reason: format!("{}: {e}", path.display()),
@@ -567,6 +580,7 @@ impl Config {
             control: None,
             trust_anchors: None,
             control_tls: None,
+            control_trust: None,
             workload: None,
             identity_token_file: None,
             default_inbound_policy: DefaultPolicy::Deny,

@@ -15,16 +15,16 @@ use std::time::{Duration, Instant};
 
 use crate::support::{self, ChildGuard, PortHold, TempDir};
 
-const OUTRIDER: &str = env!("CARGO_BIN_EXE_outrider");
+pub(crate) const OUTRIDER: &str = env!("CARGO_BIN_EXE_outrider");
 const VIP: &str = "198.18.100.1:80";
 /// How long a change may take to reach the proxy or show in its traffic.
-const CHANGE_TIMEOUT: Duration = Duration::from_secs(15);
+pub(crate) const CHANGE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A minimal HTTP/1.1 response: status, headers (lower-case names), body.
-struct Answer {
-    status: u16,
+pub(crate) struct Answer {
+    pub(crate) status: u16,
     headers: Vec<(String, String)>,
-    body: String,
+    pub(crate) body: String,
 }
 
 impl Answer {
@@ -85,7 +85,7 @@ fn connect(addr: SocketAddr) -> BufReader<TcpStream> {
 }
 
 /// One request on a fresh connection.
-fn get(addr: SocketAddr, path: &str) -> Answer {
+pub(crate) fn get(addr: SocketAddr, path: &str) -> Answer {
     exchange(&mut connect(addr), "GET", path).unwrap()
 }
 
@@ -213,7 +213,7 @@ impl Load {
 }
 
 /// A demo app instance on a loopback port of its own; returns once it listens.
-fn start_app(instance: &str) -> (u16, ChildGuard) {
+pub(crate) fn start_app(instance: &str) -> (u16, ChildGuard) {
     support::spawn_listening(
         instance,
         None,
@@ -240,7 +240,7 @@ fn start_control(dir: Option<&TempDir>, port: Option<u16>) -> (SocketAddr, Child
 }
 
 /// [`start_control`] with `extra` flags instead of `--plaintext`.
-fn start_control_with(
+pub(crate) fn start_control_with(
     dir: Option<&TempDir>,
     port: Option<u16>,
     extra: &[&str],
@@ -266,7 +266,7 @@ fn start_control_with(
 
 /// A proxy with `args`, its admin server and listeners on port 0; returns it with the addresses
 /// it bound (from its log).
-fn start_proxy(args: &[&str]) -> (ChildGuard, support::ProxyAddrs) {
+pub(crate) fn start_proxy(args: &[&str]) -> (ChildGuard, support::ProxyAddrs) {
     let mut proxy = ChildGuard::spawn(
         Command::new(OUTRIDER)
             .arg("proxy")
@@ -281,7 +281,7 @@ fn start_proxy(args: &[&str]) -> (ChildGuard, support::ProxyAddrs) {
 }
 
 /// The sum of `family`'s samples with `labels` on `addr`'s `/metrics`; a missing family fails.
-fn metric(addr: SocketAddr, family: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn metric(addr: SocketAddr, family: &str, labels: &[(&str, &str)]) -> f64 {
     support::sample(&get(addr, "/metrics").body, family, labels)
 }
 
@@ -298,7 +298,7 @@ fn proxy_version(admin: SocketAddr) -> Option<String> {
     config["control"]["version"].as_str().map(str::to_owned)
 }
 
-fn wait_until(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+pub(crate) fn wait_until(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
         if check() {
@@ -730,7 +730,7 @@ fn refused_unknown_destinations_empty_services_and_readiness() {
 }
 
 /// `outrider control ca init` into `dir`; returns its stdout.
-fn ca_init(dir: &std::path::Path) -> String {
+pub(crate) fn ca_init(dir: &std::path::Path) -> String {
     support::run_ok(
         Command::new(OUTRIDER)
             .args(["control", "ca", "init", "--dir"])
@@ -739,7 +739,7 @@ fn ca_init(dir: &std::path::Path) -> String {
 }
 
 /// `--issuer-cert`, `--issuer-key`, `--trust-anchors`, `--token-key` for the files of `ca init`.
-fn ca_flags(dir: &std::path::Path) -> Vec<String> {
+pub(crate) fn ca_flags(dir: &std::path::Path) -> Vec<String> {
     let file = |name: &str| dir.join(name).display().to_string();
     vec![
         "--issuer-cert".into(),

@@ -516,3 +516,104 @@ async fn a_stalled_http2_body_ends_at_the_stream_idle_timeout() {
     assert_eq!(rsp.status(), StatusCode::OK);
     stop.trigger("test over");
 }
+
+/// The README's root rotation, with the real binaries: a TLS control plane whose issuer files and
+/// bundle change under a running proxy (certificates living 4 s), which keeps its control
+/// connection and renews through every step without anyone touching its `--trust-anchors`.
+#[test]
+fn a_root_rotation_reaches_a_running_proxys_control_connection() {
+    use crate::control::{
+        ca_flags, ca_init, get, metric, start_app, start_control_with, start_proxy, wait_until,
+        OUTRIDER,
+    };
+    let dir = crate::support::TempDir::new();
+    let (old, new, live) = (
+        dir.path().join("old"),
+        dir.path().join("new"),
+        dir.path().join("live"),
+    );
+    ca_init(&old);
+    ca_init(&new);
+    std::fs::create_dir_all(&live).unwrap();
+    for f in ["root.pem", "issuer.pem", "issuer-key.pem", "token.key"] {
+        std::fs::copy(old.join(f), live.join(f)).unwrap();
+    }
+    let proxy_anchors = dir.path().join("proxy-anchors.pem");
+    std::fs::copy(old.join("root.pem"), &proxy_anchors).unwrap();
+    let mut flags = ca_flags(&live);
+    flags.extend(["--cert-lifetime".into(), "4s".into()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (cp, control) = start_control_with(None, None, &flags);
+    let token = crate::support::run_ok(std::process::Command::new(OUTRIDER).args([
+        "control",
+        "token",
+        "--token-key",
+        &live.join("token.key").display().to_string(),
+        "--namespace",
+        "demo",
+        "--service-account",
+        "loadgen",
+    ]));
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token.trim()).unwrap();
+    let (app, _app) = start_app("app");
+    let url = format!("https://{cp}");
+    let (_proxy, addrs) = start_proxy(&[
+        "--forward",
+        &format!("127.0.0.1:0=127.0.0.1:{app}"),
+        "--control",
+        &url,
+        "--trust-anchors",
+        &proxy_anchors.display().to_string(),
+        "--workload",
+        "demo/loadgen",
+        "--identity-token-file",
+        &token_file.display().to_string(),
+    ]);
+    let admin = addrs.admin;
+    let within = Duration::from_secs(30);
+    wait_until("ready over TLS with a certificate", within, || {
+        get(admin, "/ready").status == 200
+    });
+    let renewed = || {
+        metric(
+            admin,
+            "outrider_identity_certify_total",
+            &[("result", "ok")],
+        )
+    };
+    let renew_twice = |step: &str| {
+        let from = renewed();
+        wait_until(&format!("{step}: two renewals"), within, || {
+            renewed() >= from + 2.0
+        });
+        assert_eq!(get(admin, "/ready").status, 200, "{step}");
+    };
+    let both = format!(
+        "{}{}",
+        std::fs::read_to_string(old.join("root.pem")).unwrap(),
+        std::fs::read_to_string(new.join("root.pem")).unwrap()
+    );
+    // 1. The new root joins the bundle.
+    std::fs::write(live.join("root.pem"), &both).unwrap();
+    renew_twice("step 1");
+    // 2. The new issuer signs, the control plane's serving certificate included.
+    for f in ["issuer-key.pem", "issuer.pem"] {
+        std::fs::copy(new.join(f), live.join(f)).unwrap();
+    }
+    // The control plane restarts (as a pod does), so the proxy's pooled connections are gone
+    // and it must verify the new serving certificate.
+    drop(control);
+    let (_, _control) = start_control_with(None, Some(cp.port()), &flags);
+    renew_twice("step 2");
+    // 3. The old root leaves the bundle.
+    std::fs::copy(new.join("root.pem"), live.join("root.pem")).unwrap();
+    renew_twice("step 3");
+    let identity = get(admin, "/identity").body;
+    assert!(identity.contains("\"trust_anchors\": 1"), "{identity}");
+    assert_eq!(
+        metric(admin, "outrider_control_connected", &[]),
+        1.0,
+        "the watch is connected"
+    );
+}

@@ -7,6 +7,7 @@
 //!   connections.
 
 pub mod certify;
+pub mod control_trust;
 pub mod store;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;

@@ -252,6 +252,11 @@ impl IdentityStore {
         Ok(())
     }
 
+    /// A receiver told of every change of the trust bundle.
+    pub fn bundles(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.bundles.subscribe()
+    }
+
     /// Whether a client certificate `chain` (leaf first) chains to the trust bundle in force and
     /// names one mesh identity, now.
     pub fn trusts_client(&self, chain: &[CertificateDer<'static>]) -> bool {
