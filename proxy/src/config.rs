@@ -9,6 +9,9 @@ use std::time::Duration;
 use outrider_control::api::DefaultPolicy;
 use outrider_iptables_init::ports;
 
+/// Descriptors kept free of proxied connections (admin server, control plane, files).
+pub const FD_RESERVE: u64 = 128;
+
 /// How long an inbound connection that arrives before the first view is held for it.
 pub const FIRST_VIEW_WAIT: Duration = Duration::from_secs(5);
 
@@ -505,6 +508,32 @@ impl Config {
         ))
     }
 
+    /// Fits the connection limits into `open_files` descriptors: each proxied connection holds
+    /// two (client and upstream), every data listener may fill its `--max-connections`, and
+    /// [`FD_RESERVE`] stay free for the admin server (`/live`, `/ready`), the control plane and
+    /// files. Returns the limit it lowered `--max-connections` from, if it did: accepts then stop
+    /// at the limit instead of failing with EMFILE, and a forwarding loop between two processes
+    /// costs the limit, not every descriptor.
+    pub fn fit_open_files(&mut self, open_files: u64) -> Option<usize> {
+        let listeners = (self.forwards.len()
+            + usize::from(self.inbound.is_some())
+            + usize::from(self.outbound.is_some()))
+        .max(1) as u64;
+        let per_listener = open_files.saturating_sub(FD_RESERVE) / 2 / listeners;
+        let fit = usize::try_from(per_listener).unwrap_or(usize::MAX).max(1);
+        self.max_upstream_connections = self.max_upstream_connections.min(
+            usize::try_from(open_files.saturating_sub(FD_RESERVE) / 2)
+                .unwrap_or(usize::MAX)
+                .max(1),
+        );
+        if self.max_connections > fit {
+            let was = self.max_connections;
+            self.max_connections = fit;
+            return Some(was);
+        }
+        None
+    }
+
     /// Protocol detection bounds: a connection silent on both sides for the header-read timeout
     /// after the detection timeout is closed.
     pub fn detect_bounds(&self) -> crate::detect::Bounds {
@@ -635,20 +664,27 @@ pub fn parse_forward(s: &str) -> Result<ForwardSpec, String> {
 }
 
 /// Whether a listener bound to `listen` receives connections made to `upstream`: the same port,
-/// and the same address, or a wildcard bind and an address of this machine.
+/// and the same address, or a wildcard bind and an address of this machine. Aliases count: an
+/// IPv4-mapped IPv6 address is its IPv4 address, and connecting to `0.0.0.0` or `::` reaches
+/// this machine (loopback).
 fn is_listener_for(listen: SocketAddr, upstream: SocketAddr) -> bool {
     if listen.port() != upstream.port() {
         return false;
     }
-    if listen.ip() == upstream.ip() {
+    let canonical = |ip: std::net::IpAddr| ip.to_canonical();
+    let (listen_ip, ip) = (canonical(listen.ip()), canonical(upstream.ip()));
+    if listen_ip == ip {
         return true;
     }
-    if !listen.ip().is_unspecified() {
+    if ip.is_unspecified() {
+        // A connection to the unspecified address goes to loopback.
+        return listen_ip.is_unspecified() || listen_ip.is_loopback();
+    }
+    if !listen_ip.is_unspecified() {
         return false;
     }
-    let ip = upstream.ip();
     // An address of this machine is one a socket can bind to.
-    ip.is_loopback() || ip.is_unspecified() || std::net::UdpSocket::bind((ip, 0)).is_ok()
+    ip.is_loopback() || std::net::UdpSocket::bind((ip, 0)).is_ok()
 }
 
 fn resolve(s: &str) -> Option<SocketAddr> {
@@ -748,6 +784,18 @@ mod tests {
         );
         let c = Config::local(vec![spec("0.0.0.0:9020", "127.0.0.1:9020")]);
         assert_eq!(c.validate().len(), 1);
+        // Aliases of a listener: the unspecified address and IPv4-mapped IPv6 forms.
+        for upstream in [
+            "0.0.0.0:9021",
+            "[::ffff:127.0.0.1]:9021",
+            "[::ffff:7f00:1]:9021",
+            "[::]:9021",
+        ] {
+            let c = Config::local(vec![spec("127.0.0.1:9021", upstream)]);
+            assert_eq!(c.validate().len(), 1, "{upstream}");
+        }
+        let c = Config::local(vec![spec("[::]:9022", "[::ffff:127.0.0.1]:9022")]);
+        assert_eq!(c.validate().len(), 1);
         let mut c = Config::local(vec![]);
         c.stream_idle_timeout = Duration::ZERO;
         c.request_timeout = Some(Duration::ZERO);
@@ -784,5 +832,30 @@ mod tests {
             errors.iter().all(|e| e.flag != "--identity-token-file"),
             "{errors:?}"
         );
+    }
+
+    #[test]
+    fn connection_limits_fit_the_open_file_limit_with_a_reserve() {
+        let spec = |l: &str, u: &str| ForwardSpec {
+            listen: l.parse().unwrap(),
+            upstream: u.parse().unwrap(),
+        };
+        let mut c = Config::local(vec![spec("127.0.0.1:9000", "127.0.0.1:9001")]);
+        assert_eq!(c.fit_open_files(512), Some(10_000));
+        assert_eq!(c.max_connections, (512 - 128) / 2);
+        assert_eq!(c.max_upstream_connections, (512 - 128) / 2);
+        // Two listeners share the budget; a large limit changes nothing.
+        let mut c = Config::local(vec![
+            spec("127.0.0.1:9000", "127.0.0.1:9001"),
+            spec("127.0.0.1:9002", "127.0.0.1:9003"),
+        ]);
+        assert_eq!(c.fit_open_files(1024), Some(10_000));
+        assert_eq!(c.max_connections, (1024 - 128) / 4);
+        let mut c = Config::local(vec![spec("127.0.0.1:9000", "127.0.0.1:9001")]);
+        assert_eq!(c.fit_open_files(1 << 20), None);
+        assert_eq!(c.max_connections, 10_000);
+        // Even a tiny limit leaves one connection.
+        assert_eq!(c.fit_open_files(10), Some(10_000));
+        assert_eq!(c.max_connections, 1);
     }
 }

@@ -333,7 +333,8 @@ pub struct Bounds {
 /// Detects the protocol of `io`. A client still silent at the deadline may be waiting for a
 /// server that speaks first: the upstream is dialled with `connect` and whichever side speaks
 /// first decides (the client's bytes are detected as usual; the upstream's mean opaque TCP);
-/// when neither speaks within `bounds.silence`, or the client leaves, `Ok(None)`: close.
+/// when neither speaks within `bounds.silence`, or the client leaves (also before detection
+/// ends, without a byte), `Ok(None)`: close.
 pub async fn detect_or_wait<I, U, F, Fut>(
     io: &mut I,
     bounds: Bounds,
@@ -346,6 +347,11 @@ where
     Fut: std::future::Future<Output = Result<U, crate::errors::BoxError>>,
 {
     let (outcome, prefix) = detect(io, bounds.timeout, bounds.max_bytes).await?;
+    if prefix.is_empty() && outcome == Outcome::Detected(Protocol::Opaque) {
+        // The client closed its side without a byte: nothing to forward, and dialling for it
+        // would let a loop through an alias multiply connections.
+        return Ok(None);
+    }
     if outcome != Outcome::Timeout || !prefix.is_empty() {
         return Ok(Some(Detected {
             outcome,

@@ -617,3 +617,110 @@ fn a_root_rotation_reaches_a_running_proxys_control_connection() {
         "the watch is connected"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_closes_without_a_byte_makes_no_upstream_connection() {
+    let (echo, accepted) = start_echo().await;
+    let mut config = Config::local(vec![outrider_proxy::config::ForwardSpec {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        upstream: echo,
+    }]);
+    config.detect_timeout = Duration::from_millis(200);
+    let proxy = Proxy::bind(
+        config,
+        Arc::new(outrider_proxy::transport::orig_dst::SoOriginalDst),
+        None,
+        prometheus::Registry::new(),
+    )
+    .await
+    .unwrap();
+    let listen = proxy.listener_addrs(Direction::Forward)[0];
+    let stop = proxy.shutdown_handle();
+    tokio::spawn(proxy.run());
+    for _ in 0..5 {
+        let mut s = TcpStream::connect(listen).await.unwrap();
+        s.shutdown().await.unwrap();
+        closed_within(&mut s).await;
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a FIN-only client is closed, not forwarded (a loop through an alias would multiply it)"
+    );
+    // A client that speaks is still forwarded.
+    let mut s = TcpStream::connect(listen).await.unwrap();
+    crate::support::echoes(&mut s, b"\x00hello").await;
+    stop.trigger("test over");
+}
+
+/// Open descriptors of process `pid`.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// With a low open-file limit, idle clients fill the connection limit the proxy derives from it,
+/// not every descriptor: the admin server keeps answering.
+#[test]
+fn with_a_low_open_file_limit_the_admin_server_keeps_answering() {
+    use crate::control::{get, start_app, OUTRIDER};
+    let (app, _app) = start_app("app");
+    let mut proxy = crate::support::ChildGuard::spawn(
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -n 200 && exec {OUTRIDER} proxy --forward 127.0.0.1:0=127.0.0.1:{app} --admin 127.0.0.1:0 --detect-timeout 100ms"
+            ))
+            .env("OUTRIDER_LOG", "info")
+            .env("OUTRIDER_LOG_FORMAT", "json"),
+        "proxy",
+    );
+    let addrs = crate::support::proxy_addrs(&mut proxy, Duration::from_secs(10));
+    assert!(
+        proxy.stderr().contains("lowered it"),
+        "the limit was fitted: {}",
+        proxy.stderr()
+    );
+    // 250 clients that start a request and never finish its head: each accepted one holds a
+    // descriptor until the header timeout. Those the proxy does not accept wait in the kernel's
+    // backlog (or give up after 500 ms once it is full).
+    let forward = addrs.forwards[0];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let clients = rt.block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..250 {
+            set.spawn(async move {
+                let connect = async {
+                    let mut s = TcpStream::connect(forward).await?;
+                    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n").await?;
+                    Ok::<_, std::io::Error>(s)
+                };
+                tokio::time::timeout(Duration::from_millis(500), connect).await
+            });
+        }
+        let mut clients = Vec::new();
+        while let Some(done) = set.join_next().await {
+            if let Ok(Ok(Ok(s))) = done {
+                clients.push(s);
+            }
+        }
+        clients
+    });
+    assert!(clients.len() >= 100, "{} clients connected", clients.len());
+    let pid = proxy.pid();
+    crate::control::wait_until(
+        "the proxy holds the clients it accepts",
+        Duration::from_secs(10),
+        || open_fds(pid) >= 36,
+    );
+    let live = get(addrs.admin, "/live");
+    assert_eq!(live.status, 200, "{}", live.body);
+    assert!(
+        open_fds(pid) < 200,
+        "descriptors to spare: {}",
+        open_fds(pid)
+    );
+    drop(clients);
+}
