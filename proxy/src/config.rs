@@ -177,8 +177,10 @@ pub struct ProxyArgs {
     #[arg(long, env = "OUTRIDER_MAX_UPSTREAM_CONNECTIONS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_upstream_connections: u32,
-    /// After shutdown starts, how long outbound traffic keeps being served (the app may still be
-    /// finishing its own work).
+    /// After shutdown starts, how long every listener keeps accepting and serving (Kubernetes
+    /// keeps sending for a while after a pod starts terminating; the app may still be finishing
+    /// its own work). Inbound and local-mode connections answer with `Connection: close` or
+    /// GOAWAY meanwhile.
     #[arg(long, env = "OUTRIDER_DRAIN_WINDOW", value_name = "DUR", default_value = "5s",
           value_parser = parse_duration)]
     pub drain_window: Duration,
@@ -460,9 +462,8 @@ impl Config {
                 "must be longer than 0; leave it out for none".into(),
             );
         }
-        // The drain window keeps outbound traffic flowing; without an outbound listener there
-        // is nothing to keep.
-        if self.outbound.is_some() && self.drain_window > self.shutdown_grace {
+        // Every listener keeps accepting for the drain window.
+        if self.drain_window > self.shutdown_grace {
             error(
                 "--drain-window",
                 format!(
@@ -801,10 +802,11 @@ mod tests {
         c.request_timeout = Some(Duration::ZERO);
         let flags: Vec<&str> = c.validate().iter().map(|e| e.flag).collect();
         assert_eq!(flags, ["--stream-idle-timeout", "--request-timeout"]);
-        // The drain window does not matter without an outbound listener.
+        // Local-mode listeners keep accepting for the drain window too.
         let mut c = Config::local(vec![spec("127.0.0.1:9030", "127.0.0.1:9031")]);
         c.drain_window = Duration::from_secs(60);
-        assert!(c.validate().is_empty());
+        let flags: Vec<&str> = c.validate().iter().map(|e| e.flag).collect();
+        assert_eq!(flags, ["--drain-window"]);
     }
 
     #[test]

@@ -91,13 +91,16 @@ impl Drop for ConnGuard {
     }
 }
 
-/// Accepts connections until the drain starts, handing each to `stack` on its own task.
+/// Accepts connections until `stop` is signalled, handing each to `stack` on its own task with
+/// `drain` (the drain of its connections, which may start earlier: a draining listener keeps
+/// accepting for the drain window).
 pub async fn accept_loop<S: Serve>(
     listener: TcpListener,
     stack: Arc<S>,
     limit: Arc<Limit>,
     metrics: Arc<DirectionMetrics>,
-    mut drain: drain::Watch,
+    mut stop: drain::Watch,
+    drain: drain::Watch,
 ) {
     let mut last_warn: Option<tokio::time::Instant> = None;
     let mut failures = 0u64;
@@ -107,11 +110,11 @@ pub async fn accept_loop<S: Serve>(
                 Some(p) => p,
                 None => return,
             },
-            () = drain.signaled() => break,
+            () = stop.signaled() => break,
         };
         let accepted = tokio::select! {
             res = listener.accept() => res,
-            () = drain.signaled() => break,
+            () = stop.signaled() => break,
         };
         match accepted {
             Ok((socket, peer)) => {
