@@ -70,12 +70,13 @@ pub(crate) fn mesh_yaml(
     )
 }
 
-pub(crate) async fn node(
+/// A proxy with a certificate for `identity` from `ca`, running, not yet waited for.
+pub(crate) async fn spawn_node(
     config: Config,
     orig: SocketAddr,
     ca: &Arc<SigningCa>,
     identity: &str,
-) -> Node {
+) -> (Node, outrider_proxy::readiness::Readiness) {
     let registry = prometheus::Registry::new();
     let source = IdentitySource {
         ca: ca.clone(),
@@ -100,6 +101,12 @@ pub(crate) async fn node(
     };
     let readiness = proxy.readiness();
     tokio::spawn(proxy.run());
+    (node, readiness)
+}
+
+/// [`spawn_node`], waiting (bounded) until the proxy is ready.
+async fn node(config: Config, orig: SocketAddr, ca: &Arc<SigningCa>, identity: &str) -> Node {
+    let (node, readiness) = spawn_node(config, orig, ca, identity).await;
     for _ in 0..500 {
         if readiness.check().is_ok() {
             return node;

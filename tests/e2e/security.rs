@@ -15,17 +15,14 @@ use tokio::net::{TcpListener, TcpStream};
 
 use outrider::demo::ClientConn;
 use outrider_control::api::DefaultPolicy;
-use outrider_proxy::app::IdentitySource;
 use outrider_proxy::config::Config;
-use outrider_proxy::identity::certify::TokenSource;
-use outrider_proxy::identity::testing::{token_for, SigningCa, TestCa};
+use outrider_proxy::identity::testing::{SigningCa, TestCa};
 use outrider_proxy::metrics::Direction;
-use outrider_proxy::test_util::FixedOrigDst;
 use outrider_proxy::Proxy;
 
 use crate::mesh::{
-    admin_get, allow_only, body, sidecar_config, start_app, start_echo, start_tweaked, Node, API,
-    WEB,
+    admin_get, allow_only, body, sidecar_config, spawn_node, start_app, start_echo, start_tweaked,
+    Node, API, WEB,
 };
 
 /// A meshed server proxy (`demo/api`, with a certificate) whose control plane accepts
@@ -43,29 +40,7 @@ async fn server_without_view(
         TestCa::new("test mesh root").unwrap(),
         Duration::from_secs(3600),
     ));
-    let registry = prometheus::Registry::new();
-    let source = IdentitySource {
-        ca,
-        token: TokenSource::Fixed(token_for(API).into()),
-    };
-    let proxy = Proxy::bind_with_identity(
-        config,
-        Arc::new(FixedOrigDst(app)),
-        None,
-        registry.clone(),
-        Some(source),
-    )
-    .await
-    .unwrap();
-    let node = Node {
-        registry,
-        admin: proxy.admin_addr(),
-        inbound: proxy.listener_addrs(Direction::Inbound).first().copied(),
-        outbound: None,
-        forward: None,
-        stop: proxy.shutdown_handle(),
-    };
-    tokio::spawn(proxy.run());
+    let (node, _) = spawn_node(config, app, &ca, API).await;
     (node, silent)
 }
 
@@ -193,6 +168,36 @@ async fn internal_headers_from_outside_the_mesh_are_removed() {
     );
 }
 
+/// A local-mode proxy forwarding to `upstream`, with its configuration changed by `tweak`: its
+/// listener, metrics and shutdown handle.
+async fn forward_proxy(
+    upstream: SocketAddr,
+    tweak: impl FnOnce(&mut Config),
+) -> (
+    SocketAddr,
+    prometheus::Registry,
+    outrider_proxy::ShutdownHandle,
+) {
+    let mut config = Config::local(vec![outrider_proxy::config::ForwardSpec {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        upstream,
+    }]);
+    tweak(&mut config);
+    let registry = prometheus::Registry::new();
+    let proxy = Proxy::bind(
+        config,
+        Arc::new(outrider_proxy::transport::orig_dst::SoOriginalDst),
+        None,
+        registry.clone(),
+    )
+    .await
+    .unwrap();
+    let listen = proxy.listener_addrs(Direction::Forward)[0];
+    let stop = proxy.shutdown_handle();
+    tokio::spawn(proxy.run());
+    (listen, registry, stop)
+}
+
 /// Writes `req`, half-closes, and reads the answer (bounded).
 async fn exchange(addr: SocketAddr, req: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
@@ -207,23 +212,10 @@ async fn exchange(addr: SocketAddr, req: &[u8]) -> String {
 #[tokio::test]
 async fn malformed_http_request_lines_are_answered_400_never_tunnelled() {
     let (echo, accepted) = start_echo().await;
-    let mut config = Config::local(vec![outrider_proxy::config::ForwardSpec {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        upstream: echo,
-    }]);
-    config.detect_timeout = Duration::from_secs(5);
-    let registry = prometheus::Registry::new();
-    let proxy = Proxy::bind(
-        config,
-        Arc::new(outrider_proxy::transport::orig_dst::SoOriginalDst),
-        None,
-        registry.clone(),
-    )
-    .await
-    .unwrap();
-    let listen = proxy.listener_addrs(Direction::Forward)[0];
-    let stop = proxy.shutdown_handle();
-    tokio::spawn(proxy.run());
+    let (listen, registry, stop) = forward_proxy(echo, |c| {
+        c.detect_timeout = Duration::from_secs(5);
+    })
+    .await;
     let http1 = || {
         outrider_proxy::metrics::sum(&registry, "outrider_detect_total", &[("outcome", "http1")])
     };
@@ -463,22 +455,10 @@ async fn start_stalling_upstream() -> SocketAddr {
 async fn a_stalled_http2_body_ends_at_the_stream_idle_timeout() {
     use http_body_util::BodyExt;
     let upstream = start_stalling_upstream().await;
-    let mut config = Config::local(vec![outrider_proxy::config::ForwardSpec {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        upstream,
-    }]);
-    config.stream_idle_timeout = Duration::from_millis(300);
-    let proxy = Proxy::bind(
-        config,
-        Arc::new(outrider_proxy::transport::orig_dst::SoOriginalDst),
-        None,
-        prometheus::Registry::new(),
-    )
-    .await
-    .unwrap();
-    let listen = proxy.listener_addrs(Direction::Forward)[0];
-    let stop = proxy.shutdown_handle();
-    tokio::spawn(proxy.run());
+    let (listen, _, stop) = forward_proxy(upstream, |c| {
+        c.stream_idle_timeout = Duration::from_millis(300);
+    })
+    .await;
     let io = TokioIo::new(TcpStream::connect(listen).await.unwrap());
     let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
         .await
@@ -621,22 +601,10 @@ fn a_root_rotation_reaches_a_running_proxys_control_connection() {
 #[tokio::test]
 async fn a_client_that_closes_without_a_byte_makes_no_upstream_connection() {
     let (echo, accepted) = start_echo().await;
-    let mut config = Config::local(vec![outrider_proxy::config::ForwardSpec {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        upstream: echo,
-    }]);
-    config.detect_timeout = Duration::from_millis(200);
-    let proxy = Proxy::bind(
-        config,
-        Arc::new(outrider_proxy::transport::orig_dst::SoOriginalDst),
-        None,
-        prometheus::Registry::new(),
-    )
-    .await
-    .unwrap();
-    let listen = proxy.listener_addrs(Direction::Forward)[0];
-    let stop = proxy.shutdown_handle();
-    tokio::spawn(proxy.run());
+    let (listen, _, stop) = forward_proxy(echo, |c| {
+        c.detect_timeout = Duration::from_millis(200);
+    })
+    .await;
     for _ in 0..5 {
         let mut s = TcpStream::connect(listen).await.unwrap();
         s.shutdown().await.unwrap();
