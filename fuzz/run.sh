@@ -13,7 +13,7 @@ cd "$here"
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
 
-targets=(mesh_config watch_query duration workload_id_identity init_flags detect request_headers proxy_flags mesh_input)
+targets=(mesh_config watch_query duration workload_id_identity init_flags detect request_headers proxy_flags mesh_input certify_request policy)
 echo "== building the fuzz targets"
 cargo +nightly fuzz build
 failed=()

@@ -81,6 +81,41 @@ pub struct Authority {
     reviewer: std::sync::OnceLock<crate::kubernetes::review::Reviewer>,
     pub(crate) issued: IntCounter,
     pub(crate) refused: IntCounterVec,
+    refusal_log: LogBudget,
+}
+
+/// Refusal lines logged per [`LogBudget::WINDOW`] at most: anyone who can reach the API can
+/// make it refuse, and must not be able to flood the log (the count is in the metric).
+#[derive(Debug, Default)]
+pub(crate) struct LogBudget(std::sync::Mutex<Option<(std::time::Instant, u32, u64)>>);
+
+impl LogBudget {
+    /// The window.
+    pub(crate) const WINDOW: Duration = Duration::from_secs(60);
+    /// Lines per window.
+    pub(crate) const LINES: u32 = 10;
+
+    /// Whether a line may be logged at `now`, and how many were left out in the window that
+    /// just ended (to be said once).
+    pub(crate) fn take(&self, now: std::time::Instant) -> (bool, u64) {
+        let mut state = match self.0.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let (start, logged, dropped) = state.get_or_insert((now, 0, 0));
+        let mut missed = 0;
+        if now.duration_since(*start) >= Self::WINDOW {
+            missed = *dropped;
+            (*start, *logged, *dropped) = (now, 0, 0);
+        }
+        if *logged < Self::LINES {
+            *logged += 1;
+            (true, missed)
+        } else {
+            *dropped += 1;
+            (false, missed)
+        }
+    }
 }
 
 /// A refused certify request.
@@ -190,6 +225,7 @@ impl Authority {
             reviewer: std::sync::OnceLock::new(),
             issued,
             refused,
+            refusal_log: LogBudget::default(),
         }))
     }
 
@@ -252,9 +288,17 @@ impl Authority {
                 let claimed = claimed
                     .as_ref()
                     .map_or("-".to_string(), Identity::to_string);
-                if r.status.is_server_error() {
+                let (log, missed) = self.refusal_log.take(std::time::Instant::now());
+                if missed > 0 {
+                    tracing::warn!(
+                        missed,
+                        "certify refusals not logged in the last minute (at most {} lines a minute; all are counted in outrider_control_certify_refused_total)",
+                        LogBudget::LINES
+                    );
+                }
+                if log && r.status.is_server_error() {
                     tracing::error!(%peer, reason = r.reason, %claimed, "certify failed: {}", r.message);
-                } else {
+                } else if log {
                     tracing::warn!(%peer, reason = r.reason, %claimed, "certify refused: {}", r.message);
                 }
                 json_error(r.status, r.message)
@@ -565,6 +609,19 @@ impl rustls::server::ResolvesServerCert for ServingCert {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_are_logged_at_a_bounded_rate_and_the_rest_summed_up() {
+        let budget = LogBudget::default();
+        let t0 = std::time::Instant::now();
+        let logged = (0..1000).filter(|_| budget.take(t0).0).count();
+        assert_eq!(logged, LogBudget::LINES as usize);
+        // The next window logs again, and says how many the last one left out.
+        let (log, missed) = budget.take(t0 + LogBudget::WINDOW);
+        assert!(log);
+        assert_eq!(missed, 1000 - u64::from(LogBudget::LINES));
+        assert_eq!(budget.take(t0 + LogBudget::WINDOW).1, 0, "said once");
+    }
     use crate::client::{client_tls, Certifier, CertifyError, Watcher};
     use crate::mesh::{Mesh, DEMO_MESH};
     use crate::server::ControlPlane;

@@ -66,8 +66,9 @@ pub struct TokenArgs {
     /// The identity's trust domain (with --namespace and --service-account).
     #[arg(long, value_name = "TD")]
     pub trust_domain: Option<String>,
-    /// How long the token is valid.
-    #[arg(long, value_name = "DUR", default_value = "1h", value_parser = parse_positive_duration)]
+    /// How long the token is valid (at most 720h: a token is a bearer secret that anyone holding
+    /// it can redeem for certificates until it expires).
+    #[arg(long, value_name = "DUR", default_value = "1h", value_parser = parse_token_ttl)]
     pub ttl: Duration,
 }
 
@@ -79,6 +80,20 @@ fn parse_trust_domain(s: &str) -> Result<String, String> {
 pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
     match duration::parse(s)? {
         d if d.is_zero() => Err(format!("{} must be longer than 0", Quoted(s))),
+        d => Ok(d),
+    }
+}
+
+/// The longest a bootstrap token may live.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(720 * 3600);
+
+/// A token lifetime: longer than 0, at most [`MAX_TOKEN_TTL`].
+pub fn parse_token_ttl(s: &str) -> Result<Duration, String> {
+    match parse_positive_duration(s)? {
+        d if d > MAX_TOKEN_TTL => Err(format!(
+            "{} is longer than 720h: a token can be redeemed for certificates by whoever holds it until it expires; mint a new one instead",
+            Quoted(s)
+        )),
         d => Ok(d),
     }
 }
@@ -293,7 +308,24 @@ mod flag_tests {
             "spiffe://td/ns/a/sa/b",
         ])
         .unwrap();
-        assert!(matches!(args.command, Some(ControlCommand::Token(_))));
+        match args.command {
+            Some(ControlCommand::Token(t)) => assert_eq!(t.ttl, Duration::from_secs(3600)),
+            other => panic!("{other:?}"),
+        }
+        let token = |ttl: &str| {
+            parse(&[
+                "token",
+                "--token-key",
+                "k",
+                "--identity",
+                "spiffe://td/ns/a/sa/b",
+                "--ttl",
+                ttl,
+            ])
+        };
+        assert!(token("720h").is_ok());
+        assert!(token("721h").unwrap_err().contains("longer than 720h"));
+        assert!(token("8760h").is_err(), "a year is too long");
         assert!(
             parse(&["token", "--token-key", "k"]).is_err(),
             "no identity"

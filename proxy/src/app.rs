@@ -2,9 +2,11 @@
 //! API, and drain on shutdown.
 //!
 //! Shutdown (SIGTERM, SIGINT or `POST /shutdown`):
-//! 1. `/ready` turns 503; inbound and local-mode listeners stop accepting; their HTTP connections
-//!    get `Connection: close` / GOAWAY and finish their in-flight requests.
-//! 2. The outbound listener keeps serving the app for `drain_window`, then drains the same way.
+//! 1. `/ready` turns 503; inbound and local-mode connections drain (HTTP/1 answers its next
+//!    requests with `Connection: close`, HTTP/2 gets GOAWAY), but their listeners keep accepting
+//!    for `drain_window`; the outbound listener keeps serving the app as usual.
+//! 2. At the end of the window every listener stops accepting; outbound connections drain the
+//!    same way, and idle HTTP/1 connections are closed one more `drain_window` later.
 //! 3. At `shutdown_grace` after the start, whatever is still open is dropped and the process exits.
 
 use std::net::{Ipv6Addr, SocketAddr};
@@ -30,6 +32,9 @@ use crate::readiness::{BlockReady, Readiness};
 use crate::transport::connect::Connect;
 use crate::transport::listen::{accept_loop, Limit};
 use crate::transport::orig_dst::OrigDst;
+
+/// How often the `--trust-anchors` file is checked for a change.
+const CONTROL_TRUST_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One bound listener and the stack that serves it.
 enum Stack {
@@ -144,12 +149,16 @@ impl Proxy {
                     metrics: IdentityMetrics::register(&registry)
                         .context("cannot register metrics")?,
                     next: next_renewal.clone(),
+                    readiness: readiness.clone(),
                 };
                 tokio::spawn(renewal.run(readiness.block("the first certificate")));
                 Some(store)
             }
             None => None,
         };
+        if let Some(trust) = &config.control_trust {
+            tokio::spawn(trust.clone().follow(store.clone(), CONTROL_TRUST_CHECK));
+        }
         let upstreams = Arc::new(Upstreams::new(connect));
         let discovery = match (&config.control, &config.workload) {
             (Some(url), Some(workload)) => Some(Discovery::spawn(
@@ -313,9 +322,12 @@ impl Proxy {
             identity,
             next_renewal,
         } = self;
+        // Each group has two signals: its listeners stop accepting (`*_stop`), and its
+        // connections drain (`*_drain`); `finished` waits for every accept loop and connection.
+        let (inbound_stop, inbound_stop_watch) = drain::channel();
         let (inbound_drain, inbound_watch) = drain::channel();
+        let (outbound_stop, outbound_stop_watch) = drain::channel();
         let (outbound_drain, outbound_watch) = drain::channel();
-        let mut has_outbound = false;
         // The outbound stacks, for `/endpoints` (a twin listener shares its stack: once each).
         let mut outbounds: Vec<Arc<Outbound>> = Vec::new();
         for l in &listeners {
@@ -329,22 +341,22 @@ impl Proxy {
             if let Ok(addr) = l.socket.local_addr() {
                 tracing::info!(direction = l.direction.as_str(), %addr, "listening");
             }
-            let watch = if l.direction == Direction::Outbound {
-                has_outbound = true;
-                outbound_watch.clone()
+            let (stop, watch) = if l.direction == Direction::Outbound {
+                (outbound_stop_watch.clone(), outbound_watch.clone())
             } else {
-                inbound_watch.clone()
+                (inbound_stop_watch.clone(), inbound_watch.clone())
             };
             match l.stack {
                 Stack::Inbound(s) => {
-                    tokio::spawn(accept_loop(l.socket, s, l.limit, l.metrics, watch))
+                    tokio::spawn(accept_loop(l.socket, s, l.limit, l.metrics, stop, watch))
                 }
                 Stack::Outbound(s) => {
-                    tokio::spawn(accept_loop(l.socket, s, l.limit, l.metrics, watch))
+                    tokio::spawn(accept_loop(l.socket, s, l.limit, l.metrics, stop, watch))
                 }
             };
         }
         drop((inbound_watch, outbound_watch));
+        drop((inbound_stop_watch, outbound_stop_watch));
 
         let admin_addr = admin
             .local_addr()
@@ -369,14 +381,20 @@ impl Proxy {
         let now = tokio::time::Instant::now();
         let deadline = now.checked_add(config.shutdown_grace).unwrap_or(now);
         readiness.drain();
+        // Inbound and local-mode listeners keep accepting for the drain window (Kubernetes
+        // keeps sending for a while after a pod starts terminating), their connections already
+        // draining: HTTP/1 answers with `Connection: close`, HTTP/2 gets GOAWAY. Outbound keeps
+        // serving the app as usual for the window.
         inbound_drain.start();
-        if has_outbound {
-            tracing::info!(window = ?config.drain_window, "draining inbound; outbound keeps serving for the drain window");
-            tokio::time::sleep(config.drain_window).await;
-        }
+        tracing::info!(window = ?config.drain_window, "draining: listeners keep accepting for the drain window");
+        tokio::time::sleep(config.drain_window).await;
+        inbound_stop.start();
+        outbound_stop.start();
         outbound_drain.start();
         let drained = tokio::time::timeout_at(deadline, async {
+            inbound_stop.finished().await;
             inbound_drain.finished().await;
+            outbound_stop.finished().await;
             outbound_drain.finished().await;
         })
         .await;

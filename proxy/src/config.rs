@@ -6,7 +6,14 @@ use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
+use outrider_control::api::DefaultPolicy;
 use outrider_iptables_init::ports;
+
+/// Descriptors kept free of proxied connections (admin server, control plane, files).
+pub const FD_RESERVE: u64 = 128;
+
+/// How long an inbound connection that arrives before the first view is held for it.
+pub const FIRST_VIEW_WAIT: Duration = Duration::from_secs(5);
 
 /// Ports that skip protocol detection by default: server-speaks-first and binary protocols
 /// (SMTP, submission, MySQL, Galera, PostgreSQL, Redis, Elasticsearch transport, memcached).
@@ -82,6 +89,13 @@ pub struct ProxyArgs {
     /// meshed endpoints; /ready waits for the first certificate. Read again at every renewal.
     #[arg(long, env = "OUTRIDER_IDENTITY_TOKEN_FILE", value_name = "FILE")]
     pub identity_token_file: Option<std::path::PathBuf>,
+    /// Who may call the inbound ports before the first view from the control plane arrives (a
+    /// connection is first held up to 5 s for it): `deny` (fail closed), `mesh-only` (any mesh
+    /// identity, no plaintext caller) or `allow-all`. App probes on the admin port are not
+    /// affected.
+    #[arg(long, env = "OUTRIDER_DEFAULT_INBOUND_POLICY", value_name = "POLICY",
+          default_value = "deny", value_parser = parse_default_policy)]
+    pub default_inbound_policy: DefaultPolicy,
     /// How long an inbound mutual TLS handshake may take.
     #[arg(long, env = "OUTRIDER_TLS_HANDSHAKE_TIMEOUT", value_name = "DUR", default_value = "5s",
           value_parser = parse_duration)]
@@ -174,8 +188,10 @@ pub struct ProxyArgs {
     #[arg(long, env = "OUTRIDER_MAX_IN_FLIGHT_PER_SERVICE", default_value_t = 10_000,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_in_flight_per_service: u32,
-    /// After shutdown starts, how long outbound traffic keeps being served (the app may still be
-    /// finishing its own work).
+    /// After shutdown starts, how long every listener keeps accepting and serving (Kubernetes
+    /// keeps sending for a while after a pod starts terminating; the app may still be finishing
+    /// its own work). Inbound and local-mode connections answer with `Connection: close` or
+    /// GOAWAY meanwhile.
     #[arg(long, env = "OUTRIDER_DRAIN_WINDOW", value_name = "DUR", default_value = "5s",
           value_parser = parse_duration)]
     pub drain_window: Duration,
@@ -209,12 +225,19 @@ pub struct Config {
     pub control: Option<String>,
     /// The trust anchors file (`--trust-anchors`).
     pub trust_anchors: Option<std::path::PathBuf>,
-    /// TLS towards the control plane, verified against the trust anchors.
+    /// TLS towards the control plane, verified against the roots of `control_trust`.
     pub control_tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// The roots the control plane's certificate may chain to (they follow the trust anchors
+    /// file and the served bundle).
+    pub control_trust: Option<std::sync::Arc<crate::identity::control_trust::ControlTrust>>,
     /// This proxy's workload.
     pub workload: Option<String>,
     /// The identity bootstrap token's file.
     pub identity_token_file: Option<std::path::PathBuf>,
+    /// Who may call the inbound ports before the first view.
+    pub default_inbound_policy: DefaultPolicy,
+    /// How long an inbound connection is held for the first view before that default applies.
+    pub first_view_wait: Duration,
     /// Inbound mutual TLS handshake timeout.
     pub tls_handshake_timeout: Duration,
     /// Worker threads.
@@ -291,9 +314,12 @@ impl Config {
             forwards: args.forwards,
             control: args.control,
             control_tls: None,
+            control_trust: None,
             trust_anchors: args.trust_anchors,
             workload: args.workload,
             identity_token_file: args.identity_token_file,
+            default_inbound_policy: args.default_inbound_policy,
+            first_view_wait: FIRST_VIEW_WAIT,
             tls_handshake_timeout: args.tls_handshake_timeout,
             workers: args
                 .workers
@@ -324,12 +350,21 @@ impl Config {
         };
         let mut errors = Vec::new();
         if let Some(path) = &config.trust_anchors {
+            use crate::identity::control_trust::ControlTrust;
             match std::fs::read_to_string(path)
                 .map_err(|e| e.to_string())
                 .and_then(|pem| {
-                    outrider_control::client::client_tls(&pem).map_err(|e| e.to_string())
+                    // The same checks as the control plane's own client (PEM, usable roots).
+                    outrider_control::client::client_tls(&pem).map_err(|e| e.to_string())?;
+                    let trust =
+                        ControlTrust::new(Some(path.clone()), &pem).map_err(|e| e.to_string())?;
+                    let tls = trust.client_config().map_err(|e| e.to_string())?;
+                    Ok((trust, tls))
                 }) {
-                Ok(tls) => config.control_tls = Some(tls),
+                Ok((trust, tls)) => {
+                    config.control_trust = Some(trust);
+                    config.control_tls = Some(tls);
+                }
                 Err(e) => errors.push(ConfigError {
                     flag: "--trust-anchors",
                     reason: format!("{}: {e}", path.display()),
@@ -369,6 +404,17 @@ impl Config {
             error(
                 "--identity-token-file",
                 "needs --control URL (the control plane issues the certificate)".into(),
+            );
+        }
+        if self.identity_token_file.is_some()
+            && self
+                .control
+                .as_deref()
+                .is_some_and(|url| !url.trim().to_ascii_lowercase().starts_with("https://"))
+        {
+            error(
+                "--identity-token-file",
+                "needs an https:// --control (with --trust-anchors): over plaintext http:// the token would cross the network in clear and the mesh's trust anchors would come back unauthenticated".into(),
             );
         }
         match (&self.control, &self.workload) {
@@ -433,9 +479,8 @@ impl Config {
                 "must be longer than 0; leave it out for none".into(),
             );
         }
-        // The drain window keeps outbound traffic flowing; without an outbound listener there
-        // is nothing to keep.
-        if self.outbound.is_some() && self.drain_window > self.shutdown_grace {
+        // Every listener keeps accepting for the drain window.
+        if self.drain_window > self.shutdown_grace {
             error(
                 "--drain-window",
                 format!(
@@ -481,6 +526,32 @@ impl Config {
         ))
     }
 
+    /// Fits the connection limits into `open_files` descriptors: each proxied connection holds
+    /// two (client and upstream), every data listener may fill its `--max-connections`, and
+    /// [`FD_RESERVE`] stay free for the admin server (`/live`, `/ready`), the control plane and
+    /// files. Returns the limit it lowered `--max-connections` from, if it did: accepts then stop
+    /// at the limit instead of failing with EMFILE, and a forwarding loop between two processes
+    /// costs the limit, not every descriptor.
+    pub fn fit_open_files(&mut self, open_files: u64) -> Option<usize> {
+        let listeners = (self.forwards.len()
+            + usize::from(self.inbound.is_some())
+            + usize::from(self.outbound.is_some()))
+        .max(1) as u64;
+        let per_listener = open_files.saturating_sub(FD_RESERVE) / 2 / listeners;
+        let fit = usize::try_from(per_listener).unwrap_or(usize::MAX).max(1);
+        self.max_upstream_connections = self.max_upstream_connections.min(
+            usize::try_from(open_files.saturating_sub(FD_RESERVE) / 2)
+                .unwrap_or(usize::MAX)
+                .max(1),
+        );
+        if self.max_connections > fit {
+            let was = self.max_connections;
+            self.max_connections = fit;
+            return Some(was);
+        }
+        None
+    }
+
     /// Protocol detection bounds: a connection silent on both sides for the header-read timeout
     /// after the detection timeout is closed.
     pub fn detect_bounds(&self) -> crate::detect::Bounds {
@@ -524,6 +595,7 @@ impl Config {
             "workload": self.workload,
             // The path only: the token itself is a secret and never shown.
             "identity_token_file": self.identity_token_file.as_ref().map(|p| p.display().to_string()),
+            "default_inbound_policy": self.default_inbound_policy.as_str(),
             "tls_handshake_timeout": fmt_duration(self.tls_handshake_timeout),
             "detect_timeout": fmt_duration(self.detect_timeout),
             "detect_max_bytes": self.detect_max_bytes,
@@ -557,8 +629,11 @@ impl Config {
             control: None,
             trust_anchors: None,
             control_tls: None,
+            control_trust: None,
             workload: None,
             identity_token_file: None,
+            default_inbound_policy: DefaultPolicy::Deny,
+            first_view_wait: FIRST_VIEW_WAIT,
             tls_handshake_timeout: Duration::from_secs(5),
             workers: 1,
             log_format: LogFormat::Plain,
@@ -610,20 +685,27 @@ pub fn parse_forward(s: &str) -> Result<ForwardSpec, String> {
 }
 
 /// Whether a listener bound to `listen` receives connections made to `upstream`: the same port,
-/// and the same address, or a wildcard bind and an address of this machine.
+/// and the same address, or a wildcard bind and an address of this machine. Aliases count: an
+/// IPv4-mapped IPv6 address is its IPv4 address, and connecting to `0.0.0.0` or `::` reaches
+/// this machine (loopback).
 fn is_listener_for(listen: SocketAddr, upstream: SocketAddr) -> bool {
     if listen.port() != upstream.port() {
         return false;
     }
-    if listen.ip() == upstream.ip() {
+    let canonical = |ip: std::net::IpAddr| ip.to_canonical();
+    let (listen_ip, ip) = (canonical(listen.ip()), canonical(upstream.ip()));
+    if listen_ip == ip {
         return true;
     }
-    if !listen.ip().is_unspecified() {
+    if ip.is_unspecified() {
+        // A connection to the unspecified address goes to loopback.
+        return listen_ip.is_unspecified() || listen_ip.is_loopback();
+    }
+    if !listen_ip.is_unspecified() {
         return false;
     }
-    let ip = upstream.ip();
     // An address of this machine is one a socket can bind to.
-    ip.is_loopback() || ip.is_unspecified() || std::net::UdpSocket::bind((ip, 0)).is_ok()
+    ip.is_loopback() || std::net::UdpSocket::bind((ip, 0)).is_ok()
 }
 
 fn resolve(s: &str) -> Option<SocketAddr> {
@@ -631,6 +713,11 @@ fn resolve(s: &str) -> Option<SocketAddr> {
         return Some(addr);
     }
     s.to_socket_addrs().ok()?.next()
+}
+
+/// Parses `deny`, `mesh-only` or `allow-all`.
+pub fn parse_default_policy(s: &str) -> Result<DefaultPolicy, String> {
+    s.trim().parse()
 }
 
 /// Parses a port in 1..=65535.
@@ -718,14 +805,79 @@ mod tests {
         );
         let c = Config::local(vec![spec("0.0.0.0:9020", "127.0.0.1:9020")]);
         assert_eq!(c.validate().len(), 1);
+        // Aliases of a listener: the unspecified address and IPv4-mapped IPv6 forms.
+        for upstream in [
+            "0.0.0.0:9021",
+            "[::ffff:127.0.0.1]:9021",
+            "[::ffff:7f00:1]:9021",
+            "[::]:9021",
+        ] {
+            let c = Config::local(vec![spec("127.0.0.1:9021", upstream)]);
+            assert_eq!(c.validate().len(), 1, "{upstream}");
+        }
+        let c = Config::local(vec![spec("[::]:9022", "[::ffff:127.0.0.1]:9022")]);
+        assert_eq!(c.validate().len(), 1);
         let mut c = Config::local(vec![]);
         c.stream_idle_timeout = Duration::ZERO;
         c.request_timeout = Some(Duration::ZERO);
         let flags: Vec<&str> = c.validate().iter().map(|e| e.flag).collect();
         assert_eq!(flags, ["--stream-idle-timeout", "--request-timeout"]);
-        // The drain window does not matter without an outbound listener.
+        // Local-mode listeners keep accepting for the drain window too.
         let mut c = Config::local(vec![spec("127.0.0.1:9030", "127.0.0.1:9031")]);
         c.drain_window = Duration::from_secs(60);
-        assert!(c.validate().is_empty());
+        let flags: Vec<&str> = c.validate().iter().map(|e| e.flag).collect();
+        assert_eq!(flags, ["--drain-window"]);
+    }
+
+    #[test]
+    fn a_token_is_never_sent_to_a_plaintext_control_plane() {
+        let with = |url: &str| {
+            let mut c = Config::local(vec![]);
+            c.control = Some(url.into());
+            c.workload = Some("demo/web".into());
+            c.identity_token_file = Some("token".into());
+            c.validate()
+        };
+        let errors = with("http://127.0.0.1:15012");
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.flag == "--identity-token-file" && e.reason.contains("https://")),
+            "{errors:?}"
+        );
+        assert!(with("HTTP://127.0.0.1:15012")
+            .iter()
+            .any(|e| e.flag == "--identity-token-file"));
+        // https:// is fine as far as the token goes (it then needs --trust-anchors).
+        let errors = with("https://127.0.0.1:15012");
+        assert!(
+            errors.iter().all(|e| e.flag != "--identity-token-file"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn connection_limits_fit_the_open_file_limit_with_a_reserve() {
+        let spec = |l: &str, u: &str| ForwardSpec {
+            listen: l.parse().unwrap(),
+            upstream: u.parse().unwrap(),
+        };
+        let mut c = Config::local(vec![spec("127.0.0.1:9000", "127.0.0.1:9001")]);
+        assert_eq!(c.fit_open_files(512), Some(10_000));
+        assert_eq!(c.max_connections, (512 - 128) / 2);
+        assert_eq!(c.max_upstream_connections, (512 - 128) / 2);
+        // Two listeners share the budget; a large limit changes nothing.
+        let mut c = Config::local(vec![
+            spec("127.0.0.1:9000", "127.0.0.1:9001"),
+            spec("127.0.0.1:9002", "127.0.0.1:9003"),
+        ]);
+        assert_eq!(c.fit_open_files(1024), Some(10_000));
+        assert_eq!(c.max_connections, (1024 - 128) / 4);
+        let mut c = Config::local(vec![spec("127.0.0.1:9000", "127.0.0.1:9001")]);
+        assert_eq!(c.fit_open_files(1 << 20), None);
+        assert_eq!(c.max_connections, 10_000);
+        // Even a tiny limit leaves one connection.
+        assert_eq!(c.fit_open_files(10), Some(10_000));
+        assert_eq!(c.max_connections, 1);
     }
 }

@@ -114,23 +114,38 @@ fn classify_http1(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
     }
     let buf = line_start;
     // method = token, then SP.
-    let Some(sp) = buf.iter().take(MAX_METHOD + 1).position(|b| *b == b' ') else {
-        let undecided = buf.len() <= MAX_METHOD && buf.iter().all(|b| is_token_char(*b));
-        return if undecided {
+    let method_len = buf
+        .iter()
+        .take(MAX_METHOD + 1)
+        .take_while(|b| is_token_char(**b))
+        .count();
+    if method_len == buf.len() {
+        // Only a token so far.
+        return if buf.len() <= MAX_METHOD {
             None
         } else {
             Some(Protocol::Opaque)
         };
-    };
-    let method = &buf[..sp];
-    if method.is_empty() || !method.iter().all(|b| is_token_char(*b)) {
-        return Some(Protocol::Opaque);
     }
+    let method = &buf[..method_len];
+    // A well-known method is HTTP however the rest of its line is malformed (tab separators, no
+    // version, a line longer than we read): the HTTP server answers it (400); it is never
+    // tunnelled around the HTTP layer.
+    let known = METHODS.contains(&method);
+    if method.is_empty() || buf.get(method_len) != Some(&b' ') {
+        return Some(if known && !method.is_empty() {
+            Protocol::Http1
+        } else {
+            Protocol::Opaque
+        });
+    }
+    let target = &buf[method_len + 1..];
     let Some(eol) = buf.iter().position(|b| *b == b'\n') else {
-        // A well-known method and a request line longer than we read: HTTP/1 it is, hyper judges
-        // the rest. An unknown method needs its whole request line.
+        // A request line longer than we read: HTTP/1 for a well-known method, or an unknown one
+        // followed by a request target (origin `/`, asterisk `*` or absolute `scheme://`);
+        // hyper judges the rest.
         if buf.len() >= max_bytes {
-            return Some(if METHODS.contains(&method) {
+            return Some(if known || is_request_target(target) {
                 Protocol::Http1
             } else {
                 Protocol::Opaque
@@ -142,10 +157,26 @@ fn classify_http1(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
     // Any HTTP version goes to the HTTP server, which answers one it does not speak (a 505 or
     // 400 there, never a raw tunnel past every HTTP layer).
     let version = line.rsplit(|b| *b == b' ').next().unwrap_or_default();
-    if version.starts_with(b"HTTP/") && line.len() > sp + 1 + version.len() {
+    if known || (version.starts_with(b"HTTP/") && line.len() > method_len + 1 + version.len()) {
         Some(Protocol::Http1)
     } else {
         Some(Protocol::Opaque)
+    }
+}
+
+/// Whether `target` starts like an HTTP request target: `/path`, `*`, or `scheme://...`.
+fn is_request_target(target: &[u8]) -> bool {
+    match target.first() {
+        Some(b'/' | b'*') => true,
+        Some(_) => {
+            let scheme = target
+                .iter()
+                .take(16)
+                .take_while(|b| b.is_ascii_alphanumeric() || b"+-.".contains(b))
+                .count();
+            scheme > 0 && target[scheme..].starts_with(b"://")
+        }
+        None => false,
     }
 }
 
@@ -302,7 +333,8 @@ pub struct Bounds {
 /// Detects the protocol of `io`. A client still silent at the deadline may be waiting for a
 /// server that speaks first: the upstream is dialled with `connect` and whichever side speaks
 /// first decides (the client's bytes are detected as usual; the upstream's mean opaque TCP);
-/// when neither speaks within `bounds.silence`, or the client leaves, `Ok(None)`: close.
+/// when neither speaks within `bounds.silence`, or the client leaves (also before detection
+/// ends, without a byte), `Ok(None)`: close.
 pub async fn detect_or_wait<I, U, F, Fut>(
     io: &mut I,
     bounds: Bounds,
@@ -315,6 +347,11 @@ where
     Fut: std::future::Future<Output = Result<U, crate::errors::BoxError>>,
 {
     let (outcome, prefix) = detect(io, bounds.timeout, bounds.max_bytes).await?;
+    if prefix.is_empty() && outcome == Outcome::Detected(Protocol::Opaque) {
+        // The client closed its side without a byte: nothing to forward, and dialling for it
+        // would let a loop through an alias multiply connections.
+        return Ok(None);
+    }
     if outcome != Outcome::Timeout || !prefix.is_empty() {
         return Ok(Some(Detected {
             outcome,
@@ -395,7 +432,9 @@ mod tests {
             classify(b"SSH-2.0-OpenSSH\r\n", MAX),
             Some(Protocol::Opaque)
         );
-        assert_eq!(classify(b"GET / SPDY/3\r\n", MAX), Some(Protocol::Opaque));
+        // A well-known method with another version is malformed HTTP: the server answers 400.
+        assert_eq!(classify(b"GET / SPDY/3\r\n", MAX), Some(Protocol::Http1));
+        assert_eq!(classify(b"FOO / SPDY/3\r\n", MAX), Some(Protocol::Opaque));
         // Valid or nearly valid HTTP goes to the HTTP server, which answers it there.
         assert_eq!(
             classify(b"\r\nGET / HTTP/1.1\r\n", MAX),
@@ -409,6 +448,16 @@ mod tests {
         );
         assert_eq!(classify(b"GET / HTTP/1.2\r\n", MAX), Some(Protocol::Http1));
         assert_eq!(classify(b"\r\n\r\n", MAX), None);
+        // Malformed request lines of a well-known method are HTTP (the server answers 400).
+        assert_eq!(
+            classify(b"GET\t/a\tHTTP/1.1\r\n", MAX),
+            Some(Protocol::Http1)
+        );
+        assert_eq!(classify(b"GET /nine\r\n", MAX), Some(Protocol::Http1));
+        assert_eq!(classify(b"POST\r\n", MAX), Some(Protocol::Http1));
+        // Other protocols' lines stay opaque (memcached's and Redis's inline commands).
+        assert_eq!(classify(b"get key\r\n", MAX), Some(Protocol::Opaque));
+        assert_eq!(classify(b"SET a b\r\n", MAX), Some(Protocol::Opaque));
         assert_eq!(classify(&[0x16, 0x09, 0x09], MAX), Some(Protocol::Opaque));
     }
 
@@ -419,9 +468,12 @@ mod tests {
         assert_eq!(classify(b"GET /long/path", MAX), None);
         assert_eq!(classify(b"PRI * HTTP/2", MAX), None);
         assert_eq!(classify(&[0x16], MAX), None);
-        // Past the byte bound a known method is HTTP/1, an unknown one opaque.
+        // Past the byte bound a known method is HTTP/1, and so is an unknown one followed by a
+        // request target; anything else is opaque.
         assert_eq!(classify(b"GET /aaaaaaaa", 10), Some(Protocol::Http1));
-        assert_eq!(classify(b"FOO /aaaaaaaa", 10), Some(Protocol::Opaque));
+        assert_eq!(classify(b"FOO /aaaaaaaa", 10), Some(Protocol::Http1));
+        assert_eq!(classify(b"FOO http://a/", 10), Some(Protocol::Http1));
+        assert_eq!(classify(b"FOO aaaaaaaaa", 10), Some(Protocol::Opaque));
         // A token longer than any method is not HTTP.
         assert_eq!(classify(&[b'A'; 40], MAX), Some(Protocol::Opaque));
     }

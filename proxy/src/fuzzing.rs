@@ -73,3 +73,20 @@ pub fn mesh_input(data: &[u8]) {
         let _ = crate::identity::certify::claimed_identity(text);
     }
 }
+
+/// Whether the inbound admits `peer` (`None`: a plaintext caller) on `port` by `view`'s policy.
+pub fn authorize(
+    view: &outrider_control::api::WatchResponse,
+    port: u16,
+    peer: Option<&outrider_control::api::Identity>,
+) -> bool {
+    crate::inbound::policy::decide(view, port, peer).is_ok()
+}
+
+/// Whether the inbound admits `peer` before any view, by `--default-inbound-policy`.
+pub fn authorize_without_view(
+    policy: outrider_control::api::DefaultPolicy,
+    peer: Option<&outrider_control::api::Identity>,
+) -> bool {
+    crate::inbound::policy::decide_without_view(policy, peer).is_ok()
+}

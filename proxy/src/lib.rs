@@ -45,11 +45,11 @@ use std::sync::Arc;
 /// Runs `outrider proxy` with `config` until `shutdown` resolves (SIGTERM, SIGINT) or `POST
 /// /shutdown`, and returns the exit code (0 after a clean drain, 1 on a runtime failure).
 pub async fn run(
-    config: Config,
+    mut config: Config,
     log: Option<log::LogHandle>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> ExitCode {
-    raise_open_files(&config);
+    raise_open_files(&mut config);
     let orig_dst = Arc::new(transport::orig_dst::SoOriginalDst);
     let proxy = match Proxy::bind(config, orig_dst, log, prometheus::Registry::new()).await {
         Ok(proxy) => proxy,
@@ -88,9 +88,9 @@ pub fn identity_source(config: &Config) -> anyhow::Result<Option<app::IdentitySo
 }
 
 /// Raises the open-file soft limit to the hard limit (a proxied connection needs two descriptors,
-/// and the default soft limit is often 1024), and warns when `--max-connections` per listener
-/// cannot fit in it.
-fn raise_open_files(config: &Config) {
+/// and the default soft limit is often 1024), and fits `--max-connections` into it with a reserve
+/// (see [`Config::fit_open_files`]).
+fn raise_open_files(config: &mut Config) {
     let limit = match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => limit,
         Err(e) => {
@@ -98,22 +98,13 @@ fn raise_open_files(config: &Config) {
             return;
         }
     };
-    let listeners = config.forwards.len()
-        + usize::from(config.inbound.is_some())
-        + usize::from(config.outbound.is_some());
-    // Two descriptors per proxied connection, plus the listeners, the admin server and slack.
-    let needed = (config.max_connections as u64)
-        .saturating_mul(2)
-        .saturating_mul(listeners.max(1) as u64)
-        .saturating_add(64);
-    if limit < needed {
-        tracing::warn!(
+    match config.fit_open_files(limit) {
+        Some(was) => tracing::warn!(
             open_files = limit,
-            needed,
             max_connections = config.max_connections,
-            "the open-file limit is below what --max-connections needs (2 per connection per listener); accepts and dials will fail with EMFILE first: raise the hard limit (ulimit -Hn, LimitNOFILE) or lower --max-connections"
-        );
-    } else {
-        tracing::info!(open_files = limit, "open-file limit");
+            requested = was,
+            "the open-file limit cannot hold --max-connections per listener (2 descriptors per connection, and a reserve for the admin server): lowered it; raise the hard limit (ulimit -Hn, LimitNOFILE) to allow more"
+        ),
+        None => tracing::info!(open_files = limit, "open-file limit"),
     }
 }

@@ -1,7 +1,8 @@
 //! Readiness as a registry of blockers: each part of the proxy that must be in place before
-//! traffic is welcome (the listeners bound, the first view from the control plane, later the
-//! first certificate) registers a [`BlockReady`] and drops it when done. `/ready` answers 200 once
-//! none is left and no drain has started, and otherwise names what it still waits for.
+//! traffic is welcome (the listeners bound, the first view from the control plane, the first
+//! certificate, an unexpired certificate) registers a [`BlockReady`] and drops it when done.
+//! `/ready` answers 200 once none is left and no drain has started, and otherwise names what it
+//! still waits for.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -37,7 +37,7 @@ fn the_open_file_limit_is_raised_to_the_hard_limit_and_a_short_one_is_reported()
     assert!(
         proxy
             .stderr()
-            .contains("the open-file limit is below what --max-connections needs"),
+            .contains("the open-file limit cannot hold --max-connections per listener"),
         "{}",
         proxy.stderr()
     );

@@ -651,15 +651,21 @@ async fn drain_finishes_in_flight_and_keeps_outbound_for_the_window() {
     let mut outbound = ClientConn::connect(p.outbound.unwrap(), false)
         .await
         .unwrap();
+    // An idle keep-alive client of the forward listener.
+    let mut idle = ClientConn::connect(p.forward[0], false).await.unwrap();
+    assert_eq!(idle.get("x", "/").await.unwrap().status(), StatusCode::OK);
     p.stop.trigger("test");
 
-    // Not ready any more; inbound-side listeners close.
+    // Not ready any more; inbound-side listeners keep accepting for the window, and their
+    // answers say `Connection: close`: the idle keep-alive client gets an answer, not an EOF.
     wait_draining(p.admin).await;
-    let forward = p.forward[0];
-    eventually("the forward listener closes", || async move {
-        TcpStream::connect(forward).await.is_err()
-    })
-    .await;
+    let rsp = idle.get("x", "/").await.unwrap();
+    assert_eq!(rsp.status(), StatusCode::OK);
+    assert_eq!(rsp.headers()["connection"], "close");
+    let mut late = ClientConn::connect(p.forward[0], false).await.unwrap();
+    let rsp = late.get("x", "/").await.unwrap();
+    assert_eq!(rsp.status(), StatusCode::OK);
+    assert_eq!(rsp.headers()["connection"], "close");
     // Outbound keeps serving during the window, on old and new connections.
     assert_eq!(
         outbound.get("x", "/").await.unwrap().status(),
@@ -684,6 +690,12 @@ async fn drain_finishes_in_flight_and_keeps_outbound_for_the_window() {
         "close",
         "HTTP/1 clients are told to close"
     );
+    // After the window, the listeners close.
+    let forward = p.forward[0];
+    eventually("the forward listener closes", || async move {
+        TcpStream::connect(forward).await.is_err()
+    })
+    .await;
     tokio::time::timeout(Duration::from_secs(10), p.task)
         .await
         .expect("drained in time")

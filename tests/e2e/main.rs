@@ -20,5 +20,6 @@ mod kubernetes;
 mod mesh;
 mod probes;
 mod resilience;
+mod security;
 mod support;
 mod webhook;

@@ -20,20 +20,20 @@ use outrider_proxy::metrics::Direction;
 use outrider_proxy::test_util::FixedOrigDst;
 use outrider_proxy::Proxy;
 
-const WEB: &str = "spiffe://outrider.local/ns/demo/sa/web";
-const API: &str = "spiffe://outrider.local/ns/demo/sa/api";
+pub(crate) const WEB: &str = "spiffe://outrider.local/ns/demo/sa/web";
+pub(crate) const API: &str = "spiffe://outrider.local/ns/demo/sa/api";
 /// The service's virtual address (never dialled: the client proxy's original destination).
 const VIRTUAL: &str = "198.18.0.10:80";
 /// An opaque service on the same endpoint, reached through the client proxy's forward listener.
 const RAW: &str = "198.18.0.11:7000";
 
-struct Node {
-    registry: prometheus::Registry,
-    admin: SocketAddr,
-    inbound: Option<SocketAddr>,
-    outbound: Option<SocketAddr>,
-    forward: Option<SocketAddr>,
-    stop: outrider_proxy::ShutdownHandle,
+pub(crate) struct Node {
+    pub(crate) registry: prometheus::Registry,
+    pub(crate) admin: SocketAddr,
+    pub(crate) inbound: Option<SocketAddr>,
+    pub(crate) outbound: Option<SocketAddr>,
+    pub(crate) forward: Option<SocketAddr>,
+    pub(crate) stop: outrider_proxy::ShutdownHandle,
 }
 
 impl Drop for Node {
@@ -43,29 +43,40 @@ impl Drop for Node {
 }
 
 impl Node {
-    fn sum(&self, family: &str, labels: &[(&str, &str)]) -> f64 {
+    pub(crate) fn sum(&self, family: &str, labels: &[(&str, &str)]) -> f64 {
         outrider_proxy::metrics::sum(&self.registry, family, labels)
     }
 }
 
-struct Mesh {
-    control: Arc<outrider_control::ControlPlane>,
-    control_addr: SocketAddr,
-    ca: Arc<SigningCa>,
-    app: SocketAddr,
-    server: Node,
-    client: Node,
+pub(crate) struct Mesh {
+    pub(crate) control: Arc<outrider_control::ControlPlane>,
+    pub(crate) control_addr: SocketAddr,
+    pub(crate) ca: Arc<SigningCa>,
+    pub(crate) app: SocketAddr,
+    pub(crate) server: Node,
+    pub(crate) client: Node,
 }
 
 /// The mesh config: `api` (protocol `protocol`) served by the server proxy's inbound listener,
 /// presenting `endpoint_id`; the `demo/api` workload's policy lines are `servers`.
-fn mesh_yaml(inbound: SocketAddr, protocol: &str, endpoint_id: &str, servers: &str) -> String {
+pub(crate) fn mesh_yaml(
+    inbound: SocketAddr,
+    protocol: &str,
+    endpoint_id: &str,
+    servers: &str,
+) -> String {
     format!(
         "services:\n  - name: api\n    namespace: demo\n    addresses: [{VIRTUAL}]\n    protocol: {protocol}\n    endpoints:\n      - address: {inbound}\n        identity: {endpoint_id}\n  - name: raw\n    namespace: demo\n    addresses: [{RAW}]\n    protocol: opaque\n    endpoints:\n      - address: {inbound}\n        identity: {endpoint_id}\nworkloads:\n  - name: demo/web\n  - name: demo/api\n{servers}"
     )
 }
 
-async fn node(config: Config, orig: SocketAddr, ca: &Arc<SigningCa>, identity: &str) -> Node {
+/// A proxy with a certificate for `identity` from `ca`, running, not yet waited for.
+pub(crate) async fn spawn_node(
+    config: Config,
+    orig: SocketAddr,
+    ca: &Arc<SigningCa>,
+    identity: &str,
+) -> (Node, outrider_proxy::readiness::Readiness) {
     let registry = prometheus::Registry::new();
     let source = IdentitySource {
         ca: ca.clone(),
@@ -90,6 +101,12 @@ async fn node(config: Config, orig: SocketAddr, ca: &Arc<SigningCa>, identity: &
     };
     let readiness = proxy.readiness();
     tokio::spawn(proxy.run());
+    (node, readiness)
+}
+
+/// [`spawn_node`], waiting (bounded) until the proxy is ready.
+async fn node(config: Config, orig: SocketAddr, ca: &Arc<SigningCa>, identity: &str) -> Node {
+    let (node, readiness) = spawn_node(config, orig, ca, identity).await;
     for _ in 0..500 {
         if readiness.check().is_ok() {
             return node;
@@ -99,7 +116,7 @@ async fn node(config: Config, orig: SocketAddr, ca: &Arc<SigningCa>, identity: &
     panic!("proxy never became ready: {:?}", readiness.check());
 }
 
-fn sidecar_config(control: SocketAddr, workload: &str) -> Config {
+pub(crate) fn sidecar_config(control: SocketAddr, workload: &str) -> Config {
     let mut config = Config::local(Vec::new());
     config.control = Some(format!("http://{control}"));
     config.workload = Some(workload.into());
@@ -108,17 +125,22 @@ fn sidecar_config(control: SocketAddr, workload: &str) -> Config {
 
 /// Starts the app, the control plane and both proxies; `servers` is the `demo/api` workload's
 /// policy (YAML lines under it), `protocol` the service's.
-async fn start(app: SocketAddr, protocol: &str, servers: &str) -> Mesh {
+pub(crate) async fn start(app: SocketAddr, protocol: &str, servers: &str) -> Mesh {
     start_with(app, protocol, servers, Duration::from_secs(3600)).await
 }
 
 /// [`start`] with certificates valid for `lifetime`.
-async fn start_with(app: SocketAddr, protocol: &str, servers: &str, lifetime: Duration) -> Mesh {
+pub(crate) async fn start_with(
+    app: SocketAddr,
+    protocol: &str,
+    servers: &str,
+    lifetime: Duration,
+) -> Mesh {
     start_tweaked(app, protocol, servers, lifetime, |_| {}).await
 }
 
 /// [`start_with`], with the server proxy's configuration changed by `tweak`.
-async fn start_tweaked(
+pub(crate) async fn start_tweaked(
     app: SocketAddr,
     protocol: &str,
     servers: &str,
@@ -174,18 +196,18 @@ impl Mesh {
         panic!("the client proxy never saw the endpoint");
     }
 
-    fn apply(&self, protocol: &str, endpoint_id: &str, servers: &str) {
+    pub(crate) fn apply(&self, protocol: &str, endpoint_id: &str, servers: &str) {
         let yaml = mesh_yaml(self.server.inbound.unwrap(), protocol, endpoint_id, servers);
         self.control.apply(&yaml).unwrap();
     }
 }
 
 /// The `demo/api` workload's policy: `port` allows `who` only (mesh callers only).
-fn allow_only(port: u16, who: &str) -> String {
+pub(crate) fn allow_only(port: u16, who: &str) -> String {
     format!("    servers:\n      - port: {port}\n        allow: [{who}]\n")
 }
 
-async fn admin_get(admin: SocketAddr, path: &str) -> String {
+pub(crate) async fn admin_get(admin: SocketAddr, path: &str) -> String {
     let mut s = TcpStream::connect(admin).await.unwrap();
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes())
         .await
@@ -195,14 +217,14 @@ async fn admin_get(admin: SocketAddr, path: &str) -> String {
     out
 }
 
-async fn start_app() -> SocketAddr {
+pub(crate) async fn start_app() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(outrider::demo::app::serve(l, "api-0".into()));
     addr
 }
 
-async fn body(rsp: http::Response<hyper::body::Incoming>) -> String {
+pub(crate) async fn body(rsp: http::Response<hyper::body::Incoming>) -> String {
     String::from_utf8_lossy(&rsp.into_body().collect().await.unwrap().to_bytes()).into_owned()
 }
 
@@ -350,7 +372,7 @@ async fn an_endpoint_that_is_not_the_identity_discovery_names_is_refused() {
 }
 
 /// An echo server that counts its connections.
-async fn start_echo() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+pub(crate) async fn start_echo() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -595,7 +617,7 @@ async fn a_root_is_rotated_under_load_without_a_failed_request() {
 
 /// Connects to `server` presenting `leaf` (trusting `anchors`), expecting `API`, sends a request
 /// and reads: `Ok(response bytes)` or the error that ended it.
-async fn call_with_leaf(
+pub(crate) async fn call_with_leaf(
     server: SocketAddr,
     leaf: outrider_proxy::identity::testing::TestLeaf,
     anchors: &str,

@@ -701,6 +701,9 @@ impl tower::Service<Request<Body>> for Forward {
             if !this.mark_hop {
                 // Inbound: what the app spoke, carried across the mesh's HTTP/2 connection.
                 restore_orig_proto(&mut req);
+            } else {
+                // Outbound: only this proxy sets the mesh's internal header, never the app.
+                req.headers_mut().remove(ORIG_PROTO);
             }
             if connect && downstream_version == Version::HTTP_2 {
                 // Extended and classic CONNECT over HTTP/2 are not tunnelled: refuse clearly

@@ -6,15 +6,17 @@
 //! connection guard and activity clock an upgraded stream keeps), counts the connection's in-flight requests (the idle timeout never closes a connection
 //! that has some) and boxes the request body into [`super::Body`].
 //!
-//! The connection ends when the client closes it, when a drain starts (HTTP/1 `Connection: close`
-//! on the next response, HTTP/2 GOAWAY; in-flight requests finish), or when it has been idle with
-//! no request in flight for the idle timeout.
+//! The connection ends when the client closes it, when a drain starts, or when it has been idle
+//! with no request in flight for the idle timeout. A drain sends HTTP/2 GOAWAY at once; an HTTP/1
+//! connection answers its next requests with `Connection: close` and, if it stays idle, is closed
+//! only after the drain grace (`--drain-window`), so a keep-alive client that sends during the
+//! window gets an answer, never an EOF. In-flight requests finish.
 
 use std::any::Any;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +29,7 @@ use tower::ServiceExt;
 
 use crate::detect::Protocol;
 use crate::drain;
-use crate::errors::{RequestBodyError, ResponseBody};
+use crate::errors::{BoxError, RequestBodyError, ResponseBody};
 use crate::metrics::DirectionMetrics;
 use crate::transport::io::Activity;
 
@@ -45,6 +47,9 @@ pub struct ServerConfig {
     /// Time without a byte either way on the client connection after which it is closed even
     /// with requests in flight (a hung upstream, a stalled upload).
     pub stream_idle_timeout: Duration,
+    /// After a drain starts, how long an idle HTTP/1 connection stays open (its next response
+    /// says `Connection: close`).
+    pub drain_grace: Duration,
 }
 
 impl From<&crate::config::Config> for ServerConfig {
@@ -54,6 +59,7 @@ impl From<&crate::config::Config> for ServerConfig {
             header_read_timeout: config.header_read_timeout,
             idle_timeout: config.http_idle_timeout,
             stream_idle_timeout: config.stream_idle_timeout,
+            drain_grace: config.drain_window,
         }
     }
 }
@@ -328,6 +334,7 @@ where
 {
     let mut drain = ctx.drain.clone();
     let activity = ctx.activity.clone();
+    let closing = (protocol == Protocol::Http1).then(|| Arc::new(AtomicBool::new(false)));
     let in_flight = Arc::new(AtomicUsize::new(0));
     // Requests starting and ending: HTTP/2's pings move bytes on an idle connection, so its
     // idleness is measured on requests, not on the socket.
@@ -338,6 +345,8 @@ where
         in_flight: in_flight.clone(),
         requests: requests.clone(),
         head: head.clone(),
+        body_idle: (protocol == Protocol::Http2).then_some(config.stream_idle_timeout),
+        closing: closing.clone(),
     };
     let io = TokioIo::new(io);
     let busy = in_flight.clone();
@@ -353,14 +362,17 @@ where
         let conn = builder.serve_connection(io, svc);
         let requests = requests.unwrap_or_default();
         let idle = requests.idle(config.idle_timeout, is_busy);
-        // The stream idle timeout is for HTTP/1 (no byte either way); HTTP/2's pings keep the
-        // socket busy, and a long gRPC stream is legitimately quiet: route and request timeouts
-        // bound HTTP/2 requests.
+        // HTTP/2's pings keep the socket busy, so the stream idle timeout applies per stream,
+        // to each request and response body (`IdleBody`), not to the connection.
         let stuck = std::future::pending();
         drive(
             conn,
             |c| c.graceful_shutdown(),
-            &mut drain,
+            Drain {
+                watch: &mut drain,
+                closing: None,
+                grace: config.drain_grace,
+            },
             idle,
             stuck,
             std::future::pending(),
@@ -391,7 +403,11 @@ where
         drive(
             conn,
             |c| c.graceful_shutdown(),
-            &mut drain,
+            Drain {
+                watch: &mut drain,
+                closing,
+                grace: config.drain_grace,
+            },
             idle,
             stuck,
             head_late,
@@ -408,6 +424,10 @@ struct ConnService<S> {
     /// HTTP/2: stamped when requests start and end.
     requests: Option<Activity>,
     head: Option<Arc<Head>>,
+    /// HTTP/2: how long a request or response body may stay without a frame.
+    body_idle: Option<Duration>,
+    /// HTTP/1: set once a drain started; responses then say `Connection: close`.
+    closing: Option<Arc<AtomicBool>>,
 }
 
 /// Decrements the in-flight counts when the request ends, however it ends.
@@ -430,7 +450,7 @@ impl Drop for InFlight {
 }
 
 impl<S: Stack> hyper::service::Service<Request<Incoming>> for ConnService<S> {
-    type Response = Response<ResponseBody>;
+    type Response = Response<IdleBody<ResponseBody>>;
     type Error = Infallible;
     type Future = Counted<tower::util::Oneshot<S, Request<Body>>>;
 
@@ -443,7 +463,14 @@ impl<S: Stack> hyper::service::Service<Request<Incoming>> for ConnService<S> {
             head.in_flight.fetch_add(1, Ordering::Relaxed);
             head.complete();
         }
-        let mut req = req.map(|b| b.map_err(|e| RequestBodyError(e).into()).boxed_unsync());
+        let body_idle = self.body_idle;
+        let mut req = req.map(|b| {
+            let b = b.map_err(|e| BoxError::from(RequestBodyError(e)));
+            match body_idle {
+                Some(idle) => IdleBody::new(b, Some(idle)).boxed_unsync(),
+                None => b.boxed_unsync(),
+            }
+        });
         // Only a request that may become a byte stream needs the connection's context (and an
         // extension map allocated for it).
         let may_upgrade = req.method() == http::Method::CONNECT
@@ -453,6 +480,8 @@ impl<S: Stack> hyper::service::Service<Request<Incoming>> for ConnService<S> {
         }
         Counted {
             inner: self.stack.clone().oneshot(req),
+            body_idle,
+            closing: self.closing.clone(),
             _in_flight: InFlight {
                 count: self.in_flight.clone(),
                 requests: self.requests.clone(),
@@ -467,24 +496,131 @@ pin_project_lite::pin_project! {
     pub struct Counted<F> {
         #[pin]
         inner: F,
+        body_idle: Option<Duration>,
+        closing: Option<Arc<AtomicBool>>,
         _in_flight: InFlight,
     }
 }
 
-impl<F: Future> Future for Counted<F> {
-    type Output = F::Output;
-    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
-        self.project().inner.poll(cx)
+impl<F> Future for Counted<F>
+where
+    F: Future<Output = Result<Response<ResponseBody>, Infallible>>,
+{
+    type Output = Result<Response<IdleBody<ResponseBody>>, Infallible>;
+    fn poll(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        let idle = *this.body_idle;
+        let closing = this
+            .closing
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed));
+        this.inner.poll(cx).map(|r| {
+            r.map(|mut rsp| {
+                // A draining HTTP/1 connection closes after this response (not after a switch
+                // of protocols: the stream is the client's then).
+                if closing && rsp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+                    rsp.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
+                rsp.map(|b| IdleBody::new(b, idle))
+            })
+        })
+    }
+}
+
+/// A body that stayed without a frame for the stream idle timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("no body data for the stream idle timeout ({0:?})")]
+pub struct BodyIdle(Duration);
+
+pin_project_lite::pin_project! {
+    /// A body that fails with [`BodyIdle`] once no frame has come for its idle timeout (none:
+    /// no bound), so a stalled HTTP/2 upload or download does not hold its stream forever.
+    pub struct IdleBody<B> {
+        #[pin]
+        inner: B,
+        idle: Option<Duration>,
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl<B> IdleBody<B> {
+    /// `inner`, failing after `idle` without a frame.
+    pub fn new(inner: B, idle: Option<Duration>) -> Self {
+        Self {
+            inner,
+            idle,
+            timer: None,
+        }
+    }
+}
+
+impl<B> http_body::Body for IdleBody<B>
+where
+    B: http_body::Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        use std::task::Poll;
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                if let (Some(timer), Some(idle)) = (this.timer.as_mut(), *this.idle) {
+                    timer.as_mut().reset(tokio::time::Instant::now() + idle);
+                }
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let Some(idle) = *this.idle else {
+                    return Poll::Pending;
+                };
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(BodyIdle(idle).into()))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
 /// Polls a hyper connection, asking it to shut down gracefully once on drain or idleness, and
 /// dropping it when nothing has moved for the stream idle timeout (`stuck`) or a request head is
 /// late (`head_late`).
+/// How a connection learns of a drain and answers it.
+struct Drain<'a> {
+    watch: &'a mut drain::Watch,
+    /// HTTP/1: set at the drain (responses say `Connection: close`); the connection is shut down
+    /// after `grace`. `None`: shut down at once (HTTP/2 GOAWAY).
+    closing: Option<Arc<AtomicBool>>,
+    grace: Duration,
+}
+
 async fn drive<C>(
     conn: C,
     graceful: impl Fn(Pin<&mut C>),
-    drain: &mut drain::Watch,
+    drain: Drain<'_>,
     idle: impl Future<Output = ()>,
     stuck: impl Future<Output = ()>,
     head_late: impl Future<Output = ()>,
@@ -492,19 +628,42 @@ async fn drive<C>(
 where
     C: Future<Output = Result<(), hyper::Error>>,
 {
+    let Drain {
+        watch,
+        closing: close_next,
+        grace,
+    } = drain;
     tokio::pin!(conn);
     tokio::pin!(idle);
     tokio::pin!(stuck);
     tokio::pin!(head_late);
+    let late = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(late);
     let mut closing = false;
+    let mut draining = false;
     loop {
         tokio::select! {
             // The connection first: a drain that is already signalled must not close a
             // connection hyper has not read yet, or the request detection already read is lost.
             biased;
             res = &mut conn => return res.map_err(Ended::Hyper),
-            () = drain.signaled(), if !closing => {
+            () = watch.signaled(), if !closing && !draining => {
                 tracing::debug!("draining connection");
+                match &close_next {
+                    Some(flag) => {
+                        flag.store(true, Ordering::Relaxed);
+                        draining = true;
+                        let now = tokio::time::Instant::now();
+                        late.as_mut().reset(now.checked_add(grace).unwrap_or(now));
+                    }
+                    None => {
+                        graceful(conn.as_mut());
+                        closing = true;
+                    }
+                }
+            }
+            () = &mut late, if draining && !closing => {
+                tracing::debug!("closing a draining connection after the drain grace");
                 graceful(conn.as_mut());
                 closing = true;
             }

@@ -20,7 +20,7 @@ use prometheus::{IntCounter, IntGauge};
 
 use super::store::{IdentityStore, Leaf};
 use crate::errors::BoxError;
-use crate::readiness::BlockReady;
+use crate::readiness::{BlockReady, Readiness};
 
 /// What the certificate authority answers.
 #[derive(Debug, Clone)]
@@ -158,6 +158,28 @@ pub struct Renewal {
     pub metrics: IdentityMetrics,
     /// When the next renewal is due (read by `/identity`).
     pub next: NextRenewal,
+    /// Held back (`an unexpired certificate`) while the proxy's own certificate has expired.
+    pub readiness: Readiness,
+}
+
+/// The shortest wait between two certifications, whatever the certificate says: a certificate
+/// that arrives expired (clock skew, a tiny lifetime) must not make renewal a hot loop.
+pub const RENEW_FLOOR: Duration = Duration::from_millis(500);
+
+/// How long to wait after a certificate valid until `not_after` arrived at `now`: `fraction` of
+/// its time left, at least [`RENEW_FLOOR`]; one that has already expired is retried with
+/// `backoff` (which a usable certificate resets).
+pub fn wait_after_success(
+    not_after: SystemTime,
+    now: SystemTime,
+    fraction: f64,
+    backoff: &mut Backoff,
+) -> Duration {
+    if not_after <= now {
+        return backoff.next_delay().max(RENEW_FLOOR);
+    }
+    backoff.reset();
+    renew_in(not_after, now, fraction).max(RENEW_FLOOR)
 }
 
 impl Renewal {
@@ -182,14 +204,15 @@ impl Renewal {
             .ok_or_else(|| "the certificate was not installed".into())
     }
 
-    /// Certifies, then renews forever; `ready` is released at the first certificate.
+    /// Certifies, then renews forever; `ready` is released at the first certificate. While the
+    /// current certificate has expired (renewals failing), readiness is held back.
     pub async fn run(self, ready: BlockReady) {
         let mut ready = Some(ready);
-        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
+        let mut expired: Option<BlockReady> = None;
+        let mut backoff = Backoff::new(RENEW_FLOOR, Duration::from_secs(60));
         loop {
             let wait = match self.once().await {
                 Ok(leaf) => {
-                    backoff.reset();
                     self.metrics.renewed.inc();
                     let expiry = leaf
                         .not_after
@@ -197,9 +220,12 @@ impl Renewal {
                         .unwrap_or_default();
                     self.metrics.expiry.set(expiry.as_secs() as i64);
                     let fraction = 0.65 + 0.1 * fastrand::f64();
-                    let wait = renew_in(leaf.not_after, SystemTime::now(), fraction);
-                    if ready.take().is_some() {
-                        tracing::info!(identity = %leaf.identity, valid_for = ?leaf.not_after.duration_since(SystemTime::now()).unwrap_or_default(), renew_in = ?wait, "certificate issued");
+                    let now = SystemTime::now();
+                    let wait = wait_after_success(leaf.not_after, now, fraction, &mut backoff);
+                    if leaf.not_after <= now {
+                        tracing::warn!(identity = %leaf.identity, retry_in = ?wait, "the control plane issued a certificate that has already expired (clock skew?)");
+                    } else if ready.take().is_some() {
+                        tracing::info!(identity = %leaf.identity, valid_for = ?leaf.not_after.duration_since(now).unwrap_or_default(), renew_in = ?wait, "certificate issued");
                     } else {
                         tracing::debug!(identity = %leaf.identity, renew_in = ?wait, "certificate renewed");
                     }
@@ -216,10 +242,37 @@ impl Renewal {
                     wait
                 }
             };
+            // Wake up at the current certificate's expiry at the latest, to report it.
+            let left = self
+                .store
+                .leaf()
+                .and_then(|l| l.not_after.duration_since(SystemTime::now()).ok());
+            let wait = match left {
+                Some(left) => wait.min(left.max(RENEW_FLOOR)),
+                None => wait,
+            };
             if let Ok(mut next) = self.next.lock() {
                 *next = Some(SystemTime::now() + wait);
             }
+            self.report_expiry(&mut expired);
             tokio::time::sleep(wait).await;
+            self.report_expiry(&mut expired);
+        }
+    }
+
+    /// Holds readiness back while the current certificate has expired.
+    fn report_expiry(&self, expired: &mut Option<BlockReady>) {
+        let now = SystemTime::now();
+        let is_expired = self.store.leaf().is_some_and(|l| l.not_after <= now);
+        match (is_expired, expired.is_some()) {
+            (true, false) => {
+                tracing::warn!(
+                    "the proxy's own certificate has expired: not ready until a new one arrives"
+                );
+                *expired = Some(self.readiness.block("an unexpired certificate"));
+            }
+            (false, true) => *expired = None,
+            _ => {}
         }
     }
 }
@@ -303,6 +356,7 @@ mod tests {
             token: TokenSource::Fixed(token_for(WEB).into()),
             metrics: metrics.clone(),
             next: Default::default(),
+            readiness: readiness.clone(),
         };
         let blocker = readiness.block("the first certificate");
         assert!(readiness.check().is_err());
@@ -334,5 +388,63 @@ mod tests {
         ca.failing.store(false, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_secs(61)).await;
         assert_eq!(metrics.renewed.get(), 3, "back once the control plane is");
+    }
+
+    #[test]
+    fn renewal_waits_at_least_the_floor_and_backs_off_on_an_expired_certificate() {
+        let mut backoff = Backoff::new(RENEW_FLOOR, Duration::from_secs(60));
+        let now = SystemTime::now();
+        // Expired on arrival: never zero, and longer each time.
+        let first = wait_after_success(now - Duration::from_secs(1), now, 0.7, &mut backoff);
+        let second = wait_after_success(now, now, 0.7, &mut backoff);
+        assert!(first >= RENEW_FLOOR, "{first:?}");
+        assert!(second >= RENEW_FLOOR && second >= first, "{second:?}");
+        // A tiny lifetime: the floor.
+        let tiny = wait_after_success(now + Duration::from_millis(10), now, 0.7, &mut backoff);
+        assert_eq!(tiny, RENEW_FLOOR);
+        // A usable certificate: its fraction, and the backoff starts over.
+        let hour = wait_after_success(now + Duration::from_secs(100), now, 0.7, &mut backoff);
+        assert_eq!(hour, Duration::from_secs(70));
+        let again = wait_after_success(now, now, 0.7, &mut backoff);
+        assert!(again <= first * 2, "{again:?}");
+    }
+
+    #[tokio::test]
+    async fn the_proxy_is_not_ready_while_its_own_certificate_has_expired() {
+        let registry = prometheus::Registry::new();
+        let metrics = IdentityMetrics::register(&registry).unwrap();
+        // A CA whose certificates expire at once (its backdating covers the lifetime).
+        let ca = Arc::new(SigningCa::new(TestCa::new("root").unwrap(), Duration::ZERO));
+        let readiness = crate::readiness::Readiness::new();
+        let renewal = Renewal {
+            store: IdentityStore::new(),
+            ca,
+            token: TokenSource::Fixed(token_for(WEB).into()),
+            metrics: metrics.clone(),
+            next: Default::default(),
+            readiness: readiness.clone(),
+        };
+        let task = tokio::spawn(renewal.run(readiness.block("the first certificate")));
+        // Bounded: 500 looks, 10 ms apart.
+        let mut status = readiness.check();
+        for _ in 0..500 {
+            status = readiness.check();
+            if status
+                .as_ref()
+                .is_err_and(|e| e.contains("an unexpired certificate"))
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            status.is_err_and(|e| e.contains("an unexpired certificate")),
+            "not ready with an expired certificate"
+        );
+        // No hot loop: a handful of certifications in a second, not thousands.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let issued = metrics.renewed.get();
+        task.abort();
+        assert!(issued <= 5, "{issued} certifications in about a second");
     }
 }

@@ -7,6 +7,7 @@
 //!   connections.
 
 pub mod certify;
+pub mod control_trust;
 pub mod store;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
@@ -288,5 +289,33 @@ mod tests {
             Some(rustls::HandshakeKind::Resumed)
         );
         assert!(tls::resumed_with_expired_peer(c.get_ref().1));
+    }
+
+    #[tokio::test]
+    async fn a_client_certificate_stops_being_trusted_when_its_root_leaves_the_bundle() {
+        let (old, next) = (TestCa::new("old").unwrap(), TestCa::new("next").unwrap());
+        let leaf = old.leaf(WEB, Duration::from_secs(3600)).unwrap();
+        let chain = vec![der(&leaf.chain_pem)];
+        let store = IdentityStore::new();
+        store.set_anchors(&old.root_pem()).unwrap();
+        assert!(store.trusts_client(&chain));
+        let watcher = {
+            let (store, chain) = (store.clone(), chain.clone());
+            tokio::spawn(async move { store.until_untrusted(&chain).await })
+        };
+        // Both roots: still trusted, the watcher waits on.
+        store
+            .set_anchors(&format!("{}{}", old.root_pem(), next.root_pem()))
+            .unwrap();
+        tokio::task::yield_now().await;
+        assert!(store.trusts_client(&chain));
+        assert!(!watcher.is_finished());
+        // The old root leaves: the watcher resolves.
+        store.set_anchors(&next.root_pem()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), watcher)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!store.trusts_client(&chain));
     }
 }

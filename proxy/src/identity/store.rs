@@ -108,6 +108,8 @@ pub struct IdentityStore {
     current: RwLock<Option<Arc<Leaf>>>,
     trust: RwLock<Option<Arc<Trust>>>,
     resolver: Arc<Resolver>,
+    /// Bumped at every change of the trust bundle.
+    bundles: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for IdentityStore {
@@ -246,7 +248,41 @@ impl IdentityStore {
                 clients: Mutex::new(HashMap::new()),
             }),
         );
+        self.bundles.send_modify(|n| *n = n.wrapping_add(1));
         Ok(())
+    }
+
+    /// A receiver told of every change of the trust bundle.
+    pub fn bundles(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.bundles.subscribe()
+    }
+
+    /// Whether a client certificate `chain` (leaf first) chains to the trust bundle in force and
+    /// names one mesh identity, now.
+    pub fn trusts_client(&self, chain: &[CertificateDer<'static>]) -> bool {
+        use rustls::server::danger::ClientCertVerifier;
+        let (Some(trust), Some((leaf, intermediates))) = (read(&self.trust), chain.split_first())
+        else {
+            return false;
+        };
+        ClientIdVerifier::new(trust.roots.clone()).is_ok_and(|v| {
+            v.verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now())
+                .is_ok()
+        })
+    }
+
+    /// Resolves once a new trust bundle no longer trusts the client certificate `chain` (a root
+    /// was removed): a connection it authenticated is then closed.
+    pub async fn until_untrusted(&self, chain: &[CertificateDer<'static>]) {
+        let mut bundles = self.bundles.subscribe();
+        loop {
+            if bundles.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if !self.trusts_client(chain) {
+                return;
+            }
+        }
     }
 
     /// Whether the proxy can speak mTLS (it has a certificate and trust anchors).

@@ -82,6 +82,16 @@ impl TestCa {
         self.leaf_with(&[identity], now - Duration::from_secs(60), now + lifetime)
     }
 
+    /// Signs a server certificate with `params` for `key` (PEM).
+    pub fn sign_server(
+        &self,
+        mut params: CertificateParams,
+        key: &KeyPair,
+    ) -> Result<String, rcgen::Error> {
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        Ok(params.signed_by(key, &self.issuer)?.pem())
+    }
+
     /// Signs `csr_pem` for its own URI SAN, valid for `lifetime` from now.
     pub fn sign_csr(&self, csr_pem: &str, lifetime: Duration) -> Result<String, rcgen::Error> {
         let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;

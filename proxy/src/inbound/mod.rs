@@ -15,21 +15,24 @@
 
 pub mod errors;
 pub mod policy;
+pub mod revoke;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tower::ServiceBuilder;
 use tracing::Instrument;
 
 use self::policy::Policies;
+use self::revoke::{Cut, PeerCert, Revocable, Watched};
 use crate::config::{Config, InboundTarget};
 use crate::detect::{Detected, Protocol};
 use crate::discovery::View;
 use crate::errors::{reason_of, Chain, Reason};
-use crate::http::client::{EndpointKey, Forward, Upstreams};
+use crate::http::client::{EndpointKey, Forward, Upstreams, ORIG_PROTO};
 use crate::http::server::{self, ConnContext, ServerConfig};
 use crate::identity::tls::{identity_of, offered_alpn};
 use crate::identity::{Alpn, IdentityStore};
@@ -91,8 +94,12 @@ impl tower::Service<http::Request<crate::http::Body>> for Authorize {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<crate::http::Body>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<crate::http::Body>) -> Self::Future {
         use futures_util::future::Either;
+        if self.peer.is_none() {
+            // The proxies' own hop headers are honoured only from an authenticated mesh peer.
+            req.headers_mut().remove(ORIG_PROTO);
+        }
         match self.policies.check(self.port, self.peer.as_deref()) {
             Ok(()) => Either::Left(self.inner.call(req)),
             Err(denied) => Either::Right(std::future::ready(Err(denied.into()))),
@@ -117,9 +124,9 @@ impl Inbound {
             server: ServerConfig::from(&*config),
             connect: upstreams.connect().clone(),
             metrics,
-            config,
             upstreams,
-            policies: Policies::new(views, peers.clone()),
+            policies: Policies::new(views, config.default_inbound_policy, peers.clone()),
+            config,
             identity,
             peers,
             stacks: Mutex::new(HashMap::new()),
@@ -203,14 +210,23 @@ impl Inbound {
             ..
         } = conn;
         let m = &self.metrics;
-        let (mut io, activity) = MeteredIo::accepted(socket, m);
+        // Before the first view the port's policy is unknown: hold the caller (bounded).
+        self.policies
+            .wait_first_view(self.config.first_view_wait)
+            .await;
+        let (io, activity) = MeteredIo::accepted(socket, m);
+        let (mut io, cut) = Revocable::new(io);
         // An opaque port skips detection, except that a meshed proxy still looks for a mesh
         // ClientHello there (a meshed client always speaks first); whatever else arrives on it
         // stays opaque.
         let opaque_port = self.config.opaque_ports.contains(&app.port());
         let skip = opaque_port && self.identity.is_none();
         let connect = || self.connect.connect(app);
-        let bounds = self.config.detect_bounds();
+        let mut bounds = self.config.detect_bounds();
+        // A silent client may wait for a server that speaks first, but the app is dialled for
+        // it only where a plaintext caller could be admitted: nothing reaches the app, not even
+        // a TCP handshake, before its caller is authorized (a mesh client speaks first).
+        bounds.server_may_speak_first = self.policies.may_admit_plaintext(app.port());
         let Some(detected) = transport::detect(&mut io, skip, bounds, connect, m).await else {
             return;
         };
@@ -219,11 +235,11 @@ impl Inbound {
             prefix,
             upstream,
         } = detected;
-        let ctx = ConnContext {
+        let open = Open {
             drain,
-            held: guard,
+            guard,
             activity,
-            idle_timeout: self.config.tcp_idle_timeout,
+            cut,
         };
         let server = match (outcome.protocol(), &self.identity) {
             (Protocol::Tls, Some(identity)) => identity.server_config(),
@@ -233,28 +249,80 @@ impl Inbound {
             Protocol::Http1 | Protocol::Http2 if opaque_port => Protocol::Opaque,
             p => p,
         };
+        let port = app.port();
         match (protocol, server) {
             (proto @ (Protocol::Http1 | Protocol::Http2), _) => {
                 // A connection dialled while the client was silent is not needed for HTTP.
                 drop(upstream);
                 let io = PrefixedIo::new(prefix, io);
                 let stack = self.http_stack(app, None);
+                let ctx = self.context(open, port, None, None, revoke::GRACE);
                 server::serve(io, proto, stack, &self.server, ctx, m).await;
             }
             (Protocol::Tls, Some(server)) => {
                 let (prefix, alpn) = read_client_hello(&mut io, prefix, bounds.timeout).await;
                 let io = PrefixedIo::new(prefix, io);
                 if alpn.is_some_and(|a| !a.is_empty()) {
-                    self.serve_mesh(io, server, app, ctx).await;
+                    self.serve_mesh(io, server, app, open).await;
                 } else {
                     // The app's own TLS: passed through, as a plaintext (unauthenticated) caller.
+                    let ctx = self.context(open, port, None, None, Duration::ZERO);
                     self.serve_opaque(io, upstream, app, None, ctx).await;
                 }
             }
             (Protocol::Tls | Protocol::Opaque, _) => {
                 let io = PrefixedIo::new(prefix, io);
+                let ctx = self.context(open, port, None, None, Duration::ZERO);
                 self.serve_opaque(io, upstream, app, None, ctx).await;
             }
+        }
+    }
+
+    /// The context of a connection to `port` from `peer`: with a control plane or a mesh
+    /// caller, a watcher closes it once the caller is refused (see [`revoke`]), `grace` after
+    /// draining it.
+    fn context(
+        &self,
+        open: Open,
+        port: u16,
+        peer: Option<Arc<outrider_control::api::Identity>>,
+        cert: Option<PeerCert>,
+        grace: Duration,
+    ) -> ConnContext {
+        let Open {
+            drain,
+            guard,
+            activity,
+            cut,
+        } = open;
+        let idle_timeout = self.config.tcp_idle_timeout;
+        if !self.policies.can_change() && cert.is_none() {
+            return ConnContext {
+                drain,
+                held: guard,
+                activity,
+                idle_timeout,
+            };
+        }
+        let watched = Watched {
+            port,
+            peer,
+            cert,
+            grace,
+        };
+        let (drain, watcher) = revoke::watch(
+            watched,
+            self.policies.clone(),
+            self.identity.clone(),
+            drain,
+            cut,
+            self.metrics.clone(),
+        );
+        ConnContext {
+            drain,
+            held: Arc::new((guard, watcher)),
+            activity,
+            idle_timeout,
         }
     }
 
@@ -264,7 +332,7 @@ impl Inbound {
         io: I,
         server: Arc<rustls::ServerConfig>,
         app: SocketAddr,
-        ctx: ConnContext,
+        open: Open,
     ) where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -297,10 +365,9 @@ impl Inbound {
         } else {
             m.handshakes.full.inc();
         }
-        let peer = session
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .and_then(|c| identity_of(c).ok());
+        let chain = session.peer_certificates().unwrap_or_default();
+        let peer = chain.first().and_then(|c| identity_of(c).ok());
+        let cert = PeerCert::new(chain);
         let alpn = session.alpn_protocol().and_then(Alpn::from_id);
         let (Some(peer), Some(alpn)) = (peer, alpn) else {
             m.error(Reason::TlsFailed);
@@ -317,10 +384,25 @@ impl Inbound {
                 } else {
                     Protocol::Http1
                 };
-                let stack = self.http_stack(app, Some(peer));
+                let stack = self.http_stack(app, Some(peer.clone()));
+                // Not (yet) closed when the caller's certificate expires or loses its root: the
+                // calling proxy's pool would fail a request that races the GOAWAY (it retries
+                // only requests handed back unsent), so a renewal would cost requests. Policy
+                // changes still close it (its requests are refused from then on anyway).
+                drop(cert);
+                let ctx = self.context(open, app.port(), Some(peer), None, revoke::GRACE);
                 server::serve(tls, proto, stack, &self.server, ctx, m).await;
             }
-            Alpn::Opaque => self.serve_opaque(tls, None, app, Some(&peer), ctx).await,
+            Alpn::Opaque => {
+                let ctx = self.context(
+                    open,
+                    app.port(),
+                    Some(peer.clone()),
+                    Some(cert),
+                    Duration::ZERO,
+                );
+                self.serve_opaque(tls, None, app, Some(&peer), ctx).await
+            }
         }
     }
 
@@ -360,6 +442,14 @@ impl Inbound {
         }
         drop(ctx);
     }
+}
+
+/// What an accepted connection brings along until its caller is known.
+struct Open {
+    drain: crate::drain::Watch,
+    guard: Arc<crate::transport::listen::ConnGuard>,
+    activity: crate::transport::io::Activity,
+    cut: Arc<Cut>,
 }
 
 /// Reads until `prefix` holds a whole ClientHello (within `timeout` and [`MAX_CLIENT_HELLO`]

@@ -37,6 +37,9 @@ pub trait Serve: Send + Sync + 'static {
     fn serve(self: Arc<Self>, conn: Accepted) -> impl Future<Output = ()> + Send + 'static;
 }
 
+/// How often a failing accept is logged at most.
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
+
 /// The connection bound of one listener (shared with its IPv6 twin).
 #[derive(Debug)]
 pub struct Limit {
@@ -88,25 +91,30 @@ impl Drop for ConnGuard {
     }
 }
 
-/// Accepts connections until the drain starts, handing each to `stack` on its own task.
+/// Accepts connections until `stop` is signalled, handing each to `stack` on its own task with
+/// `drain` (the drain of its connections, which may start earlier: a draining listener keeps
+/// accepting for the drain window).
 pub async fn accept_loop<S: Serve>(
     listener: TcpListener,
     stack: Arc<S>,
     limit: Arc<Limit>,
     metrics: Arc<DirectionMetrics>,
-    mut drain: drain::Watch,
+    mut stop: drain::Watch,
+    drain: drain::Watch,
 ) {
+    let mut last_warn: Option<tokio::time::Instant> = None;
+    let mut failures = 0u64;
     loop {
         let permit = tokio::select! {
             permit = limit.acquire() => match permit {
                 Some(p) => p,
                 None => return,
             },
-            () = drain.signaled() => break,
+            () = stop.signaled() => break,
         };
         let accepted = tokio::select! {
             res = listener.accept() => res,
-            () = drain.signaled() => break,
+            () = stop.signaled() => break,
         };
         match accepted {
             Ok((socket, peer)) => {
@@ -125,8 +133,15 @@ pub async fn accept_loop<S: Serve>(
                 tokio::spawn(stack.clone().serve(conn));
             }
             Err(e) => {
-                // Out of file descriptors and similar: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
+                // Out of file descriptors and similar: back off instead of spinning, and log
+                // at most every 10 s.
+                failures += 1;
+                let now = tokio::time::Instant::now();
+                if last_warn.is_none_or(|at| now.duration_since(at) >= ACCEPT_WARN_EVERY) {
+                    tracing::warn!(error = %e, failures, "accept failed (logged at most every 10 s)");
+                    last_warn = Some(now);
+                    failures = 0;
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
