@@ -44,7 +44,7 @@ pub struct DemoArgs {
     /// Concurrent client connections (half HTTP/1.1, half h2c).
     #[arg(long, env = "OUTRIDER_CONNECTIONS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub connections: u16,
-    /// Inject faults: payments-api-0 fails half its requests for the first 60% of the run, then
+    /// Inject faults: payments-api-0 fails half its requests for the first half of the run, then
     /// recovers; payments-api-2 answers 20 ms late. The summary shows retries, the breaker
     /// opening and closing, and load moving away from the slow copy; the client must see no
     /// failure.
@@ -338,9 +338,9 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     let started = Instant::now();
     if args.faults {
-        // payments-api-0 recovers after 60% of the run: its breaker's next probe closes it.
+        // payments-api-0 recovers halfway through the run: its breaker's next probe closes it.
         let failing = faults[0].clone();
-        let recover = duration.mul_f64(0.6);
+        let recover = duration.mul_f64(0.5);
         apps.push(tokio::spawn(async move {
             tokio::time::sleep(recover).await;
             failing.fail_percent.store(0, Ordering::Relaxed);
@@ -518,7 +518,7 @@ fn print_faults(client: &prometheus::Registry) {
             &[service, ("reason", "circuit-open")]
         ),
     );
-    println!("faults     payments-api-0 failed 50% of its answers for the first 60% of the run; payments-api-2 answered 20 ms late (P2C over peak-EWMA sends it less)");
+    println!("faults     payments-api-0 failed 50% of its answers for the first half of the run; payments-api-2 answered 20 ms late (P2C over peak-EWMA sends it less)");
 }
 
 fn print_summary(

@@ -711,7 +711,7 @@ fn demo_runs_and_reports() {
     // retries and breakers keep every request successful, the failing copy's breaker opens and,
     // once it recovers, closes; the slow copy gets less than a third of the load.
     let out =
-        support::run_ok(Command::new(OUTRIDER).args(["demo", "--faults", "--duration", "4s"]));
+        support::run_ok(Command::new(OUTRIDER).args(["demo", "--faults", "--duration", "6s"]));
     assert!(out.contains("errors     0"), "{out}");
     let line = |prefix: &str| -> String {
         out.lines()

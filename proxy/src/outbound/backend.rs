@@ -90,8 +90,8 @@ impl EndpointSet {
     }
 
     /// Picks an endpoint that can take a request at `now`: two distinct endpoints drawn at
-    /// random (by weight), the one with the lower peak-EWMA cost (but an endpoint due a breaker
-    /// probe first); with round robin, the next ready one in the schedule. Endpoints at `limit` requests in flight (when `bounded`) or
+    /// random (by weight), the one with the lower peak-EWMA cost in proportion to the other's
+    /// (an endpoint due a breaker probe first); with round robin, the next ready one in the schedule. Endpoints at `limit` requests in flight (when `bounded`) or
     /// with an open breaker are skipped; a half-open one whose open time has passed is picked as
     /// its breaker's probe. The cost does not grow with the number of endpoints unless most of
     /// them are unready (then one scan finds the last ready ones, or says why there are none).
@@ -159,11 +159,16 @@ impl EndpointSet {
                     }
                 }
                 (Some(x), Some(y)) => {
+                    // The cheaper one, with the chance of the other's share of the two costs: an
+                    // endpoint ten times as costly still gets about one pair in eleven, so it
+                    // keeps being sampled and one slow answer cannot starve it (at low
+                    // concurrency, strict P2C sends everything to whichever estimate is lower).
                     let cost = |(i, _): (usize, bool)| self.list[i].cost(now, self.meta[i].weight);
-                    if cost(y) < cost(x) {
-                        [Some(y), Some(x)]
-                    } else {
+                    let (cx, cy) = (cost(x), cost(y));
+                    if fastrand::f64() * (cx + cy) < cy {
                         [Some(x), Some(y)]
+                    } else {
+                        [Some(y), Some(x)]
                     }
                 }
                 (x, y) => [x.or(y), None],
@@ -720,7 +725,7 @@ mod tests {
             .map(|_| set.list[0].track(None, None, None, false))
             .collect();
         let loaded = share(&set, 3000);
-        assert!(loaded[0] < 300, "{loaded:?}");
+        assert!(loaded[0] < 450, "{loaded:?}");
         // Weights: 3 to 1 to 1 with equal latency.
         let weighted = f.set(
             &[(addr(0), meta(3)), (addr(1), meta(1)), (addr(2), meta(1))],

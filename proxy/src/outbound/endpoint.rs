@@ -42,8 +42,12 @@ use crate::layers::retry::ServedBy;
 /// The latency an endpoint is assumed to have before its first response.
 const DEFAULT_RTT: Duration = Duration::from_millis(30);
 
-/// How fast old latency samples lose weight (the EWMA's time constant, as linkerd's).
-const DECAY: Duration = Duration::from_secs(10);
+/// How fast old latency samples lose weight (the EWMA's time constant). Shorter than linkerd's
+/// 10 s: a peak is believed at once, so with 10 s one slow request (a long poll, a report, a
+/// scheduling hiccup on a busy node) kept an endpoint out of rotation for most of a minute while
+/// its estimate decayed; with 2 s it is back within seconds, and a really slow endpoint is found
+/// again by its next sample.
+const DECAY: Duration = Duration::from_secs(2);
 
 /// The longest a breaker stays open.
 pub(crate) const MAX_OPEN: Duration = Duration::from_secs(60);
@@ -694,8 +698,8 @@ mod tests {
             Duration::from_millis(300),
             "a peak is believed at once"
         );
-        // Fast samples pull it down only as time passes (10 s time constant).
-        tokio::time::advance(Duration::from_secs(10)).await;
+        // Fast samples pull it down only as time passes (one time constant here).
+        tokio::time::advance(DECAY).await;
         let decayed = e.rtt(now()).as_secs_f64();
         assert!(
             (decayed - 0.3 / std::f64::consts::E).abs() < 0.001,
