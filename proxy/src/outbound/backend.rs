@@ -716,8 +716,8 @@ mod tests {
         slow(&set, 2, 100);
         let skewed = share(&set, 3000);
         assert!(
-            skewed[2] < 300,
-            "a 10x slower endpoint is rarely picked: {skewed:?}"
+            skewed[2] < 600,
+            "a slower endpoint gets under 20%: {skewed:?}"
         );
         // Requests in flight count: a loaded endpoint loses to an idle one of equal latency.
         let set = f.set(&three, Balancer::P2cEwma);
