@@ -115,6 +115,20 @@ async fn backend(streams: u32) -> Arc<Backend> {
     b
 }
 
+/// Three backends (200 streams each) answering after the given delays, in milliseconds.
+async fn slow_backends(delays_ms: [u64; 3]) -> [Arc<Backend>; 3] {
+    let mut out = Vec::new();
+    for delay in delays_ms {
+        let b = backend(200).await;
+        b.delay_ms.store(delay, Ordering::SeqCst);
+        out.push(b);
+    }
+    match out.try_into() {
+        Ok(three) => three,
+        Err(_) => unreachable!("three delays, three backends"),
+    }
+}
+
 struct Mesh {
     control: Arc<outrider_control::ControlPlane>,
     served: JoinHandle<()>,
@@ -194,6 +208,19 @@ impl Mesh {
 
     fn client(&self) -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
         Client::builder(TokioExecutor::new()).build_http()
+    }
+
+    /// Makes `GET path` requests to the service, as often as asked.
+    fn getter(
+        &self,
+        path: &str,
+    ) -> impl Fn() -> Request<Full<Bytes>> + Clone + Send + Sync + 'static {
+        let target = format!("http://{}{path}", self.proxy);
+        move || {
+            Request::get(target.as_str())
+                .body(Full::new(Bytes::new()))
+                .unwrap()
+        }
     }
 
     fn request(&self, method: Method, path: &str, body: Bytes) -> Request<Full<Bytes>> {
@@ -369,18 +396,9 @@ async fn shares<F: std::future::Future>(backends: &[&Arc<Backend>], f: F) -> Vec
 
 #[tokio::test]
 async fn load_moves_away_from_a_slow_endpoint_and_spreads_over_equal_ones() {
-    let (a, b, c) = (backend(200).await, backend(200).await, backend(200).await);
-    for x in [&a, &b, &c] {
-        x.delay_ms.store(5, Ordering::SeqCst);
-    }
-    c.delay_ms.store(50, Ordering::SeqCst);
+    let [a, b, c] = slow_backends([5, 5, 50]).await;
     let mesh = start(&mesh_yaml(&[&a, &b, &c], ""), |_| {}).await;
-    let target = format!("http://{}/", mesh.proxy);
-    let get = move || {
-        Request::get(target.as_str())
-            .body(Full::new(Bytes::new()))
-            .unwrap()
-    };
+    let get = mesh.getter("/");
     let s = shares(&[&a, &b, &c], load(&mesh, 600, 12, get)).await;
     assert!(
         s[2] < 0.20,
@@ -389,17 +407,9 @@ async fn load_moves_away_from_a_slow_endpoint_and_spreads_over_equal_ones() {
     );
     // Three equal endpoints (a fresh service, so no history): about a third each.
     drop(mesh);
-    let (d, e, f) = (backend(200).await, backend(200).await, backend(200).await);
-    for x in [&d, &e, &f] {
-        x.delay_ms.store(5, Ordering::SeqCst);
-    }
+    let [d, e, f] = slow_backends([5, 5, 5]).await;
     let mesh = start(&mesh_yaml(&[&d, &e, &f], ""), |_| {}).await;
-    let target = format!("http://{}/", mesh.proxy);
-    let get = move || {
-        Request::get(target.as_str())
-            .body(Full::new(Bytes::new()))
-            .unwrap()
-    };
+    let get = mesh.getter("/");
     let s = shares(&[&d, &e, &f], load(&mesh, 900, 12, get)).await;
     for share in &s {
         assert!((0.28..=0.38).contains(share), "equal endpoints: {s:?}");
@@ -422,12 +432,7 @@ async fn a_failing_endpoint_is_cut_off_by_its_breaker_probed_and_closed_again() 
         )
     };
     // Until it opens the bad endpoint gets its share; then only probes.
-    let target = format!("http://{}/", mesh.proxy);
-    let get = move || {
-        Request::get(target.as_str())
-            .body(Full::new(Bytes::new()))
-            .unwrap()
-    };
+    let get = mesh.getter("/");
     let mut sent = 0;
     while transitions("open") < 1.0 {
         load(&mesh, 10, 1, get.clone()).await;
@@ -513,10 +518,7 @@ async fn a_failing_endpoint_is_cut_off_by_its_breaker_probed_and_closed_again() 
 
 #[tokio::test]
 async fn the_streams_of_one_http2_connection_spread_over_every_endpoint() {
-    let backends = [backend(200).await, backend(200).await, backend(200).await];
-    for b in &backends {
-        b.delay_ms.store(20, Ordering::SeqCst);
-    }
+    let backends = slow_backends([20, 20, 20]).await;
     let refs: Vec<&Arc<Backend>> = backends.iter().collect();
     let mesh = start(&mesh_yaml(&refs, "    protocol: http2\n"), |_| {}).await;
     let stream = tokio::net::TcpStream::connect(mesh.proxy).await.unwrap();
@@ -652,12 +654,7 @@ async fn an_http2_endpoint_at_its_bound_sheds_at_once_and_the_proxy_stays_ready(
 async fn endpoints_added_and_removed_under_load_fail_no_request() {
     let (a, b, c) = (backend(200).await, backend(200).await, backend(200).await);
     let mesh = start(&mesh_yaml(&[&a, &b], ""), |_| {}).await;
-    let target = format!("http://{}/", mesh.proxy);
-    let get = move || {
-        Request::get(target.as_str())
-            .body(Full::new(Bytes::new()))
-            .unwrap()
-    };
+    let get = mesh.getter("/");
     let running = {
         let get = get.clone();
         tokio::spawn(async move {
@@ -708,12 +705,7 @@ async fn a_retry_goes_to_another_endpoint_than_the_one_that_failed() {
     bad.fail_percent.store(100, Ordering::SeqCst);
     let routes = "    routes:\n      - name: all\n        match: { path_prefix: / }\n        retry: { attempts: 1, budget: 100%, backoff: 1ms }\n";
     let mesh = start(&mesh_yaml(&[&good, &bad], routes), |_| {}).await;
-    let target = format!("http://{}/", mesh.proxy);
-    let get = move || {
-        Request::get(target.as_str())
-            .body(Full::new(Bytes::new()))
-            .unwrap()
-    };
+    let get = mesh.getter("/");
     let statuses = load(&mesh, 200, 2, get).await;
     assert_eq!(failures(&statuses), 0, "{statuses:?}");
     assert!(bad.requests() > 0, "the failing endpoint was tried");
