@@ -129,6 +129,40 @@ async fn slow_backends(delays_ms: [u64; 3]) -> [Arc<Backend>; 3] {
     }
 }
 
+/// `n` concurrent GETs of `path` on one new HTTP/2 connection to `proxy`: each task gives the
+/// status and the `outrider-error` reason.
+async fn h2_streams(
+    proxy: SocketAddr,
+    path: &str,
+    n: usize,
+) -> Vec<JoinHandle<(StatusCode, Option<String>)>> {
+    let stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let target = format!("http://{proxy}{path}");
+    (0..n)
+        .map(|_| {
+            let mut send = send.clone();
+            let req = Request::get(target.as_str())
+                .version(http::Version::HTTP_2)
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            tokio::spawn(async move {
+                send.ready().await.unwrap();
+                let rsp = send.send_request(req).await.unwrap();
+                let reason = rsp
+                    .headers()
+                    .get("outrider-error")
+                    .map(|v| v.to_str().unwrap().to_string());
+                (rsp.status(), reason)
+            })
+        })
+        .collect()
+}
+
 struct Mesh {
     control: Arc<outrider_control::ControlPlane>,
     served: JoinHandle<()>,
@@ -521,27 +555,9 @@ async fn the_streams_of_one_http2_connection_spread_over_every_endpoint() {
     let backends = slow_backends([20, 20, 20]).await;
     let refs: Vec<&Arc<Backend>> = backends.iter().collect();
     let mesh = start(&mesh_yaml(&refs, "    protocol: http2\n"), |_| {}).await;
-    let stream = tokio::net::TcpStream::connect(mesh.proxy).await.unwrap();
-    let (send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let target = format!("http://{}/grpc-like", mesh.proxy);
-    let mut streams = Vec::new();
-    for _ in 0..100 {
-        let mut send = send.clone();
-        let req = Request::get(target.as_str())
-            .version(http::Version::HTTP_2)
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        streams.push(tokio::spawn(async move {
-            send.ready().await.unwrap();
-            send.send_request(req).await.unwrap().status()
-        }));
-    }
+    let streams = h2_streams(mesh.proxy, "/grpc-like", 100).await;
     for s in streams {
-        assert_eq!(s.await.unwrap(), StatusCode::OK);
+        assert_eq!(s.await.unwrap(), (StatusCode::OK, None));
     }
     for b in &backends {
         assert!(
@@ -580,31 +596,9 @@ async fn an_http2_endpoint_at_its_bound_sheds_at_once_and_the_proxy_stays_ready(
             &[("service", "t/api"), ("reason", "overloaded")],
         )
     };
-    let target = format!("http://{}/", mesh.proxy);
     let mut tasks = Vec::new();
     for _ in 0..25 {
-        let stream = tokio::net::TcpStream::connect(mesh.proxy).await.unwrap();
-        let (send, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
-        for _ in 0..200 {
-            let mut send = send.clone();
-            let req = Request::get(target.as_str())
-                .version(http::Version::HTTP_2)
-                .body(Full::new(Bytes::new()))
-                .unwrap();
-            tasks.push(tokio::spawn(async move {
-                send.ready().await.unwrap();
-                let rsp = send.send_request(req).await.unwrap();
-                let reason = rsp
-                    .headers()
-                    .get("outrider-error")
-                    .map(|v| v.to_str().unwrap().to_string());
-                (rsp.status(), reason)
-            }));
-        }
+        tasks.extend(h2_streams(mesh.proxy, "/", 200).await);
     }
     // The excess is answered while the first 1,000 are still held at the endpoint.
     let mut waited = 0;
