@@ -130,6 +130,9 @@ impl Proxy {
     ) -> anyhow::Result<Self> {
         let config = Arc::new(config);
         let metrics = Metrics::register(&registry).context("cannot register metrics")?;
+        // Once per proxy: every outbound stack (sidecar and local mode) counts into them.
+        let resilience = outbound::metrics::ResilienceMetrics::register(&registry)
+            .context("cannot register metrics")?;
         let readiness = Readiness::new();
         let listening = readiness.block("listeners");
         let mut connect = Connect::new(
@@ -226,6 +229,7 @@ impl Proxy {
                 outbound::Mode::OrigDst(orig_dst.clone()),
                 handles(Direction::Outbound),
                 &metrics,
+                &resilience,
                 config.clone(),
                 upstreams.clone(),
                 views.clone(),
@@ -245,6 +249,7 @@ impl Proxy {
                 outbound::Mode::Fixed(f.upstream),
                 handles(Direction::Forward),
                 &metrics,
+                &resilience,
                 config.clone(),
                 upstreams.clone(),
                 views.clone(),

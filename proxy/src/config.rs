@@ -275,7 +275,7 @@ pub struct Config {
     /// Open connections per upstream address.
     pub max_upstream_connections: usize,
     /// Outbound requests in flight per endpoint and per service.
-    pub in_flight: crate::outbound::endpoint::Limits,
+    pub in_flight: Limits,
     /// Outbound drain window after shutdown starts.
     pub drain_window: Duration,
     /// Hard shutdown deadline.
@@ -341,7 +341,7 @@ impl Config {
             connect_timeout: args.connect_timeout,
             max_connections: args.max_connections as usize,
             max_upstream_connections: args.max_upstream_connections as usize,
-            in_flight: crate::outbound::endpoint::Limits {
+            in_flight: Limits {
                 per_endpoint: args.max_in_flight_per_endpoint as usize,
                 per_service: args.max_in_flight_per_service as usize,
             },
@@ -879,5 +879,23 @@ mod tests {
         // Even a tiny limit leaves one connection.
         assert_eq!(c.fit_open_files(10), Some(10_000));
         assert_eq!(c.max_connections, 1);
+    }
+}
+
+/// Bounds on requests in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Requests in flight to one endpoint (its HTTP/2 queue included) before it is not ready.
+    pub per_endpoint: usize,
+    /// Requests in flight to one service (all its endpoints) before requests are shed.
+    pub per_service: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            per_endpoint: 1_000,
+            per_service: 10_000,
+        }
     }
 }

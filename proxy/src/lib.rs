@@ -14,6 +14,7 @@
 pub(crate) mod admin;
 pub mod app;
 pub mod app_probe;
+pub(crate) mod budget;
 pub mod config;
 pub(crate) mod detect;
 pub(crate) mod discovery;

@@ -59,8 +59,6 @@ pub struct Metrics {
     pub destination_builds: IntCounter,
     /// Inbound peers: identities and refusals.
     pub peers: PeerMetrics,
-    /// Outbound balancing, retries, breakers and shedding.
-    pub resilience: crate::outbound::metrics::ResilienceMetrics,
 }
 
 /// Pre-resolved handles for one direction.
@@ -284,7 +282,6 @@ impl Metrics {
         };
         Ok(Metrics {
             peers,
-            resilience: crate::outbound::metrics::ResilienceMetrics::register(registry)?,
             upstream_connects,
             destinations,
             destination_builds,

@@ -183,7 +183,7 @@ impl Upstream {
                 connect,
                 current: Mutex::new(None),
                 generation: AtomicU64::new(0),
-                resends: crate::layers::retry::Budget::new(),
+                resends: crate::budget::Budget::new(),
                 connecting: tokio::sync::Mutex::new(()),
                 failed: Mutex::new(None),
             },
@@ -254,7 +254,7 @@ struct H2Conn {
     current: Mutex<Option<(u64, http2::SendRequest<Body>)>>,
     generation: AtomicU64,
     /// Budget for sending a request again that a going-away connection handed back unsent.
-    resends: crate::layers::retry::Budget,
+    resends: crate::budget::Budget,
     connecting: tokio::sync::Mutex<()>,
     /// The last failed dial: requests that waited for it fail with it instead of dialling again
     /// (when, what, and the reason it was answered with).

@@ -300,6 +300,7 @@ impl<S: Send + Sync + 'static> Destinations<S> {
         views: Option<watch::Receiver<View>>,
         build: impl Fn(Arc<Destination>) -> S + Send + Sync + 'static,
         metrics: &crate::metrics::Metrics,
+        resilience: ResilienceMetrics,
     ) -> Arc<Self> {
         let (alive, builds) = (
             metrics.destinations.clone(),
@@ -309,7 +310,7 @@ impl<S: Send + Sync + 'static> Destinations<S> {
             map: Mutex::new(HashMap::new()),
             upstreams,
             views,
-            resilience: metrics.resilience.clone(),
+            resilience,
             build: Box::new(build),
             alive,
             builds,

@@ -52,23 +52,7 @@ const DECAY: Duration = Duration::from_secs(2);
 /// The longest a breaker stays open.
 pub(crate) const MAX_OPEN: Duration = Duration::from_secs(60);
 
-/// Bounds on requests in flight.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Requests in flight to one endpoint (its HTTP/2 queue included) before it is not ready.
-    pub per_endpoint: usize,
-    /// Requests in flight to one service (all its endpoints) before requests are shed.
-    pub per_service: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            per_endpoint: 1_000,
-            per_service: 10_000,
-        }
-    }
-}
+pub(crate) use crate::config::Limits;
 
 /// A service's breaker settings (from discovery).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -87,6 +87,7 @@ impl Outbound {
         mode: Mode,
         metrics: Arc<DirectionMetrics>,
         all: &Metrics,
+        resilience: &metrics::ResilienceMetrics,
         config: Arc<Config>,
         upstreams: Arc<Upstreams>,
         views: Option<watch::Receiver<View>>,
@@ -100,6 +101,7 @@ impl Outbound {
             views.clone(),
             move |dest| http_stack(dest, stack_metrics.clone(), policy, default_timeout, limits),
             all,
+            resilience.clone(),
         );
         Arc::new(Self {
             lookup: Lookup::new("outbound", config.own_ports(), metrics.clone()),
