@@ -75,7 +75,7 @@ fn main() -> ExitCode {
         Command::Control(args) => control(*args),
         Command::Inject(args) => outrider_kubernetes::inject_main(args),
         Command::Wait(args) => outrider_kubernetes::wait::main(args),
-        Command::Resources(args) => outrider_kubernetes::resources::main(args),
+        Command::Resources(args) => outrider_kubernetes::resources_main(args),
         Command::Analyze(args) => outrider_kubernetes::analyze::main(args),
         Command::Cni(args) => outrider_cni::main(args),
         Command::Demo(args) => demo::main(args),

@@ -324,7 +324,7 @@ fn every_corpus_file_injects_uninjects_and_reports() {
         if let Some(api) = removed_api(&inputs) {
             let e = inject::inject(&text, &opts(false)).unwrap_err();
             assert!(e.to_string().contains(&api), "{name}: {e}");
-            assert!(crate::resources::reports(&text, false).is_err());
+            assert!(crate::resource_reports(&text, false).is_err());
             refused.push(name);
             continue;
         }
@@ -340,7 +340,7 @@ fn every_corpus_file_injects_uninjects_and_reports() {
                 "{name}: uninject did not give it back"
             );
             for (t, with_proxy) in [(&text, false), (&text, true), (&out.yaml, false)] {
-                crate::resources::reports(t, with_proxy)
+                crate::resource_reports(t, with_proxy)
                     .unwrap_or_else(|e| panic!("{name}: resources refused: {e}"));
             }
             let outputs = objects(&out.yaml);

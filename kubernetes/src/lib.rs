@@ -154,3 +154,55 @@ mod corpus_tests;
 mod restricted;
 #[cfg(test)]
 mod tests;
+
+/// Reports every workload of `text` (`outrider resources`), injected first when `with_proxy`.
+pub fn resource_reports(
+    text: &str,
+    with_proxy: bool,
+) -> Result<Vec<resources::Report>, manifest::InputError> {
+    resource_reports_with(
+        text,
+        with_proxy.then(inject::InjectOptions::default).as_ref(),
+    )
+}
+
+/// Reports every workload of `text`, injected with `opts` first when given (`--cni` too).
+pub fn resource_reports_with(
+    text: &str,
+    with_proxy: Option<&inject::InjectOptions>,
+) -> Result<Vec<resources::Report>, manifest::InputError> {
+    match with_proxy {
+        None => resources::reports_prepared(text, None),
+        Some(opts) => {
+            let prepare = |at: &manifest::Location, object: &mut serde_norway::Value| {
+                inject::inject_object(at, object, opts, &mut Vec::new())
+            };
+            resources::reports_prepared(text, Some(&prepare))
+        }
+    }
+}
+
+/// `outrider resources`: the report on stdout; bad input is exit 2.
+pub fn resources_main(args: resources::ResourcesArgs) -> ExitCode {
+    let text = match crate::read_input(&args.file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("outrider resources: cannot read {}: {e}", args.file);
+            return ExitCode::from(1);
+        }
+    };
+    let opts = inject::InjectOptions {
+        cni: args.cni,
+        ..inject::InjectOptions::default()
+    };
+    match resource_reports_with(&text, args.with_proxy.then_some(&opts)) {
+        Ok(reports) => {
+            print!("{}", resources::render(&reports));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("outrider resources: {}: {e}", args.file);
+            ExitCode::from(2)
+        }
+    }
+}

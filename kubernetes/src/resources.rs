@@ -21,14 +21,12 @@
 //! limit. `--with-proxy` reports the workload as `outrider inject` would leave it.
 
 use std::fmt::Write as _;
-use std::process::ExitCode;
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Container, PodSpec, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity as K8sQuantity;
 
-use crate::inject::{self, InjectOptions};
 use crate::manifest::{self, InputError, Location, Workload, WorkloadKind};
 use crate::quantity::Quantity;
 
@@ -175,15 +173,14 @@ pub struct Report {
     pub warnings: Vec<String>,
 }
 
-/// Reports every workload of `text`, injected first when `with_proxy`.
-pub fn reports(text: &str, with_proxy: bool) -> Result<Vec<Report>, InputError> {
-    reports_with(text, with_proxy.then(InjectOptions::default).as_ref())
-}
+/// What [`reports_prepared`] does to each object before it is reported (e.g. inject it).
+pub type Prepare<'a> = dyn Fn(&Location, &mut serde_norway::Value) -> Result<(), InputError> + 'a;
 
-/// Reports every workload of `text`, injected with `opts` first when given (`--cni` too).
-pub fn reports_with(
+/// Reports every workload of `text`, each object passed through `prepare` first (the crate root's
+/// [`crate::resource_reports_with`] injects it, for `--with-proxy`).
+pub fn reports_prepared(
     text: &str,
-    with_proxy: Option<&InjectOptions>,
+    prepare: Option<&Prepare<'_>>,
 ) -> Result<Vec<Report>, InputError> {
     let mut out = Vec::new();
     for doc in manifest::documents(text)? {
@@ -192,8 +189,8 @@ pub fn reports_with(
             i,
             &mut doc,
             &mut |at: &Location, object: &mut serde_norway::Value| {
-                if let Some(opts) = with_proxy {
-                    inject::inject_object(at, object, opts, &mut Vec::new())?;
+                if let Some(prepare) = prepare {
+                    prepare(at, object)?;
                 }
                 if let Some(kind) = WorkloadKind::of(object) {
                     out.push(report(&Workload::check(kind, object, at)?, at)?);
@@ -549,35 +546,11 @@ pub fn render(reports: &[Report]) -> String {
     out
 }
 
-/// `outrider resources`: the report on stdout; bad input is exit 2.
-pub fn main(args: ResourcesArgs) -> ExitCode {
-    let text = match crate::read_input(&args.file) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("outrider resources: cannot read {}: {e}", args.file);
-            return ExitCode::from(1);
-        }
-    };
-    let opts = InjectOptions {
-        cni: args.cni,
-        ..InjectOptions::default()
-    };
-    match reports_with(&text, args.with_proxy.then_some(&opts)) {
-        Ok(reports) => {
-            print!("{}", render(&reports));
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("outrider resources: {}: {e}", args.file);
-            ExitCode::from(2)
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::resource_reports as reports;
 
     const SEED: &str = include_str!("../../deploy/examples/payments-api.yaml");
 

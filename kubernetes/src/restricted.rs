@@ -306,10 +306,10 @@ spec:
 
     #[test]
     fn resources_with_proxy_reflect_the_mode() {
-        let r = &crate::resources::reports_with(APP, Some(&cni())).unwrap()[0];
+        let r = &crate::resource_reports_with(APP, Some(&cni())).unwrap()[0];
         let names: Vec<&str> = r.rows.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, [inject::VALIDATE_NAME, inject::PROXY_NAME, "web"]);
-        let r = &crate::resources::reports(APP, true).unwrap()[0];
+        let r = &crate::resource_reports(APP, true).unwrap()[0];
         assert_eq!(r.rows[0].name, inject::INIT_NAME);
     }
 }

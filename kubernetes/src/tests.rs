@@ -639,7 +639,7 @@ fn cut_and_mangled_inputs_are_errors_or_output_never_panics() {
             for t in [cut, dropped] {
                 let _ = inject::inject(&t, &opts(legacy));
                 let _ = inject::uninject(&t);
-                let _ = crate::resources::reports(&t, true);
+                let _ = crate::resource_reports(&t, true);
             }
         }
     }
@@ -671,8 +671,7 @@ fn deploy_manifests_inject_report_and_their_secrets_are_readable_by_their_contai
         let text = read(&file);
         // The project's own manifests are what users run inject and resources on first.
         inject::inject(&text, &opts(false)).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-        crate::resources::reports(&text, true)
-            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        crate::resource_reports(&text, true).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         let mut docs = manifest::parse(&text).unwrap();
         manifest::for_each_object::<manifest::InputError>(&mut docs, |at, object| {
             let Some(kind) = manifest::WorkloadKind::of(object) else {
