@@ -4,7 +4,7 @@
 //!
 //! A certify request is granted only when its bearer token verifies ([`crate::token`]; with
 //! `--kubernetes`, a projected ServiceAccount token reviewed by the API server,
-//! [`crate::kubernetes::review`]) and its CSR asks for exactly the token's identity
+//! the Kubernetes module's TokenReview) and its CSR asks for exactly the token's identity
 //! ([`Ca::certify`]). Every refusal is answered with a
 //! JSON `{"error": ...}`, counted by reason in `outrider_control_certify_refused_total`, and
 //! logged once with the reason and the identity the token claims (if it parses) — never the
@@ -78,7 +78,7 @@ pub struct Authority {
     lifetime: Duration,
     trust_domain: String,
     /// With `--kubernetes`: checks projected ServiceAccount tokens (set once, at start).
-    reviewer: std::sync::OnceLock<crate::kubernetes::review::Reviewer>,
+    reviewer: std::sync::OnceLock<Arc<dyn TokenReview>>,
     pub(crate) issued: IntCounter,
     pub(crate) refused: IntCounterVec,
     refusal_log: LogBudget,
@@ -263,9 +263,9 @@ impl Authority {
     }
 
     /// From now on, tokens that are not Outrider bootstrap tokens (`v1.`) are projected
-    /// ServiceAccount tokens, checked with `reviewer` (see [`crate::kubernetes::review`]). Set
+    /// ServiceAccount tokens, checked with `reviewer` (see the Kubernetes module's TokenReview). Set
     /// once; a second call changes nothing.
-    pub fn set_reviewer(&self, reviewer: crate::kubernetes::review::Reviewer) {
+    pub fn set_reviewer(&self, reviewer: Arc<dyn TokenReview>) {
         let _ = self.reviewer.set(reviewer);
     }
 
@@ -314,7 +314,7 @@ impl Authority {
         let token = bearer(req.headers())?;
         let identity = match self.reviewer.get() {
             Some(reviewer) if !crate::token::is_bootstrap_token(token) => {
-                let identity = self.reviewed_identity(reviewer, token).await?;
+                let identity = self.reviewed_identity(&**reviewer, token).await?;
                 *claimed = Some(identity.clone());
                 identity
             }
@@ -395,10 +395,9 @@ impl Authority {
     /// The identity a projected ServiceAccount token is reviewed for.
     async fn reviewed_identity(
         &self,
-        reviewer: &crate::kubernetes::review::Reviewer,
+        reviewer: &dyn TokenReview,
         token: &str,
     ) -> Result<Identity, Refusal> {
-        use crate::kubernetes::review::ReviewError;
         let reviewed = reviewer.review(token).await.map_err(|e| match &e {
             ReviewError::Rejected(_) => {
                 refusal(StatusCode::UNAUTHORIZED, "review_rejected", e.to_string())
@@ -604,6 +603,45 @@ impl rustls::server::ResolvesServerCert for ServingCert {
     fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.resolve_current())
     }
+}
+
+/// Checks a token that is not the control plane's own bootstrap token (with `--kubernetes`: a
+/// projected ServiceAccount token, by the API server's TokenReview). The certificate names what
+/// the review says, never what the caller claims.
+pub trait TokenReview: Send + Sync + std::fmt::Debug {
+    /// Reviews `token`: the service account it was issued for, or why not.
+    fn review<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Reviewed, ReviewError>> + Send + 'a>,
+    >;
+}
+
+/// Who a reviewed token belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reviewed {
+    /// The service account's namespace.
+    pub namespace: String,
+    /// The service account.
+    pub service_account: String,
+}
+
+/// Why a token was not accepted. Never holds the token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReviewError {
+    /// The API server does not authenticate the token (forged, expired, another audience).
+    #[error("the API server's token review rejected the token: {0}")]
+    Rejected(String),
+    /// Authenticated, but not as a service account.
+    #[error("the token authenticates {0}, not a service account")]
+    NotServiceAccount(String),
+    /// The token's pod is gone or runs under another account.
+    #[error("{0}")]
+    Pod(String),
+    /// The review could not be made (API server unreachable, RBAC).
+    #[error("the token review failed: {0}")]
+    Unavailable(String),
 }
 
 #[cfg(test)]

@@ -867,7 +867,9 @@ pub async fn serve_with(
                 let client = c;
                 started
                     .authority
-                    .set_reviewer(crate::kubernetes::review::Reviewer::new(client.clone()));
+                    .set_reviewer(Arc::new(crate::kubernetes::review::Reviewer::new(
+                        client.clone(),
+                    )));
                 tokio::spawn(crate::kubernetes::anchors::publish(
                     client.clone(),
                     started.authority.clone(),

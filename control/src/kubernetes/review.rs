@@ -37,31 +37,7 @@ impl std::fmt::Debug for Reviewer {
     }
 }
 
-/// Who a reviewed token belongs to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reviewed {
-    /// The service account's namespace.
-    pub namespace: String,
-    /// The service account.
-    pub service_account: String,
-}
-
-/// Why a token was not accepted. Never holds the token.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ReviewError {
-    /// The API server does not authenticate the token (forged, expired, another audience).
-    #[error("the API server's token review rejected the token: {0}")]
-    Rejected(String),
-    /// Authenticated, but not as a service account.
-    #[error("the token authenticates {0}, not a service account")]
-    NotServiceAccount(String),
-    /// The token's pod is gone or runs under another account.
-    #[error("{0}")]
-    Pod(String),
-    /// The review could not be made (API server unreachable, RBAC).
-    #[error("the token review failed: {0}")]
-    Unavailable(String),
-}
+pub use crate::authority::{ReviewError, Reviewed};
 
 impl Reviewer {
     /// A reviewer using `client` (it needs `create` on `tokenreviews` and `get` on `pods`).
@@ -161,6 +137,17 @@ fn scrub(message: &str, token: &str) -> String {
         message
     } else {
         message.replace(token, "<token>")
+    }
+}
+
+impl crate::authority::TokenReview for Reviewer {
+    fn review<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Reviewed, ReviewError>> + Send + 'a>,
+    > {
+        Box::pin(Reviewer::review(self, token))
     }
 }
 
