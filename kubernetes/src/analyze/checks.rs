@@ -681,8 +681,7 @@ impl Pod<'_> {
                     "the injector stops at the first bad field and writes nothing (exit 2): \
                         no workload of the file is meshed"
                         .to_owned(),
-                    "correct the field (the proxy's annotations are in the README's `outrider \
-                        inject` section)"
+                    "correct the field (the proxy's annotations are listed in docs/inject.md)"
                         .to_owned(),
                 ],
             );
