@@ -662,9 +662,22 @@ fn bad_proxy_flags_exit_2_with_the_reason() {
     );
 }
 
+/// `outrider demo` with `args`. The demo mesh's endpoints are fixed ports (127.0.0.1:18181-18183,
+/// 127.0.0.2-4:8080): as root the demo runs in a network namespace of its own, so another test
+/// run on the machine (a second checkout's suite) cannot collide with it; without root it runs on
+/// the host's loopback, as a user would.
+fn run_demo(ns: Option<&support::Netns>, args: &[&str]) -> String {
+    let mut cmd = match ns {
+        Some(ns) => ns.command(OUTRIDER),
+        None => Command::new(OUTRIDER),
+    };
+    support::run_ok(cmd.arg("demo").args(args))
+}
+
 #[test]
 fn demo_runs_and_reports() {
-    let out = support::run_ok(Command::new(OUTRIDER).args(["demo", "--duration", "1s"]));
+    let ns = (support::euid() == Some(0)).then(support::Netns::new);
+    let out = run_demo(ns.as_ref(), &["--duration", "1s"]);
     assert!(out.contains("errors     0"), "{out}");
     assert!(out.contains("statuses   200: "), "{out}");
     let counted = out
@@ -710,8 +723,7 @@ fn demo_runs_and_reports() {
     // With faults (run after the plain demo: both use the demo mesh's fixed endpoint ports):
     // retries and breakers keep every request successful, the failing copy's breaker opens and,
     // once it recovers, closes; the slow copy gets less than a third of the load.
-    let out =
-        support::run_ok(Command::new(OUTRIDER).args(["demo", "--faults", "--duration", "6s"]));
+    let out = run_demo(ns.as_ref(), &["--faults", "--duration", "6s"]);
     assert!(out.contains("errors     0"), "{out}");
     let line = |prefix: &str| -> String {
         out.lines()
