@@ -69,6 +69,16 @@ fn is_protected(name: &HeaderName) -> bool {
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// The fields [`strip_hop_by_hop`] acts on.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == CONNECTION
+        || name == TRANSFER_ENCODING
+        || name == UPGRADE
+        || name == TE
+        || *name == KEEP_ALIVE
+        || *name == PROXY_CONNECTION
+}
+
 /// Whether `headers` ask to switch protocols (`Connection: upgrade` plus `Upgrade`).
 pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(UPGRADE) && connection_has(headers, "upgrade")
@@ -84,6 +94,11 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 
 /// Removes hop-by-hop fields. With `keep_upgrade`, the upgrade handshake fields stay.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of these fields: one pass over the names (a comparison each) costs
+    // less than the six hashed lookups below, which only run when one of them is there.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     // Fields named in Connection are hop-by-hop too. Most messages have no Connection header, so
     // this allocates nothing on the common path.
     if headers.contains_key(CONNECTION) {
@@ -171,6 +186,29 @@ mod tests {
         let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
         assert_eq!(left, ["content-length", "host", "outrider-hop"]);
+    }
+
+    #[test]
+    fn each_hop_by_hop_field_alone_is_removed() {
+        // Without a Connection field too: the one-pass check must see every field it guards.
+        for (name, value) in [
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "gzip"),
+            ("upgrade", "websocket"),
+            ("transfer-encoding", "chunked"),
+            ("connection", "close"),
+        ] {
+            let mut h = map(&[(name, value), ("x-app", "1")]);
+            strip_hop_by_hop(&mut h, false);
+            assert!(!h.contains_key(name), "{name} kept");
+            assert!(h.contains_key("x-app"));
+        }
+        // Nothing hop-by-hop: nothing changes.
+        let mut h = map(&[("host", "a"), ("x-app", "1"), ("content-length", "3")]);
+        let before = h.clone();
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h, before);
     }
 
     #[test]
