@@ -787,10 +787,16 @@ impl tower::Service<Request<Body>> for Forward {
     }
 }
 
+/// The URI authority of every HTTP/1.1 request (but `CONNECT`) towards an upstream: the key of
+/// its pool. Each endpoint has a pool of its own, so the key tells nothing apart, and the pool
+/// hashes it byte by byte (with SipHash) three times per request: one byte is the cheapest key.
+/// It never reaches the wire: HTTP/1.1 requests go in origin form, with their own `Host`.
+const POOL_KEY: Authority = Authority::from_static("u");
+
 /// Shapes the request for the upstream connection: HTTP/2 gets an absolute URI with the
 /// request's own authority (`:authority`, else `Host`, else the upstream address); HTTP/1.1 keeps
-/// (or gains) a `Host` header and gets the upstream address as URI authority, which is the pool
-/// key (the client sends origin form, or authority form for `CONNECT`).
+/// (or gains) a `Host` header and gets [`POOL_KEY`] as URI authority (the client sends origin
+/// form, or authority form for `CONNECT`).
 fn prepare(req: &mut Request<Body>, upstream: &Upstream, h2: bool) -> Result<(), BoxError> {
     let mut parts = std::mem::take(req.uri_mut()).into_parts();
     if h2 {
@@ -818,7 +824,7 @@ fn prepare(req: &mut Request<Body>, upstream: &Upstream, h2: bool) -> Result<(),
             join_cookies(req.headers_mut());
         }
         if req.method() != Method::CONNECT {
-            parts.authority = Some(upstream.authority.clone());
+            parts.authority = Some(POOL_KEY);
         } else {
             // A CONNECT's URI is its (client-chosen) target and so the pool key: never pool such
             // a connection, or each target would keep one idle for the pool's lifetime.
