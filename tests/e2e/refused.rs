@@ -25,13 +25,15 @@ const LIVE: &str = "27018";
 
 /// Connects (as whoever runs it), optionally sends bytes, then reads; prints how the connection
 /// ended (`refused` at connect, `reset`, `eof`, `data`, or `open` when nothing happened within
-/// the read timeout) and the seconds from the connect call to that.
+/// the read timeout) and the seconds that took: from the `connect()` call to a refusal, from the
+/// connection's opening to anything else (how long an accepted connection was held).
 const PY_PROBE: &str = r#"
 import socket, sys, time
 host, port, send, wait = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
 t = time.monotonic()
 try:
     c = socket.create_connection((host, port), timeout=5)
+    t = time.monotonic()
     if send: c.sendall(send.encode())
     c.settimeout(wait)
     d = c.recv(1)
@@ -163,7 +165,8 @@ workloads:
             _apps: vec![control, echo, app],
         };
         for _ in 0..100 {
-            if pods.curl(&["-sf", "-o", "/dev/null", "http://127.0.0.1:15020/ready"]) == "" {
+            let ready = pods.curl(&["-sf", "-o", "/dev/null", "http://127.0.0.1:15020/ready"]);
+            if ready.is_empty() {
                 return Some(pods);
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -367,4 +370,39 @@ fn an_http_client_of_a_refused_destination_gets_a_502_at_once_and_no_extra_dial(
         );
     }
     assert_eq!(connects() - before, 1.0, "one pooled dial, none early");
+}
+
+/// Meshed: the endpoint is the peer proxy (mutual TLS), which always accepts; when its app
+/// refuses, the peer's inbound drops the mTLS connection and the refusal travels back.
+#[tokio::test]
+async fn a_meshed_destination_whose_app_refuses_ends_the_connection_at_once() {
+    use tokio::io::AsyncReadExt;
+    let dead = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    let mesh = crate::mesh::start(dead, "detect", "").await;
+    let mut s = tokio::net::TcpStream::connect(mesh.client.outbound.unwrap())
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut one = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut one)).await;
+    let after = start.elapsed();
+    eprintln!("meshed: {read:?} after {after:?}");
+    let kind = match read {
+        Ok(Err(e)) => e.kind(),
+        Ok(Ok(0)) => std::io::ErrorKind::UnexpectedEof,
+        other => panic!("still open: {other:?}"),
+    };
+    assert_eq!(kind, std::io::ErrorKind::ConnectionReset, "after {after:?}");
+    assert!(after < Duration::from_millis(500), "took {after:?}");
+    assert_eq!(
+        mesh.server.sum(
+            "outrider_inbound_mesh_connections_total",
+            &[("client_id", crate::mesh::WEB)]
+        ),
+        1.0,
+        "the refusal came from the peer's app, through the peer proxy"
+    );
 }
