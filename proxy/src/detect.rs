@@ -3,7 +3,9 @@
 //! replayed to whatever handles the connection (`transport::io::PrefixedIo`). At the deadline, the
 //! start of an HTTP request is HTTP (the header timeout applies); a client that sent nothing may
 //! wait for a server that speaks first, so the upstream is dialled and whichever side speaks first
-//! decides ([`detect_or_wait`]), within a bound.
+//! decides ([`detect_or_wait`]), within a bound. With [`Bounds::early_dial`] (the sidecar's
+//! outbound) that dial happens after a short grace instead of at the deadline, and a failed dial
+//! ends the connection ([`DetectError::Dial`]): a refused connection stays refused.
 
 use std::io;
 use std::time::Duration;
@@ -32,7 +34,8 @@ pub enum Protocol {
 pub enum Outcome {
     /// The bytes identified the protocol.
     Detected(Protocol),
-    /// The client sent nothing conclusive before the timeout: handled as opaque.
+    /// The client sent nothing conclusive before the timeout, or stayed silent until the
+    /// upstream dialled for it spoke first: handled as opaque.
     Timeout,
     /// The destination port is listed as opaque: nothing was read.
     Skipped,
@@ -766,133 +769,134 @@ mod tests {
         }
     }
 
-    fn early(server_may_speak_first: bool) -> Bounds {
-        Bounds {
+    /// How an early-dial detection went: its result, the dials made, the (paused) time taken.
+    struct Run {
+        ended: Result<Option<Detected<Peer>>, DetectError>,
+        dials: usize,
+        took: Duration,
+    }
+
+    /// [`detect_or_wait`] on `server` with an early dial that takes `dial_takes` and is refused
+    /// when `refused`; the upstream speaks once `speaks` says so.
+    async fn early_detect(
+        server: &mut tokio::io::DuplexStream,
+        server_may_speak_first: bool,
+        dial_takes: Duration,
+        refused: bool,
+        speaks: tokio::sync::watch::Receiver<bool>,
+    ) -> Run {
+        let bounds = Bounds {
             timeout: Duration::from_secs(1),
             max_bytes: MAX,
             silence: Duration::from_secs(10),
             server_may_speak_first,
             early_dial: Some(EARLY_DIAL_GRACE),
-        }
-    }
-
-    /// A dial that takes `after`, counted in `dials`, then fails when `refused`.
-    fn dial(
-        dials: &std::sync::atomic::AtomicUsize,
-        after: Duration,
-        refused: bool,
-        speaks: tokio::sync::watch::Receiver<bool>,
-    ) -> impl FnOnce() -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Peer, crate::errors::BoxError>> + 'static>,
-    > + '_ {
-        move || {
-            dials.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Box::pin(async move {
-                tokio::time::sleep(after).await;
+        };
+        let mut dials = 0;
+        let start = tokio::time::Instant::now();
+        let ended = detect_or_wait(server, bounds, || {
+            dials += 1;
+            async move {
+                tokio::time::sleep(dial_takes).await;
                 if refused {
                     Err("connection refused".into())
                 } else {
                     Ok(Peer(speaks))
                 }
-            })
+            }
+        })
+        .await;
+        Run {
+            ended,
+            dials,
+            took: start.elapsed(),
         }
+    }
+
+    /// A client that writes `bytes` after `after`.
+    fn client_writes(
+        mut client: tokio::io::DuplexStream,
+        after: Duration,
+        bytes: &'static [u8],
+    ) -> tokio::task::JoinHandle<tokio::io::DuplexStream> {
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            client.write_all(bytes).await.unwrap();
+            client
+        })
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_client_that_speaks_at_once_causes_no_early_dial() {
-        let dials = std::sync::atomic::AtomicUsize::new(0);
         let (_speak, speaks) = tokio::sync::watch::channel(false);
         let (mut client, mut server) = tokio::io::duplex(64);
         client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
-        let detected = detect_or_wait(
-            &mut server,
-            early(true),
-            dial(&dials, Duration::ZERO, true, speaks),
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        let run = early_detect(&mut server, true, Duration::ZERO, true, speaks).await;
+        let detected = run.ended.unwrap().unwrap();
         assert_eq!(detected.outcome, Outcome::Detected(Protocol::Http1));
         assert!(detected.upstream.is_none());
-        assert_eq!(dials.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert_eq!(run.dials, 0);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_silent_client_of_a_refused_upstream_fails_after_the_grace() {
         for server_may_speak_first in [true, false] {
-            let dials = std::sync::atomic::AtomicUsize::new(0);
             let (_speak, speaks) = tokio::sync::watch::channel(false);
             let (_client, mut server) = tokio::io::duplex(64);
-            let start = tokio::time::Instant::now();
-            let dialled = dial(&dials, Duration::from_millis(1), true, speaks);
-            let ended = detect_or_wait(&mut server, early(server_may_speak_first), dialled).await;
-            assert!(matches!(ended, Err(DetectError::Dial(_))), "{ended:?}");
-            assert_eq!(start.elapsed(), EARLY_DIAL_GRACE + Duration::from_millis(1));
-            assert_eq!(dials.load(std::sync::atomic::Ordering::Relaxed), 1);
+            let dial_takes = Duration::from_millis(1);
+            let run = early_detect(
+                &mut server,
+                server_may_speak_first,
+                dial_takes,
+                true,
+                speaks,
+            );
+            let run = run.await;
+            assert!(
+                matches!(run.ended, Err(DetectError::Dial(_))),
+                "{:?}",
+                run.ended
+            );
+            assert_eq!(run.took, EARLY_DIAL_GRACE + dial_takes);
+            assert_eq!(run.dials, 1);
         }
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_server_that_speaks_first_is_heard_after_the_grace_not_the_timeout() {
-        let dials = std::sync::atomic::AtomicUsize::new(0);
         let (speak, speaks) = tokio::sync::watch::channel(false);
         let (_client, mut server) = tokio::io::duplex(64);
-        let start = tokio::time::Instant::now();
         let banner = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
             speak.send_replace(true);
             speak
         });
-        let detected = detect_or_wait(
-            &mut server,
-            early(true),
-            dial(&dials, Duration::ZERO, false, speaks),
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        let run = early_detect(&mut server, true, Duration::ZERO, false, speaks).await;
+        let detected = run.ended.unwrap().unwrap();
         assert_eq!(detected.outcome, Outcome::Timeout);
         assert!(detected.upstream.is_some());
-        assert_eq!(start.elapsed(), Duration::from_millis(50));
+        assert_eq!(run.took, Duration::from_millis(50));
         drop(banner.await.unwrap());
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_declared_http_destination_keeps_no_connection_for_a_silent_client_and_dials_once() {
-        let dials = std::sync::atomic::AtomicUsize::new(0);
         let (_speak, speaks) = tokio::sync::watch::channel(false);
-        let (mut client, mut server) = tokio::io::duplex(64);
-        let late = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
-            client
-        });
-        let detected = detect_or_wait(
-            &mut server,
-            early(false),
-            dial(&dials, Duration::ZERO, false, speaks),
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        let (client, mut server) = tokio::io::duplex(64);
+        let late = client_writes(client, Duration::from_secs(2), b"GET / HTTP/1.1\r\n");
+        let run = early_detect(&mut server, false, Duration::ZERO, false, speaks).await;
+        let detected = run.ended.unwrap().unwrap();
         assert_eq!(detected.outcome, Outcome::Detected(Protocol::Http1));
         assert!(detected.upstream.is_none());
-        assert_eq!(dials.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(run.dials, 1);
         drop(late.await.unwrap());
         // Silent for good: closed at timeout + silence, still one dial.
-        let dials = std::sync::atomic::AtomicUsize::new(0);
         let (_speak, speaks) = tokio::sync::watch::channel(false);
         let (_client, mut server) = tokio::io::duplex(64);
-        let start = tokio::time::Instant::now();
-        let ended = detect_or_wait(
-            &mut server,
-            early(false),
-            dial(&dials, Duration::ZERO, false, speaks),
-        )
-        .await;
-        assert!(matches!(ended, Ok(None)));
-        assert_eq!(start.elapsed(), Duration::from_secs(11));
-        assert_eq!(dials.load(std::sync::atomic::Ordering::Relaxed), 1);
+        let run = early_detect(&mut server, false, Duration::ZERO, false, speaks).await;
+        assert!(matches!(run.ended, Ok(None)));
+        assert_eq!(run.took, Duration::from_secs(11));
+        assert_eq!(run.dials, 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -901,19 +905,11 @@ mod tests {
             (&b"GET / HTTP/1.1\r\n"[..], false),
             (b"\x00\x01binary", true),
         ] {
-            let dials = std::sync::atomic::AtomicUsize::new(0);
             let (_speak, speaks) = tokio::sync::watch::channel(false);
-            let (mut client, mut server) = tokio::io::duplex(64);
-            let writer = tokio::spawn(async move {
-                tokio::time::sleep(EARLY_DIAL_GRACE + Duration::from_millis(5)).await;
-                client.write_all(sent).await.unwrap();
-                client
-            });
-            let dialled = dial(&dials, Duration::from_millis(50), false, speaks);
-            let detected = detect_or_wait(&mut server, early(true), dialled)
-                .await
-                .unwrap()
-                .unwrap();
+            let (client, mut server) = tokio::io::duplex(64);
+            let writer = client_writes(client, EARLY_DIAL_GRACE + Duration::from_millis(5), sent);
+            let run = early_detect(&mut server, true, Duration::from_millis(50), false, speaks);
+            let detected = run.await.ended.unwrap().unwrap();
             assert_eq!(detected.upstream.is_some(), opaque, "{sent:?}");
             assert_eq!(&detected.prefix[..], sent);
             drop(writer.await.unwrap());

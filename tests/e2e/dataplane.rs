@@ -14,7 +14,7 @@ const POD_A6: &str = "2001:db8::1";
 const POD_B6: &str = "2001:db8::2";
 
 /// A TCP server: optional banner first (server speaks first), then echo until the client closes.
-const PY_SERVER: &str = r#"
+pub(crate) const PY_SERVER: &str = r#"
 import socket, sys, threading
 port = int(sys.argv[1]); banner = sys.argv[2].encode() if len(sys.argv) > 2 else b""
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -94,19 +94,19 @@ send(8, b"")
 print("close %d" % recv()[0])
 "#;
 
-fn requirements(test: &str, bins: &[&str]) -> bool {
+pub(crate) fn requirements(test: &str, bins: &[&str]) -> bool {
     support::require_root(test) && bins.iter().all(|b| support::require_bin(b))
 }
 
 /// One pod: a namespace captured by `outrider init`, its proxy (uid 1337) and its apps.
-struct Pod {
-    ns: Netns,
-    proxy: Option<ChildGuard>,
+pub(crate) struct Pod {
+    pub(crate) ns: Netns,
+    pub(crate) proxy: Option<ChildGuard>,
     apps: Vec<ChildGuard>,
 }
 
 impl Pod {
-    fn new(ns: Netns, proxy_args: &[&str]) -> Pod {
+    pub(crate) fn new(ns: Netns, proxy_args: &[&str]) -> Pod {
         Pod::with_init(ns, &[], proxy_args)
     }
 
@@ -130,8 +130,17 @@ impl Pod {
         pod
     }
 
+    /// A namespace outside the mesh (no capture, no proxy), for its apps.
+    pub(crate) fn bare(ns: Netns) -> Pod {
+        Pod {
+            ns,
+            proxy: None,
+            apps: Vec::new(),
+        }
+    }
+
     /// Starts a demo app on `listen` in the pod and waits until it listens.
-    fn serve_demo_app(&mut self, listen: &str, instance: &str) {
+    pub(crate) fn serve_demo_app(&mut self, listen: &str, instance: &str) {
         let mut app = self.ns.spawn(&[
             OUTRIDER,
             "demo-app",
@@ -187,7 +196,7 @@ impl Pod {
         );
     }
 
-    fn curl(&self, args: &[&str]) -> std::process::Output {
+    pub(crate) fn curl(&self, args: &[&str]) -> std::process::Output {
         let mut all = vec!["curl", "--max-time", "10"];
         all.extend_from_slice(args);
         self.ns.exec(&all)
@@ -203,7 +212,7 @@ impl Pod {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    fn serve_py(&mut self, port: &str, banner: Option<&str>) {
+    pub(crate) fn serve_py(&mut self, port: &str, banner: Option<&str>) {
         let mut args = vec![OUTRIDER_PY.as_str(), "-c", PY_SERVER, port];
         args.extend(banner);
         let mut app = self.ns.spawn(&args);
@@ -226,7 +235,7 @@ impl Pod {
             .collect()
     }
 
-    fn metrics(&self) -> String {
+    pub(crate) fn metrics(&self) -> String {
         self.curl_ok(&["-s", "http://127.0.0.1:15020/metrics"])
     }
 

@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use crate::dataplane::Pod;
 use crate::support::{self, sample, ChildGuard, Netns};
 
 const OUTRIDER: &str = env!("CARGO_BIN_EXE_outrider");
@@ -48,32 +49,14 @@ print(how)
 print("%.3f" % (time.monotonic() - t))
 "#;
 
-/// An echo server.
-const PY_ECHO: &str = r#"
-import socket, sys, threading
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(16)
-print("ready", flush=True)
-def serve(c):
-    while True:
-        d = c.recv(65536)
-        if not d: break
-        c.sendall(d)
-    c.close()
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"#;
-
 /// The pod (captured, its proxy and control plane running) and its peer (an echo server on
 /// [`LIVE`], the demo app on 8081).
 struct Pods {
-    pod: Netns,
-    _peer: Netns,
+    pod: Pod,
+    _peer: Pod,
     _link: support::Veth,
     _dir: support::TempDir,
-    proxy: ChildGuard,
-    _apps: Vec<ChildGuard>,
+    _control: ChildGuard,
 }
 
 /// How a probe connection ended, and after how long.
@@ -85,11 +68,7 @@ struct Ending {
 
 impl Pods {
     fn new(test: &str) -> Option<Pods> {
-        if !(support::require_root(test)
-            && ["ip", "curl", "python3", "setpriv"]
-                .iter()
-                .all(|b| support::require_bin(b)))
-        {
+        if !crate::dataplane::requirements(test, &["ip", "curl", "python3", "setpriv"]) {
             return None;
         }
         let (pod, peer) = (Netns::new(), Netns::new());
@@ -127,58 +106,33 @@ workloads:
         let mesh = mesh.display().to_string();
         let mut control = pod.spawn(&[OUTRIDER, "control", "--plaintext", "--config", &mesh]);
         control.expect_stderr("control plane ready", Duration::from_secs(10));
-        let init = pod.exec(&[OUTRIDER, "init"]);
-        assert!(
-            init.status.success(),
-            "outrider init failed: {}",
-            String::from_utf8_lossy(&init.stderr)
+        let pod = Pod::new(
+            pod,
+            &[
+                "--detect-timeout",
+                "1s",
+                "--control",
+                "http://127.0.0.1:15012",
+                "--workload",
+                "test/client",
+            ],
         );
-        let mut cmd = pod.command("setpriv");
-        cmd.args([
-            "--reuid",
-            "1337",
-            "--regid",
-            "1337",
-            "--clear-groups",
-            OUTRIDER,
-        ])
-        .args(["proxy", "--detect-timeout", "1s"])
-        .args([
-            "--control",
-            "http://127.0.0.1:15012",
-            "--workload",
-            "test/client",
-        ])
-        .env("OUTRIDER_LOG", "debug");
-        let proxy = ChildGuard::spawn(&mut cmd, format!("[{}] proxy", pod.name()));
-        let python = support::python();
-        let mut echo = peer.spawn(&[python.as_str(), "-c", PY_ECHO, LIVE]);
-        echo.expect_line_containing("ready", Duration::from_secs(10));
-        let mut app = peer.spawn(&[OUTRIDER, "demo-app", "--listen", "0.0.0.0:8081"]);
-        app.expect_stderr("listening on", Duration::from_secs(10));
-        let pods = Pods {
+        // The peer is not captured (no proxy): its ports answer as the kernel does.
+        let mut peer = Pod::bare(peer);
+        peer.serve_py(LIVE, None);
+        peer.serve_demo_app("0.0.0.0:8081", "app");
+        Some(Pods {
             pod,
             _peer: peer,
             _link: link,
             _dir: dir,
-            proxy,
-            _apps: vec![control, echo, app],
-        };
-        for _ in 0..100 {
-            let ready = pods.curl(&["-sf", "-o", "/dev/null", "http://127.0.0.1:15020/ready"]);
-            if ready.is_empty() {
-                return Some(pods);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("the proxy never became ready: {}", pods.proxy.stderr());
+            _control: control,
+        })
     }
 
     /// Runs curl in the pod (as root: captured); its stdout, or `curl failed` with stderr.
     fn curl(&self, args: &[&str]) -> String {
-        let mut all = vec!["curl", "--max-time", "10"];
-        all.extend_from_slice(args);
-        let out = self.pod.exec(&all);
+        let out = self.pod.curl(args);
         if out.status.success() {
             String::from_utf8_lossy(&out.stdout).trim().to_owned()
         } else {
@@ -190,7 +144,7 @@ workloads:
     /// uid is not: that is the connection without the mesh), sending `send` first unless empty.
     fn probe(&self, uid: &str, host: &str, port: &str, send: &str) -> Ending {
         let python = support::python();
-        let out = self.pod.exec(&[
+        let out = self.pod.ns.exec(&[
             "setpriv",
             "--reuid",
             uid,
@@ -223,7 +177,13 @@ workloads:
     /// The probe ended `how` within 100 ms: "the way it would without the mesh".
     fn assert_fast(&self, ending: &Ending, how: &str, what: &str) {
         eprintln!("{what}: {ending:?}");
-        let logs = || self.proxy.stderr();
+        let logs = || {
+            self.pod
+                .proxy
+                .as_ref()
+                .map(ChildGuard::stderr)
+                .unwrap_or_default()
+        };
         assert_eq!(ending.how, how, "{what}: {ending:?}; proxy:\n{}", logs());
         assert!(
             ending.after < Duration::from_millis(100),
@@ -233,13 +193,9 @@ workloads:
         );
     }
 
-    fn metrics(&self) -> String {
-        self.curl(&["-s", "http://127.0.0.1:15020/metrics"])
-    }
-
     fn errors(&self, reason: &str) -> f64 {
         sample(
-            &self.metrics(),
+            &self.pod.metrics(),
             "outrider_errors_total",
             &[("direction", "outbound"), ("reason", reason)],
         )
@@ -247,7 +203,7 @@ workloads:
 
     /// `outrider wait --tcp target` run by the app (captured); its exit code and stderr.
     fn wait_tcp(&self, target: &str) -> (Option<i32>, String) {
-        let out = self.pod.exec(&[
+        let out = self.pod.ns.exec(&[
             "setpriv",
             "--reuid",
             APP,
@@ -361,7 +317,7 @@ fn an_http_client_of_a_refused_destination_gets_a_502_at_once_and_no_extra_dial(
     }
     // An HTTP client speaks at once: no early dial; five requests (five connections from the
     // client) share one pooled upstream connection.
-    let connects = || sample(&pods.metrics(), "outrider_upstream_connects_total", &[]);
+    let connects = || sample(&pods.pod.metrics(), "outrider_upstream_connects_total", &[]);
     let before = connects();
     for _ in 0..5 {
         assert_eq!(
