@@ -154,6 +154,8 @@ impl Pod {
     }
 
     fn start_proxy(&mut self, extra: &[&str]) {
+        // A proxy already running is stopped first: the new one binds the same ports.
+        drop(self.proxy.take());
         let mut args = vec![
             "setpriv",
             "--reuid",
