@@ -44,8 +44,8 @@ pub struct WaitArgs {
     #[arg(long, value_name = "DUR", default_value = "2s", value_parser = outrider_control::duration::parse)]
     pub attempt_timeout: Duration,
     /// After a `--tcp` connect, how long the connection must stay open (0 to skip): in a
-    /// meshed pod the sidecar accepts every connection and closes it when it cannot reach the
-    /// target, so a bare connect would always succeed.
+    /// meshed pod the sidecar accepts every connection and resets it (within about 25 ms) when
+    /// the target refuses it, so a bare connect would always succeed.
     #[arg(long, value_name = "DUR", default_value = "500ms", value_parser = outrider_control::duration::parse)]
     pub settle: Duration,
 }
@@ -250,6 +250,9 @@ pub enum Failure {
     /// The connection was closed right after it opened (a sidecar proxy that could not reach
     /// the target does this).
     ClosedAtOnce(SocketAddr),
+    /// The connection was reset right after it opened (Outrider's sidecar resets a connection
+    /// whose target refused it).
+    ResetAtOnce(SocketAddr),
 }
 
 impl fmt::Display for Failure {
@@ -268,6 +271,10 @@ impl fmt::Display for Failure {
             Failure::ClosedAtOnce(a) => write!(
                 f,
                 "connected to {a} but it closed at once (a proxy in front could not reach the target?)"
+            ),
+            Failure::ResetAtOnce(a) => write!(
+                f,
+                "connected to {a} but it was reset at once (nothing listens there: the sidecar proxy resets what the target refused)"
             ),
         }
     }
@@ -363,6 +370,9 @@ async fn settled(
     match tokio::time::timeout(settle, stream.peek(&mut byte)).await {
         Err(_) | Ok(Ok(1..)) => Ok(addr),
         Ok(Ok(0)) => Err(Failure::ClosedAtOnce(addr)),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+            Err(Failure::ResetAtOnce(addr))
+        }
         Ok(Err(_)) => Err(Failure::ClosedAtOnce(addr)),
     }
 }

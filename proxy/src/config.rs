@@ -560,6 +560,7 @@ impl Config {
             max_bytes: self.detect_max_bytes,
             silence: self.header_read_timeout,
             server_may_speak_first: true,
+            early_dial: None,
         }
     }
 

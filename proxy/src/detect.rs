@@ -3,7 +3,9 @@
 //! replayed to whatever handles the connection (`transport::io::PrefixedIo`). At the deadline, the
 //! start of an HTTP request is HTTP (the header timeout applies); a client that sent nothing may
 //! wait for a server that speaks first, so the upstream is dialled and whichever side speaks first
-//! decides ([`detect_or_wait`]), within a bound.
+//! decides ([`detect_or_wait`]), within a bound. With [`Bounds::early_dial`] (the sidecar's
+//! outbound) that dial happens after a short grace instead of at the deadline, and a failed dial
+//! ends the connection ([`DetectError::Dial`]): a refused connection stays refused.
 
 use std::io;
 use std::time::Duration;
@@ -32,7 +34,8 @@ pub enum Protocol {
 pub enum Outcome {
     /// The bytes identified the protocol.
     Detected(Protocol),
-    /// The client sent nothing conclusive before the timeout: handled as opaque.
+    /// The client sent nothing conclusive before the timeout, or stayed silent until the
+    /// upstream dialled for it spoke first: handled as opaque.
     Timeout,
     /// The destination port is listed as opaque: nothing was read.
     Skipped,
@@ -286,19 +289,23 @@ pub enum FirstWords {
 
 /// After a detection timeout with nothing read, waits for whichever side speaks first, with
 /// `upstream` already connected (a server-speaks-first protocol needs it), for at most
-/// `timeout`. A client that stays silent does not keep an upstream connection for longer.
+/// `timeout`. A client that stays silent does not keep an upstream connection for longer. An
+/// upstream that fails (a reset) before a word is [`DetectError::Dial`].
 pub async fn wait_for_first_words<I: AsyncRead + Unpin>(
     client: &mut I,
     upstream: &mut impl Readable,
     timeout: Duration,
-) -> io::Result<FirstWords> {
+) -> Result<FirstWords, DetectError> {
     let mut buf = BytesMut::with_capacity(1024);
     tokio::select! {
         read = client.read_buf(&mut buf) => Ok(match read? {
             0 => FirstWords::ClientClosed,
             _ => FirstWords::Client(buf),
         }),
-        ready = upstream.readable() => ready.map(|()| FirstWords::Upstream),
+        ready = upstream.readable() => match ready {
+            Ok(()) => Ok(FirstWords::Upstream),
+            Err(e) => Err(DetectError::Dial(e.into())),
+        },
         () = tokio::time::sleep(timeout) => Ok(FirstWords::Silence),
     }
 }
@@ -326,26 +333,73 @@ pub struct Bounds {
     pub silence: Duration,
     /// Whether a silent client may be waiting for a server that speaks first. Not for a
     /// destination declared HTTP: its silent clients are waited for (within `silence`) without
-    /// an upstream connection.
+    /// keeping an upstream connection.
     pub server_may_speak_first: bool,
+    /// When set, a client still silent after this grace gets its upstream dialled at once, in
+    /// parallel with the rest of detection, and a failed dial ends the connection with
+    /// [`DetectError::Dial`] (the sidecar outbound resets the client: a refused connection stays
+    /// refused). `None`: a silent client is dialled for only at `timeout`.
+    pub early_dial: Option<Duration>,
+}
+
+/// The grace a silent client gets before its upstream is dialled (sidecar outbound): longer than
+/// a client takes to write its request after the handshake, short enough that a refused
+/// connection is reset well within 100 ms.
+pub const EARLY_DIAL_GRACE: Duration = Duration::from_millis(25);
+
+/// Why detection ended a connection.
+#[derive(Debug)]
+pub enum DetectError {
+    /// Reading the client failed.
+    Client(io::Error),
+    /// The upstream dialled for a silent client could not be reached.
+    Dial(crate::errors::BoxError),
+}
+
+impl std::fmt::Display for DetectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DetectError::Client(e) => write!(f, "reading the client: {e}"),
+            DetectError::Dial(e) => write!(f, "dialling the upstream: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for DetectError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            DetectError::Client(e) => Some(e),
+            DetectError::Dial(e) => Some(&**e),
+        }
+    }
+}
+
+impl From<io::Error> for DetectError {
+    fn from(e: io::Error) -> Self {
+        DetectError::Client(e)
+    }
 }
 
 /// Detects the protocol of `io`. A client still silent at the deadline may be waiting for a
 /// server that speaks first: the upstream is dialled with `connect` and whichever side speaks
 /// first decides (the client's bytes are detected as usual; the upstream's mean opaque TCP);
 /// when neither speaks within `bounds.silence`, or the client leaves (also before detection
-/// ends, without a byte), `Ok(None)`: close.
+/// ends, without a byte), `Ok(None)`: close. With [`Bounds::early_dial`], see
+/// [`detect_dialling_early`].
 pub async fn detect_or_wait<I, U, F, Fut>(
     io: &mut I,
     bounds: Bounds,
     connect: F,
-) -> Result<Option<Detected<U>>, crate::errors::BoxError>
+) -> Result<Option<Detected<U>>, DetectError>
 where
     I: AsyncRead + Unpin,
     U: Readable,
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<U, crate::errors::BoxError>>,
 {
+    if let Some(grace) = bounds.early_dial.filter(|g| *g < bounds.timeout) {
+        return detect_dialling_early(io, bounds, grace, connect).await;
+    }
     let (outcome, prefix) = detect(io, bounds.timeout, bounds.max_bytes).await?;
     if prefix.is_empty() && outcome == Outcome::Detected(Protocol::Opaque) {
         // The client closed its side without a byte: nothing to forward, and dialling for it
@@ -360,24 +414,139 @@ where
         }));
     }
     if !bounds.server_may_speak_first {
-        let mut buf = BytesMut::with_capacity(1024);
-        let read = tokio::time::timeout(bounds.silence, io.read_buf(&mut buf)).await;
-        return match read {
-            Ok(Ok(n)) if n > 0 => {
-                let (outcome, prefix) =
-                    detect_after(io, buf, bounds.timeout, bounds.max_bytes).await?;
-                Ok(Some(Detected {
-                    outcome,
-                    prefix,
-                    upstream: None,
-                }))
-            }
-            Ok(Err(e)) => Err(e.into()),
-            Ok(Ok(_)) | Err(_) => Ok(None),
-        };
+        return wait_without_upstream(io, bounds, bounds.silence).await;
     }
-    let mut upstream = connect().await?;
-    match wait_for_first_words(io, &mut upstream, bounds.silence).await? {
+    let upstream = connect().await.map_err(DetectError::Dial)?;
+    first_words(io, upstream, bounds, bounds.silence).await
+}
+
+/// Detection for a client that may be talking to an address where nothing listens: a client
+/// that speaks within `grace` is detected as usual (nothing new: every HTTP client); one still
+/// silent then gets its upstream dialled while the rest of detection goes on, so that a refused
+/// (or otherwise failed) dial ends the connection at once ([`DetectError::Dial`]) instead of
+/// after the detection timeout. Once dialled:
+///
+/// - the client speaks HTTP: the connection dialled for it is dropped (the HTTP stack has its
+///   own pools); it speaks anything else: it is the connection's upstream;
+/// - the client is still silent: as [`detect_or_wait`] after its timeout (whichever side speaks
+///   first decides), except that a destination declared HTTP keeps no upstream connection for a
+///   silent client (the dial only checked that someone listens): at most one dial per
+///   connection either way.
+///
+/// A silent client is held at most `timeout + silence`, as without the early dial.
+async fn detect_dialling_early<I, U, F, Fut>(
+    io: &mut I,
+    bounds: Bounds,
+    grace: Duration,
+    connect: F,
+) -> Result<Option<Detected<U>>, DetectError>
+where
+    I: AsyncRead + Unpin,
+    U: Readable,
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<U, crate::errors::BoxError>>,
+{
+    let start = tokio::time::Instant::now();
+    let remaining = |from: Duration| from.saturating_sub(start.elapsed());
+    let mut buf = BytesMut::with_capacity(1024.min(bounds.max_bytes));
+    match tokio::time::timeout(grace, io.read_buf(&mut buf)).await {
+        // Closed without a byte: nothing to forward, nobody to dial for.
+        Ok(Ok(0)) => return Ok(None),
+        Ok(Ok(_)) => {
+            // Spoke at once: detection as usual, no early dial.
+            let timeout = remaining(bounds.timeout);
+            let (outcome, prefix) = detect_after(io, buf, timeout, bounds.max_bytes).await?;
+            return Ok(Some(Detected {
+                outcome,
+                prefix,
+                upstream: None,
+            }));
+        }
+        Ok(Err(e)) => return Err(e.into()),
+        Err(_) => {}
+    }
+    // Silent through the grace: dial now, and listen to the client meanwhile.
+    let dial = connect();
+    tokio::pin!(dial);
+    let held = bounds.timeout + bounds.silence;
+    enum First<U> {
+        Client(usize),
+        Dialled(U),
+    }
+    let first = tokio::select! {
+        read = io.read_buf(&mut buf) => First::Client(read?),
+        dialled = &mut dial => First::Dialled(dialled.map_err(DetectError::Dial)?),
+        () = tokio::time::sleep(remaining(held)) => return Ok(None),
+    };
+    match first {
+        First::Client(0) => Ok(None),
+        First::Client(_) => {
+            // The client spoke while the dial was in flight.
+            let timeout = bounds.timeout;
+            let (outcome, prefix) = detect_after(io, buf, timeout, bounds.max_bytes).await?;
+            let upstream = match outcome.protocol() {
+                // Not needed for HTTP: dropping the future closes it (or cancels the dial).
+                Protocol::Http1 | Protocol::Http2 => None,
+                Protocol::Tls | Protocol::Opaque => Some(dial.await.map_err(DetectError::Dial)?),
+            };
+            Ok(Some(Detected {
+                outcome,
+                prefix,
+                upstream,
+            }))
+        }
+        First::Dialled(upstream) => {
+            let left = remaining(held);
+            if bounds.server_may_speak_first {
+                first_words(io, upstream, bounds, left).await
+            } else {
+                // Someone listens; no server there speaks first: keep no connection for a
+                // silent client, and dial no more for it.
+                drop(upstream);
+                wait_without_upstream(io, bounds, left).await
+            }
+        }
+    }
+}
+
+/// Waits (within `within`) for a silent client's first bytes without an upstream connection,
+/// then detects them; `Ok(None)` when none come.
+async fn wait_without_upstream<I, U>(
+    io: &mut I,
+    bounds: Bounds,
+    within: Duration,
+) -> Result<Option<Detected<U>>, DetectError>
+where
+    I: AsyncRead + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(1024);
+    match tokio::time::timeout(within, io.read_buf(&mut buf)).await {
+        Ok(Ok(n)) if n > 0 => {
+            let (outcome, prefix) = detect_after(io, buf, bounds.timeout, bounds.max_bytes).await?;
+            Ok(Some(Detected {
+                outcome,
+                prefix,
+                upstream: None,
+            }))
+        }
+        Ok(Err(e)) => Err(e.into()),
+        Ok(Ok(_)) | Err(_) => Ok(None),
+    }
+}
+
+/// With `upstream` connected for a silent client, whichever side speaks first (within
+/// `within`) decides.
+async fn first_words<I, U>(
+    io: &mut I,
+    mut upstream: U,
+    bounds: Bounds,
+    within: Duration,
+) -> Result<Option<Detected<U>>, DetectError>
+where
+    I: AsyncRead + Unpin,
+    U: Readable,
+{
+    match wait_for_first_words(io, &mut upstream, within).await? {
         FirstWords::Client(buf) => {
             let (outcome, prefix) = detect_after(io, buf, bounds.timeout, bounds.max_bytes).await?;
             Ok(Some(Detected {
@@ -587,6 +756,164 @@ mod tests {
             .unwrap();
         assert_eq!(outcome, Outcome::Detected(Protocol::Opaque));
         assert!(bytes.len() >= 16);
+    }
+
+    /// An upstream that speaks when its watch says so.
+    #[derive(Debug)]
+    struct Peer(tokio::sync::watch::Receiver<bool>);
+
+    impl Readable for Peer {
+        async fn readable(&mut self) -> io::Result<()> {
+            let _ = self.0.wait_for(|spoke| *spoke).await;
+            Ok(())
+        }
+    }
+
+    /// How an early-dial detection went: its result, the dials made, the (paused) time taken.
+    struct Run {
+        ended: Result<Option<Detected<Peer>>, DetectError>,
+        dials: usize,
+        took: Duration,
+    }
+
+    /// [`detect_or_wait`] on `server` with an early dial that takes `dial_takes` and is refused
+    /// when `refused`; the upstream speaks once `speaks` says so.
+    async fn early_detect(
+        server: &mut tokio::io::DuplexStream,
+        server_may_speak_first: bool,
+        dial_takes: Duration,
+        refused: bool,
+        speaks: tokio::sync::watch::Receiver<bool>,
+    ) -> Run {
+        let bounds = Bounds {
+            timeout: Duration::from_secs(1),
+            max_bytes: MAX,
+            silence: Duration::from_secs(10),
+            server_may_speak_first,
+            early_dial: Some(EARLY_DIAL_GRACE),
+        };
+        let mut dials = 0;
+        let start = tokio::time::Instant::now();
+        let ended = detect_or_wait(server, bounds, || {
+            dials += 1;
+            async move {
+                tokio::time::sleep(dial_takes).await;
+                if refused {
+                    Err("connection refused".into())
+                } else {
+                    Ok(Peer(speaks))
+                }
+            }
+        })
+        .await;
+        Run {
+            ended,
+            dials,
+            took: start.elapsed(),
+        }
+    }
+
+    /// A client that writes `bytes` after `after`.
+    fn client_writes(
+        mut client: tokio::io::DuplexStream,
+        after: Duration,
+        bytes: &'static [u8],
+    ) -> tokio::task::JoinHandle<tokio::io::DuplexStream> {
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            client.write_all(bytes).await.unwrap();
+            client
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_speaks_at_once_causes_no_early_dial() {
+        let (_speak, speaks) = tokio::sync::watch::channel(false);
+        let (mut client, mut server) = tokio::io::duplex(64);
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let run = early_detect(&mut server, true, Duration::ZERO, true, speaks).await;
+        let detected = run.ended.unwrap().unwrap();
+        assert_eq!(detected.outcome, Outcome::Detected(Protocol::Http1));
+        assert!(detected.upstream.is_none());
+        assert_eq!(run.dials, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_of_a_refused_upstream_fails_after_the_grace() {
+        for server_may_speak_first in [true, false] {
+            let (_speak, speaks) = tokio::sync::watch::channel(false);
+            let (_client, mut server) = tokio::io::duplex(64);
+            let dial_takes = Duration::from_millis(1);
+            let run = early_detect(
+                &mut server,
+                server_may_speak_first,
+                dial_takes,
+                true,
+                speaks,
+            );
+            let run = run.await;
+            assert!(
+                matches!(run.ended, Err(DetectError::Dial(_))),
+                "{:?}",
+                run.ended
+            );
+            assert_eq!(run.took, EARLY_DIAL_GRACE + dial_takes);
+            assert_eq!(run.dials, 1);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_that_speaks_first_is_heard_after_the_grace_not_the_timeout() {
+        let (speak, speaks) = tokio::sync::watch::channel(false);
+        let (_client, mut server) = tokio::io::duplex(64);
+        let banner = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            speak.send_replace(true);
+            speak
+        });
+        let run = early_detect(&mut server, true, Duration::ZERO, false, speaks).await;
+        let detected = run.ended.unwrap().unwrap();
+        assert_eq!(detected.outcome, Outcome::Timeout);
+        assert!(detected.upstream.is_some());
+        assert_eq!(run.took, Duration::from_millis(50));
+        drop(banner.await.unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_declared_http_destination_keeps_no_connection_for_a_silent_client_and_dials_once() {
+        let (_speak, speaks) = tokio::sync::watch::channel(false);
+        let (client, mut server) = tokio::io::duplex(64);
+        let late = client_writes(client, Duration::from_secs(2), b"GET / HTTP/1.1\r\n");
+        let run = early_detect(&mut server, false, Duration::ZERO, false, speaks).await;
+        let detected = run.ended.unwrap().unwrap();
+        assert_eq!(detected.outcome, Outcome::Detected(Protocol::Http1));
+        assert!(detected.upstream.is_none());
+        assert_eq!(run.dials, 1);
+        drop(late.await.unwrap());
+        // Silent for good: closed at timeout + silence, still one dial.
+        let (_speak, speaks) = tokio::sync::watch::channel(false);
+        let (_client, mut server) = tokio::io::duplex(64);
+        let run = early_detect(&mut server, false, Duration::ZERO, false, speaks).await;
+        assert!(matches!(run.ended, Ok(None)));
+        assert_eq!(run.took, Duration::from_secs(11));
+        assert_eq!(run.dials, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_speaks_during_the_dial_keeps_it_only_for_opaque_bytes() {
+        for (sent, opaque) in [
+            (&b"GET / HTTP/1.1\r\n"[..], false),
+            (b"\x00\x01binary", true),
+        ] {
+            let (_speak, speaks) = tokio::sync::watch::channel(false);
+            let (client, mut server) = tokio::io::duplex(64);
+            let writer = client_writes(client, EARLY_DIAL_GRACE + Duration::from_millis(5), sent);
+            let run = early_detect(&mut server, true, Duration::from_millis(50), false, speaks);
+            let detected = run.await.ended.unwrap().unwrap();
+            assert_eq!(detected.upstream.is_some(), opaque, "{sent:?}");
+            assert_eq!(&detected.prefix[..], sent);
+            drop(writer.await.unwrap());
+        }
     }
 
     #[tokio::test]

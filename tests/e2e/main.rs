@@ -19,6 +19,7 @@ mod kubeapi;
 mod kubernetes;
 mod mesh;
 mod probes;
+mod refused;
 mod resilience;
 mod security;
 mod support;

@@ -47,11 +47,11 @@ use crate::layers::rescue::{Rescue, RescueLayer};
 use crate::layers::retry::{Retry, RetryLayer};
 use crate::layers::timeout::{RequestTimeoutLayer, Timeout};
 use crate::metrics::{DirectionMetrics, Metrics};
-use crate::transport;
 use crate::transport::connect::Connect;
 use crate::transport::io::{MeteredIo, PrefixedIo};
 use crate::transport::listen::{Accepted, Serve};
 use crate::transport::orig_dst::{Lookup, OrigDst};
+use crate::transport::{self, Ended};
 
 /// How long a new connection waits for the control plane's first view.
 const FIRST_VIEW_WAIT: Duration = Duration::from_secs(5);
@@ -243,10 +243,23 @@ impl Outbound {
         let skip = entry.dest.is_opaque() || self.config.opaque_ports.contains(&dest.port());
         let connect = || opaque::connect(&entry.dest, &self.connect, self.config.in_flight);
         let mut bounds = self.config.detect_bounds();
-        // A service declared HTTP has no server that speaks first: no dial for a silent client.
+        // A service declared HTTP has no server that speaks first: no upstream connection is
+        // kept for a silent client.
         bounds.server_may_speak_first = !entry.dest.is_declared_http();
-        let Some(detected) = transport::detect(&mut io, skip, bounds, connect, m).await else {
-            return;
+        // A sidecar is transparent: a client silent for a moment gets its upstream dialled, so
+        // that an address where nothing listens refuses it at once (a reset), as it would
+        // without the mesh. Local mode is an explicit proxy: it answers 502 instead.
+        let sidecar = matches!(self.mode, Mode::OrigDst(_));
+        if sidecar {
+            bounds.early_dial = Some(crate::detect::EARLY_DIAL_GRACE);
+        }
+        let detected = transport::detect_or_end(&mut io, skip, bounds, connect, m).await;
+        let detected = match detected {
+            Ok(detected) => detected,
+            Err(Ended::DialFailed) if sidecar => {
+                return transport::reset_on_close(io.get_ref());
+            }
+            Err(_) => return,
         };
         let Detected {
             outcome,
@@ -270,21 +283,28 @@ impl Outbound {
                 // The drain watch and the guard live until the copy ends: opaque streams cannot
                 // be asked to close, so a drain waits for them up to the grace deadline.
                 let _held = (drain, guard);
+                let limits = self.config.in_flight;
+                let upstream = match upstream {
+                    Some(u) => u,
+                    None => match opaque::connect(&entry.dest, &self.connect, limits).await {
+                        Ok(u) => u,
+                        Err(e) => {
+                            m.error(reason_of(&*e));
+                            tracing::debug!(error = %Chain(&*e), "cannot reach the upstream");
+                            if sidecar {
+                                // Refused stays refused (see above).
+                                transport::reset_on_close(io.get_ref().get_ref());
+                            }
+                            return;
+                        }
+                    },
+                };
                 let idle = self.config.tcp_idle_timeout;
-                let forwarded = opaque::forward(
-                    &entry.dest,
-                    io,
-                    upstream,
-                    &self.connect,
-                    self.config.in_flight,
-                    idle,
-                    &activity,
-                );
-                match forwarded.await {
+                match transport::tcp::copy(io, upstream, idle, &activity).await {
                     Ok((tx, rx)) => tracing::debug!(tx, rx, "TCP connection closed"),
                     Err(e) => {
-                        m.error(reason_of(&*e));
-                        tracing::debug!(error = %Chain(&*e), "TCP forwarding failed");
+                        m.error(reason_of(&e));
+                        tracing::debug!(error = %e, "TCP forwarding failed");
                     }
                 }
             }

@@ -1,10 +1,10 @@
 //! Opaque TCP to a destination: the balancer's choice of endpoint (per connection: the same P2C
 //! over peak-EWMA rule as requests, the connect time as latency sample, connects in flight as
-//! load; breakers count connect failures), one dial through the shared connect path, then a byte
-//! copy both ways. A destination that cannot be served (no config yet, refused, no endpoints,
-//! every breaker open) closes the connection, counted by reason.
+//! load; breakers count connect failures) and one dial through the shared connect path; the
+//! outbound stack then copies bytes both ways (`transport::tcp`). A destination that cannot be
+//! served (no config yet, refused, no endpoints, every breaker open) fails the dial, counted by
+//! reason; a sidecar resets its client then, a `--forward` listener closes it.
 
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
 use super::backend::unavailable;
@@ -12,28 +12,6 @@ use super::destination::{Destination, Profile};
 use super::endpoint::Limits;
 use crate::errors::{BoxError, NoConfig, NoRoute};
 use crate::transport::connect::{Connect, Upstream};
-use crate::transport::io::Activity;
-
-/// Forwards `io` to an endpoint of `dest` (over `upstream` when it is already connected) until
-/// either side is done; returns the bytes sent upstream and downstream.
-pub(crate) async fn forward<I>(
-    dest: &Destination,
-    io: I,
-    upstream: Option<crate::transport::connect::Upstream>,
-    connect: &Connect,
-    limits: Limits,
-    idle_timeout: std::time::Duration,
-    activity: &Activity,
-) -> Result<(u64, u64), BoxError>
-where
-    I: AsyncRead + AsyncWrite + Unpin,
-{
-    let upstream = match upstream {
-        Some(u) => u,
-        None => self::connect(dest, connect, limits).await?,
-    };
-    Ok(crate::transport::tcp::copy(io, upstream, idle_timeout, activity).await?)
-}
 
 /// Connects to an endpoint of `dest`, picked by the balancer.
 pub(crate) async fn connect(

@@ -33,6 +33,11 @@ impl<T> PrefixedIo<T> {
     pub(crate) fn new(prefix: Bytes, io: T) -> Self {
         Self { prefix, io }
     }
+
+    /// The wrapped IO.
+    pub(crate) fn get_ref(&self) -> &T {
+        &self.io
+    }
 }
 
 impl<T: AsyncRead> AsyncRead for PrefixedIo<T> {
@@ -149,6 +154,11 @@ impl<T> MeteredIo<T> {
             activity: activity.clone(),
         };
         (io, activity)
+    }
+
+    /// The wrapped IO.
+    pub(crate) fn get_ref(&self) -> &T {
+        &self.io
     }
 }
 
