@@ -250,8 +250,9 @@ struct H2Conn {
     addr: SocketAddr,
     peer: Option<Identity>,
     connect: Connect,
-    /// The open connection and its generation (a count of dials).
-    current: Mutex<Option<(u64, http2::SendRequest<Body>)>>,
+    /// The open connection, its generation (a count of dials) and the generation of this
+    /// proxy's certificate it was dialled with (mesh connections; see [`H2Conn::open`]).
+    current: Mutex<Option<(u64, http2::SendRequest<Body>, u64)>>,
     generation: AtomicU64,
     /// Budget for sending a request again that a going-away connection handed back unsent.
     resends: crate::budget::Budget,
@@ -275,12 +276,29 @@ impl std::fmt::Debug for H2Conn {
 struct SharedDialError(Arc<str>);
 
 impl H2Conn {
+    /// The open connection, if any. A mesh connection dialled before this proxy's certificate
+    /// was renewed is not used for new requests: the server closes it when the certificate it
+    /// presented expires, and a request that raced that close would be lost. Its requests in
+    /// flight finish on it, and it closes once the last of them is done.
     fn open(&self) -> Option<(u64, http2::SendRequest<Body>)> {
         let current = match self.current.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         };
-        current.as_ref().filter(|(_, s)| !s.is_closed()).cloned()
+        let leaf = self.leaf_generation();
+        current
+            .as_ref()
+            .filter(|(_, s, dialled_with)| !s.is_closed() && *dialled_with == leaf)
+            .map(|(g, s, _)| (*g, s.clone()))
+    }
+
+    /// The generation of the certificate a new connection presents (0 when it presents none).
+    fn leaf_generation(&self) -> u64 {
+        if self.peer.is_some() {
+            self.connect.leaf_generation()
+        } else {
+            0
+        }
     }
 
     /// The open connection (with its generation), dialled if there is none.
@@ -328,6 +346,8 @@ impl H2Conn {
     }
 
     async fn dial(&self) -> Result<(u64, http2::SendRequest<Body>), BoxError> {
+        // Read before the handshake: a renewal during it costs at most one more dial.
+        let leaf = self.leaf_generation();
         let stream = self
             .connect
             .connect_to(self.addr, self.peer.as_ref(), Alpn::H2)
@@ -384,8 +404,8 @@ impl H2Conn {
         }
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         match self.current.lock() {
-            Ok(mut guard) => *guard = Some((generation, send.clone())),
-            Err(poisoned) => *poisoned.into_inner() = Some((generation, send.clone())),
+            Ok(mut guard) => *guard = Some((generation, send.clone(), leaf)),
+            Err(poisoned) => *poisoned.into_inner() = Some((generation, send.clone(), leaf)),
         }
         Ok((generation, send))
     }
@@ -394,7 +414,7 @@ impl H2Conn {
     /// saw a connection go away never drops the one another request has just dialled).
     fn forget(&self, generation: u64) {
         if let Ok(mut current) = self.current.lock() {
-            if current.as_ref().is_some_and(|(g, _)| *g == generation) {
+            if current.as_ref().is_some_and(|(g, _, _)| *g == generation) {
                 *current = None;
             }
         }
@@ -403,7 +423,8 @@ impl H2Conn {
     /// Sends `req` over the current connection (`sender`, from [`H2Conn::sender`]). A request
     /// the connection hands back unsent (it received the upstream's GOAWAY) is sent once more on
     /// a new connection if this endpoint's resend budget allows (20% of its requests plus 10 a
-    /// second, as the retry layer's); otherwise, and for a refused stream, it fails with
+    /// second, as the retry layer's); otherwise, and for a refused stream (`REFUSED_STREAM`, or
+    /// above the last stream a graceful GOAWAY says was processed), it fails with
     /// [`StreamRefused`], which the retry layer may retry within the service's budget.
     async fn send(
         &self,
@@ -453,6 +474,13 @@ impl H2Conn {
                     {
                         return Err(crate::errors::BodyFailed(*reason).into());
                     }
+                    if refused_by_go_away(e.error()) {
+                        // Sent, but above the last stream the upstream's GOAWAY says it
+                        // processed: nothing of it was, so it is refused like a handed-back one
+                        // (the retry layer may send it again). The connection takes no more.
+                        self.forget(generation);
+                        return Err(StreamRefused { addr: self.addr }.into());
+                    }
                     let source: BoxError = Box::new(e.into_error());
                     if reason_of(&*source) != Reason::UpstreamFailed {
                         return Err(source);
@@ -467,6 +495,20 @@ impl H2Conn {
         }
         Err(StreamRefused { addr: self.addr }.into())
     }
+}
+
+/// Whether `error` ended a stream the upstream never processed: its graceful GOAWAY
+/// (`NO_ERROR`) named a last stream below this one, which RFC 9113 (6.8) says may be retried. A
+/// GOAWAY with an error code fails every stream alike, processed or not, so it does not count.
+fn refused_by_go_away(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR);
+        }
+        next = e.source();
+    }
+    false
 }
 
 pin_project_lite::pin_project! {

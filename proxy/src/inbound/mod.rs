@@ -385,12 +385,11 @@ impl Inbound {
                     Protocol::Http1
                 };
                 let stack = self.http_stack(app, Some(peer.clone()));
-                // Not (yet) closed when the caller's certificate expires or loses its root: the
-                // calling proxy's pool would fail a request that races the GOAWAY (it retries
-                // only requests handed back unsent), so a renewal would cost requests. Policy
-                // changes still close it (its requests are refused from then on anyway).
-                drop(cert);
-                let ctx = self.context(open, app.port(), Some(peer), None, revoke::GRACE);
+                // Closed (drained, then cut) when the certificate it was opened with expires or
+                // loses its root, like the policy refusing the caller. A calling proxy that
+                // renews starts its new requests on a new connection (with the new certificate),
+                // so the drain finds this one idle.
+                let ctx = self.context(open, app.port(), Some(peer), Some(cert), revoke::GRACE);
                 server::serve(tls, proto, stack, &self.server, ctx, m).await;
             }
             Alpn::Opaque => {
