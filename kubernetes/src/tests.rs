@@ -907,20 +907,13 @@ fn the_injected_proxy_fails_closed_until_its_first_view_by_its_own_flag() {
     use clap::Parser as _;
     let out = inject::inject(&deployment_with("", ""), &opts(false)).unwrap();
     let docs = manifest::parse(&out.yaml).unwrap();
-    let w = manifest::Workload::check(
-        manifest::WorkloadKind::Deployment,
-        &docs[0],
-        &manifest::Location::new("d"),
-    )
-    .unwrap();
-    let proxy = w
-        .pod
-        .init_containers
+    let proxy = docs[0]["spec"]["template"]["spec"]["initContainers"]
+        .as_sequence()
+        .unwrap()
         .iter()
-        .flatten()
-        .find(|c| c.name == inject::PROXY_NAME)
+        .find(|c| c["name"].as_str() == Some(inject::PROXY_NAME))
         .unwrap();
-    let args = proxy.args.clone().unwrap();
+    let args: Vec<String> = serde_norway::from_value(proxy["args"].clone()).unwrap();
     assert_eq!(args[0], "proxy");
     // Stated in the pod, not left to the binary's default (which an upgrade could change).
     let flag = args.iter().position(|a| a == "--default-inbound-policy");
