@@ -668,7 +668,7 @@ pub(crate) enum VersionHint {
 
 /// Forwards requests to one upstream; cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Forward {
+pub(crate) struct Forward {
     upstream: Arc<Upstream>,
     policy: UpstreamHttp,
     hint: VersionHint,
