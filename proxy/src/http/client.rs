@@ -956,6 +956,59 @@ async fn splice(
 mod tests {
     use super::*;
 
+    /// An HTTP/2 server in raw frames: it reads the client's first request (stream 1), then
+    /// says GOAWAY (`NO_ERROR`) with 0 as the last stream it processed, and stays open.
+    async fn goaway_server() -> SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut preface = [0u8; 24];
+            s.read_exact(&mut preface).await.unwrap();
+            // An empty SETTINGS frame.
+            s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+            loop {
+                let mut head = [0u8; 9];
+                s.read_exact(&mut head).await.unwrap();
+                let len =
+                    usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+                let mut payload = vec![0u8; len];
+                s.read_exact(&mut payload).await.unwrap();
+                if head[3] == 1 {
+                    break; // HEADERS
+                }
+            }
+            let goaway = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            s.write_all(&goaway).await.unwrap();
+            // Open until the client closes.
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_stream_above_a_graceful_goaways_last_stream_is_a_refused_stream() {
+        let registry = prometheus::Registry::new();
+        let metrics = crate::metrics::Metrics::register(&registry).unwrap();
+        let connect = Connect::new(Duration::from_secs(5), metrics.upstream_connects, 10);
+        let table = Upstreams::new(connect);
+        let upstream = table.get_or_insert(EndpointKey::plain(goaway_server().await));
+        let mut forward = Forward::new(upstream, UpstreamHttp::Http2, VersionHint::Http2);
+        let req = Request::get("http://api/")
+            .body(
+                http_body_util::Empty::new()
+                    .map_err(|e| match e {})
+                    .boxed_unsync(),
+            )
+            .unwrap();
+        let e = tower::Service::call(&mut forward, req).await.unwrap_err();
+        // Nothing of it was processed: the retry layer may send it again.
+        assert!(crate::errors::is_retryable(&*e), "{}", Chain(&*e));
+        assert!(e.is::<StreamRefused>(), "{}", Chain(&*e));
+    }
+
     #[tokio::test]
     async fn unused_upstreams_are_forgotten_when_the_table_is_full_and_used_ones_kept() {
         let registry = prometheus::Registry::new();
