@@ -8,8 +8,10 @@
 //!   Every request's URI authority is set to the address itself, so the pool has exactly one key
 //!   per upstream whatever `Host` clients send (a client cannot make the proxy fan out
 //!   connections); the request keeps its own `Host` header, as a transparent proxy must.
-//! - HTTP/2 goes over one multiplexed connection per endpoint, re-established when it closes; the
-//!   request keeps its own `:authority`. A new connection is used only once the upstream has
+//! - HTTP/2 goes over one multiplexed connection per endpoint, re-established when it closes (and,
+//!   to a mesh endpoint, once this proxy's certificate is renewed: the old connection finishes
+//!   its requests and closes before the peer would close it at the old certificate's expiry);
+//!   the request keeps its own `:authority`. A new connection is used only once the upstream has
 //!   spoken: an upstream that answers the HTTP/2 preface with HTTP/1 is remembered as HTTP/1-only
 //!   (logged once) and, unless the request is gRPC, gets it as HTTP/1.1 instead.
 //!
