@@ -872,7 +872,12 @@ fn proxy_container(
         name: PROXY_NAME.into(),
         image: Some(image),
         image_pull_policy: Some(pull),
-        args: Some(vec!["proxy".into()]),
+        // Fail closed until the first view, stated in the pod (docs/security.md says why).
+        args: Some(
+            ["proxy", "--default-inbound-policy", "deny"]
+                .map(Into::into)
+                .to_vec(),
+        ),
         restart_policy: (!opts.legacy_sidecar).then(|| "Always".into()),
         env: Some(env),
         ports: Some(vec![ContainerPort {

@@ -896,3 +896,39 @@ fn pod_templates_of_unknown_kinds_are_named() {
         manifest::write(&manifest::parse(text).unwrap()).unwrap()
     );
 }
+
+#[test]
+fn the_injected_proxy_fails_closed_until_its_first_view_by_its_own_flag() {
+    #[derive(clap::Parser)]
+    struct Proxy {
+        #[command(flatten)]
+        args: outrider_proxy::config::ProxyArgs,
+    }
+    use clap::Parser as _;
+    let out = inject::inject(&deployment_with("", ""), &opts(false)).unwrap();
+    let docs = manifest::parse(&out.yaml).unwrap();
+    let proxy = docs[0]["spec"]["template"]["spec"]["initContainers"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"].as_str() == Some(inject::PROXY_NAME))
+        .unwrap();
+    let args: Vec<String> = serde_norway::from_value(proxy["args"].clone()).unwrap();
+    assert_eq!(args[0], "proxy");
+    // Stated in the pod, not left to the binary's default (which an upgrade could change).
+    let flag = args.iter().position(|a| a == "--default-inbound-policy");
+    assert_eq!(
+        flag.and_then(|i| args.get(i + 1)).map(String::as_str),
+        Some("deny"),
+        "{args:?}"
+    );
+    // And the real flag parser reads it so.
+    let parsed = Proxy::try_parse_from(
+        std::iter::once("outrider-proxy").chain(args[1..].iter().map(String::as_str)),
+    )
+    .unwrap();
+    assert_eq!(
+        parsed.args.default_inbound_policy,
+        outrider_control::api::DefaultPolicy::Deny
+    );
+}

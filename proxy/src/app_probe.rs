@@ -28,15 +28,15 @@ use bytes::{Buf as _, Bytes};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Empty, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use outrider_control::runtime::text;
+
+use crate::identity::tls::{CheckedBy, ServerCertCheck};
 
 /// The environment variable that carries the probe table (JSON).
 pub const ENV: &str = "OUTRIDER_APP_PROBES";
@@ -157,7 +157,10 @@ async fn check(probe: &AppProbe) -> Result<(StatusCode, String), String> {
                 .with_safe_default_protocol_versions()
                 .map_err(|e| format!("TLS: {e}"))?
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(NoVerify(no_verify_provider())))
+                .with_custom_certificate_verifier(Arc::new(CheckedBy::with(
+                    Arc::new(AnyCertificate),
+                    no_verify_provider(),
+                )))
                 .with_no_client_auth();
             let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
             let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
@@ -347,50 +350,18 @@ fn no_verify_provider() -> Arc<CryptoProvider> {
 /// The kubelet does not verify an HTTPS probe's certificate; neither does the forwarder. The
 /// handshake's signatures are still checked (the connection is real TLS).
 #[derive(Debug)]
-struct NoVerify(Arc<CryptoProvider>);
+struct AnyCertificate;
 
-impl ServerCertVerifier for NoVerify {
-    fn verify_server_cert(
+impl ServerCertCheck for AnyCertificate {
+    fn check(
         &self,
         _end_entity: &CertificateDer<'_>,
         _intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
         _ocsp: &[u8],
         _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+    ) -> Result<(), rustls::Error> {
+        Ok(())
     }
 }
 

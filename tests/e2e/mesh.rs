@@ -615,17 +615,17 @@ async fn a_root_is_rotated_under_load_without_a_failed_request() {
     assert!(id.contains("\"trust_anchors\": 1"), "one root left: {id}");
 }
 
-/// Connects to `server` presenting `leaf` (trusting `anchors`), expecting `API`, sends a request
-/// and reads: `Ok(response bytes)` or the error that ended it.
-pub(crate) async fn call_with_leaf(
+/// A mutual TLS connection to `server` presenting `leaf` (trusting `anchors`, expecting `API`),
+/// offering `alpn`. Built by hand (not from an IdentityStore), so a certificate the proxy would
+/// never load itself can be presented.
+pub(crate) async fn tls_with_leaf(
     server: SocketAddr,
     leaf: outrider_proxy::identity::testing::TestLeaf,
     anchors: &str,
-) -> Result<Vec<u8>, String> {
+    alpn: outrider_proxy::identity::Alpn,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    // Built by hand (not from an IdentityStore), so a certificate the proxy would never load
-    // itself can be presented.
     let mut roots = rustls::RootCertStore::empty();
     for der in CertificateDer::pem_slice_iter(anchors.as_bytes()) {
         roots.add(der.unwrap()).unwrap();
@@ -645,16 +645,24 @@ pub(crate) async fn call_with_leaf(
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_auth_cert(chain, key)
             .unwrap();
-    config.alpn_protocols = vec![outrider_proxy::identity::Alpn::Http1.id().to_vec()];
-    let config = Arc::new(config);
-    let tcp = TcpStream::connect(server)
-        .await
-        .map_err(|e| e.to_string())?;
+    config.alpn_protocols = vec![alpn.id().to_vec()];
+    let tcp = TcpStream::connect(server).await?;
     let name = rustls::pki_types::ServerName::IpAddress(server.ip().into());
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+}
+
+/// Connects to `server` presenting `leaf` (trusting `anchors`), expecting `API`, sends a request
+/// and reads: `Ok(response bytes)` or the error that ended it.
+pub(crate) async fn call_with_leaf(
+    server: SocketAddr,
+    leaf: outrider_proxy::identity::testing::TestLeaf,
+    anchors: &str,
+) -> Result<Vec<u8>, String> {
     let exchange = async {
-        let mut tls = tokio_rustls::TlsConnector::from(config)
-            .connect(name, tcp)
-            .await?;
+        let alpn = outrider_proxy::identity::Alpn::Http1;
+        let mut tls = tls_with_leaf(server, leaf, anchors, alpn).await?;
         tls.write_all(b"GET / HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
             .await?;
         let mut out = Vec::new();

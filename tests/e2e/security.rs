@@ -22,7 +22,7 @@ use outrider_proxy::Proxy;
 
 use crate::mesh::{
     admin_get, allow_only, body, sidecar_config, spawn_node, start_app, start_echo, start_tweaked,
-    Node, API, WEB,
+    tls_with_leaf, Node, API, WEB,
 };
 
 /// A meshed server proxy (`demo/api`, with a certificate) whose control plane accepts
@@ -398,6 +398,117 @@ async fn an_open_mesh_connection_ends_when_the_callers_certificate_expires() {
         .await
         .unwrap();
     crate::support::echoes(&mut s, b"after renewal").await;
+}
+
+/// An HTTP/1.1 or HTTP/2 (`h2`) client over a mutual TLS connection to the inbound `server`
+/// presenting `leaf`, checked to be served.
+async fn mesh_http(
+    server: SocketAddr,
+    leaf: outrider_proxy::identity::testing::TestLeaf,
+    anchors: &str,
+    h2: bool,
+) -> ClientConn {
+    use outrider_proxy::identity::Alpn;
+    let alpn = if h2 { Alpn::H2 } else { Alpn::Http1 };
+    let io = TokioIo::new(tls_with_leaf(server, leaf, anchors, alpn).await.unwrap());
+    let mut c = if h2 {
+        let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        ClientConn::Http2(send)
+    } else {
+        let (send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        ClientConn::Http1(send)
+    };
+    assert_eq!(
+        c.get("api.demo", "/").await.unwrap().status(),
+        StatusCode::OK
+    );
+    c
+}
+
+/// When (bounded: 10 s) the proxy closes an HTTP client connection.
+async fn closed_at(c: &ClientConn) -> std::time::SystemTime {
+    http_closed_within(c).await;
+    std::time::SystemTime::now()
+}
+
+/// Waits (bounded) until `node` trusts `roots` roots.
+async fn trusts_roots(node: &Node, roots: usize) {
+    let want = format!("\"trust_anchors\": {roots}");
+    for _ in 0..1000 {
+        if admin_get(node.admin, "/identity").await.contains(&want) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("never {want}");
+}
+
+#[tokio::test]
+async fn open_mesh_http_connections_end_when_the_callers_certificate_expires_or_loses_its_root() {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let app = start_app().await;
+    // The server proxy renews every second or so, and so learns a new bundle quickly.
+    let mesh = start_tweaked(app, "http1", "", Duration::from_secs(2), |_| {}).await;
+    let inbound = mesh.server.inbound.unwrap();
+    let root = mesh.ca.anchors.lock().unwrap().clone();
+    let now = SystemTime::now();
+    let (long_ago, in_an_hour) = (
+        now - Duration::from_secs(60),
+        now + Duration::from_secs(3600),
+    );
+    // A caller whose certificate stays valid and trusted throughout: never closed.
+    let valid = mesh.ca.leaf_with(&[WEB], long_ago, in_an_hour).unwrap();
+    let mut kept = mesh_http(inbound, valid, &root, true).await;
+    // 1. Expiry: certificates ending on a whole second (X.509 counts seconds), 3 s from now.
+    let secs = now.duration_since(UNIX_EPOCH).unwrap().as_secs() + 3;
+    let until = UNIX_EPOCH + Duration::from_secs(secs);
+    let mut expiring = Vec::new();
+    for h2 in [false, true] {
+        let leaf = mesh.ca.leaf_with(&[WEB], long_ago, until).unwrap();
+        expiring.push(mesh_http(inbound, leaf, &root, h2).await);
+    }
+    let closed = tokio::join!(closed_at(&expiring[0]), closed_at(&expiring[1]));
+    for (at, version) in [closed.0, closed.1].into_iter().zip(["HTTP/1.1", "HTTP/2"]) {
+        let after = at.duration_since(until).unwrap_or_else(|early| {
+            panic!("{version} closed {:?} before expiry", early.duration())
+        });
+        eprintln!("{version} closed {after:?} after the caller's certificate expired");
+        assert!(after < Duration::from_secs(1), "{version}: {after:?}");
+    }
+    // 2. Root removal: a second root joins the bundle, a caller connects with a certificate
+    // from it, then the root leaves the bundle (step 3 of a rotation).
+    let second = TestCa::new("second mesh root").unwrap();
+    mesh.ca.set_anchors(format!("{root}{}", second.root_pem()));
+    trusts_roots(&mesh.server, 2).await;
+    let mut orphaned = Vec::new();
+    for h2 in [false, true] {
+        let leaf = second.leaf_with(&[WEB], long_ago, in_an_hour).unwrap();
+        orphaned.push(mesh_http(inbound, leaf, &root, h2).await);
+    }
+    mesh.ca.set_anchors(root.clone());
+    trusts_roots(&mesh.server, 1).await;
+    let removed = SystemTime::now();
+    let closed = tokio::join!(closed_at(&orphaned[0]), closed_at(&orphaned[1]));
+    for (at, version) in [closed.0, closed.1].into_iter().zip(["HTTP/1.1", "HTTP/2"]) {
+        let after = at.duration_since(removed).unwrap_or_default();
+        eprintln!("{version} closed {after:?} after the server proxy dropped its root");
+        assert!(after < Duration::from_secs(1), "{version}: {after:?}");
+    }
+    // The valid caller's connection was never touched.
+    for _ in 0..3 {
+        let rsp = kept.get("api.demo", "/").await.unwrap();
+        assert_eq!(rsp.status(), StatusCode::OK);
+    }
+    assert!(
+        mesh.server.sum(
+            "outrider_errors_total",
+            &[("direction", "inbound"), ("reason", "denied")]
+        ) >= 4.0
+    );
 }
 
 /// A body that sends one chunk, then nothing, ever.

@@ -8,8 +8,10 @@
 //!   Every request's URI authority is set to the address itself, so the pool has exactly one key
 //!   per upstream whatever `Host` clients send (a client cannot make the proxy fan out
 //!   connections); the request keeps its own `Host` header, as a transparent proxy must.
-//! - HTTP/2 goes over one multiplexed connection per endpoint, re-established when it closes; the
-//!   request keeps its own `:authority`. A new connection is used only once the upstream has
+//! - HTTP/2 goes over one multiplexed connection per endpoint, re-established when it closes (and,
+//!   to a mesh endpoint, once this proxy's certificate is renewed: the old connection finishes
+//!   its requests and closes before the peer would close it at the old certificate's expiry);
+//!   the request keeps its own `:authority`. A new connection is used only once the upstream has
 //!   spoken: an upstream that answers the HTTP/2 preface with HTTP/1 is remembered as HTTP/1-only
 //!   (logged once) and, unless the request is gRPC, gets it as HTTP/1.1 instead.
 //!
@@ -250,8 +252,9 @@ struct H2Conn {
     addr: SocketAddr,
     peer: Option<Identity>,
     connect: Connect,
-    /// The open connection and its generation (a count of dials).
-    current: Mutex<Option<(u64, http2::SendRequest<Body>)>>,
+    /// The open connection, its generation (a count of dials) and the generation of this
+    /// proxy's certificate it was dialled with (mesh connections; see [`H2Conn::open`]).
+    current: Mutex<Option<(u64, http2::SendRequest<Body>, u64)>>,
     generation: AtomicU64,
     /// Budget for sending a request again that a going-away connection handed back unsent.
     resends: crate::budget::Budget,
@@ -275,12 +278,29 @@ impl std::fmt::Debug for H2Conn {
 struct SharedDialError(Arc<str>);
 
 impl H2Conn {
+    /// The open connection, if any. A mesh connection dialled before this proxy's certificate
+    /// was renewed is not used for new requests: the server closes it when the certificate it
+    /// presented expires, and a request that raced that close would be lost. Its requests in
+    /// flight finish on it, and it closes once the last of them is done.
     fn open(&self) -> Option<(u64, http2::SendRequest<Body>)> {
         let current = match self.current.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         };
-        current.as_ref().filter(|(_, s)| !s.is_closed()).cloned()
+        let leaf = self.leaf_generation();
+        current
+            .as_ref()
+            .filter(|(_, s, dialled_with)| !s.is_closed() && *dialled_with == leaf)
+            .map(|(g, s, _)| (*g, s.clone()))
+    }
+
+    /// The generation of the certificate a new connection presents (0 when it presents none).
+    fn leaf_generation(&self) -> u64 {
+        if self.peer.is_some() {
+            self.connect.leaf_generation()
+        } else {
+            0
+        }
     }
 
     /// The open connection (with its generation), dialled if there is none.
@@ -328,6 +348,8 @@ impl H2Conn {
     }
 
     async fn dial(&self) -> Result<(u64, http2::SendRequest<Body>), BoxError> {
+        // Read before the handshake: a renewal during it costs at most one more dial.
+        let leaf = self.leaf_generation();
         let stream = self
             .connect
             .connect_to(self.addr, self.peer.as_ref(), Alpn::H2)
@@ -384,8 +406,8 @@ impl H2Conn {
         }
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         match self.current.lock() {
-            Ok(mut guard) => *guard = Some((generation, send.clone())),
-            Err(poisoned) => *poisoned.into_inner() = Some((generation, send.clone())),
+            Ok(mut guard) => *guard = Some((generation, send.clone(), leaf)),
+            Err(poisoned) => *poisoned.into_inner() = Some((generation, send.clone(), leaf)),
         }
         Ok((generation, send))
     }
@@ -394,7 +416,7 @@ impl H2Conn {
     /// saw a connection go away never drops the one another request has just dialled).
     fn forget(&self, generation: u64) {
         if let Ok(mut current) = self.current.lock() {
-            if current.as_ref().is_some_and(|(g, _)| *g == generation) {
+            if current.as_ref().is_some_and(|(g, _, _)| *g == generation) {
                 *current = None;
             }
         }
@@ -403,7 +425,8 @@ impl H2Conn {
     /// Sends `req` over the current connection (`sender`, from [`H2Conn::sender`]). A request
     /// the connection hands back unsent (it received the upstream's GOAWAY) is sent once more on
     /// a new connection if this endpoint's resend budget allows (20% of its requests plus 10 a
-    /// second, as the retry layer's); otherwise, and for a refused stream, it fails with
+    /// second, as the retry layer's); otherwise, and for a refused stream (`REFUSED_STREAM`, or
+    /// above the last stream a graceful GOAWAY says was processed), it fails with
     /// [`StreamRefused`], which the retry layer may retry within the service's budget.
     async fn send(
         &self,
@@ -453,6 +476,13 @@ impl H2Conn {
                     {
                         return Err(crate::errors::BodyFailed(*reason).into());
                     }
+                    if refused_by_go_away(e.error()) {
+                        // Sent, but above the last stream the upstream's GOAWAY says it
+                        // processed: nothing of it was, so it is refused like a handed-back one
+                        // (the retry layer may send it again). The connection takes no more.
+                        self.forget(generation);
+                        return Err(StreamRefused { addr: self.addr }.into());
+                    }
                     let source: BoxError = Box::new(e.into_error());
                     if reason_of(&*source) != Reason::UpstreamFailed {
                         return Err(source);
@@ -467,6 +497,20 @@ impl H2Conn {
         }
         Err(StreamRefused { addr: self.addr }.into())
     }
+}
+
+/// Whether `error` ended a stream the upstream never processed: its graceful GOAWAY
+/// (`NO_ERROR`) named a last stream below this one, which RFC 9113 (6.8) says may be retried. A
+/// GOAWAY with an error code fails every stream alike, processed or not, so it does not count.
+fn refused_by_go_away(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR);
+        }
+        next = e.source();
+    }
+    false
 }
 
 pin_project_lite::pin_project! {
@@ -626,7 +670,7 @@ pub(crate) enum VersionHint {
 
 /// Forwards requests to one upstream; cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Forward {
+pub(crate) struct Forward {
     upstream: Arc<Upstream>,
     policy: UpstreamHttp,
     hint: VersionHint,
@@ -919,6 +963,59 @@ async fn splice(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An HTTP/2 server in raw frames: it reads the client's first request (stream 1), then
+    /// says GOAWAY (`NO_ERROR`) with 0 as the last stream it processed, and stays open.
+    async fn goaway_server() -> SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut preface = [0u8; 24];
+            s.read_exact(&mut preface).await.unwrap();
+            // An empty SETTINGS frame.
+            s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+            loop {
+                let mut head = [0u8; 9];
+                s.read_exact(&mut head).await.unwrap();
+                let len =
+                    usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+                let mut payload = vec![0u8; len];
+                s.read_exact(&mut payload).await.unwrap();
+                if head[3] == 1 {
+                    break; // HEADERS
+                }
+            }
+            let goaway = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            s.write_all(&goaway).await.unwrap();
+            // Open until the client closes.
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_stream_above_a_graceful_goaways_last_stream_is_a_refused_stream() {
+        let registry = prometheus::Registry::new();
+        let metrics = crate::metrics::Metrics::register(&registry).unwrap();
+        let connect = Connect::new(Duration::from_secs(5), metrics.upstream_connects, 10);
+        let table = Upstreams::new(connect);
+        let upstream = table.get_or_insert(EndpointKey::plain(goaway_server().await));
+        let mut forward = Forward::new(upstream, UpstreamHttp::Http2, VersionHint::Http2);
+        let req = Request::get("http://api/")
+            .body(
+                http_body_util::Empty::new()
+                    .map_err(|e| match e {})
+                    .boxed_unsync(),
+            )
+            .unwrap();
+        let e = tower::Service::call(&mut forward, req).await.unwrap_err();
+        // Nothing of it was processed: the retry layer may send it again.
+        assert!(crate::errors::is_retryable(&*e), "{}", Chain(&*e));
+        assert!(e.is::<StreamRefused>(), "{}", Chain(&*e));
+    }
 
     #[tokio::test]
     async fn unused_upstreams_are_forgotten_when_the_table_is_full_and_used_ones_kept() {

@@ -11,11 +11,13 @@
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::danger::ServerCertVerifier as _;
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::RootCertStore;
+
+use super::tls::{CheckedBy, ServerCertCheck};
 
 /// The roots in force, and where they came from.
 #[derive(Debug)]
@@ -81,7 +83,10 @@ impl ControlTrust {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TrustError(e.to_string()))?
             .dangerous()
-            .with_custom_certificate_verifier(self.clone())
+            .with_custom_certificate_verifier(Arc::new(CheckedBy::with(
+                self.clone(),
+                super::tls::provider(),
+            )))
             .with_no_client_auth();
         Ok(Arc::new(config))
     }
@@ -169,48 +174,19 @@ impl ControlTrust {
     }
 }
 
-impl ServerCertVerifier for ControlTrust {
-    fn verify_server_cert(
+impl ServerCertCheck for ControlTrust {
+    fn check(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         server_name: &ServerName<'_>,
         ocsp_response: &[u8],
         now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        self.current().verifier.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        )
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+    ) -> Result<(), rustls::Error> {
         self.current()
             .verifier
-            .verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.current()
-            .verifier
-            .verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.current().verifier.supported_verify_schemes()
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            .map(drop)
     }
 }
 
@@ -228,9 +204,7 @@ mod tests {
         let pem = ca.sign_server(params, &key).unwrap();
         let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
         let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
-        trust
-            .verify_server_cert(&der, &[], &name, &[], UnixTime::now())
-            .is_ok()
+        trust.check(&der, &[], &name, &[], UnixTime::now()).is_ok()
     }
 
     #[tokio::test]

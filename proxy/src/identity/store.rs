@@ -110,6 +110,8 @@ pub struct IdentityStore {
     resolver: Arc<Resolver>,
     /// Bumped at every change of the trust bundle.
     bundles: tokio::sync::watch::Sender<u64>,
+    /// Bumped at every new certificate.
+    leaves: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for IdentityStore {
@@ -190,11 +192,19 @@ impl IdentityStore {
         let leaf = Arc::new(leaf);
         write(&self.resolver.0, leaf.key.clone());
         write(&self.current, leaf);
+        self.leaves
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if let Some(trust) = read(&self.trust) {
             if let Ok(mut clients) = trust.clients.lock() {
                 clients.clear();
             }
         }
+    }
+
+    /// A number that changes with every new certificate: a connection made while it had
+    /// another value presented an older certificate, one that expires before the current one.
+    pub(crate) fn leaf_generation(&self) -> u64 {
+        self.leaves.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Drops the sessions cached for `peer` over `alpn` (its client configuration is built

@@ -155,49 +155,46 @@ fn refuse(e: IdentityError) -> TlsError {
     TlsError::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }
 
-/// Verifies a server: its chain leads to `roots` and it names exactly `expected`.
+/// What differs between the proxy's server certificate verifiers: whether to accept the
+/// certificate the server presented. [`CheckedBy`] adds what they share.
+pub trait ServerCertCheck: std::fmt::Debug + Send + Sync {
+    /// Accepts (`Ok`) or refuses the server's certificate.
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<(), TlsError>;
+}
+
+/// A rustls server certificate verifier: a [`ServerCertCheck`] for the certificate, and the
+/// handshake's signatures checked with a crypto provider's algorithms.
 #[derive(Debug)]
-pub struct ServerIdVerifier {
-    roots: Arc<RootCertStore>,
-    expected: Identity,
+pub struct CheckedBy<C: ?Sized> {
+    check: Arc<C>,
     provider: Arc<CryptoProvider>,
 }
 
-impl ServerIdVerifier {
-    /// Accepts only `expected`, chained to `roots`.
-    pub fn new(roots: Arc<RootCertStore>, expected: Identity) -> Self {
-        Self {
-            roots,
-            expected,
-            provider: provider(),
-        }
+impl<C: ?Sized> CheckedBy<C> {
+    /// Accepts what `check` accepts; signatures by `provider`'s algorithms.
+    pub fn with(check: Arc<C>, provider: Arc<CryptoProvider>) -> Self {
+        Self { check, provider }
     }
 }
 
-impl ServerCertVerifier for ServerIdVerifier {
+impl<C: ServerCertCheck + ?Sized> ServerCertVerifier for CheckedBy<C> {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
-        let presented = identity_of(end_entity).map_err(refuse)?;
-        if presented != self.expected {
-            return Err(refuse(IdentityError::Unexpected {
-                presented: presented.to_string(),
-                expected: self.expected.to_string(),
-            }));
-        }
+        self.check
+            .check(end_entity, intermediates, server_name, ocsp_response, now)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -233,6 +230,52 @@ impl ServerCertVerifier for ServerIdVerifier {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+/// A mesh server's certificate: its chain leads to `roots` and it names exactly `expected`.
+#[derive(Debug)]
+pub struct ExpectedId {
+    roots: Arc<RootCertStore>,
+    expected: Identity,
+}
+
+impl ServerCertCheck for ExpectedId {
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<(), TlsError> {
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            provider().signature_verification_algorithms.all,
+        )?;
+        let presented = identity_of(end_entity).map_err(refuse)?;
+        if presented != self.expected {
+            return Err(refuse(IdentityError::Unexpected {
+                presented: presented.to_string(),
+                expected: self.expected.to_string(),
+            }));
+        }
+        Ok(())
+    }
+}
+
+/// Verifies a mesh server: its chain leads to the roots and it names exactly the expected
+/// identity.
+pub type ServerIdVerifier = CheckedBy<ExpectedId>;
+
+impl ServerIdVerifier {
+    /// Accepts only `expected`, chained to `roots`.
+    pub fn new(roots: Arc<RootCertStore>, expected: Identity) -> Self {
+        Self::with(Arc::new(ExpectedId { roots, expected }), provider())
     }
 }
 

@@ -8,6 +8,6 @@ use std::error::Error as StdError;
 use crate::errors::{reason_of, Reason};
 
 /// The inbound mapping from an error to the reason it is answered with.
-pub fn rescue(error: &(dyn StdError + 'static)) -> Reason {
+pub(crate) fn rescue(error: &(dyn StdError + 'static)) -> Reason {
     reason_of(error)
 }

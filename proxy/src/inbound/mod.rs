@@ -13,9 +13,9 @@
 //! refused HTTP request is answered 403 `outrider-error: denied`, a refused TCP connection is
 //! closed, and in both cases nothing reaches the app.
 
-pub mod errors;
-pub mod policy;
-pub mod revoke;
+pub(crate) mod errors;
+pub(crate) mod policy;
+pub(crate) mod revoke;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -46,7 +46,7 @@ use crate::transport::listen::{Accepted, Serve};
 use crate::transport::orig_dst::{Lookup, OrigDst};
 
 /// The HTTP stack to one app port, for one connection (its caller's identity).
-pub type HttpStack = RequestMetrics<Rescue<Authorize>>;
+pub(crate) type HttpStack = RequestMetrics<Rescue<Authorize>>;
 
 /// Most bytes read to see a whole ClientHello.
 const MAX_CLIENT_HELLO: usize = 64 * 1024;
@@ -55,7 +55,7 @@ const MAX_CLIENT_HELLO: usize = 64 * 1024;
 const MAX_STACKS: usize = 1024;
 
 /// The inbound stack of a proxy.
-pub struct Inbound {
+pub(crate) struct Inbound {
     orig_dst: Arc<dyn OrigDst>,
     lookup: Lookup,
     metrics: Arc<DirectionMetrics>,
@@ -72,7 +72,7 @@ pub struct Inbound {
 /// Authorization of each request against the port's current policy; the caller's identity is
 /// the connection's.
 #[derive(Debug, Clone)]
-pub struct Authorize {
+pub(crate) struct Authorize {
     inner: Forward,
     policies: Policies,
     port: u16,
@@ -109,7 +109,7 @@ impl tower::Service<http::Request<crate::http::Body>> for Authorize {
 
 impl Inbound {
     /// The inbound stack, counting into `metrics`, reading server policies from `views`.
-    pub fn new(
+    pub(crate) fn new(
         orig_dst: Arc<dyn OrigDst>,
         metrics: Arc<DirectionMetrics>,
         config: Arc<Config>,
@@ -385,12 +385,11 @@ impl Inbound {
                     Protocol::Http1
                 };
                 let stack = self.http_stack(app, Some(peer.clone()));
-                // Not (yet) closed when the caller's certificate expires or loses its root: the
-                // calling proxy's pool would fail a request that races the GOAWAY (it retries
-                // only requests handed back unsent), so a renewal would cost requests. Policy
-                // changes still close it (its requests are refused from then on anyway).
-                drop(cert);
-                let ctx = self.context(open, app.port(), Some(peer), None, revoke::GRACE);
+                // Closed (drained, then cut) when the certificate it was opened with expires or
+                // loses its root, like the policy refusing the caller. A calling proxy that
+                // renews starts its new requests on a new connection (with the new certificate),
+                // so the drain finds this one idle.
+                let ctx = self.context(open, app.port(), Some(peer), Some(cert), revoke::GRACE);
                 server::serve(tls, proto, stack, &self.server, ctx, m).await;
             }
             Alpn::Opaque => {

@@ -29,7 +29,7 @@ const MAX_LOGGED_PEERS: usize = 1024;
 
 /// The rule that refused a caller (a bounded metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rule {
+pub(crate) enum Rule {
     /// The port does not allow plaintext callers.
     PlaintextNotAllowed,
     /// The caller's identity is not in the port's `allow` list.
@@ -46,7 +46,7 @@ pub enum Rule {
 
 impl Rule {
     /// The label value and log wording.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Rule::PlaintextNotAllowed => "plaintext-not-allowed",
             Rule::IdentityNotAllowed => "identity-not-allowed",
@@ -59,7 +59,10 @@ impl Rule {
 }
 
 /// What `policy` (the `--default-inbound-policy`, before the first view) says of `peer`.
-pub fn decide_without_view(policy: DefaultPolicy, peer: Option<&Identity>) -> Result<(), Rule> {
+pub(crate) fn decide_without_view(
+    policy: DefaultPolicy,
+    peer: Option<&Identity>,
+) -> Result<(), Rule> {
     match (policy, peer) {
         (DefaultPolicy::AllowAll, _) | (DefaultPolicy::MeshOnly, Some(_)) => Ok(()),
         (DefaultPolicy::MeshOnly, None) | (DefaultPolicy::Deny, _) => Err(Rule::NoConfig),
@@ -70,7 +73,7 @@ pub fn decide_without_view(policy: DefaultPolicy, peer: Option<&Identity>) -> Re
 /// empty `allow`, `mesh-only`) means any identity of the mesh's own trust domain: an identity
 /// of another trust domain whose root the bundle holds (federation) is admitted only where an
 /// `allow` list names it.
-pub fn decide(view: &WatchResponse, port: u16, peer: Option<&Identity>) -> Result<(), Rule> {
+pub(crate) fn decide(view: &WatchResponse, port: u16, peer: Option<&Identity>) -> Result<(), Rule> {
     let inbound: &InboundView = &view.inbound;
     let foreign = |id: &Identity| id.trust_domain() != view.trust_domain;
     match inbound.servers.iter().find(|s| s.port == port) {
@@ -94,7 +97,7 @@ pub fn decide(view: &WatchResponse, port: u16, peer: Option<&Identity>) -> Resul
 
 /// The workload's server policies, from the latest view, with refusals counted and logged.
 #[derive(Debug, Clone)]
-pub struct Policies {
+pub(crate) struct Policies {
     views: Option<watch::Receiver<View>>,
     /// What applies before the first view (`--default-inbound-policy`).
     before_view: DefaultPolicy,
@@ -105,7 +108,7 @@ pub struct Policies {
 impl Policies {
     /// Policies from `views` (none: no control plane, everything allowed), with `before_view`
     /// applied until the first view arrives.
-    pub fn new(
+    pub(crate) fn new(
         views: Option<watch::Receiver<View>>,
         before_view: DefaultPolicy,
         metrics: PeerMetrics,
@@ -120,7 +123,7 @@ impl Policies {
 
     /// Holds the caller until the first view arrives, for at most `bound`: a connection that
     /// arrives while the proxy starts is then judged by the real policy, not by the default.
-    pub async fn wait_first_view(&self, bound: Duration) {
+    pub(crate) async fn wait_first_view(&self, bound: Duration) {
         let Some(views) = &self.views else {
             return;
         };
@@ -132,13 +135,13 @@ impl Policies {
     }
 
     /// Whether decisions can change (there is a control plane).
-    pub fn can_change(&self) -> bool {
+    pub(crate) fn can_change(&self) -> bool {
         self.views.is_some()
     }
 
     /// Resolves when a new view refuses `peer` on `port` (counted and logged like any refusal);
     /// never without a control plane.
-    pub async fn until_denied(&self, port: u16, peer: Option<&Identity>) {
+    pub(crate) async fn until_denied(&self, port: u16, peer: Option<&Identity>) {
         let Some(views) = &self.views else {
             return std::future::pending().await;
         };
@@ -166,7 +169,7 @@ impl Policies {
     /// Whether a plaintext caller could be admitted on `port` now (nothing is counted): a
     /// silent plaintext client of a port that refuses plaintext callers is never worth dialling
     /// the app for.
-    pub fn may_admit_plaintext(&self, port: u16) -> bool {
+    pub(crate) fn may_admit_plaintext(&self, port: u16) -> bool {
         let Some(views) = &self.views else {
             return true;
         };
@@ -178,7 +181,7 @@ impl Policies {
     }
 
     /// A short description of `port`'s policy for the connection's span.
-    pub fn describe(&self, port: u16) -> &'static str {
+    pub(crate) fn describe(&self, port: u16) -> &'static str {
         let Some(views) = &self.views else {
             return "allow-all (no control plane)";
         };
@@ -199,7 +202,7 @@ impl Policies {
 
     /// Authorizes `peer` (`None`: a plaintext caller) on `port`; a refusal is counted and logged
     /// (at most once a minute per peer).
-    pub fn check(&self, port: u16, peer: Option<&Identity>) -> Result<(), Denied> {
+    pub(crate) fn check(&self, port: u16, peer: Option<&Identity>) -> Result<(), Denied> {
         let Some(views) = &self.views else {
             return Ok(());
         };

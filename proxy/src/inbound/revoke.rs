@@ -25,11 +25,11 @@ use crate::drain;
 use crate::identity::IdentityStore;
 
 /// How long a revoked HTTP connection may finish what it is doing before it is cut.
-pub const GRACE: Duration = Duration::from_millis(500);
+pub(crate) const GRACE: Duration = Duration::from_millis(500);
 
 /// The switch shared by a connection's [`Revocable`] and its watcher.
 #[derive(Debug, Default)]
-pub struct Cut {
+pub(crate) struct Cut {
     cut: AtomicBool,
     read: AtomicWaker,
     write: AtomicWaker,
@@ -37,7 +37,7 @@ pub struct Cut {
 
 impl Cut {
     /// Cuts the connection: pending and later reads and writes fail.
-    pub fn cut(&self) {
+    pub(crate) fn cut(&self) {
         self.cut.store(true, Ordering::SeqCst);
         self.read.wake();
         self.write.wake();
@@ -57,14 +57,14 @@ fn aborted() -> io::Error {
 
 /// A connection's IO that fails once its [`Cut`] is cut.
 #[derive(Debug)]
-pub struct Revocable<I> {
+pub(crate) struct Revocable<I> {
     io: I,
     cut: Arc<Cut>,
 }
 
 impl<I> Revocable<I> {
     /// Wraps `io`; the returned switch cuts it.
-    pub fn new(io: I) -> (Self, Arc<Cut>) {
+    pub(crate) fn new(io: I) -> (Self, Arc<Cut>) {
         let cut = Arc::new(Cut::default());
         (
             Self {
@@ -134,16 +134,16 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Revocable<I> {
 
 /// A mesh caller's certificate, as presented at the handshake.
 #[derive(Debug, Clone)]
-pub struct PeerCert {
+pub(crate) struct PeerCert {
     /// The chain, leaf first.
-    pub chain: Vec<CertificateDer<'static>>,
+    pub(crate) chain: Vec<CertificateDer<'static>>,
     /// When the leaf expires.
-    pub not_after: Option<SystemTime>,
+    pub(crate) not_after: Option<SystemTime>,
 }
 
 impl PeerCert {
     /// The certificate `chain` (leaf first) of a mesh caller.
-    pub fn new(chain: &[CertificateDer<'_>]) -> Self {
+    pub(crate) fn new(chain: &[CertificateDer<'_>]) -> Self {
         let not_after = chain.first().and_then(|leaf| {
             let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
             let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
@@ -157,16 +157,16 @@ impl PeerCert {
 }
 
 /// What a connection's watcher needs to know of it.
-pub struct Watched {
+pub(crate) struct Watched {
     /// The app port it calls.
-    pub port: u16,
+    pub(crate) port: u16,
     /// The caller (`None`: plaintext).
-    pub peer: Option<Arc<Identity>>,
+    pub(crate) peer: Option<Arc<Identity>>,
     /// The caller's certificate (mesh callers).
-    pub cert: Option<PeerCert>,
+    pub(crate) cert: Option<PeerCert>,
     /// How long the connection may finish its work once revoked ([`GRACE`] for HTTP, none for
     /// opaque TCP).
-    pub grace: Duration,
+    pub(crate) grace: Duration,
 }
 
 /// Aborts the watcher when the connection (its last holder) ends.
@@ -209,7 +209,7 @@ async fn refused(
 /// Starts the watcher of a connection: the returned drain watch is signalled when the listener
 /// drains or the caller is refused (the cut follows `w.grace` later); the returned guard, kept
 /// with the connection, stops the watcher when the connection ends.
-pub fn watch(
+pub(crate) fn watch(
     w: Watched,
     policies: Policies,
     identity: Option<Arc<IdentityStore>>,

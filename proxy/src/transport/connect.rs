@@ -74,6 +74,14 @@ impl Connect {
         self.tls.is_some()
     }
 
+    /// The generation of this proxy's own certificate (see
+    /// [`IdentityStore::leaf_generation`]; 0 without an identity). A mesh connection dialled
+    /// under an older generation presented a certificate that has since been renewed: the
+    /// server closes it when that certificate expires, so new requests should not start on it.
+    pub(crate) fn leaf_generation(&self) -> u64 {
+        self.tls.as_ref().map_or(0, |t| t.store.leaf_generation())
+    }
+
     /// Connects to `addr`, in mutual TLS carrying `alpn` when `peer` names the endpoint's
     /// identity and this proxy has one (else in plaintext, as before mTLS).
     pub(crate) async fn connect_to(
