@@ -39,8 +39,12 @@ fn full(b: impl Into<Bytes>) -> Body {
 /// while it runs.
 #[derive(Debug, Default)]
 pub struct Faults {
-    /// Share of answers that are 503, in percent (at random).
+    /// Share of answers that are 503, in percent: of every ten answers in a row, the first
+    /// `fail_percent / 10` fail. Runs rather than coin flips, so a breaker that opens after five
+    /// failures in a row does open at 50%, however few requests a slow machine sends.
     pub fail_percent: AtomicU32,
+    /// Answers given so far (what places an answer in its run of ten).
+    pub answered: AtomicU64,
     /// Delay before every answer, in milliseconds.
     pub delay_ms: AtomicU64,
 }
@@ -142,7 +146,8 @@ async fn handle(
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
-    if fastrand::u32(..100) < faults.fail_percent.load(Ordering::Relaxed) {
+    let nth = faults.answered.fetch_add(1, Ordering::Relaxed);
+    if (nth % 10) * 10 < u64::from(faults.fail_percent.load(Ordering::Relaxed)) {
         let mut rsp = Response::new(full("injected failure (outrider demo --faults)\n"));
         *rsp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
         if let Ok(v) = HeaderValue::from_str(&instance) {
