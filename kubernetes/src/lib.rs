@@ -14,6 +14,7 @@ pub mod inject;
 pub mod manifest;
 pub mod quantity;
 pub mod resources;
+pub mod restricted;
 pub mod wait;
 
 use std::io::{Read as _, Write as _};
@@ -150,8 +151,6 @@ pub fn inject_main(args: InjectArgs) -> ExitCode {
 
 #[cfg(test)]
 mod corpus_tests;
-#[cfg(test)]
-mod restricted;
 #[cfg(test)]
 mod tests;
 
