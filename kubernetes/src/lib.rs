@@ -60,8 +60,13 @@ pub struct InjectArgs {
     /// --kubernetes`) or `secret` (the Secret `outrider-token-<serviceaccount>`, minted with
     /// `outrider control token`, for a control plane without the API). The annotation
     /// `outrider.io/identity-token` beats it per workload.
-    #[arg(long, value_name = "KIND", value_enum, default_value = "projected",
-          conflicts_with = "uninject")]
+    #[arg(
+        long,
+        value_name = "KIND",
+        value_enum,
+        default_value = "projected",
+        conflicts_with = "uninject"
+    )]
     pub identity_token: inject::IdentityToken,
 }
 

@@ -936,15 +936,13 @@ fn the_proxy_mounts_a_projected_token_unless_the_secret_is_asked_for() {
         token_source(&annotated("secret"), &InjectOptions::default())["secret"]["name"],
         "outrider-token-web-sa"
     );
-    assert_eq!(
-        token_source(&annotated("projected"), &secret),
-        projected
-    );
+    assert_eq!(token_source(&annotated("projected"), &secret), projected);
     let e = inject::inject(&annotated("jwt"), &InjectOptions::default())
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("outrider.io/identity-token") && e.contains("`jwt` is neither projected nor secret"),
+        e.contains("outrider.io/identity-token")
+            && e.contains("`jwt` is neither projected nor secret"),
         "{e}"
     );
 }

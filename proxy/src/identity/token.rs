@@ -273,7 +273,10 @@ mod tests {
         assert_eq!(source.read().await.unwrap().0, rotated);
         std::fs::write(&path, "garbage").unwrap();
         let e = source.read().await.unwrap_err().to_string();
-        assert!(e.contains(&path.display().to_string()) && e.contains("malformed"), "{e}");
+        assert!(
+            e.contains(&path.display().to_string()) && e.contains("malformed"),
+            "{e}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
