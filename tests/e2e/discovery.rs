@@ -218,17 +218,23 @@ fn jwt(tag: &str) -> String {
     )
 }
 
-#[test]
-fn projected_service_account_tokens_get_certificates_only_for_their_own_account() {
-    use outrider_control::api::Identity;
-    use outrider_control::client::{Certifier, CertifyError};
+/// The stand-in API server with the pod `test/web-1`, running under the service account `web`.
+fn api_with_web_pod() -> KubeApi {
     let api = KubeApi::start();
-    let dir = TempDir::new();
     api.apply(
         "pods",
         json!({"metadata": {"namespace": "test", "name": "web-1"},
                "spec": {"serviceAccountName": "web", "containers": [{"name": "app"}]}}),
     );
+    api
+}
+
+#[test]
+fn projected_service_account_tokens_get_certificates_only_for_their_own_account() {
+    use outrider_control::api::Identity;
+    use outrider_control::client::{Certifier, CertifyError};
+    let api = api_with_web_pod();
+    let dir = TempDir::new();
     let reviewed = |sa: &str, pod: Option<&str>, audience: &str| Reviewed {
         namespace: "test".into(),
         service_account: sa.into(),
@@ -433,13 +439,8 @@ fn projected_token(ns: &str, sa: &str, pod: &str) -> String {
 #[test]
 fn a_proxy_certifies_with_its_projected_token_and_renews_with_the_rotated_one() {
     use crate::control::{ca_flags, ca_init, get, metric, start_app, start_proxy, wait_until};
-    let api = KubeApi::start();
+    let api = api_with_web_pod();
     let dir = TempDir::new();
-    api.apply(
-        "pods",
-        json!({"metadata": {"namespace": "test", "name": "web-1"},
-               "spec": {"serviceAccountName": "web", "containers": [{"name": "app"}]}}),
-    );
     let reviewed = Reviewed {
         namespace: "test".into(),
         service_account: "web".into(),
