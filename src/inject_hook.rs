@@ -1,9 +1,10 @@
 //! The inject code handed to the control plane's admission webhook (`POST /v1/inject`): the
 //! control crate cannot depend on the kubernetes crate (which depends on it), so the binary joins
-//! them. A pod goes through `outrider inject`'s own entry point with its default options, so the
-//! webhook and the CLI make the same pod.
+//! them. A pod goes through `outrider inject`'s own entry point with its default options (and
+//! `--cni` under `outrider control --inject-capture cni`), so the webhook and the CLI make the
+//! same pod.
 
-use outrider_control::kubernetes::webhook::Injector;
+use outrider_control::kubernetes::webhook::{Capture, Injector};
 use outrider_kubernetes::inject::{inject, InjectOptions};
 use serde_json::Value;
 
@@ -12,6 +13,19 @@ use serde_json::Value;
 pub struct InjectHook {
     /// The options `outrider inject` would be given.
     pub options: InjectOptions,
+}
+
+impl InjectHook {
+    /// The webhook's injector for `outrider control`'s flags: `outrider inject`'s defaults, and
+    /// `--cni` when `--inject-capture cni`.
+    pub fn for_webhook(args: &outrider_control::ControlArgs) -> Self {
+        InjectHook {
+            options: InjectOptions {
+                cni: args.inject_capture == Capture::Cni,
+                ..InjectOptions::default()
+            },
+        }
+    }
 }
 
 impl Injector for InjectHook {

@@ -93,6 +93,7 @@ fn control(mut args: outrider_control::ControlArgs) -> ExitCode {
         outrider_control::Prepared::Exit(code) => code,
         outrider_control::Prepared::Serve(prepared) => {
             let (mesh, text) = *prepared;
+            let hook = outrider::inject_hook::InjectHook::for_webhook(&args);
             runtime::block_on(
                 "outrider control",
                 1,
@@ -100,9 +101,7 @@ fn control(mut args: outrider_control::ControlArgs) -> ExitCode {
                     args,
                     mesh,
                     text,
-                    Some(std::sync::Arc::new(
-                        outrider::inject_hook::InjectHook::default(),
-                    )),
+                    Some(std::sync::Arc::new(hook)),
                     runtime::shutdown_signal(),
                 ),
             )

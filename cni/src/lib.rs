@@ -19,7 +19,7 @@ pub mod validate;
 use std::io::Read as _;
 use std::process::ExitCode;
 
-use crate::lookup::{ApiLookup, Kubeconfig, LookupError, PodLookup};
+use crate::lookup::{ApiLookup, PodLookup};
 use crate::spec::{CniError, Code, Env, NetConf};
 
 /// The name the plugin is installed under (the conflist's `type`).
@@ -80,23 +80,11 @@ pub fn plugin_main() -> ExitCode {
     }
 }
 
-/// The real lookup: the API server named by the configured kubeconfig. A kubeconfig that cannot
-/// be read is not an error yet: only a pod that needs the lookup fails with it.
+/// The real lookup: the API server named by the configured kubeconfig (read at the lookup: a
+/// kubeconfig that cannot be read fails only a pod that needs the lookup).
 fn api_lookup(conf: &NetConf) -> Box<dyn PodLookup> {
-    match Kubeconfig::load(&conf.kubeconfig) {
-        Ok(kubeconfig) => Box::new(ApiLookup {
-            kubeconfig,
-            timeout: conf.api_timeout,
-        }),
-        Err(e) => Box::new(NoLookup(e)),
-    }
-}
-
-/// A lookup that always fails with the kubeconfig's problem.
-struct NoLookup(LookupError);
-
-impl PodLookup for NoLookup {
-    fn pod(&self, _: &str, _: &str) -> Result<Option<lookup::PodInfo>, LookupError> {
-        Err(self.0.clone())
-    }
+    Box::new(ApiLookup {
+        kubeconfig: conf.kubeconfig.clone().into(),
+        timeout: conf.api_timeout,
+    })
 }

@@ -1,26 +1,21 @@
 //! The pod lookup: what the plugin needs to know about a pod (its annotations, `hostNetwork`),
-//! behind [`PodLookup`], and [`ApiLookup`], which asks the API server with one HTTPS GET of
-//! `/api/v1/namespaces/NS/pods/NAME`, authenticated by the token of the kubeconfig the installer
-//! writes, and bounded in time as a whole (connect, TLS, request, body).
+//! behind [`PodLookup`], and [`ApiLookup`], which asks the API server for the pod with the
+//! `kube` client (rustls on ring, as the control plane's), authenticated as the kubeconfig the
+//! installer writes says (the DaemonSet's ServiceAccount token), and bounded in time as a whole:
+//! reading the kubeconfig, connecting, TLS, the request and the body.
 //!
-//! This is a plain hyper + rustls (ring) client on purpose, for now: the `kube` client is being
-//! added to the workspace separately, and this lookup moves to it once that lands; the trait
-//! keeps the plugin independent of which.
+//! Each lookup runs on a runtime of its own that is shut down before the plugin enters the pod's
+//! network namespace. A lookup that does not finish in time is [`LookupError::Unreachable`]: the
+//! plugin then fails `ADD` with "try again later" (docs/cni.md).
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use base64::Engine as _;
-use http_body_util::{BodyExt as _, Empty, Limited};
-use hyper_util::rt::TokioIo;
-use rustls_pki_types::pem::PemObject as _;
-use rustls_pki_types::{CertificateDer, ServerName};
-use serde::Deserialize;
-
-/// The largest pod object read (bytes).
-const MAX_BODY: usize = 4 << 20;
+use k8s_openapi::api::core::v1::Pod;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client};
 
 /// What the plugin needs to know about a pod.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -29,6 +24,15 @@ pub struct PodInfo {
     pub annotations: BTreeMap<String, String>,
     /// `spec.hostNetwork`.
     pub host_network: bool,
+}
+
+impl From<Pod> for PodInfo {
+    fn from(pod: Pod) -> Self {
+        PodInfo {
+            annotations: pod.metadata.annotations.unwrap_or_default(),
+            host_network: pod.spec.and_then(|s| s.host_network).unwrap_or(false),
+        }
+    }
 }
 
 /// Why a lookup failed.
@@ -58,201 +62,72 @@ pub trait PodLookup {
     fn pod(&self, namespace: &str, name: &str) -> Result<Option<PodInfo>, LookupError>;
 }
 
-/// The pieces of a kubeconfig the lookup uses: the current context's server, CA and token.
-#[derive(Clone)]
-pub struct Kubeconfig {
-    /// `https://host:port`.
-    pub server: String,
-    /// The CA certificates (DER) that sign the API server's certificate.
-    pub ca: Vec<CertificateDer<'static>>,
-    /// The bearer token (never logged).
-    pub token: String,
-}
-
-impl fmt::Debug for Kubeconfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Kubeconfig")
-            .field("server", &self.server)
-            .field("ca", &self.ca.len())
-            .field("token", &"<redacted>")
-            .finish()
-    }
-}
-
-#[derive(Deserialize)]
-struct KcFile {
-    #[serde(rename = "current-context")]
-    current_context: Option<String>,
-    #[serde(default)]
-    contexts: Vec<Named<KcContext>>,
-    #[serde(default)]
-    clusters: Vec<Named<KcCluster>>,
-    #[serde(default)]
-    users: Vec<Named<KcUser>>,
-}
-
-#[derive(Deserialize)]
-struct Named<T> {
-    name: String,
-    #[serde(alias = "context", alias = "cluster", alias = "user")]
-    value: T,
-}
-
-#[derive(Deserialize)]
-struct KcContext {
-    cluster: String,
-    user: String,
-}
-
-#[derive(Deserialize)]
-struct KcCluster {
-    server: String,
-    #[serde(rename = "certificate-authority-data")]
-    ca_data: Option<String>,
-    #[serde(rename = "certificate-authority")]
-    ca_file: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct KcUser {
-    token: Option<String>,
-    #[serde(rename = "tokenFile")]
-    token_file: Option<String>,
-}
-
-impl Kubeconfig {
-    /// Parses kubeconfig YAML (the current context; `certificate-authority-data` or
-    /// `certificate-authority`, `token` or `tokenFile`).
-    pub fn parse(text: &str) -> Result<Kubeconfig, LookupError> {
-        let bad = |m: String| LookupError::Config(m);
-        let file: KcFile = serde_norway::from_str(text).map_err(|e| bad(e.to_string()))?;
-        let find = |what: &str, name: &str| bad(format!("no {what} named `{name}`"));
-        let ctx = match &file.current_context {
-            Some(name) => file
-                .contexts
-                .iter()
-                .find(|c| &c.name == name)
-                .ok_or_else(|| find("context", name))?,
-            None => file
-                .contexts
-                .first()
-                .ok_or_else(|| bad("no contexts".into()))?,
-        };
-        let cluster = file
-            .clusters
-            .iter()
-            .find(|c| c.name == ctx.value.cluster)
-            .ok_or_else(|| find("cluster", &ctx.value.cluster))?;
-        let user = file
-            .users
-            .iter()
-            .find(|u| u.name == ctx.value.user)
-            .ok_or_else(|| find("user", &ctx.value.user))?;
-        let pem = match (&cluster.value.ca_data, &cluster.value.ca_file) {
-            (Some(data), _) => base64::engine::general_purpose::STANDARD
-                .decode(data.trim())
-                .map_err(|e| bad(format!("certificate-authority-data is not base64: {e}")))?,
-            (None, Some(path)) => std::fs::read(path)
-                .map_err(|e| bad(format!("certificate-authority {path}: {e}")))?,
-            (None, None) => return Err(bad("the cluster has no certificate authority".into())),
-        };
-        let ca = CertificateDer::pem_slice_iter(&pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad(format!("certificate authority: {e}")))?;
-        if ca.is_empty() {
-            return Err(bad("the certificate authority holds no certificate".into()));
-        }
-        let token = match (&user.value.token, &user.value.token_file) {
-            (Some(t), _) => t.clone(),
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .map_err(|e| bad(format!("tokenFile {path}: {e}")))?
-                .trim()
-                .to_owned(),
-            (None, None) => return Err(bad("the user has no token".into())),
-        };
-        if !cluster.value.server.starts_with("https://") {
-            return Err(bad(format!(
-                "server `{}` is not https://",
-                cluster.value.server
-            )));
-        }
-        Ok(Kubeconfig {
-            server: cluster.value.server.trim_end_matches('/').to_owned(),
-            ca,
-            token,
-        })
-    }
-
-    /// Reads and parses the kubeconfig at `path`.
-    pub fn load(path: &str) -> Result<Kubeconfig, LookupError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| LookupError::Config(format!("{path}: {e}")))?;
-        Kubeconfig::parse(&text)
-    }
-}
-
-/// [`PodLookup`] by one HTTPS GET to the API server, the whole exchange bounded by `timeout`.
+/// [`PodLookup`] through the `kube` client, configured by the kubeconfig at `kubeconfig` (read
+/// at each lookup: a kubeconfig that cannot be read fails only the pods that need a lookup), the
+/// whole lookup bounded by `timeout`.
 #[derive(Debug, Clone)]
 pub struct ApiLookup {
-    /// Where and how to connect.
-    pub kubeconfig: Kubeconfig,
+    /// The kubeconfig file (its current context: server, CA, token or tokenFile).
+    pub kubeconfig: PathBuf,
     /// The bound on the whole lookup.
     pub timeout: Duration,
 }
 
-#[derive(Deserialize)]
-struct PodObject {
-    #[serde(default)]
-    metadata: PodMeta,
-    #[serde(default)]
-    spec: PodSpecPart,
-}
-
-#[derive(Deserialize, Default)]
-struct PodMeta {
-    #[serde(default)]
-    annotations: Option<BTreeMap<String, String>>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct PodSpecPart {
-    #[serde(default)]
-    host_network: Option<bool>,
-}
-
-/// Reads a pod object (JSON, as the API server returns it).
-pub fn parse_pod(body: &[u8]) -> Result<PodInfo, LookupError> {
-    let pod: PodObject = serde_json::from_slice(body)
-        .map_err(|e| LookupError::Api(format!("the pod object cannot be read: {e}")))?;
-    Ok(PodInfo {
-        annotations: pod.metadata.annotations.unwrap_or_default(),
-        host_network: pod.spec.host_network.unwrap_or(false),
-    })
-}
-
-/// Splits `https://host:port` into host and port (443 by default); IPv6 in brackets.
-fn host_port(server: &str) -> Result<(String, u16), LookupError> {
-    let rest = server.trim_start_matches("https://");
-    let authority = rest.split('/').next().unwrap_or(rest);
-    let bad = || LookupError::Config(format!("server `{server}` has no valid host:port"));
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (h, after) = v6.split_once(']').ok_or_else(bad)?;
-        (h.to_owned(), after.strip_prefix(':'))
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h.to_owned(), Some(p)),
-            None => (authority.to_owned(), None),
-        }
-    };
-    let port = match port {
-        Some(p) => p.parse().map_err(|_| bad())?,
-        None => 443,
-    };
-    if host.is_empty() {
-        return Err(bad());
+/// The client configuration of kubeconfig YAML `text`: its current context, over `https://`
+/// only (the token must not travel in the clear), every timeout the client has set to
+/// `timeout`.
+pub async fn client_config(text: &str, timeout: Duration) -> Result<kube::Config, LookupError> {
+    let bad = |e: &dyn fmt::Display| LookupError::Config(e.to_string());
+    let kubeconfig = Kubeconfig::from_yaml(text).map_err(|e| bad(&e))?;
+    let mut config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .map_err(|e| bad(&e))?;
+    if config.cluster_url.scheme_str() != Some("https") {
+        return Err(LookupError::Config(format!(
+            "server `{}` is not https://",
+            config.cluster_url
+        )));
     }
-    Ok((host, port))
+    config.connect_timeout = Some(timeout);
+    config.read_timeout = Some(timeout);
+    config.write_timeout = Some(timeout);
+    Ok(config)
+}
+
+/// What a failed GET means for the plugin: an answer from the API server, or none.
+fn classify(e: kube::Error, at: &str) -> LookupError {
+    match e {
+        kube::Error::Api(r) => LookupError::Api(format!(
+            "GET {at} answered {} {}{}",
+            r.code,
+            r.reason,
+            if r.code == 401 || r.code == 403 {
+                " (the plugin's ServiceAccount needs `get` on pods)"
+            } else {
+                ""
+            }
+        )),
+        kube::Error::SerdeError(e) => {
+            LookupError::Api(format!("the pod object cannot be read: {e}"))
+        }
+        other => LookupError::Unreachable(format!("GET {at}: {}", chain(&other))),
+    }
+}
+
+/// An error with its causes, `: `-separated (kube's own messages stop at the top).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 fn valid_segment(s: &str) -> bool {
@@ -264,71 +139,22 @@ fn valid_segment(s: &str) -> bool {
 
 impl ApiLookup {
     async fn get(&self, namespace: &str, name: &str) -> Result<Option<PodInfo>, LookupError> {
-        let (host, port) = host_port(&self.kubeconfig.server)?;
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in &self.kubeconfig.ca {
-            roots
-                .add(cert.clone())
-                .map_err(|e| LookupError::Config(format!("certificate authority: {e}")))?;
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| LookupError::Config(format!("TLS: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let server_name = ServerName::try_from(host.clone())
-            .map_err(|e| LookupError::Config(format!("server name `{host}`: {e}")))?;
-        let unreachable = |what: &str, e: &dyn fmt::Display| {
-            LookupError::Unreachable(format!("{}: {what}: {e}", self.kubeconfig.server))
-        };
-        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+        let text = tokio::fs::read_to_string(&self.kubeconfig)
             .await
-            .map_err(|e| unreachable("connect", &e))?;
-        let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
-            .connect(server_name, tcp)
+            .map_err(|e| LookupError::Config(format!("{}: {e}", self.kubeconfig.display())))?;
+        let config = client_config(&text, self.timeout).await?;
+        let server = config.cluster_url.to_string();
+        let client = Client::try_from(config)
+            .map_err(|e| LookupError::Config(format!("cannot make a client: {}", chain(&e))))?;
+        let at = format!(
+            "{}/api/v1/namespaces/{namespace}/pods/{name}",
+            server.trim_end_matches('/')
+        );
+        Api::<Pod>::namespaced(client, namespace)
+            .get_opt(name)
             .await
-            .map_err(|e| unreachable("TLS handshake", &e))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| unreachable("HTTP", &e))?;
-        let driver = tokio::spawn(conn);
-        let uri = format!("/api/v1/namespaces/{namespace}/pods/{name}");
-        let authority = self.kubeconfig.server.trim_start_matches("https://");
-        let request = http::Request::get(uri.as_str())
-            .header(http::header::HOST, authority)
-            .header(http::header::ACCEPT, "application/json")
-            .header(
-                http::header::AUTHORIZATION,
-                format!("Bearer {}", self.kubeconfig.token),
-            )
-            .header(http::header::USER_AGENT, "outrider-cni")
-            .body(Empty::<bytes::Bytes>::new())
-            .map_err(|e| LookupError::Config(format!("request: {e}")))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| unreachable("request", &e))?;
-        let status = response.status();
-        let body = Limited::new(response.into_body(), MAX_BODY)
-            .collect()
-            .await
-            .map_err(|e| unreachable("reading the answer", &e))?
-            .to_bytes();
-        driver.abort();
-        match status.as_u16() {
-            200 => parse_pod(&body).map(Some),
-            404 => Ok(None),
-            code => Err(LookupError::Api(format!(
-                "GET {uri} answered {code}{}",
-                if code == 401 || code == 403 {
-                    " (the plugin's ServiceAccount needs `get` on pods)"
-                } else {
-                    ""
-                }
-            ))),
-        }
+            .map(|pod| pod.map(PodInfo::from))
+            .map_err(|e| classify(e, &at))
     }
 }
 
@@ -349,13 +175,13 @@ impl PodLookup for ApiLookup {
                 .await
                 .unwrap_or_else(|_| {
                     Err(LookupError::Unreachable(format!(
-                        "{}: no answer within {} s",
-                        self.kubeconfig.server,
+                        "no answer within {} s",
                         timeout.as_secs()
                     )))
                 })
         });
-        // The runtime's threads (DNS resolution) end here, before the caller changes namespace.
+        // The runtime's tasks (the client's connection) end here, before the caller changes
+        // namespace.
         runtime.shutdown_background();
         result
     }
@@ -366,63 +192,80 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// A self-signed certificate is not needed to read a kubeconfig: any PEM-shaped CA will do
+    /// until a connection is made, which these tests never make.
     const CA: &str = "-----BEGIN CERTIFICATE-----\nMIIBUjCB+aADAgECAgEBMAoGCCqGSM49BAMCMA0xCzAJBgNVBAMMAmNhMB4XDTI2MDEwMTAwMDAwMFoXDTM2MDEwMTAwMDAwMFowDTELMAkGA1UEAwwCY2EwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAAQ=\n-----END CERTIFICATE-----\n";
 
     fn kubeconfig(server: &str, extra_user: &str) -> String {
+        use base64::Engine as _;
         let data = base64::engine::general_purpose::STANDARD.encode(CA);
         format!(
             "apiVersion: v1\nkind: Config\ncurrent-context: cni\ncontexts:\n- name: other\n  context: {{cluster: x, user: x}}\n- name: cni\n  context: {{cluster: local, user: outrider-cni}}\nclusters:\n- name: local\n  cluster:\n    server: {server}\n    certificate-authority-data: {data}\nusers:\n- name: outrider-cni\n  user:\n{extra_user}"
         )
     }
 
-    #[test]
-    fn kubeconfig_current_context_is_used_and_token_redacted() {
-        let kc = Kubeconfig::parse(&kubeconfig(
-            "https://198.18.0.1:6443/",
-            "    token: s3cr3t\n",
-        ))
+    #[tokio::test]
+    async fn the_current_context_is_used_and_bad_kubeconfigs_are_named() {
+        let second = Duration::from_secs(2);
+        let config = client_config(
+            &kubeconfig("https://198.18.0.1:6443/", "    token: s3cr3t\n"),
+            second,
+        )
+        .await
         .unwrap();
-        assert_eq!(kc.server, "https://198.18.0.1:6443");
-        assert_eq!(kc.token, "s3cr3t");
-        assert_eq!(kc.ca.len(), 1);
-        assert!(!format!("{kc:?}").contains("s3cr3t"));
+        assert_eq!(config.cluster_url.host(), Some("198.18.0.1"));
+        assert_eq!(config.cluster_url.port_u16(), Some(6443));
+        assert_eq!(config.read_timeout, Some(second));
+        assert_eq!(config.connect_timeout, Some(second));
         for (text, needle) in [
             (kubeconfig("http://x:1", "    token: t\n"), "not https://"),
-            (kubeconfig("https://x:1", "    {}\n"), "no token"),
-            (
-                "current-context: nope\ncontexts: []\n".to_owned(),
-                "no context named `nope`",
-            ),
+            ("current-context: nope\ncontexts: []\n".to_owned(), "nope"),
             ("[".to_owned(), "kubeconfig"),
         ] {
-            let e = Kubeconfig::parse(&text).unwrap_err().to_string();
+            let e = client_config(&text, second).await.unwrap_err().to_string();
             assert!(e.contains(needle), "{needle}: {e}");
         }
     }
 
     #[test]
-    fn server_addresses() {
-        assert_eq!(host_port("https://api:6443").unwrap(), ("api".into(), 6443));
-        assert_eq!(
-            host_port("https://10.0.0.1").unwrap(),
-            ("10.0.0.1".into(), 443)
-        );
-        assert_eq!(
-            host_port("https://[2001:db8::1]:6443/x").unwrap(),
-            ("2001:db8::1".into(), 6443)
-        );
-        assert!(host_port("https://api:http").is_err());
-        assert!(host_port("https://:1").is_err());
+    fn pod_objects_and_names() {
+        let pod: Pod = serde_json::from_str(
+            r#"{"metadata":{"annotations":{"a":"b"}},"spec":{"hostNetwork":true,"containers":[]}}"#,
+        )
+        .unwrap();
+        let p = PodInfo::from(pod);
+        assert!(p.host_network);
+        assert_eq!(p.annotations["a"], "b");
+        assert_eq!(PodInfo::from(Pod::default()), PodInfo::default());
+        assert!(!valid_segment("../x") && !valid_segment("") && valid_segment("web-0"));
+        let lookup = ApiLookup {
+            kubeconfig: "/nonexistent/kubeconfig".into(),
+            timeout: Duration::from_secs(1),
+        };
+        assert!(matches!(
+            lookup.pod("Bad/NS", "x"),
+            Err(LookupError::Api(_))
+        ));
+        assert!(matches!(
+            lookup.pod("ns", "web"),
+            Err(LookupError::Config(_))
+        ));
     }
 
     #[test]
-    fn pod_objects() {
-        let p = parse_pod(br#"{"metadata":{"annotations":{"a":"b"}},"spec":{"hostNetwork":true}}"#)
-            .unwrap();
-        assert!(p.host_network);
-        assert_eq!(p.annotations["a"], "b");
-        assert_eq!(parse_pod(b"{}").unwrap(), PodInfo::default());
-        assert!(parse_pod(br#"{"metadata":{"annotations":{"a":1}}}"#).is_err());
-        assert!(!valid_segment("../x") && !valid_segment("") && valid_segment("web-0"));
+    fn api_answers_and_silence_are_told_apart() {
+        let forbidden = kube::Error::Api(kube::core::ErrorResponse {
+            status: "Failure".into(),
+            message: "pods is forbidden".into(),
+            reason: "Forbidden".into(),
+            code: 403,
+        });
+        let e = classify(forbidden, "https://api/x").to_string();
+        assert!(e.contains("403") && e.contains("`get` on pods"), "{e}");
+        let down = kube::Error::Service("connection refused".into());
+        assert!(matches!(
+            classify(down, "https://api/x"),
+            LookupError::Unreachable(m) if m.contains("connection refused")
+        ));
     }
 }

@@ -709,6 +709,17 @@ pub struct ControlArgs {
         default_value = "outrider-injector"
     )]
     pub webhook_configuration: String,
+    /// How the injection webhook captures a pod's traffic unless the pod's
+    /// `outrider.io/capture` annotation says: `init` (the `outrider-init` container) or `cni`
+    /// (the node's outrider-cni plugin, as `outrider inject --cni`).
+    #[arg(
+        long,
+        env = "OUTRIDER_INJECT_CAPTURE",
+        value_name = "MODE",
+        value_enum,
+        default_value = "init"
+    )]
+    pub inject_capture: crate::kubernetes::webhook::Capture,
 }
 
 /// What `outrider control` does before it serves: `--check` (the exit code), or the mesh to serve.

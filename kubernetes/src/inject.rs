@@ -14,8 +14,11 @@
 //!   1.29+), before the app's own init containers, so they reach the network through it; or, with
 //!   `--legacy-sidecar`, `containers[0]` and the app's init containers run as the proxy's uid
 //!   (their traffic is then not captured: there is no proxy yet when they run);
-//! - the `outrider-identity` projected volume (the service account's Outrider token and the trust
-//!   anchors, see [`IDENTITY_DIR`]);
+//! - the `outrider-identity` projected volume (the proxy's bootstrap token and the trust anchors,
+//!   see [`IDENTITY_DIR`]): by default a projected ServiceAccount token for the audience
+//!   `outrider` ([`IdentityToken::Projected`]), or the service account's Outrider token from a
+//!   Secret ([`IdentityToken::Secret`], `--identity-token secret` or the annotation
+//!   `outrider.io/identity-token: secret`);
 //! - the app's probes and lifecycle hooks (`httpGet` over HTTP or HTTPS, `tcpSocket`, `grpc`; app
 //!   containers and native sidecars) rewritten to `:15020/app-probe/<container>/<kind>`, where
 //!   the proxy performs the original check (see `outrider_proxy::app_probe`), the originals kept
@@ -31,8 +34,8 @@ use std::str::FromStr;
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapProjection, Container, ContainerPort, EnvVar, EnvVarSource,
     HTTPGetAction, KeyToPath, ObjectFieldSelector, PodSpec, Probe, ProjectedVolumeSource,
-    ResourceRequirements, SeccompProfile, SecretProjection, SecurityContext, Volume, VolumeMount,
-    VolumeProjection,
+    ResourceRequirements, SeccompProfile, SecretProjection, SecurityContext,
+    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity as K8sQuantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -56,15 +59,38 @@ pub const VALIDATE_UID: u32 = 2102;
 pub const PROXY_NAME: &str = "outrider-proxy";
 /// Name of the identity volume.
 pub const IDENTITY_VOLUME: &str = "outrider-identity";
-/// Where the identity volume is mounted in the proxy (read-only): `token` (the service
-/// account's Outrider bootstrap token, from the Secret `outrider-token-<serviceaccount>`) and
-/// `trust-anchors.pem` (from the ConfigMap [`TRUST_ANCHORS_CONFIGMAP`]).
+/// Where the identity volume is mounted in the proxy (read-only): `token` (the bootstrap token:
+/// a projected ServiceAccount token, or the service account's Outrider token from the Secret
+/// `outrider-token-<serviceaccount>`, see [`IdentityToken`]) and `trust-anchors.pem` (from the
+/// ConfigMap [`TRUST_ANCHORS_CONFIGMAP`]).
 pub const IDENTITY_DIR: &str = "/var/run/secrets/outrider/identity";
 /// The ConfigMap with the mesh's trust anchors (key `trust-anchors.pem`), in every namespace
 /// with injected workloads.
 pub const TRUST_ANCHORS_CONFIGMAP: &str = "outrider-trust-anchors";
 /// The Secret holding a service account's token (key `token`) is this prefix + its name.
 pub const TOKEN_SECRET_PREFIX: &str = "outrider-token-";
+/// The audience of the projected ServiceAccount token (the control plane's TokenReview asks
+/// for it).
+pub const TOKEN_AUDIENCE: &str = "outrider";
+/// The projected token's lifetime, in seconds (the kubelet rotates it at 80%, reading it again
+/// at each certificate renewal picks the new one up): 12 hours, as Istio's.
+pub const TOKEN_EXPIRATION_SECONDS: i64 = 43_200;
+/// Annotation: the proxy's bootstrap token, `projected` or `secret` (beats `--identity-token`).
+pub const ANN_IDENTITY_TOKEN: &str = "outrider.io/identity-token";
+
+/// The proxy's bootstrap token.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum IdentityToken {
+    /// A projected ServiceAccount token (audience [`TOKEN_AUDIENCE`], expiring after
+    /// [`TOKEN_EXPIRATION_SECONDS`], rotated by the kubelet), checked by `outrider control
+    /// --kubernetes` with TokenReview: nothing to create per service account.
+    #[default]
+    Projected,
+    /// The Secret `outrider-token-<serviceaccount>` (an `outrider control token`), for control
+    /// planes without the Kubernetes API (and the demo).
+    Secret,
+}
+
 /// The control plane's address inside the cluster (deploy/control-plane.yaml).
 pub const DEFAULT_CONTROL: &str = "https://outrider-control.outrider-system.svc:15012";
 /// The default image (`docker build -t outrider:0.1.0 -f deploy/Dockerfile .`).
@@ -159,6 +185,8 @@ pub struct InjectOptions {
     pub force: bool,
     /// CNI mode: no `outrider-init`, a validation init container instead.
     pub cni: bool,
+    /// The proxy's bootstrap token.
+    pub identity_token: IdentityToken,
 }
 
 impl Default for InjectOptions {
@@ -169,6 +197,7 @@ impl Default for InjectOptions {
             legacy_sidecar: false,
             force: false,
             cni: false,
+            identity_token: IdentityToken::Projected,
         }
     }
 }
@@ -340,7 +369,7 @@ pub(crate) fn inject_object(
         serde_norway::to_value(c).map_err(|e| at.error(&pfx, format!("cannot write: {e}")))
     };
     let (init, proxy) = (to_value(&init)?, to_value(&proxy)?);
-    let volume = serde_norway::to_value(identity_volume(&w.pod))
+    let volume = serde_norway::to_value(identity_volume(&w.pod, &ann, opts, at)?)
         .map_err(|e| at.error(&pfx, format!("cannot write: {e}")))?;
 
     let mut annotations: Vec<(&str, String)> = vec![(
@@ -1019,30 +1048,58 @@ fn port_list(ann: &Annotations, key: &str, at: &Location) -> Result<Vec<Port>, I
 /// The most ports one range of a `skip-*-ports` annotation may cover.
 pub const MAX_RANGE: usize = 256;
 
-fn identity_volume(pod: &PodSpec) -> Volume {
-    let account = pod
-        .service_account_name
-        .clone()
-        .or_else(|| pod.service_account.clone()) // the deprecated alias
-        .filter(|a| !a.is_empty())
-        .unwrap_or_else(|| "default".into());
+/// The `outrider-identity` volume: the bootstrap token (see [`IdentityToken`]; the annotation
+/// beats the options) and the trust anchors.
+fn identity_volume(
+    pod: &PodSpec,
+    ann: &Annotations,
+    opts: &InjectOptions,
+    at: &Location,
+) -> Result<Volume, InputError> {
+    let kind = match ann.get(ANN_IDENTITY_TOKEN) {
+        None => opts.identity_token,
+        Some((_, v)) if v == "projected" => IdentityToken::Projected,
+        Some((_, v)) if v == "secret" => IdentityToken::Secret,
+        Some((path, v)) => {
+            return Err(at.error(path, format!("`{v}` is neither projected nor secret")))
+        }
+    };
     let key = |key: &str| KeyToPath {
         key: key.into(),
         path: key.into(),
         ..Default::default()
     };
-    Volume {
+    let token = match kind {
+        IdentityToken::Projected => VolumeProjection {
+            service_account_token: Some(ServiceAccountTokenProjection {
+                audience: Some(TOKEN_AUDIENCE.into()),
+                expiration_seconds: Some(TOKEN_EXPIRATION_SECONDS),
+                path: "token".into(),
+            }),
+            ..Default::default()
+        },
+        IdentityToken::Secret => {
+            let account = pod
+                .service_account_name
+                .clone()
+                .or_else(|| pod.service_account.clone()) // the deprecated alias
+                .filter(|a| !a.is_empty())
+                .unwrap_or_else(|| "default".into());
+            VolumeProjection {
+                secret: Some(SecretProjection {
+                    name: format!("{TOKEN_SECRET_PREFIX}{account}"),
+                    items: Some(vec![key("token")]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        }
+    };
+    Ok(Volume {
         name: IDENTITY_VOLUME.into(),
         projected: Some(ProjectedVolumeSource {
             sources: Some(vec![
-                VolumeProjection {
-                    secret: Some(SecretProjection {
-                        name: format!("{TOKEN_SECRET_PREFIX}{account}"),
-                        items: Some(vec![key("token")]),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                },
+                token,
                 VolumeProjection {
                     config_map: Some(ConfigMapProjection {
                         name: TRUST_ANCHORS_CONFIGMAP.into(),
@@ -1055,7 +1112,7 @@ fn identity_volume(pod: &PodSpec) -> Volume {
             ..Default::default()
         }),
         ..Default::default()
-    }
+    })
 }
 
 /// Where a container's checks sit: the key suffix (`<container>/<kind>`) and the field path

@@ -14,6 +14,7 @@ pub mod inject;
 pub mod manifest;
 pub mod quantity;
 pub mod resources;
+pub mod restricted;
 pub mod wait;
 
 use std::io::{Read as _, Write as _};
@@ -54,6 +55,19 @@ pub struct InjectArgs {
     /// meshed (or to be meshed) by Istio or Linkerd.
     #[arg(long, conflicts_with = "uninject")]
     pub force: bool,
+    /// The proxy's bootstrap token: `projected` (a projected ServiceAccount token for the
+    /// audience `outrider`, checked by the control plane with TokenReview; needs `outrider control
+    /// --kubernetes`) or `secret` (the Secret `outrider-token-<serviceaccount>`, minted with
+    /// `outrider control token`, for a control plane without the API). The annotation
+    /// `outrider.io/identity-token` beats it per workload.
+    #[arg(
+        long,
+        value_name = "KIND",
+        value_enum,
+        default_value = "projected",
+        conflicts_with = "uninject"
+    )]
+    pub identity_token: inject::IdentityToken,
 }
 
 /// Whether an image reference names its registry (`registry.example/outrider:1`,
@@ -112,6 +126,7 @@ pub fn inject_main(args: InjectArgs) -> ExitCode {
             legacy_sidecar: args.legacy_sidecar,
             force: args.force,
             cni: args.cni,
+            identity_token: args.identity_token,
         };
         inject::inject(&text, &opts)
     };
@@ -150,8 +165,6 @@ pub fn inject_main(args: InjectArgs) -> ExitCode {
 
 #[cfg(test)]
 mod corpus_tests;
-#[cfg(test)]
-mod restricted;
 #[cfg(test)]
 mod tests;
 

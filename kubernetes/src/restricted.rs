@@ -1,6 +1,6 @@
 //! Pod Security Standards, `restricted` profile (Kubernetes 1.30), checked field by field on a pod
 //! spec: the baseline controls plus the restricted ones, as the standard's page lists them. Used
-//! by the tests of `outrider inject --cni`; `check` returns every violation, each naming its field.
+//! by the tests of `outrider inject --cni` and of the webhook's CNI mode; `check` returns every violation, each naming its field.
 
 use k8s_openapi::api::core::v1::{Container, PodSpec, SecurityContext};
 

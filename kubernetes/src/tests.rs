@@ -932,3 +932,53 @@ fn the_injected_proxy_fails_closed_until_its_first_view_by_its_own_flag() {
         outrider_control::api::DefaultPolicy::Deny
     );
 }
+
+#[test]
+fn the_proxy_mounts_a_projected_token_unless_the_secret_is_asked_for() {
+    const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  namespace: shop\n  annotations: {}\nspec:\n  serviceAccountName: web-sa\n  containers:\n  - name: web\n    image: web:1\n";
+    let token_source = |yaml: &str, opts: &InjectOptions| -> serde_json::Value {
+        let out = inject::inject(yaml, opts).unwrap();
+        let docs = manifest::parse(&out.yaml).unwrap();
+        let pod = serde_json::to_value(&docs[0]).unwrap();
+        let volume = pod["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == inject::IDENTITY_VOLUME)
+            .unwrap()
+            .clone();
+        volume["projected"]["sources"][0].clone()
+    };
+    // The default: the kubelet's projected token for the audience outrider, at `token`.
+    let projected = token_source(POD, &InjectOptions::default());
+    assert_eq!(
+        projected,
+        serde_json::json!({"serviceAccountToken": {
+            "audience": "outrider", "expirationSeconds": 43200, "path": "token"}})
+    );
+    // --identity-token secret: the service account's Secret, as before.
+    let secret = InjectOptions {
+        identity_token: inject::IdentityToken::Secret,
+        ..InjectOptions::default()
+    };
+    assert_eq!(
+        token_source(POD, &secret),
+        serde_json::json!({"secret": {"name": "outrider-token-web-sa",
+                                      "items": [{"key": "token", "path": "token"}]}})
+    );
+    // The annotation beats the option, both ways.
+    let annotated = |v: &str| POD.replace("{}", &format!("{{outrider.io/identity-token: {v}}}"));
+    assert_eq!(
+        token_source(&annotated("secret"), &InjectOptions::default())["secret"]["name"],
+        "outrider-token-web-sa"
+    );
+    assert_eq!(token_source(&annotated("projected"), &secret), projected);
+    let e = inject::inject(&annotated("jwt"), &InjectOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("outrider.io/identity-token")
+            && e.contains("`jwt` is neither projected nor secret"),
+        "{e}"
+    );
+}

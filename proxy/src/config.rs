@@ -89,6 +89,12 @@ pub struct ProxyArgs {
     /// meshed endpoints; /ready waits for the first certificate. Read again at every renewal.
     #[arg(long, env = "OUTRIDER_IDENTITY_TOKEN_FILE", value_name = "FILE")]
     pub identity_token_file: Option<std::path::PathBuf>,
+    /// The mesh's trust domain, for a projected ServiceAccount token in --identity-token-file
+    /// (it names only the namespace and account; an Outrider token names its whole identity).
+    #[arg(long, env = "OUTRIDER_TRUST_DOMAIN", value_name = "TD",
+          default_value = crate::identity::token::DEFAULT_TRUST_DOMAIN,
+          value_parser = |s: &str| outrider_control::api::check_trust_domain(s).map(|()| s.to_string()))]
+    pub trust_domain: String,
     /// Who may call the inbound ports before the first view from the control plane arrives (a
     /// connection is first held up to 5 s for it): `deny` (fail closed), `mesh-only` (any mesh
     /// identity, no plaintext caller) or `allow-all`. App probes on the admin port are not
@@ -234,6 +240,8 @@ pub struct Config {
     pub workload: Option<String>,
     /// The identity bootstrap token's file.
     pub identity_token_file: Option<std::path::PathBuf>,
+    /// The trust domain of a projected token's identity.
+    pub trust_domain: String,
     /// Who may call the inbound ports before the first view.
     pub default_inbound_policy: DefaultPolicy,
     /// How long an inbound connection is held for the first view before that default applies.
@@ -318,6 +326,7 @@ impl Config {
             trust_anchors: args.trust_anchors,
             workload: args.workload,
             identity_token_file: args.identity_token_file,
+            trust_domain: args.trust_domain,
             default_inbound_policy: args.default_inbound_policy,
             first_view_wait: FIRST_VIEW_WAIT,
             tls_handshake_timeout: args.tls_handshake_timeout,
@@ -596,6 +605,7 @@ impl Config {
             "workload": self.workload,
             // The path only: the token itself is a secret and never shown.
             "identity_token_file": self.identity_token_file.as_ref().map(|p| p.display().to_string()),
+            "trust_domain": self.trust_domain,
             "default_inbound_policy": self.default_inbound_policy.as_str(),
             "tls_handshake_timeout": fmt_duration(self.tls_handshake_timeout),
             "detect_timeout": fmt_duration(self.detect_timeout),
@@ -633,6 +643,7 @@ impl Config {
             control_trust: None,
             workload: None,
             identity_token_file: None,
+            trust_domain: crate::identity::token::DEFAULT_TRUST_DOMAIN.into(),
             default_inbound_policy: DefaultPolicy::Deny,
             first_view_wait: FIRST_VIEW_WAIT,
             tls_handshake_timeout: Duration::from_secs(5),

@@ -70,7 +70,7 @@ pub fn mesh_input(data: &[u8]) {
     let _ = crate::identity::tls::offered_alpn(data);
     let _ = crate::identity::tls::identity_of(data);
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = crate::identity::certify::claimed_identity(text);
+        let _ = crate::identity::certify::claimed_identity(text, "outrider.local");
     }
 }
 

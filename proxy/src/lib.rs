@@ -84,7 +84,7 @@ pub fn identity_source(config: &Config) -> anyhow::Result<Option<app::IdentitySo
         .map_err(|e| anyhow::anyhow!("--control: {e}"))?;
     Ok(Some(app::IdentitySource {
         ca: Arc::new(certifier),
-        token: identity::certify::TokenSource::File(token.clone()),
+        token: identity::certify::TokenSource::file(token, &config.trust_domain),
     }))
 }
 

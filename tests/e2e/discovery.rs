@@ -218,17 +218,23 @@ fn jwt(tag: &str) -> String {
     )
 }
 
-#[test]
-fn projected_service_account_tokens_get_certificates_only_for_their_own_account() {
-    use outrider_control::api::Identity;
-    use outrider_control::client::{Certifier, CertifyError};
+/// The stand-in API server with the pod `test/web-1`, running under the service account `web`.
+fn api_with_web_pod() -> KubeApi {
     let api = KubeApi::start();
-    let dir = TempDir::new();
     api.apply(
         "pods",
         json!({"metadata": {"namespace": "test", "name": "web-1"},
                "spec": {"serviceAccountName": "web", "containers": [{"name": "app"}]}}),
     );
+    api
+}
+
+#[test]
+fn projected_service_account_tokens_get_certificates_only_for_their_own_account() {
+    use outrider_control::api::Identity;
+    use outrider_control::client::{Certifier, CertifyError};
+    let api = api_with_web_pod();
+    let dir = TempDir::new();
     let reviewed = |sa: &str, pod: Option<&str>, audience: &str| Reviewed {
         namespace: "test".into(),
         service_account: sa.into(),
@@ -401,4 +407,113 @@ fn a_rolling_update_under_load_fails_no_request_and_drains_the_old_pods() {
         "rollout: {} requests, none failed; {drained} slow requests finished on draining pods",
         sent.len()
     );
+}
+
+/// A projected ServiceAccount token as the kubelet writes it for pod `ns/pod` of account `sa`: a
+/// JWT whose payload carries the API server's claims (`kubernetes.io`: namespace, pod, service
+/// account), unique per call. The proxy reads the claims; only the stand-in's TokenReview
+/// decides whether it is good.
+fn projected_token(ns: &str, sa: &str, pod: &str) -> String {
+    use base64::Engine as _;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let id = crate::support::unique();
+    let claims = json!({
+        "aud": ["outrider"], "iss": "https://kubernetes.default.svc.cluster.local",
+        "exp": 4_102_444_800u64, "iat": 1_764_633_600u64, "nbf": 1_764_633_600u64, "jti": id,
+        "kubernetes.io": {"namespace": ns, "pod": {"name": pod, "uid": format!("pod-{id}")},
+                          "serviceaccount": {"name": sa, "uid": "sa-uid"}},
+        "sub": format!("system:serviceaccount:{ns}:{sa}")
+    });
+    format!(
+        "{}.{}.{}",
+        b64(br#"{"alg":"RS256","kid":"stand-in"}"#),
+        b64(claims.to_string().as_bytes()),
+        b64(format!("signature {id}").as_bytes())
+    )
+}
+
+/// A real proxy whose `--identity-token-file` holds a projected ServiceAccount token gets its
+/// certificate from `outrider control --kubernetes` (TLS, TokenReview by the stand-in API
+/// server), for the identity of the token's namespace and account; when the kubelet rotates the
+/// file (the old token then rejected), the renewals use the new one; no token reaches a log.
+#[test]
+fn a_proxy_certifies_with_its_projected_token_and_renews_with_the_rotated_one() {
+    use crate::control::{ca_flags, ca_init, get, metric, start_app, start_proxy, wait_until};
+    let api = api_with_web_pod();
+    let dir = TempDir::new();
+    let reviewed = Reviewed {
+        namespace: "test".into(),
+        service_account: "web".into(),
+        pod: Some("web-1".into()),
+        audiences: vec!["outrider".into()],
+    };
+    let (first, rotated) = (
+        projected_token("test", "web", "web-1"),
+        projected_token("test", "web", "web-1"),
+    );
+    api.review(&first, reviewed.clone());
+    let ca = dir.path().join("ca");
+    ca_init(&ca);
+    std::fs::write(dir.path().join("mesh.yaml"), "{}\n").unwrap();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let mut flags = ca_flags(&ca);
+    flags.extend(
+        [
+            "--kubernetes",
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--cert-lifetime",
+            "4s",
+        ]
+        .map(String::from),
+    );
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (cp, control) = start_control_with(Some(&dir), None, &flags);
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{first}\n")).unwrap();
+    let (app, _app) = start_app("app");
+    let (proxy, addrs) = start_proxy(&[
+        "--forward",
+        &format!("127.0.0.1:0=127.0.0.1:{app}"),
+        "--control",
+        &format!("https://{cp}"),
+        "--trust-anchors",
+        &ca.join("root.pem").display().to_string(),
+        "--workload",
+        "test/web",
+        "--identity-token-file",
+        &token_file.display().to_string(),
+    ]);
+    let admin = addrs.admin;
+    let within = Duration::from_secs(30);
+    wait_until("ready with a certificate", within, || {
+        get(admin, "/ready").status == 200
+    });
+    let identity = get(admin, "/identity").body;
+    assert!(
+        identity.contains("\"identity\": \"spiffe://outrider.local/ns/test/sa/web\""),
+        "{identity}"
+    );
+    let certified = |result: &str| {
+        metric(
+            admin,
+            "outrider_identity_certify_total",
+            &[("result", result)],
+        )
+    };
+    // The kubelet rotates the token; the old one is no longer accepted.
+    api.review(&rotated, reviewed);
+    std::fs::write(&token_file, &rotated).unwrap();
+    api.forget_review(&first);
+    let (ok, failed) = (certified("ok"), certified("error"));
+    wait_until("two renewals with the rotated token", within, || {
+        certified("ok") >= ok + 2.0
+    });
+    assert_eq!(certified("error"), failed, "a renewal used the old token");
+    assert_eq!(get(admin, "/ready").status, 200);
+    for (who, log) in [("proxy", proxy.stderr()), ("control", control.stderr())] {
+        for token in [&first, &rotated] {
+            assert!(!log.contains(token.as_str()), "a token in the {who}'s log");
+        }
+    }
 }

@@ -298,6 +298,13 @@ impl KubeApi {
         });
     }
 
+    /// Makes the TokenReview API reject `token` again (as it does an expired one).
+    pub fn forget_review(&self, token: &str) {
+        self.with(|s| {
+            s.reviews.remove(token);
+        });
+    }
+
     /// Every request so far.
     pub fn requests(&self) -> Vec<Recorded> {
         self.state.lock().unwrap().requests.clone()

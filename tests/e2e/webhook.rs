@@ -115,11 +115,17 @@ fn controller_pod(workload: &Value, namespace: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": template["spec"]})
 }
 
-/// `outrider inject` on one workload: its output as JSON, or its error.
-fn cli_inject(dir: &Path, workload: &Value) -> Result<Value, String> {
+/// `outrider inject FLAGS` on one workload: its output as JSON, or its error.
+fn cli_inject(dir: &Path, workload: &Value, flags: &[&str]) -> Result<Value, String> {
     let file = dir.join("workload.json");
     std::fs::write(&file, workload.to_string()).unwrap();
-    let out = support::run(Command::new(OUTRIDER).args(["inject", "-f"]).arg(&file));
+    let out = support::run(
+        Command::new(OUTRIDER)
+            .arg("inject")
+            .args(flags)
+            .arg("-f")
+            .arg(&file),
+    );
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).to_string());
     }
@@ -162,28 +168,39 @@ fn corpus_workloads() -> Vec<(PathBuf, Value)> {
     out
 }
 
-#[test]
-fn the_webhook_patches_corpus_pods_into_what_outrider_inject_makes() {
+/// The stand-in API server with namespaces `shop` (labelled for injection) and `plain`, and a
+/// control plane with `--kubernetes` against it and `flags`.
+fn webhook_control(dir: &TempDir, flags: &[&str]) -> (KubeApi, SocketAddr, support::ChildGuard) {
     let api = KubeApi::start();
     api.apply(
         "namespaces",
         json!({"metadata": {"name": "shop", "labels": {"outrider.io/inject": "enabled"}}}),
     );
     api.apply("namespaces", json!({"metadata": {"name": "plain"}}));
-    let dir = TempDir::new();
     std::fs::write(dir.path().join("mesh.yaml"), "{}\n").unwrap();
     let kubeconfig = api.kubeconfig(dir.path());
-    let (cp, control) = start_control_with(
-        Some(&dir),
-        None,
-        &[
-            "--plaintext",
-            "--kubernetes",
-            "--kubeconfig",
-            kubeconfig.to_str().unwrap(),
-        ],
-    );
+    let mut args = vec![
+        "--plaintext",
+        "--kubernetes",
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+    ];
+    args.extend_from_slice(flags);
+    let (cp, control) = start_control_with(Some(dir), None, &args);
+    (api, cp, control)
+}
+
+/// Every corpus workload's pod through the webhook at `cp` and the same workload through
+/// `outrider inject` with `cli_flags`: the patched pod equals the CLI's, and a workload the CLI
+/// refuses is denied for the same field. The injected pods, each with its original.
+fn webhook_equals_cli(
+    cp: SocketAddr,
+    dir: &TempDir,
+    control: &support::ChildGuard,
+    cli_flags: &[&str],
+) -> Vec<(String, Value, Value)> {
     let (mut compared, mut denied, mut untouched) = (0, 0, 0);
+    let mut injected_pods = Vec::new();
     for (i, (file, workload)) in corpus_workloads().into_iter().enumerate() {
         let what = format!(
             "{} {} {}",
@@ -196,7 +213,7 @@ fn the_webhook_patches_corpus_pods_into_what_outrider_inject_makes() {
         // The CLI sees the workload in the namespace the webhook's pod is created in.
         let mut in_shop = workload.clone();
         in_shop["metadata"]["namespace"] = json!("shop");
-        match cli_inject(dir.path(), &in_shop) {
+        match cli_inject(dir.path(), &in_shop, cli_flags) {
             Err(e) => {
                 // The CLI refuses it: the webhook denies it, with the same reason.
                 assert!(
@@ -226,19 +243,29 @@ fn the_webhook_patches_corpus_pods_into_what_outrider_inject_makes() {
                 let expected = controller_pod(&injected, "shop");
                 assert!(
                     patched == expected,
-                    "{what}: the patched pod is not what `outrider inject` makes:\n{patched}\n{expected}\n{}",
+                    "{what}: the patched pod is not what `outrider inject {}` makes:\n{patched}\n{expected}\n{}",
+                    cli_flags.join(" "),
                     control.stderr()
                 );
                 if patched == pod {
                     untouched += 1;
                 } else {
                     compared += 1;
+                    injected_pods.push((what, pod, patched));
                 }
             }
         }
     }
-    eprintln!("webhook vs outrider inject: {compared} pods injected alike, {untouched} left alone alike, {denied} refused alike");
+    eprintln!("webhook vs outrider inject {}: {compared} pods injected alike, {untouched} left alone alike, {denied} refused alike", cli_flags.join(" "));
     assert!(compared >= 20, "only {compared} pods compared");
+    injected_pods
+}
+
+#[test]
+fn the_webhook_patches_corpus_pods_into_what_outrider_inject_makes() {
+    let dir = TempDir::new();
+    let (_api, cp, control) = webhook_control(&dir, &[]);
+    webhook_equals_cli(cp, &dir, &control, &[]);
 
     // Namespace label and pod annotation decide.
     let pod = |annotations: Value| {
@@ -275,8 +302,109 @@ fn the_webhook_patches_corpus_pods_into_what_outrider_inject_makes() {
         !allowed && message.contains("outrider.io/proxy-memory-limit"),
         "{message}"
     );
+    // Without --inject-capture the pod's annotation picks CNI mode.
+    let (allowed, patched, _) = admit(
+        cp,
+        "p5",
+        "shop",
+        &restricted_pod(json!({"outrider.io/capture": "cni"})),
+    );
+    assert!(allowed);
+    assert_eq!(
+        patched["spec"]["initContainers"][0]["name"],
+        "outrider-cni-validate"
+    );
+    let (_, patched, _) = admit(cp, "p6", "shop", &restricted_pod(json!({})));
+    assert_eq!(
+        patched["spec"]["initContainers"][0]["name"],
+        "outrider-init"
+    );
     // Not an AdmissionReview: 400.
     assert_eq!(post(cp, "/v1/inject", b"{\"kind\": 3}").0, 400);
+}
+
+/// A pod that meets Pod Security `restricted` on its own.
+fn restricted_pod(annotations: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"generateName": "locked-", "annotations": annotations},
+           "spec": {
+               "securityContext": {"runAsNonRoot": true,
+                                   "seccompProfile": {"type": "RuntimeDefault"}},
+               "containers": [{"name": "app", "image": "app:1",
+                               "ports": [{"containerPort": 8080}],
+                               "securityContext": {"allowPrivilegeEscalation": false,
+                                                   "capabilities": {"drop": ["ALL"]}}}]}})
+}
+
+/// The Pod Security `restricted` violations of a pod (JSON).
+fn restricted(pod: &Value) -> Vec<String> {
+    // Quantities written as YAML numbers (`cpu: 0.5`), which the API server takes, as strings
+    // for k8s-openapi's type.
+    fn quantities_as_strings(v: &mut Value, in_resources: bool) {
+        match v {
+            Value::Number(n) if in_resources => *v = Value::String(n.to_string()),
+            Value::Object(map) => {
+                for (k, child) in map.iter_mut() {
+                    let r = in_resources || k == "requests" || k == "limits";
+                    quantities_as_strings(child, r);
+                }
+            }
+            Value::Array(items) => items
+                .iter_mut()
+                .for_each(|i| quantities_as_strings(i, false)),
+            _ => {}
+        }
+    }
+    let mut spec = pod["spec"].clone();
+    quantities_as_strings(&mut spec, false);
+    let spec: k8s_openapi::api::core::v1::PodSpec = serde_json::from_value(spec).unwrap();
+    outrider_kubernetes::restricted::check(&spec)
+}
+
+#[test]
+fn the_webhook_in_cni_mode_makes_what_outrider_inject_cni_makes_and_its_pods_pass_restricted() {
+    let dir = TempDir::new();
+    let (_api, cp, control) = webhook_control(&dir, &["--inject-capture", "cni"]);
+    let pods = webhook_equals_cli(cp, &dir, &control, &["--cni"]);
+    for (what, original, patched) in &pods {
+        // The mesh adds no violation of its own: none names its containers, and the app's
+        // stay as they were.
+        let (before, after) = (restricted(original), restricted(patched));
+        assert!(
+            after.iter().all(|v| !v.contains("(outrider-")),
+            "{what}: {after:#?}"
+        );
+        assert_eq!(before.len(), after.len(), "{what}: {before:#?}\n{after:#?}");
+        let inits = patched["spec"]["initContainers"].as_array().unwrap();
+        assert!(
+            inits.iter().all(|c| c["name"] != "outrider-init"),
+            "{what}: outrider-init in CNI mode"
+        );
+    }
+    // A pod that passes `restricted` still passes once injected, with the validator first.
+    let locked = restricted_pod(json!({}));
+    assert_eq!(restricted(&locked), Vec::<String>::new());
+    let (allowed, patched, message) = admit(cp, "r1", "shop", &locked);
+    assert!(allowed, "{message}");
+    assert_eq!(restricted(&patched), Vec::<String>::new(), "{patched}");
+    assert_eq!(
+        patched["spec"]["initContainers"][0]["name"],
+        "outrider-cni-validate"
+    );
+    // The pod's annotation beats the flag: `init` brings outrider-init (and fails restricted).
+    let (allowed, patched, message) = admit(
+        cp,
+        "r2",
+        "shop",
+        &restricted_pod(json!({"outrider.io/capture": "init"})),
+    );
+    assert!(allowed, "{message}");
+    assert_eq!(
+        patched["spec"]["initContainers"][0]["name"],
+        "outrider-init"
+    );
+    let problems = restricted(&patched).join("\n");
+    assert!(problems.contains("NET_ADMIN is not allowed"), "{problems}");
 }
 
 fn deploy_dir() -> PathBuf {

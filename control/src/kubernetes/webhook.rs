@@ -17,6 +17,11 @@
 //!
 //! A pod the inject code refuses (a bad annotation, say) is denied with its message; a request
 //! that is not an `AdmissionReview` gets `400`.
+//!
+//! How an injected pod's traffic is captured is the control plane's `--inject-capture`
+//! ([`Capture`]): `init` (the default, the `outrider-init` container with `NET_ADMIN`) or `cni`
+//! (the node's `outrider-cni` plugin, as `outrider inject --cni`: no capabilities in the pod). A
+//! pod's `outrider.io/capture` annotation (`cni` or `init`) beats it, as it beats `--cni`.
 
 use std::sync::Arc;
 
@@ -42,6 +47,17 @@ pub const MAX_REVIEW_BYTES: usize = 3 * 1024 * 1024;
 
 /// How long reading a namespace's labels may take.
 const NAMESPACE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
+
+/// How the webhook's pods capture their traffic when their `outrider.io/capture` annotation
+/// does not say (`outrider control --inject-capture`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Capture {
+    /// `outrider-init` (root, `NET_ADMIN`, `NET_RAW`) programs the pod's iptables.
+    #[default]
+    Init,
+    /// The node's `outrider-cni` plugin does (`outrider inject --cni`; docs/cni.md).
+    Cni,
+}
 
 /// The inject code: a pod in, the injected pod out.
 pub trait Injector: Send + Sync + 'static {

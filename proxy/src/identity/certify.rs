@@ -8,12 +8,10 @@
 //! until it expires.
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use base64::Engine as _;
 use outrider_control::api::Identity;
 use outrider_control::client::Backoff;
 use prometheus::{IntCounter, IntGauge};
@@ -41,49 +39,7 @@ pub trait Certify: Send + Sync + 'static {
     ) -> Pin<Box<dyn Future<Output = Result<Certified, BoxError>> + Send + 'a>>;
 }
 
-/// Where the bootstrap token comes from.
-#[derive(Debug, Clone)]
-pub enum TokenSource {
-    /// A file, read again before every request (a projected token may be rotated in place).
-    File(PathBuf),
-    /// A fixed token (the demo).
-    Fixed(Arc<str>),
-}
-
-impl TokenSource {
-    async fn read(&self) -> Result<String, BoxError> {
-        match self {
-            TokenSource::Fixed(t) => Ok(t.to_string()),
-            TokenSource::File(path) => {
-                let text = tokio::fs::read_to_string(path).await.map_err(|e| {
-                    format!("cannot read the identity token {}: {e}", path.display())
-                })?;
-                Ok(text.trim().to_string())
-            }
-        }
-    }
-}
-
-/// The identity a token claims (its `sub`), read without checking the signature: the control
-/// plane checks it; the proxy only needs to know what to ask for.
-pub fn claimed_identity(token: &str) -> Result<Identity, BoxError> {
-    let mut parts = token.split('.');
-    let (Some("v1"), Some(payload), Some(_sig), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err("the identity token is malformed (expected v1.PAYLOAD.SIGNATURE)".into());
-    };
-    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .map_err(|_| "the identity token's payload is not base64url")?;
-    #[derive(serde::Deserialize)]
-    struct Claims {
-        sub: String,
-    }
-    let claims: Claims = serde_json::from_slice(&json)
-        .map_err(|_| "the identity token's payload has no \"sub\" identity")?;
-    Ok(claims.sub.parse()?)
-}
+pub use super::token::{claimed_identity, TokenSource};
 
 /// A new key and a CSR for `identity`: the PEM CSR and the key's PKCS#8 DER.
 pub fn new_csr(identity: &Identity) -> Result<(String, Vec<u8>), BoxError> {
@@ -185,8 +141,7 @@ pub fn wait_after_success(
 impl Renewal {
     /// One certification: token, key, CSR, answer, installed.
     pub async fn once(&self) -> Result<Arc<Leaf>, BoxError> {
-        let token = self.token.read().await?;
-        let identity = claimed_identity(&token)?;
+        let (token, identity) = self.token.read().await?;
         let (csr, key) = new_csr(&identity)?;
         let certified = self.ca.certify(&token, &csr).await?;
         let leaf = Leaf::from_pem(&certified.chain_pem, key)?;
@@ -321,9 +276,10 @@ mod tests {
 
     #[test]
     fn a_token_claims_one_identity() {
-        assert_eq!(claimed_identity(&token_for(WEB)).unwrap().as_str(), WEB);
+        let td = "outrider.local";
+        assert_eq!(claimed_identity(&token_for(WEB), td).unwrap().as_str(), WEB);
         for bad in ["", "v1", "v1.x.y", "v2.e30.x", "v1.e30.x", "v1.e30.x.y"] {
-            assert!(claimed_identity(bad).is_err(), "{bad:?}");
+            assert!(claimed_identity(bad, td).is_err(), "{bad:?}");
         }
     }
 

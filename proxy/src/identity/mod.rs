@@ -3,6 +3,8 @@
 //! - [`store`]: the current certificate and key, the trust anchors, and the rustls
 //!   configurations built from them.
 //! - [`certify`]: key, CSR, certificate from the control plane, renewal.
+//! - [`token`]: the bootstrap token (an Outrider token or a projected ServiceAccount token) and
+//!   the identity it claims.
 //! - [`tls`]: the verifiers (a peer's exact SPIFFE identity) and the ALPN markers of mesh
 //!   connections.
 
@@ -12,6 +14,7 @@ pub mod store;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 pub mod tls;
+pub mod token;
 
 use std::time::SystemTime;
 
