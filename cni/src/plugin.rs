@@ -23,10 +23,8 @@ use std::fs::File;
 use clap::Parser as _;
 use outrider_iptables_init::config::{Action, Config};
 use outrider_iptables_init::InitArgs;
-use outrider_kubernetes::inject::{
-    ANN_INJECT, ANN_INJECTED, ANN_SKIP_INBOUND_PORTS, ANN_SKIP_OUTBOUND_CIDRS,
-    ANN_SKIP_OUTBOUND_PORTS,
-};
+use outrider_kubernetes::capture::Capture;
+use outrider_kubernetes::inject::{ANN_INJECT, ANN_INJECTED};
 
 use crate::lookup::{LookupError, PodInfo, PodLookup};
 use crate::spec::{CniError, Code, Command, Env, NetConf};
@@ -40,33 +38,23 @@ pub enum Verdict {
     PassThrough(String),
 }
 
-/// `outrider init`'s arguments for a pod's annotations: the proxy uid and the three skip lists,
-/// exactly as the injector writes them into `outrider-init`.
-pub fn init_argv(annotations: &BTreeMap<String, String>) -> Vec<String> {
-    let mut argv = vec![
-        "init".to_owned(),
-        "--proxy-uid".into(),
-        outrider_iptables_init::ports::PROXY_UID.to_string(),
-    ];
-    for (key, flag) in [
-        (ANN_SKIP_INBOUND_PORTS, "--exclude-inbound-ports"),
-        (ANN_SKIP_OUTBOUND_PORTS, "--exclude-outbound-ports"),
-        (ANN_SKIP_OUTBOUND_CIDRS, "--exclude-outbound-cidrs"),
-    ] {
-        let list: Vec<&str> = annotations
-            .get(key)
-            .map(|v| {
-                v.split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .collect()
-            })
-            .unwrap_or_default();
-        if !list.is_empty() {
-            argv.extend([flag.to_owned(), list.join(",")]);
-        }
-    }
-    argv
+/// `outrider init`'s arguments for a pod's annotations: the proxy uid and a flag per capture
+/// annotation, exactly as the injector writes them into `outrider-init` (one reading,
+/// [`outrider_kubernetes::capture`], for both); a bad or contradictory annotation is named.
+pub fn init_argv(annotations: &BTreeMap<String, String>) -> Result<Vec<String>, CniError> {
+    let capture =
+        Capture::from_annotations(|k| annotations.get(k).map(String::as_str)).map_err(|e| {
+            CniError::new(
+                Code::BadAnnotations,
+                format!(
+                    "the pod's annotations are not valid capture settings: {}: {}",
+                    e.annotation, e.message
+                ),
+            )
+        })?;
+    let mut argv = vec!["init".to_owned()];
+    argv.extend_from_slice(capture.args());
+    Ok(argv)
 }
 
 /// Parses `init_argv`'s output with `outrider init`'s own parser and checks it as `outrider
@@ -149,7 +137,7 @@ pub fn verdict(conf: &NetConf, env: &Env, lookup: &dyn PodLookup) -> Result<Verd
             "not meshed (no {ANN_INJECTED})"
         )));
     }
-    Ok(Verdict::Meshed(init_argv(&pod.annotations)))
+    Ok(Verdict::Meshed(init_argv(&pod.annotations)?))
 }
 
 /// Moves this thread (the process's only one: the lookup's runtime is gone) into the network
@@ -237,7 +225,7 @@ pub fn run(
             }
             in_pod(
                 env,
-                &init_argv(&BTreeMap::new()),
+                &["init".to_owned()],
                 Action::Cleanup,
                 outrider_iptables_init::execute,
                 format!("removing the capture rules of {who} failed"),
@@ -269,6 +257,10 @@ pub fn run(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use outrider_kubernetes::inject::{
+        ANN_INCLUDE_INBOUND_PORTS, ANN_INCLUDE_OUTBOUND_CIDRS, ANN_INCLUDE_OUTBOUND_PORTS,
+        ANN_SKIP_INBOUND_PORTS, ANN_SKIP_OUTBOUND_CIDRS, ANN_SKIP_OUTBOUND_PORTS,
+    };
 
     struct Fixed(Result<Option<PodInfo>, LookupError>);
 
@@ -306,8 +298,10 @@ mod tests {
         let a = ann(&[
             (ANN_SKIP_INBOUND_PORTS, "9090, 22"),
             (ANN_SKIP_OUTBOUND_CIDRS, "198.18.9.0/24"),
+            (ANN_INCLUDE_INBOUND_PORTS, "8080-8082"),
+            (ANN_INCLUDE_OUTBOUND_PORTS, "443,80"),
         ]);
-        let argv = init_argv(&a);
+        let argv = init_argv(&a).unwrap();
         assert_eq!(
             argv,
             [
@@ -315,21 +309,64 @@ mod tests {
                 "--proxy-uid",
                 "1337",
                 "--exclude-inbound-ports",
-                "9090,22",
+                "22,9090",
                 "--exclude-outbound-cidrs",
-                "198.18.9.0/24"
+                "198.18.9.0/24",
+                "--include-inbound-ports",
+                "8080,8081,8082",
+                "--include-outbound-ports",
+                "80,443",
             ]
         );
         let c = init_config(&argv, Action::Apply).unwrap();
         assert_eq!(c.exclude_inbound_ports.len(), 2);
+        assert_eq!(c.include_inbound_ports.len(), 3);
         assert_eq!(c.action, Action::Apply);
-        let e = init_config(
-            &init_argv(&ann(&[(ANN_SKIP_OUTBOUND_PORTS, "5432,99999")])),
-            Action::Apply,
-        )
-        .unwrap_err();
-        assert_eq!(e.code, Code::BadAnnotations);
-        assert!(e.msg.contains("99999"), "{e}");
+        for (pairs, needle) in [
+            (&[(ANN_SKIP_OUTBOUND_PORTS, "5432,99999")][..], "99999"),
+            (
+                &[
+                    (ANN_SKIP_INBOUND_PORTS, "9000-9010"),
+                    (ANN_INCLUDE_INBOUND_PORTS, "9005"),
+                ],
+                "outrider.io/include-inbound-ports: 9005 is also in outrider.io/skip-inbound-ports",
+            ),
+        ] {
+            let e = init_argv(&ann(pairs)).unwrap_err();
+            assert_eq!(e.code, Code::BadAnnotations);
+            assert!(e.msg.contains(needle), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_plugin_programs_what_the_injector_would() {
+        let pairs = [
+            (ANN_SKIP_INBOUND_PORTS, "9000-9002,22"),
+            (ANN_SKIP_OUTBOUND_PORTS, "5432"),
+            (ANN_SKIP_OUTBOUND_CIDRS, "192.168.0.0/16"),
+            (ANN_INCLUDE_OUTBOUND_CIDRS, "10.0.0.0/8"),
+            (ANN_INCLUDE_INBOUND_PORTS, "8080,8443"),
+            (ANN_INCLUDE_OUTBOUND_PORTS, "80,443,6000-6001"),
+        ];
+        let annotations: String = pairs
+            .iter()
+            .map(|(k, v)| format!("        {k}: \"{v}\"\n"))
+            .collect();
+        let yaml = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  annotations:\n{}spec:\n  containers: [{{name: a, image: x}}]\n",
+            annotations.replace("        ", "    ")
+        );
+        let out = outrider_kubernetes::inject::inject(&yaml, &Default::default()).unwrap();
+        let docs = serde_norway::from_str::<serde_norway::Value>(&out.yaml).unwrap();
+        let init = &docs["spec"]["initContainers"][0];
+        assert_eq!(init["name"].as_str(), Some("outrider-init"));
+        let args: Vec<String> = init["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(init_argv(&ann(&pairs)).unwrap(), args);
     }
 
     #[test]

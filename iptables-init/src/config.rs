@@ -78,6 +78,26 @@ pub struct InitArgs {
     )]
     pub include_outbound_cidrs: Vec<Cidr>,
 
+    /// Capture inbound traffic only to these ports (comma-separated); default: every port but
+    /// the excluded ones.
+    #[arg(
+        long,
+        env = "OUTRIDER_INCLUDE_INBOUND_PORTS",
+        value_name = "PORT,...",
+        value_delimiter = ','
+    )]
+    pub include_inbound_ports: Vec<Port>,
+
+    /// Capture outbound traffic only to these destination ports (comma-separated; with
+    /// --include-outbound-cidrs, only to these ports in those ranges); default: every port.
+    #[arg(
+        long,
+        env = "OUTRIDER_INCLUDE_OUTBOUND_PORTS",
+        value_name = "PORT,...",
+        value_delimiter = ','
+    )]
+    pub include_outbound_ports: Vec<Port>,
+
     /// Program IPv6 too: auto = when the namespace has a global IPv6 address.
     #[arg(long, env = "OUTRIDER_IPV6", value_enum, default_value_t = Ipv6Mode::Auto)]
     pub ipv6: Ipv6Mode,
@@ -183,6 +203,10 @@ pub struct Config {
     pub exclude_outbound_cidrs: Vec<Cidr>,
     /// When not empty, only these outbound destinations are captured.
     pub include_outbound_cidrs: Vec<Cidr>,
+    /// When not empty, only these inbound ports are captured.
+    pub include_inbound_ports: Vec<Port>,
+    /// When not empty, only these outbound destination ports are captured.
+    pub include_outbound_ports: Vec<Port>,
     /// IPv6 programming mode.
     pub ipv6: Ipv6Mode,
     /// Backend selection mode.
@@ -244,6 +268,40 @@ impl Config {
                 }
             }
         }
+        for port in &args.include_inbound_ports {
+            if args.exclude_inbound_ports.contains(port) {
+                err(
+                    "--include-inbound-ports",
+                    format!(
+                        "{port} is also in --exclude-inbound-ports; a port cannot be both \
+                         captured and exempt: drop it from one of them"
+                    ),
+                );
+            }
+            for (what, own) in [
+                ("--admin-port", args.admin_port),
+                ("--inbound-port", args.inbound_port),
+                ("--outbound-port", args.outbound_port),
+            ] {
+                if *port == own {
+                    err(
+                        "--include-inbound-ports",
+                        format!("{port} is the proxy's {what}, which is never captured; drop it"),
+                    );
+                }
+            }
+        }
+        for port in &args.include_outbound_ports {
+            if args.exclude_outbound_ports.contains(port) {
+                err(
+                    "--include-outbound-ports",
+                    format!(
+                        "{port} is also in --exclude-outbound-ports; a port cannot be both \
+                         captured and exempt: drop it from one of them"
+                    ),
+                );
+            }
+        }
         if args.ipv6 == Ipv6Mode::Off {
             for (flag, list) in [
                 ("--exclude-outbound-cidrs", &args.exclude_outbound_cidrs),
@@ -279,6 +337,12 @@ impl Config {
         let mut include_outbound_cidrs = args.include_outbound_cidrs.clone();
         include_outbound_cidrs.sort();
         include_outbound_cidrs.dedup();
+        let mut include_inbound_ports = args.include_inbound_ports.clone();
+        include_inbound_ports.sort();
+        include_inbound_ports.dedup();
+        let mut include_outbound_ports = args.include_outbound_ports.clone();
+        include_outbound_ports.sort();
+        include_outbound_ports.dedup();
 
         Ok(Config {
             dry_run: args.dry_run,
@@ -295,6 +359,8 @@ impl Config {
             exclude_outbound_ports,
             exclude_outbound_cidrs,
             include_outbound_cidrs,
+            include_inbound_ports,
+            include_outbound_ports,
             ipv6: args.ipv6,
             backend: args.backend,
         })
@@ -379,6 +445,39 @@ mod tests {
         assert!(text[2].starts_with("invalid --outbound-port: 15020 is also the --admin-port"));
         assert!(text[3].contains("10.0.0.0/8 overlaps --exclude-outbound-cidrs 10.1.0.0/16"));
         assert!(text[4].contains("2001:db8::/32 is an IPv6 range but --ipv6 is off"));
+    }
+
+    #[test]
+    fn include_ports_that_are_excluded_or_the_proxys_own_are_refused() {
+        let args = parse(&[
+            "--include-inbound-ports",
+            "8080,22,15020",
+            "--exclude-inbound-ports",
+            "22",
+            "--include-outbound-ports",
+            "443,80",
+            "--exclude-outbound-ports",
+            "443",
+        ])
+        .unwrap();
+        let errs = Config::from_args(&args).unwrap_err();
+        let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            text,
+            [
+                "invalid --include-inbound-ports: 22 is also in --exclude-inbound-ports; a port \
+                 cannot be both captured and exempt: drop it from one of them",
+                "invalid --include-inbound-ports: 15020 is the proxy's --admin-port, which is \
+                 never captured; drop it",
+                "invalid --include-outbound-ports: 443 is also in --exclude-outbound-ports; a \
+                 port cannot be both captured and exempt: drop it from one of them",
+            ]
+        );
+        let ok = parse(&["--include-inbound-ports", "9090,8080,9090"]).unwrap();
+        let cfg = Config::from_args(&ok).unwrap();
+        let p = |v: &[Port]| v.iter().map(|p| p.get()).collect::<Vec<_>>();
+        assert_eq!(p(&cfg.include_inbound_ports), [8080, 9090]);
+        assert!(cfg.include_outbound_ports.is_empty());
     }
 
     #[test]

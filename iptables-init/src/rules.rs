@@ -7,13 +7,15 @@
 //! ```text
 //! PREROUTING  -p tcp -j OUTRIDER_INBOUND
 //! OUTRIDER_INBOUND      RETURN for the admin, inbound and outbound ports and --exclude-inbound-ports,
-//!                       then -p tcp -j OUTRIDER_IN_REDIRECT
+//!                       then -p tcp -j OUTRIDER_IN_REDIRECT (or, with --include-inbound-ports,
+//!                       --dport <port> -j OUTRIDER_IN_REDIRECT for each included port)
 //! OUTRIDER_IN_REDIRECT  -p tcp -j REDIRECT --to-ports <inbound>
 //! OUTPUT      -p tcp -j OUTRIDER_OUTPUT
 //! OUTRIDER_OUTPUT       RETURN for the proxy uid, -o lo, loopback destinations,
 //!                       --exclude-outbound-ports, --exclude-outbound-cidrs;
-//!                       then -j OUTRIDER_REDIRECT (or, with --include-outbound-cidrs,
-//!                       -d <range> -j OUTRIDER_REDIRECT for each included range of the family)
+//!                       then -j OUTRIDER_REDIRECT (or, with --include-outbound-cidrs and/or
+//!                       --include-outbound-ports, [-d <range>] [--dport <port>]
+//!                       -j OUTRIDER_REDIRECT for each included range of the family and port)
 //! OUTRIDER_REDIRECT     -p tcp -j REDIRECT --to-ports <outbound>
 //! ```
 //!
@@ -194,14 +196,28 @@ impl RuleSet {
                 .dport(port),
             );
         }
-        inbound.push(
-            Rule::new(
-                INBOUND_CHAIN,
-                "inbound: capture other TCP",
-                Target::Jump(IN_REDIRECT_CHAIN),
-            )
-            .tcp(),
-        );
+        if config.include_inbound_ports.is_empty() {
+            inbound.push(
+                Rule::new(
+                    INBOUND_CHAIN,
+                    "inbound: capture other TCP",
+                    Target::Jump(IN_REDIRECT_CHAIN),
+                )
+                .tcp(),
+            );
+        } else {
+            // Only the included ports jump; the rest falls off the chain's end, uncaptured.
+            for &port in &config.include_inbound_ports {
+                inbound.push(
+                    Rule::new(
+                        INBOUND_CHAIN,
+                        format!("inbound: capture included port {port}"),
+                        Target::Jump(IN_REDIRECT_CHAIN),
+                    )
+                    .dport(port),
+                );
+            }
+        }
 
         let in_redirect = vec![Rule::new(
             IN_REDIRECT_CHAIN,
@@ -257,26 +273,46 @@ impl RuleSet {
                 .destination(cidr),
             );
         }
-        if config.include_outbound_cidrs.is_empty() {
-            output.push(Rule::new(
-                OUTPUT_CHAIN,
-                "outbound: capture other TCP",
-                Target::Jump(REDIRECT_CHAIN),
-            ));
+        // Which destinations are captured: every (range, port) pair of the include lists, an
+        // empty list meaning "any". A family with include ranges of the other family only
+        // captures nothing.
+        let ranges: Vec<Option<Cidr>> = if config.include_outbound_cidrs.is_empty() {
+            vec![None]
         } else {
-            for &cidr in config
+            config
                 .include_outbound_cidrs
                 .iter()
                 .filter(|c| c.family() == family)
-            {
-                output.push(
-                    Rule::new(
-                        OUTPUT_CHAIN,
-                        format!("outbound: capture included range {cidr}"),
-                        Target::Jump(REDIRECT_CHAIN),
-                    )
-                    .destination(cidr),
-                );
+                .map(|&c| Some(c))
+                .collect()
+        };
+        let ports: Vec<Option<Port>> = if config.include_outbound_ports.is_empty() {
+            vec![None]
+        } else {
+            config
+                .include_outbound_ports
+                .iter()
+                .map(|&p| Some(p))
+                .collect()
+        };
+        for &range in &ranges {
+            for &port in &ports {
+                let comment = match (range, port) {
+                    (None, None) => "outbound: capture other TCP".to_owned(),
+                    (Some(r), None) => format!("outbound: capture included range {r}"),
+                    (None, Some(p)) => format!("outbound: capture included port {p}"),
+                    (Some(r), Some(p)) => {
+                        format!("outbound: capture included port {p} in range {r}")
+                    }
+                };
+                let mut rule = Rule::new(OUTPUT_CHAIN, comment, Target::Jump(REDIRECT_CHAIN));
+                if let Some(r) = range {
+                    rule = rule.destination(r);
+                }
+                if let Some(p) = port {
+                    rule = rule.dport(p);
+                }
+                output.push(rule);
             }
         }
 
@@ -481,6 +517,8 @@ mod tests {
             exclude_outbound_ports: vec![],
             exclude_outbound_cidrs: vec![],
             include_outbound_cidrs: vec![],
+            include_inbound_ports: vec![],
+            include_outbound_ports: vec![],
             ipv6: Ipv6Mode::Auto,
             backend: BackendMode::Auto,
         }

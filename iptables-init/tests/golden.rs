@@ -286,6 +286,44 @@ fn all_flags() {
 }
 
 #[test]
+fn include_inbound_ports() {
+    flags(
+        "include_inbound_ports",
+        &[
+            "--include-inbound-ports",
+            "9090,8080",
+            "--exclude-inbound-ports",
+            "22",
+            "--ipv6",
+            "off",
+        ],
+    );
+}
+
+#[test]
+fn include_outbound_ports() {
+    flags(
+        "include_outbound_ports",
+        &["--include-outbound-ports", "443,80", "--ipv6", "off"],
+    );
+}
+
+#[test]
+fn include_outbound_ports_in_ranges() {
+    flags(
+        "include_outbound_ports_in_ranges",
+        &[
+            "--include-outbound-ports",
+            "80,5432",
+            "--include-outbound-cidrs",
+            "10.0.0.0/8,192.168.0.0/16,2001:db8::/32",
+            "--exclude-outbound-ports",
+            "25",
+        ],
+    );
+}
+
+#[test]
 fn cleanup_dry_run() {
     flags("cleanup", &["--cleanup"]);
 }
@@ -376,6 +414,14 @@ fn every_rendered_rule_verifies_against_its_own_applied_state() {
             "2001:db8::/32",
             "--proxy-uid",
             "0",
+        ],
+        &[
+            "--include-inbound-ports",
+            "8080,9090",
+            "--include-outbound-ports",
+            "80",
+            "--include-outbound-cidrs",
+            "10.0.0.0/8,2001:db8::/32",
         ],
     ] {
         for family in [Family::V4, Family::V6] {

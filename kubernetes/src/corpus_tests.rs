@@ -473,3 +473,26 @@ fn corpus_outputs_validate_on_1_29_and_the_newest_wherever_their_inputs_do() {
     // Only the pod-level-resources Pod fails on 1.29 (its own spec.resources), in both forms.
     assert!(inputs_failing <= 2, "{inputs_failing} inputs failing");
 }
+
+#[test]
+fn the_writer_writes_every_corpus_document_as_libyaml_does() {
+    let Some(files) = corpus() else {
+        return;
+    };
+    let (mut taken, mut total) = (0, 0);
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        let Ok(mut docs) = manifest::parse(&text) else {
+            continue;
+        };
+        if let Ok(out) = inject::inject(&text, &opts(false)) {
+            docs.extend(manifest::parse(&out.yaml).unwrap());
+        }
+        for doc in &docs {
+            total += 1;
+            taken += usize::from(crate::emit::tests::same_as_serde(doc));
+        }
+    }
+    // Only documents with multi-line strings (ConfigMaps, scripts) are left to serde_norway.
+    assert!(taken * 10 >= total * 8, "{taken} of {total}");
+}

@@ -39,7 +39,6 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity as K8sQuantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use outrider_iptables_init::cidr::Cidr;
 use outrider_iptables_init::config::Port;
 use outrider_iptables_init::ports;
 use outrider_proxy::app_probe::{AppProbe, AppProbes, ProbeHeader, ProbeKind};
@@ -109,19 +108,15 @@ pub const ANN_ORIGINAL_INIT_SECURITY: &str = "outrider.io/original-init-security
 /// Annotation written by the injector when the pod sets pod-level `spec.resources`: the
 /// original (JSON), for `--uninject`.
 pub const ANN_ORIGINAL_POD_RESOURCES: &str = "outrider.io/original-pod-resources";
-/// Annotation: inbound ports that bypass the proxy (comma-separated).
-pub const ANN_SKIP_INBOUND_PORTS: &str = "outrider.io/skip-inbound-ports";
-/// Annotation: outbound ports that bypass the proxy (comma-separated).
-pub const ANN_SKIP_OUTBOUND_PORTS: &str = "outrider.io/skip-outbound-ports";
-/// Annotation: outbound networks that bypass the proxy (comma-separated CIDRs).
-pub const ANN_SKIP_OUTBOUND_CIDRS: &str = "outrider.io/skip-outbound-cidrs";
+pub use crate::capture::{
+    ANN_INCLUDE_INBOUND_PORTS, ANN_INCLUDE_OUTBOUND_CIDRS, ANN_INCLUDE_OUTBOUND_PORTS,
+    ANN_SKIP_INBOUND_PORTS, ANN_SKIP_OUTBOUND_CIDRS, ANN_SKIP_OUTBOUND_PORTS, MAX_RANGE,
+};
 /// Annotation: `cni` captures through the node's CNI plugin (no `outrider-init`), `init` through
 /// `outrider-init` even when injecting with `--cni`.
 pub const ANN_CAPTURE: &str = "outrider.io/capture";
 /// Annotation: ports that skip protocol detection, added to the proxy's defaults.
 pub const ANN_OPAQUE_PORTS: &str = "outrider.io/opaque-ports";
-/// Annotation: only traffic to these networks is captured outbound (comma-separated CIDRs).
-pub const ANN_INCLUDE_OUTBOUND_CIDRS: &str = "outrider.io/include-outbound-cidrs";
 /// Annotation: the proxy's log filter (`OUTRIDER_LOG`, e.g. `debug` or
 /// `outrider_proxy=debug,info`).
 pub const ANN_LOG_LEVEL: &str = "outrider.io/proxy-log-level";
@@ -704,14 +699,6 @@ fn json(value: &Value, at: &Location, pfx: &str) -> Result<String, InputError> {
     })
 }
 
-fn join<T: ToString>(items: &[T]) -> String {
-    items
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 /// The CNI mode's init container: `outrider cni validate`, non-root (uid [`VALIDATE_UID`]), no
 /// capabilities, its probe on a port the pod's `skip-outbound-ports` do not exempt.
 fn validate_container(
@@ -719,10 +706,16 @@ fn validate_container(
     opts: &InjectOptions,
     at: &Location,
 ) -> Result<Container, InputError> {
-    let skipped: Vec<Port> = ann.list(ANN_SKIP_OUTBOUND_PORTS, at)?;
-    let probe_port = (1..=u16::MAX)
-        .find(|p| !skipped.iter().any(|s| s.get() == *p))
-        .unwrap_or(1);
+    let capture = capture(ann, at)?;
+    let probe = capture.probe_target().ok_or_else(|| {
+        let key = ANN_INCLUDE_OUTBOUND_CIDRS;
+        let path = ann.get(key).map_or(key, |(p, _)| p.as_str());
+        at.error(
+            path,
+            "CNI mode checks the capture with an IPv4 probe, but these annotations capture no \
+             IPv4 destination outside the pod",
+        )
+    })?;
     let mut c = init_container(ann, opts, at)?;
     c.name = VALIDATE_NAME.into();
     c.args = Some(vec![
@@ -731,7 +724,7 @@ fn validate_container(
         "--outbound-port".into(),
         ports::OUTBOUND.to_string(),
         "--probe".into(),
-        format!("198.18.255.254:{probe_port}"),
+        probe.to_string(),
     ]);
     c.security_context = Some(unprivileged(VALIDATE_UID));
     Ok(c)
@@ -760,25 +753,8 @@ fn init_container(
     opts: &InjectOptions,
     at: &Location,
 ) -> Result<Container, InputError> {
-    let mut args = vec![
-        "init".to_owned(),
-        "--proxy-uid".into(),
-        ports::PROXY_UID.to_string(),
-    ];
-    let inbound = port_list(ann, ANN_SKIP_INBOUND_PORTS, at)?;
-    let outbound = port_list(ann, ANN_SKIP_OUTBOUND_PORTS, at)?;
-    let cidrs: Vec<Cidr> = ann.list(ANN_SKIP_OUTBOUND_CIDRS, at)?;
-    let include: Vec<Cidr> = ann.list(ANN_INCLUDE_OUTBOUND_CIDRS, at)?;
-    for (flag, list) in [
-        ("--exclude-inbound-ports", join(&inbound)),
-        ("--exclude-outbound-ports", join(&outbound)),
-        ("--exclude-outbound-cidrs", join(&cidrs)),
-        ("--include-outbound-cidrs", join(&include)),
-    ] {
-        if !list.is_empty() {
-            args.extend([flag.to_owned(), list]);
-        }
-    }
+    let mut args = vec!["init".to_owned()];
+    args.extend_from_slice(capture(ann, at)?.args());
     let mut resources = ResourceRequirements::default();
     for (key, value) in INIT_RESOURCES {
         let (side, name) = key.split_once('.').unwrap_or((key, key));
@@ -885,7 +861,7 @@ fn proxy_container(
         all.extend(opaque.iter().map(|p| p.get()));
         all.sort_unstable();
         all.dedup();
-        env.push(plain("OUTRIDER_OPAQUE_PORTS", join(&all)));
+        env.push(plain("OUTRIDER_OPAQUE_PORTS", crate::capture::join(&all)));
     }
     if !probes.is_empty() {
         let table = serde_json::to_string(probes).map_err(|e| at.error("", e.to_string()))?;
@@ -1019,34 +995,18 @@ fn image(
     Ok((image, policy))
 }
 
-/// Port lists with ranges (`5432,9000-9010`), each port checked; a range of more than
-/// [`MAX_RANGE`] ports is refused (each becomes an iptables rule).
-fn port_list(ann: &Annotations, key: &str, at: &Location) -> Result<Vec<Port>, InputError> {
-    let Some((path, value)) = ann.get(key) else {
-        return Ok(Vec::new());
-    };
-    let mut out = Vec::new();
-    for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let (a, b) = item.split_once('-').unwrap_or((item, item));
-        let a: Port = a.parse().map_err(|e: String| at.error(path, e))?;
-        let b: Port = b.parse().map_err(|e: String| at.error(path, e))?;
-        if a.get() > b.get() || usize::from(b.get() - a.get()) >= MAX_RANGE {
-            return Err(at.error(
-                path,
-                format!("`{item}`: a range is low-high, at most {MAX_RANGE} ports"),
-            ));
-        }
-        for p in a.get()..=b.get() {
-            out.extend(Port::new(p));
-        }
-    }
-    out.sort_unstable_by_key(|p| p.get());
-    out.dedup_by_key(|p| p.get());
-    Ok(out)
+/// The pod's capture settings from its annotations (shared with the CNI plugin), an error
+/// naming the annotation at fault.
+fn capture(ann: &Annotations, at: &Location) -> Result<crate::capture::Capture, InputError> {
+    crate::capture::Capture::from_annotations(|k| ann.get(k).map(|(_, v)| v.as_str())).map_err(
+        |e| {
+            let path = ann
+                .get(e.annotation)
+                .map_or(e.annotation, |(p, _)| p.as_str());
+            at.error(path, e.message)
+        },
+    )
 }
-
-/// The most ports one range of a `skip-*-ports` annotation may cover.
-pub const MAX_RANGE: usize = 256;
 
 /// The `outrider-identity` volume: the bootstrap token (see [`IdentityToken`]; the annotation
 /// beats the options) and the trust anchors.

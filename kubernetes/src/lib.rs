@@ -10,6 +10,8 @@
 //! 2 bad usage or bad input (with the document and the field path).
 
 pub mod analyze;
+pub mod capture;
+pub mod emit;
 pub mod inject;
 pub mod manifest;
 pub mod quantity;

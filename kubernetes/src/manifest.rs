@@ -209,15 +209,50 @@ fn yaml11_octal(s: &str) -> Option<u64> {
 /// ConfigMap's `"yes"` stays a string on the way through.
 pub fn write(docs: &[Value]) -> Result<String, String> {
     let mut out = String::new();
+    let mut work = Work::default();
     for (i, doc) in docs.iter().enumerate() {
         if i > 0 {
             out.push_str("---\n");
         }
-        let text = serde_norway::to_string(&mark_ambiguous(doc.clone()))
-            .map_err(|e| format!("cannot write YAML: {e}"))?;
-        out.push_str(&unmark(&text));
+        write_one(doc, &mut out, &mut work)?;
     }
     Ok(out)
+}
+
+/// What writing a stream cost, for tests that check it grows in proportion to the input.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Work {
+    /// Documents written.
+    pub documents: usize,
+    /// Of those, written by `serde_norway` (what [`crate::emit`] does not cover).
+    pub by_serde: usize,
+    /// The emitter's own counters (nodes and bytes it wrote).
+    pub emitted: crate::emit::Work,
+    /// The most nodes of one document held at once (documents are streamed).
+    pub peak_document_nodes: usize,
+}
+
+/// Appends one document: through [`crate::emit`], or `serde_norway` for what it leaves.
+fn write_one(doc: &Value, out: &mut String, work: &mut Work) -> Result<(), String> {
+    work.documents += 1;
+    let before = work.emitted.nodes;
+    if crate::emit::document(doc, out, &mut work.emitted).is_some() {
+        let nodes = work.emitted.nodes - before;
+        work.peak_document_nodes = work.peak_document_nodes.max(nodes);
+        return Ok(());
+    }
+    work.emitted.nodes = before;
+    work.by_serde += 1;
+    out.push_str(&write_with_serde(doc)?);
+    Ok(())
+}
+
+/// One document written by `serde_norway` (libyaml's emitter), with YAML 1.1-ambiguous strings
+/// double-quoted.
+pub(crate) fn write_with_serde(doc: &Value) -> Result<String, String> {
+    let text = serde_norway::to_string(&mark_ambiguous(doc.clone()))
+        .map_err(|e| format!("cannot write YAML: {e}"))?;
+    Ok(unmark(&text))
 }
 
 /// Whether YAML 1.1 (but not the YAML 1.2 that the writer follows) reads `s` as no string.
@@ -316,7 +351,10 @@ pub fn is_yaml11_timestamp(s: &str) -> bool {
 /// takes the escape out again.
 fn mark_ambiguous(value: Value) -> Value {
     match value {
-        Value::String(s) if is_yaml11_ambiguous(&s) => Value::String(format!("{s}\0")),
+        // A string of its own ending in NUL is marked too, or [`unmark`] would take its NUL.
+        Value::String(s) if is_yaml11_ambiguous(&s) || s.ends_with('\0') => {
+            Value::String(format!("{s}\0"))
+        }
         Value::Sequence(items) => Value::Sequence(items.into_iter().map(mark_ambiguous).collect()),
         Value::Mapping(map) => Value::Mapping(
             map.into_iter()
@@ -397,23 +435,31 @@ where
 /// back as soon as it is done: the stream as [`write`] would give it.
 pub fn transform(
     text: &str,
-    mut f: impl FnMut(&Location, &mut Value) -> Result<(), InputError>,
+    f: impl FnMut(&Location, &mut Value) -> Result<(), InputError>,
 ) -> Result<String, InputError> {
+    transform_counted(text, f).map(|(out, _)| out)
+}
+
+/// [`transform`], with what the writing cost.
+pub fn transform_counted(
+    text: &str,
+    mut f: impl FnMut(&Location, &mut Value) -> Result<(), InputError>,
+) -> Result<(String, Work), InputError> {
     let mut out = String::with_capacity(text.len() + text.len() / 2);
+    let mut work = Work::default();
     for (n, doc) in documents(text)?.enumerate() {
         let (i, mut doc) = doc?;
         visit(i, &mut doc, &mut f)?;
         if n > 0 {
             out.push_str("---\n");
         }
-        let one = write(std::slice::from_ref(&doc)).map_err(|e| InputError {
+        write_one(&doc, &mut out, &mut work).map_err(|e| InputError {
             document: format!("document {}", i + 1),
             path: String::new(),
             message: e,
         })?;
-        out.push_str(&one);
     }
-    Ok(out)
+    Ok((out, work))
 }
 
 fn is_list(doc: &Value) -> bool {

@@ -477,6 +477,90 @@ fn include_cidrs_legacy() {
     include_scenario(Backend::Legacy);
 }
 
+/// `outrider-init`'s arguments as `outrider inject` writes them for a pod with `annotations`.
+fn injected_init_args(annotations: &str) -> Vec<String> {
+    let pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  annotations: {{{annotations}}}\nspec:\n  containers: [{{name: a, image: x}}]\n"
+    );
+    let out = outrider_kubernetes::inject::inject(&pod, &Default::default()).unwrap();
+    let docs = outrider_kubernetes::manifest::parse(&out.yaml).unwrap();
+    let init = &docs[0]["spec"]["initContainers"][0];
+    assert_eq!(init["name"].as_str(), Some("outrider-init"));
+    let args: Vec<String> = init["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(args[0], "init");
+    args[1..].to_vec()
+}
+
+/// The include-only annotations, through `outrider inject` to `outrider init` in a real
+/// namespace: an included port is captured, another is not, in both directions.
+fn include_ports_scenario(backend: Backend) {
+    if !requirements(&support::test_name(), Some(backend)) {
+        return;
+    }
+    let t = Topology::new(true);
+    let mut args = injected_init_args(
+        "outrider.io/include-inbound-ports: \"8080\", outrider.io/include-outbound-ports: \"80\"",
+    );
+    assert!(
+        args.join(" ")
+            .contains("--include-inbound-ports 8080 --include-outbound-ports 80"),
+        "{args:?}"
+    );
+    args.extend(["--backend".to_owned(), backend.name().to_owned()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    init_ok(&t.pod, &args);
+    // Inbound: 8080 goes to the proxy, 9090 straight to the app.
+    assert_conn(
+        &t.peer,
+        "198.18.0.1",
+        8080,
+        "-1",
+        "ok pod port=15006 orig=198.18.0.1:8080",
+    );
+    assert_direct(&t.peer, "198.18.0.1", 9090, "-1", "pod");
+    assert_conn(
+        &t.peer,
+        "2001:db8::1",
+        8080,
+        "-1",
+        "ok pod port=15006 orig=[2001:db8::1]:8080",
+    );
+    assert_direct(&t.peer, "2001:db8::1", 9090, "-1", "pod");
+    // Outbound: port 80 goes to the proxy, 443 and 8080 straight to the peer.
+    assert_conn(
+        &t.pod,
+        "198.18.0.2",
+        80,
+        APP_UID,
+        "ok pod port=15001 orig=198.18.0.2:80",
+    );
+    assert_direct(&t.pod, "198.18.0.2", 443, APP_UID, "peer");
+    assert_direct(&t.pod, "198.18.0.2", 8080, APP_UID, "peer");
+    assert_conn(
+        &t.pod,
+        "2001:db8::2",
+        80,
+        APP_UID,
+        "ok pod port=15001 orig=[2001:db8::2]:80",
+    );
+    assert_direct(&t.pod, "2001:db8::2", 443, APP_UID, "peer");
+}
+
+#[test]
+fn include_ports_nft() {
+    include_ports_scenario(Backend::Nft);
+}
+
+#[test]
+fn include_ports_legacy() {
+    include_ports_scenario(Backend::Legacy);
+}
+
 fn idempotent_cleanup_scenario(backend: Backend) {
     if !requirements(&support::test_name(), Some(backend)) {
         return;
@@ -819,6 +903,12 @@ fn bad_flags_exit_2_with_the_flag_named() {
             "invalid --outbound-port: 15001 is also the --inbound-port",
         ),
         (&["--outbound-port", "15020"], &[], "invalid --outbound-port: 15020 is also the --admin-port"),
+        (
+            &["--include-inbound-ports", "22", "--exclude-inbound-ports", "22"],
+            &[],
+            "invalid --include-inbound-ports: 22 is also in --exclude-inbound-ports",
+        ),
+        (&["--include-outbound-ports", "0"], &[], "--include-outbound-ports"),
         (
             &["--ipv6", "off", "--exclude-outbound-cidrs", "2001:db8::/32"],
             &[],
