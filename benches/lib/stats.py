@@ -339,7 +339,7 @@ def cmd_report(args):
         rates = [m for m in gs["modes"] if m != "sat"]
         p(f"## {GROUP_TITLES.get(g, g)}")
         p("")
-        p("| target | req/s at saturation | CPU ms/10k req at saturation: user + sys | " + " | ".join(f"CPU ms/10k @{r}/s" for r in rates) + " | upstream conns opened (sat) | RSS idle / peak MiB | errors |")
+        p("| target | req/s at saturation | CPU ms/10k req at saturation: user + sys | " + "".join(f"CPU ms/10k @{r}/s | " for r in rates) + "upstream conns opened (sat) | RSS idle / peak MiB | errors |")
         p("|---|---:|---:|" + "---:|" * len(rates) + "---:|---:|---:|")
         for t in targets:
             ts = gs["targets"][t]
@@ -348,11 +348,11 @@ def cmd_report(args):
             idle = sum(res["processes"][x]["idle_kib"] for x in pr if x in res["processes"]) / 1024 if pr else None
             peak = sum(res["processes"][x]["peak_kib"] for x in pr if x in res["processes"]) / 1024 if pr else None
             cpu = "–" if t == base else f"{f(sat.get('cpu_ms_per_10k'))} ({f(sat.get('cpu_user_ms_per_10k'))} + {f(sat.get('cpu_sys_ms_per_10k'))})"
-            rc = " | ".join("–" if t == base else f(ts.get(r, {}).get("cpu_ms_per_10k")) for r in rates)
+            rc = "".join(("–" if t == base else f(ts.get(r, {}).get("cpu_ms_per_10k"))) + " | " for r in rates)
             errs = sum(x["errors"] for x in ts.values())
             unp = sum(x["unparsed"] for x in ts.values())
             mem = "–" if idle is None else f"{idle:.1f} / {peak:.1f}"
-            p(f"| {t} | {f(sat.get('rps'))} | {cpu} | {rc} | {f(sat.get('upstream_conns'))} | {mem} | {errs}{f' ({unp} unparsed)' if unp else ''} |")
+            p(f"| {t} | {f(sat.get('rps'))} | {cpu} | {rc}{f(sat.get('upstream_conns'))} | {mem} | {errs}{f' ({unp} unparsed)' if unp else ''} |")
         p("")
         if rates:
             p("| target | " + " | ".join(f"@{r}/s achieved | +p50 | +p99 | +p99.9 µs" for r in rates) + " |")
