@@ -204,6 +204,7 @@ GROUP_TITLES = {
     "mesh-h1": "Mesh path, HTTP/1.1 (client -> outbound -> mTLS -> inbound -> app)",
     "mesh-h2c": "Mesh path, h2c (client -> outbound -> mTLS -> inbound -> app, h2 to the app)",
     "mesh-grpc": "Mesh path, gRPC-shaped unary calls over h2c",
+    "mesh-endpoints": "Mesh path, HTTP/1.1, a service of 3, 100 and 1,000 endpoints (p2c over peak-EWMA)",
 }
 
 
