@@ -14,6 +14,16 @@ import sys
 import time
 
 
+def read_to_eof(s):
+    """Everything `s` sends until it closes."""
+    data = b""
+    while True:
+        b = s.recv(65536)
+        if not b:
+            return data
+        data += b
+
+
 def main(argv):
     rate = None
     if "--rate" in argv:
@@ -44,12 +54,7 @@ def main(argv):
             if ctx:
                 s = ctx.wrap_socket(s)
             s.sendall(req)
-            data = b""
-            while True:
-                b = s.recv(65536)
-                if not b:
-                    break
-                data += b
+            data = read_to_eof(s)
             s.close()
             if data.startswith(b"HTTP/1.1 200"):
                 ok += 1

@@ -20,6 +20,8 @@ import statistics as st
 import sys
 import time
 
+from hs import read_to_eof
+
 # ------------------------------------------------------------------------------------- parsing
 
 
@@ -130,12 +132,7 @@ def cmd_haproxy_ssl(args):
     s.settimeout(5)
     s.connect(args[0])
     s.sendall(b"show info\n")
-    d = b""
-    while True:
-        b = s.recv(65536)
-        if not b:
-            break
-        d += b
+    d = read_to_eof(s)
     info = dict(l.split(":", 1) for l in d.decode().splitlines() if ":" in l)
     print(info.get("CumSslConns", "0").strip(), "-")
 

@@ -21,7 +21,7 @@ use outrider_proxy::identity::testing::TestCa;
 use outrider_proxy::identity::{Alpn, IdentityStore};
 use outrider_proxy::metrics::{Direction, Metrics};
 use rustls::pki_types::ServerName;
-use rustls::{ClientConnection, ServerConnection};
+use rustls::{ClientConnection, Connection, ServerConnection};
 
 const H1_GET: &[u8] = b"GET /api/v1/orders/42 HTTP/1.1\r\nHost: orders.demo.svc:8080\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n";
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04\x00\x00\x00\x00\x00";
@@ -104,39 +104,49 @@ fn store(ca: &TestCa, identity: &str) -> Arc<IdentityStore> {
     store
 }
 
-/// Drives one handshake between `client` and `server` through memory buffers.
-fn handshake(client: &mut ClientConnection, server: &mut ServerConnection) {
+/// Moves what `from` has to send into `to`, and lets `to` process it.
+fn pump(from: &mut Connection, to: &mut Connection, buf: &mut Vec<u8>) {
+    buf.clear();
+    while from.wants_write() {
+        if from.write_tls(buf).is_err() {
+            panic!("write_tls");
+        }
+    }
+    let mut rd = &buf[..];
+    while !rd.is_empty() {
+        if to.read_tls(&mut rd).is_err() || to.process_new_packets().is_err() {
+            panic!("read_tls");
+        }
+    }
+}
+
+/// Drives one handshake between `client` and `server` through memory buffers (and delivers the
+/// server's session ticket, which a resumption needs).
+fn handshake(client: &mut Connection, server: &mut Connection) {
     let mut buf = Vec::with_capacity(4096);
     for _ in 0..16 {
         if !client.is_handshaking() && !server.is_handshaking() {
             return;
         }
-        buf.clear();
-        while client.wants_write() {
-            if client.write_tls(&mut buf).is_err() {
-                panic!("client write");
-            }
-        }
-        let mut rd = &buf[..];
-        while !rd.is_empty() {
-            if server.read_tls(&mut rd).is_err() || server.process_new_packets().is_err() {
-                panic!("server read");
-            }
-        }
-        buf.clear();
-        while server.wants_write() {
-            if server.write_tls(&mut buf).is_err() {
-                panic!("server write");
-            }
-        }
-        let mut rd = &buf[..];
-        while !rd.is_empty() {
-            if client.read_tls(&mut rd).is_err() || client.process_new_packets().is_err() {
-                panic!("client read");
-            }
-        }
+        pump(client, server, &mut buf);
+        pump(server, client, &mut buf);
     }
     panic!("the handshake did not finish");
+}
+
+/// A client and a server connection with these configurations.
+fn pair(
+    client: &Arc<rustls::ClientConfig>,
+    server: &Arc<rustls::ServerConfig>,
+    name: &ServerName<'static>,
+) -> (Connection, Connection) {
+    let (Ok(cl), Ok(sv)) = (
+        ClientConnection::new(client.clone(), name.clone()),
+        ServerConnection::new(server.clone()),
+    ) else {
+        panic!("connections")
+    };
+    (cl.into(), sv.into())
 }
 
 /// A sidecar-to-sidecar mutual TLS 1.3 handshake with the proxies' own configurations (SPIFFE
@@ -168,12 +178,7 @@ fn tls(c: &mut Criterion) {
     ] {
         let mut kind = None;
         for _ in 0..2 {
-            let (Ok(mut cl), Ok(mut sv)) = (
-                ClientConnection::new(cfg.clone(), name.clone()),
-                ServerConnection::new(server_cfg.clone()),
-            ) else {
-                panic!("connections")
-            };
+            let (mut cl, mut sv) = pair(cfg, &server_cfg, &name);
             handshake(&mut cl, &mut sv);
             kind = cl.handshake_kind();
         }
@@ -183,12 +188,7 @@ fn tls(c: &mut Criterion) {
     for (label, cfg) in [("full", full_cfg), ("resumed", client_cfg)] {
         group.bench_function(label, |b| {
             b.iter(|| {
-                let (Ok(mut cl), Ok(mut sv)) = (
-                    ClientConnection::new(cfg.clone(), name.clone()),
-                    ServerConnection::new(server_cfg.clone()),
-                ) else {
-                    panic!("connections")
-                };
+                let (mut cl, mut sv) = pair(&cfg, &server_cfg, &name);
                 handshake(&mut cl, &mut sv);
                 black_box(sv.alpn_protocol().map(<[u8]>::len))
             })
