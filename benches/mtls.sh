@@ -224,47 +224,9 @@ rss_snap() { for p in "$OA" "$OB" "$HA" "$HB"; do echo -n "$(rss "$p") "; done; 
 RSS_IDLE=$(rss_snap)
 
 # --- 1. handshakes -----------------------------------------------------------------------------
-cat >"$W/hs.py" <<'EOF'
-# Bounded loop of new connections: COUNT connections or SECONDS, whichever first; one HTTP/1.1
-# request (Connection: close) each, read to EOF. Optional mutual TLS without session reuse.
-import socket, ssl, sys, time, json
-host, port, count, secs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-ctx = None
-if len(sys.argv) > 5:
-    chain, key, ca, alpn = sys.argv[5:9]
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.check_hostname = False
-    ctx.load_verify_locations(ca)
-    ctx.load_cert_chain(chain, key)
-    ctx.set_alpn_protocols([alpn])
-req = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
-ok = bad = 0
-start = time.monotonic()
-while ok + bad < count and time.monotonic() - start < secs:
-    try:
-        s = socket.create_connection((host, port), timeout=5)
-        if ctx:
-            s = ctx.wrap_socket(s)
-        s.sendall(req)
-        data = b""
-        while True:
-            b = s.recv(65536)
-            if not b:
-                break
-            data += b
-        s.close()
-        if data.startswith(b"HTTP/1.1 200"):
-            ok += 1
-        else:
-            bad += 1
-    except Exception as e:
-        bad += 1
-        if bad <= 3:
-            print(repr(e), file=sys.stderr)
-el = time.monotonic() - start
-print(json.dumps({"ok": ok, "bad": bad, "secs": el}))
-EOF
+# The bounded connection loop (one HTTP/1.1 request per connection; optional mutual TLS without
+# session reuse) is benches/lib/hs.py, shared with benches/run.
+HS_PY=$(pwd)/benches/lib/hs.py
 hb_ssl_conns() { # haproxy B: TLS sessions accepted so far (CumSslConns)
   $PY -c '
 import socket, sys
@@ -303,7 +265,7 @@ hs_run() {
   local ms=hs_metrics; [ "$spid" = "$HB" ] && ms=hb_hs_log
   ca0=0; ca1=0
   c0=$(cpu "$spid"); [ "$cpid" = 0 ] || ca0=$(cpu "$cpid"); m0=$($ms)
-  out=$(inA $wrap "$PY" "$W/hs.py" "$@")
+  out=$(inA $wrap "$PY" "$HS_PY" "$@")
   c1=$(cpu "$spid"); [ "$cpid" = 0 ] || ca1=$(cpu "$cpid"); m1=$($ms)
   if [ -n "$perf" ]; then kill -INT "$perf"; wait "$perf" 2>/dev/null || true; fi
   echo -e "$name\t$out\t$((c1 - c0))\t$((ca1 - ca0))\t$m0\t$m1" >>"$W/hs.tsv"
