@@ -1259,6 +1259,49 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_default_view_over_the_limit_gets_507_and_the_named_workloads_are_still_served() {
+        use crate::kubernetes::watch::Sink as _;
+        let mesh = Mesh::parse(
+            "services:\n  - name: s\n    addresses: [198.18.0.1:80]\nworkloads:\n  - name: \
+             default/small\n    calls: [s]\n",
+        )
+        .unwrap();
+        let one = mesh.services[0].clone();
+        let cp = ControlPlane::new(mesh).unwrap();
+        // The API describes more than one proxy may hold: the change is applied (no freeze),
+        // a workload the file does not name gets 507 saying why, the named one its view.
+        let mut big = crate::mesh::Mesh::parse(
+            "services:\n  - name: k\n    addresses: [198.18.0.2:80]\n    endpoints: \
+             [{address: 198.18.1.1:80}]\n",
+        )
+        .unwrap()
+        .services;
+        let template = big[0].clone();
+        let copies = crate::api::MAX_VIEW_BYTES / crate::mesh::json_size(&template) + 10;
+        big.extend((0..copies).map(|i| {
+            let mut s = template.clone();
+            s.name = format!("k{i}");
+            s
+        }));
+        let before = cp.current().version.clone();
+        cp.discovered(big);
+        assert_ne!(cp.current().version, before, "the change was not applied");
+        let rsp = cp.watch("workload=default/unnamed").await;
+        assert_eq!(rsp.status(), StatusCode::INSUFFICIENT_STORAGE);
+        let body = rsp.into_body().collect().await.unwrap().to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        assert!(
+            body.starts_with("view too large") && body.contains("default/unnamed"),
+            "{body}"
+        );
+        let rsp = cp.watch("workload=default/small").await;
+        assert_eq!(rsp.status(), StatusCode::OK);
+        let body = rsp.into_body().collect().await.unwrap().to_bytes();
+        let view: crate::api::WatchResponse = serde_json::from_slice(&body).unwrap();
+        assert_eq!(view.outbound.services, vec![one]);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn follow_applies_only_whole_valid_files_and_keeps_the_last_good() {
         let path = scratch("follow.yaml");

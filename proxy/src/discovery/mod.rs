@@ -342,6 +342,103 @@ mod tests {
         addr
     }
 
+    /// A control plane that answers each watch request with the next (status, body) the test
+    /// sends, waiting for it.
+    async fn controlled() -> (
+        std::net::SocketAddr,
+        tokio::sync::mpsc::UnboundedSender<(u16, String)>,
+    ) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u16, String)>();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut byte).await.unwrap_or(0) == 0 {
+                        break;
+                    }
+                    head.push(byte[0]);
+                }
+                let Some((status, body)) = rx.recv().await else {
+                    return;
+                };
+                let rsp = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(rsp.as_bytes()).await;
+            }
+        });
+        (addr, tx)
+    }
+
+    #[tokio::test]
+    async fn a_view_too_large_or_refused_shows_on_ready_until_a_view_comes() {
+        let mesh = Mesh::parse(DEMO_MESH).unwrap();
+        let view = |v: &str| {
+            serde_json::to_string(&mesh.view(&"demo/loadgen".parse().unwrap(), v).unwrap()).unwrap()
+        };
+        let (addr, answers) = controlled().await;
+        let registry = Registry::new();
+        let readiness = crate::readiness::Readiness::new();
+        let discovery = Discovery::spawn(
+            &format!("http://{addr}"),
+            "demo/loadgen",
+            None,
+            None,
+            &registry,
+            readiness.clone(),
+        )
+        .unwrap();
+        let mut views = discovery.views();
+        answers.send((200, view("v1"))).unwrap();
+        views.wait_for(|v| v.is_some()).await.unwrap();
+        assert_eq!(readiness.check(), Ok(()));
+        let until = |want: &'static str| {
+            let readiness = readiness.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(10), async {
+                    while !readiness.check().err().unwrap_or_default().contains(want) {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                })
+                .await
+                .unwrap_or_else(|_| panic!("/ready never said {want:?}: {:?}", readiness.check()))
+            }
+        };
+        // The mesh grew past the limit: not ready, saying why; the last view stays in force.
+        answers
+            .send((507, "view too large: 20000000 bytes".into()))
+            .unwrap();
+        until("size limit").await;
+        assert_eq!(discovery.latest().unwrap().version, "v1");
+        assert!(
+            discovery.status.to_json()["last_error"]
+                .as_str()
+                .unwrap()
+                .contains("view too large"),
+            "{}",
+            discovery.status.to_json()
+        );
+        // An outage after that does not make it ready again.
+        answers.send((503, "down".into())).unwrap();
+        answers.send((403, "may not watch".into())).unwrap();
+        until("refused").await;
+        assert!(readiness.check().is_err());
+        // A view again (the same content at a new version): ready.
+        answers.send((200, view("v2"))).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while readiness.check().is_err() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("ready again once a view came");
+    }
+
     #[tokio::test]
     async fn a_bad_view_never_replaces_the_last_good_one() {
         let mesh = Mesh::parse(DEMO_MESH).unwrap();
