@@ -13,6 +13,9 @@
 //! `CONTROL_SCALE_CHANGES` sets the number of changes (default 200). The watch API is served
 //! over `--plaintext` here: the watchers are not proxies with certificates.
 
+// A benchmark: a failed step ends it with the reason, as in the tests whose stand-in it uses.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 #[allow(dead_code)]
 #[path = "../tests/e2e/kubeapi.rs"]
 mod kubeapi;

@@ -981,7 +981,7 @@ fn a_proxy_watches_a_tls_control_plane_and_only_with_the_right_anchors() {
     // The right root: certified first, then ready with the demo mesh's view, watched with its
     // mesh certificate.
     let root = ca_dir.join("root.pem").display().to_string();
-    let (mut proxy, addrs) = start_proxy(&[
+    let (proxy, addrs) = start_proxy(&[
         "--forward",
         &forward,
         "--control",
