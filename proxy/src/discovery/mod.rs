@@ -305,6 +305,34 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
+    /// Reads a request's head (up to the blank line, or the end).
+    async fn read_head(s: &mut tokio::net::TcpStream) {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut byte).await.unwrap_or(0) == 0 {
+                break;
+            }
+            head.push(byte[0]);
+        }
+    }
+
+    /// Follows `demo/loadgen` on the plaintext control plane at `addr`.
+    fn follow(addr: std::net::SocketAddr) -> (Registry, crate::readiness::Readiness, Discovery) {
+        let registry = Registry::new();
+        let readiness = crate::readiness::Readiness::new();
+        let discovery = Discovery::spawn(
+            &format!("http://{addr}"),
+            "demo/loadgen",
+            None,
+            None,
+            &registry,
+            readiness.clone(),
+        )
+        .unwrap();
+        (registry, readiness, discovery)
+    }
+
     /// A control plane that answers each watch request with the next of `bodies` (status 200),
     /// then holds further requests open.
     async fn scripted(bodies: Vec<String>) -> std::net::SocketAddr {
@@ -314,14 +342,7 @@ mod tests {
             let mut bodies = bodies.into_iter();
             loop {
                 let (mut s, _) = l.accept().await.unwrap();
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if s.read(&mut byte).await.unwrap_or(0) == 0 {
-                        break;
-                    }
-                    head.push(byte[0]);
-                }
+                read_head(&mut s).await;
                 match bodies.next() {
                     Some(body) => {
                         let rsp = format!(
@@ -354,14 +375,7 @@ mod tests {
         tokio::spawn(async move {
             loop {
                 let (mut s, _) = l.accept().await.unwrap();
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if s.read(&mut byte).await.unwrap_or(0) == 0 {
-                        break;
-                    }
-                    head.push(byte[0]);
-                }
+                read_head(&mut s).await;
                 let Some((status, body)) = rx.recv().await else {
                     return;
                 };
@@ -382,17 +396,7 @@ mod tests {
             serde_json::to_string(&mesh.view(&"demo/loadgen".parse().unwrap(), v).unwrap()).unwrap()
         };
         let (addr, answers) = controlled().await;
-        let registry = Registry::new();
-        let readiness = crate::readiness::Readiness::new();
-        let discovery = Discovery::spawn(
-            &format!("http://{addr}"),
-            "demo/loadgen",
-            None,
-            None,
-            &registry,
-            readiness.clone(),
-        )
-        .unwrap();
+        let (_registry, readiness, discovery) = follow(addr);
         let mut views = discovery.views();
         answers.send((200, view("v1"))).unwrap();
         views.wait_for(|v| v.is_some()).await.unwrap();
@@ -454,17 +458,7 @@ mod tests {
             wrong_workload.to_string(),
         ])
         .await;
-        let registry = Registry::new();
-        let readiness = crate::readiness::Readiness::new();
-        let discovery = Discovery::spawn(
-            &format!("http://{addr}"),
-            "demo/loadgen",
-            None,
-            None,
-            &registry,
-            readiness.clone(),
-        )
-        .unwrap();
+        let (registry, readiness, discovery) = follow(addr);
         let mut views = discovery.views();
         views.wait_for(|v| v.is_some()).await.unwrap();
         assert_eq!(
