@@ -285,6 +285,12 @@ pub(crate) fn is_dns_label(s: &str) -> bool {
     label_problem(s, 63, false).is_none()
 }
 
+/// Whether `s` is a DNS-1123 subdomain (a service account's name): 1 to 253 of `a-z`, `0-9`,
+/// `-`, `.`, starting and ending with a letter or digit.
+pub(crate) fn is_dns_subdomain(s: &str) -> bool {
+    label_problem(s, 253, true).is_none()
+}
+
 /// What is wrong with `s` as a label of at most `max` bytes of `a-z`, `0-9`, `-` (and `.` when
 /// `dots`), starting and ending with a letter or digit; `None` if nothing.
 fn label_problem(s: &str, max: usize, dots: bool) -> Option<&'static str> {

@@ -587,6 +587,22 @@ impl ServingCert {
         .with_cert_resolver(self.clone());
         Ok(Arc::new(config))
     }
+
+    /// [`ServingCert::server_config`] that also asks clients for a certificate chaining to
+    /// `authority`'s trust anchors in force (optional: a proxy certifies before it has one);
+    /// each request carries what was presented (see [`crate::runtime::TlsPeer`]).
+    pub fn server_config_for_proxies(
+        self: &Arc<Self>,
+        authority: Arc<Authority>,
+    ) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(crate::peer::ClientVerifier::new(authority)))
+        .with_cert_resolver(self.clone());
+        Ok(Arc::new(config))
+    }
 }
 
 impl ServingCert {
@@ -699,7 +715,10 @@ mod tests {
                 .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(cp.serve_over(listener, Some(serving.server_config().unwrap())));
+        let config = serving
+            .server_config_for_proxies(authority.clone())
+            .unwrap();
+        tokio::spawn(cp.serve_over(listener, Some(config)));
         (addr, authority, anchors)
     }
 
@@ -826,13 +845,14 @@ mod tests {
 
     #[tokio::test]
     async fn watch_over_tls_and_wrong_anchors_fail() {
-        let (addr, _authority, anchors) = start(TokenKey::generate().unwrap()).await;
+        let (addr, authority, anchors) = start(TokenKey::generate().unwrap()).await;
         let base = format!("https://{addr}");
+        let loadgen = client_with_cert(&anchors, &authority.ca(), LOADGEN);
         let watcher = Watcher::new(
             &base,
             "demo/loadgen".parse().unwrap(),
             Duration::from_secs(1),
-            Some(client_tls(&anchors).unwrap()),
+            Some(loadgen),
         )
         .unwrap();
         let view = watcher.poll(None).await.unwrap().unwrap();
@@ -851,6 +871,99 @@ mod tests {
             e.contains("UnknownIssuer") || e.contains("certificate"),
             "{e}"
         );
+    }
+
+    const LOADGEN: &str = "spiffe://outrider.local/ns/demo/sa/loadgen";
+
+    /// A TLS client trusting `anchors` that presents a certificate for `identity` from `ca`.
+    fn client_with_cert(anchors: &str, ca: &Ca, identity: &str) -> Arc<rustls::ClientConfig> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.subject_alt_names = vec![rcgen::SanType::URI(identity.try_into().unwrap())];
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        let issued = ca.certify(&csr, &id(identity), HOUR).unwrap();
+        let chain = CertificateDer::pem_slice_iter(issued.chain_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for root in CertificateDer::pem_slice_iter(anchors.as_bytes()) {
+            roots.add(root.unwrap()).unwrap();
+        }
+        let key = PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+        Arc::new(config)
+    }
+
+    /// The status and body of one watch of `workload` with `tls`.
+    async fn watch_status(base: &str, workload: &str, tls: Arc<rustls::ClientConfig>) -> String {
+        let watcher = Watcher::new(
+            base,
+            workload.parse().unwrap(),
+            Duration::from_secs(1),
+            Some(tls),
+        )
+        .unwrap();
+        match watcher.poll(None).await {
+            Ok(Some(view)) => format!("200 {}", view.workload),
+            Ok(None) => "304".into(),
+            Err(crate::client::WatchError::Status { status, body }) => {
+                format!("{} {body}", status.as_u16())
+            }
+            Err(e) => format!("error {e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn over_tls_a_proxy_watches_only_its_own_workload_with_its_mesh_certificate() {
+        let (addr, authority, anchors) = start(TokenKey::generate().unwrap()).await;
+        let base = format!("https://{addr}");
+        let ca = authority.ca();
+        let loadgen = client_with_cert(&anchors, &ca, LOADGEN);
+        let payments = client_with_cert(
+            &anchors,
+            &ca,
+            "spiffe://outrider.local/ns/demo/sa/payments-api",
+        );
+        // Its own view, and only its own: payments-api's policy is not loadgen's to read, nor
+        // loadgen's calls payments-api's.
+        assert_eq!(
+            watch_status(&base, "demo/loadgen", loadgen.clone()).await,
+            "200 demo/loadgen"
+        );
+        assert_eq!(
+            watch_status(&base, "demo/payments-api", payments.clone()).await,
+            "200 demo/payments-api"
+        );
+        let refused = watch_status(&base, "demo/payments-api", loadgen).await;
+        assert!(
+            refused.starts_with("403 spiffe://outrider.local/ns/demo/sa/loadgen may not watch workload \"demo/payments-api\""),
+            "{refused}"
+        );
+        let refused = watch_status(&base, "demo/loadgen", payments).await;
+        assert!(refused.starts_with("403 "), "{refused}");
+        // No certificate: 401, saying to certify first.
+        let anonymous = watch_status(&base, "demo/loadgen", client_tls(&anchors).unwrap()).await;
+        assert!(
+            anonymous.starts_with("401 ") && anonymous.contains("certify first"),
+            "{anonymous}"
+        );
+        // A certificate from another CA for the right identity: the handshake fails.
+        let foreign = Ca::generate("outrider.local").unwrap();
+        let forged = client_with_cert(&anchors, &foreign, LOADGEN);
+        let e = watch_status(&base, "demo/loadgen", forged).await;
+        assert!(e.starts_with("error control plane unreachable"), "{e}");
+        // Certify still works without a certificate (a proxy's bootstrap).
+        let token = authority.mint_token(&id(LOADGEN), HOUR);
+        let certifier = Certifier::new(&base, Some(client_tls(&anchors).unwrap())).unwrap();
+        assert!(certifier.certify(&token, &csr_for(LOADGEN)).await.is_ok());
     }
 
     #[tokio::test]

@@ -12,6 +12,7 @@ pub mod duration;
 pub mod kubernetes;
 pub mod mesh;
 pub mod nesting;
+mod peer;
 pub mod quoted;
 pub mod runtime;
 pub mod server;

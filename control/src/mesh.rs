@@ -66,6 +66,10 @@ pub struct Mesh {
 /// A workload: what it may call and who may call it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workload {
+    /// The service account its pods run under (in the workload's namespace): the proxies whose
+    /// certificate names `spiffe://TD/ns/NS/sa/THIS` may watch its view. `None`: the workload's
+    /// own name.
+    pub service_account: Option<String>,
     /// Services it may call (`namespace/name`); `None` means all.
     pub calls: Option<Vec<String>>,
     /// Overrides the mesh-wide unknown-destination policy.
@@ -169,6 +173,7 @@ struct RawWorkload {
     #[serde(flatten)]
     unknown: BTreeMap<String, serde_norway::Value>,
     name: Option<String>,
+    service_account: Option<String>,
     calls: Option<Vec<String>>,
     unknown_destinations: Option<String>,
     default_policy: Option<String>,
@@ -198,6 +203,13 @@ impl Errors {
             message: message.into(),
         });
     }
+}
+
+/// Whether `id` (`namespace/name`) names `s`, without building `s`'s id (every watcher's view
+/// is filtered through this at every change).
+fn names(id: &str, s: &Service) -> bool {
+    id.split_once('/')
+        .is_some_and(|(ns, name)| ns == s.namespace && name == s.name)
 }
 
 /// Reports every key of `unknown` as an error under `at`.
@@ -313,6 +325,37 @@ impl Mesh {
         }
     }
 
+    /// Whether the proxy whose certificate names `identity` may watch `workload`'s view: the
+    /// identity's namespace is the workload's, and its service account is the one the workload
+    /// runs under (`service_account`, else the workload's name). With `open`, a workload the
+    /// config does not name runs under the account of its own name too. The error says why not.
+    pub fn may_watch(
+        &self,
+        workload: &WorkloadId,
+        identity: &Identity,
+        open: bool,
+    ) -> Result<(), String> {
+        let account = match self.workloads.get(workload) {
+            Some(w) => w.service_account.as_deref().unwrap_or(workload.name()),
+            None if open => workload.name(),
+            None => {
+                return Err(format!(
+                    "unknown workload \"{workload}\": it is not in the mesh config's workloads"
+                ))
+            }
+        };
+        if identity.namespace() == workload.namespace() && identity.service_account() == account {
+            Ok(())
+        } else {
+            Err(format!(
+                "{identity} may not watch workload \"{workload}\": its view is for \
+                 spiffe://{}/ns/{}/sa/{account}",
+                identity.trust_domain(),
+                workload.namespace()
+            ))
+        }
+    }
+
     /// The view of `workload` at `version`; `None` if the workload is unknown.
     pub fn view(&self, workload: &WorkloadId, version: &str) -> Option<WatchResponse> {
         self.view_or_default(workload, version, false)
@@ -327,6 +370,7 @@ impl Mesh {
         open: bool,
     ) -> Option<WatchResponse> {
         let fallback = Workload {
+            service_account: None,
             calls: None,
             unknown_destinations: None,
             servers: Vec::new(),
@@ -340,7 +384,11 @@ impl Mesh {
         let services = self
             .services
             .iter()
-            .filter(|s| w.calls.as_ref().is_none_or(|calls| calls.contains(&s.id())))
+            .filter(|s| {
+                w.calls
+                    .as_ref()
+                    .is_none_or(|calls| calls.iter().any(|c| names(c, s)))
+            })
             .cloned()
             .collect();
         Some(WatchResponse {
@@ -362,36 +410,47 @@ impl Mesh {
     /// the default view of a workload the config does not name too), as an error naming it.
     /// Each view is measured by serializing it into a counter, never held whole.
     pub fn oversize_view(&self, open: bool) -> Option<ConfigError> {
-        let unnamed: WorkloadId = "default/unnamed".parse().ok()?;
         let named = self
             .workloads
             .keys()
             .enumerate()
-            .map(|(i, id)| (Some(i), id));
-        let fallback = open.then_some((None, &unnamed));
-        for (index, id) in named.chain(fallback) {
-            let view = self.view_or_default(id, "0", open)?;
-            let size = json_size(&view);
-            if size > MAX_VIEW_BYTES {
-                let (path, who) = match index {
-                    Some(i) => (format!("workloads[{i}]"), format!("workload \"{id}\"")),
-                    None => (
-                        "workloads".to_string(),
-                        "a workload the config does not name (it may call every service)"
-                            .to_string(),
-                    ),
-                };
-                return Some(ConfigError {
-                    path,
-                    message: format!(
-                        "the view of {who} would be {size} bytes, more than the proxies' limit \
-                         of {MAX_VIEW_BYTES} bytes (16 MiB): narrow its `calls` to the services \
-                         it uses"
-                    ),
-                });
-            }
+            .find_map(|(i, id)| self.oversize(Some(i), id, false));
+        match named {
+            Some(e) => Some(e),
+            None if open => self.oversize_default_view(),
+            None => None,
         }
-        None
+    }
+
+    /// Whether the default view (of a workload the config does not name, with `--kubernetes`:
+    /// every service) would be larger than [`MAX_VIEW_BYTES`], as an error saying so.
+    pub fn oversize_default_view(&self) -> Option<ConfigError> {
+        let unnamed: WorkloadId = "default/unnamed".parse().ok()?;
+        self.oversize(None, &unnamed, true)
+    }
+
+    /// The error for the view of workload `id` (at `index` in the config, `None` for the
+    /// default view), if larger than [`MAX_VIEW_BYTES`].
+    fn oversize(&self, index: Option<usize>, id: &WorkloadId, open: bool) -> Option<ConfigError> {
+        let view = self.view_or_default(id, "0", open)?;
+        let size = json_size(&view);
+        if size <= MAX_VIEW_BYTES {
+            return None;
+        }
+        let (path, who) = match index {
+            Some(i) => (format!("workloads[{i}]"), format!("workload \"{id}\"")),
+            None => (
+                "workloads".to_string(),
+                "a workload the config does not name (it may call every service)".to_string(),
+            ),
+        };
+        Some(ConfigError {
+            path,
+            message: format!(
+                "the view of {who} would be {size} bytes, more than the proxies' limit of \
+                 {MAX_VIEW_BYTES} bytes (16 MiB): narrow its `calls` to the services it uses"
+            ),
+        })
     }
 
     /// A one-line summary for logs and `--check`.
@@ -525,6 +584,7 @@ fn validate(raw: RawMesh, errors: &mut Errors) -> Mesh {
             &w.unknown,
             &[
                 "name",
+                "service_account",
                 "calls",
                 "unknown_destinations",
                 "default_policy",
@@ -549,6 +609,19 @@ fn validate(raw: RawMesh, errors: &mut Errors) -> Mesh {
                 continue;
             }
         };
+        let service_account = w.service_account.filter(|sa| {
+            let bad = !crate::api::is_dns_subdomain(sa);
+            if bad {
+                errors.push(
+                    format!("{at}.service_account"),
+                    format!(
+                        "invalid service account {}: expected a DNS-1123 name (a-z, 0-9, '-', '.')",
+                        Quoted(sa)
+                    ),
+                );
+            }
+            !bad
+        });
         let ns = id.namespace();
         let calls = w.calls.map(|calls| {
             calls
@@ -620,6 +693,7 @@ fn validate(raw: RawMesh, errors: &mut Errors) -> Mesh {
         workloads.insert(
             id,
             Workload {
+                service_account,
                 calls,
                 unknown_destinations: unknown,
                 servers,

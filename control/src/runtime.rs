@@ -6,6 +6,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -82,20 +83,56 @@ pub async fn serve_http1_over<H, Fut>(
         let handler = handler.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let fut = handler(req, peer);
-                async move { Ok::<_, Infallible>(fut.await) }
-            });
             let Some(acceptor) = tls else {
+                let svc = hyper::service::service_fn(move |req| {
+                    let fut = handler(req, peer);
+                    async move { Ok::<_, Infallible>(fut.await) }
+                });
                 return serve_connection(TokioIo::new(socket), svc).await;
             };
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
-                Ok(Ok(stream)) => serve_connection(TokioIo::new(stream), svc).await,
+                Ok(Ok(stream)) => {
+                    let client = TlsPeer(
+                        stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .map(|chain| Arc::from(chain.to_vec())),
+                    );
+                    let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                        req.extensions_mut().insert(client.clone());
+                        let fut = handler(req, peer);
+                        async move { Ok::<_, Infallible>(fut.await) }
+                    });
+                    serve_connection(TokioIo::new(stream), svc).await
+                }
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         });
     }
+}
+
+/// In the extensions of every request that came over TLS: the certificate chain the client
+/// presented (leaf first), verified at the handshake, or `None` if it presented none.
+#[derive(Debug, Clone)]
+pub struct TlsPeer(pub Option<Arc<[rustls::pki_types::CertificateDer<'static>]>>);
+
+/// The listen backlog of the servers: the default of 128 made health probes wait over a second
+/// behind thousands of connecting watchers; the kernel caps it at `net.core.somaxconn`.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a TCP listener on `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as the standard
+/// library's bind).
+pub fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// How long a TLS client may take to finish its handshake.

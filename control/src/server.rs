@@ -29,6 +29,7 @@ use crate::ca::Ca;
 use crate::duration;
 use crate::kubernetes::webhook::{Injector, Webhook, INJECT_PATH, MAX_REVIEW_BYTES};
 use crate::mesh::{ConfigError, Mesh, DEMO_MESH, MAX_MESH_BYTES};
+use crate::peer::Caller;
 use crate::quoted::Quoted;
 use crate::runtime::{serve_http1_over, text};
 use crate::token::TokenKey;
@@ -49,6 +50,10 @@ pub struct Snapshot {
     pub version: String,
     /// The validated mesh.
     pub mesh: Mesh,
+    /// Why the default view (of workloads the mesh file does not name) is not served: it would
+    /// be larger than the proxies' limit. Those workloads get `507` with this reason; the others
+    /// are served.
+    pub default_too_large: Option<String>,
 }
 
 /// Control-plane metrics.
@@ -132,6 +137,7 @@ impl ControlPlane {
         let first = Arc::new(Snapshot {
             version: format!("{epoch}-1"),
             mesh,
+            default_too_large: None,
         });
         let sources = std::sync::Mutex::new(Sources {
             file: first.mesh.clone(),
@@ -169,15 +175,17 @@ impl ControlPlane {
             Ok(mesh) => {
                 let mut sources = self.lock_sources();
                 let merged = sources.merged_with(&mesh);
+                let mut default_too_large = None;
                 if sources.discovered.is_some() {
-                    if let Some(e) = merged.oversize_view(true) {
+                    if let Some(e) = merged.oversize_view(false) {
                         self.metrics.rejected.inc();
                         tracing::warn!("config rejected, last good version stays: {e}");
                         return Err(vec![e]);
                     }
+                    default_too_large = self.default_view_problem(&merged);
                 }
                 sources.file = mesh;
-                Ok(self.publish(merged, "config applied"))
+                Ok(self.publish(merged, default_too_large, "config applied"))
             }
             Err(errors) => {
                 self.metrics.rejected.inc();
@@ -196,8 +204,27 @@ impl ControlPlane {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Why `mesh`'s default view cannot be served, if it cannot (logged when that changes).
+    /// Named workloads are served whatever the size of the default view: one proxy's view
+    /// too large must not freeze the others.
+    fn default_view_problem(&self, mesh: &Mesh) -> Option<String> {
+        let problem = mesh.oversize_default_view().map(|e| {
+            format!(
+                "view too large: {}; give the workload an entry in the mesh file with its `calls`",
+                e.message
+            )
+        });
+        let before = self.current().default_too_large.is_some();
+        match (&problem, before) {
+            (Some(p), false) => tracing::error!("{p}"),
+            (None, true) => tracing::info!("the default view is within the proxies' limit again"),
+            _ => {}
+        }
+        problem
+    }
+
     /// Serves `mesh` as the next version; returns the version.
-    fn publish(&self, mesh: Mesh, what: &str) -> String {
+    fn publish(&self, mesh: Mesh, default_too_large: Option<String>, what: &str) -> String {
         let mut version = String::new();
         self.snapshots.send_modify(|snap| {
             let n = snap
@@ -212,6 +239,7 @@ impl ControlPlane {
             *snap = Arc::new(Snapshot {
                 version: version.clone(),
                 mesh,
+                default_too_large,
             });
         });
         self.metrics.applied.inc();
@@ -347,7 +375,10 @@ impl ControlPlane {
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed: POST an AdmissionReview\n",
             ),
-            (&Method::GET, WATCH_PATH) => self.watch(req.uri().query().unwrap_or("")).await,
+            (&Method::GET, WATCH_PATH) => {
+                let caller = crate::peer::caller(req.extensions().get());
+                self.watch_as(req.uri().query().unwrap_or(""), caller).await
+            }
             (&Method::GET, "/live" | "/ready") => text(StatusCode::OK, "ok\n"),
             (&Method::GET, "/metrics") => {
                 let mut buf = Vec::new();
@@ -369,7 +400,14 @@ impl ControlPlane {
         }
     }
 
+    /// A watch by anyone (as over `--plaintext`).
+    #[cfg(test)]
     async fn watch(&self, query: &str) -> Response<Full<Bytes>> {
+        self.watch_as(query, Caller::Anyone).await
+    }
+
+    /// `GET /v1/watch` by `caller`: over TLS, only the workload's own identity gets its view.
+    async fn watch_as(&self, query: &str, caller: Caller) -> Response<Full<Bytes>> {
         // A long query is refused by hyper before this (414); the parse is linear in any case.
         let q = match WatchQuery::parse(query) {
             Ok(q) => q,
@@ -378,6 +416,12 @@ impl ControlPlane {
         let mut rx = self.snapshots.subscribe();
         let snap = rx.borrow_and_update().clone();
         let open = self.open_workloads();
+        if let Some(refused) = self.authorize(&caller, &snap.mesh, &q.workload, open) {
+            return refused;
+        }
+        if let Some(too_large) = default_too_large(&snap, &q.workload) {
+            return too_large;
+        }
         let Some(mut view) = snap.mesh.view_or_default(&q.workload, &snap.version, open) else {
             return text(
                 StatusCode::NOT_FOUND,
@@ -400,6 +444,13 @@ impl ControlPlane {
                 Ok(Ok(())) => {
                     let snap = rx.borrow_and_update().clone();
                     let open = self.open_workloads();
+                    // The config may have moved the workload to another account.
+                    if let Some(refused) = self.authorize(&caller, &snap.mesh, &q.workload, open) {
+                        return refused;
+                    }
+                    if let Some(too_large) = default_too_large(&snap, &q.workload) {
+                        return too_large;
+                    }
                     let Some(next) = snap.mesh.view_or_default(&q.workload, &snap.version, open)
                     else {
                         return text(
@@ -421,6 +472,67 @@ impl ControlPlane {
                     }
                     view = next;
                 }
+            }
+        }
+    }
+
+    /// The refusal, if `caller` may not watch `workload` in `mesh`: over TLS, only with a certificate of the
+    /// workload's own identity (see [`Mesh::may_watch`]) that has not expired (a connection
+    /// outlives its certificate: the proxy must connect again with the renewed one). A refusal
+    /// closes the connection, so that the next attempt makes a new handshake.
+    fn authorize(
+        &self,
+        caller: &Caller,
+        mesh: &Mesh,
+        workload: &WorkloadId,
+        open: bool,
+    ) -> Option<Response<Full<Bytes>>> {
+        let refused = |status, message: String| {
+            let mut rsp = text(status, format!("{message}\n"));
+            rsp.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            rsp
+        };
+        match caller {
+            Caller::Anyone => None,
+            Caller::Anonymous => Some(refused(
+                StatusCode::UNAUTHORIZED,
+                "the watch API needs the proxy's mesh certificate as its TLS client certificate: \
+                 certify first (POST /v1/certify), then watch with it"
+                    .into(),
+            )),
+            Caller::Unusable(why) => Some(refused(
+                StatusCode::UNAUTHORIZED,
+                format!("the client certificate cannot be used: {why}"),
+            )),
+            Caller::Proxy {
+                identity,
+                not_after,
+            } => {
+                if *not_after <= SystemTime::now() {
+                    return Some(refused(
+                        StatusCode::UNAUTHORIZED,
+                        format!(
+                            "the client certificate of {identity} has expired: connect again \
+                             with the renewed one"
+                        ),
+                    ));
+                }
+                let domain = self
+                    .authority
+                    .as_ref()
+                    .map_or(mesh.trust_domain.as_str(), |a| a.trust_domain());
+                if identity.trust_domain() != domain {
+                    return Some(refused(
+                        StatusCode::FORBIDDEN,
+                        format!("{identity} is not of this mesh's trust domain \"{domain}\""),
+                    ));
+                }
+                mesh.may_watch(workload, identity, open)
+                    .err()
+                    .map(|e| refused(StatusCode::FORBIDDEN, e))
             }
         }
     }
@@ -458,6 +570,18 @@ impl ControlPlane {
     }
 }
 
+/// `507` for a workload the config does not name while the default view is too large.
+fn default_too_large(snap: &Snapshot, workload: &WorkloadId) -> Option<Response<Full<Bytes>>> {
+    let problem = snap.default_too_large.as_ref()?;
+    if snap.mesh.workloads.contains_key(workload) {
+        return None;
+    }
+    Some(text(
+        StatusCode::INSUFFICIENT_STORAGE,
+        format!("{problem} (workload \"{workload}\")\n"),
+    ))
+}
+
 /// The sources of the view.
 struct Sources {
     /// The mesh file's last good config.
@@ -481,15 +605,17 @@ impl crate::kubernetes::watch::Sink for ControlPlane {
     fn discovered(&self, services: Vec<crate::api::Service>) {
         let mut sources = self.lock_sources();
         let merged = crate::kubernetes::view::merge(&sources.file, &services);
-        if let Some(e) = merged.oversize_view(true) {
+        if let Some(e) = merged.oversize_view(false) {
             self.metrics.rejected.inc();
             tracing::error!("Kubernetes API change not applied, the last good view stays: {e}");
             return;
         }
+        let default_too_large = self.default_view_problem(&merged);
         sources.discovered = Some(services);
         self.open.store(true, std::sync::atomic::Ordering::Relaxed);
-        if merged != self.current().mesh {
-            self.publish(merged, "Kubernetes API change applied");
+        let current = self.current();
+        if merged != current.mesh || default_too_large != current.default_too_large {
+            self.publish(merged, default_too_large, "Kubernetes API change applied");
         }
     }
 }
@@ -825,7 +951,7 @@ pub async fn serve_with(
             return ExitCode::from(1);
         }
     };
-    let listener = match TcpListener::bind(args.listen).await {
+    let listener = match crate::runtime::bind_listener(args.listen) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("outrider control: cannot bind {}: {e}", args.listen);
@@ -848,7 +974,9 @@ pub async fn serve_with(
         )
         .map_err(|e| format!("cannot issue the serving certificate (check --server-name): {e}"))
         .and_then(|serving| {
-            let config = serving.server_config().map_err(|e| e.to_string())?;
+            let config = serving
+                .server_config_for_proxies(started.authority.clone())
+                .map_err(|e| e.to_string())?;
             Ok((serving, config))
         });
         match serving {
@@ -1140,6 +1268,49 @@ mod tests {
             cp.watch("workload=default/small").await.status(),
             StatusCode::OK
         );
+    }
+
+    #[tokio::test]
+    async fn a_default_view_over_the_limit_gets_507_and_the_named_workloads_are_still_served() {
+        use crate::kubernetes::watch::Sink as _;
+        let mesh = Mesh::parse(
+            "services:\n  - name: s\n    addresses: [198.18.0.1:80]\nworkloads:\n  - name: \
+             default/small\n    calls: [s]\n",
+        )
+        .unwrap();
+        let one = mesh.services[0].clone();
+        let cp = ControlPlane::new(mesh).unwrap();
+        // The API describes more than one proxy may hold: the change is applied (no freeze),
+        // a workload the file does not name gets 507 saying why, the named one its view.
+        let mut big = crate::mesh::Mesh::parse(
+            "services:\n  - name: k\n    addresses: [198.18.0.2:80]\n    endpoints: \
+             [{address: 198.18.1.1:80}]\n",
+        )
+        .unwrap()
+        .services;
+        let template = big[0].clone();
+        let copies = crate::api::MAX_VIEW_BYTES / crate::mesh::json_size(&template) + 10;
+        big.extend((0..copies).map(|i| {
+            let mut s = template.clone();
+            s.name = format!("k{i}");
+            s
+        }));
+        let before = cp.current().version.clone();
+        cp.discovered(big);
+        assert_ne!(cp.current().version, before, "the change was not applied");
+        let rsp = cp.watch("workload=default/unnamed").await;
+        assert_eq!(rsp.status(), StatusCode::INSUFFICIENT_STORAGE);
+        let body = rsp.into_body().collect().await.unwrap().to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        assert!(
+            body.starts_with("view too large") && body.contains("default/unnamed"),
+            "{body}"
+        );
+        let rsp = cp.watch("workload=default/small").await;
+        assert_eq!(rsp.status(), StatusCode::OK);
+        let body = rsp.into_body().collect().await.unwrap().to_bytes();
+        let view: crate::api::WatchResponse = serde_json::from_slice(&body).unwrap();
+        assert_eq!(view.outbound.services, vec![one]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -168,8 +168,9 @@ impl Proxy {
                 url,
                 workload,
                 config.control_tls.clone(),
+                store.clone(),
                 &registry,
-                readiness.block("the first config from the control plane"),
+                readiness.clone(),
             )?),
             _ => None,
         };

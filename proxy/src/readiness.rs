@@ -67,6 +67,13 @@ impl Readiness {
     }
 }
 
+impl BlockReady {
+    /// What it holds readiness back for.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
 impl Drop for BlockReady {
     fn drop(&mut self) {
         if let Ok(mut pending) = self.inner.pending.lock() {

@@ -193,7 +193,8 @@ impl DemoControl {
             .await
             .context("bind the control plane")?;
         let addr = listener.local_addr()?;
-        let task = tokio::spawn(control.serve_over(listener, Some(serving.server_config()?)));
+        let config = serving.server_config_for_proxies(authority.clone())?;
+        let task = tokio::spawn(control.serve_over(listener, Some(config)));
         Ok(Self {
             url: format!("https://{addr}"),
             tls: outrider_control::client::client_tls(&anchors)?,

@@ -878,6 +878,92 @@ fn ca_init_and_token_make_a_ca_that_serves_tls_and_honours_only_its_tokens() {
     );
 }
 
+/// A token from the CA files in `ca_dir` for `demo/<account>`, written to a file; its path.
+fn token_file(dir: &TempDir, ca_dir: &std::path::Path, account: &str) -> String {
+    let token = support::run_ok(Command::new(OUTRIDER).args([
+        "control",
+        "token",
+        "--token-key",
+        &ca_dir.join("token.key").display().to_string(),
+        "--namespace",
+        "demo",
+        "--service-account",
+        account,
+    ]));
+    let path = dir.path().join(format!("{account}.token"));
+    std::fs::write(&path, token.trim()).unwrap();
+    path.display().to_string()
+}
+
+/// `/config`'s control-plane sync state of the proxy whose admin server is `admin`.
+fn sync_state(admin: SocketAddr) -> serde_json::Value {
+    let config: serde_json::Value = serde_json::from_str(&get(admin, "/config").body).unwrap();
+    config["control"].clone()
+}
+
+#[test]
+fn over_tls_a_proxy_gets_only_its_own_workloads_view_and_none_without_a_certificate() {
+    let dir = TempDir::new();
+    let ca_dir = dir.path().join("ca");
+    ca_init(&ca_dir);
+    let flags = ca_flags(&ca_dir);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (cp, _control) = start_control_with(None, None, &flags);
+    let (app, _app) = start_app("app");
+    let forward = format!("127.0.0.1:0=127.0.0.1:{app}");
+    let url = format!("https://{cp}");
+    let root = ca_dir.join("root.pem").display().to_string();
+    let loadgen = token_file(&dir, &ca_dir, "loadgen");
+    let proxy = |workload: &str, token: Option<&str>| {
+        let mut args = vec![
+            "--forward",
+            &forward,
+            "--control",
+            &url,
+            "--trust-anchors",
+            &root,
+            "--workload",
+            workload,
+        ];
+        if let Some(token) = token {
+            args.extend(["--identity-token-file", token]);
+        }
+        start_proxy(&args)
+    };
+    // loadgen's certificate, asking for payments-api's view (its server policy): refused, and
+    // the proxy says so on /ready and /config instead of serving nothing silently.
+    let (_thief, thief) = proxy("demo/payments-api", Some(&loadgen));
+    wait_until("the refusal shows on /ready", CHANGE_TIMEOUT, || {
+        get(thief.admin, "/ready").body.contains("refused")
+    });
+    assert_eq!(get(thief.admin, "/ready").status, 503);
+    let state = sync_state(thief.admin);
+    let error = state["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("403")
+            && error.contains(
+                "spiffe://outrider.local/ns/demo/sa/loadgen may not watch workload \"demo/payments-api\""
+            ),
+        "{state}"
+    );
+    assert_eq!(state["version"], serde_json::Value::Null, "{state}");
+    // No identity at all: the watch API over TLS answers 401, the proxy never gets a view.
+    let (_anonymous, anonymous) = proxy("demo/loadgen", None);
+    wait_until("the 401", CHANGE_TIMEOUT, || {
+        sync_state(anonymous.admin)["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("401") && e.contains("certify first"))
+    });
+    assert_eq!(get(anonymous.admin, "/ready").status, 503);
+    // The same token for its own workload: ready, with loadgen's view (it calls payments-api).
+    let (_own, own) = proxy("demo/loadgen", Some(&loadgen));
+    wait_until("ready with its own view", CHANGE_TIMEOUT, || {
+        get(own.admin, "/ready").status == 200
+    });
+    let state = sync_state(own.admin);
+    assert_eq!(state["state"], "synced", "{state}");
+}
+
 #[test]
 fn a_proxy_watches_a_tls_control_plane_and_only_with_the_right_anchors() {
     let dir = TempDir::new();
@@ -890,10 +976,12 @@ fn a_proxy_watches_a_tls_control_plane_and_only_with_the_right_anchors() {
     let (app, _app) = start_app("app");
     let forward = format!("127.0.0.1:0=127.0.0.1:{app}");
     let url = format!("https://{cp}");
+    let loadgen = token_file(&dir, &ca_dir, "loadgen");
 
-    // The right root: ready with the demo mesh's view.
+    // The right root: certified first, then ready with the demo mesh's view, watched with its
+    // mesh certificate.
     let root = ca_dir.join("root.pem").display().to_string();
-    let (_proxy, addrs) = start_proxy(&[
+    let (proxy, addrs) = start_proxy(&[
         "--forward",
         &forward,
         "--control",
@@ -902,6 +990,8 @@ fn a_proxy_watches_a_tls_control_plane_and_only_with_the_right_anchors() {
         &root,
         "--workload",
         "demo/loadgen",
+        "--identity-token-file",
+        &loadgen,
     ]);
     wait_until("ready over TLS", CHANGE_TIMEOUT, || {
         get(addrs.admin, "/ready").status == 200
@@ -909,7 +999,7 @@ fn a_proxy_watches_a_tls_control_plane_and_only_with_the_right_anchors() {
     let config: serde_json::Value =
         serde_json::from_str(&get(addrs.admin, "/config").body).unwrap();
     assert_eq!(config["trust_anchors"].as_str(), Some(root.as_str()));
-
+    drop(proxy);
     // Another CA's root: the control plane's certificate is refused, the proxy stays unready
     // and says why.
     let wrong = other.join("root.pem").display().to_string();

@@ -9,17 +9,33 @@
 //! If the control plane is unreachable or answers nonsense, the last good view stays in force and
 //! the task retries with jittered exponential backoff (100 ms to 5 s). Sync state is exported as
 //! metrics and on the admin `/config`; readiness waits for the first view.
+//!
+//! Over TLS, a proxy with an identity presents its mesh certificate to the watch API (the
+//! control plane serves a workload's view only to that workload's identity): it certifies
+//! first, then watches. Two refusals are not an outage and show on `/ready` until a view comes
+//! again, the last good view still in force: `507` (the view is larger than the proxy's limit)
+//! and `403` (this identity may not watch this workload).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use outrider_control::api::WatchResponse;
-use outrider_control::client::{Backoff, Watcher};
+use outrider_control::client::{Backoff, WatchError, Watcher};
 use prometheus::{IntCounter, IntGauge, Registry};
 use tokio::sync::watch;
 
-use crate::readiness::BlockReady;
+use crate::identity::IdentityStore;
+use crate::readiness::{BlockReady, Readiness};
+
+/// What `/ready` waits for before the first view.
+const FIRST_VIEW: &str = "the first config from the control plane";
+/// What `/ready` waits for while the control plane answers `507`.
+const VIEW_TOO_LARGE: &str =
+    "a view within the proxy's size limit (the control plane says its view is too large; see /config)";
+/// What `/ready` waits for while the control plane answers `403`.
+const WATCH_REFUSED: &str =
+    "the control plane's consent to serve this workload's view (refused; see /config)";
 
 /// The latest view (`None` before the first one).
 pub type View = Option<Arc<WatchResponse>>;
@@ -90,18 +106,32 @@ pub struct Discovery {
 
 impl Discovery {
     /// Starts following `workload` on the control plane at `url` (over TLS with `tls`, else
-    /// plaintext with a warning); returns at once. `ready` is released when the first view
-    /// arrives.
+    /// plaintext with a warning); returns at once. Over TLS with an `identity`, the watch
+    /// presents the proxy's certificate and starts once the first one is in. `readiness` waits
+    /// for the first view (and while the control plane refuses the view, see the module docs).
     pub fn spawn(
         url: &str,
         workload: &str,
         tls: Option<Arc<rustls::ClientConfig>>,
+        identity: Option<Arc<IdentityStore>>,
         registry: &Registry,
-        ready: BlockReady,
+        readiness: Readiness,
     ) -> anyhow::Result<Self> {
+        let ready = readiness.block(FIRST_VIEW);
         if tls.is_none() {
             tracing::warn!(%url, "control-plane traffic is plaintext http: for local development only; use https:// and --trust-anchors");
         }
+        let (tls, identity) = match (tls, identity) {
+            (Some(tls), Some(store)) => {
+                let mut config = (*tls).clone();
+                config.client_auth_cert_resolver = store.client_cert_resolver();
+                // A session resumed from a connection made without the certificate (the
+                // certify client shares the session store) would present none.
+                config.resumption = rustls::client::Resumption::disabled();
+                (Some(Arc::new(config)), Some(store))
+            }
+            (tls, _) => (tls, None),
+        };
         let watcher = Watcher::new(url, workload.parse()?, Duration::from_secs(30), tls)?;
         let metrics = SyncMetrics {
             connected: IntGauge::new(
@@ -134,7 +164,13 @@ impl Discovery {
             last_error: Mutex::new(None),
         });
         let (tx, views) = watch::channel(None);
-        tokio::spawn(sync(watcher, tx, status.clone(), metrics, ready));
+        let status_task = status.clone();
+        tokio::spawn(async move {
+            if let Some(store) = identity {
+                first_certificate(&store).await;
+            }
+            sync(watcher, tx, status_task, metrics, readiness, ready).await
+        });
         Ok(Self { views, status })
     }
 
@@ -149,20 +185,40 @@ impl Discovery {
     }
 }
 
+/// Waits until `store` holds a certificate (the watch API refuses a proxy without one).
+async fn first_certificate(store: &IdentityStore) {
+    let mut bundles = store.bundles();
+    let mut logged = false;
+    while store.leaf().is_none() {
+        if !logged {
+            tracing::info!("waiting for the first certificate before watching the control plane");
+            logged = true;
+        }
+        // The bundle changes just before the first certificate is installed: check again
+        // shortly after each change, and now and then in any case.
+        let _ = tokio::time::timeout(Duration::from_millis(200), bundles.changed()).await;
+        tokio::task::yield_now().await;
+    }
+}
+
 async fn sync(
     watcher: Watcher,
     tx: watch::Sender<View>,
     status: Arc<SyncStatus>,
     metrics: SyncMetrics,
+    readiness: Readiness,
     ready: BlockReady,
 ) {
     let mut ready = Some(ready);
+    // Held while the control plane refuses this proxy's view (507 or 403).
+    let mut refused: Option<BlockReady> = None;
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut version: Option<String> = None;
     let mut failing = false;
     loop {
         match watcher.poll(version.as_deref()).await {
             Ok(update) => {
+                refused = None;
                 status.connected.store(true, Ordering::Relaxed);
                 metrics.connected.set(1);
                 if let Ok(mut last) = status.last_error.lock() {
@@ -211,6 +267,25 @@ async fn sync(
                 if let Ok(mut last) = status.last_error.lock() {
                     *last = Some(e.to_string());
                 }
+                let block = match &e {
+                    WatchError::Status { status, .. }
+                        if *status == http::StatusCode::INSUFFICIENT_STORAGE =>
+                    {
+                        Some(VIEW_TOO_LARGE)
+                    }
+                    WatchError::Status { status, .. } if *status == http::StatusCode::FORBIDDEN => {
+                        Some(WATCH_REFUSED)
+                    }
+                    _ => None,
+                };
+                match block {
+                    Some(name) if refused.as_ref().is_none_or(|b| b.name() != name) => {
+                        tracing::error!(error = %e, "the control plane refuses this proxy's view; not ready until it sends one (the last view stays in force)");
+                        refused = Some(readiness.block(name));
+                    }
+                    // Another failure (an outage) does not lift the refusal: only a view does.
+                    _ => {}
+                }
                 if !failing {
                     tracing::warn!(error = %e, "control plane request failed; serving the last config and retrying with backoff");
                     failing = true;
@@ -230,6 +305,34 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
+    /// Reads a request's head (up to the blank line, or the end).
+    async fn read_head(s: &mut tokio::net::TcpStream) {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut byte).await.unwrap_or(0) == 0 {
+                break;
+            }
+            head.push(byte[0]);
+        }
+    }
+
+    /// Follows `demo/loadgen` on the plaintext control plane at `addr`.
+    fn follow(addr: std::net::SocketAddr) -> (Registry, crate::readiness::Readiness, Discovery) {
+        let registry = Registry::new();
+        let readiness = crate::readiness::Readiness::new();
+        let discovery = Discovery::spawn(
+            &format!("http://{addr}"),
+            "demo/loadgen",
+            None,
+            None,
+            &registry,
+            readiness.clone(),
+        )
+        .unwrap();
+        (registry, readiness, discovery)
+    }
+
     /// A control plane that answers each watch request with the next of `bodies` (status 200),
     /// then holds further requests open.
     async fn scripted(bodies: Vec<String>) -> std::net::SocketAddr {
@@ -239,14 +342,7 @@ mod tests {
             let mut bodies = bodies.into_iter();
             loop {
                 let (mut s, _) = l.accept().await.unwrap();
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if s.read(&mut byte).await.unwrap_or(0) == 0 {
-                        break;
-                    }
-                    head.push(byte[0]);
-                }
+                read_head(&mut s).await;
                 match bodies.next() {
                     Some(body) => {
                         let rsp = format!(
@@ -267,6 +363,86 @@ mod tests {
         addr
     }
 
+    /// A control plane that answers each watch request with the next (status, body) the test
+    /// sends, waiting for it.
+    async fn controlled() -> (
+        std::net::SocketAddr,
+        tokio::sync::mpsc::UnboundedSender<(u16, String)>,
+    ) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u16, String)>();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                read_head(&mut s).await;
+                let Some((status, body)) = rx.recv().await else {
+                    return;
+                };
+                let rsp = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(rsp.as_bytes()).await;
+            }
+        });
+        (addr, tx)
+    }
+
+    #[tokio::test]
+    async fn a_view_too_large_or_refused_shows_on_ready_until_a_view_comes() {
+        let mesh = Mesh::parse(DEMO_MESH).unwrap();
+        let view = |v: &str| {
+            serde_json::to_string(&mesh.view(&"demo/loadgen".parse().unwrap(), v).unwrap()).unwrap()
+        };
+        let (addr, answers) = controlled().await;
+        let (_registry, readiness, discovery) = follow(addr);
+        let mut views = discovery.views();
+        answers.send((200, view("v1"))).unwrap();
+        views.wait_for(|v| v.is_some()).await.unwrap();
+        assert_eq!(readiness.check(), Ok(()));
+        let until = |want: &'static str| {
+            let readiness = readiness.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(10), async {
+                    while !readiness.check().err().unwrap_or_default().contains(want) {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                })
+                .await
+                .unwrap_or_else(|_| panic!("/ready never said {want:?}: {:?}", readiness.check()))
+            }
+        };
+        // The mesh grew past the limit: not ready, saying why; the last view stays in force.
+        answers
+            .send((507, "view too large: 20000000 bytes".into()))
+            .unwrap();
+        until("size limit").await;
+        assert_eq!(discovery.latest().unwrap().version, "v1");
+        assert!(
+            discovery.status.to_json()["last_error"]
+                .as_str()
+                .unwrap()
+                .contains("view too large"),
+            "{}",
+            discovery.status.to_json()
+        );
+        // An outage after that does not make it ready again.
+        answers.send((503, "down".into())).unwrap();
+        answers.send((403, "may not watch".into())).unwrap();
+        until("refused").await;
+        assert!(readiness.check().is_err());
+        // A view again (the same content at a new version): ready.
+        answers.send((200, view("v2"))).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while readiness.check().is_err() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("ready again once a view came");
+    }
+
     #[tokio::test]
     async fn a_bad_view_never_replaces_the_last_good_one() {
         let mesh = Mesh::parse(DEMO_MESH).unwrap();
@@ -282,16 +458,7 @@ mod tests {
             wrong_workload.to_string(),
         ])
         .await;
-        let registry = Registry::new();
-        let readiness = crate::readiness::Readiness::new();
-        let discovery = Discovery::spawn(
-            &format!("http://{addr}"),
-            "demo/loadgen",
-            None,
-            &registry,
-            readiness.block("the first config from the control plane"),
-        )
-        .unwrap();
+        let (registry, readiness, discovery) = follow(addr);
         let mut views = discovery.views();
         views.wait_for(|v| v.is_some()).await.unwrap();
         assert_eq!(

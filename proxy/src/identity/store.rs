@@ -175,6 +175,12 @@ impl IdentityStore {
         read(&self.current)
     }
 
+    /// Presents the current certificate (none before the first) at each handshake as a client:
+    /// for the connection to the control plane's watch API.
+    pub fn client_cert_resolver(&self) -> Arc<dyn ResolvesClientCert> {
+        self.resolver.clone()
+    }
+
     /// The proxy's identity, once it has a certificate.
     pub fn identity(&self) -> Option<Identity> {
         self.leaf().map(|l| l.identity.clone())
