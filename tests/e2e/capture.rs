@@ -200,13 +200,37 @@ pub(crate) fn connect(ns: &Netns, host: &str, port: u16, uid: &str) -> String {
     text
 }
 
-pub(crate) fn assert_conn(ns: &Netns, host: &str, port: u16, uid: &str, expected: &str) {
+fn assert_conn(ns: &Netns, host: &str, port: u16, uid: &str, expected: &str) {
     let got = connect(ns, host, port, uid);
     assert_eq!(
         got,
         expected,
         "connect from {} as uid {uid} to {host}:{port}",
         ns.name()
+    );
+}
+
+/// Asserts a connection from `ns` as `uid` to `host:port` landed on the proxy's outbound
+/// listener (15001) with its original destination intact.
+pub(crate) fn assert_outbound(ns: &Netns, host: &str, port: u16, uid: &str) {
+    assert_redirected(ns, host, port, uid, 15001);
+}
+
+/// Asserts a connection from `ns` as `uid` to `host:port` landed on the proxy's inbound listener
+/// (15006) with its original destination intact.
+pub(crate) fn assert_inbound(ns: &Netns, host: &str, port: u16, uid: &str) {
+    assert_redirected(ns, host, port, uid, 15006);
+}
+
+fn assert_redirected(ns: &Netns, host: &str, port: u16, uid: &str, listener: u16) {
+    let ip: std::net::IpAddr = host.parse().expect("an IP address");
+    let orig = std::net::SocketAddr::new(ip, port);
+    assert_conn(
+        ns,
+        host,
+        port,
+        uid,
+        &format!("ok pod port={listener} orig={orig}"),
     );
 }
 
@@ -285,34 +309,10 @@ fn capture_scenario(backend: Backend) {
     assert!(stderr.contains("global IPv6 address present"), "{stderr}");
 
     // Outbound from the app: redirected to 15001 with the original destination intact.
-    assert_conn(
-        &t.pod,
-        "198.18.0.2",
-        80,
-        APP_UID,
-        "ok pod port=15001 orig=198.18.0.2:80",
-    );
-    assert_conn(
-        &t.pod,
-        "198.18.5.5",
-        80,
-        APP_UID,
-        "ok pod port=15001 orig=198.18.5.5:80",
-    );
-    assert_conn(
-        &t.pod,
-        "198.18.0.2",
-        443,
-        "-1",
-        "ok pod port=15001 orig=198.18.0.2:443",
-    );
-    assert_conn(
-        &t.pod,
-        "2001:db8::2",
-        80,
-        APP_UID,
-        "ok pod port=15001 orig=[2001:db8::2]:80",
-    );
+    assert_outbound(&t.pod, "198.18.0.2", 80, APP_UID);
+    assert_outbound(&t.pod, "198.18.5.5", 80, APP_UID);
+    assert_outbound(&t.pod, "198.18.0.2", 443, "-1");
+    assert_outbound(&t.pod, "2001:db8::2", 80, APP_UID);
     // The proxy's own uid is exempt: it reaches the real peer.
     assert_direct(&t.pod, "198.18.0.2", 80, PROXY_UID, "peer");
     assert_direct(&t.pod, "2001:db8::2", 80, PROXY_UID, "peer");
@@ -322,27 +322,9 @@ fn capture_scenario(backend: Backend) {
     assert_direct(&t.pod, "::1", 8080, APP_UID, "pod");
     assert_direct(&t.pod, "198.18.0.1", 8080, APP_UID, "pod");
     // Inbound from the peer: redirected to 15006 with the original port intact.
-    assert_conn(
-        &t.peer,
-        "198.18.0.1",
-        8080,
-        "-1",
-        "ok pod port=15006 orig=198.18.0.1:8080",
-    );
-    assert_conn(
-        &t.peer,
-        "198.18.0.1",
-        9090,
-        "-1",
-        "ok pod port=15006 orig=198.18.0.1:9090",
-    );
-    assert_conn(
-        &t.peer,
-        "2001:db8::1",
-        8080,
-        "-1",
-        "ok pod port=15006 orig=[2001:db8::1]:8080",
-    );
+    assert_inbound(&t.peer, "198.18.0.1", 8080, "-1");
+    assert_inbound(&t.peer, "198.18.0.1", 9090, "-1");
+    assert_inbound(&t.peer, "2001:db8::1", 8080, "-1");
     // The proxy's own ports are never captured inbound.
     assert_direct(&t.peer, "198.18.0.1", 15020, "-1", "pod");
     assert_direct(&t.peer, "198.18.0.1", 15001, "-1", "pod");
@@ -389,32 +371,14 @@ fn exclusions_scenario(backend: Backend) {
             "198.18.0.3/32,2001:db8::3/128",
         ],
     );
-    assert_conn(
-        &t.pod,
-        "198.18.0.2",
-        80,
-        APP_UID,
-        "ok pod port=15001 orig=198.18.0.2:80",
-    );
+    assert_outbound(&t.pod, "198.18.0.2", 80, APP_UID);
     assert_direct(&t.pod, "198.18.0.2", 443, APP_UID, "peer");
     assert_direct(&t.pod, "198.18.0.3", 80, APP_UID, "peer");
     assert_direct(&t.pod, "2001:db8::3", 80, APP_UID, "peer");
-    assert_conn(
-        &t.pod,
-        "2001:db8::2",
-        80,
-        APP_UID,
-        "ok pod port=15001 orig=[2001:db8::2]:80",
-    );
+    assert_outbound(&t.pod, "2001:db8::2", 80, APP_UID);
     assert_direct(&t.peer, "198.18.0.1", 9090, "-1", "pod");
     assert_direct(&t.peer, "2001:db8::1", 9090, "-1", "pod");
-    assert_conn(
-        &t.peer,
-        "198.18.0.1",
-        8080,
-        "-1",
-        "ok pod port=15006 orig=198.18.0.1:8080",
-    );
+    assert_inbound(&t.peer, "198.18.0.1", 8080, "-1");
 }
 
 #[test]
@@ -441,30 +405,12 @@ fn include_scenario(backend: Backend) {
             "198.18.0.2/32,2001:db8::2/128",
         ],
     );
-    assert_conn(
-        &t.pod,
-        "198.18.0.2",
-        80,
-        APP_UID,
-        "ok pod port=15001 orig=198.18.0.2:80",
-    );
+    assert_outbound(&t.pod, "198.18.0.2", 80, APP_UID);
     assert_direct(&t.pod, "198.18.0.3", 80, APP_UID, "peer");
-    assert_conn(
-        &t.pod,
-        "2001:db8::2",
-        80,
-        APP_UID,
-        "ok pod port=15001 orig=[2001:db8::2]:80",
-    );
+    assert_outbound(&t.pod, "2001:db8::2", 80, APP_UID);
     assert_direct(&t.pod, "2001:db8::3", 80, APP_UID, "peer");
     // Inbound capture is unaffected by the outbound include list.
-    assert_conn(
-        &t.peer,
-        "198.18.0.1",
-        8080,
-        "-1",
-        "ok pod port=15006 orig=198.18.0.1:8080",
-    );
+    assert_inbound(&t.peer, "198.18.0.1", 8080, "-1");
 }
 
 #[test]
@@ -515,39 +461,15 @@ fn include_ports_scenario(backend: Backend) {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     init_ok(&t.pod, &args);
     // Inbound: 8080 goes to the proxy, 9090 straight to the app.
-    assert_conn(
-        &t.peer,
-        "198.18.0.1",
-        8080,
-        "-1",
-        "ok pod port=15006 orig=198.18.0.1:8080",
-    );
+    assert_inbound(&t.peer, "198.18.0.1", 8080, "-1");
     assert_direct(&t.peer, "198.18.0.1", 9090, "-1", "pod");
-    assert_conn(
-        &t.peer,
-        "2001:db8::1",
-        8080,
-        "-1",
-        "ok pod port=15006 orig=[2001:db8::1]:8080",
-    );
+    assert_inbound(&t.peer, "2001:db8::1", 8080, "-1");
     assert_direct(&t.peer, "2001:db8::1", 9090, "-1", "pod");
     // Outbound: port 80 goes to the proxy, 443 and 8080 straight to the peer.
-    assert_conn(
-        &t.pod,
-        "198.18.0.2",
-        80,
-        APP_UID,
-        "ok pod port=15001 orig=198.18.0.2:80",
-    );
+    assert_outbound(&t.pod, "198.18.0.2", 80, APP_UID);
     assert_direct(&t.pod, "198.18.0.2", 443, APP_UID, "peer");
     assert_direct(&t.pod, "198.18.0.2", 8080, APP_UID, "peer");
-    assert_conn(
-        &t.pod,
-        "2001:db8::2",
-        80,
-        APP_UID,
-        "ok pod port=15001 orig=[2001:db8::2]:80",
-    );
+    assert_outbound(&t.pod, "2001:db8::2", 80, APP_UID);
     assert_direct(&t.pod, "2001:db8::2", 443, APP_UID, "peer");
 }
 

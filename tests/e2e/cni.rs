@@ -493,23 +493,11 @@ fn cni_chain_captures_a_meshed_pod_and_del_restores_the_nat_table() {
         capture::server(&node.ns, "node", "80"),
     ];
     // Outbound from the app: to the proxy's outbound listener, original destination intact.
-    capture::assert_conn(
-        &pod.ns,
-        &gw,
-        80,
-        APP_UID,
-        &format!("ok pod port=15001 orig={gw}:80"),
-    );
+    capture::assert_outbound(&pod.ns, &gw, 80, APP_UID);
     // The proxy's uid is exempt.
     capture::assert_direct(&pod.ns, &gw, 80, PROXY_UID, "node");
     // Inbound: to the inbound listener; the annotation's skipped port and the admin port not.
-    capture::assert_conn(
-        &node.ns,
-        &pod_ip,
-        8080,
-        "-1",
-        &format!("ok pod port=15006 orig={pod_ip}:8080"),
-    );
+    capture::assert_inbound(&node.ns, &pod_ip, 8080, "-1");
     capture::assert_direct(&node.ns, &pod_ip, 9090, "-1", "pod");
     capture::assert_direct(&node.ns, &pod_ip, 15020, "-1", "pod");
     let applied = nat(&pod);
