@@ -660,6 +660,12 @@ pub enum ReviewError {
     Unavailable(String),
 }
 
+impl crate::peer::CurrentCa for Authority {
+    fn current_ca(&self) -> Arc<Ca> {
+        self.ca()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,13 +19,18 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 
 use crate::api::Identity;
-use crate::authority::Authority;
 use crate::ca::Ca;
+
+/// Where the CA in force comes from (the authority, which follows its issuer files).
+pub(crate) trait CurrentCa: std::fmt::Debug + Send + Sync {
+    /// The CA in force now.
+    fn current_ca(&self) -> Arc<Ca>;
+}
 
 /// Verifies client certificates against the authority's trust anchors in force, optionally.
 #[derive(Debug)]
 pub(crate) struct ClientVerifier {
-    authority: Arc<Authority>,
+    authority: Arc<dyn CurrentCa>,
     provider: Arc<CryptoProvider>,
     /// The verifier for the CA it was built from (compared by address).
     cached: RwLock<Option<(usize, Arc<dyn ClientCertVerifier>)>>,
@@ -33,7 +38,7 @@ pub(crate) struct ClientVerifier {
 
 impl ClientVerifier {
     /// A verifier following `authority`'s CA.
-    pub(crate) fn new(authority: Arc<Authority>) -> Self {
+    pub(crate) fn new(authority: Arc<dyn CurrentCa>) -> Self {
         Self {
             authority,
             provider: Arc::new(rustls::crypto::ring::default_provider()),
@@ -43,7 +48,7 @@ impl ClientVerifier {
 
     /// The WebPKI verifier for the CA in force (rebuilt when the CA changes).
     fn current(&self) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
-        let ca: Arc<Ca> = self.authority.ca();
+        let ca: Arc<Ca> = self.authority.current_ca();
         let key = Arc::as_ptr(&ca) as usize;
         let cached = match self.cached.read() {
             Ok(c) => c.clone(),

@@ -15,7 +15,7 @@
 
 use serde_norway::{Mapping, Value};
 
-use crate::manifest::is_yaml11_ambiguous;
+use crate::yaml11::is_yaml11_ambiguous;
 
 /// Work counters, for tests that check the writer's cost grows in proportion to its input.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -359,7 +359,7 @@ fn float(s: &str) -> bool {
 pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::manifest::write_with_serde;
+    use crate::yaml11::write_with_serde;
 
     /// Both writers on `v`: equal bytes when ours takes it.
     pub(crate) fn same_as_serde(v: &Value) -> bool {

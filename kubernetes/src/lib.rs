@@ -18,6 +18,7 @@ pub mod quantity;
 pub mod resources;
 pub mod restricted;
 pub mod wait;
+mod yaml11;
 
 use std::io::{Read as _, Write as _};
 use std::process::ExitCode;
