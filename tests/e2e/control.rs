@@ -901,17 +901,39 @@ fn sync_state(admin: SocketAddr) -> serde_json::Value {
     config["control"].clone()
 }
 
+/// A TLS control plane on the demo mesh with a CA made by `outrider control ca init` in
+/// `ca_dir`, and an app for local-mode proxies to forward to (both stopped on drop).
+struct TlsMesh {
+    /// The control plane's `https://` URL.
+    url: String,
+    /// A `--forward` to the app.
+    forward: String,
+    _running: (ChildGuard, ChildGuard),
+}
+
+fn tls_mesh(ca_dir: &std::path::Path) -> TlsMesh {
+    ca_init(ca_dir);
+    let flags = ca_flags(ca_dir);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (cp, control) = start_control_with(None, None, &flags);
+    let (app, app_guard) = start_app("app");
+    TlsMesh {
+        url: format!("https://{cp}"),
+        forward: format!("127.0.0.1:0=127.0.0.1:{app}"),
+        _running: (control, app_guard),
+    }
+}
+
 #[test]
 fn over_tls_a_proxy_gets_only_its_own_workloads_view_and_none_without_a_certificate() {
     let dir = TempDir::new();
     let ca_dir = dir.path().join("ca");
-    ca_init(&ca_dir);
-    let flags = ca_flags(&ca_dir);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let (cp, _control) = start_control_with(None, None, &flags);
-    let (app, _app) = start_app("app");
-    let forward = format!("127.0.0.1:0=127.0.0.1:{app}");
-    let url = format!("https://{cp}");
+    let TlsMesh {
+        url,
+        forward,
+        _running,
+        ..
+    } = tls_mesh(&ca_dir);
     let root = ca_dir.join("root.pem").display().to_string();
     let loadgen = token_file(&dir, &ca_dir, "loadgen");
     let proxy = |workload: &str, token: Option<&str>| {
@@ -968,14 +990,13 @@ fn over_tls_a_proxy_gets_only_its_own_workloads_view_and_none_without_a_certific
 fn a_proxy_watches_a_tls_control_plane_and_only_with_the_right_anchors() {
     let dir = TempDir::new();
     let (ca_dir, other) = (dir.path().join("ca"), dir.path().join("other"));
-    ca_init(&ca_dir);
     ca_init(&other);
-    let flags = ca_flags(&ca_dir);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let (cp, _control) = start_control_with(None, None, &flags);
-    let (app, _app) = start_app("app");
-    let forward = format!("127.0.0.1:0=127.0.0.1:{app}");
-    let url = format!("https://{cp}");
+    let TlsMesh {
+        url,
+        forward,
+        _running,
+        ..
+    } = tls_mesh(&ca_dir);
     let loadgen = token_file(&dir, &ca_dir, "loadgen");
 
     // The right root: certified first, then ready with the demo mesh's view, watched with its
